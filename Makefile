@@ -1,0 +1,33 @@
+# gpunet: `make train` runs the main job, `make test` runs the checks. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: train test lint bench info clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/gpunet train
+
+test: $(STAMP)
+	$(BIN)/ruff check gpunet tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check gpunet tests benchmarks
+	$(BIN)/ruff format --check gpunet tests benchmarks
+
+bench: $(STAMP)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python -m pytest benchmarks --benchmark-only
+
+info: $(STAMP)
+	$(BIN)/gpunet info
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

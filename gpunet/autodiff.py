@@ -1,0 +1,446 @@
+"""The define-by-run tape: one dispatch point, the reverse sweep, and forward mode.
+
+Every op goes through ``bind(prim, *inputs, **params)``:
+
+- with no forward-mode transform active it calls ``evaluate``: the backend computes the
+  forward, and if gradients are enabled and an input requires grad, a ``Node`` records the
+  primitive, its parents and only what its VJP rule keeps;
+- inside ``gpunet.jvp`` a ``ForwardMode`` interpreter sees the op first: it evaluates it one
+  level down, then pushes the input tangents through the primitive's JVP rule.
+
+``backprop`` walks the recorded nodes in reverse topological order (iteratively, so graphs of
+any depth work), calls each VJP rule (chain rule: dL/dx = sum over uses of the vector-Jacobian
+product), and releases saved arrays as it goes unless asked to keep them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .backend import get_backend
+from .primitives.card import LINEAR, Primitive
+from .tensor import Tensor
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.grad_enabled = True
+        self.anomaly = False
+        self.jvp_stack: list[ForwardMode] = []
+        self.level = 0  # how many forward-mode interpreters ``bind`` sees (jvp_stack[:level])
+        self.backward_node: Node | None = None  # whose VJP rule is running (anomaly messages)
+
+
+STATE = _State()
+
+
+class _SavedOutput:
+    """Stands in a node's saved values for its own output, so node -> output is no cycle."""
+
+    def __repr__(self) -> str:
+        return "SAVED_OUTPUT"
+
+
+SAVED_OUTPUT = _SavedOutput()
+
+
+class Node:
+    """One recorded primitive application: what backward needs and nothing more."""
+
+    __slots__ = ("_hooks", "out_data", "params", "parents", "prim", "saved", "site")
+
+    def __init__(self, prim: Primitive, parents: tuple, saved: tuple | None, params: dict,
+                 out_data: Any, site: str | None) -> None:
+        self.prim = prim
+        self.parents = parents  # per input: its Node, the leaf Tensor, or None (no grad)
+        self.saved = saved  # None once released
+        self.params = params
+        self.out_data = out_data  # the output's array, when the rule keeps the output
+        self.site = site  # where the user created it (only under detect_anomaly)
+        self._hooks: list | None = None
+
+    def __repr__(self) -> str:
+        return f"<node {self.prim.name}>"
+
+
+# ---------------------------------------------------------------------- dispatch
+def bind(prim: Primitive, *args: Tensor, **params: Any) -> Tensor:
+    """Apply a primitive: the single entry point of every op in gpunet."""
+    level = STATE.level
+    if level:
+        return STATE.jvp_stack[level - 1].process(prim, args, params)
+    return evaluate(prim, args, params)
+
+
+def evaluate(prim: Primitive, args: Sequence[Tensor], params: dict) -> Tensor:
+    """Compute the forward on the backend; record a node when a gradient will be needed."""
+    backend = args[0]._backend
+    if len(args) > 1:
+        check_compatible(prim, args)
+    data = getattr(backend, prim.name)(*[a.data for a in args], **params)
+    if prim.transfers:
+        backend = get_backend(params["device"])
+    if type(data) is not backend.array_type:  # NumPy returns scalars from 0-d operations
+        data = backend.asarray(data)
+    out = Tensor._wrap(data, backend)
+    state = STATE
+    if state.anomaly:
+        _check_forward(prim, args, out)
+    if state.grad_enabled and prim.differentiable:
+        for a in args:
+            if a._requires_grad:
+                _record(prim, args, params, out)
+                break
+    return out
+
+
+def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor) -> None:
+    nondiff = prim.nondiff
+    parents = tuple(
+        None if (i in nondiff or not a._requires_grad) else (a._node or a)
+        for i, a in enumerate(args)
+    )
+    saved = prim.save(out, *args, **params) if prim.save is not None else tuple(args)
+    out_data = None
+    if STATE.level == 0 and any(s is out for s in saved):
+        saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
+        out_data = out.data
+    site = user_site() if STATE.anomaly else None
+    out._node = Node(prim, parents, saved, params, out_data, site)
+    out._requires_grad = True
+
+
+def describe(t: Tensor) -> str:
+    return f"{t.device} {t.dtype} {t.shape}"
+
+
+def check_compatible(prim: Primitive, args: Sequence[Tensor]) -> None:
+    """Inputs of one op share a device, and a dtype (masks and indices excepted)."""
+    first = args[0]
+    dtype = None
+    for i, a in enumerate(args):
+        if a._backend is not first._backend:
+            listing = ", ".join(f"input {j}: {describe(b)}" for j, b in enumerate(args))
+            raise RuntimeError(
+                f"gpunet.{prim.name}: inputs are on different devices ({listing}). Move them "
+                f"to one device first, e.g. x.to('{first.device}') or x.to('{a.device}')."
+            )
+        if i in prim.nondiff:
+            continue
+        if dtype is None:
+            dtype = a.data.dtype
+        elif a.data.dtype != dtype:
+            listing = ", ".join(f"input {j}: {describe(b)}" for j, b in enumerate(args))
+            raise TypeError(
+                f"gpunet.{prim.name}: inputs have different dtypes ({listing}); gpunet does "
+                f"not promote between tensors. Convert one first, e.g. x.to(gpunet.{dtype})."
+            )
+
+
+# ---------------------------------------------------------------------- grad mode
+def is_grad_enabled() -> bool:
+    return STATE.grad_enabled
+
+
+class set_grad_enabled(contextlib.ContextDecorator):
+    """Turn recording on or off within a block or a decorated function."""
+
+    def __init__(self, mode: bool) -> None:
+        self.mode = mode
+        self._prev: list[bool] = []
+
+    def __enter__(self) -> None:
+        self._prev.append(STATE.grad_enabled)
+        STATE.grad_enabled = self.mode
+
+    def __exit__(self, *exc: object) -> None:
+        STATE.grad_enabled = self._prev.pop()
+
+
+class no_grad(set_grad_enabled):
+    """Nothing inside is recorded: ``with gpunet.no_grad():`` or ``@gpunet.no_grad()``."""
+
+    def __init__(self) -> None:
+        super().__init__(False)
+
+
+class enable_grad(set_grad_enabled):
+    """Recording is on inside, even within ``no_grad``."""
+
+    def __init__(self) -> None:
+        super().__init__(True)
+
+
+# ---------------------------------------------------------------------- anomaly detection
+@contextlib.contextmanager
+def detect_anomaly() -> Iterator[None]:
+    """Raise at the first NaN or infinity a primitive produces, forward or backward, naming
+    the primitive, its input shapes and the user's line that created it."""
+    prev = STATE.anomaly
+    STATE.anomaly = True
+    try:
+        yield
+    finally:
+        STATE.anomaly = prev
+
+
+def user_site() -> str:
+    """file:line of the innermost caller outside the gpunet package."""
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _PACKAGE_DIR
+    ):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
+def _finite(t: Tensor) -> bool:
+    return t.dtype.kind != "f" or t._backend.all_finite(t.data)
+
+
+def _check_forward(prim: Primitive, args: Sequence[Tensor], out: Tensor) -> None:
+    if _finite(out) or not all(_finite(a) for a in args):
+        return
+    shapes = ", ".join(str(a.shape) for a in args)
+    node = STATE.backward_node
+    where = (
+        f"in the backward pass of '{node.prim.name}' (created at {node.site})"
+        if node is not None
+        else f"created at {user_site()}"
+    )
+    raise FloatingPointError(
+        f"detect_anomaly: primitive '{prim.name}' produced NaN or infinity from finite "
+        f"inputs of shapes ({shapes}), {where}."
+    )
+
+
+# ---------------------------------------------------------------------- reverse mode
+def _toposort(roots: list[Node], stop: set[Node]) -> list[Node]:
+    """Nodes reachable from ``roots``, every node before its parents (iterative DFS)."""
+    order: list[Node] = []
+    seen: set[Node] = set()
+    for root in roots:
+        stack: list[tuple[Node, bool]] = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.append((node, True))
+            if node not in stop:
+                for p in node.parents:
+                    if type(p) is Node and p not in seen:
+                        stack.append((p, False))
+    order.reverse()
+    return order
+
+
+def _run_hooks(hooks: list | None, g: Tensor) -> Tensor:
+    for hook in list(hooks or ()):
+        replaced = hook(g)
+        if replaced is not None:
+            g = replaced
+    return g
+
+
+def _as_cotangent(out: Tensor, ct: Any) -> Tensor:
+    if ct is None:
+        if out.numel() != 1:
+            raise RuntimeError(
+                f"backward of a non-scalar output (shape {out.shape}) needs a gradient "
+                "argument: out.backward(gradient) with the same shape, or reduce it first "
+                "(out.sum().backward())."
+            )
+        return Tensor._wrap(out._backend.ones(out.data.shape, out.dtype), out._backend)
+    if not isinstance(ct, Tensor):
+        ct = Tensor._wrap(out._backend.asarray(ct, out.dtype), out._backend)
+    if ct.shape != out.shape or ct.dtype != out.dtype or ct._backend is not out._backend:
+        raise ValueError(
+            f"backward: the gradient ({describe(ct)}) must match the output ({describe(out)})"
+        )
+    return ct
+
+
+def backprop(outputs: Sequence[Tensor], cotangents: Sequence[Any],
+             inputs: Sequence[Tensor] | None = None, retain_graph: bool = False,
+             create_graph: bool = False) -> list[Tensor] | None:
+    """The reverse sweep from ``outputs`` seeded with ``cotangents``.
+
+    Without ``inputs``, gradients accumulate into the ``.grad`` of every leaf reached. With
+    ``inputs``, their gradients are returned (zeros where unreached) and no ``.grad`` changes;
+    the sweep stops at them. With ``create_graph`` the sweep is itself recorded, so the
+    result can be differentiated again.
+    """
+    from . import ops
+
+    grads: dict[Node, Tensor] = {}
+    leaf_grads: dict[int, list] = {}  # id(leaf) -> [leaf, gradient]
+    seen_arrays: set[int] = set()  # arrays that must not become a leaf's .grad uncopied
+    roots: list[Node] = []
+    for out, ct in zip(outputs, cotangents):
+        if not out._requires_grad:
+            if inputs is not None:
+                continue
+            raise RuntimeError(
+                f"backward: the output ({describe(out)}) does not require grad; no input "
+                "that requires grad reached it (was it computed under no_grad?)"
+            )
+        g = _as_cotangent(out, ct)
+        seen_arrays.add(id(g.data))
+        if out._node is None:
+            _add_leaf(leaf_grads, out, g)
+        else:
+            grads[out._node] = g if out._node not in grads else ops.add(grads[out._node], g)
+            roots.append(out._node)
+
+    targets = [] if inputs is None else [x._node for x in inputs if x._node is not None]
+    input_grads: dict[Node, Tensor] = {}
+    state = STATE
+    prev_mode, prev_node = state.grad_enabled, state.backward_node
+    state.grad_enabled = create_graph
+    try:
+        for node in _toposort(roots, set(targets)):
+            g = grads.pop(node, None)
+            if g is None:
+                continue
+            if node._hooks:
+                g = _run_hooks(node._hooks, g)
+            if inputs is not None and node in targets:
+                input_grads[node] = g
+                continue
+            saved = node.saved
+            if saved is None:
+                raise RuntimeError(
+                    f"backward through '{node.prim.name}' a second time: its saved values "
+                    "were freed after the first backward. Pass retain_graph=True to the first "
+                    "backward() if you need to go through the graph again."
+                )
+            if node.out_data is not None:
+                me = Tensor._wrap(node.out_data, g._backend)
+                me._node, me._requires_grad = node, True
+                saved = tuple(me if s is SAVED_OUTPUT else s for s in saved)
+            if state.anomaly:
+                state.backward_node = node
+            for i, parent in enumerate(node.parents):
+                if parent is None:
+                    continue
+                gi = node.prim.vjp_rule(i)(g, *saved, **node.params)
+                if type(parent) is Node:
+                    grads[parent] = gi if parent not in grads else ops.add(grads[parent], gi)
+                else:
+                    _add_leaf(leaf_grads, parent, gi)
+            if not retain_graph:
+                node.saved = None
+                node.out_data = None
+    finally:
+        state.grad_enabled, state.backward_node = prev_mode, prev_node
+
+    if inputs is not None:
+        result = []
+        for x in inputs:
+            g = input_grads.get(x._node) if x._node is not None else None
+            if x._node is None and id(x) in leaf_grads:
+                g = leaf_grads[id(x)][1]
+            result.append(ops.zeros_like(x) if g is None else g)
+        return result
+    for leaf, g in leaf_grads.values():
+        g = _run_hooks(leaf._hooks, g)
+        if leaf.grad is None:
+            if id(g.data) in seen_arrays or getattr(g.data, "base", None) is not None:
+                g = ops.copy(g)  # never alias an array someone else holds into .grad
+            seen_arrays.add(id(g.data))
+            leaf.grad = g if create_graph else g.detach()
+        else:
+            with set_grad_enabled(create_graph):
+                leaf.grad = ops.add(leaf.grad, g)
+    return None
+
+
+def _add_leaf(leaf_grads: dict[int, list], leaf: Tensor, g: Tensor) -> None:
+    from . import ops
+
+    entry = leaf_grads.get(id(leaf))
+    if entry is None:
+        leaf_grads[id(leaf)] = [leaf, g]
+    else:
+        entry[1] = ops.add(entry[1], g)
+
+
+# ---------------------------------------------------------------------- forward mode
+class ForwardMode:
+    """A JVP interpreter: carries a tangent beside each primal it has seen."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index  # its place in the stack; it evaluates ops at levels below it
+        self.tangents: dict[int, tuple[Tensor, Tensor]] = {}  # id -> (primal kept alive, t)
+
+    def tangent_of(self, x: Tensor) -> Tensor | None:
+        entry = self.tangents.get(id(x))
+        return entry[1] if entry is not None and entry[0] is x else None
+
+    def set_tangent(self, x: Tensor, t: Tensor) -> None:
+        self.tangents[id(x)] = (x, t)
+
+    def process(self, prim: Primitive, args: Sequence[Tensor], params: dict) -> Tensor:
+        state = STATE
+        prev = state.level
+        state.level = self.index
+        try:
+            out = bind(prim, *args, **params)
+            if prim.differentiable:
+                ts = [None if i in prim.nondiff else self.tangent_of(a)
+                      for i, a in enumerate(args)]
+                if any(t is not None for t in ts):
+                    self.set_tangent(out, _push_tangents(prim, ts, out, args, params))
+        finally:
+            state.level = prev
+        return out
+
+
+def _push_tangents(prim: Primitive, ts: list, out: Tensor, args: Sequence[Tensor],
+                   params: dict) -> Tensor:
+    """The output tangent: sum over inputs of (d out / d input) applied to its tangent."""
+    from . import ops
+
+    if prim.jvp is LINEAR:
+        ins = [a if i in prim.nondiff else (ops.zeros_like(a) if t is None else t)
+               for i, (a, t) in enumerate(zip(args, ts))]
+        return bind(prim, *ins, **params)
+    total = None
+    for i, t in enumerate(ts):
+        if t is None:
+            continue
+        if prim.variadic:
+            part = prim.jvp(i, t, out, *args, **params)  # type: ignore[operator]
+        else:
+            part = prim.jvp[i](t, out, *args, **params)  # type: ignore[index]
+        total = part if total is None else ops.add(total, part)
+    return total  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def forward_mode() -> Iterator[ForwardMode]:
+    """Push a JVP interpreter for the duration of the block."""
+    state = STATE
+    if state.level != len(state.jvp_stack):
+        raise RuntimeError("jvp cannot start inside a differentiation rule")
+    mode = ForwardMode(len(state.jvp_stack))
+    state.jvp_stack.append(mode)
+    state.level += 1
+    try:
+        yield mode
+    finally:
+        state.jvp_stack.pop()
+        state.level -= 1

@@ -1,0 +1,217 @@
+"""The array backend written once against the Python array API standard.
+
+Every primitive's forward is a method here of the same name, computed through ``self.xp``.
+NumPy, CuPy and ``array_api_strict`` all run this class unchanged; the NumPy and CuPy
+subclasses override only what they accelerate. Nothing here may call a NumPy-only function:
+the array-api-strict tests prove it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+Array = Any
+Shape = tuple[int, ...]
+Axes = tuple[int, ...]
+
+_COMPARE = {"lt": "less", "le": "less_equal", "gt": "greater", "ge": "greater_equal",
+            "eq": "equal", "ne": "not_equal"}
+
+
+class ArrayBackend:
+    """Raw-array operations for one device, through an array-API namespace ``xp``."""
+
+    name = "generic"
+
+    def __init__(self, xp: Any, device: Any, array_type: type) -> None:
+        self.xp = xp
+        self.device = device
+        self.array_type = array_type
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.device}>"
+
+    # ---------------------------------------------------------------- creation and dtypes
+    def as_dtype(self, dtype: np.dtype) -> Any:
+        """The namespace's dtype object for a NumPy dtype."""
+        return getattr(self.xp, np.dtype(dtype).name)
+
+    def asarray(self, data: Any, dtype: np.dtype | None = None) -> Array:
+        return self.xp.asarray(data, dtype=None if dtype is None else self.as_dtype(dtype))
+
+    def zeros(self, shape: Shape, dtype: np.dtype) -> Array:
+        return self.xp.zeros(shape, dtype=self.as_dtype(dtype))
+
+    def ones(self, shape: Shape, dtype: np.dtype) -> Array:
+        return self.xp.ones(shape, dtype=self.as_dtype(dtype))
+
+    def full(self, shape: Shape, value: float, dtype: np.dtype) -> Array:
+        return self.xp.full(shape, value, dtype=self.as_dtype(dtype))
+
+    def arange(self, start: float, stop: float, step: float, dtype: np.dtype) -> Array:
+        return self.xp.arange(start, stop, step, dtype=self.as_dtype(dtype))
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """A host copy (or view, on the CPU) of ``x`` as a NumPy array."""
+        return np.asarray(x)
+
+    def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
+        """Normal (kind='normal') or uniform [0, 1) samples, drawn on the host by default."""
+        rng = generator.host_rng
+        host = rng.standard_normal(shape) if kind == "normal" else rng.random(shape)
+        return self.asarray(host.astype(dtype, copy=False))
+
+    def all_finite(self, x: Array) -> bool:
+        return bool(self.xp.all(self.xp.isfinite(x)))
+
+    def nonzero_flat(self, mask: Array) -> Array:
+        """Flat positions where a boolean mask is true (used by boolean indexing)."""
+        return self.xp.nonzero(self.xp.reshape(mask, (-1,)))[0]
+
+    # ---------------------------------------------------------------- unary elementwise
+    def neg(self, x: Array) -> Array:
+        return -x
+
+    def exp(self, x: Array) -> Array:
+        return self.xp.exp(x)
+
+    def log(self, x: Array) -> Array:
+        return self.xp.log(x)
+
+    def log1p(self, x: Array) -> Array:
+        return self.xp.log1p(x)
+
+    def tanh(self, x: Array) -> Array:
+        return self.xp.tanh(x)
+
+    def sqrt(self, x: Array) -> Array:
+        return self.xp.sqrt(x)
+
+    def abs(self, x: Array) -> Array:
+        return self.xp.abs(x)
+
+    def sign(self, x: Array) -> Array:
+        return self.xp.sign(x)
+
+    def sigmoid(self, x: Array) -> Array:
+        """sigmoid(x) = 1 / (1 + exp(-x)), through z = exp(-|x|) so nothing overflows."""
+        xp = self.xp
+        z = xp.exp(-xp.abs(x))
+        return xp.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+    def relu(self, x: Array) -> Array:
+        """relu(x) = max(x, 0); NaN propagates."""
+        return self.xp.maximum(x, self.xp.zeros((), dtype=x.dtype))
+
+    # ---------------------------------------------------------------- binary elementwise
+    def add(self, x: Array, y: Array) -> Array:
+        return x + y
+
+    def sub(self, x: Array, y: Array) -> Array:
+        return x - y
+
+    def mul(self, x: Array, y: Array) -> Array:
+        return x * y
+
+    def div(self, x: Array, y: Array) -> Array:
+        return x / y
+
+    def pow(self, x: Array, y: Array) -> Array:
+        return self.xp.pow(x, y)
+
+    def maximum(self, x: Array, y: Array) -> Array:
+        return self.xp.maximum(x, y)
+
+    def minimum(self, x: Array, y: Array) -> Array:
+        return self.xp.minimum(x, y)
+
+    def compare(self, x: Array, y: Array, *, op: str) -> Array:
+        return getattr(self.xp, _COMPARE[op])(x, y)
+
+    def where(self, cond: Array, x: Array, y: Array) -> Array:
+        return self.xp.where(cond, x, y)
+
+    def cast(self, x: Array, *, dtype: np.dtype) -> Array:
+        return self.xp.astype(x, self.as_dtype(dtype))
+
+    def copy(self, x: Array) -> Array:
+        return self.xp.asarray(x, copy=True)
+
+    def stop_gradient(self, x: Array) -> Array:
+        return x
+
+    def isfinite(self, x: Array) -> Array:
+        return self.xp.isfinite(x)
+
+    def argmax(self, x: Array, *, axis: int | None, keepdims: bool) -> Array:
+        return self.xp.argmax(x, axis=axis, keepdims=keepdims)
+
+    def device_put(self, x: Array, *, device: Any) -> Array:
+        """x copied to another device (through the host between different backends)."""
+        from . import get_backend
+
+        target = get_backend(device)
+        return x if target is self else target.asarray(self.to_numpy(x))
+
+    # ---------------------------------------------------------------- reductions
+    def sum(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
+        return self.xp.sum(x, axis=axis, keepdims=keepdims)
+
+    def max(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
+        return self.xp.max(x, axis=axis, keepdims=keepdims)
+
+    def logsumexp(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
+        """m + log(sum(exp(x - m))) with m = max(x) (0 where m is infinite): no overflow."""
+        xp = self.xp
+        m = xp.max(x, axis=axis, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+        out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
+        return out if keepdims else xp.reshape(out, tuple(
+            n for i, n in enumerate(out.shape) if i not in axis))
+
+    # ---------------------------------------------------------------- shapes and indexing
+    def broadcast_to(self, x: Array, *, shape: Shape) -> Array:
+        return self.xp.broadcast_to(x, shape)
+
+    def reshape(self, x: Array, *, shape: Shape) -> Array:
+        return self.xp.reshape(x, shape)
+
+    def transpose(self, x: Array, *, perm: Axes) -> Array:
+        return self.xp.permute_dims(x, perm)
+
+    def slice(self, x: Array, *, key: tuple) -> Array:
+        return x[key]
+
+    def slice_transpose(self, g: Array, *, key: tuple, shape: Shape) -> Array:
+        out = self.xp.zeros(shape, dtype=g.dtype)
+        out[key] = g
+        return out
+
+    def take(self, x: Array, indices: Array, *, axis: int) -> Array:
+        flat = self.xp.reshape(indices, (-1,))
+        out = self.xp.take(x, flat, axis=axis)
+        return self.xp.reshape(out, x.shape[:axis] + indices.shape + x.shape[axis + 1 :])
+
+    def scatter_add(self, g: Array, indices: Array, *, axis: int, size: int) -> Array:
+        """out[..., indices[j], ...] += g[..., j, ...] along ``axis`` (repeats accumulate).
+
+        The generic form multiplies by a one-hot matrix: one GEMM, no Python loop.
+        """
+        xp = self.xp
+        n = math.prod(indices.shape)
+        pre, post = g.shape[:axis], g.shape[axis + indices.ndim :]
+        g3 = xp.reshape(g, (math.prod(pre), n, math.prod(post)))
+        flat = xp.reshape(indices, (n, 1))
+        onehot = xp.astype(flat == xp.arange(size, dtype=flat.dtype), g.dtype)  # (n, size)
+        out = xp.matmul(xp.permute_dims(g3, (0, 2, 1)), onehot)  # (pre, post, size)
+        return xp.reshape(xp.permute_dims(out, (0, 2, 1)), (*pre, size, *post))
+
+    def concatenate(self, *xs: Array, axis: int) -> Array:
+        return self.xp.concat(xs, axis=axis)
+
+    # ---------------------------------------------------------------- linear algebra
+    def matmul(self, x: Array, y: Array) -> Array:
+        return self.xp.matmul(x, y)

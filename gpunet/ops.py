@@ -1,0 +1,568 @@
+"""The public ops: turn Python values into tensors, broadcast explicitly, bind a primitive.
+
+This is the layer between the user's ``x * 2 + b`` and the primitives. It does the things no
+primitive should: Python scalars take the tensor's dtype (no promotion), operands that carry
+gradients are broadcast with the ``broadcast_to`` primitive (so one rule un-broadcasts), axes
+are normalised, and bad shapes raise an error that names the op. Composite ops (mean, var,
+softmax, clip, stack, ...) are written here from primitives.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import dtypes
+from . import primitives as P
+from .autodiff import STATE, bind
+from .backend import Device, device
+from .tensor import Tensor
+
+Axis = int | Sequence[int] | None
+
+
+# ---------------------------------------------------------------------- helpers
+def _tracked(t: Tensor) -> bool:
+    """Will some transform need this operand's derivative? (then broadcasting is explicit)"""
+    return (t._requires_grad and STATE.grad_enabled) or STATE.level > 0
+
+
+def _constant(value: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+    """A Python scalar or array as a tensor on ``like``'s device with ``like``'s dtype.
+
+    Returns (like, constant); ``like`` is cast to the default float dtype when it holds
+    integers or booleans and the value is a float (``int_tensor * 0.5`` is float32).
+    """
+    if isinstance(value, (bool, int, float)):
+        kind = "b" if isinstance(value, bool) else "i" if isinstance(value, int) else "f"
+    else:
+        value = like._backend.to_numpy(value) if hasattr(value, "__dlpack__") else value
+        kind = np.asarray(value).dtype.kind
+    if kind == "f" and like.dtype.kind != "f":
+        like = cast(like, dtypes.DEFAULT_FLOAT)
+    elif kind in "iu" and like.dtype.kind == "b":
+        like = cast(like, dtypes.DEFAULT_INT)
+    backend = like._backend
+    return like, Tensor._wrap(backend.asarray(value, like.dtype), backend)
+
+
+def broadcast_shapes(op: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """NumPy's broadcasting rule, with an error that names the op."""
+    ndim = builtins.max(len(s) for s in shapes)
+    out = []
+    for i in range(-ndim, 0):
+        sizes = {s[i] for s in shapes if len(s) >= -i} - {1}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"gpunet.{op}: shapes {', '.join(map(str, shapes))} do not broadcast (axis "
+                f"{i} has sizes {sorted(sizes)}). Reshape an input so that each axis matches "
+                "or is 1."
+            )
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def _operands(op: str, x: Any, y: Any) -> tuple[Tensor, Tensor]:
+    """Two tensors of one dtype, broadcast to one shape where a transform needs it."""
+    if isinstance(x, Tensor) and isinstance(y, Tensor):
+        if x.dtype != y.dtype:  # booleans join the other operand's dtype; nothing else does
+            if x.dtype == dtypes.bool_:
+                x = cast(x, y.dtype)
+            elif y.dtype == dtypes.bool_:
+                y = cast(y, x.dtype)
+    elif isinstance(x, Tensor):
+        x, y = _constant(y, x)
+    elif isinstance(y, Tensor):
+        y, x = _constant(x, y)
+    else:
+        raise TypeError(f"gpunet.{op}: expected a Tensor operand, got {type(x).__name__} and "
+                        f"{type(y).__name__}")
+    if x.data.shape != y.data.shape:
+        shape = broadcast_shapes(op, x.shape, y.shape)
+        if x.shape != shape and _tracked(x):
+            x = broadcast_to(x, shape)
+        if y.shape != shape and _tracked(y):
+            y = broadcast_to(y, shape)
+    return x, y
+
+
+def normalize_axes(axis: Axis, ndim: int, op: str) -> tuple[int, ...]:
+    """``axis`` as a sorted tuple of non-negative ints (``None`` means every axis)."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise ValueError(f"gpunet.{op}: axis {a} is out of range for a {ndim}-d tensor")
+        out.append(a % ndim if ndim else 0)
+    if len(set(out)) != len(out):
+        raise ValueError(f"gpunet.{op}: repeated axis in {axis}")
+    return tuple(sorted(out))
+
+
+def keepdims_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in axes else n for i, n in enumerate(shape))
+
+
+def inverse_permutation(perm: Sequence[int]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+def _tensor_arg(x: Any, op: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"gpunet.{op}: expected a Tensor, got {type(x).__name__}")
+    return x
+
+
+# ---------------------------------------------------------------------- constants
+def zeros_like(x: Tensor, dtype: Any = None) -> Tensor:
+    dt = x.dtype if dtype is None else dtypes.as_dtype(dtype)
+    return Tensor._wrap(x._backend.zeros(x.data.shape, dt), x._backend)
+
+
+def ones_like(x: Tensor, dtype: Any = None) -> Tensor:
+    dt = x.dtype if dtype is None else dtypes.as_dtype(dtype)
+    return Tensor._wrap(x._backend.ones(x.data.shape, dt), x._backend)
+
+
+def full_like(x: Tensor, value: float, dtype: Any = None) -> Tensor:
+    dt = x.dtype if dtype is None else dtypes.as_dtype(dtype)
+    return Tensor._wrap(x._backend.full(x.data.shape, value, dt), x._backend)
+
+
+# ---------------------------------------------------------------------- elementwise
+def neg(x: Tensor) -> Tensor:
+    return bind(P.neg, x)
+
+
+def exp(x: Tensor) -> Tensor:
+    return bind(P.exp, x)
+
+
+def log(x: Tensor) -> Tensor:
+    return bind(P.log, x)
+
+
+def log1p(x: Tensor) -> Tensor:
+    return bind(P.log1p, x)
+
+
+def tanh(x: Tensor) -> Tensor:
+    return bind(P.tanh, x)
+
+
+def sqrt(x: Tensor) -> Tensor:
+    return bind(P.sqrt, x)
+
+
+def abs(x: Tensor) -> Tensor:
+    return bind(P.abs, x)
+
+
+def sign(x: Tensor) -> Tensor:
+    return bind(P.sign, x)
+
+
+def isfinite(x: Tensor) -> Tensor:
+    return bind(P.isfinite, x)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return bind(P.sigmoid, x)
+
+
+def relu(x: Tensor) -> Tensor:
+    return bind(P.relu, x)
+
+
+def add(x: Any, y: Any) -> Tensor:
+    return bind(P.add, *_operands("add", x, y))
+
+
+def sub(x: Any, y: Any) -> Tensor:
+    return bind(P.sub, *_operands("sub", x, y))
+
+
+def mul(x: Any, y: Any) -> Tensor:
+    return bind(P.mul, *_operands("mul", x, y))
+
+
+def div(x: Any, y: Any) -> Tensor:
+    x, y = _operands("div", x, y)
+    if x.dtype.kind != "f":  # true division of integers gives floats, as in Python
+        x, y = cast(x, dtypes.DEFAULT_FLOAT), cast(y, dtypes.DEFAULT_FLOAT)
+    return bind(P.div, x, y)
+
+
+def pow(x: Any, y: Any) -> Tensor:
+    return bind(P.pow, *_operands("pow", x, y))
+
+
+def maximum(x: Any, y: Any) -> Tensor:
+    return bind(P.maximum, *_operands("maximum", x, y))
+
+
+def minimum(x: Any, y: Any) -> Tensor:
+    return bind(P.minimum, *_operands("minimum", x, y))
+
+
+def compare(x: Any, y: Any, op: str) -> Tensor:
+    """x (op) y elementwise for op in lt, le, gt, ge, eq, ne: a boolean tensor, no gradient."""
+    x, y = _operands(op, x, y)
+    return bind(P.compare, x, y, op=op)
+
+
+def where(cond: Any, x: Any, y: Any) -> Tensor:
+    """cond ? x : y elementwise; x and y may be Python scalars."""
+    if not isinstance(cond, Tensor):
+        ref = x if isinstance(x, Tensor) else y
+        cond = Tensor._wrap(ref._backend.asarray(cond, dtypes.bool_), ref._backend)
+    elif cond.dtype != dtypes.bool_:
+        cond = compare(cond, 0, "ne")
+    if not isinstance(x, Tensor) and not isinstance(y, Tensor):
+        x = full_like(cond, x, dtypes.DEFAULT_FLOAT if isinstance(x, float) else None)
+    x, y = _operands("where", x, y)
+    shape = broadcast_shapes("where", cond.shape, x.shape, y.shape)
+    if x.shape != shape and _tracked(x):
+        x = broadcast_to(x, shape)
+    if y.shape != shape and _tracked(y):
+        y = broadcast_to(y, shape)
+    return bind(P.where, cond, x, y)
+
+
+def clip(x: Tensor, min: Any = None, max: Any = None) -> Tensor:
+    """min(max(x, lo), hi); the gradient is 1 inside [lo, hi], including its ends."""
+    if min is not None:
+        x = maximum(x, min)
+    if max is not None:
+        x = minimum(x, max)
+    return x
+
+
+def cast(x: Tensor, dtype: Any) -> Tensor:
+    """x as ``dtype``; casting to a non-float dtype ends differentiation."""
+    dt = dtypes.as_dtype(dtype)
+    if x.dtype == dt:
+        return x
+    if dt.kind != "f" or x.dtype.kind != "f":
+        x = stop_gradient(x)
+    return bind(P.cast, x, dtype=dt)
+
+
+def copy(x: Tensor) -> Tensor:
+    return bind(P.copy, x)
+
+
+def device_put(x: Tensor, dev: str | Device) -> Tensor:
+    d = device(dev)
+    return x if x.device == d else bind(P.device_put, x, device=d)
+
+
+def stop_gradient(x: Tensor) -> Tensor:
+    """x as a constant: no gradient flows through it, in any transform."""
+    return bind(P.stop_gradient, x)
+
+
+# ---------------------------------------------------------------------- reductions
+def sum(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
+    return bind(P.sum, x, axis=normalize_axes(axis, x.ndim, "sum"), keepdims=keepdims)
+
+
+def max(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
+    return bind(P.max, x, axis=normalize_axes(axis, x.ndim, "max"), keepdims=keepdims)
+
+
+def min(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
+    return neg(max(neg(x), axis, keepdims))
+
+
+def mean(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
+    """sum(x) / n over the reduced axes."""
+    axes = normalize_axes(axis, x.ndim, "mean")
+    n = math.prod(x.shape[a] for a in axes)
+    total = bind(P.sum, x, axis=axes, keepdims=keepdims)
+    return total * (1.0 / n) if n else total / 0.0
+
+
+def var(x: Tensor, axis: Axis = None, keepdims: bool = False, correction: int = 1) -> Tensor:
+    """sum((x - mean)^2) / (n - correction); correction=1 is PyTorch's default (unbiased)."""
+    axes = normalize_axes(axis, x.ndim, "var")
+    n = math.prod(x.shape[a] for a in axes)
+    d = x - mean(x, axes, keepdims=True)
+    return sum(d * d, axes, keepdims) / float(n - correction)
+
+
+def logsumexp(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
+    """log(sum(exp(x))), computed as m + log(sum(exp(x - m))) with m = max(x): no overflow."""
+    return bind(P.logsumexp, x, axis=normalize_axes(axis, x.ndim, "logsumexp"),
+                keepdims=keepdims)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """x - logsumexp(x) along ``axis``."""
+    return x - logsumexp(x, axis, keepdims=True)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """exp(x - logsumexp(x)) along ``axis``: stable for any finite x."""
+    return exp(log_softmax(x, axis))
+
+
+def argmax(x: Tensor, axis: int | None = None, keepdims: bool = False) -> Tensor:
+    if axis is not None:
+        axis = normalize_axes(axis, x.ndim, "argmax")[0]
+    return bind(P.argmax, x, axis=axis, keepdims=keepdims)
+
+
+# ---------------------------------------------------------------------- shapes
+def broadcast_to(x: Tensor, shape: Sequence[int]) -> Tensor:
+    shape = tuple(int(n) for n in shape)
+    if broadcast_shapes("broadcast_to", x.shape, shape) != shape:
+        raise ValueError(f"gpunet.broadcast_to: cannot broadcast {x.shape} to {shape}")
+    return x if x.shape == shape else bind(P.broadcast_to, x, shape=shape)
+
+
+def reshape(x: Tensor, shape: int | Sequence[int]) -> Tensor:
+    """The same elements in a new shape; one entry may be -1 (inferred)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+    size = x.numel()
+    if shape.count(-1) == 1:
+        known = math.prod(n for n in shape if n != -1)
+        if known == 0 or size % known:
+            raise ValueError(f"gpunet.reshape: cannot reshape {x.shape} ({size} elements) "
+                             f"to {shape}")
+        shape = tuple(size // known if n == -1 else n for n in shape)
+    if math.prod(shape) != size or builtins.min(shape, default=0) < 0:
+        raise ValueError(f"gpunet.reshape: cannot reshape {x.shape} ({size} elements) to "
+                         f"{shape}")
+    return x if shape == x.shape else bind(P.reshape, x, shape=shape)
+
+
+def permute(x: Tensor, axes: Sequence[int]) -> Tensor:
+    """Reorder the axes: out.shape[i] = x.shape[axes[i]]."""
+    perm = tuple(a % x.ndim for a in axes) if x.ndim else tuple(axes)
+    if sorted(perm) != list(range(x.ndim)):
+        raise ValueError(f"gpunet.permute: {tuple(axes)} is not a permutation of the "
+                         f"{x.ndim} axes of a tensor of shape {x.shape}")
+    return x if perm == tuple(range(x.ndim)) else bind(P.transpose, x, perm=perm)
+
+
+def swapaxes(x: Tensor, axis0: int, axis1: int) -> Tensor:
+    perm = list(range(x.ndim))
+    perm[axis0], perm[axis1] = perm[axis1], perm[axis0]
+    return permute(x, perm)
+
+
+def flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    if x.ndim == 0:
+        return reshape(x, (1,))
+    start, end = start_dim % x.ndim, end_dim % x.ndim
+    shape = x.shape[:start] + (math.prod(x.shape[start : end + 1]),) + x.shape[end + 1 :]
+    return reshape(x, shape)
+
+
+def squeeze(x: Tensor, axis: Axis = None) -> Tensor:
+    if axis is None:
+        axes = tuple(i for i, n in enumerate(x.shape) if n == 1)
+    else:
+        axes = normalize_axes(axis, x.ndim, "squeeze")
+        if any(x.shape[a] != 1 for a in axes):
+            raise ValueError(f"gpunet.squeeze: axis {axis} of shape {x.shape} is not 1")
+    return reshape(x, tuple(n for i, n in enumerate(x.shape) if i not in axes))
+
+
+def unsqueeze(x: Tensor, axis: int) -> Tensor:
+    axis = axis % (x.ndim + 1)
+    return reshape(x, x.shape[:axis] + (1,) + x.shape[axis:])
+
+
+def concatenate(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join tensors of one dtype and device along an existing axis."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("gpunet.concatenate: needs at least one tensor")
+    first = tensors[0]
+    axis = normalize_axes(axis, first.ndim, "concatenate")[0]
+    for t in tensors:
+        if t.ndim != first.ndim or any(
+            t.shape[i] != first.shape[i] for i in range(first.ndim) if i != axis
+        ):
+            raise ValueError(
+                f"gpunet.concatenate: shapes {[u.shape for u in tensors]} differ off axis {axis}"
+            )
+    return bind(P.concatenate, *tensors, axis=axis)
+
+
+def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join tensors of one shape along a new axis."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("gpunet.stack: needs at least one tensor")
+    if len({t.shape for t in tensors}) != 1:
+        raise ValueError(f"gpunet.stack: shapes differ: {[t.shape for t in tensors]}")
+    return concatenate([unsqueeze(t, axis) for t in tensors], axis)
+
+
+# ---------------------------------------------------------------------- indexing
+def _is_index_array(k: Any) -> bool:
+    return isinstance(k, (Tensor, list, np.ndarray)) or hasattr(k, "__dlpack__")
+
+
+def _index_tensor(k: Any, like: Tensor) -> Tensor:
+    if isinstance(k, Tensor):
+        if k.device != like.device:
+            raise RuntimeError(f"gpunet.getitem: indices on {k.device} for a tensor on "
+                               f"{like.device}; move them with .to('{like.device}')")
+        return k
+    arr = like._backend.asarray(k if isinstance(k, list) else like._backend.to_numpy(k)
+                                if not isinstance(k, np.ndarray) else k)
+    return Tensor._wrap(arr, like._backend)
+
+
+def bind_slice(x: Tensor, key: tuple) -> Tensor:
+    return bind(P.slice, x, key=key)
+
+
+def bind_slice_transpose(g: Tensor, key: tuple, shape: tuple[int, ...]) -> Tensor:
+    return bind(P.slice_transpose, g, key=key, shape=shape)
+
+
+def take(x: Tensor, indices: Tensor, axis: int) -> Tensor:
+    """x gathered at integer indices along ``axis`` (negative indices count from the end)."""
+    n = x.shape[axis]
+    if indices.dtype.kind not in "iu":
+        raise TypeError(f"gpunet.take: indices must be integers, got {indices.dtype}")
+    if indices.dtype.kind == "i":
+        indices = where(compare(indices, 0, "lt"), indices + n, indices)
+    return bind(P.take, x, indices, axis=axis)
+
+
+def scatter_add(g: Tensor, indices: Tensor, axis: int, size: int) -> Tensor:
+    """zeros with g added at integer indices along ``axis``; repeated indices accumulate."""
+    return bind(P.scatter_add, g, indices, axis=axis, size=size)
+
+
+def getitem(x: Tensor, key: Any) -> Tensor:
+    """x[key]: basic keys slice; integer arrays and boolean masks gather with ``take``."""
+    key = key if isinstance(key, tuple) else (key,)
+    advanced = [i for i, k in enumerate(key) if _is_index_array(k)]
+    if not advanced:
+        for k in key:
+            if not (k is None or k is Ellipsis or isinstance(k, (int, builtins.slice))):
+                raise IndexError(f"gpunet.getitem: unsupported index {k!r} of type "
+                                 f"{type(k).__name__}")
+        return bind_slice(x, key)
+    idx = [_index_tensor(key[i], x) for i in advanced]
+    first, count = advanced[0], len(advanced)
+    rest = [k for i, k in enumerate(key) if i not in advanced]
+    if (advanced != list(range(first, first + count))
+            or any(k != builtins.slice(None) for k in rest if not _is_index_array(k))):
+        raise IndexError(
+            "gpunet.getitem: integer-array or mask indices must be consecutive, with only ':' "
+            f"elsewhere (got {key!r}); index in two steps instead"
+        )
+    if count == 1 and idx[0].dtype == dtypes.bool_:
+        mask = idx[0]
+        if mask.shape != x.shape[first : first + mask.ndim]:
+            raise IndexError(f"gpunet.getitem: mask of shape {mask.shape} does not match "
+                             f"shape {x.shape} at axis {first}")
+        flat = Tensor._wrap(x._backend.nonzero_flat(mask.data), x._backend)
+        merged = x.shape[:first] + (-1,) + x.shape[first + mask.ndim :]
+        return take(reshape(x, merged), flat, first)
+    if count == 1:
+        return take(x, idx[0], first)
+    # several index arrays: one flat index into the merged axes (row-major)
+    shape = broadcast_shapes("getitem", *(i.shape for i in idx))
+    dims = x.shape[first : first + count]
+    flat = None
+    for i, n in zip(idx, dims):
+        i = where(compare(i, 0, "lt"), i + n, i)
+        flat = i if flat is None else flat * n + i
+    flat = broadcast_to(flat, shape)
+    merged = x.shape[:first] + (math.prod(dims),) + x.shape[first + count :]
+    return take(reshape(x, merged), flat, first)
+
+
+def _check_inplace(x: Tensor, what: str) -> None:
+    if _tracked(x):
+        raise RuntimeError(
+            f"gpunet: {what} on a tensor that requires grad (shape {x.shape}) would not be "
+            "recorded; do it inside `with gpunet.no_grad():` or on x.detach()."
+        )
+
+
+def setitem_(x: Tensor, key: Any, value: Any) -> None:
+    """x[key] = value, in place, outside the graph."""
+    _check_inplace(x, "item assignment")
+    key = tuple(k.data if isinstance(k, Tensor) else k for k in
+                (key if isinstance(key, tuple) else (key,)))
+    if isinstance(value, Tensor):
+        if value.device != x.device:
+            raise RuntimeError(f"gpunet.setitem: value on {value.device}, tensor on {x.device}")
+        value = value.data
+    x.data[key] = x._backend.asarray(value, x.dtype)
+
+
+_INPLACE = {"add": operator.iadd, "sub": operator.isub, "mul": operator.imul,
+            "div": operator.itruediv}
+
+
+def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
+    """x (op)= other, writing into x's array (optimizer updates under no_grad)."""
+    _check_inplace(x, f"in-place {op}")
+    if isinstance(other, Tensor):
+        if other.device != x.device or other.dtype != x.dtype:
+            raise TypeError(f"gpunet: in-place {op} of {describe(other)} into {describe(x)}; "
+                            "convert with .to(...) first")
+        value = other.data
+    else:
+        value = x._backend.asarray(other, x.dtype)
+    x.data = _INPLACE[op](x.data, value)
+    return x
+
+
+def describe(t: Tensor) -> str:
+    return f"{t.device} {t.dtype} {t.shape}"
+
+
+# ---------------------------------------------------------------------- linear algebra
+def matmul(x: Tensor, y: Tensor) -> Tensor:
+    """x @ y with NumPy's rules: 1-d operands are vectors, leading axes broadcast."""
+    x, y = _tensor_arg(x, "matmul"), _tensor_arg(y, "matmul")
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError("gpunet.matmul: operands must be at least 1-d; use * for scalars")
+    k_y = y.shape[0] if y.ndim == 1 else y.shape[-2]
+    if x.shape[-1] != k_y:
+        raise ValueError(
+            f"gpunet.matmul: shapes {x.shape} and {y.shape} do not align: x has "
+            f"{x.shape[-1]} columns but y has {k_y} rows. Transpose an operand (x.T) or "
+            "reshape it."
+        )
+    vec_x, vec_y = x.ndim == 1, y.ndim == 1
+    if vec_x:
+        x = reshape(x, (1, x.shape[0]))
+    if vec_y:
+        y = reshape(y, (y.shape[0], 1))
+    if x.ndim > 2 and y.ndim == 2:  # fold the batch into rows: one GEMM, not a batch of them
+        lead = x.shape[:-1]
+        out = reshape(bind(P.matmul, reshape(x, (-1, x.shape[-1])), y), (*lead, y.shape[-1]))
+    else:
+        if x.ndim > 2 or y.ndim > 2:
+            batch = broadcast_shapes("matmul", x.shape[:-2], y.shape[:-2])
+            x = broadcast_to(x, batch + x.shape[-2:])
+            y = broadcast_to(y, batch + y.shape[-2:])
+        out = bind(P.matmul, x, y)
+    if vec_x:
+        out = squeeze(out, -2)
+    if vec_y:
+        out = squeeze(out, -1)
+    return out

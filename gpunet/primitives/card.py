@@ -1,0 +1,67 @@
+"""The primitive card and the registry of all primitives.
+
+A primitive is declared once, with everything autodiff needs side by side:
+
+- its forward: the backend method of the same name, on raw arrays;
+- what it keeps for backward (``save``: only what the rule needs, staged at forward time);
+- its VJP rule per input: ``vjp[i](g, *saved, **params)`` -> cotangent of input ``i``;
+- its JVP rule per input: ``jvp[i](t, out, *inputs, **params)`` -> tangent of the output, or
+  ``LINEAR`` for ops linear in their differentiable inputs (the JVP is the op on the tangents).
+
+Rules are written with gpunet ops, so the backward pass is itself differentiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+REGISTRY: dict[str, Primitive] = {}
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+LINEAR = _Marker("LINEAR")  # JVP of a linear op: apply the op to the tangents
+NONDIFF = _Marker("NONDIFF")  # an input that carries no gradient (a mask, indices)
+
+
+@dataclass(eq=False)
+class Primitive:
+    """One differentiable (or explicitly non-differentiable) operation."""
+
+    name: str
+    doc: str
+    vjp: tuple[Any, ...] | Callable[..., Any] | None = None
+    jvp: tuple[Any, ...] | Callable[..., Any] | _Marker | None = None
+    save: Callable[..., tuple[Any, ...]] | None = None
+    differentiable: bool = True
+    variadic: bool = False  # takes any number of inputs; rules get the input's position first
+    nondiff: frozenset[int] = field(default_factory=frozenset)  # inputs exempt from grads
+    transfers: bool = False  # output lives on params["device"], not on the inputs' device
+
+    def __repr__(self) -> str:
+        return f"<primitive {self.name}>"
+
+    def vjp_rule(self, i: int) -> Callable[..., Any]:
+        """The cotangent rule for input ``i`` (variadic rules are bound to ``i``)."""
+        if self.variadic:
+            rule = self.vjp
+            return lambda g, *saved, **params: rule(i, g, *saved, **params)  # type: ignore[misc]
+        return self.vjp[i]  # type: ignore[index]
+
+
+def primitive(name: str, doc: str, **card: Any) -> Primitive:
+    """Declare a primitive and add it to the registry (names are unique)."""
+    if name in REGISTRY:
+        raise ValueError(f"primitive {name!r} is already registered")
+    if "nondiff" in card:
+        card["nondiff"] = frozenset(card["nondiff"])
+    prim = REGISTRY[name] = Primitive(name, doc, **card)
+    return prim

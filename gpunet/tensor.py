@@ -1,0 +1,422 @@
+"""Tensor: an array on a device (NumPy on the CPU, CuPy on a GPU) plus its place on the tape.
+
+``data`` is the raw array. A tensor that needs gradients is either a *leaf* (made by the user,
+``_node is None``; ``.grad`` accumulates on it) or the output of a recorded primitive
+(``_node`` is that record). Operators and methods call the functions in ``gpunet.ops``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from . import dtypes
+from .backend import ArrayBackend, Device, backend_of
+
+
+class RemovableHandle:
+    """Returned by ``register_hook``; ``handle.remove()`` unregisters the hook."""
+
+    def __init__(self, hooks: list, hook: Callable) -> None:
+        self._hooks, self._hook = hooks, hook
+
+    def remove(self) -> None:
+        if self._hook in self._hooks:
+            self._hooks.remove(self._hook)
+
+
+class Tensor:
+    __slots__ = ("__weakref__", "_backend", "_hooks", "_node", "_requires_grad", "data", "grad")
+    __array_ufunc__ = None  # ndarray (op) Tensor defers to Tensor's reflected operator
+
+    def __init__(self, data: Any, requires_grad: bool = False) -> None:
+        """Wrap a raw NumPy or CuPy array without copying (``gpunet.tensor`` copies)."""
+        self._backend: ArrayBackend = backend_of(data)
+        self.data = data
+        self._requires_grad = False
+        self._node = None
+        self.grad: Tensor | None = None
+        self._hooks: list | None = None
+        if requires_grad:
+            self.requires_grad = True
+
+    @classmethod
+    def _wrap(cls, data: Any, backend: ArrayBackend) -> Tensor:
+        """The fast constructor used by every primitive: no checks, no copies."""
+        t = object.__new__(cls)
+        t.data = data
+        t._backend = backend
+        t._requires_grad = False
+        t._node = None
+        t.grad = None
+        t._hooks = None
+        return t
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> Device:
+        return self._backend.device
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    def size(self, dim: int | None = None) -> tuple[int, ...] | int:
+        """The shape (PyTorch's ``size()``), or one dimension of it."""
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.data.shape:
+            n *= d
+        return n
+
+    @property
+    def T(self) -> Tensor:
+        return ops.permute(self, tuple(range(self.ndim - 1, -1, -1)))
+
+    @property
+    def mT(self) -> Tensor:
+        return ops.swapaxes(self, -1, -2)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._node is None
+
+    @property
+    def grad_fn(self) -> str | None:
+        """The name of the primitive that made this tensor, when it was recorded."""
+        return None if self._node is None else self._node.prim.name
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        if self._node is not None and not value:
+            raise RuntimeError(
+                "requires_grad can only be turned off on a leaf tensor; this one was made by "
+                f"'{self._node.prim.name}'. Use .detach() for a copy outside the graph."
+            )
+        if value and not dtypes.is_floating(self.dtype):
+            raise TypeError(
+                f"only floating-point tensors can require gradients, got dtype {self.dtype} "
+                f"(shape {self.shape}). Convert first: x.to(gpunet.float32)."
+            )
+        self._requires_grad = bool(value)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Tensor:
+        self.requires_grad = requires_grad
+        return self
+
+    # ------------------------------------------------------------------ conversion
+    def numpy(self) -> np.ndarray:
+        """The values as a NumPy array: shares memory on the CPU, copies from a GPU."""
+        return self._backend.to_numpy(self.data)
+
+    def item(self) -> float | int | bool:
+        if self.numel() != 1:
+            raise ValueError(f"item() needs a tensor with one element, this one has shape "
+                             f"{self.shape}")
+        return self.numpy().reshape(()).item()
+
+    def tolist(self) -> Any:
+        return self.numpy().tolist()
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if self.device.type != "cpu":
+            raise TypeError(
+                f"a tensor on {self.device} cannot become a NumPy array implicitly; "
+                "call .numpy() (copies to the host) or .cpu() first"
+            )
+        arr = np.asarray(self.data)
+        if dtype is not None:
+            arr = arr.astype(dtype, copy=False)
+        return arr.copy() if copy else arr
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.data.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return self.data.__dlpack_device__()
+
+    def to(self, *specs: Any, dtype: Any = None, device: Any = None) -> Tensor:
+        """``to("cuda")``, ``to(gpunet.float64)``, ``to("cpu", gpunet.float32)``; differentiable."""
+        for spec in specs:
+            if isinstance(spec, (str, Device)):
+                device = spec
+            else:
+                dtype = spec
+        out = self
+        if dtype is not None:
+            out = ops.cast(out, dtype)
+        if device is not None:
+            out = ops.device_put(out, device)
+        return out
+
+    def astype(self, dtype: Any) -> Tensor:
+        return ops.cast(self, dtype)
+
+    def cpu(self) -> Tensor:
+        return self.to("cpu")
+
+    def cuda(self, index: int = 0) -> Tensor:
+        return self.to(f"cuda:{index}")
+
+    def float(self) -> Tensor:
+        return ops.cast(self, dtypes.float32)
+
+    def double(self) -> Tensor:
+        return ops.cast(self, dtypes.float64)
+
+    def detach(self) -> Tensor:
+        """The same data, outside the graph (shares memory)."""
+        return Tensor._wrap(self.data, self._backend)
+
+    def clone(self) -> Tensor:
+        """A copy of the data; differentiable, like PyTorch's clone."""
+        return ops.copy(self)
+
+    # ------------------------------------------------------------------ autodiff
+    def backward(self, gradient: Any = None, retain_graph: bool = False,
+                 create_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` (chain rule, reverse order)."""
+        from .autodiff import backprop
+
+        backprop([self], [gradient], retain_graph=retain_graph, create_graph=create_graph)
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    def register_hook(self, hook: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
+        """Call ``hook(grad)`` when this tensor's gradient is computed; a returned tensor
+        replaces the gradient."""
+        if not self._requires_grad:
+            raise RuntimeError("cannot register a hook on a tensor that does not require grad")
+        owner = self._node if self._node is not None else self
+        if owner._hooks is None:
+            owner._hooks = []
+        owner._hooks.append(hook)
+        return RemovableHandle(owner._hooks, hook)
+
+    # ------------------------------------------------------------------ Python protocol
+    def __repr__(self) -> str:
+        body = np.array2string(self.numpy(), separator=", ", prefix="tensor(", threshold=200)
+        extras = []
+        if self.device.type != "cpu":
+            extras.append(f"device='{self.device}'")
+        if self.dtype != dtypes.float32:
+            extras.append(f"dtype={self.dtype}")
+        if self._node is not None:
+            extras.append(f"grad_fn=<{self._node.prim.name}>")
+        elif self._requires_grad:
+            extras.append("requires_grad=True")
+        return "tensor(" + ", ".join([body, *extras]) + ")"
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __bool__(self) -> bool:
+        return bool(self.item())
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    __hash__ = object.__hash__
+
+    # ------------------------------------------------------------------ operators
+    def __add__(self, other: Any) -> Tensor:
+        return ops.add(self, other)
+
+    def __radd__(self, other: Any) -> Tensor:
+        return ops.add(other, self)
+
+    def __sub__(self, other: Any) -> Tensor:
+        return ops.sub(self, other)
+
+    def __rsub__(self, other: Any) -> Tensor:
+        return ops.sub(other, self)
+
+    def __mul__(self, other: Any) -> Tensor:
+        return ops.mul(self, other)
+
+    def __rmul__(self, other: Any) -> Tensor:
+        return ops.mul(other, self)
+
+    def __truediv__(self, other: Any) -> Tensor:
+        return ops.div(self, other)
+
+    def __rtruediv__(self, other: Any) -> Tensor:
+        return ops.div(other, self)
+
+    def __pow__(self, other: Any) -> Tensor:
+        return ops.pow(self, other)
+
+    def __rpow__(self, other: Any) -> Tensor:
+        return ops.pow(other, self)
+
+    def __matmul__(self, other: Any) -> Tensor:
+        return ops.matmul(self, other)
+
+    def __rmatmul__(self, other: Any) -> Tensor:
+        return ops.matmul(other, self)
+
+    def __neg__(self) -> Tensor:
+        return ops.neg(self)
+
+    def __pos__(self) -> Tensor:
+        return self
+
+    def __abs__(self) -> Tensor:
+        return ops.abs(self)
+
+    def __lt__(self, other: Any) -> Tensor:
+        return ops.compare(self, other, "lt")
+
+    def __le__(self, other: Any) -> Tensor:
+        return ops.compare(self, other, "le")
+
+    def __gt__(self, other: Any) -> Tensor:
+        return ops.compare(self, other, "gt")
+
+    def __ge__(self, other: Any) -> Tensor:
+        return ops.compare(self, other, "ge")
+
+    def __eq__(self, other: Any) -> Tensor:  # type: ignore[override]
+        return ops.compare(self, other, "eq")
+
+    def __ne__(self, other: Any) -> Tensor:  # type: ignore[override]
+        return ops.compare(self, other, "ne")
+
+    def __getitem__(self, key: Any) -> Tensor:
+        return ops.getitem(self, key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        ops.setitem_(self, key, value)
+
+    def __iadd__(self, other: Any) -> Tensor:
+        return ops.inplace_(self, other, "add")
+
+    def __isub__(self, other: Any) -> Tensor:
+        return ops.inplace_(self, other, "sub")
+
+    def __imul__(self, other: Any) -> Tensor:
+        return ops.inplace_(self, other, "mul")
+
+    def __itruediv__(self, other: Any) -> Tensor:
+        return ops.inplace_(self, other, "div")
+
+    # ------------------------------------------------------------------ methods
+    def reshape(self, *shape: Any) -> Tensor:
+        return ops.reshape(self, shape[0] if len(shape) == 1 else shape)
+
+    view = reshape
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+        return ops.flatten(self, start_dim, end_dim)
+
+    def squeeze(self, axis: int | tuple[int, ...] | None = None) -> Tensor:
+        return ops.squeeze(self, axis)
+
+    def unsqueeze(self, axis: int) -> Tensor:
+        return ops.unsqueeze(self, axis)
+
+    def transpose(self, dim0: int = -2, dim1: int = -1) -> Tensor:
+        """Swap two dimensions (PyTorch's meaning); ``permute`` reorders all of them."""
+        return ops.swapaxes(self, dim0, dim1)
+
+    def permute(self, *dims: Any) -> Tensor:
+        return ops.permute(self, dims[0] if len(dims) == 1 else dims)
+
+    def broadcast_to(self, shape: tuple[int, ...]) -> Tensor:
+        return ops.broadcast_to(self, shape)
+
+    expand = broadcast_to
+
+    def sum(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        return ops.sum(self, axis, keepdims)
+
+    def mean(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        return ops.mean(self, axis, keepdims)
+
+    def max(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        return ops.max(self, axis, keepdims)
+
+    def min(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        return ops.min(self, axis, keepdims)
+
+    def var(self, axis: Any = None, keepdims: bool = False, correction: int = 1) -> Tensor:
+        return ops.var(self, axis, keepdims, correction)
+
+    def std(self, axis: Any = None, keepdims: bool = False, correction: int = 1) -> Tensor:
+        return ops.sqrt(ops.var(self, axis, keepdims, correction))
+
+    def argmax(self, axis: int | None = None, keepdims: bool = False) -> Tensor:
+        return ops.argmax(self, axis, keepdims)
+
+    def exp(self) -> Tensor:
+        return ops.exp(self)
+
+    def log(self) -> Tensor:
+        return ops.log(self)
+
+    def log1p(self) -> Tensor:
+        return ops.log1p(self)
+
+    def sqrt(self) -> Tensor:
+        return ops.sqrt(self)
+
+    def abs(self) -> Tensor:
+        return ops.abs(self)
+
+    def tanh(self) -> Tensor:
+        return ops.tanh(self)
+
+    def sigmoid(self) -> Tensor:
+        return ops.sigmoid(self)
+
+    def relu(self) -> Tensor:
+        return ops.relu(self)
+
+    def clip(self, min: Any = None, max: Any = None) -> Tensor:
+        return ops.clip(self, min, max)
+
+    clamp = clip
+
+    def maximum(self, other: Any) -> Tensor:
+        return ops.maximum(self, other)
+
+    def minimum(self, other: Any) -> Tensor:
+        return ops.minimum(self, other)
+
+    def softmax(self, axis: int = -1) -> Tensor:
+        return ops.softmax(self, axis)
+
+    def log_softmax(self, axis: int = -1) -> Tensor:
+        return ops.log_softmax(self, axis)
+
+    def logsumexp(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        return ops.logsumexp(self, axis, keepdims)
+
+
+from . import ops  # noqa: E402  (ops needs Tensor; Tensor's methods need ops)
