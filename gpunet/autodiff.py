@@ -109,7 +109,7 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor) 
     )
     saved = prim.save(out, *args, **params) if prim.save is not None else tuple(args)
     out_data = None
-    if STATE.level == 0 and any(s is out for s in saved):
+    if not STATE.jvp_stack and any(s is out for s in saved):  # forward mode needs the object
         saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
         out_data = out.data
     site = user_site() if STATE.anomaly else None

@@ -61,7 +61,9 @@ class Tensor:
 
     @property
     def dtype(self) -> np.dtype:
-        return self.data.dtype
+        dt = self.data.dtype
+        # always a NumPy dtype: array-API namespaces (array_api_strict) have their own objects
+        return dt if isinstance(dt, np.dtype) else dtypes.as_dtype(dt)
 
     @property
     def device(self) -> Device:

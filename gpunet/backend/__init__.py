@@ -20,7 +20,8 @@ from .numpy_backend import NumpyBackend
 
 log = logging.getLogger("gpunet")
 
-__all__ = ["ArrayBackend", "Device", "default_device", "device", "get_backend", "use_device"]
+__all__ = ["ArrayBackend", "Device", "default_device", "device", "get_backend",
+           "register_backend", "use_device"]
 
 
 @dataclass(frozen=True)
@@ -184,10 +185,26 @@ def use_device(dev: str | Device) -> Iterator[Device]:
         stack.pop()
 
 
+_registered: dict[type, ArrayBackend] = {}
+
+
+def register_backend(array_type: type, backend: ArrayBackend | None) -> None:
+    """Serve raw arrays of ``array_type`` with ``backend`` (``None`` unregisters), so that
+    ``Tensor(array)`` wraps them: how another array-API library (``array_api_strict`` in the
+    tests) plugs in without a change to gpunet."""
+    if backend is None:
+        _registered.pop(array_type, None)
+    else:
+        _registered[array_type] = backend
+
+
 def backend_of(array: Any) -> ArrayBackend:
-    """The backend for a raw array (NumPy, CuPy) by its type and device."""
+    """The backend for a raw array (NumPy, CuPy, or a registered type) by its type and device."""
     if isinstance(array, _NUMPY.array_type):
         return _NUMPY
+    registered = _registered.get(type(array))
+    if registered is not None:
+        return registered
     module = type(array).__module__
     if module.startswith("cupy"):
         return get_backend(Device("cuda", int(array.device.id)))

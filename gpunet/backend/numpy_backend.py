@@ -7,9 +7,11 @@ or has a dedicated routine (``np.add.at`` for scatter-add). Inputs are never wri
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from .generic import Array, ArrayBackend, Shape
+from .generic import Array, ArrayBackend, Axes, Shape
 
 
 class NumpyBackend(ArrayBackend):
@@ -21,25 +23,25 @@ class NumpyBackend(ArrayBackend):
     def as_dtype(self, dtype: np.dtype) -> np.dtype:
         return np.dtype(dtype)
 
-    def random(self, generator: object, kind: str, shape: Shape, dtype: np.dtype) -> Array:
-        rng = generator.host_rng  # type: ignore[attr-defined]
+    def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
+        rng = generator.host_rng
         if kind == "normal":
             return rng.standard_normal(shape, dtype=np.dtype(dtype))
         return rng.random(shape, dtype=np.dtype(dtype))
 
     def sigmoid(self, x: Array) -> Array:
         """sigmoid(x) through z = exp(-|x|): x >= 0 -> 1/(1+z), else z/(1+z); two temporaries."""
-        z = np.abs(x)
+        z = np.abs(x, out=np.empty_like(x))  # out= keeps 0-d results arrays
         np.negative(z, out=z)
         np.exp(z, out=z)
-        den = z + 1.0
-        num = np.where(x >= 0, np.ones((), x.dtype), z)
-        return np.divide(num, den, out=den)
+        den = np.add(z, 1.0, out=np.empty_like(z))
+        np.copyto(z, 1.0, where=x >= 0)  # z is now the numerator
+        return np.divide(z, den, out=den)
 
     def relu(self, x: Array) -> Array:
         return np.maximum(x, np.zeros((), x.dtype))
 
-    def logsumexp(self, x: Array, *, axis: tuple[int, ...], keepdims: bool) -> Array:
+    def logsumexp(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
         """The generic formula with one temporary, updated in place."""
         m = np.max(x, axis=axis, keepdims=True)
         m[~np.isfinite(m)] = 0

@@ -1,0 +1,416 @@
+"""The registry-driven suite: every primitive card is checked the moment it exists.
+
+For each primitive, hypothesis draws shapes (sizes 0 and 1 included, broadcastable pairs for
+binary ops) and float64 values away from kinks, then checks that:
+
+- the forward matches a NumPy reference;
+- forward mode (J v) and reverse mode (u^T J) match central finite differences along random
+  directions, and so do their own derivatives (second order);
+- the dot-product test <u, J v> == <J^T u, v> holds to rounding;
+- no input and no upstream gradient is mutated.
+
+A primitive in the registry without a spec here, or without a rule, fails the suite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import scipy.special
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import gpunet
+from gpunet import ops
+from gpunet import primitives as P
+from gpunet.autodiff import bind
+from gpunet.primitives.card import LINEAR, NONDIFF
+
+F64 = np.float64
+
+
+@dataclass
+class Case:
+    """One drawn example: a function of the differentiable inputs, those inputs, a reference."""
+
+    fn: Callable[..., gpunet.Tensor]
+    args: list[np.ndarray]
+    ref: Callable[..., np.ndarray]
+
+
+Draw = Any
+SPECS: dict[str, Callable[[Draw], Case]] = {}
+
+
+def spec(name: str) -> Callable[[Callable[[Draw], Case]], Callable[[Draw], Case]]:
+    def register(f: Callable[[Draw], Case]) -> Callable[[Draw], Case]:
+        SPECS[name] = f
+        return f
+
+    return register
+
+
+def shapes(draw: Draw, min_dims: int = 0, min_side: int = 0) -> tuple[int, ...]:
+    return draw(hnp.array_shapes(min_dims=min_dims, max_dims=3, min_side=min_side,
+                                 max_side=4))
+
+
+def rng(draw: Draw) -> np.random.Generator:
+    return np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+
+def uniform(r: np.random.Generator, shape: tuple[int, ...], lo: float, hi: float) -> np.ndarray:
+    return r.uniform(lo, hi, shape).astype(F64)
+
+
+def away_from_zero(r: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return (r.choice([-1.0, 1.0], shape) * r.uniform(0.2, 2.0, shape)).astype(F64)
+
+
+def broadcastable_pair(draw: Draw) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    shape = draw(hnp.mutually_broadcastable_shapes(num_shapes=2, max_dims=3, max_side=4))
+    return shape.input_shapes
+
+
+def unary(name: str, fn: Callable, ref: Callable, values: Callable) -> None:
+    @spec(name)
+    def _(draw: Draw) -> Case:
+        r = rng(draw)
+        return Case(fn, [values(r, shapes(draw))], ref)
+
+
+unary("neg", ops.neg, np.negative, lambda r, s: uniform(r, s, -3, 3))
+unary("exp", ops.exp, np.exp, lambda r, s: uniform(r, s, -3, 3))
+unary("log", ops.log, np.log, lambda r, s: uniform(r, s, 0.5, 3))
+unary("log1p", ops.log1p, np.log1p, lambda r, s: uniform(r, s, -0.5, 3))
+unary("tanh", ops.tanh, np.tanh, lambda r, s: uniform(r, s, -3, 3))
+unary("sqrt", ops.sqrt, np.sqrt, lambda r, s: uniform(r, s, 0.5, 3))
+unary("abs", ops.abs, np.abs, away_from_zero)
+unary("sigmoid", ops.sigmoid, scipy.special.expit, lambda r, s: uniform(r, s, -5, 5))
+unary("relu", ops.relu, lambda x: np.maximum(x, 0), away_from_zero)
+unary("copy", ops.copy, np.copy, lambda r, s: uniform(r, s, -3, 3))
+unary("sign", ops.sign, np.sign, away_from_zero)
+unary("isfinite", ops.isfinite, np.isfinite, lambda r, s: uniform(r, s, -3, 3))
+unary("stop_gradient", ops.stop_gradient, lambda x: x, lambda r, s: uniform(r, s, -3, 3))
+
+
+def binary(name: str, fn: Callable, ref: Callable, values: Callable) -> None:
+    @spec(name)
+    def _(draw: Draw) -> Case:
+        r = rng(draw)
+        sx, sy = broadcastable_pair(draw)
+        x, y = values(r, sx, sy)
+        return Case(fn, [x, y], ref)
+
+
+def plain(r: np.random.Generator, sx: tuple, sy: tuple) -> tuple[np.ndarray, np.ndarray]:
+    return uniform(r, sx, -3, 3), uniform(r, sy, -3, 3)
+
+
+binary("add", ops.add, np.add, plain)
+binary("sub", ops.sub, np.subtract, plain)
+binary("mul", ops.mul, np.multiply, plain)
+binary("div", ops.div, np.divide, lambda r, sx, sy: (uniform(r, sx, -3, 3),
+                                                     away_from_zero(r, sy)))
+binary("pow", ops.pow, np.power, lambda r, sx, sy: (uniform(r, sx, 0.5, 2),
+                                                    uniform(r, sy, -2, 2)))
+
+
+@spec("maximum")
+def _maximum(draw: Draw) -> Case:
+    r = rng(draw)
+    sx, sy = broadcastable_pair(draw)
+    x = uniform(r, sx, -3, 3)
+    y = np.broadcast_to(x, np.broadcast_shapes(sx, sy)) + away_from_zero(
+        r, np.broadcast_shapes(sx, sy))
+    return Case(ops.maximum, [x, y], np.maximum)
+
+
+@spec("minimum")
+def _minimum(draw: Draw) -> Case:
+    case = _maximum(draw)
+    return Case(ops.minimum, case.args, np.minimum)
+
+
+@spec("compare")
+def _compare(draw: Draw) -> Case:
+    r = rng(draw)
+    op = draw(st.sampled_from(["lt", "le", "gt", "ge", "eq", "ne"]))
+    sx, sy = broadcastable_pair(draw)
+    x, y = r.integers(-2, 3, sx).astype(F64), r.integers(-2, 3, sy).astype(F64)
+    ref = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+           "eq": np.equal, "ne": np.not_equal}[op]
+    return Case(lambda a, b: ops.compare(a, b, op), [x, y], ref)
+
+
+@spec("where")
+def _where(draw: Draw) -> Case:
+    r = rng(draw)
+    sx, sy = broadcastable_pair(draw)
+    cond = r.random(np.broadcast_shapes(sx, sy)) < 0.5
+    c = gpunet.tensor(cond)
+    return Case(lambda x, y: ops.where(c, x, y), [uniform(r, sx, -3, 3), uniform(r, sy, -3, 3)],
+                lambda x, y: np.where(cond, x, y))
+
+
+@spec("cast")
+def _cast(draw: Draw) -> Case:
+    # float64 -> float64 through the primitive itself (the derivative check needs float64);
+    # float32 round trips are checked in test_cast_to_float32 below.
+    r = rng(draw)
+    return Case(lambda x: bind(P.cast, x, dtype=np.dtype(F64)), [uniform(r, shapes(draw), -3, 3)],
+                lambda x: x)
+
+
+@spec("device_put")
+def _device_put(draw: Draw) -> Case:
+    r = rng(draw)
+    return Case(lambda x: bind(P.device_put, x, device=gpunet.Device("cpu")),
+                [uniform(r, shapes(draw), -3, 3)], lambda x: x)
+
+
+def reduction(draw: Draw, distinct: bool) -> tuple[np.ndarray, tuple[int, ...], bool]:
+    r = rng(draw)
+    shape = shapes(draw, min_dims=1, min_side=1 if distinct else 0)
+    axes = tuple(sorted(draw(st.sets(st.integers(0, len(shape) - 1)))))
+    if distinct:  # a permutation of well-separated values: no ties at the maximum
+        x = (r.permutation(math.prod(shape)) * 0.3 - 1.0).reshape(shape).astype(F64)
+    else:
+        x = uniform(r, shape, -3, 3)
+    return x, axes or tuple(range(len(shape))), draw(st.booleans())
+
+
+@spec("sum")
+def _sum(draw: Draw) -> Case:
+    x, axes, keep = reduction(draw, distinct=False)
+    return Case(lambda t: ops.sum(t, axes, keep), [x], lambda a: np.sum(a, axes, keepdims=keep))
+
+
+@spec("max")
+def _max(draw: Draw) -> Case:
+    x, axes, keep = reduction(draw, distinct=True)
+    return Case(lambda t: ops.max(t, axes, keep), [x], lambda a: np.max(a, axes, keepdims=keep))
+
+
+@spec("logsumexp")
+def _logsumexp(draw: Draw) -> Case:
+    x, axes, keep = reduction(draw, distinct=True)
+    return Case(lambda t: ops.logsumexp(t, axes, keep), [x],
+                lambda a: scipy.special.logsumexp(a, axes, keepdims=keep))
+
+
+@spec("argmax")
+def _argmax(draw: Draw) -> Case:
+    x, axes, keep = reduction(draw, distinct=True)
+    return Case(lambda t: ops.argmax(t, axes[0], keep), [x],
+                lambda a: np.argmax(a, axes[0], keepdims=keep))
+
+
+@spec("broadcast_to")
+def _broadcast_to(draw: Draw) -> Case:
+    r = rng(draw)
+    shape = shapes(draw)
+    target = tuple(draw(st.lists(st.integers(0, 3), max_size=2))) + tuple(
+        draw(st.integers(0, 3)) if n == 1 else n for n in shape
+    )
+    return Case(lambda t: ops.broadcast_to(t, target), [uniform(r, shape, -3, 3)],
+                lambda a: np.broadcast_to(a, target))
+
+
+@spec("reshape")
+def _reshape(draw: Draw) -> Case:
+    r = rng(draw)
+    shape = shapes(draw)
+    target = draw(st.sampled_from([(-1,), tuple(reversed(shape)), (*shape, 1), (1, *shape)]))
+    if math.prod(shape) == 0 and target == (-1,):
+        target = (0,)
+    return Case(lambda t: ops.reshape(t, target), [uniform(r, shape, -3, 3)],
+                lambda a: np.reshape(a, target))
+
+
+@spec("transpose")
+def _transpose(draw: Draw) -> Case:
+    r = rng(draw)
+    shape = shapes(draw, min_dims=2)
+    perm = tuple(draw(st.permutations(range(len(shape)))))
+    if perm == tuple(range(len(shape))):
+        perm = perm[::-1]
+    return Case(lambda t: ops.permute(t, perm), [uniform(r, shape, -3, 3)],
+                lambda a: np.transpose(a, perm))
+
+
+def basic_key(draw: Draw, shape: tuple[int, ...]) -> tuple:
+    key: list[Any] = []
+    for n in shape:
+        if n and draw(st.booleans()):
+            key.append(draw(st.integers(-n, n - 1)))
+        else:
+            start = draw(st.none() | st.integers(-n - 1, n + 1))
+            stop = draw(st.none() | st.integers(-n - 1, n + 1))
+            step = draw(st.sampled_from([None, 1, 2, -1]))
+            key.append(slice(start, stop, step))
+    if draw(st.booleans()):
+        key.insert(draw(st.integers(0, len(key))), None)
+    return tuple(key)
+
+
+@spec("slice")
+def _slice(draw: Draw) -> Case:
+    r = rng(draw)
+    shape = shapes(draw, min_dims=1)
+    key = basic_key(draw, shape)
+    return Case(lambda t: t[key], [uniform(r, shape, -3, 3)], lambda a: a[key])
+
+
+@spec("slice_transpose")
+def _slice_transpose(draw: Draw) -> Case:
+    r = rng(draw)
+    shape = shapes(draw, min_dims=1)
+    key = basic_key(draw, shape)
+    gshape = np.zeros(shape)[key].shape
+
+    def ref(g: np.ndarray) -> np.ndarray:
+        out = np.zeros(shape)
+        out[key] = g
+        return out
+
+    return Case(lambda g: ops.bind_slice_transpose(g, key, shape), [uniform(r, gshape, -3, 3)],
+                ref)
+
+
+@spec("take")
+def _take(draw: Draw) -> Case:
+    r = rng(draw)
+    shape = shapes(draw, min_dims=1, min_side=1)
+    axis = draw(st.integers(0, len(shape) - 1))
+    idx = r.integers(-shape[axis], shape[axis], shapes(draw))
+    it = gpunet.tensor(idx)
+    return Case(lambda t: ops.take(t, it, axis), [uniform(r, shape, -3, 3)],
+                lambda a: np.take(a, idx, axis))
+
+
+@spec("scatter_add")
+def _scatter_add(draw: Draw) -> Case:
+    r = rng(draw)
+    shape = shapes(draw, min_dims=1, min_side=1)
+    axis = draw(st.integers(0, len(shape) - 1))
+    size = shape[axis]
+    idx = r.integers(0, size, draw(hnp.array_shapes(min_dims=1, max_dims=2, max_side=5)))
+    gshape = shape[:axis] + idx.shape + shape[axis + 1 :]
+    it = gpunet.tensor(idx)
+
+    def ref(g: np.ndarray) -> np.ndarray:
+        out = np.zeros(shape)
+        np.add.at(out, (slice(None),) * axis + (idx,), g)
+        return out
+
+    return Case(lambda g: ops.scatter_add(g, it, axis, size), [uniform(r, gshape, -3, 3)], ref)
+
+
+@spec("concatenate")
+def _concatenate(draw: Draw) -> Case:
+    r = rng(draw)
+    shape = shapes(draw, min_dims=1)
+    axis = draw(st.integers(0, len(shape) - 1))
+    parts = []
+    for _ in range(draw(st.integers(1, 3))):
+        s = list(shape)
+        s[axis] = draw(st.integers(0, 3))
+        parts.append(uniform(r, tuple(s), -3, 3))
+    return Case(lambda *ts: ops.concatenate(ts, axis), parts,
+                lambda *a: np.concatenate(a, axis))
+
+
+@spec("matmul")
+def _matmul(draw: Draw) -> Case:
+    r = rng(draw)
+    batch = draw(st.sampled_from([(), (2,), (1,), (2, 3)]))
+    n, k, m = (draw(st.integers(0, 4)) for _ in range(3))
+    x, y = uniform(r, (*batch, n, k), -2, 2), uniform(r, (*batch, k, m), -2, 2)
+    return Case(ops.matmul, [x, y], np.matmul)
+
+
+# ---------------------------------------------------------------------- the checks
+def test_every_primitive_has_a_spec_and_rules() -> None:
+    missing = sorted(set(P.REGISTRY) - set(SPECS))
+    assert not missing, f"primitives without a test spec: {missing}"
+    for name, prim in P.REGISTRY.items():
+        assert prim.doc, name
+        if not prim.differentiable:
+            assert prim.vjp is None and prim.jvp is None, name
+            continue
+        assert prim.jvp is LINEAR or prim.jvp is not None, f"{name} has no JVP rule"
+        if prim.variadic:
+            assert callable(prim.vjp), f"{name} has no VJP rule"
+            continue
+        assert prim.vjp is not None, f"{name} has no VJP rule"
+        for i, rule in enumerate(prim.vjp):
+            if i in prim.nondiff:
+                assert rule is NONDIFF, f"{name}: input {i} is nondiff but has a rule"
+            else:
+                assert callable(rule), f"{name}: input {i} has no VJP rule"
+        if prim.jvp is not LINEAR:
+            assert len(prim.jvp) == len(prim.vjp), f"{name}: JVP and VJP rules differ in arity"
+
+
+def _tensors(arrays: list[np.ndarray]) -> list[gpunet.Tensor]:
+    return [gpunet.tensor(a) for a in arrays]
+
+
+def _unchanged(before: list[np.ndarray], tensors: list[gpunet.Tensor]) -> None:
+    for b, t in zip(before, tensors):
+        np.testing.assert_array_equal(b, t.numpy(), err_msg="an input was mutated")
+
+
+@pytest.mark.parametrize("name", sorted(P.REGISTRY))
+@given(data=st.data())
+def test_primitive(name: str, data: st.DataObject) -> None:
+    case = SPECS[name](data.draw)
+    xs = _tensors(case.args)
+    before = [a.copy() for a in case.args]
+
+    out = case.fn(*xs)
+    expected = np.asarray(case.ref(*case.args))
+    assert out.shape == expected.shape, (out.shape, expected.shape)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
+    _unchanged(before, xs)
+    prim = P.REGISTRY[name]
+    if not prim.differentiable or out.dtype.kind != "f":
+        with gpunet.enable_grad():
+            leaf = [x.detach().requires_grad_() for x in xs]
+            assert not case.fn(*leaf).requires_grad, f"{name} must not carry gradients"
+        return
+
+    # derivatives against finite differences, to second order, both modes
+    gpunet.check_grads(case.fn, xs, order=2, modes=("rev", "fwd"))
+    _unchanged(before, xs)
+
+    # the dot-product test: <u, J v> == <J^T u, v> to rounding
+    r = np.random.default_rng(0)
+    vs = [gpunet.tensor(r.standard_normal(a.shape)) for a in case.args]
+    u_arr = r.standard_normal(out.shape)
+    u = gpunet.tensor(u_arr)
+    _, jv = gpunet.jvp(case.fn, xs, vs)
+    _, pullback = gpunet.vjp(case.fn, *xs)
+    jtu = pullback(u)
+    lhs = float(np.vdot(u_arr, jv.numpy()))
+    rhs = float(sum(np.vdot(g.numpy(), v.numpy()) for g, v in zip(jtu, vs)))
+    assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-10)
+    np.testing.assert_array_equal(u.numpy(), u_arr, err_msg="the upstream gradient was mutated")
+    _unchanged(before, xs)
+
+
+def test_cast_to_float32_and_back() -> None:
+    x = gpunet.tensor(np.array([1.5, -2.25]), requires_grad=True)
+    y = x.to(gpunet.float32)
+    assert y.dtype == np.float32 and y.requires_grad
+    (y * 3.0).sum().backward()
+    assert x.grad.dtype == np.float64
+    np.testing.assert_array_equal(x.grad.numpy(), [3.0, 3.0])
+    assert not x.to(gpunet.int64).requires_grad
