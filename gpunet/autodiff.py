@@ -275,13 +275,16 @@ def _as_cotangent(out: Tensor, ct: Any) -> Tensor:
 
 def backprop(outputs: Sequence[Tensor], cotangents: Sequence[Any],
              inputs: Sequence[Tensor] | None = None, retain_graph: bool = False,
-             create_graph: bool = False) -> list[Tensor] | None:
+             create_graph: bool | None = False) -> list[Tensor] | None:
     """The reverse sweep from ``outputs`` seeded with ``cotangents``.
 
     Without ``inputs``, gradients accumulate into the ``.grad`` of every leaf reached. With
     ``inputs``, their gradients are returned (zeros where unreached) and no ``.grad`` changes;
     the sweep stops at them. With ``create_graph`` the sweep is itself recorded, so the
-    result can be differentiated again.
+    result can be differentiated again; ``None`` decides: record when the graph depends on
+    something that requires grad other than ``inputs`` (an outer transform's variable, or a
+    parameter captured by the function), so that ``grad(grad(f))`` and gradient penalties work
+    while a plain ``grad(f)(x)`` stays unrecorded.
     """
     from . import ops
 
@@ -306,12 +309,15 @@ def backprop(outputs: Sequence[Tensor], cotangents: Sequence[Any],
             roots.append(out._node)
 
     targets = [] if inputs is None else [x._node for x in inputs if x._node is not None]
+    order = _toposort(roots, set(targets))
+    if create_graph is None:
+        create_graph = STATE.grad_enabled and _depends_on_others(order, inputs or ())
     input_grads: dict[Node, Tensor] = {}
     state = STATE
     prev_mode, prev_node = state.grad_enabled, state.backward_node
     state.grad_enabled = create_graph
     try:
-        for node in _toposort(roots, set(targets)):
+        for node in order:
             g = grads.pop(node, None)
             if g is None:
                 continue
@@ -366,6 +372,14 @@ def backprop(outputs: Sequence[Tensor], cotangents: Sequence[Any],
             with set_grad_enabled(create_graph):
                 leaf.grad = ops.add(leaf.grad, g)
     return None
+
+
+def _depends_on_others(order: list[Node], inputs: Sequence[Tensor]) -> bool:
+    """Does the graph reach a tensor requiring grad other than ``inputs``?"""
+    if any(x._node is not None for x in inputs):  # an input tracked by an outer transform
+        return True
+    own = {id(x) for x in inputs}
+    return any(type(p) is Tensor and id(p) not in own for node in order for p in node.parents)
 
 
 def _add_leaf(leaf_grads: dict[int, list], leaf: Tensor, g: Tensor) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import primitives as P
-from .autodiff import STATE, backprop, bind, enable_grad, forward_mode
+from .autodiff import backprop, bind, enable_grad, forward_mode
 from .creation import as_tensor
 from .ops import zeros_like
 from .tensor import Tensor
@@ -43,14 +43,13 @@ def _flat(out: Any) -> tuple[list[Tensor], bool]:
 def vjp(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple]]:
     """(f(*primals), vjp_fn) where vjp_fn(u) = u^T J for each primal (reusable)."""
     xs = [_track(p, "vjp") for p in primals]
-    create = STATE.grad_enabled and any(as_tensor(p)._requires_grad for p in primals)
     with enable_grad():
         out = f(*xs)
     outs, single = _flat(out)
 
     def vjp_fn(cotangent: Any) -> tuple[Tensor, ...]:
         cts = [cotangent] if single else list(cotangent)
-        grads = backprop(outs, cts, inputs=xs, retain_graph=True, create_graph=create)
+        grads = backprop(outs, cts, inputs=xs, retain_graph=True, create_graph=None)
         return tuple(grads)  # type: ignore[arg-type]
 
     return out, vjp_fn
@@ -63,7 +62,6 @@ def value_and_grad(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         args = list(args)
-        outer = STATE.grad_enabled and any(as_tensor(args[i])._requires_grad for i in nums)
         for i in nums:
             args[i] = _track(args[i], "grad")
         with enable_grad():
@@ -72,8 +70,8 @@ def value_and_grad(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
         if not isinstance(out, Tensor) or out.numel() != 1:
             raise TypeError("gpunet.grad: the function must return a scalar tensor, got "
                             f"{getattr(out, 'shape', type(out).__name__)}")
-        grads = backprop([out], [None], inputs=[args[i] for i in nums], create_graph=outer)
-        value = out if outer else out.detach()
+        grads = backprop([out], [None], inputs=[args[i] for i in nums], create_graph=None)
+        value = out if any(g._requires_grad for g in grads) else out.detach()
         g = grads[0] if isinstance(argnums, int) else tuple(grads)  # type: ignore[index]
         return ((value, aux), g) if has_aux else (value, g)
 
