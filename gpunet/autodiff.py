@@ -312,6 +312,7 @@ def backprop(outputs: Sequence[Tensor], cotangents: Sequence[Any],
     order = _toposort(roots, set(targets))
     if create_graph is None:
         create_graph = STATE.grad_enabled and _depends_on_others(order, inputs or ())
+    retain_graph = retain_graph or create_graph  # the new graph goes through the old one
     input_grads: dict[Node, Tensor] = {}
     state = STATE
     prev_mode, prev_node = state.grad_enabled, state.backward_node

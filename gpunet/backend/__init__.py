@@ -58,10 +58,10 @@ def device(spec: str | Device) -> Device:
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"a device is a string like 'cpu' or 'cuda:0', got {spec!r}")
-    kind, _, index = spec.strip().lower().partition(":")
-    if kind == "cpu" and not index:
+    kind, colon, index = spec.strip().lower().partition(":")
+    if kind == "cpu" and not colon:
         return Device("cpu")
-    if kind in ("cuda", "gpu") and (not index or index.isdigit()):
+    if kind in ("cuda", "gpu") and (not colon or index.isdecimal()):  # "cuda:" is malformed
         return Device("cuda", int(index) if index else 0)
     raise ValueError(f"unknown device {spec!r}: use 'cpu', 'cuda' or 'cuda:N'")
 
