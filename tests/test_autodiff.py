@@ -80,7 +80,7 @@ def test_second_backward_through_a_freed_graph_raises() -> None:
     x = leaf([1.0, 2.0])
     y = (x.exp() * x).sum()
     y.backward()
-    with pytest.raises(RuntimeError, match="a second time.*retain_graph=True"):
+    with pytest.raises(RuntimeError, match=r"a second time.*retain_graph=True"):
         y.backward()
 
 
@@ -222,7 +222,8 @@ def test_gradient_penalty() -> None:
 
     # check against finite differences of the penalty as a function of w
     def penalty_of(wt: gpunet.Tensor) -> gpunet.Tensor:
-        (g,) = gpunet.vjp(lambda t: (t @ wt).tanh().sum(), xin.detach())[1](gpunet.tensor(np.float64(1.0)))
+        one = gpunet.tensor(np.float64(1.0))
+        (g,) = gpunet.vjp(lambda t: (t @ wt).tanh().sum(), xin.detach())[1](one)
         return (g * g).sum()
 
     gpunet.check_grads(penalty_of, [w.detach()], order=1)
@@ -230,9 +231,10 @@ def test_gradient_penalty() -> None:
 
 def test_anomaly_in_the_forward_names_the_primitive_and_the_line() -> None:
     x = leaf([1.0, -1.0])
-    with gpunet.detect_anomaly(), np.errstate(invalid="ignore"):
-        with pytest.raises(FloatingPointError) as info:
-            x.log()
+    with gpunet.detect_anomaly(), np.errstate(invalid="ignore"), pytest.raises(
+        FloatingPointError
+    ) as info:
+        x.log()
     message = str(info.value)
     assert "'log'" in message and "(2,)" in message
     assert "test_autodiff.py" in message

@@ -61,7 +61,7 @@ def test_grad_leaves_existing_grads_alone() -> None:
 
 def test_vjp_is_reusable_and_matches_the_jacobian() -> None:
     x = t64([0.3, -0.7, 1.1])
-    out, pullback = gpunet.vjp(lambda t: t.tanh() * 2.0, x)
+    _, pullback = gpunet.vjp(lambda t: t.tanh() * 2.0, x)
     jac = np.diag(2 * (1 - np.tanh(x.numpy()) ** 2))
     for u in (np.array([1.0, 0, 0]), np.array([0.5, -1.0, 2.0])):
         (g,) = pullback(t64(u))
