@@ -21,6 +21,12 @@ _COMPARE = {"lt": "less", "le": "less_equal", "gt": "greater", "ge": "greater_eq
             "eq": "equal", "ne": "not_equal"}
 
 
+def _full_key(key: tuple) -> tuple:
+    """``key`` with a trailing ``...`` when it has none: the array API, unlike NumPy, does not
+    fill in the axes a basic index leaves out (``x[0]`` of a matrix is ``x[0, ...]``)."""
+    return key if any(k is Ellipsis for k in key) else (*key, Ellipsis)
+
+
 class ArrayBackend:
     """Raw-array operations for one device, through an array-API namespace ``xp``."""
 
@@ -183,11 +189,11 @@ class ArrayBackend:
         return self.xp.permute_dims(x, perm)
 
     def slice(self, x: Array, *, key: tuple) -> Array:
-        return x[key]
+        return x[_full_key(key)]
 
     def slice_transpose(self, g: Array, *, key: tuple, shape: Shape) -> Array:
         out = self.xp.zeros(shape, dtype=g.dtype)
-        out[key] = g
+        out[_full_key(key)] = g
         return out
 
     def take(self, x: Array, indices: Array, *, axis: int) -> Array:
