@@ -56,8 +56,15 @@ class Node:
 
     __slots__ = ("_hooks", "out_data", "params", "parents", "prim", "saved", "site")
 
-    def __init__(self, prim: Primitive, parents: tuple, saved: tuple | None, params: dict,
-                 out_data: Any, site: str | None) -> None:
+    def __init__(
+        self,
+        prim: Primitive,
+        parents: tuple,
+        saved: tuple | None,
+        params: dict,
+        out_data: Any,
+        site: str | None,
+    ) -> None:
         self.prim = prim
         self.parents = parents  # per input: its Node, the leaf Tensor, or None (no grad)
         self.saved = saved  # None once released
@@ -194,9 +201,7 @@ def detect_anomaly() -> Iterator[None]:
 def user_site() -> str:
     """file:line of the innermost caller outside the gpunet package."""
     frame = sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
-        _PACKAGE_DIR
-    ):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame = frame.f_back
     if frame is None:
         return "<unknown>"
@@ -273,9 +278,13 @@ def _as_cotangent(out: Tensor, ct: Any) -> Tensor:
     return ct
 
 
-def backprop(outputs: Sequence[Tensor], cotangents: Sequence[Any],
-             inputs: Sequence[Tensor] | None = None, retain_graph: bool = False,
-             create_graph: bool | None = False) -> list[Tensor] | None:
+def backprop(
+    outputs: Sequence[Tensor],
+    cotangents: Sequence[Any],
+    inputs: Sequence[Tensor] | None = None,
+    retain_graph: bool = False,
+    create_graph: bool | None = False,
+) -> list[Tensor] | None:
     """The reverse sweep from ``outputs`` seeded with ``cotangents``.
 
     Without ``inputs``, gradients accumulate into the ``.grad`` of every leaf reached. With
@@ -415,8 +424,7 @@ class ForwardMode:
         try:
             out = bind(prim, *args, **params)
             if prim.differentiable:
-                ts = [None if i in prim.nondiff else self.tangent_of(a)
-                      for i, a in enumerate(args)]
+                ts = [None if i in prim.nondiff else self.tangent_of(a) for i, a in enumerate(args)]
                 if any(t is not None for t in ts):
                     self.set_tangent(out, _push_tangents(prim, ts, out, args, params))
         finally:
@@ -424,14 +432,17 @@ class ForwardMode:
         return out
 
 
-def _push_tangents(prim: Primitive, ts: list, out: Tensor, args: Sequence[Tensor],
-                   params: dict) -> Tensor:
+def _push_tangents(
+    prim: Primitive, ts: list, out: Tensor, args: Sequence[Tensor], params: dict
+) -> Tensor:
     """The output tangent: sum over inputs of (d out / d input) applied to its tangent."""
     from . import ops
 
     if prim.jvp is LINEAR:
-        ins = [a if i in prim.nondiff else (ops.zeros_like(a) if t is None else t)
-               for i, (a, t) in enumerate(zip(args, ts))]
+        ins = [
+            a if i in prim.nondiff else (ops.zeros_like(a) if t is None else t)
+            for i, (a, t) in enumerate(zip(args, ts))
+        ]
         return bind(prim, *ins, **params)
     total = None
     for i, t in enumerate(ts):

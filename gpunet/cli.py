@@ -37,8 +37,10 @@ def _train(args: argparse.Namespace) -> int:
     w2 = (gpunet.randn(args.hidden, 1, device=dev) * (1 / args.hidden) ** 0.5).requires_grad_()
     b2 = gpunet.zeros(1, device=dev, requires_grad=True)
     params = [w1, b1, w2, b2]
-    print(f"gpunet {gpunet.__version__}: fitting a 8-{args.hidden}-1 MLP on "
-          f"{x.device} for {args.steps} SGD steps")
+    print(
+        f"gpunet {gpunet.__version__}: fitting a 8-{args.hidden}-1 MLP on "
+        f"{x.device} for {args.steps} SGD steps"
+    )
     start, first = time.perf_counter(), None
     for step in range(args.steps + 1):
         loss = (((x @ w1 + b1).tanh() @ w2 + b2 - y) ** 2).mean()
@@ -53,8 +55,10 @@ def _train(args: argparse.Namespace) -> int:
                 p -= args.lr * p.grad
                 p.grad = None
     last = loss.item()
-    print(f"loss {first:.4f} -> {last:.6f} ({first / last:.0f}x lower) in "
-          f"{time.perf_counter() - start:.2f} s")
+    print(
+        f"loss {first:.4f} -> {last:.6f} ({first / last:.0f}x lower) in "
+        f"{time.perf_counter() - start:.2f} s"
+    )
     return 0
 
 

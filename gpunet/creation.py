@@ -30,8 +30,9 @@ def _finish(data: Any, backend: Any, requires_grad: bool) -> Tensor:
     return t
 
 
-def tensor(data: Any, dtype: Any = None, device: str | Device | None = None,
-           requires_grad: bool = False) -> Tensor:
+def tensor(
+    data: Any, dtype: Any = None, device: str | Device | None = None, requires_grad: bool = False
+) -> Tensor:
     """A new tensor holding a copy of ``data`` (a number, nested lists, a NumPy or CuPy array,
     or a Tensor). Python floats become float32 and ints int64; arrays keep their dtype."""
     if isinstance(data, Tensor):
@@ -52,8 +53,9 @@ def tensor(data: Any, dtype: Any = None, device: str | Device | None = None,
         elif host.dtype.kind in "iu":
             host = host.astype(dtypes.DEFAULT_INT)
     if host.dtype.kind not in "biuf":
-        raise TypeError(f"gpunet.tensor: cannot make a tensor of dtype {host.dtype} from "
-                        f"{type(data).__name__}")
+        raise TypeError(
+            f"gpunet.tensor: cannot make a tensor of dtype {host.dtype} from {type(data).__name__}"
+        )
     backend = _backend(device)
     return _finish(backend.asarray(host), backend, requires_grad)
 
@@ -69,20 +71,27 @@ def _dtype(dtype: Any) -> np.dtype:
     return dtypes.DEFAULT_FLOAT if dtype is None else dtypes.as_dtype(dtype)
 
 
-def zeros(*shape: Any, dtype: Any = None, device: str | Device | None = None,
-          requires_grad: bool = False) -> Tensor:
+def zeros(
+    *shape: Any, dtype: Any = None, device: str | Device | None = None, requires_grad: bool = False
+) -> Tensor:
     b = _backend(device)
     return _finish(b.zeros(_shape(shape), _dtype(dtype)), b, requires_grad)
 
 
-def ones(*shape: Any, dtype: Any = None, device: str | Device | None = None,
-         requires_grad: bool = False) -> Tensor:
+def ones(
+    *shape: Any, dtype: Any = None, device: str | Device | None = None, requires_grad: bool = False
+) -> Tensor:
     b = _backend(device)
     return _finish(b.ones(_shape(shape), _dtype(dtype)), b, requires_grad)
 
 
-def full(shape: Sequence[int] | int, fill_value: float, dtype: Any = None,
-         device: str | Device | None = None, requires_grad: bool = False) -> Tensor:
+def full(
+    shape: Sequence[int] | int,
+    fill_value: float,
+    dtype: Any = None,
+    device: str | Device | None = None,
+    requires_grad: bool = False,
+) -> Tensor:
     b = _backend(device)
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     if dtype is None and isinstance(fill_value, bool):
@@ -92,8 +101,14 @@ def full(shape: Sequence[int] | int, fill_value: float, dtype: Any = None,
     return _finish(b.full(shape, fill_value, _dtype(dtype)), b, requires_grad)
 
 
-def arange(start: float, stop: float | None = None, step: float = 1, dtype: Any = None,
-           device: str | Device | None = None, requires_grad: bool = False) -> Tensor:
+def arange(
+    start: float,
+    stop: float | None = None,
+    step: float = 1,
+    dtype: Any = None,
+    device: str | Device | None = None,
+    requires_grad: bool = False,
+) -> Tensor:
     """Evenly spaced values in [start, stop); integers give int64, as in PyTorch."""
     if stop is None:
         start, stop = 0, start
@@ -111,17 +126,20 @@ def eye(n: int, dtype: Any = None, device: str | Device | None = None) -> Tensor
 
 
 def zeros_like(x: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    return _finish(zeros(x.shape, dtype=dtype or x.dtype, device=x.device).data, x._backend,
-                   requires_grad)
+    return _finish(
+        zeros(x.shape, dtype=dtype or x.dtype, device=x.device).data, x._backend, requires_grad
+    )
 
 
 def ones_like(x: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    return _finish(ones(x.shape, dtype=dtype or x.dtype, device=x.device).data, x._backend,
-                   requires_grad)
+    return _finish(
+        ones(x.shape, dtype=dtype or x.dtype, device=x.device).data, x._backend, requires_grad
+    )
 
 
-def full_like(x: Tensor, fill_value: float, dtype: Any = None,
-              requires_grad: bool = False) -> Tensor:
+def full_like(
+    x: Tensor, fill_value: float, dtype: Any = None, requires_grad: bool = False
+) -> Tensor:
     return full(x.shape, fill_value, dtype or x.dtype, x.device, requires_grad)
 
 

@@ -80,8 +80,9 @@ def _operands(op: str, x: Any, y: Any) -> tuple[Tensor, Tensor]:
     elif isinstance(y, Tensor):
         y, x = _constant(x, y)
     else:
-        raise TypeError(f"gpunet.{op}: expected a Tensor operand, got {type(x).__name__} and "
-                        f"{type(y).__name__}")
+        raise TypeError(
+            f"gpunet.{op}: expected a Tensor operand, got {type(x).__name__} and {type(y).__name__}"
+        )
     if x.data.shape != y.data.shape:
         shape = broadcast_shapes(op, x.shape, y.shape)
         if x.shape != shape and _tracked(x):
@@ -303,8 +304,7 @@ def var(x: Tensor, axis: Axis = None, keepdims: bool = False, correction: int = 
 
 def logsumexp(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
     """log(sum(exp(x))), computed as m + log(sum(exp(x - m))) with m = max(x): no overflow."""
-    return bind(P.logsumexp, x, axis=normalize_axes(axis, x.ndim, "logsumexp"),
-                keepdims=keepdims)
+    return bind(P.logsumexp, x, axis=normalize_axes(axis, x.ndim, "logsumexp"), keepdims=keepdims)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
@@ -338,12 +338,12 @@ def reshape(x: Tensor, shape: int | Sequence[int]) -> Tensor:
     if shape.count(-1) == 1:
         known = math.prod(n for n in shape if n != -1)
         if known == 0 or size % known:
-            raise ValueError(f"gpunet.reshape: cannot reshape {x.shape} ({size} elements) "
-                             f"to {shape}")
+            raise ValueError(
+                f"gpunet.reshape: cannot reshape {x.shape} ({size} elements) to {shape}"
+            )
         shape = tuple(size // known if n == -1 else n for n in shape)
     if math.prod(shape) != size or builtins.min(shape, default=0) < 0:
-        raise ValueError(f"gpunet.reshape: cannot reshape {x.shape} ({size} elements) to "
-                         f"{shape}")
+        raise ValueError(f"gpunet.reshape: cannot reshape {x.shape} ({size} elements) to {shape}")
     return x if shape == x.shape else bind(P.reshape, x, shape=shape)
 
 
@@ -351,8 +351,10 @@ def permute(x: Tensor, axes: Sequence[int]) -> Tensor:
     """Reorder the axes: out.shape[i] = x.shape[axes[i]]."""
     perm = tuple(a % x.ndim for a in axes) if x.ndim else tuple(axes)
     if sorted(perm) != list(range(x.ndim)):
-        raise ValueError(f"gpunet.permute: {tuple(axes)} is not a permutation of the "
-                         f"{x.ndim} axes of a tensor of shape {x.shape}")
+        raise ValueError(
+            f"gpunet.permute: {tuple(axes)} is not a permutation of the "
+            f"{x.ndim} axes of a tensor of shape {x.shape}"
+        )
     return x if perm == tuple(range(x.ndim)) else bind(P.transpose, x, perm=perm)
 
 
@@ -420,11 +422,18 @@ def _is_index_array(k: Any) -> bool:
 def _index_tensor(k: Any, like: Tensor) -> Tensor:
     if isinstance(k, Tensor):
         if k.device != like.device:
-            raise RuntimeError(f"gpunet.getitem: indices on {k.device} for a tensor on "
-                               f"{like.device}; move them with .to('{like.device}')")
+            raise RuntimeError(
+                f"gpunet.getitem: indices on {k.device} for a tensor on "
+                f"{like.device}; move them with .to('{like.device}')"
+            )
         return k
-    arr = like._backend.asarray(k if isinstance(k, list) else like._backend.to_numpy(k)
-                                if not isinstance(k, np.ndarray) else k)
+    arr = like._backend.asarray(
+        k
+        if isinstance(k, list)
+        else like._backend.to_numpy(k)
+        if not isinstance(k, np.ndarray)
+        else k
+    )
     return Tensor._wrap(arr, like._backend)
 
 
@@ -458,14 +467,16 @@ def getitem(x: Tensor, key: Any) -> Tensor:
     if not advanced:
         for k in key:
             if not (k is None or k is Ellipsis or isinstance(k, (int, builtins.slice))):
-                raise IndexError(f"gpunet.getitem: unsupported index {k!r} of type "
-                                 f"{type(k).__name__}")
+                raise IndexError(
+                    f"gpunet.getitem: unsupported index {k!r} of type {type(k).__name__}"
+                )
         return bind_slice(x, key)
     idx = [_index_tensor(key[i], x) for i in advanced]
     first, count = advanced[0], len(advanced)
     rest = [k for i, k in enumerate(key) if i not in advanced]
-    if (advanced != list(range(first, first + count))
-            or any(k != builtins.slice(None) for k in rest if not _is_index_array(k))):
+    if advanced != list(range(first, first + count)) or any(
+        k != builtins.slice(None) for k in rest if not _is_index_array(k)
+    ):
         raise IndexError(
             "gpunet.getitem: integer-array or mask indices must be consecutive, with only ':' "
             f"elsewhere (got {key!r}); index in two steps instead"
@@ -473,8 +484,10 @@ def getitem(x: Tensor, key: Any) -> Tensor:
     if count == 1 and idx[0].dtype == dtypes.bool_:
         mask = idx[0]
         if mask.shape != x.shape[first : first + mask.ndim]:
-            raise IndexError(f"gpunet.getitem: mask of shape {mask.shape} does not match "
-                             f"shape {x.shape} at axis {first}")
+            raise IndexError(
+                f"gpunet.getitem: mask of shape {mask.shape} does not match "
+                f"shape {x.shape} at axis {first}"
+            )
         flat = Tensor._wrap(x._backend.nonzero_flat(mask.data), x._backend)
         merged = x.shape[:first] + (-1,) + x.shape[first + mask.ndim :]
         return take(reshape(x, merged), flat, first)
@@ -503,8 +516,9 @@ def _check_inplace(x: Tensor, what: str) -> None:
 def setitem_(x: Tensor, key: Any, value: Any) -> None:
     """x[key] = value, in place, outside the graph."""
     _check_inplace(x, "item assignment")
-    key = tuple(k.data if isinstance(k, Tensor) else k for k in
-                (key if isinstance(key, tuple) else (key,)))
+    key = tuple(
+        k.data if isinstance(k, Tensor) else k for k in (key if isinstance(key, tuple) else (key,))
+    )
     if isinstance(value, Tensor):
         if value.device != x.device:
             raise RuntimeError(f"gpunet.setitem: value on {value.device}, tensor on {x.device}")
@@ -512,8 +526,12 @@ def setitem_(x: Tensor, key: Any, value: Any) -> None:
     x.data[key] = x._backend.asarray(value, x.dtype)
 
 
-_INPLACE = {"add": operator.iadd, "sub": operator.isub, "mul": operator.imul,
-            "div": operator.itruediv}
+_INPLACE = {
+    "add": operator.iadd,
+    "sub": operator.isub,
+    "mul": operator.imul,
+    "div": operator.itruediv,
+}
 
 
 def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
@@ -521,8 +539,10 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
     _check_inplace(x, f"in-place {op}")
     if isinstance(other, Tensor):
         if other.device != x.device or other.dtype != x.dtype:
-            raise TypeError(f"gpunet: in-place {op} of {describe(other)} into {describe(x)}; "
-                            "convert with .to(...) first")
+            raise TypeError(
+                f"gpunet: in-place {op} of {describe(other)} into {describe(x)}; "
+                "convert with .to(...) first"
+            )
         value = other.data
     else:
         value = x._backend.asarray(other, x.dtype)

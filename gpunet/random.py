@@ -55,14 +55,21 @@ def manual_seed(seed: int) -> Generator:
     return default_generator.manual_seed(seed)
 
 
-def _draw(kind: str, shape: Sequence[Any], dtype: Any, device: str | Device | None,
-          generator: Generator | None, requires_grad: bool) -> Tensor:
+def _draw(
+    kind: str,
+    shape: Sequence[Any],
+    dtype: Any,
+    device: str | Device | None,
+    generator: Generator | None,
+    requires_grad: bool,
+) -> Tensor:
     if len(shape) == 1 and not isinstance(shape[0], int):
         shape = tuple(shape[0])
     dt = dtypes.DEFAULT_FLOAT if dtype is None else dtypes.as_dtype(dtype)
     if dt.kind != "f":
-        raise TypeError(f"gpunet.{'randn' if kind == 'normal' else 'rand'}: dtype must be "
-                        f"floating, got {dt}")
+        raise TypeError(
+            f"gpunet.{'randn' if kind == 'normal' else 'rand'}: dtype must be floating, got {dt}"
+        )
     backend = get_backend(default_device() if device is None else device)
     data = backend.random(generator or default_generator, kind, tuple(shape), dt)
     t = Tensor._wrap(data, backend)
@@ -70,13 +77,23 @@ def _draw(kind: str, shape: Sequence[Any], dtype: Any, device: str | Device | No
     return t
 
 
-def randn(*shape: Any, dtype: Any = None, device: str | Device | None = None,
-          generator: Generator | None = None, requires_grad: bool = False) -> Tensor:
+def randn(
+    *shape: Any,
+    dtype: Any = None,
+    device: str | Device | None = None,
+    generator: Generator | None = None,
+    requires_grad: bool = False,
+) -> Tensor:
     """Samples from the standard normal distribution N(0, 1)."""
     return _draw("normal", shape, dtype, device, generator, requires_grad)
 
 
-def rand(*shape: Any, dtype: Any = None, device: str | Device | None = None,
-         generator: Generator | None = None, requires_grad: bool = False) -> Tensor:
+def rand(
+    *shape: Any,
+    dtype: Any = None,
+    device: str | Device | None = None,
+    generator: Generator | None = None,
+    requires_grad: bool = False,
+) -> Tensor:
     """Samples from the uniform distribution on [0, 1)."""
     return _draw("uniform", shape, dtype, device, generator, requires_grad)

@@ -129,8 +129,9 @@ class Tensor:
 
     def item(self) -> float | int | bool:
         if self.numel() != 1:
-            raise ValueError(f"item() needs a tensor with one element, this one has shape "
-                             f"{self.shape}")
+            raise ValueError(
+                f"item() needs a tensor with one element, this one has shape {self.shape}"
+            )
         return self.numpy().reshape(()).item()
 
     def tolist(self) -> Any:
@@ -191,8 +192,9 @@ class Tensor:
         return ops.copy(self)
 
     # ------------------------------------------------------------------ autodiff
-    def backward(self, gradient: Any = None, retain_graph: bool = False,
-                 create_graph: bool = False) -> None:
+    def backward(
+        self, gradient: Any = None, retain_graph: bool = False, create_graph: bool = False
+    ) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` (chain rule, reverse order)."""
         from .autodiff import backprop
 

@@ -34,8 +34,9 @@ def _inner(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> float:
     return float(sum(np.vdot(x.numpy(), y.numpy()) for x, y in zip(xs, ys)))
 
 
-def _numerical_jvp(f: Callable[..., Any], args: Sequence[Tensor], dirs: Sequence[Tensor],
-                   eps: float) -> list[np.ndarray]:
+def _numerical_jvp(
+    f: Callable[..., Any], args: Sequence[Tensor], dirs: Sequence[Tensor], eps: float
+) -> list[np.ndarray]:
     plus = _outputs(f(*[a + d * eps for a, d in zip(args, dirs)]))
     minus = _outputs(f(*[a - d * eps for a, d in zip(args, dirs)]))
     return [(p.numpy() - m.numpy()) / (2 * eps) for p, m in zip(plus, minus)]
@@ -45,14 +46,23 @@ def _close(name: str, got: Any, want: Any, atol: float, rtol: float) -> None:
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
     if not np.allclose(got, want, atol=atol, rtol=rtol):
         err = np.max(np.abs(got - want)) if got.size else 0.0
-        raise GradcheckError(f"{name}: derivative {got} differs from the finite-difference "
-                             f"estimate {want} (max abs error {err:.3g}, atol={atol}, "
-                             f"rtol={rtol})")
+        raise GradcheckError(
+            f"{name}: derivative {got} differs from the finite-difference "
+            f"estimate {want} (max abs error {err:.3g}, atol={atol}, "
+            f"rtol={rtol})"
+        )
 
 
-def check_grads(f: Callable[..., Any], args: Sequence[Any], order: int = 2,
-                modes: Sequence[str] = ("rev", "fwd"), eps: float = 1e-6,
-                atol: float | None = None, rtol: float | None = None, seed: int = 0) -> None:
+def check_grads(
+    f: Callable[..., Any],
+    args: Sequence[Any],
+    order: int = 2,
+    modes: Sequence[str] = ("rev", "fwd"),
+    eps: float = 1e-6,
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+) -> None:
     """Raise ``GradcheckError`` unless f's derivatives up to ``order`` match central
     differences along random directions, in each mode of ``modes`` ("rev", "fwd")."""
     args = [as_tensor(a) for a in args]
@@ -64,8 +74,16 @@ def check_grads(f: Callable[..., Any], args: Sequence[Any], order: int = 2,
     _check(f, args, order, tuple(modes), eps, atol, rtol, rng)
 
 
-def _check(f: Callable[..., Any], args: list[Tensor], order: int, modes: tuple[str, ...],
-           eps: float, atol: float, rtol: float, rng: np.random.Generator) -> None:
+def _check(
+    f: Callable[..., Any],
+    args: list[Tensor],
+    order: int,
+    modes: tuple[str, ...],
+    eps: float,
+    atol: float,
+    rtol: float,
+    rng: np.random.Generator,
+) -> None:
     dirs = [_like(rng, a) for a in args]
     numeric = _numerical_jvp(f, args, dirs, eps)
     if "fwd" in modes:
@@ -73,8 +91,7 @@ def _check(f: Callable[..., Any], args: list[Tensor], order: int, modes: tuple[s
         for k, (t, n) in enumerate(zip(_outputs(tangent), numeric)):
             _close(f"forward mode (J v), output {k}", t.numpy(), n, atol, rtol)
         if order > 1:
-            _check(lambda *xs: jvp(f, xs, dirs)[1], args, order - 1, modes, eps, atol, rtol,
-                   rng)
+            _check(lambda *xs: jvp(f, xs, dirs)[1], args, order - 1, modes, eps, atol, rtol, rng)
     if "rev" in modes:
         out, pullback = vjp(f, *args)
         us = [_like(rng, o) for o in _outputs(out)]
@@ -84,12 +101,17 @@ def _check(f: Callable[..., Any], args: list[Tensor], order: int, modes: tuple[s
         _close("reverse mode <J^T u, v> vs <u, J v>", lhs, rhs, atol, rtol)
         if order > 1:
             u = us[0] if isinstance(out, Tensor) else us
-            _check(lambda *xs: vjp(f, *xs)[1](u), args, order - 1, modes, eps, atol, rtol,
-                   rng)
+            _check(lambda *xs: vjp(f, *xs)[1](u), args, order - 1, modes, eps, atol, rtol, rng)
 
 
-def gradcheck(f: Callable[..., Any], inputs: Sequence[Any], eps: float = 1e-6,
-              atol: float = 1e-5, rtol: float = 1e-3, raise_exception: bool = True) -> bool:
+def gradcheck(
+    f: Callable[..., Any],
+    inputs: Sequence[Any],
+    eps: float = 1e-6,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+    raise_exception: bool = True,
+) -> bool:
     """Compare f's full Jacobian from reverse mode with central differences, one input
     coordinate at a time (PyTorch's ``gradcheck``). Inputs should be float64."""
     inputs = [as_tensor(a) for a in inputs]
@@ -107,11 +129,18 @@ def gradcheck(f: Callable[..., Any], inputs: Sequence[Any], eps: float = 1e-6,
                     for c in range(x.numel()):
                         e = np.zeros(x.shape, x.dtype)
                         e.reshape(-1)[c] = 1.0
-                        dirs = [as_tensor(e if m == i else np.zeros(a.shape, a.dtype),
-                                          device=a.device) for m, a in enumerate(inputs)]
+                        dirs = [
+                            as_tensor(e if m == i else np.zeros(a.shape, a.dtype), device=a.device)
+                            for m, a in enumerate(inputs)
+                        ]
                         numeric[c] = _numerical_jvp(f, inputs, dirs, eps)[k].reshape(-1)[j]
-                    _close(f"d output {k}[{j}] / d input {i}", row.numpy().reshape(-1),
-                           numeric, atol, rtol)
+                    _close(
+                        f"d output {k}[{j}] / d input {i}",
+                        row.numpy().reshape(-1),
+                        numeric,
+                        atol,
+                        rtol,
+                    )
     except GradcheckError:
         if raise_exception:
             raise

@@ -22,8 +22,10 @@ def _track(p: Any, what: str) -> Tensor:
     transforms still see its dependence on ``p``), marked as requiring grad."""
     p = as_tensor(p)
     if p.dtype.kind != "f":
-        raise TypeError(f"gpunet.{what}: can only differentiate with respect to floating "
-                        f"inputs, got {p.dtype} (shape {p.shape})")
+        raise TypeError(
+            f"gpunet.{what}: can only differentiate with respect to floating "
+            f"inputs, got {p.dtype} (shape {p.shape})"
+        )
     with enable_grad():
         x = bind(P.reshape, p, shape=p.shape)
     if not x._requires_grad:
@@ -36,8 +38,9 @@ def _flat(out: Any) -> tuple[list[Tensor], bool]:
         return [out], True
     if isinstance(out, (tuple, list)) and all(isinstance(o, Tensor) for o in out):
         return list(out), False
-    raise TypeError(f"the function must return a Tensor or a tuple of Tensors, got "
-                    f"{type(out).__name__}")
+    raise TypeError(
+        f"the function must return a Tensor or a tuple of Tensors, got {type(out).__name__}"
+    )
 
 
 def vjp(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple]]:
@@ -55,8 +58,9 @@ def vjp(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tupl
     return out, vjp_fn
 
 
-def value_and_grad(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
-                   has_aux: bool = False) -> Callable[..., Any]:
+def value_and_grad(
+    f: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False
+) -> Callable[..., Any]:
     """``(f(*args), df/dargs)`` for a function returning a scalar tensor."""
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
@@ -68,8 +72,10 @@ def value_and_grad(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
             result = f(*args, **kwargs)
         out, aux = result if has_aux else (result, None)
         if not isinstance(out, Tensor) or out.numel() != 1:
-            raise TypeError("gpunet.grad: the function must return a scalar tensor, got "
-                            f"{getattr(out, 'shape', type(out).__name__)}")
+            raise TypeError(
+                "gpunet.grad: the function must return a scalar tensor, got "
+                f"{getattr(out, 'shape', type(out).__name__)}"
+            )
         grads = backprop([out], [None], inputs=[args[i] for i in nums], create_graph=None)
         value = out if any(g._requires_grad for g in grads) else out.detach()
         g = grads[0] if isinstance(argnums, int) else tuple(grads)  # type: ignore[index]
@@ -78,8 +84,9 @@ def value_and_grad(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
     return wrapped
 
 
-def grad(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
-         has_aux: bool = False) -> Callable[..., Any]:
+def grad(
+    f: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False
+) -> Callable[..., Any]:
     """The gradient of a scalar function: ``gpunet.grad(f)(x)`` = df/dx."""
     vg = value_and_grad(f, argnums, has_aux)
 
@@ -90,8 +97,7 @@ def grad(f: Callable[..., Any], argnums: int | Sequence[int] = 0,
     return wrapped
 
 
-def jvp(f: Callable[..., Any], primals: Sequence[Any],
-        tangents: Sequence[Any]) -> tuple[Any, Any]:
+def jvp(f: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any]) -> tuple[Any, Any]:
     """(f(*primals), J @ tangents) in one forward pass (forward-mode autodiff)."""
     primals = [as_tensor(p) for p in primals]
     if len(tangents) != len(primals):
@@ -99,8 +105,7 @@ def jvp(f: Callable[..., Any], primals: Sequence[Any],
     tangents = [as_tensor(t, p.dtype, p.device) for p, t in zip(primals, tangents)]
     for i, (p, t) in enumerate(zip(primals, tangents)):
         if p.shape != t.shape:
-            raise ValueError(f"gpunet.jvp: tangent {i} has shape {t.shape}, its primal "
-                             f"{p.shape}")
+            raise ValueError(f"gpunet.jvp: tangent {i} has shape {t.shape}, its primal {p.shape}")
     with enable_grad():
         xs = [bind(P.reshape, p, shape=p.shape) for p in primals]
     with forward_mode() as mode:

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "default", max_examples=25, deadline=None,
+    "default",
+    max_examples=25,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 # CI: the same number of examples, derandomized so that a red run is reproducible.

@@ -231,9 +231,11 @@ def test_gradient_penalty() -> None:
 
 def test_anomaly_in_the_forward_names_the_primitive_and_the_line() -> None:
     x = leaf([1.0, -1.0])
-    with gpunet.detect_anomaly(), np.errstate(invalid="ignore"), pytest.raises(
-        FloatingPointError
-    ) as info:
+    with (
+        gpunet.detect_anomaly(),
+        np.errstate(invalid="ignore"),
+        pytest.raises(FloatingPointError) as info,
+    ):
         x.log()
     message = str(info.value)
     assert "'log'" in message and "(2,)" in message

@@ -57,8 +57,7 @@ def spec(name: str) -> Callable[[Callable[[Draw], Case]], Callable[[Draw], Case]
 
 
 def shapes(draw: Draw, min_dims: int = 0, min_side: int = 0) -> tuple[int, ...]:
-    return draw(hnp.array_shapes(min_dims=min_dims, max_dims=3, min_side=min_side,
-                                 max_side=4))
+    return draw(hnp.array_shapes(min_dims=min_dims, max_dims=3, min_side=min_side, max_side=4))
 
 
 def rng(draw: Draw) -> np.random.Generator:
@@ -116,10 +115,8 @@ def plain(r: np.random.Generator, sx: tuple, sy: tuple) -> tuple[np.ndarray, np.
 binary("add", ops.add, np.add, plain)
 binary("sub", ops.sub, np.subtract, plain)
 binary("mul", ops.mul, np.multiply, plain)
-binary("div", ops.div, np.divide, lambda r, sx, sy: (uniform(r, sx, -3, 3),
-                                                     away_from_zero(r, sy)))
-binary("pow", ops.pow, np.power, lambda r, sx, sy: (uniform(r, sx, 0.5, 2),
-                                                    uniform(r, sy, -2, 2)))
+binary("div", ops.div, np.divide, lambda r, sx, sy: (uniform(r, sx, -3, 3), away_from_zero(r, sy)))
+binary("pow", ops.pow, np.power, lambda r, sx, sy: (uniform(r, sx, 0.5, 2), uniform(r, sy, -2, 2)))
 
 
 @spec("maximum")
@@ -128,7 +125,8 @@ def _maximum(draw: Draw) -> Case:
     sx, sy = broadcastable_pair(draw)
     x = uniform(r, sx, -3, 3)
     y = np.broadcast_to(x, np.broadcast_shapes(sx, sy)) + away_from_zero(
-        r, np.broadcast_shapes(sx, sy))
+        r, np.broadcast_shapes(sx, sy)
+    )
     return Case(ops.maximum, [x, y], np.maximum)
 
 
@@ -144,8 +142,14 @@ def _compare(draw: Draw) -> Case:
     op = draw(st.sampled_from(["lt", "le", "gt", "ge", "eq", "ne"]))
     sx, sy = broadcastable_pair(draw)
     x, y = r.integers(-2, 3, sx).astype(F64), r.integers(-2, 3, sy).astype(F64)
-    ref = {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
-           "eq": np.equal, "ne": np.not_equal}[op]
+    ref = {
+        "lt": np.less,
+        "le": np.less_equal,
+        "gt": np.greater,
+        "ge": np.greater_equal,
+        "eq": np.equal,
+        "ne": np.not_equal,
+    }[op]
     return Case(lambda a, b: ops.compare(a, b, op), [x, y], ref)
 
 
@@ -155,8 +159,11 @@ def _where(draw: Draw) -> Case:
     sx, sy = broadcastable_pair(draw)
     cond = r.random(np.broadcast_shapes(sx, sy)) < 0.5
     c = gpunet.tensor(cond)
-    return Case(lambda x, y: ops.where(c, x, y), [uniform(r, sx, -3, 3), uniform(r, sy, -3, 3)],
-                lambda x, y: np.where(cond, x, y))
+    return Case(
+        lambda x, y: ops.where(c, x, y),
+        [uniform(r, sx, -3, 3), uniform(r, sy, -3, 3)],
+        lambda x, y: np.where(cond, x, y),
+    )
 
 
 @spec("cast")
@@ -164,15 +171,21 @@ def _cast(draw: Draw) -> Case:
     # float64 -> float64 through the primitive itself (the derivative check needs float64);
     # float32 round trips are checked in test_cast_to_float32 below.
     r = rng(draw)
-    return Case(lambda x: bind(P.cast, x, dtype=np.dtype(F64)), [uniform(r, shapes(draw), -3, 3)],
-                lambda x: x)
+    return Case(
+        lambda x: bind(P.cast, x, dtype=np.dtype(F64)),
+        [uniform(r, shapes(draw), -3, 3)],
+        lambda x: x,
+    )
 
 
 @spec("device_put")
 def _device_put(draw: Draw) -> Case:
     r = rng(draw)
-    return Case(lambda x: bind(P.device_put, x, device=gpunet.Device("cpu")),
-                [uniform(r, shapes(draw), -3, 3)], lambda x: x)
+    return Case(
+        lambda x: bind(P.device_put, x, device=gpunet.Device("cpu")),
+        [uniform(r, shapes(draw), -3, 3)],
+        lambda x: x,
+    )
 
 
 def reduction(draw: Draw, distinct: bool) -> tuple[np.ndarray, tuple[int, ...], bool]:
@@ -201,15 +214,19 @@ def _max(draw: Draw) -> Case:
 @spec("logsumexp")
 def _logsumexp(draw: Draw) -> Case:
     x, axes, keep = reduction(draw, distinct=True)
-    return Case(lambda t: ops.logsumexp(t, axes, keep), [x],
-                lambda a: scipy.special.logsumexp(a, axes, keepdims=keep))
+    return Case(
+        lambda t: ops.logsumexp(t, axes, keep),
+        [x],
+        lambda a: scipy.special.logsumexp(a, axes, keepdims=keep),
+    )
 
 
 @spec("argmax")
 def _argmax(draw: Draw) -> Case:
     x, axes, keep = reduction(draw, distinct=True)
-    return Case(lambda t: ops.argmax(t, axes[0], keep), [x],
-                lambda a: np.argmax(a, axes[0], keepdims=keep))
+    return Case(
+        lambda t: ops.argmax(t, axes[0], keep), [x], lambda a: np.argmax(a, axes[0], keepdims=keep)
+    )
 
 
 @spec("broadcast_to")
@@ -219,8 +236,11 @@ def _broadcast_to(draw: Draw) -> Case:
     target = tuple(draw(st.lists(st.integers(0, 3), max_size=2))) + tuple(
         draw(st.integers(0, 3)) if n == 1 else n for n in shape
     )
-    return Case(lambda t: ops.broadcast_to(t, target), [uniform(r, shape, -3, 3)],
-                lambda a: np.broadcast_to(a, target))
+    return Case(
+        lambda t: ops.broadcast_to(t, target),
+        [uniform(r, shape, -3, 3)],
+        lambda a: np.broadcast_to(a, target),
+    )
 
 
 @spec("reshape")
@@ -230,8 +250,11 @@ def _reshape(draw: Draw) -> Case:
     target = draw(st.sampled_from([(-1,), tuple(reversed(shape)), (*shape, 1), (1, *shape)]))
     if math.prod(shape) == 0 and target == (-1,):
         target = (0,)
-    return Case(lambda t: ops.reshape(t, target), [uniform(r, shape, -3, 3)],
-                lambda a: np.reshape(a, target))
+    return Case(
+        lambda t: ops.reshape(t, target),
+        [uniform(r, shape, -3, 3)],
+        lambda a: np.reshape(a, target),
+    )
 
 
 @spec("transpose")
@@ -241,8 +264,9 @@ def _transpose(draw: Draw) -> Case:
     perm = tuple(draw(st.permutations(range(len(shape)))))
     if perm == tuple(range(len(shape))):
         perm = perm[::-1]
-    return Case(lambda t: ops.permute(t, perm), [uniform(r, shape, -3, 3)],
-                lambda a: np.transpose(a, perm))
+    return Case(
+        lambda t: ops.permute(t, perm), [uniform(r, shape, -3, 3)], lambda a: np.transpose(a, perm)
+    )
 
 
 def basic_key(draw: Draw, shape: tuple[int, ...]) -> tuple:
@@ -280,8 +304,7 @@ def _slice_transpose(draw: Draw) -> Case:
         out[key] = g
         return out
 
-    return Case(lambda g: ops.bind_slice_transpose(g, key, shape), [uniform(r, gshape, -3, 3)],
-                ref)
+    return Case(lambda g: ops.bind_slice_transpose(g, key, shape), [uniform(r, gshape, -3, 3)], ref)
 
 
 @spec("take")
@@ -291,8 +314,9 @@ def _take(draw: Draw) -> Case:
     axis = draw(st.integers(0, len(shape) - 1))
     idx = r.integers(-shape[axis], shape[axis], shapes(draw))
     it = gpunet.tensor(idx)
-    return Case(lambda t: ops.take(t, it, axis), [uniform(r, shape, -3, 3)],
-                lambda a: np.take(a, idx, axis))
+    return Case(
+        lambda t: ops.take(t, it, axis), [uniform(r, shape, -3, 3)], lambda a: np.take(a, idx, axis)
+    )
 
 
 @spec("scatter_add")
@@ -323,8 +347,7 @@ def _concatenate(draw: Draw) -> Case:
         s = list(shape)
         s[axis] = draw(st.integers(0, 3))
         parts.append(uniform(r, tuple(s), -3, 3))
-    return Case(lambda *ts: ops.concatenate(ts, axis), parts,
-                lambda *a: np.concatenate(a, axis))
+    return Case(lambda *ts: ops.concatenate(ts, axis), parts, lambda *a: np.concatenate(a, axis))
 
 
 @spec("matmul")

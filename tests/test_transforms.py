@@ -77,8 +77,9 @@ def test_jvp_matches_the_jacobian() -> None:
 
 
 def test_jvp_of_a_function_that_ignores_its_input_is_zero() -> None:
-    _, tangent = gpunet.jvp(lambda t: gpunet.ones(2, dtype=gpunet.float64), [t64([1.0, 2.0])],
-                            [t64([1.0, 1.0])])
+    _, tangent = gpunet.jvp(
+        lambda t: gpunet.ones(2, dtype=gpunet.float64), [t64([1.0, 2.0])], [t64([1.0, 1.0])]
+    )
     np.testing.assert_array_equal(tangent.numpy(), [0.0, 0.0])
 
 
@@ -141,8 +142,9 @@ def test_check_grads_on_an_mlp_loss() -> None:
 
 def _wrong_exp() -> Primitive:
     """exp's forward with a deliberately wrong derivative (2 exp(x))."""
-    return Primitive("exp", "bogus", vjp=(lambda g, x: g * x.exp() * 2.0,),
-                     jvp=(lambda t, y, x: t * y * 2.0,))
+    return Primitive(
+        "exp", "bogus", vjp=(lambda g, x: g * x.exp() * 2.0,), jvp=(lambda t, y, x: t * y * 2.0,)
+    )
 
 
 def test_check_grads_catches_a_wrong_rule() -> None:

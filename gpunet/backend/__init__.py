@@ -20,8 +20,15 @@ from .numpy_backend import NumpyBackend
 
 log = logging.getLogger("gpunet")
 
-__all__ = ["ArrayBackend", "Device", "default_device", "device", "get_backend",
-           "register_backend", "use_device"]
+__all__ = [
+    "ArrayBackend",
+    "Device",
+    "default_device",
+    "device",
+    "get_backend",
+    "register_backend",
+    "use_device",
+]
 
 
 @dataclass(frozen=True)
@@ -98,20 +105,29 @@ def probe_cuda() -> CudaProbe:
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # CUDARuntimeError: no driver, insufficient driver, ...
-        _probe = CudaProbe(False, f"CuPy {cupy.__version__} found no usable CUDA driver ({e})",
-                           cupy_version=cupy.__version__)
+        _probe = CudaProbe(
+            False,
+            f"CuPy {cupy.__version__} found no usable CUDA driver ({e})",
+            cupy_version=cupy.__version__,
+        )
         return _probe
     if count == 0:
-        _probe = CudaProbe(False, f"CuPy {cupy.__version__} found no CUDA device",
-                           cupy_version=cupy.__version__)
+        _probe = CudaProbe(
+            False, f"CuPy {cupy.__version__} found no CUDA device", cupy_version=cupy.__version__
+        )
         return _probe
     names = []
     for i in range(count):
         props = cupy.cuda.runtime.getDeviceProperties(i)
         name = props["name"]
         names.append(name.decode() if isinstance(name, bytes) else str(name))
-    _probe = CudaProbe(True, f"CuPy {cupy.__version__} found {count} CUDA device(s)", count,
-                       cupy.__version__, tuple(names))
+    _probe = CudaProbe(
+        True,
+        f"CuPy {cupy.__version__} found {count} CUDA device(s)",
+        count,
+        cupy.__version__,
+        tuple(names),
+    )
     return _probe
 
 
@@ -130,12 +146,15 @@ def get_backend(dev: str | Device) -> ArrayBackend:
         return backend
     found = probe_cuda()
     if not found.available:
-        raise RuntimeError(f"device {dev} requested but not usable: {found.reason}. "
-                           "Use device='cpu', or install a CuPy wheel (pip install "
-                           "'gpunet[cuda12]') on a machine with an NVIDIA driver.")
+        raise RuntimeError(
+            f"device {dev} requested but not usable: {found.reason}. "
+            "Use device='cpu', or install a CuPy wheel (pip install "
+            "'gpunet[cuda12]') on a machine with an NVIDIA driver."
+        )
     if dev.index is None or dev.index >= found.device_count:
-        raise RuntimeError(f"device {dev} does not exist: {found.device_count} CUDA device(s) "
-                           "found")
+        raise RuntimeError(
+            f"device {dev} does not exist: {found.device_count} CUDA device(s) found"
+        )
     from .cupy_backend import CupyBackend
 
     backend = _backends[dev] = CupyBackend(dev)

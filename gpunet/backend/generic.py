@@ -17,8 +17,14 @@ Array = Any
 Shape = tuple[int, ...]
 Axes = tuple[int, ...]
 
-_COMPARE = {"lt": "less", "le": "less_equal", "gt": "greater", "ge": "greater_equal",
-            "eq": "equal", "ne": "not_equal"}
+_COMPARE = {
+    "lt": "less",
+    "le": "less_equal",
+    "gt": "greater",
+    "ge": "greater_equal",
+    "eq": "equal",
+    "ne": "not_equal",
+}
 
 
 def _full_key(key: tuple) -> tuple:
@@ -175,8 +181,11 @@ class ArrayBackend:
         m = xp.max(x, axis=axis, keepdims=True)
         m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
         out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
-        return out if keepdims else xp.reshape(out, tuple(
-            n for i, n in enumerate(out.shape) if i not in axis))
+        return (
+            out
+            if keepdims
+            else xp.reshape(out, tuple(n for i, n in enumerate(out.shape) if i not in axis))
+        )
 
     # ---------------------------------------------------------------- shapes and indexing
     def broadcast_to(self, x: Array, *, shape: Shape) -> Array:

@@ -50,8 +50,11 @@ class NumpyBackend(ArrayBackend):
         out = np.sum(t, axis=axis, keepdims=True)
         np.log(out, out=out)
         out += m
-        return out if keepdims else out.reshape(
-            tuple(n for i, n in enumerate(out.shape) if i not in axis))
+        return (
+            out
+            if keepdims
+            else out.reshape(tuple(n for i, n in enumerate(out.shape) if i not in axis))
+        )
 
     def scatter_add(self, g: Array, indices: Array, *, axis: int, size: int) -> Array:
         out = np.zeros(g.shape[:axis] + (size,) + g.shape[axis + indices.ndim :], g.dtype)

@@ -11,47 +11,54 @@ from .card import LINEAR, NONDIFF, primitive
 
 # ---------------------------------------------------------------------- unary
 neg = primitive(
-    "neg", "neg(x) = -x",
+    "neg",
+    "neg(x) = -x",
     save=lambda out, x: (),
     vjp=(lambda g: -g,),
     jvp=LINEAR,
 )
 
 exp = primitive(
-    "exp", "exp(x); d/dx = exp(x), so it keeps its output",
+    "exp",
+    "exp(x); d/dx = exp(x), so it keeps its output",
     save=lambda out, x: (out,),
     vjp=(lambda g, y: g * y,),
     jvp=(lambda t, y, x: t * y,),
 )
 
 log = primitive(
-    "log", "log(x); d/dx = 1 / x",
+    "log",
+    "log(x); d/dx = 1 / x",
     vjp=(lambda g, x: g / x,),
     jvp=(lambda t, y, x: t / x,),
 )
 
 log1p = primitive(
-    "log1p", "log(1 + x), accurate near 0; d/dx = 1 / (1 + x)",
+    "log1p",
+    "log(1 + x), accurate near 0; d/dx = 1 / (1 + x)",
     vjp=(lambda g, x: g / (x + 1.0),),
     jvp=(lambda t, y, x: t / (x + 1.0),),
 )
 
 tanh = primitive(
-    "tanh", "tanh(x); d/dx = 1 - y^2 from the output y",
+    "tanh",
+    "tanh(x); d/dx = 1 - y^2 from the output y",
     save=lambda out, x: (out,),
     vjp=(lambda g, y: g * (1.0 - y * y),),
     jvp=(lambda t, y, x: t * (1.0 - y * y),),
 )
 
 sqrt = primitive(
-    "sqrt", "sqrt(x); d/dx = 1 / (2 y) from the output y",
+    "sqrt",
+    "sqrt(x); d/dx = 1 / (2 y) from the output y",
     save=lambda out, x: (out,),
     vjp=(lambda g, y: g * 0.5 / y,),
     jvp=(lambda t, y, x: t * 0.5 / y,),
 )
 
 abs = primitive(
-    "abs", "|x|; d/dx = sign(x) (0 at 0)",
+    "abs",
+    "|x|; d/dx = sign(x) (0 at 0)",
     save=lambda out, x: (ops.sign(x),),
     vjp=(lambda g, s: g * s,),
     jvp=(lambda t, y, x: t * ops.sign(x),),
@@ -59,34 +66,39 @@ abs = primitive(
 
 # ---------------------------------------------------------------------- binary
 add = primitive(
-    "add", "x + y",
+    "add",
+    "x + y",
     save=lambda out, x, y: (),
     vjp=(lambda g: g, lambda g: g),
     jvp=LINEAR,
 )
 
 sub = primitive(
-    "sub", "x - y",
+    "sub",
+    "x - y",
     save=lambda out, x, y: (),
     vjp=(lambda g: g, lambda g: -g),
     jvp=LINEAR,
 )
 
 mul = primitive(
-    "mul", "x * y; d/dx = y, d/dy = x",
+    "mul",
+    "x * y; d/dx = y, d/dy = x",
     vjp=(lambda g, x, y: g * y, lambda g, x, y: g * x),
     jvp=(lambda t, out, x, y: t * y, lambda t, out, x, y: x * t),
 )
 
 div = primitive(
-    "div", "x / y; d/dx = 1 / y, d/dy = -out / y",
+    "div",
+    "x / y; d/dx = 1 / y, d/dy = -out / y",
     save=lambda out, x, y: (out, y),
     vjp=(lambda g, out, y: g / y, lambda g, out, y: -g * out / y),
     jvp=(lambda t, out, x, y: t / y, lambda t, out, x, y: -t * out / y),
 )
 
 pow = primitive(
-    "pow", "x ** y; d/dx = y x^(y-1), d/dy = out log(x)",
+    "pow",
+    "x ** y; d/dx = y x^(y-1), d/dy = out log(x)",
     save=lambda out, x, y: (out, x, y),
     vjp=(
         lambda g, out, x, y: g * y * x ** (y - 1.0),
@@ -99,23 +111,30 @@ pow = primitive(
 )
 
 maximum = primitive(
-    "maximum", "max(x, y) elementwise; the gradient goes to x on ties",
+    "maximum",
+    "max(x, y) elementwise; the gradient goes to x on ties",
     save=lambda out, x, y: (x >= y,),
     vjp=(lambda g, m: ops.where(m, g, 0.0), lambda g, m: ops.where(m, 0.0, g)),
-    jvp=(lambda t, out, x, y: ops.where(x >= y, t, 0.0),
-         lambda t, out, x, y: ops.where(x >= y, 0.0, t)),
+    jvp=(
+        lambda t, out, x, y: ops.where(x >= y, t, 0.0),
+        lambda t, out, x, y: ops.where(x >= y, 0.0, t),
+    ),
 )
 
 minimum = primitive(
-    "minimum", "min(x, y) elementwise; the gradient goes to x on ties",
+    "minimum",
+    "min(x, y) elementwise; the gradient goes to x on ties",
     save=lambda out, x, y: (x <= y,),
     vjp=(lambda g, m: ops.where(m, g, 0.0), lambda g, m: ops.where(m, 0.0, g)),
-    jvp=(lambda t, out, x, y: ops.where(x <= y, t, 0.0),
-         lambda t, out, x, y: ops.where(x <= y, 0.0, t)),
+    jvp=(
+        lambda t, out, x, y: ops.where(x <= y, t, 0.0),
+        lambda t, out, x, y: ops.where(x <= y, 0.0, t),
+    ),
 )
 
 where = primitive(
-    "where", "cond ? x : y; the mask carries no gradient",
+    "where",
+    "cond ? x : y; the mask carries no gradient",
     save=lambda out, cond, x, y: (cond,),
     vjp=(NONDIFF, lambda g, c: ops.where(c, g, 0.0), lambda g, c: ops.where(c, 0.0, g)),
     jvp=LINEAR,
@@ -124,21 +143,24 @@ where = primitive(
 
 # ---------------------------------------------------------------------- casts and copies
 cast = primitive(
-    "cast", "x converted to another floating dtype; the gradient is cast back",
+    "cast",
+    "x converted to another floating dtype; the gradient is cast back",
     save=lambda out, x, dtype: (x.dtype,),
     vjp=(lambda g, src, dtype: ops.cast(g, src),),
     jvp=LINEAR,
 )
 
 copy = primitive(
-    "copy", "a fresh copy of x (PyTorch's clone)",
+    "copy",
+    "a fresh copy of x (PyTorch's clone)",
     save=lambda out, x: (),
     vjp=(lambda g: g,),
     jvp=LINEAR,
 )
 
 device_put = primitive(
-    "device_put", "x moved to another device; the gradient moves back",
+    "device_put",
+    "x moved to another device; the gradient moves back",
     save=lambda out, x, device: (x.device,),
     vjp=(lambda g, src, device: ops.device_put(g, src),),
     jvp=LINEAR,
@@ -150,11 +172,12 @@ stop_gradient = primitive(
     "stop_gradient", "x, treated as a constant by every transform", differentiable=False
 )
 compare = primitive(
-    "compare", "x (op) y for op in lt, le, gt, ge, eq, ne: a boolean mask",
+    "compare",
+    "x (op) y for op in lt, le, gt, ge, eq, ne: a boolean mask",
     differentiable=False,
 )
-sign = primitive("sign", "sign(x) in {-1, 0, 1}: zero derivative almost everywhere",
-                 differentiable=False)
+sign = primitive(
+    "sign", "sign(x) in {-1, 0, 1}: zero derivative almost everywhere", differentiable=False
+)
 isfinite = primitive("isfinite", "x is neither infinite nor NaN", differentiable=False)
-argmax = primitive("argmax", "index of the largest element along an axis",
-                   differentiable=False)
+argmax = primitive("argmax", "index of the largest element along an axis", differentiable=False)

@@ -10,14 +10,16 @@ from .. import ops
 from .card import primitive
 
 sigmoid = primitive(
-    "sigmoid", "sigmoid(x) = 1 / (1 + exp(-x)); d/dx = y (1 - y)",
+    "sigmoid",
+    "sigmoid(x) = 1 / (1 + exp(-x)); d/dx = y (1 - y)",
     save=lambda out, x: (out,),
     vjp=(lambda g, y: g * y * (1.0 - y),),
     jvp=(lambda t, y, x: t * y * (1.0 - y),),
 )
 
 relu = primitive(
-    "relu", "relu(x) = max(x, 0); d/dx = 1 where y > 0, else 0",
+    "relu",
+    "relu(x) = max(x, 0); d/dx = 1 where y > 0, else 0",
     save=lambda out, x: (out,),
     vjp=(lambda g, y: ops.where(y > 0.0, g, 0.0),),
     jvp=(lambda t, y, x: ops.where(y > 0.0, t, 0.0),),

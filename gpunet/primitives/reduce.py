@@ -14,7 +14,8 @@ def _restore(g, shape, axis, keepdims):  # type: ignore[no-untyped-def]
 
 
 sum = primitive(
-    "sum", "sum of x over axis; d/dx is 1 everywhere, so g is broadcast back",
+    "sum",
+    "sum of x over axis; d/dx is 1 everywhere, so g is broadcast back",
     save=lambda out, x, axis, keepdims: (x.shape,),
     vjp=(lambda g, shape, axis, keepdims: _restore(g, shape, axis, keepdims),),
     jvp=LINEAR,
@@ -29,11 +30,15 @@ def _max_weights(out, x, axis, keepdims):  # type: ignore[no-untyped-def]
 
 
 max = primitive(
-    "max", "max of x over axis; d/dx is 1 at the maximum (split evenly among ties)",
+    "max",
+    "max of x over axis; d/dx is 1 at the maximum (split evenly among ties)",
     save=lambda out, x, axis, keepdims: (_max_weights(out, x, axis, keepdims),),
     vjp=(lambda g, w, axis, keepdims: _restore(g, w.shape, axis, keepdims) * w,),
-    jvp=(lambda t, out, x, axis, keepdims:
-         ops.sum(t * _max_weights(out, x, axis, keepdims), axis, keepdims),),
+    jvp=(
+        lambda t, out, x, axis, keepdims: ops.sum(
+            t * _max_weights(out, x, axis, keepdims), axis, keepdims
+        ),
+    ),
 )
 
 
@@ -45,10 +50,17 @@ def _softmax_weights(x, out, axis, keepdims):  # type: ignore[no-untyped-def]
 
 
 logsumexp = primitive(
-    "logsumexp", "log(sum(exp(x))) over axis, computed stably; d/dx = softmax(x)",
+    "logsumexp",
+    "log(sum(exp(x))) over axis, computed stably; d/dx = softmax(x)",
     save=lambda out, x, axis, keepdims: (x, out),
-    vjp=(lambda g, x, out, axis, keepdims:
-         _restore(g, x.shape, axis, keepdims) * _softmax_weights(x, out, axis, keepdims),),
-    jvp=(lambda t, out, x, axis, keepdims:
-         ops.sum(t * _softmax_weights(x, out, axis, keepdims), axis, keepdims),),
+    vjp=(
+        lambda g, x, out, axis, keepdims: (
+            _restore(g, x.shape, axis, keepdims) * _softmax_weights(x, out, axis, keepdims)
+        ),
+    ),
+    jvp=(
+        lambda t, out, x, axis, keepdims: ops.sum(
+            t * _softmax_weights(x, out, axis, keepdims), axis, keepdims
+        ),
+    ),
 )

@@ -24,42 +24,48 @@ def _unbroadcast(g, shape):  # type: ignore[no-untyped-def]
 
 
 broadcast_to = primitive(
-    "broadcast_to", "x repeated along new or size-1 axes; the VJP sums them back",
+    "broadcast_to",
+    "x repeated along new or size-1 axes; the VJP sums them back",
     save=lambda out, x, shape: (x.shape,),
     vjp=(lambda g, src, shape: _unbroadcast(g, src),),
     jvp=LINEAR,
 )
 
 reshape = primitive(
-    "reshape", "the same elements in a new shape",
+    "reshape",
+    "the same elements in a new shape",
     save=lambda out, x, shape: (x.shape,),
     vjp=(lambda g, src, shape: ops.reshape(g, src),),
     jvp=LINEAR,
 )
 
 transpose = primitive(
-    "transpose", "axes permuted: out.shape[i] = x.shape[perm[i]]",
+    "transpose",
+    "axes permuted: out.shape[i] = x.shape[perm[i]]",
     save=lambda out, x, perm: (),
     vjp=(lambda g, perm: ops.permute(g, ops.inverse_permutation(perm)),),
     jvp=LINEAR,
 )
 
 slice = primitive(
-    "slice", "x[key] for a basic key (ints, slices, None, Ellipsis)",
+    "slice",
+    "x[key] for a basic key (ints, slices, None, Ellipsis)",
     save=lambda out, x, key: (x.shape,),
     vjp=(lambda g, shape, key: ops.bind_slice_transpose(g, key, shape),),
     jvp=LINEAR,
 )
 
 slice_transpose = primitive(
-    "slice_transpose", "zeros of a shape with g placed at key (the transpose of slice)",
+    "slice_transpose",
+    "zeros of a shape with g placed at key (the transpose of slice)",
     save=lambda out, g, key, shape: (),
     vjp=(lambda g, key, shape: ops.bind_slice(g, key),),
     jvp=LINEAR,
 )
 
 take = primitive(
-    "take", "x gathered at integer indices along axis",
+    "take",
+    "x gathered at integer indices along axis",
     save=lambda out, x, idx, axis: (idx, x.shape[axis]),
     vjp=(lambda g, idx, size, axis: ops.scatter_add(g, idx, axis, size), NONDIFF),
     jvp=LINEAR,
@@ -67,7 +73,8 @@ take = primitive(
 )
 
 scatter_add = primitive(
-    "scatter_add", "zeros with g added at integer indices along axis (repeats accumulate)",
+    "scatter_add",
+    "zeros with g added at integer indices along axis (repeats accumulate)",
     save=lambda out, g, idx, axis, size: (idx,),
     vjp=(lambda g, idx, axis, size: ops.take(g, idx, axis), NONDIFF),
     jvp=LINEAR,
@@ -84,7 +91,8 @@ def _concat_vjp(i, g, sizes, axis):  # type: ignore[no-untyped-def]
 
 
 concatenate = primitive(
-    "concatenate", "inputs joined along an existing axis; the VJP slices g apart",
+    "concatenate",
+    "inputs joined along an existing axis; the VJP slices g apart",
     save=lambda out, *xs, axis: (tuple(x.shape[axis] for x in xs),),
     vjp=_concat_vjp,
     jvp=LINEAR,
