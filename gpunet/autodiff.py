@@ -87,11 +87,20 @@ def bind(prim: Primitive, *args: Tensor, **params: Any) -> Tensor:
 
 
 def evaluate(prim: Primitive, args: Sequence[Tensor], params: dict) -> Tensor:
-    """Compute the forward on the backend; record a node when a gradient will be needed."""
-    backend = args[0]._backend
-    if len(args) > 1:
-        check_compatible(prim, args)
-    data = getattr(backend, prim.name)(*[a.data for a in args], **params)
+    """Compute the forward on the backend; record a node when a gradient will be needed.
+
+    This is the hot path of every op, so the common one- and two-input cases are spelled out.
+    """
+    x = args[0]
+    backend = x._backend
+    if len(args) == 1:
+        data = getattr(backend, prim.name)(x.data, **params)
+    else:
+        if len(args) > 2 or args[1]._backend is not backend or (
+            args[1].data.dtype != x.data.dtype and not prim.nondiff
+        ):
+            check_compatible(prim, args)
+        data = getattr(backend, prim.name)(*[a.data for a in args], **params)
     if prim.transfers:
         backend = get_backend(params["device"])
     if type(data) is not backend.array_type:  # NumPy returns scalars from 0-d operations
@@ -110,18 +119,32 @@ def evaluate(prim: Primitive, args: Sequence[Tensor], params: dict) -> Tensor:
 
 def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor) -> None:
     nondiff = prim.nondiff
-    parents = tuple(
-        None if (i in nondiff or not a._requires_grad) else (a._node or a)
-        for i, a in enumerate(args)
-    )
+    parents = []
+    for i, a in enumerate(args):
+        if a._requires_grad and i not in nondiff:
+            parents.append(a._node or a)
+        else:
+            parents.append(None)
     saved = prim.save(out, *args, **params) if prim.save is not None else tuple(args)
     out_data = None
-    if not STATE.jvp_stack and any(s is out for s in saved):  # forward mode needs the object
-        saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
-        out_data = out.data
+    if not STATE.jvp_stack:  # forward mode needs the output object itself
+        for s in saved:
+            if s is out:
+                saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
+                out_data = out.data
+                break
     site = user_site() if STATE.anomaly else None
-    out._node = Node(prim, parents, saved, params, out_data, site)
+    out._node = Node(prim, tuple(parents), saved, params, out_data, site)
     out._requires_grad = True
+
+
+def differentiating() -> bool:
+    """Will the ops run now be differentiated (recorded on the tape, or seen by a JVP)?
+
+    VJP rules ask this to choose a fused, non-differentiable backward kernel (the common
+    ``loss.backward()``) over the same formula composed from differentiable ops.
+    """
+    return STATE.grad_enabled or STATE.level > 0
 
 
 def describe(t: Tensor) -> str:
@@ -323,6 +346,7 @@ def backprop(
         create_graph = STATE.grad_enabled and _depends_on_others(order, inputs or ())
     retain_graph = retain_graph or create_graph  # the new graph goes through the old one
     input_grads: dict[Node, Tensor] = {}
+    stop = set(targets)
     state = STATE
     prev_mode, prev_node = state.grad_enabled, state.backward_node
     state.grad_enabled = create_graph
@@ -333,7 +357,7 @@ def backprop(
                 continue
             if node._hooks:
                 g = _run_hooks(node._hooks, g)
-            if inputs is not None and node in targets:
+            if node in stop:
                 input_grads[node] = g
                 continue
             saved = node.saved
@@ -349,10 +373,12 @@ def backprop(
                 saved = tuple(me if s is SAVED_OUTPUT else s for s in saved)
             if state.anomaly:
                 state.backward_node = node
+            prim = node.prim
             for i, parent in enumerate(node.parents):
                 if parent is None:
                     continue
-                gi = node.prim.vjp_rule(i)(g, *saved, **node.params)
+                rule = prim.vjp_rule(i) if prim.variadic else prim.vjp[i]  # type: ignore[index]
+                gi = rule(g, *saved, **node.params)
                 if type(parent) is Node:
                     grads[parent] = gi if parent not in grads else ops.add(grads[parent], gi)
                 else:
@@ -372,12 +398,13 @@ def backprop(
             result.append(ops.zeros_like(x) if g is None else g)
         return result
     for leaf, g in leaf_grads.values():
-        g = _run_hooks(leaf._hooks, g)
+        if leaf._hooks:
+            g = _run_hooks(leaf._hooks, g)
         if leaf.grad is None:
             if id(g.data) in seen_arrays or getattr(g.data, "base", None) is not None:
                 g = ops.copy(g)  # never alias an array someone else holds into .grad
             seen_arrays.add(id(g.data))
-            leaf.grad = g if create_graph else g.detach()
+            leaf.grad = g if create_graph or not g._requires_grad else g.detach()
         else:
             with set_grad_enabled(create_graph):
                 leaf.grad = ops.add(leaf.grad, g)

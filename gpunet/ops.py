@@ -32,29 +32,57 @@ def _tracked(t: Tensor) -> bool:
     return (t._requires_grad and STATE.grad_enabled) or STATE.level > 0
 
 
+_SCALARS: dict[tuple, Tensor] = {}  # (type, value, dtype, backend) -> read-only 0-d constant
+
+
+def _scalar(value: bool | int | float, like: Tensor) -> Tensor:
+    """A Python scalar as a cached 0-d constant with ``like``'s dtype and device."""
+    backend = like._backend
+    key = (type(value), value, like.data.dtype, backend)
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) > 4096:  # a loop over many distinct scalars must not grow this
+            _SCALARS.clear()
+        t = _SCALARS[key] = Tensor._wrap(backend.asarray(value, like.dtype), backend)
+        if isinstance(t.data, np.ndarray):
+            t.data.flags.writeable = False
+    return t
+
+
 def _constant(value: Any, like: Tensor) -> tuple[Tensor, Tensor]:
     """A Python scalar or array as a tensor on ``like``'s device with ``like``'s dtype.
 
     Returns (like, constant); ``like`` is cast to the default float dtype when it holds
     integers or booleans and the value is a float (``int_tensor * 0.5`` is float32).
     """
+    kind = like.dtype.kind
+    if type(value) is float and kind == "f":  # the common case: no promotion, cached
+        return like, _scalar(value, like)
     if isinstance(value, (bool, int, float)):
-        kind = "b" if isinstance(value, bool) else "i" if isinstance(value, int) else "f"
+        vkind = "b" if isinstance(value, bool) else "i" if isinstance(value, int) else "f"
     else:
         value = like._backend.to_numpy(value) if hasattr(value, "__dlpack__") else value
-        kind = np.asarray(value).dtype.kind
-    if kind == "f" and like.dtype.kind != "f":
+        vkind = np.asarray(value).dtype.kind
+    if vkind == "f" and kind != "f":
         like = cast(like, dtypes.DEFAULT_FLOAT)
-    elif kind in "iu" and like.dtype.kind == "b":
+    elif vkind in "iu" and kind == "b":
         like = cast(like, dtypes.DEFAULT_INT)
+    if isinstance(value, (bool, int, float)):
+        return like, _scalar(value, like)
     backend = like._backend
     return like, Tensor._wrap(backend.asarray(value, like.dtype), backend)
 
 
+_BROADCAST: dict[tuple, tuple[int, ...]] = {}  # memo: a program broadcasts few shape pairs
+
+
 def broadcast_shapes(op: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
     """NumPy's broadcasting rule, with an error that names the op."""
+    out = _BROADCAST.get(shapes)
+    if out is not None:
+        return out
     ndim = builtins.max(len(s) for s in shapes)
-    out = []
+    dims = []
     for i in range(-ndim, 0):
         sizes = {s[i] for s in shapes if len(s) >= -i} - {1}
         if len(sizes) > 1:
@@ -63,31 +91,36 @@ def broadcast_shapes(op: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
                 f"{i} has sizes {sorted(sizes)}). Reshape an input so that each axis matches "
                 "or is 1."
             )
-        out.append(sizes.pop() if sizes else 1)
-    return tuple(out)
+        dims.append(sizes.pop() if sizes else 1)
+    if len(_BROADCAST) > 4096:
+        _BROADCAST.clear()
+    out = _BROADCAST[shapes] = tuple(dims)
+    return out
 
 
 def _operands(op: str, x: Any, y: Any) -> tuple[Tensor, Tensor]:
     """Two tensors of one dtype, broadcast to one shape where a transform needs it."""
-    if isinstance(x, Tensor) and isinstance(y, Tensor):
-        if x.dtype != y.dtype:  # booleans join the other operand's dtype; nothing else does
-            if x.dtype == dtypes.bool_:
-                x = cast(x, y.dtype)
-            elif y.dtype == dtypes.bool_:
-                y = cast(y, x.dtype)
-    elif isinstance(x, Tensor):
-        x, y = _constant(y, x)
+    if type(x) is Tensor:
+        if type(y) is Tensor:
+            if x.data.dtype != y.data.dtype:  # booleans join the other dtype; nothing else
+                if x.dtype == dtypes.bool_:
+                    x = cast(x, y.dtype)
+                elif y.dtype == dtypes.bool_:
+                    y = cast(y, x.dtype)
+        else:
+            x, y = _constant(y, x)
     elif isinstance(y, Tensor):
         y, x = _constant(x, y)
     else:
         raise TypeError(
             f"gpunet.{op}: expected a Tensor operand, got {type(x).__name__} and {type(y).__name__}"
         )
-    if x.data.shape != y.data.shape:
-        shape = broadcast_shapes(op, x.shape, y.shape)
-        if x.shape != shape and _tracked(x):
+    sx, sy = x.data.shape, y.data.shape
+    if sx != sy:
+        shape = broadcast_shapes(op, sx, sy)
+        if sx != shape and _tracked(x):
             x = broadcast_to(x, shape)
-        if y.shape != shape and _tracked(y):
+        if sy != shape and _tracked(y):
             y = broadcast_to(y, shape)
     return x, y
 
@@ -321,6 +354,35 @@ def argmax(x: Tensor, axis: int | None = None, keepdims: bool = False) -> Tensor
     if axis is not None:
         axis = normalize_axes(axis, x.ndim, "argmax")[0]
     return bind(P.argmax, x, axis=axis, keepdims=keepdims)
+
+
+def cross_entropy(logits: Tensor, labels: Any, reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy of logits (n, c) against integer labels (n,), fused:
+    logsumexp(z) - z[y] per row, then "mean", "sum" or "none"."""
+    if not isinstance(labels, Tensor):
+        labels = Tensor._wrap(logits._backend.asarray(labels, dtypes.DEFAULT_INT), logits._backend)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"gpunet.cross_entropy: reduction must be mean, sum or none, got "
+                         f"{reduction!r}")
+    if logits.ndim != 2 or labels.shape != logits.shape[:1] or labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"gpunet.cross_entropy: expected logits (n, c) and integer labels (n,), got logits "
+            f"{describe(logits)} and labels {describe(labels)}"
+        )
+    return bind(P.cross_entropy, logits, labels, reduction=reduction)
+
+
+def arange_like(x: Tensor, n: int) -> Tensor:
+    """0, 1, ..., n-1 as int64 on x's device."""
+    return Tensor._wrap(x._backend.arange(0, n, 1, dtypes.DEFAULT_INT), x._backend)
+
+
+def take_rows(x: Tensor, cols: Tensor) -> Tensor:
+    """x[i, cols[i]] for each row i of a matrix (differentiable in x)."""
+    n, c = x.shape
+    flat = Tensor._wrap(x._backend.add(x._backend.mul(arange_like(x, n).data, c), cols.data),
+                        x._backend)
+    return bind(P.take, reshape(x, (n * c,)), flat, axis=0)
 
 
 # ---------------------------------------------------------------------- shapes
@@ -558,6 +620,9 @@ def describe(t: Tensor) -> str:
 def matmul(x: Tensor, y: Tensor) -> Tensor:
     """x @ y with NumPy's rules: 1-d operands are vectors, leading axes broadcast."""
     x, y = _tensor_arg(x, "matmul"), _tensor_arg(y, "matmul")
+    sx, sy = x.data.shape, y.data.shape
+    if len(sx) == 2 == len(sy) and sx[1] == sy[0]:  # the common case, checked
+        return bind(P.matmul, x, y)
     if x.ndim == 0 or y.ndim == 0:
         raise ValueError("gpunet.matmul: operands must be at least 1-d; use * for scalars")
     k_y = y.shape[0] if y.ndim == 1 else y.shape[-2]

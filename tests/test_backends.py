@@ -166,6 +166,17 @@ CASES: list[tuple[str, tuple[np.ndarray, ...], dict[str, Any]]] = [
     ("concatenate", (X, Y, X[:1]), {"axis": 0}),
     ("concatenate", (X, Y), {"axis": 1}),
     ("matmul", (X, Y.T), {}),
+    *(
+        ("cross_entropy", (X, np.array([0, 3, 1])), {"reduction": r})
+        for r in ("mean", "sum", "none")
+    ),
+    ("cross_entropy_backward", (np.array(0.7), X, np.array([0, 3, 1])), {"reduction": "mean"}),
+    ("cross_entropy_backward", (np.array(1.5), X, np.array([2, 2, 1])), {"reduction": "sum"}),
+    (
+        "cross_entropy_backward",
+        (np.array([1.0, -2.0, 0.5]), X, np.array([0, 3, 1])),
+        {"reduction": "none"},
+    ),
     ("matmul", (gen().standard_normal((2, 3, 4)), gen().standard_normal((2, 4, 5))), {}),
 ]
 

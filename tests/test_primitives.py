@@ -359,6 +359,41 @@ def _matmul(draw: Draw) -> Case:
     return Case(ops.matmul, [x, y], np.matmul)
 
 
+def _ce_reference(z: np.ndarray, labels: np.ndarray, reduction: str) -> np.ndarray:
+    nll = scipy.special.logsumexp(z, axis=1) - z[np.arange(len(labels)), labels]
+    return {"none": nll, "sum": nll.sum(), "mean": nll.mean() if len(nll) else np.nan}[reduction]
+
+
+@spec("cross_entropy")
+def _cross_entropy(draw: Draw) -> Case:
+    r = rng(draw)
+    n, c = draw(st.integers(1, 5)), draw(st.integers(1, 4))
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    labels = r.integers(0, c, n)
+    y = gpunet.tensor(labels)
+    return Case(lambda z: ops.cross_entropy(z, y, reduction), [uniform(r, (n, c), -4, 4)],
+                lambda z: _ce_reference(z, labels, reduction))
+
+
+@spec("cross_entropy_backward")
+def _cross_entropy_backward(draw: Draw) -> Case:
+    r = rng(draw)
+    n, c = draw(st.integers(1, 5)), draw(st.integers(1, 4))
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    labels = r.integers(0, c, n)
+    y = gpunet.tensor(labels)
+
+    def ref(g: np.ndarray, z: np.ndarray) -> np.ndarray:
+        p = scipy.special.softmax(z, axis=1) - np.eye(c)[labels]
+        if reduction == "none":
+            return p * g[:, None]
+        return p * (g / n if reduction == "mean" else g)
+
+    g = uniform(r, (n,) if reduction == "none" else (), -2, 2)
+    return Case(lambda gt, z: bind(P.cross_entropy_backward, gt, z, y, reduction=reduction),
+                [g, uniform(r, (n, c), -4, 4)], ref)
+
+
 # ---------------------------------------------------------------------- the checks
 def test_every_primitive_has_a_spec_and_rules() -> None:
     missing = sorted(set(P.REGISTRY) - set(SPECS))

@@ -187,6 +187,31 @@ class ArrayBackend:
             else xp.reshape(out, tuple(n for i, n in enumerate(out.shape) if i not in axis))
         )
 
+    # ---------------------------------------------------------------- fused losses
+    def cross_entropy(self, logits: Array, labels: Array, *, reduction: str) -> Array:
+        """logsumexp(z) - z[y] per row of logits z (n, c), then mean, sum or none."""
+        xp = self.xp
+        lse = self.logsumexp(logits, axis=(1,), keepdims=False)
+        picked = xp.take_along_axis(logits, xp.reshape(labels, (-1, 1)), axis=1)
+        nll = lse - xp.reshape(picked, (-1,))
+        if reduction == "none":
+            return nll
+        total = xp.sum(nll)
+        return total / logits.shape[0] if reduction == "mean" else total
+
+    def cross_entropy_backward(
+        self, g: Array, logits: Array, labels: Array, *, reduction: str
+    ) -> Array:
+        """(softmax(z) - onehot(y)) times the upstream gradient of each row."""
+        xp = self.xp
+        n, c = logits.shape
+        p = xp.exp(logits - self.logsumexp(logits, axis=(1,), keepdims=True))
+        onehot = xp.reshape(labels, (-1, 1)) == xp.arange(c, dtype=labels.dtype)
+        p = p - xp.astype(onehot, p.dtype)
+        if reduction == "none":
+            return p * xp.reshape(g, (n, 1))
+        return p * (g / n if reduction == "mean" else g)
+
     # ---------------------------------------------------------------- shapes and indexing
     def broadcast_to(self, x: Array, *, shape: Shape) -> Array:
         return self.xp.broadcast_to(x, shape)

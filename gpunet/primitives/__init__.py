@@ -27,6 +27,7 @@ from .elementwise import (
     where,
 )
 from .linalg import matmul
+from .losses import cross_entropy, cross_entropy_backward
 from .nn import relu, sigmoid
 from .reduce import logsumexp, max, sum
 from .shape import (
@@ -52,6 +53,8 @@ __all__ = [
     "cast",
     "compare",
     "concatenate",
+    "cross_entropy",
+    "cross_entropy_backward",
     "copy",
     "device_put",
     "div",

@@ -9,18 +9,20 @@ from __future__ import annotations
 import builtins
 
 from .. import ops
+from ..autodiff import bind
 from .card import LINEAR, NONDIFF, primitive
+from .reduce import sum as P_sum
 
 
 def _unbroadcast(g, shape):  # type: ignore[no-untyped-def]
     """Sum g over the axes broadcast_to added or stretched: the one unbroadcast rule."""
     lead = g.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(
-        lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1
-    )
-    if axes:
-        g = ops.sum(g, axes, keepdims=True)
-    return ops.reshape(g, shape) if g.shape != shape else g
+    if lead:  # new leading axes go away without keepdims: no reshape, no view
+        g = bind(P_sum, g, axis=tuple(range(lead)), keepdims=False)
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if stretched:
+        g = bind(P_sum, g, axis=stretched, keepdims=True)
+    return g
 
 
 broadcast_to = primitive(
