@@ -8,6 +8,7 @@ devices and random numbers.
 __version__ = "0.1.0"
 
 from . import primitives
+from .activations import elu, erf, gelu, leaky_relu, silu, softplus
 from .autodiff import (
     detect_anomaly,
     enable_grad,
@@ -15,7 +16,7 @@ from .autodiff import (
     no_grad,
     set_grad_enabled,
 )
-from .backend import Device, default_device, device, get_backend, info, use_device
+from .backend import Device, default_device, device, get_backend, info, use_device, warmup
 from .creation import (
     arange,
     as_tensor,
@@ -85,7 +86,9 @@ __all__ = [
     "default_device",
     "detect_anomaly",
     "device",
+    "elu",
     "enable_grad",
+    "erf",
     "exp",
     "eye",
     "flatten",
@@ -95,6 +98,7 @@ __all__ = [
     "from_dlpack",
     "full",
     "full_like",
+    "gelu",
     "get_backend",
     "grad",
     "gradcheck",
@@ -105,6 +109,7 @@ __all__ = [
     "int64",
     "is_grad_enabled",
     "jvp",
+    "leaky_relu",
     "log",
     "log1p",
     "log_softmax",
@@ -127,7 +132,9 @@ __all__ = [
     "reshape",
     "set_grad_enabled",
     "sigmoid",
+    "silu",
     "softmax",
+    "softplus",
     "sqrt",
     "squeeze",
     "stack",
@@ -141,6 +148,7 @@ __all__ = [
     "value_and_grad",
     "var",
     "vjp",
+    "warmup",
     "where",
     "zeros",
     "zeros_like",

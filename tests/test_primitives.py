@@ -98,6 +98,49 @@ unary("sign", ops.sign, np.sign, away_from_zero)
 unary("isfinite", ops.isfinite, np.isfinite, lambda r, s: uniform(r, s, -3, 3))
 unary("stop_gradient", ops.stop_gradient, lambda x: x, lambda r, s: uniform(r, s, -3, 3))
 
+# ---------------------------------------------------------------------- activations (nn.py)
+unary("silu", gpunet.silu, lambda x: x * scipy.special.expit(x), lambda r, s: uniform(r, s, -5, 5))
+unary("erf", gpunet.erf, scipy.special.erf, lambda r, s: uniform(r, s, -3, 3))
+
+
+def activation(name: str, params: list, fn: Callable, ref: Callable, values: Callable) -> None:
+    """A spec drawing the activation's parameter too: fn(t, p), ref(x, p)."""
+
+    @spec(name)
+    def _(draw: Draw) -> Case:
+        r, p = rng(draw), draw(st.sampled_from(params))
+        return Case(lambda t: fn(t, p), [values(r, shapes(draw))], lambda x: ref(x, p))
+
+
+def _gelu_ref(x: np.ndarray, approximate: str) -> np.ndarray:
+    if approximate == "none":
+        return x * scipy.special.ndtr(x)
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+activation(  # a negative slope keeps x instead of y: both paths
+    "leaky_relu",
+    [0.01, 0.2, -0.3],
+    gpunet.leaky_relu,
+    lambda x, a: np.where(x > 0, x, a * x),
+    away_from_zero,
+)
+activation(
+    "elu",
+    [1.0, 0.5, -0.5],
+    gpunet.elu,
+    lambda x, a: np.where(x > 0, x, a * np.expm1(x)),
+    away_from_zero,
+)
+activation(
+    "softplus",
+    [1.0, 0.5, 3.0],
+    gpunet.softplus,
+    lambda x, b: np.logaddexp(0.0, b * x) / b,
+    lambda r, s: uniform(r, s, -5, 5),
+)
+activation("gelu", ["none", "tanh"], gpunet.gelu, _gelu_ref, lambda r, s: uniform(r, s, -4, 4))
+
 
 def binary(name: str, fn: Callable, ref: Callable, values: Callable) -> None:
     @spec(name)

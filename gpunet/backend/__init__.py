@@ -28,6 +28,7 @@ __all__ = [
     "get_backend",
     "register_backend",
     "use_device",
+    "warmup",
 ]
 
 
@@ -159,6 +160,21 @@ def get_backend(dev: str | Device) -> ArrayBackend:
 
     backend = _backends[dev] = CupyBackend(dev)
     return backend
+
+
+def warmup(dev: str | Device | None = None) -> bool:
+    """Compile the fused CUDA kernels now instead of at their first use: for ``dev``, else
+    for the default device if it is a GPU, else for cuda:0 if a GPU answers. Returns whether
+    kernels were compiled; on a machine without a GPU it does nothing, quietly."""
+    if dev is None:
+        if not probe_cuda().available:
+            return False
+        d = default_device()
+        d = d if d.type == "cuda" else Device("cuda", 0)
+    else:
+        d = device(dev)
+    get_backend(d).warmup()
+    return d.type == "cuda"
 
 
 _auto: Device | None = None

@@ -70,3 +70,144 @@ class CupyBackend(ArrayBackend):
             )
             cupyx.scatter_add(out, (slice(None),) * axis + (indices,), g)
         return out
+
+    # ---------------------------------------------------------------- fused kernels
+    # Launched through kernels.py for the dtypes that have kernels (float16/32/64; float32
+    # for the optimizer updates); anything else takes the generic path.
+    @property
+    def kernels(self) -> Any:
+        k = getattr(self, "_kernels", None)
+        if k is None:
+            from .kernels import CupyKernels
+
+            k = self._kernels = CupyKernels(self.cupy, self._cuda_device)
+        return k
+
+    def warmup(self) -> None:
+        with self._cuda_device:
+            self.kernels.compile_all()
+
+    def erf(self, x: Array) -> Array:
+        import cupyx.scipy.special
+
+        with self._cuda_device:
+            return cupyx.scipy.special.erf(x)
+
+    def activation(self, x: Array, *, name: str, alpha: float = 0.0) -> Array:
+        if not self.kernels.supports(x):
+            return super().activation(x, name=name, alpha=alpha)
+        with self._cuda_device:
+            return self.kernels.activation(x, name, alpha)
+
+    def activation_backward(
+        self,
+        g: Array,
+        saved: Array,
+        *,
+        name: str,
+        alpha: float = 0.0,
+        from_output: bool = False,
+        out: Array | None = None,
+    ) -> Array:
+        if not self.kernels.supports(g, saved, *(() if out is None else (out,))):
+            return super().activation_backward(
+                g, saved, name=name, alpha=alpha, from_output=from_output, out=out
+            )
+        with self._cuda_device:
+            return self.kernels.activation_backward(g, saved, name, alpha, from_output, out)
+
+    def bias_activation(
+        self,
+        x: Array,
+        b: Array,
+        *,
+        name: str,
+        alpha: float = 0.0,
+        keep_preactivation: bool = False,
+    ) -> tuple[Array, Array | None]:
+        if not self.kernels.supports(x, b):
+            return super().bias_activation(
+                x, b, name=name, alpha=alpha, keep_preactivation=keep_preactivation
+            )
+        with self._cuda_device:
+            return self.kernels.bias_activation(x, b, name, alpha, keep_preactivation)
+
+    def sgd_update(
+        self,
+        param: Array,
+        grad: Array,
+        momentum_buf: Array | None,
+        *,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        first_step: bool = False,
+    ) -> None:
+        if param.dtype != np.float32:
+            return super().sgd_update(
+                param,
+                grad,
+                momentum_buf,
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+                first_step=first_step,
+            )
+        with self._cuda_device:
+            self.kernels.sgd_update(
+                param,
+                grad,
+                momentum_buf,
+                lr,
+                momentum,
+                dampening,
+                nesterov,
+                weight_decay,
+                first_step,
+            )
+        return None
+
+    def adam_update(
+        self,
+        param: Array,
+        grad: Array,
+        m: Array,
+        v: Array,
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+        step: int,
+    ) -> None:
+        if param.dtype != np.float32:
+            return super().adam_update(
+                param,
+                grad,
+                m,
+                v,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                decoupled=decoupled,
+                step=step,
+            )
+        with self._cuda_device:
+            self.kernels.adam_update(
+                param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step
+            )
+        return None
+
+    def grad_norm(self, x: Array) -> Array:
+        if x.dtype != np.float32:
+            return super().grad_norm(x)
+        with self._cuda_device:
+            return self.kernels.grad_norm(x)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .fused import FusedOps
+
 Array = Any
 Shape = tuple[int, ...]
 Axes = tuple[int, ...]
@@ -33,8 +35,9 @@ def _full_key(key: tuple) -> tuple:
     return key if any(k is Ellipsis for k in key) else (*key, Ellipsis)
 
 
-class ArrayBackend:
-    """Raw-array operations for one device, through an array-API namespace ``xp``."""
+class ArrayBackend(FusedOps):
+    """Raw-array operations for one device, through an array-API namespace ``xp``; the fused
+    activations and optimizer updates come from ``FusedOps`` (fused.py)."""
 
     name = "generic"
 
@@ -107,16 +110,6 @@ class ArrayBackend:
 
     def sign(self, x: Array) -> Array:
         return self.xp.sign(x)
-
-    def sigmoid(self, x: Array) -> Array:
-        """sigmoid(x) = 1 / (1 + exp(-x)), through z = exp(-|x|) so nothing overflows."""
-        xp = self.xp
-        z = xp.exp(-xp.abs(x))
-        return xp.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
-
-    def relu(self, x: Array) -> Array:
-        """relu(x) = max(x, 0); NaN propagates."""
-        return self.xp.maximum(x, self.xp.zeros((), dtype=x.dtype))
 
     # ---------------------------------------------------------------- binary elementwise
     def add(self, x: Array, y: Array) -> Array:

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from .generic import Array, ArrayBackend, Axes, Shape
+from .numpy_fused import NumpyFusedOps
 
 
-class NumpyBackend(ArrayBackend):
+class NumpyBackend(NumpyFusedOps, ArrayBackend):
     name = "numpy"
 
     def __init__(self, device: object) -> None:
@@ -28,18 +29,6 @@ class NumpyBackend(ArrayBackend):
         if kind == "normal":
             return rng.standard_normal(shape, dtype=np.dtype(dtype))
         return rng.random(shape, dtype=np.dtype(dtype))
-
-    def sigmoid(self, x: Array) -> Array:
-        """sigmoid(x) through z = exp(-|x|): x >= 0 -> 1/(1+z), else z/(1+z); two temporaries."""
-        z = np.abs(x, out=np.empty_like(x))  # out= keeps 0-d results arrays
-        np.negative(z, out=z)
-        np.exp(z, out=z)
-        den = np.add(z, 1.0, out=np.empty_like(z))
-        np.copyto(z, 1.0, where=x >= 0)  # z is now the numerator
-        return np.divide(z, den, out=den)
-
-    def relu(self, x: Array) -> Array:
-        return np.maximum(x, np.zeros((), x.dtype))
 
     def logsumexp(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
         """The generic formula with one temporary, updated in place."""

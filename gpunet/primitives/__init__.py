@@ -28,7 +28,7 @@ from .elementwise import (
 )
 from .linalg import matmul
 from .losses import cross_entropy, cross_entropy_backward
-from .nn import relu, sigmoid
+from .nn import elu, erf, gelu, leaky_relu, relu, sigmoid, silu, softplus
 from .reduce import logsumexp, max, sum
 from .shape import (
     broadcast_to,
@@ -58,8 +58,12 @@ __all__ = [
     "copy",
     "device_put",
     "div",
+    "elu",
+    "erf",
     "exp",
+    "gelu",
     "isfinite",
+    "leaky_relu",
     "log",
     "log1p",
     "logsumexp",
@@ -76,8 +80,10 @@ __all__ = [
     "scatter_add",
     "sigmoid",
     "sign",
+    "silu",
     "slice",
     "slice_transpose",
+    "softplus",
     "sqrt",
     "stop_gradient",
     "sub",

@@ -1,0 +1,55 @@
+"""Activation functions with PyTorch's names and defaults, each one primitive: one fused
+kernel forward and one fused backward pass on CUDA (``relu``, ``sigmoid`` and ``tanh`` are in
+``gpunet.ops``). The formulas, in their stable forms, are in ``kernels/activations.cuh``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import primitives as P
+from .autodiff import bind
+from .backend.fused import gelu_name
+from .tensor import Tensor
+
+
+def _float_tensor(x: Any, op: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"gpunet.{op}: expected a Tensor, got {type(x).__name__}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"gpunet.{op}: expected a floating tensor, got {x.dtype}")
+    return x
+
+
+def leaky_relu(x: Tensor, negative_slope: float = 0.01) -> Tensor:
+    """x for x > 0, else negative_slope * x."""
+    return bind(P.leaky_relu, _float_tensor(x, "leaky_relu"), negative_slope=float(negative_slope))
+
+
+def elu(x: Tensor, alpha: float = 1.0) -> Tensor:
+    """x for x > 0, else alpha * (exp(x) - 1) (through expm1)."""
+    return bind(P.elu, _float_tensor(x, "elu"), alpha=float(alpha))
+
+
+def softplus(x: Tensor, beta: float = 1.0) -> Tensor:
+    """log(1 + exp(beta x)) / beta, computed as (max(beta x, 0) + log1p(exp(-|beta x|))) /
+    beta: finite for every x, with no switch to the identity (PyTorch's ``threshold``)."""
+    if not beta > 0:
+        raise ValueError(f"gpunet.softplus: beta must be positive, got {beta}")
+    return bind(P.softplus, _float_tensor(x, "softplus"), beta=float(beta))
+
+
+def silu(x: Tensor) -> Tensor:
+    """x * sigmoid(x) (swish)."""
+    return bind(P.silu, _float_tensor(x, "silu"))
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """x * Phi(x), Phi the standard normal CDF (exact, through erfc), or with
+    ``approximate="tanh"`` x * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2."""
+    gelu_name(approximate)  # validates
+    return bind(P.gelu, _float_tensor(x, "gelu"), approximate=approximate)
+
+
+def erf(x: Tensor) -> Tensor:
+    """The error function, 2/sqrt(pi) * integral_0^x exp(-t^2) dt."""
+    return bind(P.erf, _float_tensor(x, "erf"))

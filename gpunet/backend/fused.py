@@ -1,0 +1,400 @@
+"""Fused elementwise ops, written once against the array API: activations (forward, backward
+``dx = g * f'``, bias + activation) and the optimizer updates over flat buffers.
+
+``kernels/activations.cuh`` is the source of truth for the formulas; every ``_f_*`` (f),
+``_df_*`` (f' from x) and ``_dfy_*`` (f' from the output y) below is the same expression,
+operation for operation, in the same stable form. This generic version runs on
+array-api-strict (so it calls nothing NumPy-only) and is CuPy's fallback for dtypes without a
+kernel; NumPy overrides the formulas with in-place versions (``numpy_fused.py``), CuPy the
+public ops with kernel launches (``kernels.py``).
+
+An activation is named by its kernel name (``ACTIVATIONS``) and one scalar ``alpha``: the
+negative slope of leaky_relu, ELU's alpha, softplus's beta; the others ignore it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+Array = Any
+
+ACTIVATIONS = (
+    "relu",
+    "leaky_relu",
+    "elu",
+    "sigmoid",
+    "tanh",
+    "softplus",
+    "silu",
+    "gelu",
+    "gelu_tanh",
+)
+FROM_OUTPUT = frozenset({"relu", "leaky_relu", "elu", "sigmoid", "tanh"})  # f' from y exists
+
+# The constants exactly as activations.cuh spells them (so both round them alike).
+NEG_SQRT1_2 = -0.70710678118654752440  # -1/sqrt(2)
+INV_SQRT_2PI = 0.39894228040143267794  # 1/sqrt(2 pi)
+TWO_K = 2 * 0.79788456080286535588  # 2 sqrt(2/pi)
+GELU_C = 0.044715
+THREE_C = 3 * 0.044715
+
+
+def check_activation(name: str, from_output: bool = False) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    if from_output and name not in FROM_OUTPUT:
+        raise ValueError(
+            f"{name} has no derivative in terms of its output; pass its input "
+            f"(from_output=False). From the output: {', '.join(sorted(FROM_OUTPUT))}"
+        )
+
+
+def gelu_name(approximate: str) -> str:
+    """The activation behind ``gelu(x, approximate=...)``: "none" (exact, erf) or "tanh"."""
+    if approximate == "none":
+        return "gelu"
+    if approximate == "tanh":
+        return "gelu_tanh"
+    raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def adam_scalars(
+    lr: float, beta1: float, beta2: float, weight_decay: float, decoupled: bool, step: int
+) -> tuple[float, float, float, float]:
+    """(l2, decay, step_size, bc2_sqrt) for Adam step ``step`` (from 1), in double precision:
+    the L2 term added to the gradient (Adam), the factor p is scaled by first (AdamW:
+    1 - lr wd), lr / (1 - beta1^t), and sqrt(1 - beta2^t)."""
+    if step < 1:
+        raise ValueError(f"adam_update: step counts from 1, got {step}")
+    l2 = 0.0 if decoupled else weight_decay
+    decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    return l2, decay, lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
+
+
+def check_flat(op: str, param: Array, *others: Array | None) -> None:
+    """Optimizer buffers: one shape and one dtype, updated in place."""
+    for o in others:
+        if o is not None and (o.shape != param.shape or o.dtype != param.dtype):
+            raise ValueError(
+                f"{op}: every buffer must match the parameter ({param.dtype} {param.shape}), "
+                f"got {o.dtype} {o.shape}"
+            )
+
+
+# Craig's formula erfc(u) = (2/pi) int_0^(pi/2) exp(-u^2 / sin^2 t) dt: the integrand is flat
+# at both ends, so the midpoint rule converges geometrically (96 nodes: < 2e-14 relative for
+# u >= 0.5, to the end of the double range).
+_CRAIG_WEIGHTS = tuple(-1.0 / math.sin((k + 0.5) * (math.pi / 2) / 96) ** 2 for k in range(96))
+
+
+class FusedOps:
+    """Activations and optimizer updates through ``self.xp`` (mixed into ArrayBackend)."""
+
+    xp: Any
+
+    # ---------------------------------------------------------------- primitive forwards
+    def relu(self, x: Array) -> Array:
+        """relu(x) = max(x, 0); NaN propagates."""
+        return self.activation(x, name="relu")
+
+    def sigmoid(self, x: Array) -> Array:
+        """sigmoid(x) = exp(min(x, 0)) / (1 + exp(-|x|)): no exponent is ever positive."""
+        return self.activation(x, name="sigmoid")
+
+    def leaky_relu(self, x: Array, *, negative_slope: float) -> Array:
+        return self.activation(x, name="leaky_relu", alpha=negative_slope)
+
+    def elu(self, x: Array, *, alpha: float) -> Array:
+        return self.activation(x, name="elu", alpha=alpha)
+
+    def softplus(self, x: Array, *, beta: float) -> Array:
+        return self.activation(x, name="softplus", alpha=beta)
+
+    def silu(self, x: Array) -> Array:
+        return self.activation(x, name="silu")
+
+    def gelu(self, x: Array, *, approximate: str) -> Array:
+        return self.activation(x, name=gelu_name(approximate))
+
+    def erf(self, x: Array) -> Array:
+        """erf(x): a series for |x| < 1/2, 1 - erfc(|x|) (Craig's formula) beyond."""
+        xp = self.xp
+        tail = self._erfc_tail(xp.abs(x))
+        small = self._erf_series(x)
+        return xp.where(xp.abs(x) < 0.5, small, xp.sign(x) * (1.0 - tail))
+
+    # ---------------------------------------------------------------- the fused ops
+    def activation(self, x: Array, *, name: str, alpha: float = 0.0) -> Array:
+        """f(x) for the activation ``name`` (kernels/activations.cuh), one pass on CUDA."""
+        check_activation(name)
+        return getattr(self, "_f_" + name)(x, alpha)
+
+    def activation_backward(
+        self,
+        g: Array,
+        saved: Array,
+        *,
+        name: str,
+        alpha: float = 0.0,
+        from_output: bool = False,
+        out: Array | None = None,
+    ) -> Array:
+        """dx = g * f'(x) from the input x, or from the output y = f(x) when
+        ``from_output``; one pass on CUDA. ``out`` may be ``g`` (in place) or a fresh array."""
+        check_activation(name, from_output)
+        df = getattr(self, ("_dfy_" if from_output else "_df_") + name)(saved, alpha)
+        dx = g * df
+        if out is None:
+            return dx
+        out[...] = dx
+        return out
+
+    def bias_activation(
+        self,
+        x: Array,
+        b: Array,
+        *,
+        name: str,
+        alpha: float = 0.0,
+        keep_preactivation: bool = False,
+    ) -> tuple[Array, Array | None]:
+        """(f(x + b), x + b or None) for x of shape (batch, features), b of shape (features,):
+        one pass on CUDA. Keep the pre-activation only when the backward needs it (it does
+        for the activations without a derivative from the output)."""
+        check_activation(name)
+        if x.ndim != 2 or b.shape != (x.shape[1],):
+            raise ValueError(
+                f"bias_activation: x must be (batch, features) and b (features,), got "
+                f"{x.shape} and {b.shape}"
+            )
+        pre = x + b
+        return self.activation(pre, name=name, alpha=alpha), pre if keep_preactivation else None
+
+    def sgd_update(
+        self,
+        param: Array,
+        grad: Array,
+        momentum_buf: Array | None,
+        *,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        first_step: bool = False,
+    ) -> None:
+        """One SGD step in place, as torch.optim.SGD: d = g + wd p; with momentum,
+        buf = d on the first step, else momentum buf + (1 - dampening) d, and d = d +
+        momentum buf (Nesterov) or buf; p -= lr d. ``momentum_buf`` may be None without
+        momentum. One kernel over the flat buffers on CUDA (float32)."""
+        check_flat("sgd_update", param, grad, momentum_buf)
+        if momentum != 0.0 and momentum_buf is None:
+            raise ValueError("sgd_update: momentum needs a momentum buffer")
+        s = self._scalars(param)
+        d = grad
+        if weight_decay != 0.0:
+            d = param * s(weight_decay)
+            d += grad
+        if momentum != 0.0:
+            if first_step:
+                momentum_buf[...] = d
+            else:
+                momentum_buf *= s(momentum)
+                momentum_buf += (s(1.0) - s(dampening)) * d
+            d = d + s(momentum) * momentum_buf if nesterov else momentum_buf
+        param -= s(lr) * d
+
+    def adam_update(
+        self,
+        param: Array,
+        grad: Array,
+        m: Array,
+        v: Array,
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+        step: int,
+    ) -> None:
+        """One Adam (``decoupled=False``: L2 added to the gradient) or AdamW step in place,
+        as torch.optim: m = beta1 m + (1 - beta1) g, v = beta2 v + (1 - beta2) g^2,
+        p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps). One kernel over
+        the flat buffers on CUDA (float32)."""
+        check_flat("adam_update", param, grad, m, v)
+        l2, decay, step_size, bc2_sqrt = adam_scalars(
+            lr, beta1, beta2, weight_decay, decoupled, step
+        )
+        s = self._scalars(param)
+        one, b1, b2 = s(1.0), s(beta1), s(beta2)
+        gi = grad
+        if l2 != 0.0:
+            gi = param * s(l2)
+            gi += grad
+        if decay != 1.0:
+            param *= s(decay)
+        m *= b1
+        m += (one - b1) * gi
+        t = (one - b2) * gi
+        t *= gi
+        v *= b2
+        v += t
+        denom = self.xp.sqrt(v)
+        denom /= s(bc2_sqrt)
+        denom += s(eps)
+        t = m / denom
+        t *= s(step_size)
+        param -= t
+
+    def grad_norm(self, x: Array) -> Array:
+        """The global L2 norm of a flat buffer, a 0-d array of its dtype (summed in float64;
+        a two-stage reduction on CUDA)."""
+        xp = self.xp
+        x64 = xp.astype(xp.reshape(x, (-1,)), xp.float64)
+        return xp.astype(xp.sqrt(xp.sum(x64 * x64)), x.dtype)
+
+    def warmup(self) -> None:
+        """Compile the fused kernels ahead of their first use (nothing to do off CUDA)."""
+
+    # ---------------------------------------------------------------- helpers
+    def _scalars(self, like: Array) -> Any:
+        """A maker of 0-d arrays of ``like``'s dtype: the kernels compute their scalar
+        expressions (1 - beta1, ...) in the buffer's precision, and so must we."""
+        xp, dtype = self.xp, like.dtype
+        return lambda value: xp.asarray(value, dtype=dtype)
+
+    def _max0(self, x: Array) -> Array:
+        return self.xp.maximum(x, self.xp.zeros((), dtype=x.dtype))
+
+    def _min0(self, x: Array) -> Array:
+        return self.xp.minimum(x, self.xp.zeros((), dtype=x.dtype))
+
+    def _pos(self, x: Array) -> Array:
+        return self.xp.astype(x > 0, x.dtype)
+
+    def _nonpos(self, x: Array) -> Array:
+        return self.xp.astype(x <= 0, x.dtype)
+
+    def _erf_series(self, x: Array) -> Array:
+        """erf(x) = 2/sqrt(pi) sum (-1)^n x^(2n+1) / (n! (2n+1)), for |x| <= 1/2 (x clipped)."""
+        xp = self.xp
+        x = xp.clip(x, -0.5, 0.5)
+        x2 = x * x
+        power, total = x, x
+        for n in range(1, 20):
+            power = power * x2 * (-1.0 / n)
+            total = total + power * (1.0 / (2 * n + 1))
+        return total * 1.1283791670955126  # 2/sqrt(pi)
+
+    def _erfc_tail(self, u: Array) -> Array:
+        """erfc(u) for u >= 1/2 (u raised to 1/2 below), by Craig's formula."""
+        xp = self.xp
+        u2 = xp.maximum(u, xp.full((), 0.5, dtype=u.dtype))
+        u2 = u2 * u2
+        total = xp.zeros_like(u2)
+        for w in _CRAIG_WEIGHTS:
+            total = total + xp.exp(u2 * w)
+        return total * (1.0 / len(_CRAIG_WEIGHTS))
+
+    def _erfc(self, x: Array) -> Array:
+        """erfc(x) without cancellation: Craig's formula for |x| >= 1/2, 1 - series within."""
+        xp = self.xp
+        tail = self._erfc_tail(xp.abs(x))
+        inner = 1.0 - self._erf_series(x)
+        return xp.where(x >= 0.5, tail, xp.where(x <= -0.5, 2.0 - tail, inner))
+
+    # ---------------------------------------------------------------- the formulas
+    # f, f' and f' from y for each activation; activations.cuh has the reasoning.
+    def _f_relu(self, x: Array, a: float) -> Array:
+        return self._max0(x)
+
+    def _df_relu(self, x: Array, a: float) -> Array:
+        return self._pos(x)
+
+    def _dfy_relu(self, y: Array, a: float) -> Array:
+        return self._pos(y)
+
+    def _f_leaky_relu(self, x: Array, a: float) -> Array:
+        return self._max0(x) + a * self._min0(x)
+
+    def _df_leaky_relu(self, x: Array, a: float) -> Array:
+        return self._pos(x) + a * self._nonpos(x)
+
+    def _dfy_leaky_relu(self, y: Array, a: float) -> Array:
+        return self._pos(y) + a * self._nonpos(y)
+
+    def _f_elu(self, x: Array, a: float) -> Array:
+        return self._max0(x) + a * self.xp.expm1(self._min0(x))
+
+    def _df_elu(self, x: Array, a: float) -> Array:
+        return self._pos(x) + self._nonpos(x) * (a * self.xp.exp(self._min0(x)))
+
+    def _dfy_elu(self, y: Array, a: float) -> Array:
+        return self._pos(y) + self._nonpos(y) * (y + a)
+
+    def _f_sigmoid(self, x: Array, a: float) -> Array:
+        xp = self.xp
+        return xp.exp(self._min0(x)) / (1.0 + xp.exp(-xp.abs(x)))
+
+    def _df_sigmoid(self, x: Array, a: float) -> Array:
+        xp = self.xp
+        z = xp.exp(-xp.abs(x))
+        d = 1.0 + z
+        return z / (d * d)
+
+    def _dfy_sigmoid(self, y: Array, a: float) -> Array:
+        return y * (1.0 - y)
+
+    def _f_tanh(self, x: Array, a: float) -> Array:
+        return self.xp.tanh(x)
+
+    def _df_tanh(self, x: Array, a: float) -> Array:
+        t = self.xp.tanh(x)
+        return 1.0 - t * t
+
+    def _dfy_tanh(self, y: Array, a: float) -> Array:
+        return 1.0 - y * y
+
+    def _f_softplus(self, x: Array, a: float) -> Array:
+        xp = self.xp
+        u = a * x
+        return (self._max0(u) + xp.log1p(xp.exp(-xp.abs(u)))) / a
+
+    def _df_softplus(self, x: Array, a: float) -> Array:
+        return self._f_sigmoid(a * x, a)
+
+    def _f_silu(self, x: Array, a: float) -> Array:
+        return x * self._f_sigmoid(x, a)
+
+    def _df_silu(self, x: Array, a: float) -> Array:
+        xp = self.xp
+        d = 1.0 + xp.exp(-xp.abs(x))
+        s = xp.exp(self._min0(x)) / d
+        sm = xp.exp(-self._max0(x)) / d
+        return s * (1.0 + x * sm)
+
+    def _f_gelu(self, x: Array, a: float) -> Array:
+        return x * (0.5 * self._erfc(x * NEG_SQRT1_2))
+
+    def _df_gelu(self, x: Array, a: float) -> Array:
+        cdf = 0.5 * self._erfc(x * NEG_SQRT1_2)
+        pdf = INV_SQRT_2PI * self.xp.exp(-0.5 * x * x)
+        return cdf + x * pdf
+
+    def _gelu_tanh_u2(self, x: Array) -> Array:
+        return TWO_K * (x + GELU_C * x * x * x)
+
+    def _f_gelu_tanh(self, x: Array, a: float) -> Array:
+        return x * self._f_sigmoid(self._gelu_tanh_u2(x), a)
+
+    def _df_gelu_tanh(self, x: Array, a: float) -> Array:
+        xp = self.xp
+        u2 = self._gelu_tanh_u2(x)
+        d = 1.0 + xp.exp(-xp.abs(u2))
+        s = xp.exp(self._min0(u2)) / d
+        sm = xp.exp(-self._max0(u2)) / d
+        du2 = TWO_K * (1.0 + THREE_C * x * x)
+        return s * (1.0 + x * sm * du2)

@@ -1,0 +1,221 @@
+"""The fused activation ops on NumPy: kernels/activations.cuh, formula for formula, in place.
+
+Each formula is the CUDA one, operation for operation and in the same order, so the CPU and
+the GPU compute the same floating-point expression (the kernel tests hold the g++-compiled
+kernels to these bit for bit where the math is exact, to 1e-6 where libm differs). Every
+array here is fresh (``out=``, then in place): inputs are never written, and a backward
+``dx = g * f'`` allocates f' once and multiplies g into it. Selects on the sign of x are
+``np.maximum``/``np.minimum``/comparisons, never ``np.where`` (a select on a random mask
+costs ten passes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import scipy.special
+
+from .fused import GELU_C, INV_SQRT_2PI, NEG_SQRT1_2, THREE_C, TWO_K, FusedOps, check_activation
+
+Array = Any
+
+
+def _new(x: np.ndarray) -> np.ndarray:
+    return np.empty_like(x)  # out= into it keeps 0-d results arrays
+
+
+class NumpyFusedOps(FusedOps):
+    """NumPy overrides of the generic fused ops (mixed into NumpyBackend)."""
+
+    def erf(self, x: Array) -> Array:
+        return scipy.special.erf(x, out=_new(x))
+
+    def activation_backward(
+        self,
+        g: Array,
+        saved: Array,
+        *,
+        name: str,
+        alpha: float = 0.0,
+        from_output: bool = False,
+        out: Array | None = None,
+    ) -> Array:
+        check_activation(name, from_output)
+        df = getattr(self, ("_dfy_" if from_output else "_df_") + name)(saved, alpha)
+        return np.multiply(df, g, out=df if out is None else out)
+
+    def grad_norm(self, x: Array) -> Array:
+        flat = x.reshape(-1)
+        total, chunk = 0.0, 1 << 16  # float64 squares, one chunk at a time
+        for start in range(0, flat.size, chunk):
+            part = flat[start : start + chunk].astype(np.float64)
+            total += float(np.dot(part, part))
+        return np.asarray(math.sqrt(total), dtype=x.dtype)
+
+    # ---------------------------------------------------------------- the formulas
+    def _f_relu(self, x: Array, a: float) -> Array:
+        return np.maximum(x, 0, out=_new(x))
+
+    def _df_relu(self, x: Array, a: float) -> Array:
+        return np.greater(x, 0, out=_new(x))
+
+    def _dfy_relu(self, y: Array, a: float) -> Array:
+        return np.greater(y, 0, out=_new(y))
+
+    def _f_leaky_relu(self, x: Array, a: float) -> Array:
+        out = np.minimum(x, 0, out=_new(x))
+        out *= a
+        out += np.maximum(x, 0)
+        return out
+
+    def _df_leaky_relu(self, x: Array, a: float) -> Array:
+        out = np.less_equal(x, 0, out=_new(x))
+        out *= a
+        out += np.greater(x, 0, out=_new(x))
+        return out
+
+    def _dfy_leaky_relu(self, y: Array, a: float) -> Array:
+        return self._df_leaky_relu(y, a)
+
+    def _f_elu(self, x: Array, a: float) -> Array:
+        out = np.minimum(x, 0, out=_new(x))
+        np.expm1(out, out=out)
+        out *= a
+        out += np.maximum(x, 0)
+        return out
+
+    def _df_elu(self, x: Array, a: float) -> Array:
+        out = np.minimum(x, 0, out=_new(x))
+        np.exp(out, out=out)
+        out *= a
+        step = np.less_equal(x, 0, out=_new(x))
+        out *= step
+        out += np.greater(x, 0, out=step)
+        return out
+
+    def _dfy_elu(self, y: Array, a: float) -> Array:
+        out = np.add(y, a, out=_new(y))
+        step = np.less_equal(y, 0, out=_new(y))
+        out *= step
+        out += np.greater(y, 0, out=step)
+        return out
+
+    def _f_sigmoid(self, x: Array, a: float) -> Array:
+        d = np.abs(x, out=_new(x))
+        np.negative(d, out=d)
+        np.exp(d, out=d)
+        d += 1
+        out = np.minimum(x, 0, out=_new(x))
+        np.exp(out, out=out)
+        out /= d
+        return out
+
+    def _df_sigmoid(self, x: Array, a: float) -> Array:
+        z = np.abs(x, out=_new(x))
+        np.negative(z, out=z)
+        np.exp(z, out=z)
+        d = np.add(z, 1, out=_new(x))
+        d *= d
+        z /= d
+        return z
+
+    def _dfy_sigmoid(self, y: Array, a: float) -> Array:
+        out = np.subtract(1, y, out=_new(y))
+        out *= y
+        return out
+
+    def _f_tanh(self, x: Array, a: float) -> Array:
+        return np.tanh(x, out=_new(x))
+
+    def _df_tanh(self, x: Array, a: float) -> Array:
+        t = np.tanh(x, out=_new(x))
+        np.multiply(t, t, out=t)
+        return np.subtract(1, t, out=t)
+
+    def _dfy_tanh(self, y: Array, a: float) -> Array:
+        t = np.multiply(y, y, out=_new(y))
+        return np.subtract(1, t, out=t)
+
+    def _f_softplus(self, x: Array, a: float) -> Array:
+        u = np.multiply(x, a, out=_new(x))
+        t = np.abs(u, out=_new(x))
+        np.negative(t, out=t)
+        np.exp(t, out=t)
+        np.log1p(t, out=t)
+        np.maximum(u, 0, out=u)
+        u += t
+        u /= a
+        return u
+
+    def _df_softplus(self, x: Array, a: float) -> Array:
+        return self._f_sigmoid(np.multiply(x, a, out=_new(x)), a)
+
+    def _f_silu(self, x: Array, a: float) -> Array:
+        out = self._f_sigmoid(x, a)
+        out *= x
+        return out
+
+    def _df_silu(self, x: Array, a: float) -> Array:
+        return self._sigmoid_product_grad(x, x, None)
+
+    def _f_gelu(self, x: Array, a: float) -> Array:
+        out = np.multiply(x, NEG_SQRT1_2, out=_new(x))
+        scipy.special.erfc(out, out=out)
+        out *= 0.5
+        out *= x
+        return out
+
+    def _df_gelu(self, x: Array, a: float) -> Array:
+        cdf = np.multiply(x, NEG_SQRT1_2, out=_new(x))
+        scipy.special.erfc(cdf, out=cdf)
+        cdf *= 0.5
+        pdf = np.multiply(x, -0.5, out=_new(x))
+        pdf *= x
+        np.exp(pdf, out=pdf)
+        pdf *= INV_SQRT_2PI
+        pdf *= x
+        cdf += pdf
+        return cdf
+
+    def _gelu_tanh_u2(self, x: Array) -> Array:
+        u2 = np.multiply(x, GELU_C, out=_new(x))
+        u2 *= x
+        u2 *= x
+        u2 += x
+        u2 *= TWO_K
+        return u2
+
+    def _f_gelu_tanh(self, x: Array, a: float) -> Array:
+        out = self._f_sigmoid(self._gelu_tanh_u2(x), a)
+        out *= x
+        return out
+
+    def _df_gelu_tanh(self, x: Array, a: float) -> Array:
+        du2 = np.multiply(x, THREE_C, out=_new(x))
+        du2 *= x
+        du2 += 1
+        du2 *= TWO_K
+        return self._sigmoid_product_grad(self._gelu_tanh_u2(x), x, du2)
+
+    def _sigmoid_product_grad(self, v: Array, x: Array, dv: Array | None) -> Array:
+        """d/dx [x sigmoid(v(x))] = s (1 + x (1 - s) v') with s = sigmoid(v) and 1 - s =
+        sigmoid(-v) each computed directly (silu: v = x, v' = 1; tanh-GELU: v = 2u)."""
+        d = np.abs(v, out=_new(v))
+        np.negative(d, out=d)
+        np.exp(d, out=d)
+        d += 1
+        s = np.minimum(v, 0, out=_new(v))
+        np.exp(s, out=s)
+        s /= d
+        sm = np.maximum(v, 0, out=_new(v) if v is x else v)  # v's last use: reuse it
+        np.negative(sm, out=sm)
+        np.exp(sm, out=sm)
+        sm /= d
+        sm *= x
+        if dv is not None:
+            sm *= dv
+        sm += 1
+        s *= sm
+        return s

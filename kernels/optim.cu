@@ -1,0 +1,90 @@
+// optim.cu: one-pass optimizer updates over one flat float32 parameter buffer, and the
+// global L2 norm of a flat gradient buffer (for clipping) as a two-stage reduction.
+//
+// The updates follow PyTorch's SGD and Adam/AdamW (torch.optim, foreach=False) step for step;
+// the NumPy backend performs the same float32 operations in the same order. Scalars that
+// depend only on the step (Adam's bias corrections) are computed once on the host, in double,
+// and passed in as float.
+#include "activations.cuh"
+
+#define GN_GRID_STRIDE_LOOP(i, n)                                                             \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n);             \
+         i += (long long)blockDim.x * gridDim.x)
+
+#define GN_BLOCK 256  // the launch block size; the reductions' shared arrays are this long
+
+// SGD: d = g + weight_decay p; with momentum, buf = momentum buf + (1 - dampening) d (buf = d
+// on the first step), d = d + momentum buf (Nesterov) or buf; then p = p - lr d.
+// buf is not touched (and may be null) when momentum == 0.
+extern "C" __global__ void sgd_update_f32(float* p, const float* g, float* buf, long long n,
+                                          float lr, float momentum, float dampening,
+                                          float weight_decay, int nesterov, int first_step) {
+    GN_GRID_STRIDE_LOOP(i, n) {
+        float d = g[i];
+        if (weight_decay != 0.0f) d = d + weight_decay * p[i];
+        if (momentum != 0.0f) {
+            float b = first_step ? d : momentum * buf[i] + (1.0f - dampening) * d;
+            buf[i] = b;
+            d = nesterov ? d + momentum * b : b;
+        }
+        p[i] = p[i] - lr * d;
+    }
+}
+
+// Adam / AdamW. decay multiplies p first (AdamW: 1 - lr weight_decay; Adam: 1), and
+// weight_decay adds the L2 term to the gradient (Adam; AdamW passes 0). Then
+// m = beta1 m + (1 - beta1) g, v = beta2 v + (1 - beta2) g^2,
+// p = p - step_size m / (sqrt(v) / bc2_sqrt + eps), with step_size = lr / (1 - beta1^t) and
+// bc2_sqrt = sqrt(1 - beta2^t).
+extern "C" __global__ void adam_update_f32(float* p, const float* g, float* m, float* v,
+                                           long long n, float beta1, float beta2, float eps,
+                                           float weight_decay, float decay, float step_size,
+                                           float bc2_sqrt) {
+    GN_GRID_STRIDE_LOOP(i, n) {
+        float pi = p[i];
+        float gi = g[i];
+        if (weight_decay != 0.0f) gi = gi + weight_decay * pi;
+        if (decay != 1.0f) pi = pi * decay;
+        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        float denom = gn_sqrt(vi) / bc2_sqrt + eps;
+        p[i] = pi - step_size * (mi / denom);
+    }
+}
+
+// Stage 1 of the global norm: each block writes the sum of squares of its grid-stride share
+// to partials[blockIdx.x], accumulated in double and combined by a tree in shared memory.
+extern "C" __global__ void grad_norm_partial_f32(const float* x, long long n, double* partials) {
+    __shared__ double acc[GN_BLOCK];
+    double sum = 0.0;
+    GN_GRID_STRIDE_LOOP(i, n) {
+        double v = (double)x[i];
+        sum += v * v;
+    }
+    unsigned int t = threadIdx.x;
+    acc[t] = sum;
+    __syncthreads();
+    for (unsigned int half = GN_BLOCK / 2; half > 0; half >>= 1) {
+        if (t < half) acc[t] += acc[t + half];
+        __syncthreads();
+    }
+    if (t == 0) partials[blockIdx.x] = acc[0];
+}
+
+// Stage 2, one block: out[0] = sqrt(sum of the num_partials partial sums), as float.
+extern "C" __global__ void grad_norm_finish_f32(const double* partials, long long num_partials,
+                                                float* out) {
+    __shared__ double acc[GN_BLOCK];
+    unsigned int t = threadIdx.x;
+    double sum = 0.0;
+    for (long long i = t; i < num_partials; i += GN_BLOCK) sum += partials[i];
+    acc[t] = sum;
+    __syncthreads();
+    for (unsigned int half = GN_BLOCK / 2; half > 0; half >>= 1) {
+        if (t < half) acc[t] += acc[t + half];
+        __syncthreads();
+    }
+    if (t == 0) out[0] = (float)gn_sqrt(acc[0]);
+}
