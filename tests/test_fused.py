@@ -1,0 +1,200 @@
+"""The backends' fused ops (gpunet/backend/fused.py, numpy_fused.py): the generic formulas on
+array-api-strict match NumPy's in-place ones; NumPy's never write their inputs; the optimizer
+updates follow torch.optim step for step; the gradient norm sums in float64.
+(The CUDA kernels are held to the NumPy backend in test_kernels.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpunet
+from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
+from gpunet.backend.generic import ArrayBackend
+from gpunet.backend.numpy_backend import NumpyBackend
+
+xps = pytest.importorskip("array_api_strict")
+NP = NumpyBackend(None)
+STRICT = ArrayBackend(xps, gpunet.Device("cpu"), xps._array_object.Array)
+ALPHA = {"leaky_relu": 0.1, "elu": 1.3, "softplus": 0.7}
+
+
+def host(a: Any) -> np.ndarray:
+    return np.asarray(np.from_dlpack(a)) if not isinstance(a, np.ndarray) else a
+
+
+def values(n: int = 200, seed: int = 0) -> np.ndarray:
+    r = np.random.default_rng(seed)
+    x = r.choice([-1.0, 1.0], n) * r.uniform(0.0, 30.0, n)
+    x[:4] = [0.0, -0.0, 1e-3, -1e-3]
+    return x
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_generic_formulas_match_numpy(name: str) -> None:
+    a = ALPHA.get(name, 0.0)
+    x, g = values(), values(seed=1)
+    y = NP.activation(x, name=name, alpha=a)
+    np.testing.assert_allclose(
+        host(STRICT.activation(STRICT.asarray(x), name=name, alpha=a)), y, rtol=1e-13, atol=1e-300
+    )
+    kinds = [False, True] if name in FROM_OUTPUT else [False]
+    for from_output in kinds:
+        saved = y if from_output else x
+        want = NP.activation_backward(g, saved, name=name, alpha=a, from_output=from_output)
+        got = STRICT.activation_backward(
+            STRICT.asarray(g), STRICT.asarray(saved), name=name, alpha=a, from_output=from_output
+        )
+        np.testing.assert_allclose(host(got), want, rtol=1e-13, atol=1e-300)
+    X, b = values(60).reshape(6, 10), values(10, seed=2)
+    want_y, want_pre = NP.bias_activation(X, b, name=name, alpha=a, keep_preactivation=True)
+    got_y, got_pre = STRICT.bias_activation(
+        STRICT.asarray(X), STRICT.asarray(b), name=name, alpha=a, keep_preactivation=True
+    )
+    np.testing.assert_allclose(host(got_y), want_y, rtol=1e-13, atol=1e-300)
+    np.testing.assert_array_equal(host(got_pre), want_pre)
+    assert NP.bias_activation(X, b, name=name, alpha=a)[1] is None
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_numpy_never_writes_its_inputs_and_backward_may_write_into_g(name: str) -> None:
+    a = ALPHA.get(name, 0.0)
+    x, g = values().astype(np.float32), values(seed=3).astype(np.float32)
+    x0, g0 = x.copy(), g.copy()
+    NP.activation(x, name=name, alpha=a)
+    dx = NP.activation_backward(g, x, name=name, alpha=a)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(g, g0)
+    assert dx is not g and dx.dtype == np.float32
+    same = NP.activation_backward(g, x, name=name, alpha=a, out=g)
+    assert same is g
+    np.testing.assert_array_equal(g, dx)
+    scalar = NP.activation_backward(
+        np.float32(2.0) * np.ones((), np.float32), np.ones((), np.float32), name=name, alpha=a
+    )
+    assert isinstance(scalar, np.ndarray) and scalar.shape == ()
+
+
+def test_erf_generic_matches_scipy() -> None:
+    x = np.concatenate([np.linspace(-7, 7, 301), [-30.0, 0.0, 27.0, np.inf, -np.inf]])
+    np.testing.assert_allclose(host(STRICT.erf(STRICT.asarray(x))), NP.erf(x), rtol=2e-14)
+    u = np.linspace(-5, 26, 311)
+    import scipy.special
+
+    np.testing.assert_allclose(
+        host(STRICT._erfc(STRICT.asarray(u))), scipy.special.erfc(u), rtol=5e-14, atol=1e-300
+    )
+
+
+# ---------------------------------------------------------------------- optimizer updates
+SGD = [
+    {"lr": 0.1},
+    {"lr": 0.1, "momentum": 0.9},
+    {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    {"lr": 0.1, "momentum": 0.8, "dampening": 0.3, "weight_decay": 0.05},
+]
+ADAM = [
+    ({"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8}, False),
+    ({"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05}, False),
+    ({"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}, True),
+]
+
+
+def _problem(n: int = 257, steps: int = 20) -> tuple[np.ndarray, list[np.ndarray]]:
+    r = np.random.default_rng(11)
+    return r.standard_normal(n).astype(np.float32), [
+        r.standard_normal(n).astype(np.float32) for _ in range(steps)
+    ]
+
+
+def _ours_sgd(backend: Any, cfg: dict, p0: np.ndarray, grads: list) -> np.ndarray:
+    p, buf = backend.asarray(p0.copy()), backend.asarray(np.zeros_like(p0))
+    for i, g in enumerate(grads):
+        momentum_buf = buf if cfg.get("momentum") else None
+        backend.sgd_update(p, backend.asarray(g), momentum_buf, first_step=i == 0, **cfg)
+    return host(p)
+
+
+def _ours_adam(backend: Any, cfg: dict, decoupled: bool, p0: np.ndarray, grads: list) -> Any:
+    p, m, v = (backend.asarray(a) for a in (p0.copy(), np.zeros_like(p0), np.zeros_like(p0)))
+    kw = {k: val for k, val in cfg.items() if k != "betas"}
+    for step, g in enumerate(grads, 1):
+        backend.adam_update(
+            p,
+            backend.asarray(g),
+            m,
+            v,
+            beta1=cfg["betas"][0],
+            beta2=cfg["betas"][1],
+            decoupled=decoupled,
+            step=step,
+            **kw,
+        )
+    return host(p)
+
+
+@pytest.mark.parametrize("cfg", SGD)
+def test_sgd_on_strict_matches_numpy(cfg: dict) -> None:
+    p0, grads = _problem()
+    np.testing.assert_array_equal(_ours_sgd(STRICT, cfg, p0, grads), _ours_sgd(NP, cfg, p0, grads))
+
+
+@pytest.mark.parametrize(("cfg", "decoupled"), ADAM)
+def test_adam_on_strict_matches_numpy(cfg: dict, decoupled: bool) -> None:
+    p0, grads = _problem()
+    np.testing.assert_array_equal(
+        _ours_adam(STRICT, cfg, decoupled, p0, grads), _ours_adam(NP, cfg, decoupled, p0, grads)
+    )
+
+
+@pytest.mark.parametrize("cfg", SGD)
+def test_sgd_follows_torch(cfg: dict) -> None:
+    torch = pytest.importorskip("torch")
+    p0, grads = _problem()
+    p = torch.tensor(p0.copy(), requires_grad=True)
+    opt = torch.optim.SGD([p], foreach=False, **cfg)
+    for g in grads:
+        p.grad = torch.tensor(g)
+        opt.step()
+    np.testing.assert_allclose(
+        _ours_sgd(NP, cfg, p0, grads), p.detach().numpy(), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(("cfg", "decoupled"), ADAM)
+def test_adam_follows_torch(cfg: dict, decoupled: bool) -> None:
+    torch = pytest.importorskip("torch")
+    p0, grads = _problem()
+    p = torch.tensor(p0.copy(), requires_grad=True)
+    make = torch.optim.AdamW if decoupled else torch.optim.Adam
+    opt = make([p], foreach=False, **({"weight_decay": 0.0} | cfg))
+    for g in grads:
+        p.grad = torch.tensor(g)
+        opt.step()
+    np.testing.assert_allclose(
+        _ours_adam(NP, cfg, decoupled, p0, grads), p.detach().numpy(), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_update_arguments_are_checked() -> None:
+    p = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="momentum needs a momentum buffer"):
+        NP.sgd_update(p, p.copy(), None, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="must match the parameter"):
+        NP.sgd_update(p, np.zeros(5, np.float32), None, lr=0.1)
+    with pytest.raises(ValueError, match="step counts from 1"):
+        NP.adam_update(
+            p, p.copy(), p.copy(), p.copy(), lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, step=0
+        )
+
+
+@pytest.mark.parametrize("n", [0, 1, 257, 100003])
+def test_grad_norm_sums_in_float64(n: int) -> None:
+    x = (np.random.default_rng(n).standard_normal(n) * 1e3).astype(np.float32)
+    want = np.linalg.norm(x.astype(np.float64))
+    for backend in (NP, STRICT):
+        got = backend.grad_norm(backend.asarray(x))
+        assert host(got).dtype == np.float32 and host(got).shape == ()
+        np.testing.assert_allclose(host(got), want, rtol=1e-7)

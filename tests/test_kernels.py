@@ -1,0 +1,401 @@
+"""The CUDA kernels, verified without a GPU (DESIGN.md, "Verifying GPU code without a GPU").
+
+1. NVRTC (the pip package nvidia-cuda-nvrtc; no driver, no device) compiles every kernel file
+   for compute_80 and compute_90 with the options CuPy uses; a failure shows NVRTC's log.
+2. Every extern "C" signature, read from the preprocessed sources, equals its entry in the
+   launch table (gpunet/backend/kernels.py), and the PTX declares each table kernel with
+   parameters of the table's widths.
+3. g++ compiles the same .cu files with kernels/host_emulation.h into a shared library; every
+   kernel runs on the CPU, launched through the same Python glue CupyBackend uses
+   (``Kernels``: argument casts, grid size, the n == 0 rule), on random inputs up to +-1e4
+   with infinities and NaN at n in {0, 1, 255, 257, 100003}, and must match the NumPy
+   backend: bit for bit where the formula uses only IEEE-exact operations (relu, leaky_relu,
+   the derivatives from y), else to 1e-6 relative (float32; libm differs), with NaN in the
+   same places. The optimizer kernels run 100 steps against the NumPy backend's updates.
+
+Without g++ or NVRTC these tests skip with the reason, except under CI=true, where a missing
+tool is a failure (so CI can never pass by skipping them).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kernel_tools import (
+    EmulatedKernels,
+    Nvrtc,
+    emulated_cupy_backend,
+    emulated_kernels,
+    find_gxx,
+    find_libnvrtc,
+    unavailable,
+)
+
+from gpunet.backend import kernels as K
+from gpunet.backend.cupy_backend import CupyBackend
+from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
+from gpunet.backend.numpy_backend import NumpyBackend
+
+SIZES = (0, 1, 255, 257, 100003)
+ARCHS = ("compute_80", "compute_90")
+ALPHA = {"leaky_relu": 0.1, "elu": 1.0, "softplus": 0.7}  # others ignore alpha
+REF = NumpyBackend(None)
+
+
+# ---------------------------------------------------------------------- NVRTC
+@pytest.fixture(scope="module")
+def nvrtc() -> Nvrtc:
+    path = find_libnvrtc()
+    if path is None:
+        unavailable("NVRTC not found: pip install nvidia-cuda-nvrtc-cu12 (it needs no GPU)")
+    return Nvrtc(path)
+
+
+@pytest.fixture(scope="module")
+def ptx(nvrtc: Nvrtc) -> dict[tuple[str, str], str]:
+    """Every source compiled for every architecture, once per module."""
+    out = {}
+    for src in K.SOURCES:
+        for arch in ARCHS:
+            options = (f"--gpu-architecture={arch}", *K.NVRTC_OPTIONS, *K.CUPY_NVRTC_OPTIONS)
+            ok, log, code = nvrtc.compile(K.source(src), src, options)
+            assert ok, f"NVRTC {nvrtc.version} failed to compile {src} for {arch}:\n{log}"
+            out[src, arch] = code
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("src", K.SOURCES)
+def test_nvrtc_compiles_every_kernel(ptx: dict, src: str, arch: str) -> None:
+    entries = set(re.findall(r"\.entry\s+(\w+)\s*\(", ptx[src, arch]))
+    assert entries == {name for name, spec in K.TABLE.items() if spec.source == src}
+
+
+def test_nvrtc_failure_shows_the_log(nvrtc: Nvrtc) -> None:
+    ok, log, _ = nvrtc.compile('extern "C" __global__ void k(float* x) { x[0] = y; }', "k.cu", ())
+    assert not ok and "identifier" in log and '"y"' in log
+
+
+_PTX_TYPE = {"long long": ".u64", "int": ".u32", "float": ".f32", "double": ".f64"}
+
+
+def test_ptx_parameters_have_the_table_widths(ptx: dict) -> None:
+    for (_, arch), code in ptx.items():
+        for name, params in re.findall(r"\.entry\s+(\w+)\s*\(([^)]*)\)", code):
+            got = re.findall(r"\.param\s+(\.\w+)", params)
+            want = [".u64" if t.endswith("*") else _PTX_TYPE[t] for t, _ in K.TABLE[name].params]
+            assert got == want, f"{name} ({arch}): PTX {got}, table {want}"
+
+
+# ---------------------------------------------------------------------- g++ and signatures
+@pytest.fixture(scope="module")
+def gxx() -> str:
+    return find_gxx()
+
+
+def preprocessed(gxx: str, src: str) -> str:
+    """The source after the preprocessor, as g++ sees it under host emulation."""
+    root = K.kernel_dir()
+    cmd = [gxx, "-E", "-P", "-x", "c++", "-std=c++17", "-I", str(root)]
+    cmd += ["-include", str(root / "host_emulation.h"), str(root / src)]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def test_extern_c_signatures_match_the_launch_table(gxx: str) -> None:
+    parsed: dict[str, tuple[tuple[str, str], ...]] = {}
+    for src in K.SOURCES:
+        text = preprocessed(gxx, src)
+        for name, params in re.findall(r'extern\s+"C"\s+void\s+(\w+)\s*\(([^)]*)\)', text):
+            assert name not in parsed, f"{name} defined twice"
+            parsed[name] = K._params(" ".join(params.split()))
+            assert K.TABLE[name].source == src, name
+    assert sorted(parsed) == sorted(K.TABLE)
+    for name, params in parsed.items():
+        assert params == K.TABLE[name].params, f"{name}: source {params}, table"
+
+
+def test_the_table_names_every_activation_op_and_dtype() -> None:
+    for sfx in K.DTYPES:
+        for act in ACTIVATIONS:
+            for op in ("fwd", "bwd"):
+                assert f"{act}_{op}_{sfx}" in K.TABLE
+            assert f"bias_{act}_fwd_{sfx}" in K.TABLE
+            assert (f"{act}_bwd_from_y_{sfx}" in K.TABLE) == (act in FROM_OUTPUT)
+
+
+def test_arguments_are_cast_to_their_c_types() -> None:
+    spec = K.TABLE["sgd_update_f32"]
+    p = np.zeros(3, np.float32)
+    args = spec.cast((p, p, None, 3, 0.1, 0.9, 0.0, 0.0, True, False))
+    assert [type(a) for a in args[3:]] == [np.int64] + [np.float32] * 4 + [np.int32] * 2
+    with pytest.raises(TypeError, match="float32"):
+        spec.cast((p.astype(np.float64), p, None, 3, 0.1, 0.9, 0.0, 0.0, 1, 0))
+    with pytest.raises(TypeError, match="C-contiguous"):
+        spec.cast((np.zeros(6, np.float32)[::2], p, None, 3, 0.1, 0.9, 0.0, 0.0, 1, 0))
+    with pytest.raises(TypeError, match="takes 10 arguments"):
+        spec.cast((p,))
+
+
+def test_grid_size_rule() -> None:
+    assert K.grid_size(1, 132) == 1
+    assert K.grid_size(256, 132) == 1 and K.grid_size(257, 132) == 2
+    assert K.grid_size(10**9, 132) == 32 * 132
+
+
+# ---------------------------------------------------------------------- host emulation
+@pytest.fixture(scope="module")
+def emu() -> EmulatedKernels:
+    return emulated_kernels()
+
+
+@pytest.fixture
+def cuda_on_cpu(emu: EmulatedKernels) -> CupyBackend:
+    emu.launches.clear()
+    return emulated_cupy_backend(emu)
+
+
+def inputs(n: int, dtype: Any, seed: int, scale: float = 1e4) -> np.ndarray:
+    """Random values spread over magnitudes up to ``scale``, with the special values first."""
+    r = np.random.default_rng(seed)
+    x = r.choice([-1.0, 1.0], n) * 10.0 ** r.uniform(-3, np.log10(scale), n)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, scale, -scale, 1.0, -1.0, 20.0, -20.0, 0.5]
+    k = min(n, len(special))
+    x[:k] = special[:k] if n > 1 else [np.nan]
+    r.shuffle(x[: n // 2])  # specials anywhere in the first half (n = 1: NaN)
+    return x.astype(dtype)
+
+
+def _kernel_op(name: str) -> tuple[str, str, str]:
+    """'bias_elu_fwd_f32' -> ('bias', 'elu', 'f32'); 'relu_bwd_from_y_f16' -> ('bwd_y', ...)."""
+    m = re.fullmatch(r"(bias_)?(\w+?)_(fwd|bwd_from_y|bwd)_(f16|f32|f64)", name)
+    assert m, name
+    op = "bias" if m.group(1) else {"fwd": "fwd", "bwd": "bwd", "bwd_from_y": "bwd_y"}[m.group(3)]
+    return op, m.group(2), m.group(4)
+
+
+# Formulas of only +, -, *, / and selects: the kernels and NumPy agree to the bit.
+def _exact(op: str, act: str) -> bool:
+    return act in ("relu", "leaky_relu") or op == "bwd_y"
+
+
+def assert_matches(got: np.ndarray, want: np.ndarray, scale: Any, exact: bool, what: str) -> None:
+    """Same NaN positions; then bit equality (exact) or |got - want| <= 1e-6 (|want| +
+    scale) in float32 (1e-13 in float64, a half ulp in float16); scale is the size of the
+    terms that cancel (|g| for a backward)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, what
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan, err_msg=f"{what}: NaN positions differ")
+    g, w = got[~nan], want[~nan]
+    if exact:
+        bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[got.itemsize]
+        bad = np.flatnonzero(g.view(bits) != w.view(bits))
+        assert bad.size == 0, f"{what}: bits differ at {bad[:5]}: {g[bad[:5]]} vs {w[bad[:5]]}"
+        return
+    rtol = {np.float16: 2.0**-10, np.float32: 1e-6, np.float64: 1e-13}[got.dtype.type]
+    tiny = float(np.finfo(got.dtype).tiny)  # denormals: the CPU keeps them, formulas differ
+    wide, wwide = g.astype(np.float64), w.astype(np.float64)
+    both_inf = np.isinf(wide) & (wide == wwide)
+    s = np.broadcast_to(np.asarray(scale, np.float64), want.shape)[~nan]
+    tol = rtol * (np.abs(wwide) + np.where(np.isfinite(s), s, 0.0)) + 16 * tiny
+    with np.errstate(invalid="ignore"):  # inf - inf where both are the same infinity
+        err = np.where(both_inf, 0.0, np.abs(wide - wwide))
+    bad = np.flatnonzero(~(err <= tol))
+    assert bad.size == 0, (
+        f"{what}: {bad.size} values differ, e.g. {g[bad[:5]]} vs {w[bad[:5]]} "
+        f"(error {err[bad[:5]]}, tolerance {tol[bad[:5]]})"
+    )
+
+
+ELEMENTWISE = sorted(n for n, s in K.TABLE.items() if s.source == "elementwise.cu")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy on inf and NaN inputs
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_kernel_matches_numpy_backend(cuda_on_cpu: CupyBackend, name: str) -> None:
+    gpu, emu = cuda_on_cpu, cuda_on_cpu._kernels
+    op, act, sfx = _kernel_op(name)
+    dtype = K.DTYPES[sfx][0]
+    ref_dtype = np.float32 if dtype == np.float16 else dtype  # half: computed in float
+    alpha = ALPHA.get(act, 0.0)
+    shapes = [(n,) for n in SIZES] if op != "bias" else [(0, 3), (1, 1), (5, 51), (257, 1)]
+    if op == "bias":
+        shapes += [(1, 255), (97, 1031)]
+    for seed, shape in enumerate(shapes):
+        n = int(np.prod(shape))
+        x = inputs(n, dtype, seed).reshape(shape)
+        x_ref = x.astype(ref_dtype)
+        exact = _exact(op, act) and dtype != np.float16
+        g = inputs(n, dtype, seed + 50, scale=100.0)
+        saved = gpu.activation(x, name=act, alpha=alpha) if op == "bwd_y" else x
+        emu.launches.clear()
+        pre = want_pre = None
+        if op == "fwd":
+            got = gpu.activation(x, name=act, alpha=alpha)
+            want = REF.activation(x_ref, name=act, alpha=alpha)
+            scale: Any = 0.0
+        elif op == "bias":
+            b = inputs(shape[1], dtype, seed + 100, scale=10.0)
+            keep = bool(seed % 2)
+            got, pre = gpu.bias_activation(x, b, name=act, alpha=alpha, keep_preactivation=keep)
+            want, want_pre = REF.bias_activation(
+                x_ref, b.astype(ref_dtype), name=act, alpha=alpha, keep_preactivation=True
+            )
+            assert (pre is None) == (not keep)
+            scale = 0.0
+        else:
+            got = gpu.activation_backward(
+                g, saved, name=act, alpha=alpha, from_output=op == "bwd_y"
+            )
+            want = REF.activation_backward(
+                g.astype(ref_dtype),
+                saved.astype(ref_dtype),
+                name=act,
+                alpha=alpha,
+                from_output=op == "bwd_y",
+            )
+            scale = np.abs(g.astype(np.float64))
+        launches, emu.launches = emu.launches, []
+        assert_matches(got, want.astype(dtype), scale, exact, f"{name}, shape {shape}")
+        if pre is not None:
+            assert_matches(pre, want_pre.astype(dtype), 0.0, True, f"{name} pre, {shape}")
+        if op in ("bwd", "bwd_y"):  # in place into g, as the design allows: the same values
+            g2 = g.copy()
+            dx = gpu.activation_backward(
+                g2, saved, name=act, alpha=alpha, from_output=op == "bwd_y", out=g2
+            )
+            assert dx is g2
+            np.testing.assert_array_equal(g2.view(np.uint8), got.view(np.uint8))
+        if n == 0:
+            assert launches == [], "nothing is launched for n == 0"
+        else:
+            assert launches == [(name, K.grid_size(n, emu.sm_count), K.BLOCK)]
+
+
+def test_half_conversions_round_to_nearest_even(emu: EmulatedKernels) -> None:
+    """half -> float is exact: leaky_relu with slope 1 is the identity on every half value
+    (but -0, which max(x, 0) + min(x, 0) makes +0). float -> half rounds to nearest even:
+    bias + leaky_relu(slope 1) computes x + b in float and rounds once, as NumPy's cast of
+    the float32 sum does, overflow to infinity and subnormal results included."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    got = emu.activation(every, "leaky_relu", 1.0)
+    same = np.isfinite(every) & (every.view(np.uint16) != 0x8000)
+    np.testing.assert_array_equal(got[same].view(np.uint16), every[same].view(np.uint16))
+    assert np.isnan(got[np.isnan(every)]).all() and got[0x8000] == 0
+    r = np.random.default_rng(3)
+    x = r.choice(every[np.isfinite(every)], (4096, 16))
+    b = r.choice(every[np.isfinite(every)], 16)
+    got, _ = emu.bias_activation(x, b, "leaky_relu", 1.0, False)
+    with np.errstate(over="ignore"):
+        want = (x.astype(np.float32) + b.astype(np.float32)).astype(np.float16)
+    want[want.view(np.uint16) == 0x8000] = 0  # -0 sums: +0 through max + min, as above
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_denormals_are_kept_on_the_cpu(emu: EmulatedKernels) -> None:
+    """Under host emulation sigmoid(-100) is a float32 denormal, as in NumPy; on the GPU
+    (-ftz=true) it flushes to 0 (test_gpu_flushes_denormals). Tests keep away from denormals."""
+    x = np.array([-100.0], np.float32)
+    got = emu.activation(x, "sigmoid", 0.0)
+    assert 0 < got[0] < np.finfo(np.float32).tiny
+    assert got[0] == REF.activation(x, name="sigmoid")[0]
+
+
+# ---------------------------------------------------------------------- optimizer kernels
+OPTIMIZERS = [
+    ("sgd", {"lr": 0.05}),
+    ("sgd", {"lr": 0.05, "momentum": 0.9}),
+    ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}),
+    ("sgd", {"lr": 0.05, "momentum": 0.8, "dampening": 0.1}),
+    ("adam", {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}),
+    ("adam", {"lr": 1e-2, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 1e-2}),
+    ("adamw", {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1}),
+]
+
+
+def _run_optimizer(ops: Any, kind: str, cfg: dict, n: int, steps: int) -> list[np.ndarray]:
+    """``steps`` updates of p on the noisy quadratic 0.5 |p - target|^2 (float32)."""
+    r = np.random.default_rng(7)
+    target = r.standard_normal(n).astype(np.float32)
+    p = r.standard_normal(n).astype(np.float32)
+    state = [np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    for step in range(1, steps + 1):
+        grad = (p - target) + r.standard_normal(n).astype(np.float32) * np.float32(0.1)
+        if kind == "sgd":
+            buf = state[0] if cfg.get("momentum") else None
+            ops.sgd_update(p, grad, buf, first_step=step == 1, **cfg)
+        else:
+            ops.adam_update(p, grad, *state, step=step, decoupled=kind == "adamw", **cfg)
+    return [p, *state]
+
+
+@pytest.mark.parametrize(("kind", "cfg"), OPTIMIZERS)
+def test_optimizer_kernels_match_numpy_for_100_steps(
+    cuda_on_cpu: CupyBackend, kind: str, cfg: dict
+) -> None:
+    n = 10007  # not a multiple of the block; grid-stride loops wrap (2 emulated SMs)
+    got = _run_optimizer(cuda_on_cpu, kind, cfg, n, 100)
+    want = _run_optimizer(REF, kind, cfg, n, 100)
+    for a, b, what in zip(got, want, ("param", "state 1", "state 2")):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=f"{kind} {cfg}: {what}")
+    assert {name for name, _, _ in cuda_on_cpu._kernels.launches} == {
+        "sgd_update_f32" if kind == "sgd" else "adam_update_f32"
+    }
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_grad_norm_two_stage_reduction(cuda_on_cpu: CupyBackend, n: int) -> None:
+    emu = cuda_on_cpu._kernels
+    x = inputs(n, np.float32, n)
+    x[~np.isfinite(x)] = 3.0
+    got = cuda_on_cpu.grad_norm(x)
+    want = REF.grad_norm(x)
+    assert got.shape == () and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got, np.linalg.norm(x.astype(np.float64)), rtol=1e-6)
+    blocks = K.grid_size(n, emu.sm_count) if n else 0
+    want_launches = (
+        [("grad_norm_partial_f32", blocks, 256), ("grad_norm_finish_f32", 1, 256)] if n else []
+    )
+    assert emu.launches == want_launches
+
+
+def test_grad_norm_propagates_inf_and_nan(emu: EmulatedKernels) -> None:
+    x = np.ones(1000, np.float32)
+    x[500] = np.inf
+    assert emu.grad_norm(x) == np.inf
+    x[10] = np.nan
+    assert np.isnan(emu.grad_norm(x))
+
+
+def test_barrier_in_a_non_cooperative_launch_aborts(gxx: str, tmp_path: Path) -> None:
+    """The emulator refuses a __syncthreads it cannot honour, rather than computing garbage."""
+    code = tmp_path / "bad.cpp"
+    code.write_text(
+        '#include "host_emulation.h"\n'
+        "void k(float* x) { x[threadIdx.x] = 1; __syncthreads(); }\n"
+        "int main() { float x[4]; gn_emu::launch(false, k, 1, 4, (float*)x); }\n"
+    )
+    exe = tmp_path / "bad"
+    root = K.kernel_dir()
+    subprocess.run([gxx, "-std=c++17", "-I", str(root), str(code), "-o", str(exe)], check=True)
+    done = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert done.returncode != 0 and "non-cooperative" in done.stderr
+
+
+def test_cupy_backend_falls_back_where_no_kernel_exists(cuda_on_cpu: CupyBackend) -> None:
+    """Integer activations, float64 optimizer buffers: the generic path, nothing launched."""
+    x = np.arange(-3, 4)
+    np.testing.assert_array_equal(cuda_on_cpu.relu(x), np.maximum(x, 0))
+    p = np.ones(5)
+    cuda_on_cpu.sgd_update(p, np.ones(5), None, lr=0.5)
+    np.testing.assert_array_equal(p, 0.5)
+    m, v = np.zeros(5), np.zeros(5)
+    cuda_on_cpu.adam_update(p, np.ones(5), m, v, lr=0.1, beta1=0.9, beta2=0.99, eps=0.0, step=1)
+    np.testing.assert_allclose(p, 0.4)
+    assert cuda_on_cpu.grad_norm(np.full(4, 1.5)) == 3.0
+    assert cuda_on_cpu._kernels.launches == []

@@ -1,0 +1,190 @@
+"""The fused kernels on a real GPU, against golden float64 outputs (tests/golden/kernels.npz).
+
+The goldens are the NumPy backend's results in float64 on fixed-seed inputs. The GPU tests
+(marked ``gpu``: they skip, with the reason, where no CUDA device answers) run every
+activation, bias + activation, the optimizer updates and the gradient norm through
+CupyBackend in float32, float64 and float16, and compare. ``test_goldens_are_current`` (no
+GPU needed) recomputes the goldens with the NumPy backend, so they never drift from the
+formulas. After changing a formula on purpose, regenerate them:
+
+    .venv/bin/python tests/test_kernels_gpu.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kernel_tools import emulated_cupy_backend, emulated_kernels
+
+import gpunet
+from gpunet.backend import probe_cuda
+from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
+from gpunet.backend.numpy_backend import NumpyBackend
+
+GOLDEN = Path(__file__).parent / "golden" / "kernels.npz"
+ALPHA = {"leaky_relu": 0.1, "elu": 1.0, "softplus": 0.7}
+STEPS = 10
+# (rtol, atol per unit of |g|) of a device result against the float64 golden
+TOLERANCE = {np.float64: (1e-12, 1e-13), np.float32: (2e-5, 2e-6), np.float16: (4e-3, 4e-3)}
+OPTIMIZERS = {
+    "sgd": ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}),
+    "adam": ("adam", {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}),
+    "adamw": (
+        "adamw",
+        {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1},
+    ),
+}
+
+
+def golden_inputs() -> dict[str, np.ndarray]:
+    """Fixed-seed inputs, away from denormal results (the GPU flushes them to zero)."""
+    r = np.random.default_rng(20240601)
+    return {
+        "x": np.concatenate([r.uniform(-8, 8, 290), [-20.0, -3.0, -0.5, 0.0, 0.5, 3.0, 20.0]]),
+        "g": r.standard_normal(297),
+        "X": r.uniform(-5, 5, (12, 25)),
+        "b": r.uniform(-1, 1, 25),
+        "p": r.standard_normal(300),
+        "target": r.standard_normal(300),
+        "noise": r.standard_normal((STEPS, 300)) * 0.1,
+    }
+
+
+def compute(backend: Any, dtype: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every fused op on ``backend`` with inputs cast to ``dtype``; results as NumPy arrays."""
+    put = lambda a: backend.asarray(np.array(a, dtype=dtype))  # a copy: updates are in place
+    host = backend.to_numpy
+    x, g, X, b = (put(arrays[k]) for k in ("x", "g", "X", "b"))
+    out: dict[str, np.ndarray] = {}
+    for act in ACTIVATIONS:
+        a = ALPHA.get(act, 0.0)
+        y = backend.activation(x, name=act, alpha=a)
+        out[f"{act}/fwd"] = host(y)
+        out[f"{act}/bwd"] = host(backend.activation_backward(g, x, name=act, alpha=a))
+        if act in FROM_OUTPUT:
+            dy = backend.activation_backward(g, y, name=act, alpha=a, from_output=True)
+            out[f"{act}/bwd_from_y"] = host(dy)
+        yb, pre = backend.bias_activation(X, b, name=act, alpha=a, keep_preactivation=True)
+        out[f"{act}/bias"], out[f"{act}/bias_pre"] = host(yb), host(pre)
+    if np.dtype(dtype) != np.float16:
+        for key, (kind, cfg) in OPTIMIZERS.items():
+            p = put(arrays["p"])
+            state = [put(np.zeros_like(arrays["p"])), put(np.zeros_like(arrays["p"]))]
+            for step in range(1, STEPS + 1):
+                grad = put(
+                    host(p).astype(np.float64) - arrays["target"] + arrays["noise"][step - 1]
+                )
+                if kind == "sgd":
+                    backend.sgd_update(p, grad, state[0], first_step=step == 1, **cfg)
+                else:
+                    backend.adam_update(
+                        p, grad, *state, step=step, decoupled=kind == "adamw", **cfg
+                    )
+            out[f"{key}/param"] = host(p)
+        out["grad_norm"] = host(backend.grad_norm(put(arrays["p"])))
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def load_golden() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    with np.load(GOLDEN) as data:
+        inputs = {k.removeprefix("in/"): data[k] for k in data.files if k.startswith("in/")}
+        outputs = {k.removeprefix("out/"): data[k] for k in data.files if k.startswith("out/")}
+    return inputs, outputs
+
+
+def test_goldens_are_current() -> None:
+    inputs, outputs = load_golden()
+    for k, v in golden_inputs().items():
+        np.testing.assert_array_equal(inputs[k], v, err_msg=f"golden input {k}")
+    fresh = compute(NumpyBackend(None), np.float64, inputs)
+    assert sorted(fresh) == sorted(outputs)
+    for k in fresh:
+        np.testing.assert_allclose(fresh[k], outputs[k], rtol=1e-12, atol=1e-300, err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_golden_comparison_under_host_emulation(dtype: Any) -> None:
+    """The GPU test's own comparison, run on the g++ build of the kernels: checks the test
+    and its tolerances here, where no GPU is."""
+    backend = emulated_cupy_backend(emulated_kernels())
+    inputs, outputs = load_golden()
+    check_against_golden(compute(backend, dtype, inputs), outputs, inputs, dtype)
+    assert backend._kernels.launches, "the kernels ran"
+
+
+def check_against_golden(got: dict, outputs: dict, inputs: dict, dtype: Any) -> None:
+    rtol, atol = TOLERANCE[dtype]
+    activations = {k for k in outputs if k.split("/")[0] in ACTIVATIONS}
+    assert activations <= set(got) <= set(outputs)  # float16 has no optimizer kernels
+    for k, v in got.items():
+        want = outputs[k]
+        scale = np.abs(inputs["g"]) if "/bwd" in k else 1.0  # g * f': error ~ |g|
+        err = np.abs(v - want)
+        bad = np.flatnonzero(~(err <= rtol * np.abs(want) + atol * scale))
+        assert bad.size == 0, f"{k} ({np.dtype(dtype)}): {v.flat[bad[:4]]} vs {want.flat[bad[:4]]}"
+
+
+def test_warmup_is_a_quiet_no_op_without_a_gpu(monkeypatch) -> None:
+    if probe_cuda().available:
+        pytest.skip("a GPU answers here: test_warmup_compiles_every_kernel covers it")
+    assert gpunet.warmup() is False
+    assert gpunet.warmup("cpu") is False
+
+
+# ---------------------------------------------------------------------- on a GPU
+_probe = probe_cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _probe.available, reason=f"no CUDA device: {_probe.reason}")
+class TestOnGPU:
+    @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+    def test_fused_ops_match_goldens(self, dtype: Any) -> None:
+        inputs, outputs = load_golden()
+        got = compute(gpunet.get_backend("cuda"), dtype, inputs)
+        check_against_golden(got, outputs, inputs, dtype)
+
+    def test_warmup_compiles_every_kernel(self) -> None:
+        assert gpunet.warmup() is True
+        backend = gpunet.get_backend("cuda")
+        assert set(backend.kernels._modules) == {"elementwise.cu", "optim.cu"}
+
+    def test_nothing_is_launched_for_empty_arrays(self) -> None:
+        backend = gpunet.get_backend("cuda")
+        empty = backend.zeros((0,), np.float32)
+        assert backend.activation(empty, name="gelu").shape == (0,)
+        assert float(backend.grad_norm(empty)) == 0.0
+
+    def test_gpu_flushes_denormals(self) -> None:
+        """-ftz=true: sigmoid(-100) = 3.7e-44 is a float32 denormal; the GPU returns 0."""
+        backend = gpunet.get_backend("cuda")
+        x = backend.asarray(np.array([-100.0], np.float32))
+        assert float(backend.to_numpy(backend.activation(x, name="sigmoid"))[0]) == 0.0
+        cpu = NumpyBackend(None).activation(np.array([-100.0], np.float32), name="sigmoid")
+        assert 0.0 < cpu[0] < np.finfo(np.float32).tiny
+
+    def test_autodiff_uses_the_fused_backward(self) -> None:
+        rng = np.random.default_rng(0)
+        raw = rng.standard_normal((64, 33)).astype(np.float32)
+        grads = {}
+        for dev in ("cpu", "cuda"):
+            x = gpunet.tensor(raw, device=dev, requires_grad=True)
+            loss = (gpunet.gelu(x) * gpunet.silu(x) + gpunet.elu(x).tanh()).sum()
+            loss.backward()
+            grads[dev] = x.grad.numpy()
+        np.testing.assert_allclose(grads["cuda"], grads["cpu"], rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+    arrays = golden_inputs()
+    results = compute(NumpyBackend(None), np.float64, arrays)
+    GOLDEN.parent.mkdir(exist_ok=True)
+    np.savez_compressed(
+        GOLDEN,
+        **{f"in/{k}": v for k, v in arrays.items()},
+        **{f"out/{k}": v for k, v in results.items()},
+    )
+    print(f"wrote {GOLDEN}: {len(results)} outputs")
