@@ -2,8 +2,8 @@
 //
 // For each activation: f(x), its derivative f'(x), and where it exists f' computed from the
 // output y = f(x) (so a backward pass may keep y instead of x). Every function is
-// __host__ __device__ and written in its numerically stable form: sigmoid through exponents
-// that are never positive, softplus through max + log1p, ELU through expm1, exact GELU through
+// __host__ __device__ and written in its numerically stable form: sigmoid through
+// exp(-|x|), softplus through max + log1p, ELU through expm1, exact GELU through
 // erfc (no cancellation in 1 + erf for x << 0), tanh-GELU as x * sigmoid(2u). No hard
 // switches at thresholds: piecewise functions select on the sign of x only.
 //
@@ -109,25 +109,27 @@ template <typename T>
 __host__ __device__ __forceinline__ T gn_relu_grad_y(T y, T) { return gn_pos(y); }
 
 // ---------------------------------------------------------------- leaky_relu
-// x for x > 0, else a x: max(x, 0) + a min(x, 0). f' = 1 or a, as pos(x) + a nonpos(x) (each
-// term is exactly 0 or its value). From y: valid for a >= 0 (then y > 0 iff x > 0).
+// x for x > 0, else a x: max(x, 0) + a min(x, 0). f' = 1 or a, as p + a (1 - p) with
+// p = pos(x) (each term exactly 0 or its value). From y: valid for a >= 0 (then y > 0 iff
+// x > 0).
 template <typename T>
 __host__ __device__ __forceinline__ T gn_leaky_relu(T x, T a) {
     return gn_max0(x) + a * gn_min0(x);
 }
 template <typename T>
 __host__ __device__ __forceinline__ T gn_leaky_relu_grad(T x, T a) {
-    return gn_pos(x) + a * gn_nonpos(x);
+    T p = gn_pos(x);
+    return p + a * (T(1) - p);
 }
 template <typename T>
 __host__ __device__ __forceinline__ T gn_leaky_relu_grad_y(T y, T a) {
-    return gn_pos(y) + a * gn_nonpos(y);
+    return gn_leaky_relu_grad(y, a);
 }
 
 // ---------------------------------------------------------------- elu
 // x for x > 0, else a (exp(x) - 1): max(x, 0) + a expm1(min(x, 0)) (expm1: accurate near 0,
-// and never exp of a large x). f' = 1 or a exp(x). From y: f' = y + a where y <= 0, valid
-// for a >= 0.
+// and never exp of a large x). f' = 1 or a exp(x). From y: f' = y + a where y <= 0 (valid
+// for a >= 0), written with min(y, 0) so that y = +inf gives 1, not 0 * inf.
 template <typename T>
 __host__ __device__ __forceinline__ T gn_elu(T x, T a) {
     return gn_max0(x) + a * gn_expm1(gn_min0(x));
@@ -138,16 +140,18 @@ __host__ __device__ __forceinline__ T gn_elu_grad(T x, T a) {
 }
 template <typename T>
 __host__ __device__ __forceinline__ T gn_elu_grad_y(T y, T a) {
-    return gn_pos(y) + gn_nonpos(y) * (y + a);
+    return gn_pos(y) + gn_nonpos(y) * (gn_min0(y) + a);
 }
 
 // ---------------------------------------------------------------- sigmoid
-// 1 / (1 + exp(-x)) = exp(min(x, 0)) / (1 + exp(-|x|)): both exponents are <= 0, so nothing
-// overflows and the left tail keeps its relative accuracy. f'(x) = z / (1 + z)^2 with
-// z = exp(-|x|) (symmetric, no cancellation); from y: y (1 - y).
+// 1 / (1 + exp(-x)) through z = exp(-|x|) in (0, 1], so nothing overflows and the left tail
+// keeps its relative accuracy: 1/(1+z) for x >= 0, z/(1+z) below (the CPU mirror selects the
+// numerator as max(z, x >= 0), branch-free). f'(x) = z / (1+z)^2 (symmetric, no
+// cancellation); from y: y (1 - y).
 template <typename T>
 __host__ __device__ __forceinline__ T gn_sigmoid(T x, T) {
-    return gn_exp(gn_min0(x)) / (T(1) + gn_exp(-gn_abs(x)));
+    T z = gn_exp(-gn_abs(x));
+    return (x >= T(0) ? T(1) : z) / (T(1) + z);
 }
 template <typename T>
 __host__ __device__ __forceinline__ T gn_sigmoid_grad(T x, T) {
@@ -157,6 +161,16 @@ __host__ __device__ __forceinline__ T gn_sigmoid_grad(T x, T) {
 }
 template <typename T>
 __host__ __device__ __forceinline__ T gn_sigmoid_grad_y(T y, T) { return y * (T(1) - y); }
+
+// d/dx [x sigmoid(v(x))] = s + x s'(v) v' (the product rule), s = sigmoid(v) and
+// s'(v) = z / (1+z)^2 as above: silu (v = x, v' = 1) and tanh-GELU (v = 2u).
+template <typename T>
+__host__ __device__ __forceinline__ T gn_x_sigmoid_grad(T x, T v, T dv) {
+    T z = gn_exp(-gn_abs(v));
+    T d = T(1) + z;
+    T s = (v >= T(0) ? T(1) : z) / d;
+    return s + x * (z / (d * d)) * dv;
+}
 
 // ---------------------------------------------------------------- tanh
 // f' = 1 - tanh(x)^2; from y: 1 - y^2.
@@ -172,8 +186,8 @@ __host__ __device__ __forceinline__ T gn_tanh_act_grad_y(T y, T) { return T(1) -
 
 // ---------------------------------------------------------------- softplus
 // log(1 + exp(a x)) / a = (max(a x, 0) + log1p(exp(-|a x|))) / a: no overflow for any x, and
-// no switch to the identity at a threshold. f' = sigmoid(a x). (No form from y: recovering
-// sigmoid(a x) = 1 - exp(-a y) cancels for x << 0.)
+// no switch to the identity at a threshold. f' = sigmoid(a x); from y: 1 - exp(-a y) =
+// -expm1(-a y), accurate for y -> 0 (x << 0) too, and one exp instead of sigmoid's work.
 template <typename T>
 __host__ __device__ __forceinline__ T gn_softplus(T x, T a) {
     T u = a * x;
@@ -183,19 +197,19 @@ template <typename T>
 __host__ __device__ __forceinline__ T gn_softplus_grad(T x, T a) {
     return gn_sigmoid(a * x, a);
 }
+template <typename T>
+__host__ __device__ __forceinline__ T gn_softplus_grad_y(T y, T a) {
+    return -gn_expm1(-a * y);
+}
 
 // ---------------------------------------------------------------- silu
-// x sigmoid(x); f' = s (1 + x (1 - s)), s = sigmoid(x), with 1 - s = sigmoid(-x) =
-// exp(-max(x, 0)) / (1 + exp(-|x|)) computed directly, so it keeps its relative accuracy
-// for x >> 0 where 1 - s would cancel.
+// x sigmoid(x); f' = s + x s' = s (1 + x (1 - s)), s = sigmoid(x), computed as the former
+// so that no 1 - s cancels for x >> 0.
 template <typename T>
 __host__ __device__ __forceinline__ T gn_silu(T x, T a) { return x * gn_sigmoid(x, a); }
 template <typename T>
 __host__ __device__ __forceinline__ T gn_silu_grad(T x, T) {
-    T d = T(1) + gn_exp(-gn_abs(x));
-    T s = gn_exp(gn_min0(x)) / d;
-    T sm = gn_exp(-gn_max0(x)) / d;
-    return s * (T(1) + x * sm);
+    return gn_x_sigmoid_grad(x, x, T(1));
 }
 
 // ---------------------------------------------------------------- gelu (exact)
@@ -215,8 +229,7 @@ __host__ __device__ __forceinline__ T gn_gelu_grad(T x, T) {
 // ---------------------------------------------------------------- gelu (tanh approximation)
 // x (1 + tanh(u)) / 2 with u = k (x + c x^3), k = sqrt(2/pi), c = 0.044715; computed as
 // x sigmoid(2u), the same function without the cancellation in 1 + tanh(u) for x << 0.
-// With s = sigmoid(2u) and 1 - s = sigmoid(-2u) as in silu: f' = s (1 + x (1 - s) (2u)'),
-// (2u)' = 2k (1 + 3c x^2).
+// f' = s + x s'(2u) (2u)', (2u)' = 2k (1 + 3c x^2), as for silu.
 template <typename T>
 __host__ __device__ __forceinline__ T gn_gelu_tanh_u2(T x) {
     return T(2 * 0.79788456080286535588) * (x + T(0.044715) * x * x * x);
@@ -227,10 +240,6 @@ __host__ __device__ __forceinline__ T gn_gelu_tanh(T x, T a) {
 }
 template <typename T>
 __host__ __device__ __forceinline__ T gn_gelu_tanh_grad(T x, T) {
-    T u2 = gn_gelu_tanh_u2(x);
-    T d = T(1) + gn_exp(-gn_abs(u2));
-    T s = gn_exp(gn_min0(u2)) / d;
-    T sm = gn_exp(-gn_max0(u2)) / d;
     T du2 = T(2 * 0.79788456080286535588) * (T(1) + T(3 * 0.044715) * x * x);
-    return s * (T(1) + x * sm * du2);
+    return gn_x_sigmoid_grad(x, gn_gelu_tanh_u2(x), du2);
 }

@@ -4,7 +4,7 @@
 //   ACT_fwd_DT(x, y, n, a)                      y = f(x)
 //   ACT_bwd_DT(g, x, dx, n, a)                  dx = g * f'(x), one pass; dx may be g
 //   ACT_bwd_from_y_DT(g, y, dx, n, a)           dx = g * f' from y = f(x) (relu, leaky_relu,
-//                                               elu, sigmoid, tanh); dx may be g
+//                                               elu, sigmoid, tanh, softplus); dx may be g
 //   bias_ACT_fwd_DT(x, b, y, pre, rows, cols, a)  y = f(x + b) over a row-major (rows, cols)
 //                                               matrix, b broadcast along rows; pre = x + b
 //                                               is written only when pre is not null
@@ -77,7 +77,7 @@
     GN_ACTIVATION_WITH_Y(elu, gn_elu, DT, S, C)                                               \
     GN_ACTIVATION_WITH_Y(sigmoid, gn_sigmoid, DT, S, C)                                       \
     GN_ACTIVATION_WITH_Y(tanh, gn_tanh_act, DT, S, C)                                         \
-    GN_ACTIVATION(softplus, gn_softplus, DT, S, C)                                            \
+    GN_ACTIVATION_WITH_Y(softplus, gn_softplus, DT, S, C)                                     \
     GN_ACTIVATION(silu, gn_silu, DT, S, C)                                                    \
     GN_ACTIVATION(gelu, gn_gelu, DT, S, C)                                                    \
     GN_ACTIVATION(gelu_tanh, gn_gelu_tanh, DT, S, C)

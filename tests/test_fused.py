@@ -18,7 +18,8 @@ from gpunet.backend.numpy_backend import NumpyBackend
 xps = pytest.importorskip("array_api_strict")
 NP = NumpyBackend(None)
 STRICT = ArrayBackend(xps, gpunet.Device("cpu"), xps._array_object.Array)
-ALPHA = {"leaky_relu": 0.1, "elu": 1.3, "softplus": 0.7}
+ALPHAS = {"leaky_relu": (0.1, 1.5, -0.2), "elu": (1.0, 0.5, 1.3), "softplus": (0.7, 2.0)}
+CASES = [(name, a) for name in ACTIVATIONS for a in ALPHAS.get(name, (0.0,))]
 
 
 def host(a: Any) -> np.ndarray:
@@ -32,9 +33,8 @@ def values(n: int = 200, seed: int = 0) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("name", ACTIVATIONS)
-def test_generic_formulas_match_numpy(name: str) -> None:
-    a = ALPHA.get(name, 0.0)
+@pytest.mark.parametrize(("name", "a"), CASES)
+def test_generic_formulas_match_numpy(name: str, a: float) -> None:
     x, g = values(), values(seed=1)
     y = NP.activation(x, name=name, alpha=a)
     np.testing.assert_allclose(
@@ -58,9 +58,8 @@ def test_generic_formulas_match_numpy(name: str) -> None:
     assert NP.bias_activation(X, b, name=name, alpha=a)[1] is None
 
 
-@pytest.mark.parametrize("name", ACTIVATIONS)
-def test_numpy_never_writes_its_inputs_and_backward_may_write_into_g(name: str) -> None:
-    a = ALPHA.get(name, 0.0)
+@pytest.mark.parametrize(("name", "a"), CASES)
+def test_numpy_never_writes_its_inputs_and_backward_may_write_into_g(name: str, a: float) -> None:
     x, g = values().astype(np.float32), values(seed=3).astype(np.float32)
     x0, g0 = x.copy(), g.copy()
     NP.activation(x, name=name, alpha=a)

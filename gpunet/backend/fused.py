@@ -30,7 +30,7 @@ ACTIVATIONS = (
     "gelu",
     "gelu_tanh",
 )
-FROM_OUTPUT = frozenset({"relu", "leaky_relu", "elu", "sigmoid", "tanh"})  # f' from y exists
+FROM_OUTPUT = frozenset({"relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus"})  # f'(y)
 
 # The constants exactly as activations.cuh spells them (so both round them alike).
 NEG_SQRT1_2 = -0.70710678118654752440  # -1/sqrt(2)
@@ -321,10 +321,11 @@ class FusedOps:
         return self._max0(x) + a * self._min0(x)
 
     def _df_leaky_relu(self, x: Array, a: float) -> Array:
-        return self._pos(x) + a * self._nonpos(x)
+        p = self._pos(x)
+        return p + a * (1.0 - p)
 
     def _dfy_leaky_relu(self, y: Array, a: float) -> Array:
-        return self._pos(y) + a * self._nonpos(y)
+        return self._df_leaky_relu(y, a)
 
     def _f_elu(self, x: Array, a: float) -> Array:
         return self._max0(x) + a * self.xp.expm1(self._min0(x))
@@ -333,11 +334,12 @@ class FusedOps:
         return self._pos(x) + self._nonpos(x) * (a * self.xp.exp(self._min0(x)))
 
     def _dfy_elu(self, y: Array, a: float) -> Array:
-        return self._pos(y) + self._nonpos(y) * (y + a)
+        return self._pos(y) + self._nonpos(y) * (self._min0(y) + a)
 
     def _f_sigmoid(self, x: Array, a: float) -> Array:
         xp = self.xp
-        return xp.exp(self._min0(x)) / (1.0 + xp.exp(-xp.abs(x)))
+        z = xp.exp(-xp.abs(x))
+        return xp.where(x >= 0, xp.ones_like(z), z) / (1.0 + z)
 
     def _df_sigmoid(self, x: Array, a: float) -> Array:
         xp = self.xp
@@ -366,15 +368,23 @@ class FusedOps:
     def _df_softplus(self, x: Array, a: float) -> Array:
         return self._f_sigmoid(a * x, a)
 
+    def _dfy_softplus(self, y: Array, a: float) -> Array:
+        return -self.xp.expm1(-a * y)
+
     def _f_silu(self, x: Array, a: float) -> Array:
         return x * self._f_sigmoid(x, a)
 
     def _df_silu(self, x: Array, a: float) -> Array:
+        return self._x_sigmoid_grad(x, x, None)
+
+    def _x_sigmoid_grad(self, x: Array, v: Array, dv: Array | None) -> Array:
+        """d/dx [x sigmoid(v)] = s + x s'(v) v' (silu: v = x, v' = 1; tanh-GELU: v = 2u)."""
         xp = self.xp
-        d = 1.0 + xp.exp(-xp.abs(x))
-        s = xp.exp(self._min0(x)) / d
-        sm = xp.exp(-self._max0(x)) / d
-        return s * (1.0 + x * sm)
+        z = xp.exp(-xp.abs(v))
+        d = 1.0 + z
+        s = xp.where(v >= 0, xp.ones_like(z), z) / d
+        q = x * (z / (d * d))
+        return s + (q if dv is None else q * dv)
 
     def _f_gelu(self, x: Array, a: float) -> Array:
         return x * (0.5 * self._erfc(x * NEG_SQRT1_2))
@@ -391,10 +401,5 @@ class FusedOps:
         return x * self._f_sigmoid(self._gelu_tanh_u2(x), a)
 
     def _df_gelu_tanh(self, x: Array, a: float) -> Array:
-        xp = self.xp
-        u2 = self._gelu_tanh_u2(x)
-        d = 1.0 + xp.exp(-xp.abs(u2))
-        s = xp.exp(self._min0(u2)) / d
-        sm = xp.exp(-self._max0(u2)) / d
         du2 = TWO_K * (1.0 + THREE_C * x * x)
-        return s * (1.0 + x * sm * du2)
+        return self._x_sigmoid_grad(x, self._gelu_tanh_u2(x), du2)

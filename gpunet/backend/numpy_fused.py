@@ -71,9 +71,12 @@ class NumpyFusedOps(FusedOps):
         return out
 
     def _df_leaky_relu(self, x: Array, a: float) -> Array:
-        out = np.less_equal(x, 0, out=_new(x))
+        if 0.0 <= a <= 1.0:  # p + a (1 - p) = max(p, a) exactly: two passes, not four
+            return np.maximum(x > 0, x.dtype.type(a), out=_new(x))
+        p = np.greater(x, 0, out=_new(x))
+        out = np.subtract(1, p, out=_new(x))
         out *= a
-        out += np.greater(x, 0, out=_new(x))
+        out += p
         return out
 
     def _dfy_leaky_relu(self, y: Array, a: float) -> Array:
@@ -96,21 +99,25 @@ class NumpyFusedOps(FusedOps):
         return out
 
     def _dfy_elu(self, y: Array, a: float) -> Array:
-        out = np.add(y, a, out=_new(y))
+        out = np.minimum(y, 0, out=_new(y))
+        out += a
+        if a == 1.0:  # pos + nonpos (min0 + 1) = min0 + 1 exactly
+            return out
+        if 0.0 <= a < 1.0:  # ... = max(min0 + a, pos) exactly, as y >= -a
+            return np.maximum(out, y > 0, out=out)
         step = np.less_equal(y, 0, out=_new(y))
         out *= step
         out += np.greater(y, 0, out=step)
         return out
 
     def _f_sigmoid(self, x: Array, a: float) -> Array:
-        d = np.abs(x, out=_new(x))
-        np.negative(d, out=d)
-        np.exp(d, out=d)
-        d += 1
-        out = np.minimum(x, 0, out=_new(x))
-        np.exp(out, out=out)
-        out /= d
-        return out
+        z = np.abs(x, out=_new(x))
+        np.negative(z, out=z)
+        np.exp(z, out=z)
+        d = np.add(z, 1, out=_new(x))
+        np.maximum(z, x >= 0, out=z)  # the numerator: 1 for x >= 0, else z (branch-free)
+        z /= d
+        return z
 
     def _df_sigmoid(self, x: Array, a: float) -> Array:
         z = np.abs(x, out=_new(x))
@@ -152,13 +159,18 @@ class NumpyFusedOps(FusedOps):
     def _df_softplus(self, x: Array, a: float) -> Array:
         return self._f_sigmoid(np.multiply(x, a, out=_new(x)), a)
 
+    def _dfy_softplus(self, y: Array, a: float) -> Array:
+        out = np.multiply(y, -a, out=_new(y))
+        np.expm1(out, out=out)
+        return np.negative(out, out=out)
+
     def _f_silu(self, x: Array, a: float) -> Array:
         out = self._f_sigmoid(x, a)
         out *= x
         return out
 
     def _df_silu(self, x: Array, a: float) -> Array:
-        return self._sigmoid_product_grad(x, x, None)
+        return self._x_sigmoid_grad(x, x, None)
 
     def _f_gelu(self, x: Array, a: float) -> Array:
         out = np.multiply(x, NEG_SQRT1_2, out=_new(x))
@@ -197,25 +209,22 @@ class NumpyFusedOps(FusedOps):
         du2 *= x
         du2 += 1
         du2 *= TWO_K
-        return self._sigmoid_product_grad(self._gelu_tanh_u2(x), x, du2)
+        return self._x_sigmoid_grad(x, self._gelu_tanh_u2(x), du2)
 
-    def _sigmoid_product_grad(self, v: Array, x: Array, dv: Array | None) -> Array:
-        """d/dx [x sigmoid(v(x))] = s (1 + x (1 - s) v') with s = sigmoid(v) and 1 - s =
-        sigmoid(-v) each computed directly (silu: v = x, v' = 1; tanh-GELU: v = 2u)."""
-        d = np.abs(v, out=_new(v))
-        np.negative(d, out=d)
-        np.exp(d, out=d)
-        d += 1
-        s = np.minimum(v, 0, out=_new(v))
-        np.exp(s, out=s)
+    def _x_sigmoid_grad(self, x: Array, v: Array, dv: Array | None) -> Array:
+        """d/dx [x sigmoid(v)] = s + x s'(v) v', s' = z / (1 + z)^2 (silu: v = x, v' = 1;
+        tanh-GELU: v = 2u)."""
+        s = np.greater_equal(v, 0, out=_new(v))
+        z = np.abs(v, out=_new(v) if v is x else v)  # v's last use: reuse it when ours
+        np.negative(z, out=z)
+        np.exp(z, out=z)
+        d = np.add(z, 1, out=_new(z))
+        np.maximum(s, z, out=s)  # the numerator: 1 for v >= 0, else z
         s /= d
-        sm = np.maximum(v, 0, out=_new(v) if v is x else v)  # v's last use: reuse it
-        np.negative(sm, out=sm)
-        np.exp(sm, out=sm)
-        sm /= d
-        sm *= x
+        d *= d
+        z /= d
+        z *= x
         if dv is not None:
-            sm *= dv
-        sm += 1
-        s *= sm
+            z *= dv
+        s += z
         return s

@@ -6,8 +6,8 @@ by ``fused_grad``: the backend's fused ``activation_backward`` (one kernel on CU
 allocation on NumPy) when nothing will differentiate the result (a plain ``loss.backward()``),
 else the same formula composed from gpunet ops, so that ``create_graph``, ``hvp`` and
 forward-over-reverse see a differentiable expression. Cards keep the output where f' has a
-form in it (relu, sigmoid; leaky_relu and elu when their parameter is >= 0) and the input
-otherwise. ``erf`` is here too: exact GELU's composed derivative needs it.
+form in it (relu, sigmoid, softplus; leaky_relu and elu when their parameter is >= 0) and
+the input otherwise. ``erf`` is here too: exact GELU's composed derivative needs it.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def fused_grad(name: str, g: Tensor, saved: Tensor, alpha: float, from_output: b
 
 # ---------------------------------------------------------------------- composed g * f'
 # The formulas of activations.cuh with gpunet ops: differentiable, and equal to the fused
-# result (the tests compare the two). ``s`` is what the card saved: y where the derivative
-# has a form in the output (relu, sigmoid, tanh; leaky_relu and elu for a >= 0; their
-# formulas are the same in x and y but for elu's), else x.
+# result to rounding (the tests compare the two). ``s`` is what the card saved: y where the
+# derivative has a form in the output (relu, sigmoid, tanh, softplus; leaky_relu and elu for
+# a >= 0), else x.
 def _relu(g: Tensor, y: Tensor, a: float, from_y: bool) -> Tensor:
     return ops.where(y > 0.0, g, g * 0.0)
 
@@ -72,12 +72,14 @@ def _tanh(g: Tensor, y: Tensor, a: float, from_y: bool) -> Tensor:
     return g * (1.0 - y * y)
 
 
-def _softplus(g: Tensor, x: Tensor, a: float, from_y: bool) -> Tensor:
-    return g * ops.sigmoid(x * a)
+def _softplus(g: Tensor, s: Tensor, a: float, from_y: bool) -> Tensor:
+    # from y: sigmoid(a x) = 1 - exp(-a y) (the kernel's -expm1, to eps absolutely)
+    return g * (1.0 - ops.exp(s * -a)) if from_y else g * ops.sigmoid(s * a)
 
 
 def _silu(g: Tensor, x: Tensor, a: float, from_y: bool) -> Tensor:
-    return g * (ops.sigmoid(x) * (1.0 + x * ops.sigmoid(-x)))
+    s = ops.sigmoid(x)
+    return g * (s + x * (s * ops.sigmoid(-x)))
 
 
 def _gelu(g: Tensor, x: Tensor, a: float, from_y: bool) -> Tensor:
@@ -89,7 +91,8 @@ def _gelu(g: Tensor, x: Tensor, a: float, from_y: bool) -> Tensor:
 def _gelu_tanh(g: Tensor, x: Tensor, a: float, from_y: bool) -> Tensor:
     u2 = (x + x * GELU_C * x * x) * TWO_K
     du2 = (x * THREE_C * x + 1.0) * TWO_K
-    return g * (ops.sigmoid(u2) * (1.0 + x * ops.sigmoid(-u2) * du2))
+    s = ops.sigmoid(u2)
+    return g * (s + x * (s * ops.sigmoid(-u2)) * du2)
 
 
 _COMPOSED: dict[str, Callable[[Tensor, Tensor, float, bool], Tensor]] = {
@@ -144,9 +147,10 @@ sigmoid = primitive(
 
 softplus = primitive(
     "softplus",
-    "log(1 + exp(beta x)) / beta, stable for any x; d/dx = sigmoid(beta x)",
-    vjp=(lambda g, x, *, beta: fused_grad("softplus", g, x, beta, False),),
-    jvp=(lambda t, y, x, *, beta: fused_grad("softplus", t, x, beta, False),),
+    "log(1 + exp(beta x)) / beta, stable for any x; d/dx = sigmoid(beta x) = 1 - exp(-beta y)",
+    save=lambda out, x, *, beta: (out,),
+    vjp=(lambda g, y, *, beta: fused_grad("softplus", g, y, beta, True),),
+    jvp=(lambda t, y, x, *, beta: fused_grad("softplus", t, y, beta, True),),
 )
 
 silu = primitive(
