@@ -29,13 +29,46 @@ from .tensor import Tensor
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+GRAD, ANOMALY, FORWARD = 1, 2, 4  # bits of _State.flags
+
+
 class _State(threading.local):
+    """Per-thread autodiff state. ``bind`` reads one word, ``flags``, on every op (a
+    thread-local read costs about a microsecond's tenth; three of them showed in profiles)."""
+
     def __init__(self) -> None:
-        self.grad_enabled = True
-        self.anomaly = False
+        self.flags = GRAD
+        self._level = 0  # how many forward-mode interpreters ``bind`` sees (jvp_stack[:level])
         self.jvp_stack: list[ForwardMode] = []
-        self.level = 0  # how many forward-mode interpreters ``bind`` sees (jvp_stack[:level])
         self.backward_node: Node | None = None  # whose VJP rule is running (anomaly messages)
+
+    def _set(self, bit: int, on: bool) -> None:
+        self.flags = (self.flags | bit) if on else (self.flags & ~bit)
+
+    @property
+    def grad_enabled(self) -> bool:
+        return bool(self.flags & GRAD)
+
+    @grad_enabled.setter
+    def grad_enabled(self, on: bool) -> None:
+        self._set(GRAD, on)
+
+    @property
+    def anomaly(self) -> bool:
+        return bool(self.flags & ANOMALY)
+
+    @anomaly.setter
+    def anomaly(self, on: bool) -> None:
+        self._set(ANOMALY, on)
+
+    @property
+    def level(self) -> int:
+        return self._level
+
+    @level.setter
+    def level(self, n: int) -> None:
+        self._level = n
+        self._set(FORWARD, n > 0)
 
 
 STATE = _State()
@@ -79,45 +112,51 @@ class Node:
 
 # ---------------------------------------------------------------------- dispatch
 def bind(prim: Primitive, *args: Tensor, **params: Any) -> Tensor:
-    """Apply a primitive: the single entry point of every op in gpunet."""
-    level = STATE.level
-    if level:
-        return STATE.jvp_stack[level - 1].process(prim, args, params)
-    return evaluate(prim, args, params)
+    """Apply a primitive: the single entry point of every op in gpunet.
 
-
-def evaluate(prim: Primitive, args: Sequence[Tensor], params: dict) -> Tensor:
-    """Compute the forward on the backend; record a node when a gradient will be needed.
-
-    This is the hot path of every op, so the common one- and two-input cases are spelled out.
+    Inside a forward-mode transform the innermost ``ForwardMode`` sees the op first.
+    Otherwise the backend computes the forward, and a node is recorded when gradients are on
+    and an input requires grad. This is the hot path of every op, so the common one- and
+    two-input cases are spelled out and nothing is looked up twice.
     """
+    flags = STATE.flags
+    if flags & FORWARD:
+        return STATE.jvp_stack[STATE._level - 1].process(prim, args, params)
     x = args[0]
     backend = x._backend
-    if len(args) == 1:
-        data = getattr(backend, prim.name)(x.data, **params)
-    else:
-        if len(args) > 2 or args[1]._backend is not backend or (
-            args[1].data.dtype != x.data.dtype and not prim.nondiff
-        ):
+    impl = backend.impls.get(prim.name) or backend.impl(prim.name)
+    n = len(args)
+    if n == 1:
+        data = impl(x.data, **params)
+    elif n == 2:
+        y = args[1]
+        dx, dy = x.data.dtype, y.data.dtype
+        if y._backend is not backend or (dy is not dx and dy != dx and not prim.nondiff):
             check_compatible(prim, args)
-        data = getattr(backend, prim.name)(*[a.data for a in args], **params)
+        data = impl(x.data, y.data, **params)
+    else:
+        check_compatible(prim, args)
+        data = impl(*[a.data for a in args], **params)
     if prim.transfers:
         backend = get_backend(params["device"])
     if type(data) is not backend.array_type:  # NumPy returns scalars from 0-d operations
         data = backend.asarray(data)
-    out = Tensor._wrap(data, backend)
-    state = STATE
-    if state.anomaly:
+    out = _new_tensor(Tensor)
+    out.data, out._backend, out._requires_grad, out._node = data, backend, False, None
+    if flags & ANOMALY:
         _check_forward(prim, args, out)
-    if state.grad_enabled and prim.differentiable:
+    if flags & GRAD and prim.differentiable:
         for a in args:
             if a._requires_grad:
-                _record(prim, args, params, out)
+                _record(prim, args, params, out, flags)
                 break
     return out
 
 
-def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor) -> None:
+_new_tensor = object.__new__
+
+
+def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, flags: int) -> None:
     nondiff = prim.nondiff
     parents = []
     for i, a in enumerate(args):
@@ -133,7 +172,7 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor) 
                 saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
                 out_data = out.data
                 break
-    site = user_site() if STATE.anomaly else None
+    site = user_site() if flags & ANOMALY else None
     out._node = Node(prim, tuple(parents), saved, params, out_data, site)
     out._requires_grad = True
 
@@ -348,6 +387,7 @@ def backprop(
     input_grads: dict[Node, Tensor] = {}
     stop = set(targets)
     state = STATE
+    anomaly = state.anomaly
     prev_mode, prev_node = state.grad_enabled, state.backward_node
     state.grad_enabled = create_graph
     try:
@@ -371,7 +411,7 @@ def backprop(
                 me = Tensor._wrap(node.out_data, g._backend)
                 me._node, me._requires_grad = node, True
                 saved = tuple(me if s is SAVED_OUTPUT else s for s in saved)
-            if state.anomaly:
+            if anomaly:
                 state.backward_node = node
             prim = node.prim
             for i, parent in enumerate(node.parents):
@@ -398,8 +438,8 @@ def backprop(
             result.append(ops.zeros_like(x) if g is None else g)
         return result
     for leaf, g in leaf_grads.values():
-        if leaf._hooks:
-            g = _run_hooks(leaf._hooks, g)
+        if leaf.hooks:
+            g = _run_hooks(leaf.hooks, g)
         if leaf.grad is None:
             if id(g.data) in seen_arrays or getattr(g.data, "base", None) is not None:
                 g = ops.copy(g)  # never alias an array someone else holds into .grad

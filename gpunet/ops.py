@@ -19,7 +19,7 @@ import numpy as np
 
 from . import dtypes
 from . import primitives as P
-from .autodiff import STATE, bind
+from .autodiff import FORWARD, GRAD, STATE, bind
 from .backend import Device, device
 from .tensor import Tensor
 
@@ -29,7 +29,8 @@ Axis = int | Sequence[int] | None
 # ---------------------------------------------------------------------- helpers
 def _tracked(t: Tensor) -> bool:
     """Will some transform need this operand's derivative? (then broadcasting is explicit)"""
-    return (t._requires_grad and STATE.grad_enabled) or STATE.level > 0
+    flags = STATE.flags
+    return bool(flags & FORWARD or (t._requires_grad and flags & GRAD))
 
 
 _SCALARS: dict[tuple, Tensor] = {}  # (type, value, dtype, backend) -> read-only 0-d constant
@@ -102,15 +103,20 @@ def _operands(op: str, x: Any, y: Any) -> tuple[Tensor, Tensor]:
     """Two tensors of one dtype, broadcast to one shape where a transform needs it."""
     if type(x) is Tensor:
         if type(y) is Tensor:
-            if x.data.dtype != y.data.dtype:  # booleans join the other dtype; nothing else
+            dx, dy = x.data.dtype, y.data.dtype
+            if dx is not dy and dx != dy:  # booleans join the other dtype; nothing else
                 if x.dtype == dtypes.bool_:
                     x = cast(x, y.dtype)
                 elif y.dtype == dtypes.bool_:
                     y = cast(y, x.dtype)
-        else:
+        else:  # a Python scalar becomes a 0-d constant: it broadcasts natively, no check
             x, y = _constant(y, x)
+            if not y.data.ndim:
+                return x, y
     elif isinstance(y, Tensor):
         y, x = _constant(x, y)
+        if not x.data.ndim:
+            return x, y
     else:
         raise TypeError(
             f"gpunet.{op}: expected a Tensor operand, got {type(x).__name__} and {type(y).__name__}"
@@ -119,9 +125,9 @@ def _operands(op: str, x: Any, y: Any) -> tuple[Tensor, Tensor]:
     if sx != sy:
         shape = broadcast_shapes(op, sx, sy)
         if sx != shape and _tracked(x):
-            x = broadcast_to(x, shape)
+            x = bind(P.broadcast_to, x, shape=shape)
         if sy != shape and _tracked(y):
-            y = broadcast_to(y, shape)
+            y = bind(P.broadcast_to, y, shape=shape)
     return x, y
 
 
@@ -362,8 +368,9 @@ def cross_entropy(logits: Tensor, labels: Any, reduction: str = "mean") -> Tenso
     if not isinstance(labels, Tensor):
         labels = Tensor._wrap(logits._backend.asarray(labels, dtypes.DEFAULT_INT), logits._backend)
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"gpunet.cross_entropy: reduction must be mean, sum or none, got "
-                         f"{reduction!r}")
+        raise ValueError(
+            f"gpunet.cross_entropy: reduction must be mean, sum or none, got {reduction!r}"
+        )
     if logits.ndim != 2 or labels.shape != logits.shape[:1] or labels.dtype.kind not in "iu":
         raise ValueError(
             f"gpunet.cross_entropy: expected logits (n, c) and integer labels (n,), got logits "
@@ -380,17 +387,18 @@ def arange_like(x: Tensor, n: int) -> Tensor:
 def take_rows(x: Tensor, cols: Tensor) -> Tensor:
     """x[i, cols[i]] for each row i of a matrix (differentiable in x)."""
     n, c = x.shape
-    flat = Tensor._wrap(x._backend.add(x._backend.mul(arange_like(x, n).data, c), cols.data),
-                        x._backend)
+    flat = Tensor._wrap(
+        x._backend.add(x._backend.mul(arange_like(x, n).data, c), cols.data), x._backend
+    )
     return bind(P.take, reshape(x, (n * c,)), flat, axis=0)
 
 
 # ---------------------------------------------------------------------- shapes
 def broadcast_to(x: Tensor, shape: Sequence[int]) -> Tensor:
     shape = tuple(int(n) for n in shape)
-    if broadcast_shapes("broadcast_to", x.shape, shape) != shape:
+    if broadcast_shapes("broadcast_to", x.data.shape, shape) != shape:
         raise ValueError(f"gpunet.broadcast_to: cannot broadcast {x.shape} to {shape}")
-    return x if x.shape == shape else bind(P.broadcast_to, x, shape=shape)
+    return x if x.data.shape == shape else bind(P.broadcast_to, x, shape=shape)
 
 
 def reshape(x: Tensor, shape: int | Sequence[int]) -> Tensor:
@@ -622,7 +630,7 @@ def matmul(x: Tensor, y: Tensor) -> Tensor:
     x, y = _tensor_arg(x, "matmul"), _tensor_arg(y, "matmul")
     sx, sy = x.data.shape, y.data.shape
     if len(sx) == 2 == len(sy) and sx[1] == sy[0]:  # the common case, checked
-        return bind(P.matmul, x, y)
+        return bind(P.matmul, x, y, tx=False, ty=False)
     if x.ndim == 0 or y.ndim == 0:
         raise ValueError("gpunet.matmul: operands must be at least 1-d; use * for scalars")
     k_y = y.shape[0] if y.ndim == 1 else y.shape[-2]
@@ -639,15 +647,28 @@ def matmul(x: Tensor, y: Tensor) -> Tensor:
         y = reshape(y, (y.shape[0], 1))
     if x.ndim > 2 and y.ndim == 2:  # fold the batch into rows: one GEMM, not a batch of them
         lead = x.shape[:-1]
-        out = reshape(bind(P.matmul, reshape(x, (-1, x.shape[-1])), y), (*lead, y.shape[-1]))
+        out = reshape(
+            bind(P.matmul, reshape(x, (-1, x.shape[-1])), y, tx=False, ty=False),
+            (*lead, y.shape[-1]),
+        )
     else:
         if x.ndim > 2 or y.ndim > 2:
             batch = broadcast_shapes("matmul", x.shape[:-2], y.shape[:-2])
             x = broadcast_to(x, batch + x.shape[-2:])
             y = broadcast_to(y, batch + y.shape[-2:])
-        out = bind(P.matmul, x, y)
+        out = bind(P.matmul, x, y, tx=False, ty=False)
     if vec_x:
         out = squeeze(out, -2)
     if vec_y:
         out = squeeze(out, -1)
     return out
+
+
+# The hottest operators are the functions above (their signature is (self, other)): one
+# Python frame less on every ``x + y``. The reflected and unary ones stay methods of Tensor.
+Tensor.__add__ = add  # type: ignore[method-assign]
+Tensor.__sub__ = sub  # type: ignore[method-assign]
+Tensor.__mul__ = mul  # type: ignore[method-assign]
+Tensor.__truediv__ = div  # type: ignore[method-assign]
+Tensor.__pow__ = pow  # type: ignore[method-assign]
+Tensor.__matmul__ = matmul  # type: ignore[method-assign]

@@ -28,7 +28,7 @@ class RemovableHandle:
 
 
 class Tensor:
-    __slots__ = ("__weakref__", "_backend", "_hooks", "_node", "_requires_grad", "data", "grad")
+    __slots__ = ("__weakref__", "_backend", "_grad", "_hooks", "_node", "_requires_grad", "data")
     __array_ufunc__ = None  # ndarray (op) Tensor defers to Tensor's reflected operator
 
     def __init__(self, data: Any, requires_grad: bool = False) -> None:
@@ -37,8 +37,6 @@ class Tensor:
         self.data = data
         self._requires_grad = False
         self._node = None
-        self.grad: Tensor | None = None
-        self._hooks: list | None = None
         if requires_grad:
             self.requires_grad = True
 
@@ -50,9 +48,28 @@ class Tensor:
         t._backend = backend
         t._requires_grad = False
         t._node = None
-        t.grad = None
-        t._hooks = None
         return t
+
+    # ``grad`` and ``_hooks`` are rarely set, so a new tensor leaves their slots empty (one
+    # attribute store less per op) and reads fall back to None.
+    @property
+    def grad(self) -> Tensor | None:
+        """The accumulated gradient of a leaf after ``backward()``, else None."""
+        try:
+            return self._grad
+        except AttributeError:
+            return None
+
+    @grad.setter
+    def grad(self, value: Tensor | None) -> None:
+        self._grad = value
+
+    @property
+    def hooks(self) -> list | None:
+        try:
+            return self._hooks
+        except AttributeError:
+            return None
 
     # ------------------------------------------------------------------ attributes
     @property
@@ -209,7 +226,7 @@ class Tensor:
         if not self._requires_grad:
             raise RuntimeError("cannot register a hook on a tensor that does not require grad")
         owner = self._node if self._node is not None else self
-        if owner._hooks is None:
+        if getattr(owner, "_hooks", None) is None:
             owner._hooks = []
         owner._hooks.append(hook)
         return RemovableHandle(owner._hooks, hook)
@@ -249,38 +266,22 @@ class Tensor:
     __hash__ = object.__hash__
 
     # ------------------------------------------------------------------ operators
-    def __add__(self, other: Any) -> Tensor:
-        return ops.add(self, other)
-
+    # x + y, x - y, x * y, x / y, x ** y and x @ y are the ops functions themselves, installed
+    # at the end of gpunet/ops.py (one Python frame less on the hottest path).
     def __radd__(self, other: Any) -> Tensor:
         return ops.add(other, self)
-
-    def __sub__(self, other: Any) -> Tensor:
-        return ops.sub(self, other)
 
     def __rsub__(self, other: Any) -> Tensor:
         return ops.sub(other, self)
 
-    def __mul__(self, other: Any) -> Tensor:
-        return ops.mul(self, other)
-
     def __rmul__(self, other: Any) -> Tensor:
         return ops.mul(other, self)
-
-    def __truediv__(self, other: Any) -> Tensor:
-        return ops.div(self, other)
 
     def __rtruediv__(self, other: Any) -> Tensor:
         return ops.div(other, self)
 
-    def __pow__(self, other: Any) -> Tensor:
-        return ops.pow(self, other)
-
     def __rpow__(self, other: Any) -> Tensor:
         return ops.pow(other, self)
-
-    def __matmul__(self, other: Any) -> Tensor:
-        return ops.matmul(self, other)
 
     def __rmatmul__(self, other: Any) -> Tensor:
         return ops.matmul(other, self)

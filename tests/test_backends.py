@@ -173,7 +173,10 @@ CASES: list[tuple[str, tuple[np.ndarray, ...], dict[str, Any]]] = [
     ("scatter_add", (gen().standard_normal((2, 4)), np.array([1, 1])), {"axis": 0, "size": 3}),
     ("concatenate", (X, Y, X[:1]), {"axis": 0}),
     ("concatenate", (X, Y), {"axis": 1}),
-    ("matmul", (X, Y.T), {}),
+    ("matmul", (X, Y.T), {"tx": False, "ty": False}),
+    ("matmul", (X, Y), {"tx": False, "ty": True}),
+    ("matmul", (X, Y), {"tx": True, "ty": False}),
+    ("matmul", (X, Y.T), {"tx": True, "ty": True}),
     *(
         ("cross_entropy", (X, np.array([0, 3, 1])), {"reduction": r})
         for r in ("mean", "sum", "none")
@@ -185,7 +188,11 @@ CASES: list[tuple[str, tuple[np.ndarray, ...], dict[str, Any]]] = [
         (np.array([1.0, -2.0, 0.5]), X, np.array([0, 3, 1])),
         {"reduction": "none"},
     ),
-    ("matmul", (gen().standard_normal((2, 3, 4)), gen().standard_normal((2, 4, 5))), {}),
+    (
+        "matmul",
+        (gen().standard_normal((2, 3, 4)), gen().standard_normal((2, 4, 5))),
+        {"tx": False, "ty": False},
+    ),
 ]
 
 

@@ -398,8 +398,14 @@ def _matmul(draw: Draw) -> Case:
     r = rng(draw)
     batch = draw(st.sampled_from([(), (2,), (1,), (2, 3)]))
     n, k, m = (draw(st.integers(0, 4)) for _ in range(3))
-    x, y = uniform(r, (*batch, n, k), -2, 2), uniform(r, (*batch, k, m), -2, 2)
-    return Case(ops.matmul, [x, y], np.matmul)
+    tx, ty = draw(st.booleans()), draw(st.booleans())
+    x = uniform(r, (*batch, k, n) if tx else (*batch, n, k), -2, 2)
+    y = uniform(r, (*batch, m, k) if ty else (*batch, k, m), -2, 2)
+
+    def ref(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.matmul(np.swapaxes(a, -1, -2) if tx else a, np.swapaxes(b, -1, -2) if ty else b)
+
+    return Case(lambda a, b: bind(P.matmul, a, b, tx=tx, ty=ty), [x, y], ref)
 
 
 def _ce_reference(z: np.ndarray, labels: np.ndarray, reduction: str) -> np.ndarray:
@@ -414,8 +420,11 @@ def _cross_entropy(draw: Draw) -> Case:
     reduction = draw(st.sampled_from(["mean", "sum", "none"]))
     labels = r.integers(0, c, n)
     y = gpunet.tensor(labels)
-    return Case(lambda z: ops.cross_entropy(z, y, reduction), [uniform(r, (n, c), -4, 4)],
-                lambda z: _ce_reference(z, labels, reduction))
+    return Case(
+        lambda z: ops.cross_entropy(z, y, reduction),
+        [uniform(r, (n, c), -4, 4)],
+        lambda z: _ce_reference(z, labels, reduction),
+    )
 
 
 @spec("cross_entropy_backward")
@@ -433,8 +442,11 @@ def _cross_entropy_backward(draw: Draw) -> Case:
         return p * (g / n if reduction == "mean" else g)
 
     g = uniform(r, (n,) if reduction == "none" else (), -2, 2)
-    return Case(lambda gt, z: bind(P.cross_entropy_backward, gt, z, y, reduction=reduction),
-                [g, uniform(r, (n, c), -4, 4)], ref)
+    return Case(
+        lambda gt, z: bind(P.cross_entropy_backward, gt, z, y, reduction=reduction),
+        [g, uniform(r, (n, c), -4, 4)],
+        ref,
+    )
 
 
 # ---------------------------------------------------------------------- the checks

@@ -45,6 +45,12 @@ class ArrayBackend(FusedOps):
         self.xp = xp
         self.device = device
         self.array_type = array_type
+        self.impls: dict[str, Any] = {}  # primitive name -> bound method, filled on first use
+
+    def impl(self, name: str) -> Any:
+        """The bound method computing primitive ``name`` (cached: ``bind`` asks on every op)."""
+        method = self.impls[name] = getattr(self, name)
+        return method
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.device}>"
@@ -246,5 +252,7 @@ class ArrayBackend(FusedOps):
         return self.xp.concat(xs, axis=axis)
 
     # ---------------------------------------------------------------- linear algebra
-    def matmul(self, x: Array, y: Array) -> Array:
-        return self.xp.matmul(x, y)
+    def matmul(self, x: Array, y: Array, *, tx: bool, ty: bool) -> Array:
+        """op(x) @ op(y), op = transpose of the last two axes when its flag is set."""
+        xp = self.xp
+        return xp.matmul(xp.matrix_transpose(x) if tx else x, xp.matrix_transpose(y) if ty else y)
