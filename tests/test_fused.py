@@ -58,9 +58,12 @@ def test_generic_formulas_match_numpy(name: str, a: float) -> None:
     assert NP.bias_activation(X, b, name=name, alpha=a)[1] is None
 
 
+@pytest.mark.parametrize("n", [200, 70001])  # 70001: in chunks (numpy_fused.CHUNK)
 @pytest.mark.parametrize(("name", "a"), CASES)
-def test_numpy_never_writes_its_inputs_and_backward_may_write_into_g(name: str, a: float) -> None:
-    x, g = values().astype(np.float32), values(seed=3).astype(np.float32)
+def test_numpy_never_writes_its_inputs_and_backward_may_write_into_g(
+    name: str, a: float, n: int
+) -> None:
+    x, g = values(n).astype(np.float32), values(n, seed=3).astype(np.float32)
     x0, g0 = x.copy(), g.copy()
     NP.activation(x, name=name, alpha=a)
     dx = NP.activation_backward(g, x, name=name, alpha=a)
