@@ -390,6 +390,19 @@ def test_barrier_in_a_non_cooperative_launch_aborts(gxx: str, tmp_path: Path) ->
     assert done.returncode != 0 and "non-cooperative" in done.stderr
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy on inf inputs
+def test_backward_into_a_strided_out_or_from_strided_inputs(cuda_on_cpu: CupyBackend) -> None:
+    x = inputs(600, np.float32, 1, scale=10.0)
+    g = inputs(600, np.float32, 2, scale=10.0)
+    want = REF.activation_backward(g[::2], x[::2], name="silu")
+    out = np.zeros(600, np.float32)[1::2]
+    got = cuda_on_cpu.activation_backward(g[::2], x[::2], name="silu", out=out)
+    assert got is out
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-30)
+    with pytest.raises(ValueError, match="out must have g's shape"):
+        cuda_on_cpu.activation_backward(g, x, name="silu", out=np.zeros(5, np.float32))
+
+
 def test_cupy_backend_falls_back_where_no_kernel_exists(cuda_on_cpu: CupyBackend) -> None:
     """Integer activations, float64 optimizer buffers: the generic path, nothing launched."""
     x = np.arange(-3, 4)

@@ -232,12 +232,16 @@ class Kernels:
         check_activation(name, from_output)
         if g.shape != saved.shape:
             raise ValueError(f"activation_backward: g {g.shape} and saved {saved.shape} differ")
-        g, saved = self._contiguous(g), self._contiguous(saved)
-        dx = self.xp.empty_like(g) if out is None else out
-        if dx is not g and (dx.shape != g.shape or not dx.flags.c_contiguous):
-            raise ValueError("activation_backward: out must be g or a C-contiguous array like g")
+        if out is not None and (out.shape != g.shape or out.dtype != g.dtype):
+            raise ValueError("activation_backward: out must have g's shape and dtype")
+        g_c, saved = self._contiguous(g), self._contiguous(saved)
+        # in place when out is usable as it is (out is g: the kernel may write into g)
+        dx = out if out is not None and out.flags.c_contiguous else self.xp.empty_like(g_c)
         kind = "bwd_from_y" if from_output else "bwd"
-        self.launch(f"{name}_{kind}_{SUFFIX[g.dtype]}", g.size, g, saved, dx, g.size, alpha)
+        self.launch(f"{name}_{kind}_{SUFFIX[g.dtype]}", g.size, g_c, saved, dx, g.size, alpha)
+        if out is not None and dx is not out:
+            out[...] = dx
+            return out
         return dx
 
     def bias_activation(
