@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .. import ops
-from ..autodiff import STATE, bind
+from ..autodiff import ANOMALY, FORWARD, GRAD, STATE, bind
 from ..backend.fused import GELU_C, INV_SQRT_2PI, THREE_C, TWO_K, gelu_name
 from ..tensor import Tensor
 from .card import primitive
@@ -31,11 +31,9 @@ def fused_grad(name: str, g: Tensor, saved: Tensor, alpha: float, from_output: b
     recording (grad mode off, or neither operand tracked), and no anomaly check (which
     inspects every primitive's output).
     """
-    state = STATE
-    if (
-        state.level == 0
-        and not state.anomaly
-        and not (state.grad_enabled and (g._requires_grad or saved._requires_grad))
+    flags = STATE.flags
+    if not flags & (FORWARD | ANOMALY) and not (
+        flags & GRAD and (g._requires_grad or saved._requires_grad)
     ):
         backend = g._backend
         dx = backend.activation_backward(
