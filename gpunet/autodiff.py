@@ -177,13 +177,17 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
     out._requires_grad = True
 
 
-def differentiating() -> bool:
-    """Will the ops run now be differentiated (recorded on the tape, or seen by a JVP)?
+def differentiating(*operands: Tensor) -> bool:
+    """Will a transform see the ops run now on ``operands``: a forward-mode interpreter, the
+    anomaly check, or the tape (grad mode on and an operand requiring grad)?
 
     VJP rules ask this to choose a fused, non-differentiable backward kernel (the common
     ``loss.backward()``) over the same formula composed from differentiable ops.
     """
-    return STATE.grad_enabled or STATE.level > 0
+    flags = STATE.flags
+    if flags & (FORWARD | ANOMALY):
+        return True
+    return bool(flags & GRAD) and any(t._requires_grad for t in operands)
 
 
 def describe(t: Tensor) -> str:

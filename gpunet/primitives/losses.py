@@ -21,10 +21,12 @@ def _row_scale(g, logits, reduction):  # type: ignore[no-untyped-def]
 
 
 def _ce_vjp(g, logits, labels, reduction):  # type: ignore[no-untyped-def]
-    if not differentiating():
+    if not differentiating(g, logits):
         return bind(cross_entropy_backward, g, logits, labels, reduction=reduction)
-    onehot = ops.cast(ops.compare(ops.reshape(labels, (-1, 1)),
-                                  ops.arange_like(logits, logits.shape[1]), "eq"), logits.dtype)
+    onehot = ops.cast(
+        ops.compare(ops.reshape(labels, (-1, 1)), ops.arange_like(logits, logits.shape[1]), "eq"),
+        logits.dtype,
+    )
     return (ops.softmax(logits, -1) - onehot) * _row_scale(g, logits, reduction)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .. import ops
-from ..autodiff import ANOMALY, FORWARD, GRAD, STATE, bind
+from ..autodiff import bind, differentiating
 from ..backend.fused import GELU_C, INV_SQRT_2PI, THREE_C, TWO_K, gelu_name
 from ..tensor import Tensor
 from .card import primitive
@@ -31,10 +31,7 @@ def fused_grad(name: str, g: Tensor, saved: Tensor, alpha: float, from_output: b
     recording (grad mode off, or neither operand tracked), and no anomaly check (which
     inspects every primitive's output).
     """
-    flags = STATE.flags
-    if not flags & (FORWARD | ANOMALY) and not (
-        flags & GRAD and (g._requires_grad or saved._requires_grad)
-    ):
+    if not differentiating(g, saved):
         backend = g._backend
         dx = backend.activation_backward(
             g.data, saved.data, name=name, alpha=alpha, from_output=from_output
