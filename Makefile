@@ -17,7 +17,8 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check gpunet tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff format --check gpunet tests benchmarks
+	$(BIN)/python -m pytest -q tests benchmarks --benchmark-disable
 
 lint: $(STAMP)
 	$(BIN)/ruff check gpunet tests benchmarks
