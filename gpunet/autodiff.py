@@ -412,21 +412,25 @@ def backprop(
                     "backward() if you need to go through the graph again."
                 )
             if node.out_data is not None:
-                me = Tensor._wrap(node.out_data, g._backend)
-                me._node, me._requires_grad = node, True
-                saved = tuple(me if s is SAVED_OUTPUT else s for s in saved)
+                saved = _with_output(saved, node, g._backend)
             if anomaly:
                 state.backward_node = node
             prim = node.prim
+            params = node.params
             for i, parent in enumerate(node.parents):
                 if parent is None:
                     continue
                 rule = prim.vjp_rule(i) if prim.variadic else prim.vjp[i]  # type: ignore[index]
-                gi = rule(g, *saved, **node.params)
+                gi = rule(g, *saved, **params)
                 if type(parent) is Node:
-                    grads[parent] = gi if parent not in grads else ops.add(grads[parent], gi)
+                    prev = grads.get(parent)
+                    grads[parent] = gi if prev is None else ops.add(prev, gi)
                 else:
-                    _add_leaf(leaf_grads, parent, gi)
+                    entry = leaf_grads.get(id(parent))
+                    if entry is None:
+                        leaf_grads[id(parent)] = [parent, gi]
+                    else:
+                        entry[1] = ops.add(entry[1], gi)
             if not retain_graph:
                 node.saved = None
                 node.out_data = None
@@ -453,6 +457,16 @@ def backprop(
             with set_grad_enabled(create_graph):
                 leaf.grad = ops.add(leaf.grad, g)
     return None
+
+
+def _with_output(saved: tuple, node: Node, backend: Any) -> tuple:
+    """The node's saved values with its output restored as a tensor on the graph."""
+    me = _new_tensor(Tensor)
+    me.data, me._backend, me._requires_grad, me._node = node.out_data, backend, True, node
+    out = []
+    for s in saved:
+        out.append(me if s is SAVED_OUTPUT else s)
+    return tuple(out)
 
 
 def _depends_on_others(order: list[Node], inputs: Sequence[Tensor]) -> bool:
