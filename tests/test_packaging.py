@@ -56,6 +56,11 @@ def test_wheel_contains_the_kernel_sources(wheel: Path) -> None:
     assert {f"gpunet/_kernels/{s}" for s in (*K.SOURCES, K.HEADER)} <= names
 
 
+def test_wheel_contains_the_bundled_digits_and_their_attribution(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"gpunet/_data/digits.npz", "gpunet/_data/DIGITS.md"} <= names
+
+
 def test_wheel_contains_every_package(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for init in sorted((ROOT / "gpunet").rglob("__init__.py")):
