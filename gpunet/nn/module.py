@@ -1,0 +1,312 @@
+"""Module and Parameter, with PyTorch's names and behaviour.
+
+A ``Module`` registers what is assigned to it: a ``Parameter`` becomes one of its parameters, a
+``Module`` one of its children, in assignment order, so ``named_parameters()`` yields
+``"0.weight"``, ``"0.bias"``, ``"2.weight"``, ... as PyTorch does. Registered values also stay
+in the instance ``__dict__``, so reading ``self.weight`` in ``forward`` is a plain attribute
+lookup.
+
+``Parameter(data)`` returns an ordinary leaf ``Tensor`` with ``requires_grad=True`` and records
+it, so ``isinstance(p, Parameter)`` holds for it (and only for tensors made this way). It is not
+a ``Tensor`` subclass because the ops' fast path tests ``type(x) is Tensor`` for operands: a
+subclass would be treated as a foreign value there.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .. import dtypes, ops
+from ..backend import Device, get_backend
+from ..creation import tensor as _new_tensor
+from ..tensor import Tensor
+
+_PARAMETERS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+
+
+class _ParameterMeta(type):
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, Tensor) and _PARAMETERS.get(id(obj)) is obj
+
+
+class Parameter(metaclass=_ParameterMeta):
+    """``Parameter(data, requires_grad=True)``: a leaf tensor a Module registers as learnable.
+
+    ``data`` may be a Tensor (its array is shared, not copied), a NumPy/CuPy array or nested
+    lists (copied, as ``gpunet.tensor`` does). The result is a ``gpunet.Tensor``.
+    """
+
+    def __new__(cls, data: Any = None, requires_grad: bool = True) -> Tensor:  # type: ignore[misc]
+        if data is None:
+            data = np.zeros((0,), dtypes.DEFAULT_FLOAT)
+        t = Tensor._wrap(data.data, data._backend) if isinstance(data, Tensor) else None
+        if t is None:
+            t = _new_tensor(data)
+        t.requires_grad = requires_grad
+        _PARAMETERS[id(t)] = t
+        return t
+
+
+class _IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class Module:
+    """Base class of every layer: subclasses set parameters and children in ``__init__`` and
+    compute in ``forward``; ``module(x)`` calls ``forward(x)``."""
+
+    training: bool
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_parameters", {})
+        object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_modules", {})
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    # ------------------------------------------------------------------ registration
+    def _registries(self) -> tuple[dict, dict, dict]:
+        try:
+            return self._parameters, self._buffers, self._modules
+        except AttributeError:
+            raise AttributeError(
+                f"cannot assign to {type(self).__name__} before Module.__init__() is called; "
+                "call super().__init__() first in __init__"
+            ) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        params, buffers, modules = self._registries()
+        if isinstance(value, Parameter):
+            kind: dict | None = params
+        elif isinstance(value, Module):
+            kind = modules
+        elif name in buffers and (value is None or isinstance(value, Tensor)):
+            kind = buffers
+        elif value is None and (name in params or name in modules):
+            kind = params if name in params else modules  # declared, empty (PyTorch's rule)
+        else:
+            kind = None
+        for registry in (params, buffers, modules):
+            if registry is not kind:
+                registry.pop(name, None)
+        if kind is not None:
+            kind[name] = value  # a reassigned name keeps its place in the order
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        for registry in self._registries():
+            registry.pop(name, None)
+        object.__delattr__(self, name)
+
+    def register_parameter(self, name: str, param: Tensor | None) -> None:
+        """Register ``param`` (or ``None``, a declared but absent parameter such as a bias)."""
+        if param is not None and not isinstance(param, Parameter):
+            param = Parameter(param)
+        object.__setattr__(self, name, param)
+        if param is None:
+            self._parameters.pop(name, None)
+        else:
+            self._parameters[name] = param
+
+    def register_buffer(self, name: str, value: Tensor | None) -> None:
+        """A tensor that is part of the state (``state_dict``, ``to``) but not learnable."""
+        object.__setattr__(self, name, value)
+        self._buffers[name] = value
+
+    def add_module(self, name: str, module: Module | None) -> None:
+        object.__setattr__(self, name, module)
+        self._modules[name] = module
+
+    # ------------------------------------------------------------------ traversal
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        for name, m in self._modules.items():
+            if m is not None:
+                yield name, m
+
+    def children(self) -> Iterator[Module]:
+        for _, m in self.named_children():
+            yield m
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """This module and every descendant, depth first, each once."""
+        seen: set[int] = set()
+        stack = [(prefix, self)]
+        while stack:
+            name, m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            yield name, m
+            kids = [(f"{name}.{n}" if name else n, c) for n, c in m.named_children()]
+            stack.extend(reversed(kids))
+
+    def modules(self) -> Iterator[Module]:
+        for _, m in self.named_modules():
+            yield m
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True
+    ) -> Iterator[tuple[str, Tensor]]:
+        """(dotted name, parameter) in registration order; a shared parameter appears once."""
+        seen: set[int] = set()
+        mods = self.named_modules(prefix) if recurse else iter([(prefix, self)])
+        for mod_name, m in mods:
+            for name, p in m._parameters.items():
+                if p is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                yield (f"{mod_name}.{name}" if mod_name else name), p
+
+    def parameters(self, recurse: bool = True) -> Iterator[Tensor]:
+        for _, p in self.named_parameters(recurse=recurse):
+            yield p
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+        for mod_name, m in self.named_modules(prefix):
+            for name, b in m._buffers.items():
+                if b is not None:
+                    yield (f"{mod_name}.{name}" if mod_name else name), b
+
+    def buffers(self) -> Iterator[Tensor]:
+        for _, b in self.named_buffers():
+            yield b
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> Module:
+        """Training mode (Dropout drops) or, with ``mode=False``, evaluation mode."""
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Module:
+        for p in self.parameters():
+            p.requires_grad = requires_grad
+        return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget accumulated gradients: set them to None, or fill them with zeros in place."""
+        for p in self.parameters():
+            g = p.grad
+            if g is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                g.data[...] = 0
+
+    # ------------------------------------------------------------------ devices and dtypes
+    def to(self, *specs: Any, dtype: Any = None, device: Any = None) -> Module:
+        """Move every parameter and buffer, in place (the same Tensor objects, so an optimizer
+        made before keeps working): ``to("cuda")``, ``to(gpunet.float64)``. Returns self.
+        Only floating tensors change dtype."""
+        for spec in specs:
+            if isinstance(spec, (str, Device)):
+                device = spec
+            else:
+                dtype = spec
+        dt = None if dtype is None else dtypes.as_dtype(dtype)
+        backend = None if device is None else get_backend(device)
+        for t in [*self.parameters(), *self.buffers()]:
+            _move_(t, dt, backend)
+            if t.grad is not None:
+                _move_(t.grad, dt, backend)
+        return self
+
+    def cpu(self) -> Module:
+        return self.to("cpu")
+
+    def cuda(self, index: int = 0) -> Module:
+        return self.to(f"cuda:{index}")
+
+    def float(self) -> Module:
+        return self.to(dtypes.float32)
+
+    def double(self) -> Module:
+        return self.to(dtypes.float64)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every parameter and buffer by dotted name, detached (sharing memory)."""
+        out = {name: p.detach() for name, p in self.named_parameters()}
+        out.update((name, b.detach()) for name, b in self.named_buffers())
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> _IncompatibleKeys:
+        """Copy values into the parameters and buffers in place (converted to each one's dtype
+        and device). Every problem is found first and reported together, and nothing changes
+        when there is one: missing or unexpected keys (with ``strict``), shape mismatches
+        (always)."""
+        own = dict(self.named_parameters())
+        own.update(self.named_buffers())
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        values = {}
+        problems = []
+        for k, t in own.items():
+            if k not in state:
+                continue
+            v = _host(state[k])
+            if tuple(v.shape) != t.shape:
+                problems.append(
+                    f"size mismatch for {k}: copying a value of shape {tuple(v.shape)}, "
+                    f"the parameter in the current model has shape {t.shape}"
+                )
+            values[k] = v
+        if strict:
+            if missing:
+                problems.insert(0, "Missing key(s): " + ", ".join(repr(k) for k in missing))
+            if unexpected:
+                problems.insert(0, "Unexpected key(s): " + ", ".join(repr(k) for k in unexpected))
+        if problems:
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                + "\n\t".join(problems)
+            )
+        for k, v in values.items():
+            t = own[k]
+            t.data[...] = t._backend.asarray(v, t.dtype)
+        return _IncompatibleKeys(missing, unexpected)
+
+    # ------------------------------------------------------------------ repr
+    def extra_repr(self) -> str:
+        """The text inside the parentheses of this module's own line."""
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"({name}): " + repr(m).replace("\n", "\n  ") for name, m in self._modules.items()]
+        extra = self.extra_repr()
+        if not lines:
+            return f"{type(self).__name__}({extra})"
+        body = "\n  ".join(([extra] if extra else []) + lines)
+        return f"{type(self).__name__}(\n  {body}\n)"
+
+
+def _move_(t: Tensor, dt: np.dtype | None, backend: Any) -> None:
+    """Change a tensor's dtype and device in place (the object stays; its array is replaced)."""
+    if dt is not None and t.dtype != dt and t.dtype.kind == "f":
+        t.data = ops.cast(t.detach(), dt).data
+    if backend is not None and backend is not t._backend:
+        moved = t.detach().to(backend.device)
+        t.data, t._backend = moved.data, moved._backend
+
+
+def _host(v: Any) -> Any:
+    """A state value as something with a shape that ``backend.asarray`` accepts."""
+    if isinstance(v, Tensor):
+        return v.numpy()
+    if hasattr(v, "shape"):
+        return v if isinstance(v, np.ndarray) else np.asarray(v.get() if hasattr(v, "get") else v)
+    return np.asarray(v)

@@ -1,0 +1,153 @@
+"""Layers: Linear's analytic gradients, LayerNorm, activations, MLP construction and training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gpunet
+from gpunet import nn
+from gpunet.nn import functional as F
+
+F64 = gpunet.float64
+
+
+def test_linear_is_one_gemm_with_analytic_gradients() -> None:
+    rng = np.random.default_rng(0)
+    layer = nn.Linear(5, 3, dtype=F64)
+    assert layer.weight.shape == (5, 3) and layer.bias.shape == (3,)  # (in, out) layout
+    x_np, dy = rng.standard_normal((7, 5)), rng.standard_normal((7, 3))
+    x = gpunet.tensor(x_np, requires_grad=True)
+    y = layer(x)
+    w, b = layer.weight.numpy(), layer.bias.numpy()
+    np.testing.assert_allclose(y.numpy(), x_np @ w + b, rtol=1e-12)
+    y.backward(gpunet.tensor(dy))
+    np.testing.assert_allclose(layer.weight.grad.numpy(), x_np.T @ dy, rtol=1e-12)
+    np.testing.assert_allclose(x.grad.numpy(), dy @ w.T, rtol=1e-12)
+    np.testing.assert_allclose(layer.bias.grad.numpy(), dy.sum(0), rtol=1e-12)
+
+
+def test_linear_batched_input_and_no_bias() -> None:
+    layer = nn.Linear(4, 2, bias=False)
+    assert layer.bias is None and [n for n, _ in layer.named_parameters()] == ["weight"]
+    x = gpunet.randn(3, 5, 4)
+    np.testing.assert_allclose(
+        layer(x).numpy(), x.numpy() @ layer.weight.numpy(), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_linear_default_init_bounds_match_pytorch() -> None:
+    gpunet.manual_seed(1)
+    layer = nn.Linear(400, 300)
+    bound = 1 / math.sqrt(400)  # kaiming_uniform(a=sqrt(5)) and the bias rule agree
+    w, b = layer.weight.numpy(), layer.bias.numpy()
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.99 * bound
+    assert np.abs(b).max() <= bound
+    assert abs(w.std() - bound / math.sqrt(3)) < 0.01 * bound
+
+
+def test_layer_norm_matches_numpy_and_its_gradients_check() -> None:
+    rng = np.random.default_rng(2)
+    x_np = rng.standard_normal((4, 6)) * 3 + 1
+    ln = nn.LayerNorm(6).to(F64)
+    mu, var = x_np.mean(-1, keepdims=True), x_np.var(-1, keepdims=True)
+    want = (x_np - mu) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(ln(gpunet.tensor(x_np)).numpy(), want, rtol=1e-10, atol=1e-12)
+    w, b = rng.standard_normal(6), rng.standard_normal(6)
+    gpunet.check_grads(
+        lambda x, w, b: F.layer_norm(x, 6, w, b), [x_np, w, b], order=2, modes=("rev",)
+    )
+    gpunet.check_grads(lambda x: F.layer_norm(x, (2, 3)), [x_np.reshape(4, 2, 3)], order=1)
+
+
+def test_layer_norm_options() -> None:
+    assert list(nn.LayerNorm(3, elementwise_affine=False).parameters()) == []
+    assert [n for n, _ in nn.LayerNorm(3, bias=False).named_parameters()] == ["weight"]
+    with pytest.raises(ValueError, match="normalized_shape"):
+        F.layer_norm(gpunet.ones(2, 3), 4)
+
+
+@pytest.mark.parametrize(
+    ("module", "reference"),
+    [
+        (nn.ReLU(), lambda x: np.maximum(x, 0)),
+        (nn.LeakyReLU(0.2), lambda x: np.where(x > 0, x, 0.2 * x)),
+        (nn.ELU(0.5), lambda x: np.where(x > 0, x, 0.5 * np.expm1(x))),
+        (nn.Sigmoid(), lambda x: 1 / (1 + np.exp(-x))),
+        (nn.Tanh(), np.tanh),
+        (nn.Softplus(2.0), lambda x: np.logaddexp(0, 2 * x) / 2),
+        (nn.SiLU(), lambda x: x / (1 + np.exp(-x))),
+        (nn.GELU(), None),
+        (nn.GELU("tanh"), None),
+    ],
+)
+def test_activation_modules(module: nn.Module, reference) -> None:  # type: ignore[no-untyped-def]
+    x = np.linspace(-4, 4, 17)
+    got = module(gpunet.tensor(x, dtype=F64)).numpy()
+    if reference is None:
+        from scipy.special import erf
+
+        approximate = getattr(module, "approximate", "none")
+        if approximate == "none":
+            want = x * (1 + erf(x / math.sqrt(2))) / 2
+        else:
+            want = x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))) / 2
+    else:
+        want = reference(x)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert list(module.parameters()) == []
+
+
+def test_every_activation_kernel_has_a_module() -> None:
+    from gpunet.primitives.nn import _COMPOSED
+
+    kernels = {name.removesuffix("_tanh") for name in _COMPOSED}
+    assert kernels == set(nn.ACTIVATIONS)
+
+
+def test_mlp_construction() -> None:
+    mlp = nn.MLP([4, 16, 8, 3], activation="tanh", dropout=0.1, norm="layernorm")
+    kinds = [type(m).__name__ for m in mlp]
+    assert kinds == [
+        "Linear", "LayerNorm", "Tanh", "Dropout",
+        "Linear", "LayerNorm", "Tanh", "Dropout",
+        "Linear",
+    ]  # fmt: skip
+    assert [(m.in_features, m.out_features) for m in mlp if isinstance(m, nn.Linear)] == [
+        (4, 16), (16, 8), (8, 3),
+    ]  # fmt: skip
+    assert [type(m).__name__ for m in nn.MLP([2, 3])] == ["Linear"]
+    assert [type(m).__name__ for m in nn.MLP([2, 3, 1], activation=nn.GELU)] == [
+        "Linear", "GELU", "Linear",
+    ]  # fmt: skip
+    assert mlp(gpunet.randn(5, 4)).shape == (5, 3)
+    assert isinstance(mlp[0], nn.Linear) and len(mlp) == 9
+    with pytest.raises(ValueError, match="activation"):
+        nn.MLP([2, 2], activation="swish")
+    with pytest.raises(ValueError, match="norm"):
+        nn.MLP([2, 2, 2], norm="batchnorm")
+
+
+def test_two_layer_mlp_learns() -> None:
+    """A two-layer MLP built from nn modules fits a small nonlinear problem with plain SGD."""
+    gpunet.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((128, 2)).astype(np.float32)
+    labels = (x_np[:, 0] * x_np[:, 1] > 0).astype(np.int64)  # XOR of the signs
+    x, y = gpunet.tensor(x_np), gpunet.tensor(labels)
+    model = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 2))
+    loss_fn = nn.CrossEntropyLoss()
+    losses = []
+    for _ in range(300):
+        loss = loss_fn(model(x), y)
+        model.zero_grad()
+        loss.backward()
+        with gpunet.no_grad():
+            for p in model.parameters():
+                p -= p.grad * 0.5
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+    accuracy = (model(x).argmax(1).numpy() == labels).mean()
+    assert accuracy > 0.9

@@ -1,0 +1,175 @@
+"""Module mechanics: registration, traversal, modes, devices/dtypes, state dicts, repr."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpunet
+from gpunet import nn
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.scale = nn.Parameter(gpunet.ones(4))
+        self.act = nn.ReLU()
+        self.plain = gpunet.ones(2)  # not a Parameter: not registered
+
+    def forward(self, x: gpunet.Tensor) -> gpunet.Tensor:
+        return self.act(self.fc(x)) * self.scale
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+        self.head = nn.Linear(4, 2, bias=False)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: gpunet.Tensor) -> gpunet.Tensor:
+        return self.head(self.drop(self.block(x)))
+
+
+def test_parameters_in_registration_order_with_dotted_names() -> None:
+    net = Net()
+    names = [n for n, _ in net.named_parameters()]
+    # as in PyTorch: a module's own parameters, then its children's, depth first
+    assert names == ["block.scale", "block.fc.weight", "block.fc.bias", "head.weight"]
+    assert [id(p) for p in net.parameters()] == [id(p) for _, p in net.named_parameters()]
+    assert [n for n, _ in net.named_children()] == ["block", "head", "drop"]
+    assert [type(m).__name__ for m in net.modules()] == [
+        "Net", "Block", "Linear", "ReLU", "Linear", "Dropout",
+    ]  # fmt: skip
+    assert all(p.requires_grad and p.is_leaf for p in net.parameters())
+
+
+def test_parameter_is_a_plain_leaf_tensor_recognised_by_isinstance() -> None:
+    data = gpunet.zeros(3)
+    p = nn.Parameter(data)
+    assert type(p) is gpunet.Tensor and isinstance(p, nn.Parameter)
+    assert not isinstance(data, nn.Parameter) and not isinstance(1.0, nn.Parameter)
+    assert p.requires_grad and p.is_leaf
+    assert p.data is data.data  # shares memory, as PyTorch's Parameter(tensor) does
+    y = (p * 2.0 + 1.0).sum()
+    y.backward()
+    np.testing.assert_allclose(p.grad.numpy(), [2.0, 2.0, 2.0])
+
+
+def test_shared_parameter_appears_once_and_reassignment_replaces() -> None:
+    a = nn.Linear(2, 2)
+    seq = nn.Sequential(a, nn.ReLU(), a)
+    assert len(list(seq.parameters())) == 2
+    new = nn.Parameter(gpunet.zeros(2, 2))
+    a.weight = new
+    assert a.weight is new and next(iter(a.parameters())) is new
+    a.weight = gpunet.zeros(2, 2)  # a plain tensor: no longer a parameter
+    assert [n for n, _ in a.named_parameters()] == ["bias"]
+    del a.bias
+    assert list(a.parameters()) == []
+
+
+def test_assignment_before_init_is_a_clear_error() -> None:
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            self.w = nn.Parameter(gpunet.zeros(1))
+
+    with pytest.raises(AttributeError, match="super"):
+        Bad()
+
+
+def test_train_eval_reaches_every_module_and_drives_dropout() -> None:
+    gpunet.manual_seed(0)
+    net = Net()
+    x = gpunet.randn(64, 3)
+    assert all(m.training for m in net.modules())
+    assert net.eval() is net and not any(m.training for m in net.modules())
+    np.testing.assert_array_equal(net(x).numpy(), net(x).numpy())  # deterministic in eval
+    net.train()
+    assert all(m.training for m in net.modules())
+    drop = nn.Dropout(0.5)
+    ones = gpunet.ones(1000)
+    out = drop(ones).numpy()
+    assert set(np.unique(out)) <= {0.0, 2.0} and 0.4 < (out == 0).mean() < 0.6
+    drop.eval()
+    assert drop(ones) is ones
+
+
+def test_zero_grad() -> None:
+    net = Net().eval()
+    net(gpunet.randn(2, 3)).sum().backward()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None for g in grads)
+    net.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.numpy().any() for p, g in zip(net.parameters(), grads))
+    net.zero_grad()
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_to_dtype_moves_in_place_and_returns_self() -> None:
+    net = Net()
+    params = list(net.parameters())
+    assert net.to(gpunet.float64) is net
+    assert [id(p) for p in net.parameters()] == [id(p) for p in params]
+    assert all(p.dtype == np.float64 and p.requires_grad for p in params)
+    assert net.to("cpu") is net
+    out = net.eval()(gpunet.randn(2, 3, dtype=gpunet.float64))
+    assert out.dtype == np.float64
+
+
+def test_state_dict_round_trip() -> None:
+    src, dst = Net(), Net()
+    state = src.state_dict()
+    assert list(state) == [n for n, _ in src.named_parameters()]
+    assert all(not t.requires_grad for t in state.values())
+    result = dst.load_state_dict({k: v.numpy() for k, v in state.items()})
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    x = gpunet.randn(4, 3)
+    np.testing.assert_array_equal(src.eval()(x).numpy(), dst.eval()(x).numpy())
+    # values are copied into the existing tensors, not aliased
+    assert dst.block.fc.weight.data is not src.block.fc.weight.data
+
+
+def test_strict_load_lists_every_problem_and_changes_nothing() -> None:
+    net = Net()
+    before = {k: v.numpy().copy() for k, v in net.state_dict().items()}
+    bad = {k: v.numpy() + 1 for k, v in Net().state_dict().items()}
+    del bad["head.weight"]
+    bad["extra.weight"] = np.zeros(3)
+    bad["block.fc.bias"] = np.zeros(5)
+    with pytest.raises(RuntimeError) as err:
+        net.load_state_dict(bad)
+    msg = str(err.value)
+    assert "'head.weight'" in msg and "'extra.weight'" in msg
+    assert "size mismatch for block.fc.bias" in msg and "(5,)" in msg and "(4,)" in msg
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), before[k])
+    # non-strict: key problems are reported, not raised; shape problems still raise
+    del bad["block.fc.bias"]
+    result = net.load_state_dict(bad, strict=False)
+    assert result.missing_keys == ["block.fc.bias", "head.weight"]
+    assert result.unexpected_keys == ["extra.weight"]
+    np.testing.assert_array_equal(net.block.scale.numpy(), before["block.scale"] + 1)
+
+
+def test_repr_is_nested_like_pytorch() -> None:
+    assert repr(Net()) == (
+        "Net(\n"
+        "  (block): Block(\n"
+        "    (fc): Linear(in_features=3, out_features=4, bias=True)\n"
+        "    (act): ReLU()\n"
+        "  )\n"
+        "  (head): Linear(in_features=4, out_features=2, bias=False)\n"
+        "  (drop): Dropout(p=0.5)\n"
+        ")"
+    )
+
+
+def test_forward_must_be_defined() -> None:
+    with pytest.raises(NotImplementedError, match="Empty"):
+
+        class Empty(nn.Module):
+            pass
+
+        Empty()(1)
