@@ -121,12 +121,19 @@ def binary_cross_entropy_with_logits(
     reduction: str = "mean",
     pos_weight: Tensor | None = None,
 ) -> Tensor:
-    """-(y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))) = softplus(z) - z y, where softplus
-    is max(z, 0) + log1p(exp(-|z|)): finite for any z. With ``pos_weight`` p:
+    """-(y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))) = max(z, 0) - z y + log1p(exp(-|z|)),
+    finite and accurate for any z (softplus is the fused, stable log1p(exp(.)); the gradient
+    is sigmoid(z) - y). With ``pos_weight`` p, as in PyTorch:
     (1 - y) z + (1 + (p - 1) y) softplus(-z)."""
     y = _same_shape(input, target, "binary_cross_entropy_with_logits")
     if pos_weight is None:
-        loss = softplus(input) - input * y
+        # z (1 - y) + softplus(-z) for z > 0, softplus(z) - z y otherwise: the same value, with
+        # both terms of each branch non-negative, so nothing cancels (softplus(z) - z y alone
+        # loses the tiny loss of a confident right answer, z = 30 and y = 1, to rounding)
+        z = input
+        loss = ops.where(
+            ops.compare(z, 0.0, "gt"), z * (1.0 - y) + softplus(-z), softplus(z) - z * y
+        )
     else:
         loss = (1.0 - y) * input + ((pos_weight - 1.0) * y + 1.0) * softplus(-input)
     if weight is not None:

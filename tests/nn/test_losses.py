@@ -1,0 +1,125 @@
+"""Losses against stable NumPy formulas in float64, at large logits too, and their gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax as np_log_softmax
+
+import gpunet
+from gpunet import nn
+from gpunet.nn import functional as F
+
+REDUCE = {"mean": np.mean, "sum": np.sum, "none": lambda a: a}
+
+
+def t64(a: np.ndarray) -> gpunet.Tensor:
+    return gpunet.tensor(np.asarray(a, dtype=np.float64))
+
+
+def np_bce_logits(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+
+
+def np_bce(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return -(y * np.maximum(np.log(p), -100) + (1 - y) * np.maximum(np.log1p(-p), -100))
+
+
+def np_cross_entropy(z: np.ndarray, labels: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    logp = np_log_softmax(z, axis=1)
+    nll = -logp[np.arange(len(labels)), labels]
+    return (1 - eps) * nll - eps * logp.mean(1)
+
+
+LOGITS = np.array([[-1e4, 0.0, 1e4], [3.0, -2.0, 0.5], [1e4, 1e4 - 1, -1e4], [0.1, 0.2, 0.3]])
+LABELS = np.array([0, 2, 1, 1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy(reduction: str, eps: float) -> None:
+    got = F.cross_entropy(t64(LOGITS), LABELS, reduction, label_smoothing=eps).numpy()
+    want = REDUCE[reduction](np_cross_entropy(LOGITS, LABELS, eps))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    module = nn.CrossEntropyLoss(reduction=reduction, label_smoothing=eps)
+    np.testing.assert_allclose(module(t64(LOGITS), LABELS).numpy(), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_with_logits_large_logits(reduction: str) -> None:
+    z = np.array([-1e4, -30.0, -1.0, 0.0, 0.5, 30.0, 1e4])
+    y = np.array([1.0, 0.0, 1.0, 0.5, 0.0, 1.0, 0.0])
+    got = F.binary_cross_entropy_with_logits(t64(z), t64(y), reduction=reduction).numpy()
+    assert np.all(np.isfinite(got))
+    want = REDUCE[reduction](np_bce_logits(z, y))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    zt = gpunet.tensor(z, requires_grad=True)
+    nn.BCEWithLogitsLoss(reduction="sum")(zt, t64(y)).backward()
+    sig = np.exp(-np.logaddexp(0, -z))
+    np.testing.assert_allclose(zt.grad.numpy(), sig - y, atol=1e-15)
+
+
+def test_bce_with_logits_weights() -> None:
+    rng = np.random.default_rng(0)
+    z, y = rng.standard_normal(6) * 3, (rng.random(6) > 0.5).astype(np.float64)
+    w, pw = rng.random(6), np.array(3.0)
+    sig = 1 / (1 + np.exp(-z))
+    want = -w * (pw * y * np.log(sig) + (1 - y) * np.log(1 - sig))
+    got = F.binary_cross_entropy_with_logits(
+        t64(z), t64(y), weight=t64(w), pos_weight=t64(pw), reduction="none"
+    )
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_clamps_log_like_pytorch(reduction: str) -> None:
+    p = np.array([0.0, 1e-50, 0.3, 0.5, 1.0, 1.0, 0.0])
+    y = np.array([1.0, 1.0, 0.0, 0.5, 1.0, 0.0, 0.0])
+    got = F.binary_cross_entropy(t64(p), t64(y), reduction=reduction).numpy()
+    want = REDUCE[reduction](np_bce(p, y))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert np.all(np.isfinite(got))
+    pt = gpunet.tensor(p, requires_grad=True)
+    nn.BCELoss(reduction="sum")(pt, t64(y)).backward()
+    assert np.all(np.isfinite(pt.grad.numpy()))  # no 0 / 0 where p is 0 or 1
+    inner = slice(2, 4)
+    want = (p[inner] - y[inner]) / (p[inner] * (1 - p[inner]))
+    np.testing.assert_allclose(pt.grad.numpy()[inner], want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mse(reduction: str) -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    want = REDUCE[reduction]((a - b) ** 2)
+    np.testing.assert_allclose(F.mse_loss(t64(a), t64(b), reduction).numpy(), want, rtol=1e-12)
+    np.testing.assert_allclose(nn.MSELoss(reduction)(t64(a), t64(b)).numpy(), want, rtol=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        F.mse_loss(t64(a), t64(b[:2]))
+    with pytest.raises(ValueError, match="reduction"):
+        F.mse_loss(t64(a), t64(b), "avg")
+
+
+def test_loss_gradients_check_to_second_order() -> None:
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((4, 3))
+    y01 = (rng.random((4, 3)) > 0.5).astype(np.float64)
+    p = rng.uniform(0.1, 0.9, (4, 3))
+    target = rng.standard_normal((4, 3))
+    labels = gpunet.tensor(np.array([0, 2, 1, 1]))
+    gpunet.check_grads(lambda a: F.mse_loss(a, t64(target)), [z], order=2)
+    gpunet.check_grads(lambda a: F.binary_cross_entropy_with_logits(a, t64(y01)), [z], order=2)
+    gpunet.check_grads(lambda a: F.binary_cross_entropy(a, t64(y01)), [p], order=2)
+    gpunet.check_grads(
+        lambda a: F.cross_entropy(a, labels, label_smoothing=0.2), [z], order=2, modes=("rev",)
+    )
+    gpunet.check_grads(lambda a: F.cross_entropy(a, labels, reduction="none"), [z], order=1)
+
+
+def test_loss_module_repr() -> None:
+    assert repr(nn.MSELoss()) == "MSELoss()"
+    assert repr(nn.CrossEntropyLoss(reduction="sum")) == "CrossEntropyLoss(reduction='sum')"
+    with pytest.raises(ValueError, match="reduction"):
+        nn.BCELoss(reduction="avg")
