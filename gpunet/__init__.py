@@ -7,7 +7,7 @@ devices and random numbers.
 
 __version__ = "0.1.0"
 
-from . import primitives
+from . import optim, primitives
 from .activations import elu, erf, gelu, leaky_relu, silu, softplus
 from .autodiff import (
     detect_anomaly,
@@ -124,6 +124,7 @@ __all__ = [
     "no_grad",
     "ones",
     "ones_like",
+    "optim",
     "permute",
     "primitives",
     "rand",

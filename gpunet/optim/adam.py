@@ -1,0 +1,78 @@
+"""Adam (L2 weight decay added to the gradient) and AdamW (decoupled decay), as torch.optim."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..tensor import Tensor
+from .flat import FlatBuffer
+from .optimizer import Optimizer
+
+
+class Adam(Optimizer):
+    """m = beta1 m + (1 - beta1) g, v = beta2 v + (1 - beta2) g^2,
+    p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps); g += wd p first."""
+
+    decoupled = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if eps < 0.0:
+            raise ValueError(f"invalid epsilon: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas: {betas}; each must be in [0, 1)")
+        if weight_decay < 0.0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def _update(self, group: dict[str, Any], flat: FlatBuffer, indices: list[int]) -> None:
+        m, v = flat.buffer("exp_avg"), flat.buffer("exp_avg_sq")
+        states = []
+        for i in indices:
+            st = self.state.setdefault(flat.params[i], {})
+            if not st:
+                st.update(step=0, exp_avg=flat.view(m, i), exp_avg_sq=flat.view(v, i))
+            st["step"] += 1
+            states.append(st)
+        beta1, beta2 = group["betas"]
+        # Neighbours at the same step count share one fused update.
+        for start, stop, step in flat.spans(indices, [st["step"] for st in states]):
+            flat.backend.adam_update(
+                flat.data[start:stop],
+                flat.grad[start:stop],
+                m[start:stop],
+                v[start:stop],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled=self.decoupled,
+                step=step,
+            )
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: p *= 1 - lr wd before the Adam step."""
+
+    decoupled = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay)

@@ -1,0 +1,112 @@
+"""Flat parameters: the parameters of one (device, dtype) as views into one contiguous array,
+their gradients in a second, and each optimizer buffer (momentum, Adam's moments) in a third,
+fourth..., all with the same layout. An optimizer step is then one fused pass over the flat
+arrays (one kernel on a GPU) instead of one small launch per parameter.
+
+A parameter's ``data`` becomes its view of ``FlatBuffer.data``. Gradients are made by backward
+as separate arrays; ``gather_grads`` copies them into the flat gradient array (one copy per
+parameter) and points ``p.grad`` at the view, so a second gather (clipping, then stepping) is
+free.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from ..tensor import Tensor
+
+Array = Any
+
+# id(param) -> (weakref to param, weakref to its FlatBuffer, its index there): lets
+# clip_grad_norm_, which is handed only parameters, find their flat gradient array.
+_OWNER: dict[int, tuple[weakref.ref, weakref.ref, int]] = {}
+
+
+def flat_of(p: Tensor) -> tuple[FlatBuffer, int] | None:
+    """The FlatBuffer holding ``p`` and p's index in it, if an optimizer packed it."""
+    entry = _OWNER.get(id(p))
+    if entry is None or entry[0]() is not p:
+        return None
+    flat = entry[1]()
+    if flat is None or flat.params[entry[2]] is not p:
+        return None
+    return flat, entry[2]
+
+
+class FlatBuffer:
+    """Parameters of one device and dtype packed, in order, into one 1-d array."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.backend = params[0]._backend
+        self.dtype = params[0].dtype
+        self.shapes = [p.shape for p in params]
+        self.offsets: list[int] = []
+        total = 0
+        for p in params:
+            self.offsets.append(total)
+            total += p.numel()
+        self.offsets.append(total)
+        self.size = total
+        self.data = self.backend.zeros((total,), self.dtype)
+        self.grad = self.backend.zeros((total,), self.dtype)
+        self.views = [self.view(self.data, i) for i in range(len(params))]
+        self.grad_views = [self.view(self.grad, i) for i in range(len(params))]
+        self.buffers: dict[str, Array] = {}
+        for i, p in enumerate(params):
+            self.views[i][...] = p.data
+            p.data = self.views[i]
+            _OWNER[id(p)] = (weakref.ref(p), weakref.ref(self), i)
+
+    def view(self, flat: Array, i: int) -> Array:
+        """Parameter i's slice of a flat array, in the parameter's shape."""
+        return self.backend.xp.reshape(flat[self.offsets[i] : self.offsets[i + 1]], self.shapes[i])
+
+    def buffer(self, name: str) -> Array:
+        """The flat optimizer buffer ``name`` (zeros when first asked for)."""
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = self.buffers[name] = self.backend.zeros((self.size,), self.dtype)
+        return buf
+
+    def sync_params(self) -> None:
+        """Re-adopt parameters whose ``data`` was replaced (``p.data = ...``) since packing:
+        their new values are copied into the flat array and ``p.data`` is its view again."""
+        for i, p in enumerate(self.params):
+            if p.data is not self.views[i]:
+                if (
+                    p.shape != self.shapes[i]
+                    or p.dtype != self.dtype
+                    or p._backend is not self.backend
+                ):
+                    raise ValueError(
+                        f"a parameter changed from {self.backend.device} {self.dtype} "
+                        f"{self.shapes[i]} to {p.device} {p.dtype} {p.shape} after it was given "
+                        "to the optimizer; make the optimizer after moving the model"
+                    )
+                self.views[i][...] = p.data
+                p.data = self.views[i]
+
+    def gather_grads(self, indices: list[int]) -> None:
+        """Copy the gradients of parameters ``indices`` into the flat gradient array and make
+        each ``p.grad`` its view (a gradient already there is not copied again)."""
+        for i in indices:
+            p = self.params[i]
+            g = p.grad
+            if g.data is not self.grad_views[i]:
+                self.grad_views[i][...] = g.data
+                p.grad = Tensor._wrap(self.grad_views[i], self.backend)
+
+    def spans(self, indices: list[int], keys: list[Any]) -> list[tuple[int, int, Any]]:
+        """Merge ascending parameter ``indices`` into contiguous flat ranges (start, stop, key)
+        of neighbours sharing a key: with every parameter present and one key, one range."""
+        out: list[tuple[int, int, Any]] = []
+        prev = None
+        for i, key in zip(indices, keys):
+            if out and prev == i - 1 and out[-1][2] == key:
+                out[-1] = (out[-1][0], self.offsets[i + 1], key)
+            else:
+                out.append((self.offsets[i], self.offsets[i + 1], key))
+            prev = i
+        return out

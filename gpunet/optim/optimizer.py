@@ -1,0 +1,199 @@
+"""Optimizer: PyTorch's interface (``param_groups``, ``state``, ``zero_grad``, ``step``,
+``state_dict``) over flat parameters (``flat.py``).
+
+The optimizer packs its parameters into one FlatBuffer per (device, dtype), groups in order,
+so each group's parameters are one contiguous range there. A step copies the new gradients in
+and hands each range to the backend's fused update (``sgd_update``, ``adam_update``): one pass
+over the whole model when every parameter has a gradient and they share one step count.
+Parameters whose ``grad`` is None are skipped and their state left alone, as in PyTorch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..autodiff import enable_grad
+from ..tensor import Tensor
+from .flat import FlatBuffer
+
+Array = Any
+
+
+class Optimizer:
+    """The base: subclasses give ``defaults`` and ``_update(group, flat, indices)``."""
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict[str, Any]):
+        self.defaults = defaults
+        self.param_groups: list[dict[str, Any]] = []
+        self.state: dict[Tensor, dict[str, Any]] = {}
+        self._flats: list[FlatBuffer] = []
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self._add_group(group)
+        self._pack()
+
+    def __repr__(self) -> str:
+        lines = [type(self).__name__ + " ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {k}: {v}" for k, v in sorted(group.items()) if k != "params"]
+        return "\n".join([*lines, ")"])
+
+    # ---------------------------------------------------------------- groups and packing
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (its own hyperparameters, defaults for the rest); repacks the buffers."""
+        self._add_group(param_group)
+        self._pack()
+
+    def _add_group(self, group: dict[str, Any]) -> None:
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
+            if not p.requires_grad:
+                raise ValueError(f"optimizer got a tensor that does not require grad ({p.shape})")
+            if id(p) in seen:
+                raise ValueError("a parameter appears more than once among the param groups")
+            seen.add(id(p))
+        group = {**self.defaults, **group, "params": params}
+        self.param_groups.append(group)
+
+    def _pack(self) -> None:
+        """(Re)build one FlatBuffer per (device, dtype), groups in order; state moves along."""
+        by_key: dict[tuple, list[Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                by_key.setdefault((p.device, p.dtype), []).append(p)
+        self._flats = [FlatBuffer(ps) for ps in by_key.values()]
+        # Each group's parameters per buffer: (flat, ascending indices there).
+        self._members: list[list[tuple[FlatBuffer, list[int]]]] = []
+        where = {id(p): (f, i) for f in self._flats for i, p in enumerate(f.params)}
+        for group in self.param_groups:
+            members: dict[int, tuple[FlatBuffer, list[int]]] = {}
+            for p in group["params"]:
+                f, i = where[id(p)]
+                members.setdefault(id(f), (f, []))[1].append(i)
+            self._members.append(list(members.values()))
+        for p, st in self.state.items():  # buffers from an earlier packing: copy them over
+            f, i = where[id(p)]
+            for name, value in st.items():
+                if not isinstance(value, (int, float)) and value is not None:
+                    view = f.view(f.buffer(name), i)
+                    view[...] = _on(f, value)
+                    st[name] = view
+
+    # ---------------------------------------------------------------- the step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the gradients: ``grad = None`` (default), or zeros in the flat array."""
+        for flat in self._flats:
+            if not set_to_none:
+                flat.grad[...] = 0
+            for i, p in enumerate(flat.params):
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad = Tensor._wrap(flat.grad_views[i], flat.backend)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter with a gradient; ``closure`` re-evaluates the loss."""
+        loss = None
+        if closure is not None:
+            with enable_grad():
+                loss = closure()
+        for group, members in zip(self.param_groups, self._members):
+            for flat, indices in members:
+                live = [i for i in indices if flat.params[i].grad is not None]
+                if live:
+                    flat.sync_params()
+                    flat.gather_grads(live)
+                    self._update(group, flat, live)
+        return loss
+
+    def _update(self, group: dict[str, Any], flat: FlatBuffer, indices: list[int]) -> None:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- state_dict
+    def state_dict(self) -> dict[str, Any]:
+        """``{"state": {index: {name: value}}, "param_groups": [...]}`` as in PyTorch, where a
+        parameter's index counts through the groups in order. Buffers are copies."""
+        index = {id(p): i for i, p in enumerate(self._all_params())}
+        state = {}
+        for p, st in self.state.items():
+            state[index[id(p)]] = {
+                k: v if v is None or isinstance(v, (int, float)) else v.copy()
+                for k, v in st.items()
+            }
+        groups = []
+        for group in self.param_groups:
+            g = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+            g["params"] = [index[id(p)] for p in group["params"]]
+            groups.append(g)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore hyperparameters, step counts and buffers saved by ``state_dict``; buffers
+        (NumPy, CuPy or Tensors) are copied onto each parameter's device and dtype. Checks
+        everything before changing anything."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state has {len(groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        for i, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(
+                    f"param group {i}: loaded state has {len(saved['params'])} parameters, "
+                    f"this optimizer {len(mine['params'])}"
+                )
+        # Saved indices map to ours position by position.
+        params = {
+            s: p
+            for g, m in zip(groups, self.param_groups)
+            for s, p in zip(g["params"], m["params"])
+        }
+        problems = []
+        for key, st in state_dict["state"].items():
+            p = params.get(int(key))
+            if p is None:
+                problems.append(f"state for parameter {key}, which no group holds")
+                continue
+            for name, value in st.items():
+                shape = getattr(value, "shape", None)
+                if shape is not None and tuple(shape) != p.shape:
+                    problems.append(
+                        f"parameter {key}: {name} has shape {tuple(shape)}, not {p.shape}"
+                    )
+        if problems:
+            raise ValueError("cannot load optimizer state:\n  " + "\n  ".join(problems))
+        for saved, mine in zip(groups, self.param_groups):
+            mine.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
+        self.state = {}
+        for key, st in state_dict["state"].items():
+            self.state[params[int(key)]] = new = {}
+            for name, value in st.items():
+                if getattr(value, "shape", None) is None:
+                    new[name] = int(value) if name == "step" else value
+                else:
+                    new[name] = value.data if isinstance(value, Tensor) else value
+        self._pack()  # copies the loaded buffers into flat ones (``_pack`` moves state)
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+
+def _on(flat: FlatBuffer, value: Any) -> Array:
+    """``value`` (NumPy, CuPy or a Tensor) as an array that ``flat``'s arrays accept."""
+    if isinstance(value, Tensor):
+        value = value.data
+    if flat.backend.device.type == "cpu" and hasattr(value, "get"):  # CuPy to host
+        value = value.get()
+    return flat.backend.asarray(value)

@@ -1,0 +1,281 @@
+"""Optimizers over flat parameters: hand-computed steps, torch.optim over several steps (when
+torch is installed), skipped gradients, state_dict round trips, and gradient clipping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gpunet as gn
+from gpunet import optim
+
+SHAPES = [(3, 4), (4,), (2, 1)]
+
+
+def make_params(dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    init = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    return init, [gn.tensor(a, requires_grad=True) for a in init]
+
+
+def grads_for(step, dtype=np.float64):
+    rng = np.random.default_rng(100 + step)
+    return [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+
+
+# ---------------------------------------------------------------- hand-computed steps
+def test_sgd_momentum_by_hand():
+    p = gn.tensor([1.0, -2.0], dtype=gn.float64, requires_grad=True)
+    opt = optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.01)
+    p.grad = gn.tensor([0.5, 1.0], dtype=gn.float64)
+    opt.step()  # d = g + 0.01 p; buf = d; p -= 0.1 buf
+    d1 = np.array([0.5 + 0.01, 1.0 - 0.02])
+    w1 = np.array([1.0, -2.0]) - 0.1 * d1
+    np.testing.assert_allclose(p.numpy(), w1, rtol=1e-14)
+    p.grad = gn.tensor([0.5, 1.0], dtype=gn.float64)
+    opt.step()  # buf = 0.9 buf + 0.5 d
+    d2 = np.array([0.5, 1.0]) + 0.01 * w1
+    buf = 0.9 * d1 + 0.5 * d2
+    np.testing.assert_allclose(p.numpy(), w1 - 0.1 * buf, rtol=1e-14)
+    np.testing.assert_allclose(opt.state[p]["momentum_buffer"], buf, rtol=1e-14)
+
+
+def test_sgd_nesterov_by_hand():
+    p = gn.tensor([1.0], dtype=gn.float64, requires_grad=True)
+    opt = optim.SGD([p], lr=0.5, momentum=0.5, nesterov=True)
+    for _ in range(2):
+        p.grad = gn.tensor([2.0], dtype=gn.float64)
+        opt.step()
+    # step 1: buf = 2, d = 2 + 0.5 * 2 = 3, p = 1 - 1.5; step 2: buf = 1 + 2 = 3, d = 3.5
+    np.testing.assert_allclose(p.numpy(), [1.0 - 1.5 - 1.75], rtol=1e-14)
+
+
+@pytest.mark.parametrize("cls, wd", [(optim.Adam, 0.1), (optim.AdamW, 0.1)])
+def test_adam_by_hand(cls, wd):
+    lr, b1, b2, eps = 0.01, 0.9, 0.99, 1e-8
+    w = np.array([0.5, -1.5])
+    p = gn.tensor(w, requires_grad=True)
+    opt = cls([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    m = v = np.zeros(2)
+    for t in range(1, 4):
+        g = np.array([0.3, -0.7]) * t
+        p.grad = gn.tensor(g)
+        opt.step()
+        if cls is optim.AdamW:
+            w = w * (1 - lr * wd)
+        else:
+            g = g + wd * w
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        mhat, vhat = m / (1 - b1**t), v / (1 - b2**t)
+        w = w - lr * mhat / (np.sqrt(vhat) + eps)
+        np.testing.assert_allclose(p.numpy(), w, rtol=1e-12)
+    assert opt.state[p]["step"] == 3
+    np.testing.assert_allclose(opt.state[p]["exp_avg"], m, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- flat parameters
+def test_params_become_views_of_one_flat_buffer():
+    _, ps = make_params()
+    opt = optim.SGD(ps, lr=0.1)
+    (flat,) = opt._flats
+    assert flat.data.shape == (sum(p.numel() for p in ps),)
+    for p in ps:
+        assert np.shares_memory(p.data, flat.data)
+    for p, g in zip(ps, grads_for(0)):
+        p.grad = gn.tensor(g)
+    opt.step()
+    for p in ps:  # the gradients now live in the flat gradient array
+        assert np.shares_memory(p.grad.data, flat.grad)
+
+
+def test_one_buffer_per_dtype_and_groups_keep_their_hyperparameters():
+    a = gn.tensor([1.0, 2.0], requires_grad=True)
+    b = gn.tensor([1.0, 2.0], dtype=gn.float64, requires_grad=True)
+    c = gn.tensor([3.0], requires_grad=True)
+    opt = optim.SGD([{"params": [a, b]}, {"params": [c], "lr": 1.0}], lr=0.1)
+    assert len(opt._flats) == 2
+    for t in (a, b, c):
+        t.grad = gn.ones_like(t)
+    opt.step()
+    np.testing.assert_allclose(a.numpy(), [0.9, 1.9], rtol=1e-6)
+    np.testing.assert_allclose(b.numpy(), [0.9, 1.9])
+    np.testing.assert_allclose(c.numpy(), [2.0])
+
+
+def test_backward_then_step_trains():
+    x = gn.tensor(np.linspace(-1, 1, 8, dtype=np.float32)[:, None])
+    y = 3.0 * x + 1.0
+    w = gn.zeros((1, 1), requires_grad=True)
+    b = gn.zeros((1,), requires_grad=True)
+    opt = optim.Adam([w, b], lr=0.1)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = (((x @ w + b) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    assert abs(w.item() - 3.0) < 1e-2 and abs(b.item() - 1.0) < 1e-2
+
+
+def test_replaced_data_is_readopted():
+    _, ps = make_params()
+    opt = optim.SGD(ps, lr=1.0)
+    ps[0].data = np.zeros(SHAPES[0])
+    ps[0].grad = gn.ones_like(ps[0])
+    opt.step()
+    np.testing.assert_array_equal(ps[0].numpy(), -np.ones(SHAPES[0]))
+    assert np.shares_memory(ps[0].data, opt._flats[0].data)
+
+
+def test_add_param_group_repacks_and_keeps_state():
+    _, ps = make_params()
+    opt = optim.Adam(ps[:2], lr=0.1)
+    for p, g in zip(ps[:2], grads_for(0)):
+        p.grad = gn.tensor(g)
+    opt.step()
+    m = opt.state[ps[0]]["exp_avg"].copy()
+    opt.add_param_group({"params": [ps[2]], "lr": 0.5})
+    np.testing.assert_array_equal(opt.state[ps[0]]["exp_avg"], m)
+    assert opt.param_groups[1]["lr"] == 0.5 and opt.param_groups[1]["betas"] == (0.9, 0.999)
+    assert np.shares_memory(ps[2].data, opt._flats[0].data)
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group({"params": [ps[0]]})
+
+
+def test_zero_grad():
+    _, ps = make_params()
+    opt = optim.SGD(ps, lr=0.1)
+    for p, g in zip(ps, grads_for(0)):
+        p.grad = gn.tensor(g)
+    opt.zero_grad(set_to_none=False)
+    assert all(np.all(p.grad.numpy() == 0) for p in ps)
+    opt.zero_grad()
+    assert all(p.grad is None for p in ps)
+
+
+def test_none_grad_skips_param_and_its_state():
+    init, ps = make_params()
+    opt = optim.Adam(ps, lr=0.1)
+    ps[1].grad = None
+    for i in (0, 2):
+        ps[i].grad = gn.tensor(grads_for(0)[i])
+    opt.step()
+    np.testing.assert_array_equal(ps[1].numpy(), init[1])
+    assert ps[1] not in opt.state and opt.state[ps[0]]["step"] == 1
+
+
+def test_state_dict_round_trip_continues_identically():
+    _, ps = make_params()
+    opt = optim.SGD(ps, lr=0.1, momentum=0.9)
+    for p, g in zip(ps, grads_for(0)):
+        p.grad = gn.tensor(g)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["params"] == [0, 1, 2]
+    assert set(sd["state"]) == {0, 1, 2}
+    _, qs = make_params()
+    for p, q in zip(ps, qs):
+        q.data[...] = p.numpy()
+    opt2 = optim.SGD(qs, lr=0.5)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["lr"] == 0.1 and opt2.param_groups[0]["momentum"] == 0.9
+    for step in (1, 2):
+        for p, q, g in zip(ps, qs, grads_for(step)):
+            p.grad, q.grad = gn.tensor(g), gn.tensor(g)
+        opt.step()
+        opt2.step()
+    for p, q in zip(ps, qs):
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+
+
+def test_load_state_dict_rejects_a_mismatch():
+    _, ps = make_params()
+    opt = optim.Adam(ps)
+    sd = opt.state_dict()
+    sd["state"] = {0: {"step": 1, "exp_avg": np.zeros((5,)), "exp_avg_sq": np.zeros((5,))}}
+    with pytest.raises(ValueError, match="exp_avg has shape"):
+        opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match="param groups"):
+        opt.load_state_dict({"state": {}, "param_groups": []})
+
+
+# ---------------------------------------------------------------- clipping
+@pytest.mark.parametrize("packed", [True, False])
+def test_clip_grad_norm_by_hand(packed):
+    _, ps = make_params()
+    if packed:
+        optim.SGD(ps, lr=0.1)
+    gs = grads_for(0)
+    for p, g in zip(ps, gs):
+        p.grad = gn.tensor(g)
+    norm = math.sqrt(sum(float((g * g).sum()) for g in gs))
+    total = optim.clip_grad_norm_(ps, 1.0)
+    assert total.item() == pytest.approx(norm, rel=1e-12)
+    for p, g in zip(ps, gs):
+        np.testing.assert_allclose(p.grad.numpy(), g / (norm + 1e-6), rtol=1e-12)
+    # under the limit nothing changes
+    before = [p.grad.numpy().copy() for p in ps]
+    optim.clip_grad_norm_(ps, 10.0)
+    for p, b in zip(ps, before):
+        np.testing.assert_allclose(p.grad.numpy(), b, rtol=1e-12)
+
+
+def test_clip_grad_norm_inf_and_value():
+    p = gn.tensor([1.0, -4.0, 2.0], dtype=gn.float64, requires_grad=True)
+    p.grad = gn.tensor([1.0, -4.0, 2.0], dtype=gn.float64)
+    assert optim.clip_grad_norm_([p], 2.0, norm_type=math.inf).item() == 4.0
+    np.testing.assert_allclose(p.grad.numpy(), np.array([1.0, -4.0, 2.0]) * 2 / (4 + 1e-6))
+    optim.clip_grad_value_(p, 0.4)
+    np.testing.assert_allclose(p.grad.numpy(), [0.4, -0.4, 0.4])
+    p.grad = gn.tensor([math.nan, 1.0, 0.0], dtype=gn.float64)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        optim.clip_grad_norm_(p, 1.0, error_if_nonfinite=True)
+
+
+# ---------------------------------------------------------------- against torch.optim
+CASES = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)),
+    ("SGD", dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.1)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)),
+    ("AdamW", dict(lr=0.01)),
+    ("AdamW", dict(lr=0.02, betas=(0.85, 0.9), weight_decay=0.3)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name, kwargs", CASES)
+def test_matches_torch_over_several_steps(name, kwargs, dtype):
+    torch = pytest.importorskip("torch")
+    init, ps = make_params(dtype)
+    ts = [torch.tensor(a, requires_grad=True) for a in init]
+    opt = getattr(optim, name)(ps, **kwargs)
+    topt = getattr(torch.optim, name)(ts, **kwargs)
+    for step in range(6):
+        for i, (p, t, g) in enumerate(zip(ps, ts, grads_for(step, dtype))):
+            if step == 2 and i == 1:  # a skipped parameter falls one step behind
+                p.grad = t.grad = None
+            else:
+                p.grad, t.grad = gn.tensor(g), torch.tensor(g)
+        opt.step()
+        topt.step()
+        tol = 1e-6 if dtype == np.float32 else 1e-13
+        for p, t in zip(ps, ts):
+            np.testing.assert_allclose(p.numpy(), t.detach().numpy(), rtol=tol, atol=tol)
+
+
+def test_clip_matches_torch():
+    torch = pytest.importorskip("torch")
+    init, ps = make_params()
+    optim.AdamW(ps)
+    ts = [torch.tensor(a, requires_grad=True) for a in init]
+    for p, t, g in zip(ps, ts, grads_for(0)):
+        p.grad, t.grad = gn.tensor(g), torch.tensor(g)
+    ours = optim.clip_grad_norm_(ps[::2], 0.5)
+    theirs = torch.nn.utils.clip_grad_norm_(ts[::2], 0.5)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
+    for p, t in zip(ps, ts):
+        np.testing.assert_allclose(p.grad.numpy(), t.grad.numpy(), rtol=1e-12)
