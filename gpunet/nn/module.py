@@ -14,6 +14,7 @@ subclass would be treated as a foreign value there.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -280,6 +281,22 @@ class Module:
             t.data[...] = t._backend.asarray(v, t.dtype)
         return _IncompatibleKeys(missing, unexpected)
 
+    # ------------------------------------------------------------------ copying
+    def __deepcopy__(self, memo: dict[int, Any]) -> Module:
+        """``copy.deepcopy(model)``: new arrays for every tensor attribute of every module
+        (parameters stay Parameters, gradients are copied), shared structure kept shared.
+        Tensors are copied here because a Tensor itself cannot be deep-copied (its backend
+        holds the array module)."""
+        for m in self.modules():
+            for value in m.__dict__.values():
+                if isinstance(value, Tensor) and id(value) not in memo:
+                    memo[id(value)] = _copy_tensor(value)
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            object.__setattr__(new, name, copy.deepcopy(value, memo))
+        return new
+
     # ------------------------------------------------------------------ repr
     def extra_repr(self) -> str:
         """The text inside the parentheses of this module's own line."""
@@ -301,6 +318,18 @@ def _move_(t: Tensor, dt: np.dtype | None, backend: Any) -> None:
     if backend is not None and backend is not t._backend:
         moved = t.detach().to(backend.device)
         t.data, t._backend = moved.data, moved._backend
+
+
+def _copy_tensor(t: Tensor) -> Tensor:
+    """A leaf with a copy of t's array (and of its gradient), a Parameter if t is one."""
+    out = ops.copy(t.detach())
+    if isinstance(t, Parameter):
+        out = Parameter(out, t.requires_grad)
+    else:
+        out.requires_grad = t.requires_grad
+    if t.grad is not None:
+        out.grad = ops.copy(t.grad.detach())
+    return out
 
 
 def _host(v: Any) -> Any:

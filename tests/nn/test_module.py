@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -173,3 +175,40 @@ def test_forward_must_be_defined() -> None:
             pass
 
         Empty()(1)
+
+
+def test_deepcopy_copies_arrays_and_keeps_structure() -> None:
+    net = Net().eval()
+    shared = nn.Linear(2, 2)
+    net.twice = nn.Sequential(shared, shared)
+    net(gpunet.randn(2, 3)).sum().backward()
+    twin = copy.deepcopy(net)
+    assert repr(twin) == repr(net)
+    assert [n for n, _ in twin.named_parameters()] == [n for n, _ in net.named_parameters()]
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert isinstance(q, nn.Parameter) and q.requires_grad and q.data is not p.data
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+        if p.grad is not None:
+            np.testing.assert_array_equal(p.grad.numpy(), q.grad.numpy())
+    assert twin.twice[0] is twin.twice[1] and twin.twice[0] is not shared
+    assert twin.block.plain.data is not net.block.plain.data and not twin.training
+    with gpunet.no_grad():
+        twin.head.weight[...] = 0.0
+    assert net.head.weight.numpy().any()
+
+
+@pytest.mark.gpu
+def test_to_cuda_moves_in_place_and_trains_like_the_cpu() -> None:
+    gpunet.manual_seed(0)
+    cpu = Net().eval()
+    gpu = copy.deepcopy(cpu).to("cuda")
+    params = list(gpu.parameters())
+    assert all(p.device.type == "cuda" for p in params)
+    x = gpunet.randn(5, 3)
+    np.testing.assert_allclose(gpu(x.to("cuda")).numpy(), cpu(x).numpy(), rtol=1e-5, atol=1e-6)
+    gpu(x.to("cuda")).sum().backward()
+    cpu(x).sum().backward()
+    for p, q in zip(cpu.parameters(), params):
+        np.testing.assert_allclose(q.grad.numpy(), p.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert gpu.cpu() is gpu and all(p.device.type == "cpu" for p in params)
+    assert all(p.grad.device.type == "cpu" for p in params)
