@@ -17,6 +17,7 @@ from .autodiff import (
     set_grad_enabled,
 )
 from .backend import Device, default_device, device, get_backend, info, use_device, warmup
+from .checkpoint import load, save
 from .creation import (
     arange,
     as_tensor,
@@ -110,6 +111,7 @@ __all__ = [
     "is_grad_enabled",
     "jvp",
     "leaky_relu",
+    "load",
     "log",
     "log1p",
     "log_softmax",
@@ -131,6 +133,7 @@ __all__ = [
     "randn",
     "relu",
     "reshape",
+    "save",
     "set_grad_enabled",
     "sigmoid",
     "silu",
