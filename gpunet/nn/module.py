@@ -259,7 +259,11 @@ class Module:
         for k, t in own.items():
             if k not in state:
                 continue
-            v = _host(state[k])
+            v = state[k]
+            if isinstance(v, Tensor):  # its array when on t's device, else a host copy
+                v = v.data if v._backend is t._backend else v.numpy()
+            elif not hasattr(v, "shape"):
+                v = np.asarray(v)
             if tuple(v.shape) != t.shape:
                 problems.append(
                     f"size mismatch for {k}: copying a value of shape {tuple(v.shape)}, "
@@ -267,10 +271,12 @@ class Module:
                 )
             values[k] = v
         if strict:
-            if missing:
-                problems.insert(0, "Missing key(s): " + ", ".join(repr(k) for k in missing))
             if unexpected:
-                problems.insert(0, "Unexpected key(s): " + ", ".join(repr(k) for k in unexpected))
+                keys = ", ".join(repr(k) for k in unexpected)
+                problems.insert(0, f"Unexpected key(s) in state_dict: {keys}")
+            if missing:
+                keys = ", ".join(repr(k) for k in missing)
+                problems.insert(0, f"Missing key(s) in state_dict: {keys}")
         if problems:
             raise RuntimeError(
                 f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
@@ -278,7 +284,9 @@ class Module:
             )
         for k, v in values.items():
             t = own[k]
-            t.data[...] = t._backend.asarray(v, t.dtype)
+            if type(v) is not t._backend.array_type:  # NumPy, CuPy (.get()), torch, ...
+                v = t._backend.asarray(np.asarray(v.get() if hasattr(v, "get") else v), t.dtype)
+            t.data[...] = v  # in place: views of the data (an optimizer's flat buffer) see it
         return _IncompatibleKeys(missing, unexpected)
 
     # ------------------------------------------------------------------ copying
@@ -330,12 +338,3 @@ def _copy_tensor(t: Tensor) -> Tensor:
     if t.grad is not None:
         out.grad = ops.copy(t.grad.detach())
     return out
-
-
-def _host(v: Any) -> Any:
-    """A state value as something with a shape that ``backend.asarray`` accepts."""
-    if isinstance(v, Tensor):
-        return v.numpy()
-    if hasattr(v, "shape"):
-        return v if isinstance(v, np.ndarray) else np.asarray(v.get() if hasattr(v, "get") else v)
-    return np.asarray(v)

@@ -131,6 +131,12 @@ def test_state_dict_round_trip() -> None:
     np.testing.assert_array_equal(src.eval()(x).numpy(), dst.eval()(x).numpy())
     # values are copied into the existing tensors, not aliased
     assert dst.block.fc.weight.data is not src.block.fc.weight.data
+    # tensors load too, converted to each parameter's dtype
+    wide = Net().double()
+    weight = dst.block.fc.weight
+    dst.load_state_dict(wide.state_dict())
+    assert dst.block.fc.weight is weight and weight.dtype == np.float32
+    np.testing.assert_allclose(weight.numpy(), wide.block.fc.weight.numpy(), rtol=1e-6)
 
 
 def test_strict_load_lists_every_problem_and_changes_nothing() -> None:
@@ -143,6 +149,7 @@ def test_strict_load_lists_every_problem_and_changes_nothing() -> None:
     with pytest.raises(RuntimeError) as err:
         net.load_state_dict(bad)
     msg = str(err.value)
+    assert msg.index("Missing key(s) in state_dict") < msg.index("Unexpected key(s)")
     assert "'head.weight'" in msg and "'extra.weight'" in msg
     assert "size mismatch for block.fc.bias" in msg and "(5,)" in msg and "(4,)" in msg
     for k, v in net.state_dict().items():
