@@ -632,3 +632,13 @@ def test_gpunet_from_dlpack_shares_memory() -> None:
     assert t.tolist()[1][1] == 100.0
     t.data[0, 0] = -5.0
     assert a[0, 0] == -5.0
+
+
+def test_dlpack_exchange_with_pytorch_shares_memory() -> None:
+    torch = pytest.importorskip("torch")
+    t = gpunet.tensor([1.0, 2.0, 3.0])
+    pt = torch.from_dlpack(t)
+    pt[0] = 10.0
+    assert t.numpy()[0] == 10.0
+    back = gpunet.from_dlpack(torch.arange(4, dtype=torch.float64))
+    assert back.dtype == np.float64 and back.tolist() == [0.0, 1.0, 2.0, 3.0]
