@@ -279,3 +279,19 @@ def test_clip_matches_torch():
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-12)
     for p, t in zip(ps, ts):
         np.testing.assert_allclose(p.grad.numpy(), t.grad.numpy(), rtol=1e-12)
+
+
+def test_step_with_closure_returns_the_loss():
+    w = gn.tensor([2.0], requires_grad=True)
+    opt = optim.SGD([w], lr=0.25)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w * w).sum()
+        loss.backward()
+        return loss
+
+    with gn.no_grad():  # the closure records even so
+        loss = opt.step(closure)
+    assert loss.item() == 4.0
+    np.testing.assert_allclose(w.numpy(), [1.0])  # 2 - 0.25 * 4

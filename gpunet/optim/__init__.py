@@ -1,5 +1,6 @@
-"""Optimizers over flat parameters (PyTorch's API) and gradient clipping."""
+"""Optimizers over flat parameters (PyTorch's API), gradient clipping and LR schedules."""
 
+from . import lr_scheduler
 from .adam import Adam, AdamW
 from .clip import clip_grad_norm_, clip_grad_value_
 from .optimizer import Optimizer
@@ -12,4 +13,5 @@ __all__ = [
     "Optimizer",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "lr_scheduler",
 ]
