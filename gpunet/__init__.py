@@ -7,7 +7,7 @@ devices and random numbers.
 
 __version__ = "0.1.0"
 
-from . import optim, primitives
+from . import nn, optim, primitives
 from .activations import elu, erf, gelu, leaky_relu, silu, softplus
 from .autodiff import (
     detect_anomaly,
@@ -123,6 +123,7 @@ __all__ = [
     "mean",
     "min",
     "minimum",
+    "nn",
     "no_grad",
     "ones",
     "ones_like",

@@ -182,6 +182,14 @@ class Module:
         for _, b in self.named_buffers():
             yield b
 
+    def apply(self, fn: Any) -> Module:
+        """Call ``fn(module)`` on every descendant, then on this module (PyTorch's order):
+        ``model.apply(init_weights)``."""
+        for m in self.children():
+            m.apply(fn)
+        fn(self)
+        return self
+
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Module:
         """Training mode (Dropout drops) or, with ``mode=False``, evaluation mode."""

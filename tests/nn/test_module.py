@@ -219,3 +219,11 @@ def test_to_cuda_moves_in_place_and_trains_like_the_cpu() -> None:
         np.testing.assert_allclose(q.grad.numpy(), p.grad.numpy(), rtol=1e-5, atol=1e-6)
     assert gpu.cpu() is gpu and all(p.device.type == "cpu" for p in params)
     assert all(p.grad.device.type == "cpu" for p in params)
+
+
+def test_apply_visits_children_first_and_nn_is_reachable_from_gpunet() -> None:
+    net = Net()
+    seen: list[str] = []
+    assert net.apply(lambda m: seen.append(type(m).__name__)) is net
+    assert seen == ["Linear", "ReLU", "Block", "Linear", "Dropout", "Net"]
+    assert gpunet.nn is nn
