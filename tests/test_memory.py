@@ -17,8 +17,9 @@ def test_memory_is_flat_over_1000_training_steps() -> None:
     model = nn.MLP([16, 32, 4])
     opt = optim.Adam(model.parameters(), lr=1e-3)
     r = np.random.default_rng(0)
-    x, y = gpunet.tensor(r.standard_normal((32, 16)).astype(np.float32)), gpunet.tensor(
-        r.integers(0, 4, 32)
+    x, y = (
+        gpunet.tensor(r.standard_normal((32, 16)).astype(np.float32)),
+        gpunet.tensor(r.integers(0, 4, 32)),
     )
 
     def step() -> None:
