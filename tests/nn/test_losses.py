@@ -123,3 +123,20 @@ def test_loss_module_repr() -> None:
     assert repr(nn.CrossEntropyLoss(reduction="sum")) == "CrossEntropyLoss(reduction='sum')"
     with pytest.raises(ValueError, match="reduction"):
         nn.BCELoss(reduction="avg")
+
+
+def test_float32_losses_and_gradients_stay_finite_at_extreme_logits() -> None:
+    z = gpunet.tensor([[-1e4, 0.0, 1e4], [1e4, -1e4, 5.0]], requires_grad=True)
+    y = gpunet.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    labels = gpunet.tensor([0, 1])
+    loss = (
+        F.cross_entropy(z, labels, label_smoothing=0.1)
+        + F.binary_cross_entropy_with_logits(z, y)
+        + F.binary_cross_entropy(gpunet.sigmoid(z), y)
+    )
+    loss.backward()
+    assert z.dtype == np.float32 and np.isfinite(loss.item())
+    assert np.all(np.isfinite(z.grad.numpy()))
+    want = np_cross_entropy(z.numpy().astype(np.float64), labels.numpy(), 0.1).mean()
+    got = F.cross_entropy(z, labels, label_smoothing=0.1).item()
+    assert got == pytest.approx(want, rel=1e-6)
