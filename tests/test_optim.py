@@ -295,3 +295,27 @@ def test_step_with_closure_returns_the_loss():
         loss = opt.step(closure)
     assert loss.item() == 4.0
     np.testing.assert_allclose(w.numpy(), [1.0])  # 2 - 0.25 * 4
+
+
+@pytest.mark.parametrize("op", ["sgd", "adam"])
+def test_numpy_chunked_updates_match_the_whole_buffer_update(op):
+    from gpunet.backend import get_backend
+    from gpunet.backend.fused import FusedOps
+
+    backend = get_backend("cpu")
+    rng = np.random.default_rng(0)
+    n = 100_003  # several chunks and a ragged tail
+    bufs = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
+    bufs[3] = np.abs(bufs[3])  # Adam's v
+    ours, whole = [b.copy() for b in bufs], [b.copy() for b in bufs]
+    for step in (1, 2):
+        if op == "sgd":
+            kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1, first_step=step == 1)
+            backend.sgd_update(*ours[:3], **kw)
+            FusedOps.sgd_update(backend, *whole[:3], **kw)
+        else:
+            kw = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=step)
+            backend.adam_update(*ours, **kw)
+            FusedOps.adam_update(backend, *whole, **kw)
+    for a, b in zip(ours, whole):
+        np.testing.assert_array_equal(a, b)

@@ -32,6 +32,21 @@ def _new(x: np.ndarray) -> np.ndarray:
     return np.empty_like(x)  # out= into it keeps 0-d results arrays
 
 
+def _chunks(*buffers: Array | None) -> Any:
+    """Optimizer buffers CHUNK elements at a time when all are long and contiguous: the ten or
+    so passes of an Adam update then stay in cache (1.5x at 10^6 float32), as a flat buffer
+    holding a whole model would otherwise spill it; else the buffers whole, once."""
+    first = buffers[0]
+    if first.size < 2 * CHUNK or not all(
+        b is None or (b.flags.c_contiguous and b.shape == first.shape) for b in buffers
+    ):
+        yield buffers
+        return
+    flats = [None if b is None else b.reshape(-1) for b in buffers]
+    for start in range(0, first.size, CHUNK):
+        yield tuple(None if f is None else f[start : start + CHUNK] for f in flats)
+
+
 class NumpyFusedOps(FusedOps):
     """NumPy overrides of the generic fused ops (mixed into NumpyBackend)."""
 
@@ -72,6 +87,42 @@ class NumpyFusedOps(FusedOps):
             end = start + CHUNK
             np.multiply(df(s_flat[start:end], alpha), g_flat[start:end], out=dx_flat[start:end])
         return dx
+
+    def sgd_update(
+        self,
+        param: Array,
+        grad: Array,
+        momentum_buf: Array | None,
+        *,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        first_step: bool = False,
+    ) -> None:
+        kw = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
+        for args in _chunks(param, grad, momentum_buf):
+            super().sgd_update(*args, **kw, weight_decay=weight_decay, first_step=first_step)
+
+    def adam_update(
+        self,
+        param: Array,
+        grad: Array,
+        m: Array,
+        v: Array,
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+        step: int,
+    ) -> None:
+        kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+        for args in _chunks(param, grad, m, v):
+            super().adam_update(*args, **kw, decoupled=decoupled, step=step)
 
     def grad_norm(self, x: Array) -> Array:
         flat = x.reshape(-1)
