@@ -265,6 +265,11 @@ class Tensor:
 
     __hash__ = object.__hash__
 
+    def __reduce__(self) -> tuple:
+        """Pickle and ``copy.deepcopy`` as (host values, device, requires_grad): a copy is a
+        new leaf. (Checkpoints do not use this: they are safetensors, never pickles.)"""
+        return (_rebuild, (self.numpy(), str(self.device), self._requires_grad))
+
     # ------------------------------------------------------------------ operators
     # x + y, x - y, x * y, x / y, x ** y and x @ y are the ops functions themselves, installed
     # at the end of gpunet/ops.py (one Python frame less on the hottest path).
@@ -422,6 +427,15 @@ class Tensor:
 
     def logsumexp(self, axis: Any = None, keepdims: bool = False) -> Tensor:
         return ops.logsumexp(self, axis, keepdims)
+
+
+def _rebuild(values: np.ndarray, device: str, requires_grad: bool) -> Tensor:
+    from .backend import get_backend
+
+    backend = get_backend(device)
+    t = Tensor._wrap(backend.asarray(np.array(values)), backend)
+    t._requires_grad = requires_grad
+    return t
 
 
 from . import ops  # noqa: E402  (ops needs Tensor; Tensor's methods need ops)

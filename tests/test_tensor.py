@@ -642,3 +642,14 @@ def test_dlpack_exchange_with_pytorch_shares_memory() -> None:
     assert t.numpy()[0] == 10.0
     back = gpunet.from_dlpack(torch.arange(4, dtype=torch.float64))
     assert back.dtype == np.float64 and back.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_deepcopy_and_pickle_give_independent_leaves() -> None:
+    import copy
+    import pickle
+
+    t = gpunet.tensor([1.0, 2.0], requires_grad=True)
+    for c in (copy.deepcopy(t), pickle.loads(pickle.dumps(t))):
+        assert c.tolist() == [1.0, 2.0] and c.requires_grad and c.is_leaf
+        c.data[0] = 5.0
+        assert t.tolist() == [1.0, 2.0]
