@@ -66,6 +66,7 @@ from .ops import (
     var,
     where,
 )
+from .per_example import per_example_grads
 from .random import Generator, manual_seed, rand, randn
 from .tensor import Tensor
 from .testing import check_grads, gradcheck
@@ -128,6 +129,7 @@ __all__ = [
     "ones",
     "ones_like",
     "optim",
+    "per_example_grads",
     "permute",
     "primitives",
     "rand",
