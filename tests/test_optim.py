@@ -319,3 +319,12 @@ def test_numpy_chunked_updates_match_the_whole_buffer_update(op):
             FusedOps.adam_update(backend, *whole, **kw)
     for a, b in zip(ours, whole):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_parameter_moved_to_another_dtype_is_an_error():
+    _, ps = make_params(np.float32)
+    opt = optim.SGD(ps, lr=0.1)
+    ps[0].data = ps[0].data.astype(np.float64)
+    ps[0].grad = gn.ones_like(ps[0])
+    with pytest.raises(ValueError, match="make the optimizer after moving the model"):
+        opt.step()
