@@ -157,3 +157,34 @@ def test_overwrite_keeps_the_files_mode(tmp_path):
     os.chmod(path, 0o640)
     gn.save(path, Tiny(seed=2))
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_with_a_gpunet_module(tmp_path):
+    nn = pytest.importorskip("gpunet.nn")
+    import gpunet.nn.functional as F
+
+    gn.manual_seed(0)
+    model = nn.MLP([4, 8, 3])
+    opt = optim.AdamW(model.parameters(), lr=0.01)
+    sched = optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = gn.randn(16, 4), gn.tensor(np.arange(16) % 3)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+    path = tmp_path / "m.safetensors"
+    gn.save(path, model, opt, scheduler=sched.state_dict())
+    gn.manual_seed(1)
+    model2 = nn.MLP([4, 8, 3])
+    opt2 = optim.AdamW(model2.parameters(), lr=0.01)
+    sched2 = optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
+    sched2.load_state_dict(gn.load(path, model2, opt2)["scheduler"])
+    assert sched2.get_last_lr() == sched.get_last_lr() == [0.01 / 8]
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    for (name, p), q in zip(model.named_parameters(), model2.parameters()):
+        np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=name)
+        assert np.shares_memory(q.data, opt2._flats[0].data)  # still packed after load

@@ -328,3 +328,15 @@ def test_a_parameter_moved_to_another_dtype_is_an_error():
     ps[0].grad = gn.ones_like(ps[0])
     with pytest.raises(ValueError, match="make the optimizer after moving the model"):
         opt.step()
+
+
+def test_frozen_and_non_leaf_tensors():
+    frozen = gn.tensor([1.0, 2.0])  # requires_grad=False: accepted, never has a grad
+    w = gn.tensor([1.0], requires_grad=True)
+    opt = optim.SGD([w, frozen], lr=0.5)
+    w.grad = gn.tensor([1.0])
+    opt.step()
+    np.testing.assert_array_equal(frozen.numpy(), [1.0, 2.0])
+    np.testing.assert_array_equal(w.numpy(), [0.5])
+    with pytest.raises(ValueError, match="non-leaf"):
+        optim.SGD([w * 2.0])

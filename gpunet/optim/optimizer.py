@@ -57,8 +57,8 @@ class Optimizer:
         for p in params:
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
-            if not p.requires_grad:
-                raise ValueError(f"optimizer got a tensor that does not require grad ({p.shape})")
+            if not p.is_leaf:
+                raise ValueError(f"cannot optimize a non-leaf tensor (made by {p.grad_fn})")
             if id(p) in seen:
                 raise ValueError("a parameter appears more than once among the param groups")
             seen.add(id(p))
