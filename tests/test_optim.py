@@ -340,3 +340,32 @@ def test_frozen_and_non_leaf_tensors():
     np.testing.assert_array_equal(w.numpy(), [0.5])
     with pytest.raises(ValueError, match="non-leaf"):
         optim.SGD([w * 2.0])
+
+
+@pytest.mark.parametrize("name, kwargs", CASES[1:3] + CASES[4:5] + CASES[6:])
+def test_generic_backend_on_array_api_strict(name, kwargs):
+    """The optimizers, clipping and state_dict call only the array API on a non-NumPy
+    backend (the path CuPy takes), and match NumPy."""
+    xps = pytest.importorskip("array_api_strict")
+    from gpunet.backend import ArrayBackend, register_backend
+
+    strict = ArrayBackend(xps, gn.Device("cpu"), type(xps.asarray(1.0)))
+    register_backend(type(xps.asarray(1.0)), strict)
+    try:
+        init, ps = make_params()
+        qs = [gn.Tensor(strict.asarray(a), requires_grad=True) for a in init]
+        opts = [getattr(optim, name)(ps, **kwargs), getattr(optim, name)(qs, **kwargs)]
+        for step in range(3):
+            for p, q, g in zip(ps, qs, grads_for(step)):
+                p.grad, q.grad = gn.tensor(g), gn.Tensor(strict.asarray(g))
+            norms = [optim.clip_grad_norm_(ps, 1.0), optim.clip_grad_norm_(qs, 1.0)]
+            assert float(np.from_dlpack(norms[1].data)) == pytest.approx(norms[0].item())
+            for o in opts:
+                o.step()
+        for p, q in zip(ps, qs):
+            assert type(q.data) is strict.array_type
+            np.testing.assert_allclose(np.from_dlpack(q.data), p.numpy(), rtol=1e-12)
+        sd = opts[1].state_dict()
+        opts[1].load_state_dict(sd)
+    finally:
+        register_backend(type(xps.asarray(1.0)), None)

@@ -129,7 +129,7 @@ class Optimizer:
         state = {}
         for p, st in self.state.items():
             state[index[id(p)]] = {
-                k: v if v is None or isinstance(v, (int, float)) else v.copy()
+                k: v if v is None or isinstance(v, (int, float)) else p._backend.copy(v)
                 for k, v in st.items()
             }
         groups = []
