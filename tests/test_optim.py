@@ -369,3 +369,17 @@ def test_generic_backend_on_array_api_strict(name, kwargs):
         opts[1].load_state_dict(sd)
     finally:
         register_backend(type(xps.asarray(1.0)), None)
+
+
+def test_packed_parameters_are_forgotten_when_they_die():
+    import gc
+
+    from gpunet.optim import flat
+
+    _, ps = make_params()
+    optim.SGD(ps)
+    keys = [id(p) for p in ps]
+    assert all(k in flat._OWNER for k in keys)
+    del ps
+    gc.collect()
+    assert not any(k in flat._OWNER for k in keys)

@@ -11,6 +11,7 @@ free.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -21,6 +22,13 @@ Array = Any
 # id(param) -> (weakref to param, weakref to its FlatBuffer, its index there): lets
 # clip_grad_norm_, which is handed only parameters, find their flat gradient array.
 _OWNER: dict[int, tuple[weakref.ref, weakref.ref, int]] = {}
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    """Drop a dead parameter's entry (its id may be reused)."""
+    entry = _OWNER.get(key)
+    if entry is not None and entry[0] is ref:
+        del _OWNER[key]
 
 
 def flat_of(p: Tensor) -> tuple[FlatBuffer, int] | None:
@@ -57,7 +65,11 @@ class FlatBuffer:
         for i, p in enumerate(params):
             self.views[i][...] = p.data
             p.data = self.views[i]
-            _OWNER[id(p)] = (weakref.ref(p), weakref.ref(self), i)
+            _OWNER[id(p)] = (
+                weakref.ref(p, functools.partial(_forget, id(p))),
+                weakref.ref(self),
+                i,
+            )
 
     def view(self, flat: Array, i: int) -> Array:
         """Parameter i's slice of a flat array, in the parameter's shape."""
