@@ -383,3 +383,29 @@ def test_packed_parameters_are_forgotten_when_they_die():
     del ps
     gc.collect()
     assert not any(k in flat._OWNER for k in keys)
+
+
+def test_loads_a_torch_adam_state_dict():
+    torch = pytest.importorskip("torch")
+    init, ps = make_params()
+    ts = [torch.tensor(a, requires_grad=True) for a in init]
+    topt = torch.optim.Adam(ts, lr=0.01)
+    for step in range(2):
+        for t, g in zip(ts, grads_for(step)):
+            t.grad = torch.tensor(g)
+        topt.step()
+    for p, t in zip(ps, ts):
+        p.data[...] = t.detach().numpy()
+    sd = topt.state_dict()
+    sd["state"] = {
+        i: {k: v.numpy() if v.ndim else v for k, v in st.items()} for i, st in sd["state"].items()
+    }
+    opt = optim.Adam(ps)
+    opt.load_state_dict(sd)
+    assert opt.state[ps[0]]["step"] == 2 and opt.param_groups[0]["lr"] == 0.01
+    for t, p, g in zip(ts, ps, grads_for(2)):
+        t.grad, p.grad = torch.tensor(g), gn.tensor(g)
+    topt.step()
+    opt.step()
+    for p, t in zip(ps, ts):
+        np.testing.assert_allclose(p.numpy(), t.detach().numpy(), rtol=1e-13)

@@ -169,7 +169,7 @@ class Optimizer:
                 continue
             for name, value in st.items():
                 shape = getattr(value, "shape", None)
-                if shape is not None and tuple(shape) != p.shape:
+                if name != "step" and shape is not None and tuple(shape) != p.shape:
                     problems.append(
                         f"parameter {key}: {name} has shape {tuple(shape)}, not {p.shape}"
                     )
@@ -181,8 +181,10 @@ class Optimizer:
         for key, st in state_dict["state"].items():
             self.state[params[int(key)]] = new = {}
             for name, value in st.items():
-                if getattr(value, "shape", None) is None:
-                    new[name] = int(value) if name == "step" else value
+                if name == "step":  # an int, a float, or a 0-d array (torch keeps a tensor)
+                    new[name] = int(float(value))
+                elif getattr(value, "shape", None) is None:
+                    new[name] = value
                 else:
                     new[name] = value.data if isinstance(value, Tensor) else value
         self._pack()  # copies the loaded buffers into flat ones (``_pack`` moves state)
