@@ -474,7 +474,7 @@ def _depends_on_others(order: list[Node], inputs: Sequence[Tensor]) -> bool:
     if any(x._node is not None for x in inputs):  # an input tracked by an outer transform
         return True
     own = {id(x) for x in inputs}
-    return any(type(p) is Tensor and id(p) not in own for node in order for p in node.parents)
+    return any(isinstance(p, Tensor) and id(p) not in own for node in order for p in node.parents)
 
 
 def _add_leaf(leaf_grads: dict[int, list], leaf: Tensor, g: Tensor) -> None:

@@ -101,8 +101,8 @@ def broadcast_shapes(op: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
 
 def _operands(op: str, x: Any, y: Any) -> tuple[Tensor, Tensor]:
     """Two tensors of one dtype, broadcast to one shape where a transform needs it."""
-    if type(x) is Tensor:
-        if type(y) is Tensor:
+    if isinstance(x, Tensor):
+        if isinstance(y, Tensor):
             dx, dy = x.data.dtype, y.data.dtype
             if dx is not dy and dx != dy:  # booleans join the other dtype; nothing else
                 if x.dtype == dtypes.bool_:

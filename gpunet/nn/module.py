@@ -6,16 +6,13 @@ A ``Module`` registers what is assigned to it: a ``Parameter`` becomes one of it
 in the instance ``__dict__``, so reading ``self.weight`` in ``forward`` is a plain attribute
 lookup.
 
-``Parameter(data)`` returns an ordinary leaf ``Tensor`` with ``requires_grad=True`` and records
-it, so ``isinstance(p, Parameter)`` holds for it (and only for tensors made this way). It is not
-a ``Tensor`` subclass because the ops' fast path tests ``type(x) is Tensor`` for operands: a
-subclass would be treated as a foreign value there.
+``Parameter(data)`` is a leaf ``Tensor`` subclass with ``requires_grad=True``, as in PyTorch;
+ops on it return plain tensors.
 """
 
 from __future__ import annotations
 
 import copy
-import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -26,30 +23,37 @@ from ..backend import Device, get_backend
 from ..creation import tensor as _new_tensor
 from ..tensor import Tensor
 
-_PARAMETERS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 
-
-class _ParameterMeta(type):
-    def __instancecheck__(cls, obj: Any) -> bool:
-        return isinstance(obj, Tensor) and _PARAMETERS.get(id(obj)) is obj
-
-
-class Parameter(metaclass=_ParameterMeta):
+class Parameter(Tensor):
     """``Parameter(data, requires_grad=True)``: a leaf tensor a Module registers as learnable.
 
     ``data`` may be a Tensor (its array is shared, not copied), a NumPy/CuPy array or nested
-    lists (copied, as ``gpunet.tensor`` does). The result is a ``gpunet.Tensor``.
+    lists (copied, as ``gpunet.tensor`` does).
     """
 
-    def __new__(cls, data: Any = None, requires_grad: bool = True) -> Tensor:  # type: ignore[misc]
+    __slots__ = ()
+
+    def __new__(cls, data: Any = None, requires_grad: bool = True) -> Parameter:
         if data is None:
             data = np.zeros((0,), dtypes.DEFAULT_FLOAT)
-        t = Tensor._wrap(data.data, data._backend) if isinstance(data, Tensor) else None
-        if t is None:
-            t = _new_tensor(data)
-        t.requires_grad = requires_grad
-        _PARAMETERS[id(t)] = t
-        return t
+        src = data if isinstance(data, Tensor) else _new_tensor(data)
+        p = object.__new__(cls)
+        p.data, p._backend, p._requires_grad, p._node = src.data, src._backend, False, None
+        p.requires_grad = requires_grad
+        return p
+
+    def __init__(self, data: Any = None, requires_grad: bool = True) -> None:
+        pass  # __new__ did the work; Tensor.__init__ must not run again
+
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + super().__repr__()
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild_parameter, (self.numpy(), str(self.device), self._requires_grad))
+
+
+def _rebuild_parameter(values: np.ndarray, device: str, requires_grad: bool) -> Parameter:
+    return Parameter(_new_tensor(values, device=device), requires_grad)
 
 
 class _IncompatibleKeys(NamedTuple):

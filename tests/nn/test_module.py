@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -47,16 +48,19 @@ def test_parameters_in_registration_order_with_dotted_names() -> None:
     assert all(p.requires_grad and p.is_leaf for p in net.parameters())
 
 
-def test_parameter_is_a_plain_leaf_tensor_recognised_by_isinstance() -> None:
+def test_parameter_is_a_leaf_tensor_subclass() -> None:
     data = gpunet.zeros(3)
     p = nn.Parameter(data)
-    assert type(p) is gpunet.Tensor and isinstance(p, nn.Parameter)
+    assert isinstance(p, gpunet.Tensor) and isinstance(p, nn.Parameter)
+    assert type(p * 2.0) is gpunet.Tensor  # ops on a parameter give plain tensors
     assert not isinstance(data, nn.Parameter) and not isinstance(1.0, nn.Parameter)
     assert p.requires_grad and p.is_leaf
     assert p.data is data.data  # shares memory, as PyTorch's Parameter(tensor) does
-    y = (p * 2.0 + 1.0).sum()
+    y = (p * 2.0 + 1.0).sum() + (3.0 * p).sum() + (p + p).sum()
     y.backward()
-    np.testing.assert_allclose(p.grad.numpy(), [2.0, 2.0, 2.0])
+    np.testing.assert_allclose(p.grad.numpy(), [7.0, 7.0, 7.0])
+    q = pickle.loads(pickle.dumps(p))
+    assert isinstance(q, nn.Parameter) and q.requires_grad and q.tolist() == p.tolist()
 
 
 def test_shared_parameter_appears_once_and_reassignment_replaces() -> None:
