@@ -2,7 +2,7 @@
 
 Every op goes through ``bind(prim, *inputs, **params)``:
 
-- with no forward-mode transform active it calls ``evaluate``: the backend computes the
+- with no forward-mode transform active, the backend computes the
   forward, and if gradients are enabled and an input requires grad, a ``Node`` records the
   primitive, its parents and only what its VJP rule keeps;
 - inside ``gpunet.jvp`` a ``ForwardMode`` interpreter sees the op first: it evaluates it one
@@ -426,11 +426,7 @@ def backprop(
                     prev = grads.get(parent)
                     grads[parent] = gi if prev is None else ops.add(prev, gi)
                 else:
-                    entry = leaf_grads.get(id(parent))
-                    if entry is None:
-                        leaf_grads[id(parent)] = [parent, gi]
-                    else:
-                        entry[1] = ops.add(entry[1], gi)
+                    _add_leaf(leaf_grads, parent, gi)
             if not retain_graph:
                 node.saved = None
                 node.out_data = None

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, ops
 from .backend import Device, backend_of, default_device, get_backend
 from .tensor import Tensor
 
@@ -126,21 +126,20 @@ def eye(n: int, dtype: Any = None, device: str | Device | None = None) -> Tensor
 
 
 def zeros_like(x: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    return _finish(
-        zeros(x.shape, dtype=dtype or x.dtype, device=x.device).data, x._backend, requires_grad
-    )
+    t = ops.zeros_like(x, dtype)
+    return _finish(t.data, t._backend, requires_grad)
 
 
 def ones_like(x: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    return _finish(
-        ones(x.shape, dtype=dtype or x.dtype, device=x.device).data, x._backend, requires_grad
-    )
+    t = ops.ones_like(x, dtype)
+    return _finish(t.data, t._backend, requires_grad)
 
 
 def full_like(
     x: Tensor, fill_value: float, dtype: Any = None, requires_grad: bool = False
 ) -> Tensor:
-    return full(x.shape, fill_value, dtype or x.dtype, x.device, requires_grad)
+    t = ops.full_like(x, fill_value, dtype)
+    return _finish(t.data, t._backend, requires_grad)
 
 
 def from_dlpack(obj: Any) -> Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import dtypes
 from . import primitives as P
-from .autodiff import FORWARD, GRAD, STATE, bind
+from .autodiff import FORWARD, GRAD, STATE, bind, describe
 from .backend import Device, device
 from .tensor import Tensor
 
@@ -618,10 +618,6 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
         value = x._backend.asarray(other, x.dtype)
     x.data = _INPLACE[op](x.data, value)
     return x
-
-
-def describe(t: Tensor) -> str:
-    return f"{t.device} {t.dtype} {t.shape}"
 
 
 # ---------------------------------------------------------------------- linear algebra
