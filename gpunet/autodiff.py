@@ -19,7 +19,7 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .backend import get_backend
@@ -29,7 +29,7 @@ from .tensor import Tensor
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-GRAD, ANOMALY, FORWARD = 1, 2, 4  # bits of _State.flags
+GRAD, ANOMALY, FORWARD, OBSERVE = 1, 2, 4, 8  # bits of _State.flags
 
 
 class _State(threading.local):
@@ -41,6 +41,7 @@ class _State(threading.local):
         self._level = 0  # how many forward-mode interpreters ``bind`` sees (jvp_stack[:level])
         self.jvp_stack: list[ForwardMode] = []
         self.backward_node: Node | None = None  # whose VJP rule is running (anomaly messages)
+        self.observers: list[Callable[[str, tuple, dict, Any], None]] = []  # see ``observing``
 
     def _set(self, bit: int, on: bool) -> None:
         self.flags = (self.flags | bit) if on else (self.flags & ~bit)
@@ -143,8 +144,11 @@ def bind(prim: Primitive, *args: Tensor, **params: Any) -> Tensor:
         data = backend.asarray(data)
     out = _new_tensor(Tensor)
     out.data, out._backend, out._requires_grad, out._node = data, backend, False, None
-    if flags & ANOMALY:
-        _check_forward(prim, args, out)
+    if flags & (ANOMALY | OBSERVE):
+        if flags & ANOMALY:
+            _check_forward(prim, args, out)
+        if flags & OBSERVE:
+            observe(prim.name, args, params, out)
     if flags & GRAD and prim.differentiable:
         for a in args:
             if a._requires_grad:
@@ -154,6 +158,28 @@ def bind(prim: Primitive, *args: Tensor, **params: Any) -> Tensor:
 
 
 _new_tensor = object.__new__
+
+
+def observe(name: str, inputs: Sequence[Any], params: dict, output: Any) -> None:
+    """Tell every observer (``gpunet.profile``) of one backend call: a primitive's forward
+    from ``bind``, or a fused kernel called directly (activation backward, optimizer update).
+    Callers outside ``bind`` check ``STATE.flags & OBSERVE`` first, so it costs nothing off."""
+    for fn in STATE.observers:
+        fn(name, tuple(inputs), params, output)
+
+
+@contextlib.contextmanager
+def observing(fn: Callable[[str, tuple, dict, Any], None]) -> Iterator[None]:
+    """Call ``fn(name, inputs, params, output)`` for every backend call in this thread while
+    the context is open (inputs and output are Tensors, or raw arrays for direct kernels)."""
+    state = STATE
+    state.observers.append(fn)
+    state._set(OBSERVE, True)
+    try:
+        yield
+    finally:
+        state.observers.remove(fn)
+        state._set(OBSERVE, bool(state.observers))
 
 
 def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, flags: int) -> None:
