@@ -67,13 +67,16 @@ from .ops import (
     where,
 )
 from .per_example import per_example_grads
+from .profiler import profile
 from .random import Generator, manual_seed, rand, randn
+from .roofline import GPUSpec
 from .tensor import Tensor
 from .testing import check_grads, gradcheck
 from .transforms import grad, hessian_vector_product, hvp, jvp, value_and_grad, vjp
 
 __all__ = [
     "Device",
+    "GPUSpec",
     "Generator",
     "Tensor",
     "abs",
@@ -132,6 +135,7 @@ __all__ = [
     "per_example_grads",
     "permute",
     "primitives",
+    "profile",
     "rand",
     "randn",
     "relu",

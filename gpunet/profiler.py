@@ -1,0 +1,535 @@
+"""``gpunet.profile()``: what a step asks of the hardware, and how long a GPU would take.
+
+    with gpunet.profile() as p:
+        loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
+    print(p.table()); p.summary(); print(p.roofline("H100"))
+
+Every primitive call (through ``bind``) and every fused kernel called directly (an
+activation's backward, the optimizer updates) is recorded with its input shapes, dtype,
+device, phase (forward, backward, optimizer) and its cost under ``gpunet.costs``: FLOPs, bytes
+read and written, kernel launches, and what the same result costs unfused. The counts do not
+depend on where the step ran, so a CPU run models a GPU step: ``roofline`` prices them with a
+GPU's datasheet peaks (``gpunet.roofline``).
+
+Not seen (they bypass the dispatch point): the gradient copies into an optimizer's flat
+buffer, the ones that seed ``backward()``, and leaf-gradient accumulation outside ``bind``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import autodiff
+from .costs import COMPOSED_ON_CUPY, Cost, Operand, cost_of
+from .roofline import DEFAULT_LAUNCH_OVERHEAD_US, GPUSpec, dtype_name, gpu, op_time
+from .tensor import Tensor
+
+OPTIMIZER_OPS = frozenset({"sgd_update", "adam_update"})
+GEMMS = frozenset({"matmul"})
+_BACKPROP = autodiff.backprop.__code__
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    """One recorded call: a primitive's forward, or a fused kernel called directly."""
+
+    name: str
+    shapes: tuple[tuple[int, ...], ...]  # the inputs' shapes
+    out_shape: tuple[int, ...] | None
+    dtype: str
+    device: str
+    phase: str  # "forward", "backward" or "optimizer"
+    cost: Cost  # as gpunet runs it (fused kernels fused)
+    unfused: Cost  # the same result as one-operation kernels
+    params: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def flops(self) -> int:
+        return self.cost.flops
+
+    @property
+    def bytes_read(self) -> int:
+        return self.cost.bytes_read
+
+    @property
+    def bytes_written(self) -> int:
+        return self.cost.bytes_written
+
+    @property
+    def launches(self) -> int:
+        return self.cost.launches
+
+    @property
+    def is_view(self) -> bool:
+        return self.cost.launches == 0
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Totals of a profile: records, kernel launches, FLOPs, bytes; per phase too."""
+
+    records: int
+    views: int
+    launches: int
+    flops: int
+    bytes_read: int
+    bytes_written: int
+    by_phase: dict[str, Cost]
+    unfused_launches: int
+    unfused_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity, FLOPs per byte moved."""
+        return self.flops / self.bytes if self.bytes else 0.0
+
+    def __str__(self) -> str:
+        phases = ", ".join(
+            f"{k} {v.launches} launches / {_si(v.flops)}FLOP / {_si(v.bytes)}B"
+            for k, v in self.by_phase.items()
+        )
+        return (
+            f"{self.records} calls ({self.views} views), {self.launches} kernel launches, "
+            f"{_si(self.flops)}FLOP, {_si(self.bytes)}B moved ({_si(self.bytes_read)}B read, "
+            f"{_si(self.bytes_written)}B written), {self.intensity:.2f} FLOP/B; {phases}; "
+            f"unfused: {self.unfused_launches} launches, {_si(self.unfused_bytes)}B"
+        )
+
+
+@dataclass(frozen=True)
+class PrimitiveTime:
+    """Modelled time of all calls of one primitive."""
+
+    name: str
+    calls: int
+    launches: int
+    compute_s: float  # sum of FLOPs / peak
+    memory_s: float  # sum of bytes / bandwidth
+    launch_s: float
+    total_s: float  # sum over calls of max(compute, memory) + launches x overhead
+    unfused_total_s: float
+
+    @property
+    def bound(self) -> str:
+        if self.total_s == 0.0:
+            return "-"
+        if self.launch_s >= self.total_s - self.launch_s:
+            return "launch"
+        return "compute" if self.compute_s > self.memory_s else "memory"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A step's modelled time on one GPU, fused (as gpunet runs it) and unfused."""
+
+    device: GPUSpec
+    launch_overhead_us: float
+    tf32: bool
+    launches: int
+    compute_s: float  # every op at the compute peak
+    memory_s: float  # every op at the memory bandwidth
+    launch_s: float  # launches x overhead
+    total_s: float  # sum over ops of max(compute, memory) + launch overhead
+    cupy_launches: int  # as gpunet's CuPy backend runs the step today (COMPOSED_ON_CUPY unfused)
+    cupy_total_s: float
+    unfused_launches: int
+    unfused_total_s: float
+    rows: list[PrimitiveTime]
+
+    @property
+    def launch_share(self) -> float:
+        """The fraction of the modelled step spent in launch overhead."""
+        return self.launch_s / self.total_s if self.total_s else 0.0
+
+    @property
+    def fusion_saving_s(self) -> float:
+        return self.unfused_total_s - self.total_s
+
+    @property
+    def fusion_speedup(self) -> float:
+        """Unfused time over fused time."""
+        return self.unfused_total_s / self.total_s if self.total_s else 1.0
+
+    def __str__(self) -> str:
+        mode = "TF32 GEMMs" if self.tf32 else "FP32 GEMMs"
+        lines = [
+            f"{self.device.name}, {mode}, {self.launch_overhead_us:g} us per launch: "
+            f"{_time(self.total_s)} per step",
+            f"  kernels {_time(self.total_s - self.launch_s)} (FLOPs at peak "
+            f"{_time(self.compute_s)}, bytes at bandwidth {_time(self.memory_s)}), launches "
+            f"{self.launches} x {self.launch_overhead_us:g} us = {_time(self.launch_s)} "
+            f"({self.launch_share:.0%} of the step)",
+            f"  as gpunet's CuPy backend runs it today: {self.cupy_launches} launches, "
+            f"{_time(self.cupy_total_s)}",
+            f"  unfused: {self.unfused_launches} launches, {_time(self.unfused_total_s)} "
+            f"(fusion saves {_time(self.fusion_saving_s)}, {self.fusion_speedup:.2f}x)",
+            "",
+            _table(
+                ["primitive", "calls", "launches", "time", "share", "bound", "unfused"],
+                [
+                    [
+                        r.name,
+                        r.calls,
+                        r.launches,
+                        _time(r.total_s),
+                        f"{r.total_s / self.total_s:.1%}" if self.total_s else "-",
+                        r.bound,
+                        _time(r.unfused_total_s),
+                    ]
+                    for r in self.rows
+                ],
+            ),
+        ]
+        return "\n".join(lines)
+
+
+class Profile:
+    """The records of one ``gpunet.profile()`` block, and reports on them."""
+
+    def __init__(self) -> None:
+        self.records: list[OpRecord] = []
+
+    def __repr__(self) -> str:
+        return f"<Profile: {len(self.records)} records>"
+
+    # ------------------------------------------------------------ recording
+    def _observe(self, name: str, inputs: Sequence[Any], params: dict, output: Any) -> None:
+        arrays = [_array(a) for a in inputs]
+        ins = [(a, x) for a, x in zip(inputs, arrays) if x is not None]
+        out = _array(output)
+        params = dict(params)
+        if name == "reshape" and out is not None and ins:
+            params["copied"] = not _aliases(ins[0][1], out)
+        fused, unfused = cost_of(
+            name,
+            [Operand.of(x) for _, x in ins],
+            None if out is None else Operand.of(out),
+            params,
+        )
+        first = ins[0][0] if ins else output
+        self.records.append(
+            OpRecord(
+                name=name,
+                shapes=tuple(tuple(x.shape) for _, x in ins),
+                out_shape=None if out is None else tuple(out.shape),
+                dtype=_dtype(out, [x for _, x in ins]),
+                device=_device(first),
+                phase=_phase(name),
+                cost=fused,
+                unfused=unfused,
+                params=params,
+            )
+        )
+
+    # ------------------------------------------------------------ reports
+    def summary(self) -> Summary:
+        """Totals: calls, views, kernel launches, FLOPs, bytes, per phase, and unfused."""
+        total, unfused = Cost(), Cost()
+        by_phase: dict[str, Cost] = {}
+        for r in self.records:
+            total += r.cost
+            unfused += r.unfused
+            by_phase[r.phase] = by_phase.get(r.phase, Cost()) + r.cost
+        return Summary(
+            records=len(self.records),
+            views=sum(r.is_view for r in self.records),
+            launches=total.launches,
+            flops=total.flops,
+            bytes_read=total.bytes_read,
+            bytes_written=total.bytes_written,
+            by_phase=by_phase,
+            unfused_launches=unfused.launches,
+            unfused_bytes=unfused.bytes,
+        )
+
+    def roofline(
+        self,
+        device: str | GPUSpec = "H100",
+        launch_overhead_us: float = DEFAULT_LAUNCH_OVERHEAD_US,
+        tf32: bool = False,
+    ) -> Estimate:
+        """The recorded ops' time on ``device`` ("H100", "A100", "H200" or a GPUSpec): per op
+        max(FLOPs / peak, bytes / bandwidth) + launches x overhead; fused (every card's
+        kernel), as gpunet's CuPy backend runs it today, and unfused."""
+        spec = gpu(device)
+        overhead = launch_overhead_us * 1e-6
+        per: dict[
+            str, list
+        ] = {}  # name -> [calls, launches, compute, memory, launch, total, unfused]
+        compute = memory = launch = total = cupy = unfused = 0.0
+        launches = cupy_launches = unfused_launches = 0
+        for r in self.records:
+            gemm = r.name in GEMMS
+            t = op_time(r.cost, r.dtype, gemm, spec, overhead, tf32)
+            u = op_time(r.unfused, r.dtype, gemm, spec, overhead, tf32).total_s
+            row = per.setdefault(r.name, [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0])
+            for i, v in enumerate(
+                (1, r.launches, t.compute_s, t.memory_s, t.launch_s, t.total_s, u)
+            ):
+                row[i] += v
+            compute, memory, launch = (
+                compute + t.compute_s,
+                memory + t.memory_s,
+                launch + t.launch_s,
+            )
+            total, unfused = total + t.total_s, unfused + u
+            launches += r.launches
+            unfused_launches += r.unfused.launches
+            composed = r.name in COMPOSED_ON_CUPY
+            cupy += u if composed else t.total_s
+            cupy_launches += r.unfused.launches if composed else r.launches
+        rows = sorted((PrimitiveTime(k, *v) for k, v in per.items()), key=lambda r: -r.total_s)
+        return Estimate(
+            device=spec,
+            launch_overhead_us=launch_overhead_us,
+            tf32=tf32,
+            launches=launches,
+            compute_s=compute,
+            memory_s=memory,
+            launch_s=launch,
+            total_s=total,
+            cupy_launches=cupy_launches,
+            cupy_total_s=cupy,
+            unfused_launches=unfused_launches,
+            unfused_total_s=unfused,
+            rows=rows,
+        )
+
+    def table(
+        self,
+        device: str | GPUSpec | None = "H100",
+        launch_overhead_us: float = DEFAULT_LAUNCH_OVERHEAD_US,
+        tf32: bool = False,
+    ) -> str:
+        """Per primitive, in order of first call: calls, launches, FLOPs, bytes read and
+        written, and (unless ``device`` is None) its modelled time on that GPU and share."""
+        per: dict[str, list] = {}
+        for r in self.records:
+            row = per.setdefault(r.name, [0, Cost()])
+            row[0] += 1
+            row[1] += r.cost
+        head = ["primitive", "calls", "launches", "FLOPs", "read", "written", "FLOP/B"]
+        times: dict[str, PrimitiveTime] = {}
+        total = 0.0
+        if device is not None:
+            est = self.roofline(device, launch_overhead_us, tf32)
+            times = {t.name: t for t in est.rows}
+            total = est.total_s
+            head += [f"{est.device.name}", "share"]
+        body = []
+        for name, (calls, c) in per.items():
+            line = [name, calls, c.launches, _si(c.flops), _si(c.bytes_read) + "B"]
+            line += [_si(c.bytes_written) + "B", f"{c.flops / c.bytes:.2f}" if c.bytes else "-"]
+            if device is not None:
+                t = times[name].total_s
+                line += [_time(t), f"{t / total:.1%}" if total else "-"]
+            body.append(line)
+        return _table(head, body)
+
+
+@contextlib.contextmanager
+def profile() -> Iterator[Profile]:
+    """Record every primitive call and fused kernel in this thread while the block runs:
+    ``with gpunet.profile() as p: ...``, then ``p.table()``, ``p.summary()``,
+    ``p.roofline("H100")``."""
+    p = Profile()
+    with autodiff.observing(p._observe):
+        yield p
+
+
+# ---------------------------------------------------------------------- MLP step report
+# The four MLP sizes of the benchmarks: (layer sizes, batch).
+MLP_CONFIGS: tuple[tuple[tuple[int, ...], int], ...] = (
+    ((64, 32, 10), 32),
+    ((784, 128, 10), 64),
+    ((784, 1024, 1024, 10), 256),
+    ((2048, 4096, 4096, 4096, 10), 512),
+)
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One MLP training step, counted and modelled on a GPU."""
+
+    sizes: tuple[int, ...]
+    batch: int
+    params: int
+    summary: Summary
+    estimate: Estimate
+
+    @property
+    def label(self) -> str:
+        return "-".join(map(str, self.sizes)) + f", batch {self.batch}"
+
+
+def profile_mlp_step(
+    sizes: Sequence[int],
+    batch: int,
+    activation: str = "relu",
+    optimizer: str = "sgd",
+    dtype: Any = None,
+) -> tuple[Profile, int]:
+    """Profile one steady-state training step (forward, cross-entropy, backward, update;
+    SGD with momentum 0.9 or Adam) of ``nn.MLP(sizes)``; returns the profile and the
+    parameter count. One unprofiled step runs first, so buffers exist as in training."""
+    from . import nn, optim, random
+    from .creation import tensor
+    from .nn import functional as F
+
+    random.manual_seed(0)
+    model = nn.MLP(list(sizes), activation=activation, dtype=dtype)
+    params = list(model.parameters())
+    opt = (
+        optim.SGD(params, lr=0.01, momentum=0.9)
+        if optimizer == "sgd"
+        else optim.Adam(params, lr=1e-3)
+    )
+    x = random.randn(batch, sizes[0], dtype=dtype)
+    y = tensor(np.random.default_rng(0).integers(0, sizes[-1], batch))
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    with profile() as p:
+        step()
+    return p, sum(q.numel() for q in params)
+
+
+def mlp_step_report(
+    configs: Sequence[tuple[Sequence[int], int]] = MLP_CONFIGS,
+    device: str | GPUSpec = "H100",
+    launch_overhead_us: float = DEFAULT_LAUNCH_OVERHEAD_US,
+    tf32: bool = False,
+    activation: str = "relu",
+    optimizer: str = "sgd",
+) -> list[StepRow]:
+    """For each (sizes, batch): one MLP training step profiled (on whatever device runs it)
+    and modelled on ``device``: its time, launch share, and fused against unfused."""
+    rows = []
+    for sizes, batch in configs:
+        p, n = profile_mlp_step(sizes, batch, activation, optimizer)
+        est = p.roofline(device, launch_overhead_us, tf32)
+        rows.append(StepRow(tuple(sizes), batch, n, p.summary(), est))
+    return rows
+
+
+def format_report(rows: Sequence[StepRow]) -> str:
+    """The rows of ``mlp_step_report`` as a Markdown table."""
+    head = [
+        "MLP, batch",
+        "GFLOP",
+        "MB moved",
+        "launches",
+        "modelled step",
+        "launch share",
+        "unfused launches",
+        "unfused step",
+        "fusion saves",
+    ]
+    body = []
+    for r in rows:
+        e, s = r.estimate, r.summary
+        body.append(
+            [
+                r.label,
+                f"{s.flops / 1e9:.3g}",
+                f"{s.bytes / 1e6:.3g}",
+                s.launches,
+                _time(e.total_s),
+                f"{e.launch_share:.0%}",
+                e.unfused_launches,
+                _time(e.unfused_total_s),
+                f"{_time(e.fusion_saving_s)} ({e.fusion_speedup:.2f}x)",
+            ]
+        )
+    return _table(head, body, markdown=True)
+
+
+# ---------------------------------------------------------------------- helpers
+def _array(a: Any) -> Any:
+    """The array behind a Tensor, an array as it is, None for anything else."""
+    if isinstance(a, Tensor):
+        return a.data
+    return a if hasattr(a, "shape") and hasattr(a, "dtype") else None
+
+
+def _aliases(x: Any, y: Any) -> bool:
+    """Does y view x's memory? (Known for NumPy; assumed on other backends.)"""
+    if isinstance(x, np.ndarray) and isinstance(y, np.ndarray):
+        return bool(np.may_share_memory(x, y))
+    return True
+
+
+def _device(a: Any) -> str:
+    if isinstance(a, Tensor):
+        return str(a.device)
+    return "cuda" if type(a).__module__.startswith("cupy") else "cpu"
+
+
+def _dtype(out: Any, ins: list[Any]) -> str:
+    """The dtype an op computes in: its output's if floating, else its first float input's."""
+    for a in [out, *ins]:
+        if a is not None and np.dtype(str(a.dtype)).kind == "f":
+            return dtype_name(a.dtype)
+    return dtype_name((out if out is not None else ins[0]).dtype)
+
+
+def _phase(name: str) -> str:
+    if name in OPTIMIZER_OPS:
+        return "optimizer"
+    frame = sys._getframe(3)
+    while frame is not None:
+        if frame.f_code is _BACKPROP:
+            return "backward"
+        frame = frame.f_back
+    return "forward"
+
+
+def _si(x: float) -> str:
+    """1234567 -> '1.23 M' (SI prefixes)."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}"
+    return f"{x:g} "
+
+
+def _time(s: float) -> str:
+    if s >= 1.0:
+        return f"{s:.3g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    if s >= 1e-6 or s == 0.0:
+        return f"{s * 1e6:.3g} us"
+    return f"{s * 1e9:.3g} ns"
+
+
+def _table(head: list[str], body: list[list[Any]], markdown: bool = False) -> str:
+    cells = [[str(c) for c in row] for row in [head, *body]]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        lines.insert(1, "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |")
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    lines = []
+    for row in cells:
+        left = row[0].ljust(widths[0])
+        lines.append("  ".join([left] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m gpunet.profiler [H100|A100|H200]
+    print(format_report(mlp_step_report(device=sys.argv[1] if len(sys.argv) > 1 else "H100")))
