@@ -24,8 +24,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check gpunet tests benchmarks
 	$(BIN)/ruff format --check gpunet tests benchmarks
 
+# The comparison (table, results.json, bench.png under runs/bench-<timestamp>/); the peers
+# need `$(BIN)/pip install -e '.[bench]'`. The pytest-benchmark suites: `pytest benchmarks
+# --benchmark-only` under the same env. Both unset the variables that force a slow GEMM kernel.
 bench: $(STAMP)
-	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python -m pytest benchmarks --benchmark-only
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/gpunet bench --suite all --peers
 
 info: $(STAMP)
 	$(BIN)/gpunet info

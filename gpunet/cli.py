@@ -1,9 +1,10 @@
-"""The ``gpunet`` command: ``gpunet train`` (the main job) and ``gpunet info``."""
+"""The ``gpunet`` command: ``gpunet train`` (the main job), ``gpunet bench`` and ``gpunet info``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,82 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_sizes(text: str) -> list[str | int]:
+    """--sizes: MLP size names (tiny, small, ...) and op element counts (1000, 1e6)."""
+    from .bench.workloads import MLP_SIZES
+
+    sizes: list[str | int] = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        if item in MLP_SIZES:
+            sizes.append(item)
+            continue
+        try:
+            n = float(item)
+        except ValueError:
+            n = math.nan
+        if not (n >= 1 and n == int(n)):
+            raise argparse.ArgumentTypeError(
+                f"--sizes takes MLP sizes ({', '.join(MLP_SIZES)}) and element counts "
+                f"like 1000 or 1e6, not {item!r}"
+            )
+        sizes.append(int(n))
+    if not sizes:
+        raise argparse.ArgumentTypeError("--sizes is empty")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Time gpunet against the floors (and peers), print the table, save the run."""
+    from .backend import probe_cuda
+    from .bench import report
+    from .bench.run import Config, run
+
+    suites = ("ops", "mlp") if args.suite == "all" else (args.suite,)
+    overrides: dict[str, Any] = {"suites": suites, "peers": args.peers}
+    if args.sizes is not None:
+        names = tuple(s for s in args.sizes if isinstance(s, str))
+        counts = tuple(s for s in args.sizes if isinstance(s, int))
+        if len(suites) == 1 and not (names if suites == ("mlp",) else counts):
+            want = "MLP size names" if suites == ("mlp",) else "element counts"
+            raise ValueError(f"--suite {args.suite} takes {want} in --sizes, got {args.sizes}")
+        overrides.update(
+            suites=tuple(s for s in suites if (names if s == "mlp" else counts)),
+            mlp_sizes=names,
+            op_sizes=counts,
+        )
+    if args.device is not None:
+        overrides["devices"] = (args.device,)
+    elif probe_cuda().available:
+        overrides["devices"] = ("cpu", "cuda")
+    if args.repeats is not None:
+        overrides["repeats"] = args.repeats
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    config = Config.quick(**overrides) if args.quick else Config(**overrides)
+    out = Path(args.out or time.strftime("runs/bench-%Y%m%d-%H%M%S"))
+    command = "gpunet bench " + " ".join(args.argv)
+    results = run(config, progress=None if not args.no_progress else False)
+    data = report.write(results, out, command.strip())
+    print(f"{command.strip()}: {report.machine_line(data['machine'], data['blas'])}")
+    print(report.format_table(results, markdown=args.markdown))
+    for line in report.notes(results):
+        print(line)
+    print(f"saved {out}/results.json, results.md, bench.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .nn.layers import ACTIVATIONS
 
@@ -206,9 +283,44 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--out", default="runs", help="where runs are saved (default runs/)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b = sub.add_parser(
+        "bench",
+        help="time gpunet against hand-written NumPy, its GEMMs, and peer frameworks",
+        description="Time MLP training steps and single ops: gpunet against the floors "
+        "(hand-written NumPy, the GEMMs alone) and, with --peers, PyTorch, JAX and HIPS "
+        "autograd where installed. Prints a table and saves results.json, results.md and "
+        "bench.png under --out.",
+    )
+    b.add_argument("--suite", default="all", choices=["ops", "mlp", "all"], help="default all")
+    b.add_argument(
+        "--sizes",
+        type=_bench_sizes,
+        default=None,
+        help="comma separated: MLP sizes (tiny, small, medium, large) and/or op element "
+        "counts (1e3 ... 1e7); default all",
+    )
+    b.add_argument("--peers", action="store_true", help="also time PyTorch, JAX, autograd")
+    b.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="default: the CPU, and the GPU too when one answers",
+    )
+    b.add_argument("--out", default=None, help="output folder (default runs/bench-<timestamp>)")
+    b.add_argument("--repeats", type=_positive, default=None, help="samples per median (7)")
+    b.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="CPU threads for every framework (default: each one's own default)",
+    )
+    b.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke test)")
+    b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     try:
-        return {"info": _info, "train": _train}[args.command](args)
+        return {"info": _info, "train": _train, "bench": _bench}[args.command](args)
     except (ValueError, RuntimeError, OSError, TypeError) as e:
         print(f"gpunet {args.command}: error: {e}", file=sys.stderr)
         return 2

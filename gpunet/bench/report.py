@@ -1,0 +1,326 @@
+"""What ``gpunet bench`` writes: the table, ``results.json``, ``results.md`` and ``bench.png``.
+
+Ratios are computed within one run and one group (same work, same size, same device):
+``x floor`` is a row's median over the floor's (the GEMMs alone for MLP steps, the plain
+NumPy/CuPy expression for ops); ``gpunet ÷`` is gpunet's median over the row's, so a value
+below 1 means gpunet is faster than that implementation.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .run import Results, Row
+
+FLOORS = {"mlp": "gemm-floor", "ops": "numpy"}
+FORCING_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+PACKAGES = ("gpunet", "numpy", "scipy", "cupy-cuda12x", "cupy-cuda13x", "torch", "jax")
+PACKAGES += ("jaxlib", "autograd", "threadpoolctl")
+
+
+# ---------------------------------------------------------------------- the machine
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The vector extensions that decide a BLAS kernel (AVX2, AVX-512, AMX), where listed."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if "flags" in ln), [])
+    return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+
+
+def blas() -> list[dict[str, Any]]:
+    """The BLAS/OpenMP libraries loaded now (threadpoolctl): kernel, version, threads."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return [{"error": "threadpoolctl is not installed; the BLAS in use is unknown"}]
+    keys = ("user_api", "internal_api", "version", "architecture", "num_threads", "filepath")
+    return [{k: lib.get(k) for k in keys if k in lib} for lib in threadpool_info()]
+
+
+def blas_summary(libs: Iterable[dict[str, Any]]) -> str:
+    """One line: "OpenBLAS 0.3.31 (SkylakeX kernel, 2 threads)", one entry per BLAS."""
+    parts = [
+        f"{lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture', '?')} kernel, "
+        f"{lib.get('num_threads')} threads)"
+        for lib in libs
+        if lib.get("user_api") == "blas"
+    ]
+    return "; ".join(dict.fromkeys(parts)) or "unknown BLAS"
+
+
+def gpus() -> list[str]:
+    from ..backend import probe_cuda
+
+    return list(probe_cuda().devices)
+
+
+def machine() -> dict[str, Any]:
+    from ..backend import probe_cuda
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "gpu": gpus(),
+        "cuda": probe_cuda().reason,
+        "env": {v: os.environ.get(v) for v in FORCING_VARS},
+    }
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine_line(info: dict[str, Any], libs: list[dict[str, Any]]) -> str:
+    gpu = ", ".join(info["gpu"]) or "no GPU"
+    return f"{info['cpu']}, {info['cores']} cores; {blas_summary(libs)}; {gpu}"
+
+
+# ---------------------------------------------------------------------- ratios
+def label(row: Row) -> str:
+    """The implementation's name in tables: "GEMMs only", "numpy (hand-written)",
+    "cupy (plain):cuda", "torch", "gpunet:cuda"."""
+    name = row.framework
+    if name == "gemm-floor":
+        name = "GEMMs only"
+    elif name == "numpy":
+        xp = "cupy" if row.device == "cuda" else "numpy"
+        name = f"{xp} ({'hand-written' if row.suite == 'mlp' else 'plain'})"
+    return name if row.device == "cpu" else f"{name}:{row.device}"
+
+
+def ratios(rows: list[Row]) -> list[dict[str, float | None]]:
+    """Per row: ``x_floor`` (median / the floor's) and ``gpunet_over`` (gpunet's median / the
+    row's), within its group and device; None where the reference did not run."""
+    medians = {(r.workload, r.size, r.device, r.framework): r.timing.median_s for r in rows}
+    out = []
+    for r in rows:
+        key = (r.workload, r.size, r.device)
+        floor = medians.get((*key, FLOORS[r.suite]))
+        ours = medians.get((*key, "gpunet"))
+        m = r.timing.median_s
+        out.append(
+            {
+                "x_floor": m / floor if floor else None,
+                "gpunet_over": ours / m if ours and m else None,
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- formats
+def seconds(s: float | None) -> str:
+    """3 significant digits in ns, us, ms or s."""
+    if s is None or not math.isfinite(s):
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+COLUMNS = ("workload", "size", "implementation", "median", "min–max", "x floor", "gpunet ÷")
+
+
+def table_rows(results: Results) -> list[list[str]]:
+    out = []
+    for row, rat in zip(results.rows, ratios(results.rows)):
+        t = row.timing
+        name = label(row) + (" [!]" if row.check else "")
+        spread = f"{seconds(t.min_s)}–{seconds(t.max_s)}"
+        out.append(
+            [row.workload, row.size, name, seconds(t.median_s), spread]
+            + [_x(rat["x_floor"]), _x(rat["gpunet_over"])]
+        )
+    return out
+
+
+def format_table(results: Results, markdown: bool = False) -> str:
+    """The results as an aligned text table, or a Markdown one."""
+    body = table_rows(results)
+    right = {3, 4, 5, 6}
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |"]
+        lines.append("| " + " | ".join("---:" if i in right else "---" for i in range(7)) + " |")
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    else:
+        widths = [max(len(c[i]) for c in [list(COLUMNS), *body]) for i in range(7)]
+
+        def fmt(cells: list[str]) -> str:
+            return "  ".join(
+                c.rjust(w) if i in right else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths))
+            ).rstrip()
+
+        lines = [fmt(list(COLUMNS)), fmt(["-" * w for w in widths])]
+        prev = None
+        for cells in body:
+            if prev is not None and cells[:2] != prev:
+                lines.append("")
+            prev = cells[:2]
+            lines.append(fmt(cells))
+    return "\n".join(lines)
+
+
+def notes(results: Results) -> list[str]:
+    """Lines under the table: skipped implementations, failed checks, the crossover."""
+    out = []
+    skipped = {(s["framework"], s["device"]): s["reason"] for s in results.skipped}
+    for (fw, dev), reason in skipped.items():
+        out.append(f"skipped {fw} on {dev}: {reason}")
+    for row in results.rows:
+        if row.check:
+            out.append(f"[!] {label(row)} on {row.workload} {row.size}: first result {row.check}")
+    c = results.crossover
+    if c is not None:
+        where = f"from batch {c['batch']}" if c["batch"] else "at none of the batches measured"
+        out.append(f"GPU overtakes CPU for gpunet's {c['model']} step {where} ({c['batches']})")
+    return out
+
+
+def to_dict(results: Results, command: str) -> dict[str, Any]:
+    """Everything a run measured, with the machine and versions: the results.json content."""
+    libs = blas()
+    rows = []
+    for row, rat in zip(results.rows, ratios(results.rows)):
+        t = row.timing
+        rows.append(
+            {
+                "suite": row.suite,
+                "workload": row.workload,
+                "size": row.size,
+                "elements": row.elements,
+                "flops": row.flops,
+                "framework": row.framework,
+                "device": row.device,
+                "label": label(row),
+                "median_s": t.median_s,
+                "min_s": t.min_s,
+                "max_s": t.max_s,
+                "samples_s": t.samples,
+                "loops": t.loops,
+                "cold_s": t.cold_s,
+                "peak_bytes": t.peak_bytes,
+                "gflops": row.flops / t.median_s / 1e9 if row.flops and t.median_s else None,
+                "ratios": rat,
+                "check": row.check or "ok",
+            }
+        )
+    cfg = results.config
+    return {
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "blas": libs,
+        "versions": versions(),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
+        "floors": FLOORS,
+        "rows": rows,
+        "skipped": results.skipped,
+        "crossover": results.crossover,
+    }
+
+
+def markdown(data: dict[str, Any], results: Results) -> str:
+    """results.md: the command, the machine and the table, ready for the README."""
+    return "\n".join(
+        [
+            f"`{data['command']}` on {machine_line(data['machine'], data['blas'])}:",
+            "",
+            format_table(results, markdown=True),
+            "",
+            *(f"- {n}" for n in notes(results)),
+        ]
+    )
+
+
+# ---------------------------------------------------------------------- the plot
+def plot(results: Results, path: Path) -> None:
+    """bench.png: median time against size, one line per implementation, a panel per workload
+    (MLP steps against parameters; ops against elements), plus the crossover sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[str, dict[str, list[tuple[int, float, float, float]]]] = {}
+    for row in results.rows:
+        key = "mlp step" if row.suite == "mlp" else row.workload
+        t = row.timing
+        panels.setdefault(key, {}).setdefault(label(row), []).append(
+            (row.elements, t.median_s, t.min_s, t.max_s)
+        )
+    extra = 1 if results.crossover else 0
+    n = max(1, len(panels) + extra)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, (title, lines) in zip(flat, panels.items()):
+        for name, pts in lines.items():
+            pts.sort()
+            xs, med, lo, hi = zip(*pts)
+            (line,) = ax.plot(xs, med, marker="o", label=name)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        xlabel = "parameters" if title == "mlp step" else "elements"
+        ax.set(xscale="log", yscale="log", title=title, xlabel=xlabel, ylabel="seconds")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    if results.crossover:
+        c = results.crossover
+        ax = flat[len(panels)]
+        ax.plot(c["batches"], c["cpu_median_s"], marker="o", label="gpunet cpu")
+        ax.plot(c["batches"], c["cuda_median_s"], marker="o", label="gpunet cuda")
+        if c["batch"]:
+            ax.axvline(c["batch"], color="gray", linestyle=":", label=f"crossover {c['batch']}")
+        ax.set(xscale="log", yscale="log", title=f"step {c['model']}", xlabel="batch")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    for ax in flat[len(panels) + extra :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write(results: Results, out: Path, command: str) -> dict[str, Any]:
+    """Write results.json, results.md and bench.png under ``out``; return the JSON data."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = to_dict(results, command)
+    (out / "results.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
+    (out / "results.md").write_text(markdown(data, results) + "\n")
+    plot(results, out / "bench.png")
+    return data
