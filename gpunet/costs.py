@@ -56,10 +56,16 @@ class Cost:
 
 FREE = Cost()  # a view: no launch, no traffic
 
-# Cards whose one-pass row kernel the fused cost counts, though gpunet's CuPy backend still
-# composes them from CuPy array ops (backend/generic.py: the unfused cost). ``roofline``
-# reports the step as CuPy runs it today, with these unfused, beside the fused model.
-COMPOSED_ON_CUPY = frozenset({"logsumexp", "cross_entropy", "cross_entropy_backward"})
+# Cards whose one-kernel form the fused cost counts (a row kernel, a GEMM with a bias
+# epilogue), though gpunet's CuPy backend still composes them from CuPy array ops
+# (backend/generic.py: the unfused cost). ``roofline`` also reports the step as CuPy runs it
+# today, with these unfused.
+COMPOSED_ON_CUPY = frozenset({"logsumexp", "cross_entropy", "cross_entropy_backward", "linear"})
+
+
+def composed_on_cupy(name: str, params: dict) -> bool:
+    """Does gpunet's CuPy backend run this call as its unfused sequence today?"""
+    return name in COMPOSED_ON_CUPY or (name == "matmul" and bool(params.get("accumulate")))
 
 
 @dataclass(frozen=True)
@@ -225,14 +231,36 @@ def _reduce(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     return _same(kernel(reads, written, ins[0].size))
 
 
+def _gemm(x: Operand, reads: list[int], out: Operand, tx: bool) -> Cost:
+    """One GEMM: 2 m n k FLOPs per product, k the contracted length of op(x)."""
+    k = x.shape[-2] if tx and len(x.shape) > 1 else x.shape[-1]
+    return kernel(reads, out.nbytes, 2 * out.size * k)
+
+
 @rule("matmul")
 def _matmul(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
-    """One GEMM: 2 m n k FLOPs per product, k the contracted length of op(x)."""
-    x = ins[0]
+    """op(x) @ op(y): one GEMM. With ``accumulate`` (out += op(x) @ op(y), a gradient written
+    into its buffer) one GEMM that also reads out (beta = 1); unfused, a GEMM into a
+    temporary and an add."""
     assert out is not None
-    k = x.shape[-2] if params.get("tx") and len(x.shape) > 1 else x.shape[-1]
-    reads, written = _io(ins, out)
-    return _same(kernel(reads, written, 2 * out.size * k))
+    x, tx = ins[0], bool(params.get("tx"))
+    reads = [a.nbytes for a in ins]
+    if not params.get("accumulate"):
+        return _same(_gemm(x, reads, out, tx))
+    add = kernel([out.nbytes, out.nbytes], out.nbytes, out.size)
+    return _gemm(x, [*reads, out.nbytes], out, tx), _gemm(x, reads, out, tx) + add
+
+
+@rule("linear")
+def _linear(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
+    """x W + b: one GEMM with the bias added in its epilogue (reads x, W, b; writes y);
+    unfused, the GEMM then a broadcast add (reads y and b, writes y)."""
+    assert out is not None
+    x, w, b = ins
+    fused = _gemm(x, [x.nbytes, w.nbytes, b.nbytes], out, False)
+    fused += Cost(flops=out.size)
+    add = kernel([out.nbytes, b.nbytes], out.nbytes, out.size)
+    return fused, _gemm(x, [x.nbytes, w.nbytes], out, False) + add
 
 
 def _activation_rule(name: str) -> Rule:

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 
 from . import autodiff
-from .costs import COMPOSED_ON_CUPY, Cost, Operand, cost_of
+from .costs import Cost, Operand, composed_on_cupy, cost_of
 from .roofline import DEFAULT_LAUNCH_OVERHEAD_US, GPUSpec, dtype_name, gpu, op_time
 from .tensor import Tensor
 
 OPTIMIZER_OPS = frozenset({"sgd_update", "adam_update"})
-GEMMS = frozenset({"matmul"})
+GEMMS = frozenset({"matmul", "linear"})
 _BACKPROP = autodiff.backprop.__code__
 
 
@@ -60,6 +60,10 @@ class OpRecord:
     @property
     def bytes_written(self) -> int:
         return self.cost.bytes_written
+
+    @property
+    def bytes(self) -> int:
+        return self.cost.bytes
 
     @property
     def launches(self) -> int:
@@ -285,7 +289,7 @@ class Profile:
             total, unfused = total + t.total_s, unfused + u
             launches += r.launches
             unfused_launches += r.unfused.launches
-            composed = r.name in COMPOSED_ON_CUPY
+            composed = composed_on_cupy(r.name, r.params)
             cupy += u if composed else t.total_s
             cupy_launches += r.unfused.launches if composed else r.launches
         rows = sorted((PrimitiveTime(k, *v) for k, v in per.items()), key=lambda r: -r.total_s)
