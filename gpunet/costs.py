@@ -125,7 +125,6 @@ FORWARD: dict[str, tuple[str, ...]] = {
     "leaky_relu": ("f>b", _U, "bff>f"),  # where(x > 0, x, a x)
     "elu": ("f>b", _U, _U, "bff>f"),  # where(x > 0, x, a expm1(x))
     "sigmoid": (_U, _U, _U, _U),  # 1 / (1 + exp(-x))
-    "tanh": (_U,),  # tanh(x)
     "softplus": (_U,) * 7 + (_B,),  # log1p(exp(-|a x|)) / a + max(x, 0)
     "silu": (_U,) * 4 + (_B,),  # x * sigmoid(x)
     "gelu": (_U,) * 4 + (_B,),  # x * (1 + erf(x / sqrt 2)) / 2

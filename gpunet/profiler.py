@@ -431,16 +431,15 @@ def mlp_step_report(
 
 
 def format_report(rows: Sequence[StepRow]) -> str:
-    """The rows of ``mlp_step_report`` as a Markdown table."""
+    """The rows of ``mlp_step_report`` as a Markdown table: launches and modelled step time
+    fused (every card's kernel), as gpunet's CuPy backend runs it today, and unfused."""
     head = [
         "MLP, batch",
         "GFLOP",
         "MB moved",
-        "launches",
-        "modelled step",
-        "launch share",
-        "unfused launches",
-        "unfused step",
+        "launches: fused / CuPy today / unfused",
+        "modelled step: fused / CuPy today / unfused",
+        "launch share (fused)",
         "fusion saves",
     ]
     body = []
@@ -449,17 +448,37 @@ def format_report(rows: Sequence[StepRow]) -> str:
         body.append(
             [
                 r.label,
-                f"{s.flops / 1e9:.3g}",
-                f"{s.bytes / 1e6:.3g}",
-                s.launches,
-                _time(e.total_s),
-                f"{e.launch_share:.0%}",
-                e.unfused_launches,
-                _time(e.unfused_total_s),
+                _num(s.flops / 1e9),
+                _num(s.bytes / 1e6),
+                f"{e.launches} / {e.cupy_launches} / {e.unfused_launches}",
+                f"{_time(e.total_s)} / {_time(e.cupy_total_s)} / {_time(e.unfused_total_s)}",
+                f"{e.launch_share:.1%}",
                 f"{_time(e.fusion_saving_s)} ({e.fusion_speedup:.2f}x)",
             ]
         )
     return _table(head, body, markdown=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print ``mlp_step_report`` as Markdown:
+    ``python -c "from gpunet.profiler import main; main()" [--device A100] [--tf32] ...``"""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Model one MLP training step on a GPU.")
+    ap.add_argument("--device", default="H100", help="H100, A100 or H200")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    ap.add_argument("--activation", default="relu")
+    ap.add_argument("--tf32", action="store_true", help="float32 GEMMs on the tensor cores")
+    ap.add_argument("--launch-overhead-us", type=float, default=DEFAULT_LAUNCH_OVERHEAD_US)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    rows = mlp_step_report(
+        device=args.device,
+        launch_overhead_us=args.launch_overhead_us,
+        tf32=args.tf32,
+        activation=args.activation,
+        optimizer=args.optimizer,
+    )
+    print(format_report(rows))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -510,6 +529,11 @@ def _si(x: float) -> str:
     return f"{x:g} "
 
 
+def _num(x: float) -> str:
+    """Three significant digits, without an exponent."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}" if abs(x) >= 0.001 else f"{x:.2e}"
+
+
 def _time(s: float) -> str:
     if s >= 1.0:
         return f"{s:.3g} s"
@@ -533,7 +557,3 @@ def _table(head: list[str], body: list[list[Any]], markdown: bool = False) -> st
         lines.append("  ".join([left] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m gpunet.profiler [H100|A100|H200]
-    print(format_report(mlp_step_report(device=sys.argv[1] if len(sys.argv) > 1 else "H100")))

@@ -13,7 +13,7 @@ import gpunet
 from gpunet import costs, optim
 from gpunet import primitives as P
 from gpunet.costs import Cost, chain
-from gpunet.profiler import OpRecord, Profile, mlp_step_report, profile_mlp_step
+from gpunet.profiler import OpRecord, Profile, format_report, mlp_step_report, profile_mlp_step
 from gpunet.roofline import DEFAULT_LAUNCH_OVERHEAD_US, GPUS, GPUSpec
 
 F32 = 4
@@ -243,6 +243,9 @@ def test_fusion_saves_launches_and_bytes_in_an_mlp_step() -> None:
         assert sum(r.total_s for r in e.rows) == pytest.approx(e.total_s)
     assert small.estimate.launch_share > 0.9 > large.estimate.launch_share
     assert large.summary.flops > 1000 * small.summary.flops
+    table = format_report([small, large]).splitlines()
+    assert len(table) == 4 and table[2].startswith("| 64-32-10, batch 32 |")
+    assert f"{small.estimate.launches} / {small.estimate.cupy_launches} /" in table[2]
 
 
 def test_table_lists_every_primitive_once() -> None:
