@@ -3,8 +3,9 @@
 Two kinds of figures:
 
 - ``mlp-step``: one SGD step of a tiny MLP (64-32-10, batch 32, float32, softmax
-  cross-entropy with integer labels). The arrays are so small that the step is almost all
-  dispatch: the hand-written NumPy step is the floor, PyTorch eager the bar to beat.
+  cross-entropy with integer labels), written with raw gpunet tensors. The arrays are so small
+  that the step is almost all dispatch: the hand-written NumPy step is the floor, PyTorch eager
+  the bar to beat. The steps are defined once, in ``gpunet.bench.workloads``.
   ``test_steps_match`` (not timed) holds the three steps to the same updated weights, so the
   comparison is of equal work.
 - ``per-op``: a chain of N elementwise ops on a tiny tensor, recorded (an input requires grad)
@@ -15,16 +16,24 @@ Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE pytest benchmarks --benchmar
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib.util
 from typing import Any
 
 import numpy as np
 import pytest
 
 import gpunet
-import gpunet.nn.functional as F
+from gpunet.bench.workloads import (
+    MLP_SIZES,
+    MlpState,
+    Workload,
+    gpunet_tensors_step,
+    mlp_state,
+    numpy_step,
+    torch_step,
+)
 
-BATCH, D_IN, D_HIDDEN, D_OUT = 32, 64, 32, 10
+SIZES, BATCH = MLP_SIZES["tiny"]  # 64-32-10, batch 32
 LR = 0.05
 N_OPS = 100  # ops per chain in the per-op benchmarks
 OP_SHAPE = (16,)
@@ -35,108 +44,19 @@ OP_SCALAR = f"per-op y = y * 0.999 (Python scalar), N={N_OPS}, shape {OP_SHAPE}"
 OP_BACKWARD = f"per-op y = y + c then y.sum().backward(), N={N_OPS}, shape {OP_SHAPE}"
 
 
-# ---------------------------------------------------------------------- data
-def initial_state(seed: int = 0) -> dict[str, np.ndarray]:
-    """Weights (drawn with gpunet.randn, scaled like a default init), inputs and labels."""
-    g = gpunet.Generator(seed)
-
-    def draw(*shape: int, scale: float) -> np.ndarray:
-        return (gpunet.randn(*shape, device="cpu", generator=g).numpy() * scale).astype(np.float32)
-
-    rng = np.random.default_rng(seed)
-    return {
-        "W1": draw(D_IN, D_HIDDEN, scale=D_IN**-0.5),
-        "b1": draw(D_HIDDEN, scale=0.1),
-        "W2": draw(D_HIDDEN, D_OUT, scale=D_HIDDEN**-0.5),
-        "b2": draw(D_OUT, scale=0.1),
-        "x": draw(BATCH, D_IN, scale=1.0),
-        "y": rng.integers(0, D_OUT, BATCH).astype(np.int64),
-    }
-
-
-PARAMS = ("W1", "b1", "W2", "b2")
-
-
 # ---------------------------------------------------------------------- the three steps
-def make_gpunet_step(state: dict[str, np.ndarray]) -> tuple[Callable[[], Any], list]:
-    """The step written with raw gpunet tensors; returns (step, [W1, b1, W2, b2])."""
-    params = [gpunet.tensor(state[k], device="cpu", requires_grad=True) for k in PARAMS]
-    W1, b1, W2, b2 = params
-    x = gpunet.tensor(state["x"], device="cpu")
-    y = gpunet.tensor(state["y"], device="cpu")
-
-    def step() -> Any:
-        h = (x @ W1 + b1).relu()
-        logits = h @ W2 + b2
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        with gpunet.no_grad():
-            for p in params:
-                p -= LR * p.grad
-                p.grad = None
-        return loss
-
-    return step, params
+# One definition of each step, shared with `gpunet bench`: gpunet.bench.workloads.
+def initial_state(seed: int = 0) -> MlpState:
+    """Weights, biases, inputs and labels of the tiny MLP."""
+    return mlp_state(SIZES, BATCH, seed)
 
 
-def make_numpy_step(state: dict[str, np.ndarray]) -> tuple[Callable[[], Any], list]:
-    """The reference: forward, backward and SGD by hand, float32 throughout."""
-    params = [state[k].copy() for k in PARAMS]
-    W1, b1, W2, b2 = params
-    x, y = state["x"], state["y"]
-    rows = np.arange(BATCH)
-
-    def step() -> Any:
-        h = x @ W1
-        h += b1
-        np.maximum(h, 0, out=h)  # relu in place; h > 0 is its mask
-        logits = h @ W2
-        logits += b2
-        # stable log-softmax: z = logits - max, logp = z - log(sum(exp(z)))
-        z = logits - logits.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        s = e.sum(axis=1, keepdims=True)
-        logp = z - np.log(s)
-        loss = -logp[rows, y].mean()
-        # dlogits = (softmax - onehot) / batch
-        dlogits = e / s
-        dlogits[rows, y] -= 1.0
-        dlogits /= BATCH
-        dW2 = h.T @ dlogits
-        db2 = dlogits.sum(axis=0)
-        dh = dlogits @ W2.T
-        dh *= h > 0
-        dW1 = x.T @ dh
-        db1 = dh.sum(axis=0)
-        for p, d in zip(params, (dW1, db1, dW2, db2)):
-            d *= LR
-            p -= d
-        return loss
-
-    return step, params
-
-
-def make_torch_step(state: dict[str, np.ndarray]) -> tuple[Callable[[], Any], list]:
-    """The same step in PyTorch eager on the CPU (same ops as the gpunet step)."""
-    import torch
-
-    params = [torch.tensor(state[k], requires_grad=True) for k in PARAMS]
-    W1, b1, W2, b2 = params
-    x = torch.tensor(state["x"])
-    y = torch.tensor(state["y"])
-
-    def step() -> Any:
-        h = (x @ W1 + b1).relu()
-        logits = h @ W2 + b2
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        loss.backward()
-        with torch.no_grad():
-            for p in params:
-                p -= LR * p.grad
-                p.grad = None
-        return loss
-
-    return step, params
+def make_steps() -> list[tuple[str, Any]]:
+    """The gpunet (raw tensors) step, and PyTorch eager's when installed."""
+    makers = [("gpunet", gpunet_tensors_step)]
+    if importlib.util.find_spec("torch") is not None:
+        makers.append(("torch", torch_step))
+    return makers
 
 
 @pytest.fixture
@@ -154,54 +74,43 @@ def torch_1thread() -> Any:
     torch.set_num_threads(before)
 
 
-def as_numpy(params: list) -> list[np.ndarray]:
-    return [p.detach().numpy() if hasattr(p, "detach") else np.asarray(p) for p in params]
-
-
 # ---------------------------------------------------------------------- equal work (not timed)
 def test_steps_match() -> None:
     """From the same weights, three steps of each give the same weights and losses (1e-5)."""
     state = initial_state()
-    ref_step, ref_params = make_numpy_step(state)
-    makers = [make_gpunet_step]
-    try:
-        import torch  # noqa: F401
-
-        makers.append(make_torch_step)
-    except ImportError:
-        pass
-    runs = []
-    for make in makers:
-        step, params = make(state)
-        runs.append((make.__name__, step, params))
+    ref: Workload = numpy_step(state, lr=LR)
+    runs = [(name, make(state, lr=LR)) for name, make in make_steps()]
     for _ in range(3):
-        ref_loss = float(ref_step())
-        for name, step, _params in runs:
-            np.testing.assert_allclose(step().item(), ref_loss, rtol=1e-5, atol=1e-5, err_msg=name)
-    for key, moved in zip(PARAMS, ref_params):  # the steps did work: every weight moved
-        assert np.abs(moved - state[key]).max() > 1e-4, key
-    for name, _step, params in runs:
-        for key, got, want in zip(PARAMS, as_numpy(params), ref_params):
-            assert got.dtype == np.float32, (name, key, got.dtype)
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{name}: {key}")
+        ref_loss = float(ref.step())
+        for name, wl in runs:
+            np.testing.assert_allclose(
+                float(wl.step().item()), ref_loss, rtol=1e-5, atol=1e-5, err_msg=name
+            )
+    want = ref.weights()
+    for start, moved in zip(state.initial(), want):  # the steps did work: every weight moved
+        assert np.abs(moved - start).max() > 1e-4
+    for name, wl in runs:
+        for i, (got, w) in enumerate(zip(wl.weights(), want)):
+            assert got.dtype == np.float32, (name, i, got.dtype)
+            np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5, err_msg=f"{name}: {i}")
 
 
 # ---------------------------------------------------------------------- mlp step
 @pytest.mark.benchmark(group=STEP)
 def test_step_numpy(bench: Any) -> None:
-    step, _ = make_numpy_step(initial_state())
+    step = numpy_step(initial_state(), lr=LR).step
     assert np.isfinite(bench(step))
 
 
 @pytest.mark.benchmark(group=STEP)
 def test_step_gpunet(bench: Any) -> None:
-    step, _ = make_gpunet_step(initial_state())
+    step = gpunet_tensors_step(initial_state(), lr=LR).step
     assert np.isfinite(bench(step).item())
 
 
 @pytest.mark.benchmark(group=STEP)
 def test_step_torch(bench: Any, torch_1thread: Any) -> None:
-    step, _ = make_torch_step(initial_state())
+    step = torch_step(initial_state(), lr=LR).step
     assert np.isfinite(bench(step).item())
 
 
