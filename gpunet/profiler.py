@@ -27,7 +27,7 @@ import numpy as np
 
 from . import autodiff
 from .costs import Cost, Operand, composed_on_cupy, cost_of
-from .roofline import DEFAULT_LAUNCH_OVERHEAD_US, GPUSpec, dtype_name, gpu, op_time
+from .roofline import DEFAULT_LAUNCH_OVERHEAD_US, GPUSpec, OpTime, dtype_name, gpu, op_time
 from .tensor import Tensor
 
 OPTIMIZER_OPS = frozenset({"sgd_update", "adam_update"})
@@ -98,16 +98,26 @@ class Summary:
         return self.flops / self.bytes if self.bytes else 0.0
 
     def __str__(self) -> str:
-        phases = ", ".join(
-            f"{k} {v.launches} launches / {_si(v.flops)}FLOP / {_si(v.bytes)}B"
-            for k, v in self.by_phase.items()
-        )
-        return (
-            f"{self.records} calls ({self.views} views), {self.launches} kernel launches, "
+        lines = [
+            f"{self.records} calls ({self.views} views), {self.launches} kernel launches",
             f"{_si(self.flops)}FLOP, {_si(self.bytes)}B moved ({_si(self.bytes_read)}B read, "
-            f"{_si(self.bytes_written)}B written), {self.intensity:.2f} FLOP/B; {phases}; "
-            f"unfused: {self.unfused_launches} launches, {_si(self.unfused_bytes)}B"
-        )
+            f"{_si(self.bytes_written)}B written): {self.intensity:.3g} FLOP/B",
+        ]
+        for phase, c in self.by_phase.items():
+            lines.append(f"  {phase}: {c.launches} launches, {_si(c.flops)}FLOP, {_si(c.bytes)}B")
+        lines.append(f"unfused: {self.unfused_launches} launches, {_si(self.unfused_bytes)}B")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class OpTimes:
+    """One record priced on a GPU: fused, as the CuPy backend runs it today, and unfused."""
+
+    record: OpRecord
+    fused: OpTime
+    cupy_s: float
+    cupy_launches: int
+    unfused_s: float
 
 
 @dataclass(frozen=True)
@@ -121,10 +131,30 @@ class PrimitiveTime:
     memory_s: float  # sum of bytes / bandwidth
     launch_s: float
     total_s: float  # sum over calls of max(compute, memory) + launches x overhead
+    cupy_launches: int
+    cupy_total_s: float
+    unfused_launches: int
     unfused_total_s: float
+
+    @classmethod
+    def of(cls, name: str, ops: Sequence[OpTimes]) -> PrimitiveTime:
+        return cls(
+            name,
+            calls=len(ops),
+            launches=sum(o.record.launches for o in ops),
+            compute_s=sum(o.fused.compute_s for o in ops),
+            memory_s=sum(o.fused.memory_s for o in ops),
+            launch_s=sum(o.fused.launch_s for o in ops),
+            total_s=sum(o.fused.total_s for o in ops),
+            cupy_launches=sum(o.cupy_launches for o in ops),
+            cupy_total_s=sum(o.cupy_s for o in ops),
+            unfused_launches=sum(o.record.unfused.launches for o in ops),
+            unfused_total_s=sum(o.unfused_s for o in ops),
+        )
 
     @property
     def bound(self) -> str:
+        """What dominates: "launch", "compute" or "memory" ("-" for free views)."""
         if self.total_s == 0.0:
             return "-"
         if self.launch_s >= self.total_s - self.launch_s:
@@ -179,7 +209,16 @@ class Estimate:
             f"(fusion saves {_time(self.fusion_saving_s)}, {self.fusion_speedup:.2f}x)",
             "",
             _table(
-                ["primitive", "calls", "launches", "time", "share", "bound", "unfused"],
+                [
+                    "primitive",
+                    "calls",
+                    "launches",
+                    "time",
+                    "share",
+                    "bound",
+                    "CuPy today",
+                    "unfused",
+                ],
                 [
                     [
                         r.name,
@@ -188,6 +227,7 @@ class Estimate:
                         _time(r.total_s),
                         f"{r.total_s / self.total_s:.1%}" if self.total_s else "-",
                         r.bound,
+                        _time(r.cupy_total_s),
                         _time(r.unfused_total_s),
                     ]
                     for r in self.rows
@@ -267,45 +307,37 @@ class Profile:
         kernel), as gpunet's CuPy backend runs it today, and unfused."""
         spec = gpu(device)
         overhead = launch_overhead_us * 1e-6
-        per: dict[
-            str, list
-        ] = {}  # name -> [calls, launches, compute, memory, launch, total, unfused]
-        compute = memory = launch = total = cupy = unfused = 0.0
-        launches = cupy_launches = unfused_launches = 0
+        groups: dict[str, list[OpTimes]] = {}
         for r in self.records:
             gemm = r.name in GEMMS
-            t = op_time(r.cost, r.dtype, gemm, spec, overhead, tf32)
-            u = op_time(r.unfused, r.dtype, gemm, spec, overhead, tf32).total_s
-            row = per.setdefault(r.name, [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0])
-            for i, v in enumerate(
-                (1, r.launches, t.compute_s, t.memory_s, t.launch_s, t.total_s, u)
-            ):
-                row[i] += v
-            compute, memory, launch = (
-                compute + t.compute_s,
-                memory + t.memory_s,
-                launch + t.launch_s,
-            )
-            total, unfused = total + t.total_s, unfused + u
-            launches += r.launches
-            unfused_launches += r.unfused.launches
+            fused = op_time(r.cost, r.dtype, gemm, spec, overhead, tf32)
+            unfused = op_time(r.unfused, r.dtype, gemm, spec, overhead, tf32).total_s
             composed = composed_on_cupy(r.name, r.params)
-            cupy += u if composed else t.total_s
-            cupy_launches += r.unfused.launches if composed else r.launches
-        rows = sorted((PrimitiveTime(k, *v) for k, v in per.items()), key=lambda r: -r.total_s)
+            groups.setdefault(r.name, []).append(
+                OpTimes(
+                    r,
+                    fused,
+                    cupy_s=unfused if composed else fused.total_s,
+                    cupy_launches=r.unfused.launches if composed else r.launches,
+                    unfused_s=unfused,
+                )
+            )
+        rows = sorted(
+            (PrimitiveTime.of(name, ops) for name, ops in groups.items()), key=lambda t: -t.total_s
+        )
         return Estimate(
             device=spec,
             launch_overhead_us=launch_overhead_us,
             tf32=tf32,
-            launches=launches,
-            compute_s=compute,
-            memory_s=memory,
-            launch_s=launch,
-            total_s=total,
-            cupy_launches=cupy_launches,
-            cupy_total_s=cupy,
-            unfused_launches=unfused_launches,
-            unfused_total_s=unfused,
+            launches=sum(t.launches for t in rows),
+            compute_s=sum(t.compute_s for t in rows),
+            memory_s=sum(t.memory_s for t in rows),
+            launch_s=sum(t.launch_s for t in rows),
+            total_s=sum(t.total_s for t in rows),
+            cupy_launches=sum(t.cupy_launches for t in rows),
+            cupy_total_s=sum(t.cupy_total_s for t in rows),
+            unfused_launches=sum(t.unfused_launches for t in rows),
+            unfused_total_s=sum(t.unfused_total_s for t in rows),
             rows=rows,
         )
 
