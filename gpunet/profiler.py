@@ -522,10 +522,11 @@ def _array(a: Any) -> Any:
 
 
 def _aliases(x: Any, y: Any) -> bool:
-    """Does y view x's memory? (Known for NumPy; assumed on other backends.)"""
+    """Does y view x's memory? (NumPy checks; CuPy's views keep their base, as NumPy's.)"""
     if isinstance(x, np.ndarray) and isinstance(y, np.ndarray):
         return bool(np.may_share_memory(x, y))
-    return True
+    base = getattr(y, "base", None)
+    return base is not None and (base is x or base is getattr(x, "base", None))
 
 
 def _device(a: Any) -> str:
