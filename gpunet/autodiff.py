@@ -443,9 +443,16 @@ def backprop(
                 state.backward_node = node
             prim = node.prim
             params = node.params
+            into = None if create_graph or inputs is not None else prim.vjp_into
             for i, parent in enumerate(node.parents):
                 if parent is None:
                     continue
+                if into is not None and into[i] is not None and type(parent) is not Node:
+                    buf = _writable_buffer(parent, leaf_grads)
+                    if buf is not None:  # the gradient lands in the leaf's buffer
+                        into[i](buf, parent.grad is not None, g, *saved, **params)
+                        leaf_grads[id(parent)] = [parent, Tensor._wrap(buf, g._backend), buf]
+                        continue
                 rule = prim.vjp_rule(i) if prim.variadic else prim.vjp[i]  # type: ignore[index]
                 gi = rule(g, *saved, **params)
                 if type(parent) is Node:
@@ -467,7 +474,13 @@ def backprop(
                 g = leaf_grads[id(x)][1]
             result.append(ops.zeros_like(x) if g is None else g)
         return result
-    for leaf, g in leaf_grads.values():
+    for leaf, g, *buf in leaf_grads.values():
+        if buf:  # written into leaf.grad_buffer (and summed there, if leaf.grad was it)
+            if g.data is not buf[0]:  # another use of the leaf added to it since
+                buf[0][...] = g.data
+            if leaf.grad is None:
+                leaf.grad = Tensor._wrap(buf[0], g._backend)
+            continue
         if leaf.hooks:
             g = _run_hooks(leaf.hooks, g)
         if leaf.grad is None:
@@ -497,6 +510,17 @@ def _depends_on_others(order: list[Node], inputs: Sequence[Tensor]) -> bool:
         return True
     own = {id(x) for x in inputs}
     return any(isinstance(p, Tensor) and id(p) not in own for node in order for p in node.parents)
+
+
+def _writable_buffer(leaf: Tensor, leaf_grads: dict[int, list]) -> Any:
+    """The leaf's ``grad_buffer`` if this sweep may write its gradient there: the first
+    contribution, no hooks to see it first, and ``grad`` None (overwrite) or the buffer
+    itself (accumulate in place)."""
+    buf = leaf.grad_buffer
+    if buf is None or id(leaf) in leaf_grads or leaf.hooks:
+        return None
+    grad = leaf.grad
+    return buf if grad is None or grad.data is buf else None
 
 
 def _add_leaf(leaf_grads: dict[int, list], leaf: Tensor, g: Tensor) -> None:

@@ -3,10 +3,12 @@
 A parameter enters a batch computation in one of two ways, and each has a batched formula
 for its per-example gradients, read off the tape:
 
-- as the right operand of a matmul, Y = X W: the gradient of example i is the outer product
-  x_i^T dY_i, all of them at once as one batched matmul (B, in, 1) @ (B, 1, out);
-- broadcast along the batch, as a bias or an elementwise scale: the gradient of example i is
-  row i of the cotangent of the broadcast, before broadcast_to's VJP sums over the batch.
+- as the right operand of a matmul, Y = X W (or ``linear``'s weight): the gradient of
+  example i is the outer product x_i^T dY_i, all of them at once as one batched matmul
+  (B, in, 1) @ (B, 1, out);
+- broadcast along the batch, as a bias (``linear``'s, or added by hand) or an elementwise
+  scale: the gradient of example i is row i of the cotangent of the broadcast, before the
+  VJP sums over the batch.
 
 No Python loop over examples: one forward, one backward, then one product per use.
 """
@@ -40,7 +42,11 @@ def _uses(root: Node, params: list[Tensor]) -> list[tuple[Node, int, int]]:
 
 def _per_example(node: Node, i: int, g: Tensor, batch: int, shape: tuple[int, ...]) -> Tensor:
     name = node.prim.name
-    if name == "matmul" and i == 1 and not node.params["ty"] and not node.params["tx"]:
+    if name == "linear" and i == 2:
+        return g  # (B, out): dY_i
+    if (name == "linear" and i == 1) or (
+        name == "matmul" and i == 1 and not node.params["ty"] and not node.params["tx"]
+    ):
         x = node.saved[0]  # (B, in): the layer's input
         if x.ndim != 2 or x.shape[0] != batch:
             raise ValueError(

@@ -28,7 +28,16 @@ class RemovableHandle:
 
 
 class Tensor:
-    __slots__ = ("__weakref__", "_backend", "_grad", "_hooks", "_node", "_requires_grad", "data")
+    __slots__ = (
+        "__weakref__",
+        "_backend",
+        "_grad",
+        "_grad_buffer",
+        "_hooks",
+        "_node",
+        "_requires_grad",
+        "data",
+    )
     __array_ufunc__ = None  # ndarray (op) Tensor defers to Tensor's reflected operator
 
     def __init__(self, data: Any, requires_grad: bool = False) -> None:
@@ -63,6 +72,31 @@ class Tensor:
     @grad.setter
     def grad(self, value: Tensor | None) -> None:
         self._grad = value
+
+    @property
+    def grad_buffer(self) -> Any:
+        """An array of this leaf's shape that backward writes its gradient into, instead of a
+        new array, when ``grad`` is None or already that array (then it accumulates in place).
+
+        The optimizers set it to the parameter's view of their flat gradient array, so the
+        weight gradient's GEMM writes there and the step needs no copy (nor the page faults
+        of a fresh allocation each step). None (the default): a new array each backward.
+        """
+        try:
+            return self._grad_buffer
+        except AttributeError:
+            return None
+
+    @grad_buffer.setter
+    def grad_buffer(self, array: Any) -> None:
+        if array is not None and (
+            tuple(array.shape) != self.shape or array.dtype != self.data.dtype
+        ):
+            raise ValueError(
+                f"grad_buffer: a {self.dtype} {self.shape} leaf needs a buffer of its dtype and "
+                f"shape, got {array.dtype} {tuple(array.shape)}"
+            )
+        self._grad_buffer = array
 
     @property
     def hooks(self) -> list | None:

@@ -177,6 +177,7 @@ CASES: list[tuple[str, tuple[np.ndarray, ...], dict[str, Any]]] = [
     ("matmul", (X, Y), {"tx": False, "ty": True}),
     ("matmul", (X, Y), {"tx": True, "ty": False}),
     ("matmul", (X, Y.T), {"tx": True, "ty": True}),
+    ("linear", (X, Y.T, Y[:, 0]), {}),
     *(
         ("cross_entropy", (X, np.array([0, 3, 1])), {"reduction": r})
         for r in ("mean", "sum", "none")
@@ -205,6 +206,20 @@ def case_id(case: tuple[str, tuple, dict]) -> str:
 def test_cases_cover_every_differentiable_primitive_forward() -> None:
     covered = {c[0] for c in CASES}
     assert set(REGISTRY) - covered <= {"device_put"}
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize(("tx", "ty"), [(False, False), (True, False), (False, True)])
+def test_matmul_into_on_array_api_strict_matches_numpy(strict, ref, tx, ty, accumulate) -> None:
+    a, b = (X.T.copy() if tx else X), (Y if ty else Y.T.copy())
+    c0 = gen().standard_normal((3, 3))
+    want, got = c0.copy(), strict.asarray(c0.copy())
+    ref.matmul_into(want, a, b, tx=tx, ty=ty, accumulate=accumulate)
+    strict.matmul_into(
+        got, strict.asarray(a), strict.asarray(b), tx=tx, ty=ty, accumulate=accumulate
+    )
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+    np.testing.assert_allclose(want, c0 * accumulate + X @ Y.T, rtol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log(0) = -inf is right

@@ -29,7 +29,7 @@ from hypothesis.extra import numpy as hnp
 import gpunet
 from gpunet import ops
 from gpunet import primitives as P
-from gpunet.autodiff import bind
+from gpunet.autodiff import SAVED_OUTPUT, bind
 from gpunet.primitives.card import LINEAR, NONDIFF
 
 F64 = np.float64
@@ -408,6 +408,14 @@ def _matmul(draw: Draw) -> Case:
     return Case(lambda a, b: bind(P.matmul, a, b, tx=tx, ty=ty), [x, y], ref)
 
 
+@spec("linear")
+def _linear(draw: Draw) -> Case:
+    r = rng(draw)
+    n, k, m = (draw(st.integers(0, 4)) for _ in range(3))
+    args = [uniform(r, (n, k), -2, 2), uniform(r, (k, m), -2, 2), uniform(r, (m,), -2, 2)]
+    return Case(lambda x, w, b: bind(P.linear, x, w, b), args, lambda x, w, b: x @ w + b)
+
+
 def _ce_reference(z: np.ndarray, labels: np.ndarray, reduction: str) -> np.ndarray:
     nll = scipy.special.logsumexp(z, axis=1) - z[np.arange(len(labels)), labels]
     return {"none": nll, "sum": nll.sum(), "mean": nll.mean() if len(nll) else np.nan}[reduction]
@@ -527,3 +535,26 @@ def test_cast_to_float32_and_back() -> None:
     assert x.grad.dtype == np.float64
     np.testing.assert_array_equal(x.grad.numpy(), [3.0, 3.0])
     assert not x.to(gpunet.int64).requires_grad
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in P.REGISTRY.items() if p.vjp_into))
+@given(data=st.data())
+def test_vjp_into_writes_what_the_vjp_returns(name: str, data: st.DataObject) -> None:
+    """Each in-place VJP rule (used for gradient buffers) equals its returning rule, both
+    overwriting the buffer and adding to it."""
+    prim = P.REGISTRY[name]
+    case = SPECS[name](data.draw)
+    xs = [x.requires_grad_() for x in _tensors(case.args)]
+    out = case.fn(*xs)
+    node = out._node
+    g = gpunet.tensor(uniform(rng(data.draw), out.shape, -1, 1))
+    saved = tuple(out if s is SAVED_OUTPUT else s for s in node.saved)
+    for i, into in enumerate(prim.vjp_into):
+        if into is None:
+            continue
+        expect = prim.vjp[i](g, *saved, **node.params).numpy()
+        buf = np.full(expect.shape, np.nan)
+        into(buf, False, g, *saved, **node.params)
+        np.testing.assert_allclose(buf, expect, rtol=1e-12, atol=1e-12)
+        into(buf, True, g, *saved, **node.params)
+        np.testing.assert_allclose(buf, 2 * expect, rtol=1e-12, atol=1e-12)

@@ -256,3 +256,18 @@ class ArrayBackend(FusedOps):
         """op(x) @ op(y), op = transpose of the last two axes when its flag is set."""
         xp = self.xp
         return xp.matmul(xp.matrix_transpose(x) if tx else x, xp.matrix_transpose(y) if ty else y)
+
+    def linear(self, x: Array, w: Array, b: Array) -> Array:
+        """x @ w + b."""
+        return self.xp.matmul(x, w) + b
+
+    def matmul_into(
+        self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool
+    ) -> None:
+        """out = op(x) @ op(y), or out += op(x) @ op(y) when ``accumulate``, in place: a
+        weight gradient written straight into its buffer. (Generic: through a temporary.)"""
+        r = self.matmul(x, y, tx=tx, ty=ty)
+        if accumulate:
+            out += r
+        else:
+            out[...] = r

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import ops
+from .. import primitives as P
 from ..activations import elu, gelu, leaky_relu, silu, softplus
+from ..autodiff import bind
 from ..creation import tensor
 from ..ops import log_softmax, relu, sigmoid, softmax, tanh
 from ..random import Generator, rand
@@ -42,6 +44,13 @@ def _same_shape(input: Tensor, target: Any, op: str) -> Tensor:
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """input @ weight + bias, one GEMM. NB: ``weight`` is (in_features, out_features), the
     transpose of PyTorch's layout (PyTorch computes input @ weight.T)."""
+    if bias is not None and input.ndim == 2 and weight.ndim == 2 and bias.ndim == 1:
+        if input.shape[1] != weight.shape[0] or bias.shape[0] != weight.shape[1]:
+            raise ValueError(
+                f"linear: input {input.shape} @ weight {weight.shape} + bias {bias.shape} do "
+                "not fit: need input (n, in), weight (in, out), bias (out,)"
+            )
+        return bind(P.linear, input, weight, bias)  # one primitive: bias added in place
     out = input @ weight
     return out if bias is None else out + bias
 

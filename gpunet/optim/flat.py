@@ -3,10 +3,11 @@ their gradients in a second, and each optimizer buffer (momentum, Adam's moments
 fourth..., all with the same layout. An optimizer step is then one fused pass over the flat
 arrays (one kernel on a GPU) instead of one small launch per parameter.
 
-A parameter's ``data`` becomes its view of ``FlatBuffer.data``. Gradients are made by backward
-as separate arrays; ``gather_grads`` copies them into the flat gradient array (one copy per
-parameter) and points ``p.grad`` at the view, so a second gather (clipping, then stepping) is
-free.
+A parameter's ``data`` becomes its view of ``FlatBuffer.data``, and its ``grad_buffer`` its
+view of ``FlatBuffer.grad``: backward writes the gradient there (a weight's dW = X^T dY GEMM
+writes it directly). A gradient made elsewhere (by a primitive with no in-place rule, or set
+by hand) is copied in by ``gather_grads``, which points ``p.grad`` at the view, so a second
+gather (clipping, then stepping) is free.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class FlatBuffer:
         for i, p in enumerate(params):
             self.views[i][...] = p.data
             p.data = self.views[i]
+            p.grad_buffer = self.grad_views[i]
             _OWNER[id(p)] = (
                 weakref.ref(p, functools.partial(_forget, id(p))),
                 weakref.ref(self),

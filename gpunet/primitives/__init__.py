@@ -26,7 +26,7 @@ from .elementwise import (
     tanh,
     where,
 )
-from .linalg import matmul
+from .linalg import linear, matmul
 from .losses import cross_entropy, cross_entropy_backward
 from .nn import elu, erf, gelu, leaky_relu, relu, sigmoid, silu, softplus
 from .reduce import logsumexp, max, sum
@@ -67,6 +67,7 @@ __all__ = [
     "log",
     "log1p",
     "logsumexp",
+    "linear",
     "matmul",
     "max",
     "maximum",
