@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .run import Results, Row
+from .run import MODEL_GPU, Results, Row
 
 FLOORS = {"mlp": "gemm-floor", "ops": "numpy"}
 FORCING_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -153,45 +153,57 @@ def _x(v: float | None) -> str:
 
 
 COLUMNS = ("workload", "size", "implementation", "median", "min–max", "x floor", "gpunet ÷")
+COLUMNS += ("1st call",)
+RIGHT = {3, 4, 5, 6, 7, 8, 9}
 
 
-def table_rows(results: Results) -> list[list[str]]:
-    out = []
+def mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def table_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """The header and the cells: one row per implementation and group. "1st call" is the cold
+    call (compilation, allocation) timed apart; "pool" (on a GPU) how far the device memory
+    pool grew for the workload: its state and its largest transient set; "H100 model" (gpunet
+    rows) the roofline time ``gpunet.profiler`` predicts for the same step on that GPU."""
+    pool = any(r.timing.peak_bytes is not None for r in results.rows)
+    model = any(r.modelled_s is not None for r in results.rows)
+    body = []
     for row, rat in zip(results.rows, ratios(results.rows)):
         t = row.timing
         name = label(row) + (" [!]" if row.check else "")
         spread = f"{seconds(t.min_s)}–{seconds(t.max_s)}"
-        out.append(
-            [row.workload, row.size, name, seconds(t.median_s), spread]
-            + [_x(rat["x_floor"]), _x(rat["gpunet_over"])]
-        )
-    return out
+        cells = [row.workload, row.size, name, seconds(t.median_s), spread]
+        cells += [_x(rat["x_floor"]), _x(rat["gpunet_over"]), seconds(t.cold_s)]
+        cells += [mib(t.peak_bytes)] if pool else []
+        body.append(cells + ([seconds(row.modelled_s)] if model else []))
+    head = [*COLUMNS, *(["pool"] if pool else []), *([f"{MODEL_GPU} model"] if model else [])]
+    return head, body
 
 
 def format_table(results: Results, markdown: bool = False) -> str:
     """The results as an aligned text table, or a Markdown one."""
-    body = table_rows(results)
-    right = {3, 4, 5, 6}
+    head, body = table_rows(results)
+    n = len(head)
     if markdown:
-        lines = ["| " + " | ".join(COLUMNS) + " |"]
-        lines.append("| " + " | ".join("---:" if i in right else "---" for i in range(7)) + " |")
+        lines = ["| " + " | ".join(head) + " |"]
+        lines.append("| " + " | ".join("---:" if i in RIGHT else "---" for i in range(n)) + " |")
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    else:
-        widths = [max(len(c[i]) for c in [list(COLUMNS), *body]) for i in range(7)]
+        return "\n".join(lines)
+    widths = [max(len(c[i]) for c in [head, *body]) for i in range(n)]
 
-        def fmt(cells: list[str]) -> str:
-            return "  ".join(
-                c.rjust(w) if i in right else c.ljust(w)
-                for i, (c, w) in enumerate(zip(cells, widths))
-            ).rstrip()
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in RIGHT else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
-        lines = [fmt(list(COLUMNS)), fmt(["-" * w for w in widths])]
-        prev = None
-        for cells in body:
-            if prev is not None and cells[:2] != prev:
-                lines.append("")
-            prev = cells[:2]
-            lines.append(fmt(cells))
+    lines = [fmt(head), fmt(["-" * w for w in widths])]
+    prev = None
+    for cells in body:
+        if prev is not None and cells[:2] != prev:
+            lines.append("")
+        prev = cells[:2]
+        lines.append(fmt(cells))
     return "\n".join(lines)
 
 
@@ -204,6 +216,13 @@ def notes(results: Results) -> list[str]:
     for row in results.rows:
         if row.check:
             out.append(f"[!] {label(row)} on {row.workload} {row.size}: first result {row.check}")
+    pools = [lib for lib in blas() if (lib.get("num_threads") or 1) > 1]
+    if len(pools) > 1 and results.config.threads is None:
+        names = ", ".join(os.path.basename(str(lib.get("filepath", "?"))) for lib in pools)
+        out.append(
+            f"note: {len(pools)} thread pools of several threads each are loaded ({names}); "
+            "interleaved, they contend for the cores: --threads 1 gives steadier medians"
+        )
     c = results.crossover
     if c is not None:
         where = f"from batch {c['batch']}" if c["batch"] else "at none of the batches measured"
@@ -237,6 +256,7 @@ def to_dict(results: Results, command: str) -> dict[str, Any]:
                 "gflops": row.flops / t.median_s / 1e9 if row.flops and t.median_s else None,
                 "ratios": rat,
                 "check": row.check or "ok",
+                f"modelled_{MODEL_GPU}_s": row.modelled_s,
             }
         )
     cfg = results.config

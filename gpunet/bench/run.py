@@ -31,6 +31,7 @@ QUICK_OP_SIZES = (10**3, 10**4)
 CROSSOVER_MODEL = "small"
 CROSSOVER_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 QUICK_CROSSOVER_BATCHES = (16, 256)
+MODEL_GPU = "H100"
 CHECK_RTOL = 1e-3  # first-call results of one group must agree to this (float32, many BLASes)
 
 
@@ -78,6 +79,7 @@ class Row:
     device: str
     timing: timing.Timing
     check: str = ""  # "", or why the first-call result disagrees with the group's reference
+    modelled_s: float | None = None  # gpunet rows: gpunet.profiler's roofline time on MODEL_GPU
 
 
 @dataclass
@@ -188,6 +190,22 @@ def _agree(got: Any, want: Any) -> str:
     return "" if err <= CHECK_RTOL * scale else f"differs by {err:.3g} (scale {scale:.3g})"
 
 
+def modelled_time(step: Callable[[], Any], gpu: str = MODEL_GPU) -> float | None:
+    """One more call of a gpunet step under ``gpunet.profiler``: its roofline time on ``gpu``
+    (FLOPs at peak, bytes at bandwidth, launch overheads), or None where the profiler is
+    missing or cannot price the step. A model, not a measurement: it is labelled as such."""
+    try:
+        from ..profiler import profile
+    except ImportError:
+        return None
+    try:
+        with profile() as p:
+            step()
+        return float(p.roofline(gpu).total_s)
+    except Exception:  # the profiler is optional here; the measured figures stand without it
+        return None
+
+
 def run_group(
     group: Group,
     config: Config,
@@ -198,20 +216,24 @@ def run_group(
     """Build, cold-call and warm up every implementation of ``group``, then sample them
     round-robin; append a Row per implementation (and a ``skipped`` entry per unavailable)."""
     built, firsts = [], []
+    models: dict[str, float | None] = {}
     for fw, dev, build in group.impls:
         timer = timers[dev]
         timer.memory_mark()
         try:
             wl = build()
-        except W.Unavailable as e:
+            t, first = timing.prepare(wl.step, timer, config.warmup, config.min_sample_s)
+        except Exception as e:  # Unavailable, or a peer failing: the run goes on without it
+            why = str(e) if isinstance(e, W.Unavailable) else f"failed: {type(e).__name__}: {e}"
             results.skipped.append(
-                {"workload": group.workload, "framework": fw, "device": dev, "reason": str(e)}
+                {"workload": group.workload, "framework": fw, "device": dev, "reason": why}
             )
             tick(1 + config.repeats)
             continue
-        t, first = timing.prepare(wl.step, timer, config.warmup, config.min_sample_s)
         built.append((fw, dev, wl, t))
         firsts.append(first)
+        if fw == "gpunet" and dev == "cpu":
+            models[fw] = modelled_time(wl.step)
         tick(1)
     ref = {dev: first for (fw, dev, _, _), first in zip(built, firsts) if fw == group.reference}
     steps = [wl.step for _, _, wl, _ in built]
@@ -231,6 +253,7 @@ def run_group(
                 dev,
                 t,
                 _agree(first, ref.get(dev)),
+                models.get(fw) if dev == "cpu" else None,
             )
         )
     del built, firsts, steps
