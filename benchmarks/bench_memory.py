@@ -1,0 +1,77 @@
+"""Peak host memory of a full MLP training step, against what the step must hold.
+
+What a step needs: parameters P and gradients G (one flat buffer each, P = G bytes), the
+batch, and the activations kept for backward (batch x the layer widths). What it should not
+make: a weight-sized temporary (a fresh dW each step, as the hand-written NumPy step does),
+which also costs fresh pages on every step. Measured with tracemalloc, which sees NumPy's
+data allocations: "held" is what stays allocated between steps, "transient" the peak above it
+during one step.
+
+Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE pytest benchmarks/bench_memory.py \
+--benchmark-only -s`` (prints the figures); under ``--benchmark-disable`` the same checks run
+on a small MLP.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tracemalloc
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpunet.bench.workloads import MLP_IMPLS, MLP_SIZES, mlp_state, parameter_count
+
+MiB = 2**20
+
+
+def step_memory(impl: str, sizes: list[int], batch: int) -> tuple[Any, int, int]:
+    """(the workload, bytes held after a warm step, transient peak bytes of the next step)."""
+    MLP_IMPLS[impl](mlp_state(sizes, batch)).step()  # imports and caches, not measured
+    tracemalloc.start()
+    try:
+        work = MLP_IMPLS[impl](mlp_state(sizes, batch))
+        work.step()  # the first step makes the flat buffers
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        work.step()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return work, held, peak - held
+
+
+@pytest.mark.parametrize("size", ["medium", "large"])
+def test_step_memory(benchmark: Any, size: str) -> None:
+    sizes, batch = MLP_SIZES[size]
+    if benchmark.disabled:
+        sizes, batch = [s // 16 or 1 for s in sizes[:-1]] + [sizes[-1]], batch // 16
+    work, held, transient = step_memory("gpunet", sizes, batch)
+    params = parameter_count(sizes) * 4
+    batch_bytes = batch * sizes[0] * 4 + batch * 8
+    activations = batch * sum(sizes[1:]) * 4
+    _, numpy_held, numpy_transient = step_memory("numpy", sizes, batch)
+    figures = {
+        "params_MiB": params / MiB,
+        "grads_MiB": params / MiB,
+        "activations_MiB": activations / MiB,
+        "held_MiB": held / MiB,
+        "transient_MiB": transient / MiB,
+        "peak_MiB": (held + transient) / MiB,
+        "numpy_peak_MiB": (numpy_held + numpy_transient) / MiB,
+    }
+    benchmark.extra_info.update(figures)
+    print(
+        f"\n{size} {'-'.join(map(str, sizes))} batch {batch}: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in figures.items())
+    )
+    # between steps: the parameters, their flat gradients and the batch, nothing more
+    assert held <= 2 * params + batch_bytes + 256 * 1024
+    # during a step: the activations and a few activation-sized temporaries, never a weight
+    largest_weight = max(a * b for a, b in itertools.pairwise(sizes)) * 4
+    assert transient <= 2 * activations + 256 * 1024
+    if largest_weight > 2 * activations:
+        assert transient < largest_weight
+    benchmark.pedantic(work.step, rounds=3, warmup_rounds=0)
+    assert np.isfinite(float(work.step()))
