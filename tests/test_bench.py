@@ -301,3 +301,23 @@ def test_crossover_is_reported_and_plotted(tmp_path: Path) -> None:
     data = report.write(results, tmp_path, "gpunet bench test")
     assert data["crossover"]["batch"] == 256
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_summary_table_puts_implementations_side_by_side() -> None:
+    rows = [
+        _row("mlp a", "gemm-floor", 1.0),
+        _row("mlp a", "numpy", 2.0),
+        _row("mlp a", "gpunet", 3.0),
+        _row("mlp a", "torch", 6.0),
+        _row("mlp b", "gpunet", 5.0),
+    ]
+    text = report.summary_table(run.Results(run.Config(), rows=rows), "mlp")
+    head, rule, a, b = text.splitlines()
+    assert head == (
+        "| workload | size | GEMMs only | numpy (hand-written) | gpunet | torch "
+        "| gpunet x floor | gpunet/numpy | gpunet/torch |"
+    )
+    assert a == "| mlp a | s | 1 s | 2 s | 3 s | 6 s | 3.00x | 1.50x | 0.50x |"
+    assert b == "| mlp b | s | - | - | 5 s | - | - | - | - |"
+    assert rule.count("---") == 9
+    assert report.summary_table(run.Results(run.Config(), rows=rows), "ops") == ""

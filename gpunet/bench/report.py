@@ -2,7 +2,7 @@
 
 Ratios are computed within one run and one group (same work, same size, same device):
 ``x floor`` is a row's median over the floor's (the GEMMs alone for MLP steps, the plain
-NumPy/CuPy expression for ops); ``gpunet ÷`` is gpunet's median over the row's, so a value
+NumPy/CuPy expression for ops); ``gpunet/this`` is gpunet's median over the row's, so a value
 below 1 means gpunet is faster than that implementation.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 from .run import MODEL_GPU, Results, Row
 
 FLOORS = {"mlp": "gemm-floor", "ops": "numpy"}
+SUITE_TITLES = {"mlp": "MLP training steps", "ops": "Single ops"}
 FORCING_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 PACKAGES = ("gpunet", "numpy", "scipy", "cupy-cuda12x", "cupy-cuda13x", "torch", "jax")
 PACKAGES += ("jaxlib", "autograd", "threadpoolctl")
@@ -59,13 +60,18 @@ def blas() -> list[dict[str, Any]]:
 
 
 def blas_summary(libs: Iterable[dict[str, Any]]) -> str:
-    """One line: "OpenBLAS 0.3.31 (SkylakeX kernel, 2 threads)", one entry per BLAS."""
-    parts = [
-        f"{lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture', '?')} kernel, "
-        f"{lib.get('num_threads')} threads)"
-        for lib in libs
-        if lib.get("user_api") == "blas"
-    ]
+    """One line, an entry per BLAS: "openblas 0.3.31 (numpy's, SkylakeX kernel, 1 thread)"."""
+    parts = []
+    for lib in libs:
+        if lib.get("user_api") != "blas":
+            continue
+        path = Path(str(lib.get("filepath", "")))
+        owner = next((p[: -len(".libs")] for p in path.parts if p.endswith(".libs")), path.name)
+        n = lib.get("num_threads")
+        parts.append(
+            f"{lib.get('internal_api')} {lib.get('version')} ({owner}'s, "
+            f"{lib.get('architecture', '?')} kernel, {n} thread{'' if n == 1 else 's'})"
+        )
     return "; ".join(dict.fromkeys(parts)) or "unknown BLAS"
 
 
@@ -102,7 +108,8 @@ def versions() -> dict[str, str | None]:
 
 def machine_line(info: dict[str, Any], libs: list[dict[str, Any]]) -> str:
     gpu = ", ".join(info["gpu"]) or "no GPU"
-    return f"{info['cpu']}, {info['cores']} cores; {blas_summary(libs)}; {gpu}"
+    flags = f" ({' '.join(info['cpu_flags'])})" if info.get("cpu_flags") else ""
+    return f"{info['cpu']}{flags}, {info['cores']} cores; {blas_summary(libs)}; {gpu}"
 
 
 # ---------------------------------------------------------------------- ratios
@@ -152,7 +159,7 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-COLUMNS = ("workload", "size", "implementation", "median", "min–max", "x floor", "gpunet ÷")
+COLUMNS = ("workload", "size", "implementation", "median", "min–max", "x floor", "gpunet/this")
 COLUMNS += ("1st call",)
 RIGHT = {3, 4, 5, 6, 7, 8, 9}
 
@@ -207,6 +214,30 @@ def format_table(results: Results, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+def summary_table(results: Results, suite: str, device: str = "cpu") -> str:
+    """A compact Markdown table of one suite on one device: a row per group, the medians of
+    every implementation side by side, then gpunet x floor and gpunet over each other one."""
+    rows = [r for r in results.rows if r.suite == suite and r.device == device]
+    groups: dict[tuple[str, str], dict[str, float]] = {}
+    names: dict[str, str] = {}  # label -> framework, in order of appearance
+    for r in rows:
+        groups.setdefault((r.workload, r.size), {})[r.framework] = r.timing.median_s
+        names.setdefault(r.framework, label(r))
+    if not rows:
+        return ""
+    others = [fw for fw in names if fw not in ("gpunet", FLOORS[suite])]
+    head = ["workload", "size", *names.values(), "gpunet x floor"]
+    head += [f"gpunet/{names[fw].split(' ')[0]}" for fw in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * (len(head) - 2)]
+    for (workload, size), med in groups.items():
+        ours = med.get("gpunet")
+        cells = [workload, size, *(seconds(med.get(fw)) for fw in names)]
+        for fw in [FLOORS[suite], *others]:
+            cells.append(_x(ours / med[fw] if ours and med.get(fw) else None))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def notes(results: Results) -> list[str]:
     """Lines under the table: skipped implementations, failed checks, the crossover."""
     out = []
@@ -216,7 +247,7 @@ def notes(results: Results) -> list[str]:
     for row in results.rows:
         if row.check:
             out.append(f"[!] {label(row)} on {row.workload} {row.size}: first result {row.check}")
-    pools = [lib for lib in blas() if (lib.get("num_threads") or 1) > 1]
+    pools = [lib for lib in results.blas or blas() if (lib.get("num_threads") or 1) > 1]
     if len(pools) > 1 and results.config.threads is None:
         names = ", ".join(os.path.basename(str(lib.get("filepath", "?"))) for lib in pools)
         out.append(
@@ -232,7 +263,7 @@ def notes(results: Results) -> list[str]:
 
 def to_dict(results: Results, command: str) -> dict[str, Any]:
     """Everything a run measured, with the machine and versions: the results.json content."""
-    libs = blas()
+    libs = results.blas or blas()
     rows = []
     for row, rat in zip(results.rows, ratios(results.rows)):
         t = row.timing
@@ -275,16 +306,17 @@ def to_dict(results: Results, command: str) -> dict[str, Any]:
 
 
 def markdown(data: dict[str, Any], results: Results) -> str:
-    """results.md: the command, the machine and the table, ready for the README."""
-    return "\n".join(
-        [
-            f"`{data['command']}` on {machine_line(data['machine'], data['blas'])}:",
-            "",
-            format_table(results, markdown=True),
-            "",
-            *(f"- {n}" for n in notes(results)),
-        ]
-    )
+    """results.md: the command and the machine, a compact table per suite and device
+    (medians side by side, gpunet's ratios), the notes, then every row in full."""
+    parts = [f"`{data['command']}` on {machine_line(data['machine'], data['blas'])}", ""]
+    for suite in SUITE_TITLES:
+        for device in results.config.devices:
+            table = summary_table(results, suite, device)
+            if table:
+                parts += [f"{SUITE_TITLES[suite]}, {device} (medians):", "", table, ""]
+    parts += [*(f"- {n}" for n in notes(results)), "", "All rows:", ""]
+    parts.append(format_table(results, markdown=True))
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------- the plot

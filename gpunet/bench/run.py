@@ -88,6 +88,7 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     crossover: dict[str, Any] | None = None
+    blas: list[dict[str, Any]] = field(default_factory=list)  # as it ran (thread limits on)
 
 
 @dataclass
@@ -326,8 +327,12 @@ def limit_threads(threads: int | None, peers: bool) -> Iterator[None]:
 
 def run(config: Config, progress: bool | None = None) -> Results:
     """Run every group of ``config``; ``progress`` None shows a bar only on a terminal."""
+    from .report import blas
+
     with limit_threads(config.threads, config.peers):
-        return _run(config, progress)
+        results = _run(config, progress)
+        results.blas = blas()
+    return results
 
 
 def _run(config: Config, progress: bool | None) -> Results:
