@@ -26,7 +26,7 @@ def test_quick_run_prints_the_table_and_writes_json_md_png(
     out = tmp_path / "run"
     assert main(["bench", "--quick", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "x floor" in text and "gpunet ÷" in text and "GEMMs only" in text
+    assert "x floor" in text and "gpunet/this" in text and "GEMMs only" in text
     assert "mlp tiny" in text and "relu fwd+bwd" in text and "matmul" in text
 
     data = json.loads((out / "results.json").read_text())
