@@ -50,6 +50,7 @@ def test_train_on_a_users_csv(tmp_path: Path) -> None:
         (["--hidden", "a,b"], "--hidden"),
         (["--optimizer", "lbfgs"], "invalid choice"),
         (["--epochs", "many"], "invalid int"),
+        (["--label-smoothing", "1.5"], "--label-smoothing must be in"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
