@@ -524,12 +524,12 @@ def _writable_buffer(leaf: Tensor, leaf_grads: dict[int, list]) -> Any:
 
 
 def _add_leaf(leaf_grads: dict[int, list], leaf: Tensor, g: Tensor) -> None:
-    from . import ops
-
     entry = leaf_grads.get(id(leaf))
     if entry is None:
         leaf_grads[id(leaf)] = [leaf, g]
     else:
+        from . import ops  # here, not per call: most leaves get one contribution
+
         entry[1] = ops.add(entry[1], g)
 
 

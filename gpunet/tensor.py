@@ -64,10 +64,7 @@ class Tensor:
     @property
     def grad(self) -> Tensor | None:
         """The accumulated gradient of a leaf after ``backward()``, else None."""
-        try:
-            return self._grad
-        except AttributeError:
-            return None
+        return getattr(self, "_grad", None)  # unset on most tensors
 
     @grad.setter
     def grad(self, value: Tensor | None) -> None:
@@ -82,10 +79,7 @@ class Tensor:
         weight gradient's GEMM writes there and the step needs no copy (nor the page faults
         of a fresh allocation each step). None (the default): a new array each backward.
         """
-        try:
-            return self._grad_buffer
-        except AttributeError:
-            return None
+        return getattr(self, "_grad_buffer", None)  # unset on most tensors
 
     @grad_buffer.setter
     def grad_buffer(self, array: Any) -> None:
@@ -100,10 +94,7 @@ class Tensor:
 
     @property
     def hooks(self) -> list | None:
-        try:
-            return self._hooks
-        except AttributeError:
-            return None
+        return getattr(self, "_hooks", None)  # unset on most tensors
 
     # ------------------------------------------------------------------ attributes
     @property

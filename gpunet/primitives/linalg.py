@@ -8,6 +8,7 @@ dW = X^T dY = matmul(X, dY, tx=True), over the whole batch at once.
 
 from __future__ import annotations
 
+from .. import ops
 from ..autodiff import OBSERVE, STATE, bind, observe
 from ..tensor import Tensor
 from .card import primitive
@@ -76,8 +77,6 @@ def _linear_vjp_w(g, x, w):  # type: ignore[no-untyped-def]
 
 
 def _linear_vjp_b(g, x, w):  # type: ignore[no-untyped-def]
-    from .. import ops
-
     return ops.sum(g, 0)  # db = sum over the batch of dY
 
 
@@ -86,8 +85,6 @@ def _linear_vjp_w_into(out, acc, g, x, w):  # type: ignore[no-untyped-def]
 
 
 def _linear_jvp_b(t, out, x, w, b):  # type: ignore[no-untyped-def]
-    from .. import ops
-
     return ops.broadcast_to(t, out.shape)
 
 
