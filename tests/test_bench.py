@@ -321,3 +321,22 @@ def test_summary_table_puts_implementations_side_by_side() -> None:
     assert b == "| mlp b | s | - | - | 5 s | - | - | - | - |"
     assert rule.count("---") == 9
     assert report.summary_table(run.Results(run.Config(), rows=rows), "ops") == ""
+
+
+def test_crossover_sweep_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU sweep's bookkeeping, with the CPU standing in for the GPU."""
+    monkeypatch.setattr(W, "gpunet_step", lambda s, device: W.numpy_step(s, "cpu"))
+    timers = {"cpu": timing.CpuTimer(), "cuda": timing.CpuTimer()}
+    ticks: list[int] = []
+    config = run.Config.quick(crossover_batches=(2, 8))
+    c = run.run_crossover(config, timers, ticks.append)
+    assert c["model"] == "784-128-10" and c["batches"] == [2, 8] and ticks == [1, 1]
+    assert len(c["cpu_median_s"]) == len(c["cuda_median_s"]) == 2
+    assert c["batch"] in (None, 2, 8)
+
+
+def test_the_progress_bar_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    config = run.Config.quick(suites=("ops",), op_sizes=(1000,), ops=("sum",))
+    results = run.run(config, progress=True)
+    assert [r.framework for r in results.rows] == ["numpy", "gpunet"]
+    assert "gpunet bench" in capsys.readouterr().err
