@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         type=_bench_sizes,
         default=None,
         help="comma separated: MLP sizes (tiny, small, medium, large) and/or op element "
-        "counts (1e3 ... 1e7); default all",
+        "counts (1e3 ... 1e7); a suite given none of its sizes is left out; default all",
     )
     b.add_argument("--peers", action="store_true", help="also time PyTorch, JAX, autograd")
     b.add_argument(
