@@ -352,6 +352,7 @@ def _run(config: Config, progress: bool | None) -> Results:
         for group in groups:
             bar.set_postfix_str(f"{group.workload} {group.size}", refresh=False)
             run_group(group, config, timers, results, bar.update)
+            group.impls.clear()  # their states (the large MLP's: 170 MB each) can go
         if crossing:
             bar.set_postfix_str("GPU/CPU crossover", refresh=False)
             results.crossover = run_crossover(config, timers, bar.update)

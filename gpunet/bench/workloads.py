@@ -56,7 +56,7 @@ class Workload:
 
 
 # ---------------------------------------------------------------------- helpers
-def require(module: str, device: str = "cpu") -> Any:
+def require(module: str) -> Any:
     """Import a peer framework, or raise Unavailable naming the extra that installs it."""
     try:
         return importlib.import_module(module)
