@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -45,6 +46,10 @@ def test_quick_run_prints_the_table_and_writes_json_md_png(
             assert r["ratios"]["x_floor"] == pytest.approx(1.0)
         if r["framework"] == "gpunet":
             assert r["ratios"]["gpunet_over"] == pytest.approx(1.0)
+    models = [r["modelled_H100_s"] for r in rows if r["framework"] == "gpunet"]
+    if importlib.util.find_spec("gpunet.profiler") is not None:  # the roofline column
+        assert any(m and m > 0 for m in models), models
+    assert all(r["modelled_H100_s"] is None for r in rows if r["framework"] != "gpunet")
     step = next(r for r in rows if r["workload"] == "mlp tiny" and r["framework"] == "gpunet")
     floor = next(r for r in rows if r["workload"] == "mlp tiny" and r["framework"] == "gemm-floor")
     assert step["ratios"]["x_floor"] == pytest.approx(step["median_s"] / floor["median_s"])
