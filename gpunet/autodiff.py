@@ -438,11 +438,13 @@ def backprop(
                     "backward() if you need to go through the graph again."
                 )
             if node.out_data is not None:
-                saved = _with_output(saved, node, g._backend)
+                saved = saved_values(node, g._backend)
             if anomaly:
                 state.backward_node = node
             prim = node.prim
             params = node.params
+            if prim.vjp_pre is not None:
+                g = prim.vjp_pre(g, *saved, **params)
             into = None if create_graph or inputs is not None else prim.vjp_into
             for i, parent in enumerate(node.parents):
                 if parent is None:
@@ -494,14 +496,15 @@ def backprop(
     return None
 
 
-def _with_output(saved: tuple, node: Node, backend: Any) -> tuple:
-    """The node's saved values with its output restored as a tensor on the graph."""
+def saved_values(node: Node, backend: Any) -> tuple:
+    """What the node's VJP rules take: its saved values, its output (kept as a bare array,
+    to avoid a node -> output cycle) restored as a tensor on the graph."""
+    saved = node.saved
+    if node.out_data is None or saved is None:
+        return saved  # type: ignore[return-value]
     me = _new_tensor(Tensor)
     me.data, me._backend, me._requires_grad, me._node = node.out_data, backend, True, node
-    out = []
-    for s in saved:
-        out.append(me if s is SAVED_OUTPUT else s)
-    return tuple(out)
+    return tuple(me if s is SAVED_OUTPUT else s for s in saved)
 
 
 def _depends_on_others(order: list[Node], inputs: Sequence[Tensor]) -> bool:

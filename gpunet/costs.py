@@ -252,14 +252,21 @@ def _matmul(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
 
 @rule("linear")
 def _linear(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
-    """x W + b: one GEMM with the bias added in its epilogue (reads x, W, b; writes y);
-    unfused, the GEMM then a broadcast add (reads y and b, writes y)."""
+    """f(x W + b): one GEMM with the bias added in its epilogue (reads x, W, b; writes z),
+    then, with an activation f, one pass applying it (reads z, writes y); unfused, the GEMM,
+    a broadcast add (reads z and b, writes z) and f's one-operation kernels."""
     assert out is not None
     x, w, b = ins
+    act = params.get("activation")
+    f = () if act is None else FORWARD.get(act, (_U,))  # tanh: one function evaluation
     fused = _gemm(x, [x.nbytes, w.nbytes, b.nbytes], out, False)
     fused += Cost(flops=out.size)
     add = kernel([out.nbytes, b.nbytes], out.nbytes, out.size)
-    return fused, _gemm(x, [x.nbytes, w.nbytes], out, False) + add
+    unfused = _gemm(x, [x.nbytes, w.nbytes], out, False) + add
+    if f:
+        fused += one_pass([out.nbytes], out.nbytes, out.size, f)
+        unfused += chain(out.size, out.itemsize, f)
+    return fused, unfused
 
 
 def _activation_rule(name: str) -> Rule:

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import ops
 from . import primitives as P
-from .autodiff import Node, backprop, bind, enable_grad, no_grad
+from .autodiff import Node, backprop, bind, enable_grad, no_grad, saved_values
 from .tensor import Tensor
 
 
@@ -42,12 +42,15 @@ def _uses(root: Node, params: list[Tensor]) -> list[tuple[Node, int, int]]:
 
 def _per_example(node: Node, i: int, g: Tensor, batch: int, shape: tuple[int, ...]) -> Tensor:
     name = node.prim.name
+    saved = saved_values(node, g._backend)
+    if node.prim.vjp_pre is not None:  # the hook saw dL/dy; the rules start from dL/dz
+        g = node.prim.vjp_pre(g, *saved, **node.params)
     if name == "linear" and i == 2:
         return g  # (B, out): dY_i
     if (name == "linear" and i == 1) or (
         name == "matmul" and i == 1 and not node.params["ty"] and not node.params["tx"]
     ):
-        x = node.saved[0]  # (B, in): the layer's input
+        x = saved[0]  # (B, in): the layer's input
         if x.ndim != 2 or x.shape[0] != batch:
             raise ValueError(
                 f"per_example_grads: a matmul input of shape {x.shape} is not a "

@@ -408,12 +408,35 @@ def _matmul(draw: Draw) -> Case:
     return Case(lambda a, b: bind(P.matmul, a, b, tx=tx, ty=ty), [x, y], ref)
 
 
+LINEAR_ACTIVATIONS = {  # name -> (alpha, f(z) in float64)
+    None: (0.0, lambda z: z),
+    "relu": (0.0, lambda z: np.maximum(z, 0)),
+    "leaky_relu": (0.1, lambda z: np.where(z > 0, z, 0.1 * z)),
+    "elu": (0.7, lambda z: np.where(z > 0, z, 0.7 * np.expm1(np.minimum(z, 0)))),
+    "sigmoid": (0.0, scipy.special.expit),
+    "tanh": (0.0, np.tanh),
+    "softplus": (2.0, lambda z: np.logaddexp(0, 2.0 * z) / 2.0),
+}
+
+
 @spec("linear")
 def _linear(draw: Draw) -> Case:
     r = rng(draw)
     n, k, m = (draw(st.integers(0, 4)) for _ in range(3))
-    args = [uniform(r, (n, k), -2, 2), uniform(r, (k, m), -2, 2), uniform(r, (m,), -2, 2)]
-    return Case(lambda x, w, b: bind(P.linear, x, w, b), args, lambda x, w, b: x @ w + b)
+    act = draw(st.sampled_from(list(LINEAR_ACTIVATIONS)))
+    alpha, f = LINEAR_ACTIVATIONS[act]
+    x, w, b = uniform(r, (n, k), -2, 2), uniform(r, (k, m), -2, 2), uniform(r, (m,), -2, 2)
+    if act in ("relu", "leaky_relu", "elu") and n * m:  # z away from the kink at 0
+        z = x @ w + b
+        b = b + np.where(np.abs(z).min(axis=0) < 0.1, 0.5, 0.0)
+        z = x @ w + b
+        if (np.abs(z) < 0.05).any():
+            act, (alpha, f) = None, LINEAR_ACTIVATIONS[None]
+    return Case(
+        lambda x, w, b: bind(P.linear, x, w, b, activation=act, alpha=alpha),
+        [x, w, b],
+        lambda x, w, b: f(x @ w + b),
+    )
 
 
 def _ce_reference(z: np.ndarray, labels: np.ndarray, reduction: str) -> np.ndarray:

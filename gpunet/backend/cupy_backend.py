@@ -61,14 +61,25 @@ class CupyBackend(ArrayBackend):
         with self._cuda_device:
             return self.cupy.random.default_rng(seed)
 
+    def linear(
+        self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
+    ) -> Array:
+        with self._cuda_device:
+            z = self.cupy.matmul(x, w)
+            if activation is None:
+                z += b
+                return z
+            return self.bias_activation(z, b, name=activation, alpha=alpha)[0]  # one kernel
+
     def matmul_into(
         self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool
     ) -> None:
         a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
-        if accumulate:
-            out += self.cupy.matmul(a, b)
-        else:
-            self.cupy.matmul(a, b, out=out)  # cuBLAS writes out directly
+        with self._cuda_device:
+            if accumulate:
+                out += self.cupy.matmul(a, b)
+            else:
+                self.cupy.matmul(a, b, out=out)  # cuBLAS writes out directly
 
     def scatter_add(self, g: Array, indices: Array, *, axis: int, size: int) -> Array:
         import cupyx

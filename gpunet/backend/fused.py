@@ -15,6 +15,7 @@ negative slope of leaky_relu, ELU's alpha, softplus's beta; the others ignore it
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 Array = Any
@@ -88,6 +89,20 @@ def check_flat(op: str, param: Array, *others: Array | None) -> None:
 _CRAIG_WEIGHTS = tuple(-1.0 / math.sin((k + 0.5) * (math.pi / 2) / 96) ** 2 for k in range(96))
 
 
+_FORMULA_NAMES: dict[tuple[str, str], str] = {}
+
+
+def formula_name(kind: str, name: str) -> str:
+    """The method name of a formula, ``_f_relu``, ``_df_elu``, ``_dfy_tanh`` (kind "f", "df"
+    or "dfy"), built once: a fresh string per call would fill CPython's type-attribute cache
+    with copies of it (a slow leak the memory test caught)."""
+    key = (kind, name)
+    attr = _FORMULA_NAMES.get(key)
+    if attr is None:
+        attr = _FORMULA_NAMES[key] = sys.intern(f"_{kind}_{name}")
+    return attr
+
+
 class FusedOps:
     """Activations and optimizer updates through ``self.xp`` (mixed into ArrayBackend)."""
 
@@ -128,7 +143,7 @@ class FusedOps:
     def activation(self, x: Array, *, name: str, alpha: float = 0.0) -> Array:
         """f(x) for the activation ``name`` (kernels/activations.cuh), one pass on CUDA."""
         check_activation(name)
-        return getattr(self, "_f_" + name)(x, alpha)
+        return getattr(self, formula_name("f", name))(x, alpha)
 
     def activation_backward(
         self,
@@ -143,7 +158,7 @@ class FusedOps:
         """dx = g * f'(x) from the input x, or from the output y = f(x) when
         ``from_output``; one pass on CUDA. ``out`` may be ``g`` (in place) or a fresh array."""
         check_activation(name, from_output)
-        df = getattr(self, ("_dfy_" if from_output else "_df_") + name)(saved, alpha)
+        df = getattr(self, formula_name("dfy" if from_output else "df", name))(saved, alpha)
         dx = g * df
         if out is None:
             return dx

@@ -257,9 +257,12 @@ class ArrayBackend(FusedOps):
         xp = self.xp
         return xp.matmul(xp.matrix_transpose(x) if tx else x, xp.matrix_transpose(y) if ty else y)
 
-    def linear(self, x: Array, w: Array, b: Array) -> Array:
-        """x @ w + b."""
-        return self.xp.matmul(x, w) + b
+    def linear(
+        self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
+    ) -> Array:
+        """f(x @ w + b), f the named activation (``alpha`` its parameter), or x @ w + b."""
+        z = self.xp.matmul(x, w) + b
+        return z if activation is None else self.activation(z, name=activation, alpha=alpha)
 
     def matmul_into(
         self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool

@@ -15,39 +15,6 @@ from .generic import Array, ArrayBackend, Axes, Shape
 from .numpy_fused import NumpyFusedOps
 
 
-def _gemm_accumulate(c: Array, a: Array, b: Array) -> bool:
-    """c += a @ b as one BLAS GEMM with beta = 1, for 2-D float32/float64 operands whose
-    memory BLAS can take as they are; False (nothing done) otherwise.
-
-    C is row-major and BLAS column-major, so the call computes C^T += B^T A^T on C^T's
-    column-major view, each operand passed as the column-major view of its memory with the
-    matching transpose flag: no copies, and the result lands in c itself.
-    """
-    if not (c.ndim == a.ndim == b.ndim == 2 and c.flags.c_contiguous):
-        return False
-    if c.dtype not in (np.float32, np.float64) or a.dtype != c.dtype or b.dtype != c.dtype:
-        return False
-    if c.size == 0 or a.shape[1] == 0:
-        return True  # nothing to add (BLAS wrappers refuse empty operands)
-    ops = []
-    for m in (b, a):  # C^T = op(P) op(Q) with op(P) = B^T, op(Q) = A^T
-        if m.flags.c_contiguous:  # m^T is column-major: pass m^T as it is
-            ops.append((m.T, 0))
-        elif m.flags.f_contiguous:  # m is column-major: pass m, flagged transposed
-            ops.append((m, 1))
-        else:
-            return False
-    from scipy.linalg import blas  # here: importing SciPy's linalg costs 0.1 s
-
-    gemm = blas.sgemm if c.dtype == np.float32 else blas.dgemm
-    (p, tp), (q, tq) = ops
-    r = gemm(1.0, p, q, beta=1.0, c=c.T, trans_a=tp, trans_b=tq, overwrite_c=1)
-    if np.shares_memory(r, c):
-        return True
-    c += r.T  # SciPy copied C after all (it should not): the sum is still right
-    return True
-
-
 class NumpyBackend(NumpyFusedOps, ArrayBackend):
     name = "numpy"
 
@@ -95,19 +62,25 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def matmul(self, x: Array, y: Array, *, tx: bool, ty: bool) -> Array:
         return np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y)
 
-    def linear(self, x: Array, w: Array, b: Array) -> Array:
+    def linear(
+        self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
+    ) -> Array:
         out = np.matmul(x, w)
-        out += b  # in place on the GEMM's fresh output: one array, one pass
-        return out
+        out += b  # in place on the GEMM's fresh output: one array
+        if activation is None:
+            return out
+        if activation == "relu":
+            return np.maximum(out, 0, out=out)  # in place too
+        return self.activation(out, name=activation, alpha=alpha)
 
     def matmul_into(
         self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool
     ) -> None:
         a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
-        if not accumulate:
+        if accumulate:  # NumPy has no GEMM with beta = 1 (SciPy's would start a second
+            out += np.matmul(a, b)  # OpenBLAS thread pool, which fights NumPy's for cores)
+        else:
             np.matmul(a, b, out=out)  # BLAS writes out directly (no temporary, no copy)
-        elif not _gemm_accumulate(out, a, b):
-            out += np.matmul(a, b)
 
     def sum(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
         return np.add.reduce(x, axis=axis, keepdims=keepdims)  # np.sum's wrapper costs 3 us

@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 import scipy.special
 
-from .fused import GELU_C, INV_SQRT_2PI, NEG_SQRT1_2, THREE_C, TWO_K, FusedOps, check_activation
+from .fused import (
+    GELU_C,
+    INV_SQRT_2PI,
+    NEG_SQRT1_2,
+    THREE_C,
+    TWO_K,
+    FusedOps,
+    check_activation,
+    formula_name,
+)
 
 Array = Any
 # Large arrays go through the longer formulas CHUNK elements at a time, so that their
@@ -47,26 +56,6 @@ def _chunks(*buffers: Array | None) -> Any:
         yield tuple(None if f is None else f[start : start + CHUNK] for f in flats)
 
 
-def _axpy(y: Array, x: Array, a: float) -> bool:
-    """y += a x in place as one BLAS pass (saxpy/daxpy: read x and y, write y; threaded), for
-    contiguous float32/float64 arrays of one shape; False (nothing done) otherwise."""
-    if not (
-        y.dtype in (np.float32, np.float64)
-        and x.dtype == y.dtype
-        and x.shape == y.shape
-        and y.flags.c_contiguous
-        and x.flags.c_contiguous
-    ):
-        return False
-    from scipy.linalg import blas  # here: importing SciPy's linalg costs 0.1 s
-
-    yf = y.reshape(-1)
-    r = (blas.saxpy if y.dtype == np.float32 else blas.daxpy)(x.reshape(-1), yf, a=a)
-    if not np.shares_memory(r, y):  # SciPy copied y after all (it should not)
-        yf[...] = r
-    return True
-
-
 class NumpyFusedOps(FusedOps):
     """NumPy overrides of the generic fused ops (mixed into NumpyBackend)."""
 
@@ -75,7 +64,7 @@ class NumpyFusedOps(FusedOps):
 
     def activation(self, x: Array, *, name: str, alpha: float = 0.0) -> Array:
         check_activation(name)
-        f = getattr(self, "_f_" + name)
+        f = getattr(self, formula_name("f", name))
         if name not in LONG or x.size < 2 * CHUNK or not x.flags.c_contiguous:
             return f(x, alpha)
         out = np.empty_like(x)
@@ -95,7 +84,7 @@ class NumpyFusedOps(FusedOps):
         out: Array | None = None,
     ) -> Array:
         check_activation(name, from_output)
-        df = getattr(self, ("_dfy_" if from_output else "_df_") + name)
+        df = getattr(self, formula_name("dfy" if from_output else "df", name))
         contiguous = g.flags.c_contiguous and saved.flags.c_contiguous
         long = name in LONG and not from_output and g.size >= 2 * CHUNK
         if not long or not contiguous or (out is not None and out is not g):
@@ -121,8 +110,6 @@ class NumpyFusedOps(FusedOps):
         weight_decay: float = 0.0,
         first_step: bool = False,
     ) -> None:
-        if momentum == 0.0 and weight_decay == 0.0 and _axpy(param, grad, -lr):
-            return  # p -= lr g: the plain step is one BLAS axpy pass
         kw = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
         for args in _chunks(param, grad, momentum_buf):
             super().sgd_update(*args, **kw, weight_decay=weight_decay, first_step=first_step)

@@ -15,6 +15,7 @@ from ..activations import elu, gelu, leaky_relu, silu, softplus
 from ..autodiff import bind
 from ..creation import tensor
 from ..ops import log_softmax, relu, sigmoid, softmax, tanh
+from ..primitives.linalg import check_linear_activation
 from ..random import Generator, rand
 from ..tensor import Tensor
 
@@ -45,14 +46,31 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """input @ weight + bias, one GEMM. NB: ``weight`` is (in_features, out_features), the
     transpose of PyTorch's layout (PyTorch computes input @ weight.T)."""
     if bias is not None and input.ndim == 2 and weight.ndim == 2 and bias.ndim == 1:
-        if input.shape[1] != weight.shape[0] or bias.shape[0] != weight.shape[1]:
-            raise ValueError(
-                f"linear: input {input.shape} @ weight {weight.shape} + bias {bias.shape} do "
-                "not fit: need input (n, in), weight (in, out), bias (out,)"
-            )
-        return bind(P.linear, input, weight, bias)  # one primitive: bias added in place
+        return linear_activation(input, weight, bias, None)
     out = input @ weight
     return out if bias is None else out + bias
+
+
+def linear_activation(
+    input: Tensor, weight: Tensor, bias: Tensor, activation: str | None, alpha: float = 0.0
+) -> Tensor:
+    """activation(input @ weight + bias) as one primitive: the bias and the activation are
+    applied in place on the GEMM's output (one fused kernel on CUDA), and backward takes
+    dZ = g f'(y) once. For input (n, in), weight (in, out), bias (out,); ``activation`` is
+    None or one whose derivative has a form in its output (relu, leaky_relu, elu, sigmoid,
+    tanh, softplus; ``alpha`` its parameter: negative slope, alpha, beta)."""
+    if input.ndim != 2 or weight.ndim != 2 or bias.ndim != 1:
+        raise ValueError(
+            f"linear: input {input.shape}, weight {weight.shape}, bias {bias.shape}: need "
+            "input (n, in), weight (in, out), bias (out,)"
+        )
+    if input.shape[1] != weight.shape[0] or bias.shape[0] != weight.shape[1]:
+        raise ValueError(
+            f"linear: input {input.shape} @ weight {weight.shape} + bias {bias.shape} do "
+            "not fit: need input (n, in), weight (in, out), bias (out,)"
+        )
+    check_linear_activation(activation, alpha)
+    return bind(P.linear, input, weight, bias, activation=activation, alpha=float(alpha))
 
 
 def dropout(

@@ -226,6 +226,22 @@ class GELU(Module):
         return f"approximate={self.approximate!r}"
 
 
+def fusable_activation(m: Module) -> tuple[str, float] | None:
+    """(name, parameter) when ``m`` is an activation ``F.linear_activation`` can fuse into
+    the Linear before it (derivative from the output), else None. Exact types only: a
+    subclass may compute something else."""
+    t = type(m)
+    if t is ReLU or t is Sigmoid or t is Tanh:
+        return {ReLU: "relu", Sigmoid: "sigmoid", Tanh: "tanh"}[t], 0.0
+    if t is LeakyReLU and m.negative_slope >= 0:
+        return "leaky_relu", m.negative_slope
+    if t is ELU and m.alpha >= 0:
+        return "elu", m.alpha
+    if t is Softplus:
+        return "softplus", m.beta
+    return None
+
+
 ACTIVATIONS: dict[str, type[Module]] = {
     "relu": ReLU,
     "leaky_relu": LeakyReLU,
@@ -279,3 +295,20 @@ class MLP(Sequential):
                 layers.append(Dropout(dropout))
         super().__init__(*layers)
         self.sizes = tuple(sizes)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """The layers in order; a Linear followed by a fusable activation (relu, leaky_relu,
+        elu, sigmoid, tanh, softplus) runs as one ``F.linear_activation``: the same values,
+        with the bias and the activation applied in place on the GEMM output."""
+        layers = list(self._modules.values())
+        i = 0
+        while i < len(layers):
+            m = layers[i]
+            act = fusable_activation(layers[i + 1]) if i + 1 < len(layers) else None
+            if act is not None and type(m) is Linear and m.bias is not None and input.ndim == 2:
+                input = F.linear_activation(input, m.weight, m.bias, *act)
+                i += 2
+            else:
+                input = m(input)
+                i += 1
+        return input

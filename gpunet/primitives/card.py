@@ -4,7 +4,9 @@ A primitive is declared once, with everything autodiff needs side by side:
 
 - its forward: the backend method of the same name, on raw arrays;
 - what it keeps for backward (``save``: only what the rule needs, staged at forward time);
-- its VJP rule per input: ``vjp[i](g, *saved, **params)`` -> cotangent of input ``i``;
+- its VJP rule per input: ``vjp[i](g, *saved, **params)`` -> cotangent of input ``i``,
+  after ``vjp_pre(g, *saved, **params)`` if the card has one: a map of g shared by every
+  input's rule, run once per node (a fused activation's dZ = g f'(y));
 - optionally, per input, a VJP rule that writes into a given array (``vjp_into[i](out,
   accumulate, g, *saved, **params)``): used for a leaf with a ``grad_buffer`` when the sweep
   is not recorded, so a weight gradient's GEMM lands in the optimizer's flat buffer;
@@ -43,6 +45,7 @@ class Primitive:
     doc: str
     vjp: tuple[Any, ...] | Callable[..., Any] | None = None
     jvp: tuple[Any, ...] | Callable[..., Any] | _Marker | None = None
+    vjp_pre: Callable[..., Any] | None = None
     vjp_into: tuple[Callable[..., None] | None, ...] | None = None
     save: Callable[..., tuple[Any, ...]] | None = None
     differentiable: bool = True

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from .. import ops
 from ..autodiff import OBSERVE, STATE, bind, observe
+from ..backend.fused import FROM_OUTPUT
 from ..tensor import Tensor
 from .card import primitive
+from .nn import fused_grad
 
 
 def _vjp_x(g, x, y, tx, ty):  # type: ignore[no-untyped-def]
@@ -65,39 +67,67 @@ matmul = primitive(
 
 
 # ---------------------------------------------------------------------- linear
-# y = x W + b for x (n, in), W (in, out), b (out,): one primitive so that the bias is added in
-# place on the GEMM's fresh output (no second (n, out) array, no broadcast node) and dW's GEMM
-# can write into the weight's gradient buffer. Each VJP is one GEMM or one reduction.
-def _linear_vjp_x(g, x, w):  # type: ignore[no-untyped-def]
-    return bind(matmul, g, w, tx=False, ty=True)  # dX = dY W^T
+# y = f(x W + b) for x (n, in), W (in, out), b (out,), f an activation whose derivative has a
+# form in its output (or none): one primitive, so that the bias and f are applied in place on
+# the GEMM's fresh output (one kernel on CUDA; no second (n, out) array, no broadcast node) and
+# dW's GEMM can write into the weight's gradient buffer. The VJP first maps g to dZ = g f'(y)
+# (``vjp_pre``, once per node), then each input's rule is one GEMM or one reduction.
+def _dz(g, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
+    """dL/dz for z = x W + b: g, or g f'(z) from the saved output y = f(z)."""
+    return g if activation is None else fused_grad(activation, g, y[0], alpha, True)
 
 
-def _linear_vjp_w(g, x, w):  # type: ignore[no-untyped-def]
-    return bind(matmul, x, g, tx=True, ty=False)  # dW = X^T dY
+def _linear_vjp_x(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
+    return bind(matmul, dz, w, tx=False, ty=True)  # dX = dZ W^T
 
 
-def _linear_vjp_b(g, x, w):  # type: ignore[no-untyped-def]
-    return ops.sum(g, 0)  # db = sum over the batch of dY
+def _linear_vjp_w(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
+    return bind(matmul, x, dz, tx=True, ty=False)  # dW = X^T dZ
 
 
-def _linear_vjp_w_into(out, acc, g, x, w):  # type: ignore[no-untyped-def]
-    _gemm_into(out, acc, x, g, True, False)
+def _linear_vjp_b(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
+    return ops.sum(dz, 0)  # db = sum over the batch of dZ
 
 
-def _linear_jvp_b(t, out, x, w, b):  # type: ignore[no-untyped-def]
-    return ops.broadcast_to(t, out.shape)
+def _linear_vjp_w_into(out, acc, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
+    _gemm_into(out, acc, x, dz, True, False)
+
+
+def _linear_jvp(which: int):  # type: ignore[no-untyped-def]
+    """The tangent of y from input ``which``'s tangent t: f'(z) times that of z."""
+
+    def rule(t, y, x, w, b, *, activation, alpha):  # type: ignore[no-untyped-def]
+        if which == 0:
+            tz = bind(matmul, t, w, tx=False, ty=False)
+        elif which == 1:
+            tz = bind(matmul, x, t, tx=False, ty=False)
+        else:
+            tz = ops.broadcast_to(t, y.shape)
+        return tz if activation is None else fused_grad(activation, tz, y, alpha, True)
+
+    return rule
+
+
+def check_linear_activation(activation: str | None, alpha: float) -> None:
+    """``linear`` fuses activations whose derivative it can take from its output alone."""
+    if activation is None:
+        return
+    if activation not in FROM_OUTPUT or (activation in ("leaky_relu", "elu") and alpha < 0):
+        raise ValueError(
+            f"linear: cannot fuse activation {activation!r} (alpha {alpha}): fused are those "
+            f"with a derivative from the output: {', '.join(sorted(FROM_OUTPUT))} (leaky_relu "
+            "and elu with a parameter >= 0); apply the activation after linear instead"
+        )
 
 
 linear = primitive(
     "linear",
-    "x @ W + b for x (n, in), W (in, out), b (out,), the bias added in place on the GEMM "
-    "output; d/dx: g W^T, d/dW: x^T g, d/db: sum_rows g",
-    save=lambda out, x, w, b: (x, w),
+    "f(x @ W + b) for x (n, in), W (in, out), b (out,) and f an activation (or none), bias "
+    "and f applied in place on the GEMM output; with dZ = g f'(y): d/dx: dZ W^T, "
+    "d/dW: x^T dZ, d/db: sum_rows dZ",
+    save=lambda out, x, w, b, *, activation, alpha: (x, w) if activation is None else (x, w, out),
+    vjp_pre=_dz,
     vjp=(_linear_vjp_x, _linear_vjp_w, _linear_vjp_b),
     vjp_into=(None, _linear_vjp_w_into, None),
-    jvp=(
-        lambda t, out, x, w, b: bind(matmul, t, w, tx=False, ty=False),
-        lambda t, out, x, w, b: bind(matmul, x, t, tx=False, ty=False),
-        _linear_jvp_b,
-    ),
+    jvp=(_linear_jvp(0), _linear_jvp(1), _linear_jvp(2)),
 )

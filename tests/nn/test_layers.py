@@ -151,3 +151,51 @@ def test_two_layer_mlp_learns() -> None:
     assert losses[-1] < 0.3 * losses[0]
     accuracy = (model(x).argmax(1).numpy() == labels).mean()
     assert accuracy > 0.9
+
+
+@pytest.mark.parametrize(
+    "act",
+    [nn.ReLU(), nn.LeakyReLU(0.2), nn.ELU(0.5), nn.Sigmoid(), nn.Tanh(), nn.Softplus(2.0)],
+    ids=lambda m: type(m).__name__,
+)
+def test_mlp_fuses_linear_and_activation_with_the_same_values_and_gradients(act) -> None:
+    gpunet.manual_seed(3)
+    mlp = nn.MLP([6, 5, 4, 3], activation=lambda: act, dtype="float64", device="cpu")
+    plain = nn.Sequential(*mlp._modules.values())  # the same layers, applied one by one
+    x = gpunet.tensor(np.random.default_rng(0).standard_normal((7, 6)))
+    out = mlp(x)
+    assert out._node.prim.name == "linear" and out._node.parents[0].prim.name == "linear"
+    assert out._node.parents[0].params["activation"] == nn.layers.fusable_activation(act)[0]
+    out.sum().backward()
+    fused = {n: p.grad.numpy().copy() for n, p in mlp.named_parameters()}
+    mlp.zero_grad()
+    ref = plain(x)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-12, atol=1e-14)
+    ref.sum().backward()
+    for n, p in mlp.named_parameters():
+        np.testing.assert_allclose(fused[n], p.grad.numpy(), rtol=1e-10, atol=1e-14, err_msg=n)
+
+
+def test_activations_that_need_their_input_are_not_fused() -> None:
+    assert nn.layers.fusable_activation(nn.GELU()) is None
+    assert nn.layers.fusable_activation(nn.SiLU()) is None
+    assert nn.layers.fusable_activation(nn.LeakyReLU(-0.5)) is None  # f' needs x's sign
+    mlp = nn.MLP([4, 3, 2], activation="gelu", device="cpu")
+    hidden = mlp(gpunet.randn(5, 4))._node.parents[0]
+    assert hidden.prim.name == "gelu" and hidden.parents[0].prim.name == "linear"
+    x, w, b = gpunet.randn(5, 4), gpunet.randn(4, 3), gpunet.randn(3)
+    with pytest.raises(ValueError, match=r"cannot fuse activation 'gelu'.*after linear"):
+        F.linear_activation(x, w, b, "gelu")
+    with pytest.raises(ValueError, match=r"input \(5, 4\) @ weight \(3, 4\)"):
+        F.linear_activation(x, gpunet.randn(3, 4), b, "relu")
+
+
+def test_linear_activation_second_order_through_the_fused_card() -> None:
+    """create_graph goes through vjp_pre's composed (differentiable) g f'(y)."""
+    r = np.random.default_rng(1)
+    x = gpunet.tensor(r.standard_normal((4, 3)))
+    w = gpunet.tensor(r.standard_normal((3, 2)), requires_grad=True)
+    b = gpunet.tensor(r.standard_normal(2), requires_grad=True)
+    gpunet.testing.check_grads(
+        lambda w, b: F.linear_activation(x, w, b, "tanh").sum(), (w, b), order=2
+    )
