@@ -26,6 +26,7 @@ from .fused import (
     TWO_K,
     FusedOps,
     check_activation,
+    check_flat,
     formula_name,
 )
 
@@ -110,9 +111,28 @@ class NumpyFusedOps(FusedOps):
         weight_decay: float = 0.0,
         first_step: bool = False,
     ) -> None:
-        kw = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
-        for args in _chunks(param, grad, momentum_buf):
-            super().sgd_update(*args, **kw, weight_decay=weight_decay, first_step=first_step)
+        check_flat("sgd_update", param, grad, momentum_buf)
+        if momentum != 0.0 and momentum_buf is None:
+            raise ValueError("sgd_update: momentum needs a momentum buffer")
+        dt = param.dtype.type  # the scalars in the buffer's precision, as the kernel has them
+        lr_, wd, mu, keep = dt(lr), dt(weight_decay), dt(momentum), dt(1.0) - dt(dampening)
+        scratch = np.empty((2, min(param.size, CHUNK)), param.dtype)
+        for p, g, buf in _chunks(param, grad, momentum_buf):
+            # FusedOps.sgd_update's expression, operation for operation (the same bits), on
+            # two cache-sized scratch rows instead of fresh temporaries
+            t, u = scratch[0, : p.size].reshape(p.shape), scratch[1, : p.size].reshape(p.shape)
+            d = g
+            if weight_decay != 0.0:
+                d = np.multiply(p, wd, out=t)
+                d += g
+            if momentum != 0.0:
+                if first_step:
+                    buf[...] = d
+                else:
+                    buf *= mu
+                    buf += np.multiply(d, keep, out=u)
+                d = np.add(d, np.multiply(buf, mu, out=u), out=u) if nesterov else buf
+            p -= np.multiply(d, lr_, out=t)
 
     def adam_update(
         self,
