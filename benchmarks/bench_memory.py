@@ -71,7 +71,7 @@ def test_step_memory(benchmark: Any, size: str) -> None:
     # during a step: the activations and a few activation-sized temporaries, never a weight
     largest_weight = max(a * b for a, b in itertools.pairwise(sizes)) * 4
     assert transient <= 2 * activations + 256 * 1024
-    if largest_weight > 2 * activations:
+    if largest_weight > 2 * activations + 256 * 1024:  # (true of the full sizes)
         assert transient < largest_weight
     benchmark.pedantic(work.step, rounds=3, warmup_rounds=0)
     assert np.isfinite(float(work.step()))

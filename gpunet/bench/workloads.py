@@ -340,10 +340,10 @@ def jax_step(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
 def autograd_step(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
     """HIPS autograd: ``value_and_grad`` of the loss written in ``autograd.numpy``, then the
     SGD update in place (NumPy only)."""
+    if device != "cpu":  # said first: it holds whether or not autograd is installed
+        raise Unavailable("HIPS autograd runs on NumPy (the CPU) only")
     autograd = require("autograd")
     anp = require("autograd.numpy")
-    if device != "cpu":
-        raise Unavailable("HIPS autograd runs on NumPy (the CPU) only")
     params = [a.copy() for a in s.initial()]
     x, y = s.x, s.y
     rows = np.arange(len(y))
