@@ -60,12 +60,18 @@ FREE = Cost()  # a view: no launch, no traffic
 # epilogue), though gpunet's CuPy backend still composes them from CuPy array ops
 # (backend/generic.py: the unfused cost). ``roofline`` also reports the step as CuPy runs it
 # today, with these unfused.
-COMPOSED_ON_CUPY = frozenset({"logsumexp", "cross_entropy", "cross_entropy_backward", "linear"})
+COMPOSED_ON_CUPY = frozenset({"logsumexp", "cross_entropy", "cross_entropy_backward"})
 
 
 def composed_on_cupy(name: str, params: dict) -> bool:
-    """Does gpunet's CuPy backend run this call as its unfused sequence today?"""
-    return name in COMPOSED_ON_CUPY or (name == "matmul" and bool(params.get("accumulate")))
+    """Does gpunet's CuPy backend run this call as its unfused sequence today? (A linear
+    with an activation runs as the GEMM and one bias+activation kernel, as counted fused;
+    without one, as the GEMM and a broadcast add.)"""
+    if name == "linear":
+        return params.get("activation") is None
+    return name in COMPOSED_ON_CUPY or (
+        name in ("matmul", "sum") and bool(params.get("accumulate"))
+    )
 
 
 @dataclass(frozen=True)
@@ -225,8 +231,11 @@ def _slice_transpose(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
 
 @rule("sum", "max", "argmax")
 def _reduce(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
-    """One reduction kernel, one FLOP per input element."""
+    """One reduction kernel, one FLOP per input element (with ``accumulate``, a gradient
+    summed into its buffer, it also reads the buffer and adds: one FLOP per output more)."""
     reads, written = _io(ins, out)
+    if params.get("accumulate") and out is not None:
+        return _same(kernel([*reads, out.nbytes], written, ins[0].size + out.size))
     return _same(kernel(reads, written, ins[0].size))
 
 

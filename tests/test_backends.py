@@ -224,6 +224,16 @@ def test_matmul_into_on_array_api_strict_matches_numpy(strict, ref, tx, ty, accu
     np.testing.assert_allclose(want, c0 * accumulate + X @ Y.T, rtol=1e-12)
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_sum_into_on_array_api_strict_matches_numpy(strict, ref, accumulate) -> None:
+    c0 = gen().standard_normal(4)
+    want, got = c0.copy(), strict.asarray(c0.copy())
+    ref.sum_into(want, X, axis=(0,), accumulate=accumulate)
+    strict.sum_into(got, strict.asarray(X), axis=(0,), accumulate=accumulate)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+    np.testing.assert_allclose(want, c0 * accumulate + X.sum(0), rtol=1e-12)
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log(0) = -inf is right
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_generic_backend_on_array_api_strict_matches_numpy(case, strict, ref) -> None:

@@ -124,9 +124,8 @@ def test_optimizer_gradients_land_in_its_flat_array() -> None:
         before = {n: p.numpy().copy() for n, p in model.named_parameters()}
         nn.functional.cross_entropy(model(x), y).backward()
         (flat,) = opt._flats
-        for p in model.parameters():
-            if p.ndim == 2:  # the weights' GEMMs wrote their gradient in place
-                assert np.shares_memory(p.grad.data, flat.grad)
+        for p in model.parameters():  # dW's GEMM and db's reduction wrote there in place
+            assert np.shares_memory(p.grad.data, flat.grad)
         grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
         opt.step()
         for n, p in model.named_parameters():

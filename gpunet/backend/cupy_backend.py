@@ -71,6 +71,13 @@ class CupyBackend(ArrayBackend):
                 return z
             return self.bias_activation(z, b, name=activation, alpha=alpha)[0]  # one kernel
 
+    def sum_into(self, out: Array, x: Array, *, axis: tuple[int, ...], accumulate: bool) -> None:
+        with self._cuda_device:
+            if accumulate:
+                out += self.cupy.sum(x, axis=axis)
+            else:
+                self.cupy.sum(x, axis=axis, out=out)
+
     def matmul_into(
         self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool
     ) -> None:

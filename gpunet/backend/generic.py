@@ -264,6 +264,15 @@ class ArrayBackend(FusedOps):
         z = self.xp.matmul(x, w) + b
         return z if activation is None else self.activation(z, name=activation, alpha=alpha)
 
+    def sum_into(self, out: Array, x: Array, *, axis: tuple[int, ...], accumulate: bool) -> None:
+        """out = x summed over ``axis``, or out += it when ``accumulate``, in place: a bias
+        gradient written straight into its buffer. (Generic: through a temporary.)"""
+        r = self.sum(x, axis=axis, keepdims=False)
+        if accumulate:
+            out += r
+        else:
+            out[...] = r
+
     def matmul_into(
         self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool
     ) -> None:

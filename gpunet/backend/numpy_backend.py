@@ -73,6 +73,12 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
             return np.maximum(out, 0, out=out)  # in place too
         return self.activation(out, name=activation, alpha=alpha)
 
+    def sum_into(self, out: Array, x: Array, *, axis: tuple[int, ...], accumulate: bool) -> None:
+        if accumulate:
+            out += np.add.reduce(x, axis=axis)
+        else:
+            np.add.reduce(x, axis=axis, out=out)
+
     def matmul_into(
         self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool
     ) -> None:

@@ -93,6 +93,13 @@ def _linear_vjp_w_into(out, acc, dz, x, w, *y, activation, alpha):  # type: igno
     _gemm_into(out, acc, x, dz, True, False)
 
 
+def _linear_vjp_b_into(out, acc, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
+    """db = sum_rows dZ, reduced straight into the bias's gradient buffer."""
+    dz._backend.sum_into(out, dz.data, axis=(0,), accumulate=acc)
+    if STATE.flags & OBSERVE:
+        observe("sum", (dz,), {"axis": (0,), "keepdims": False, "accumulate": acc}, out)
+
+
 def _linear_jvp(which: int):  # type: ignore[no-untyped-def]
     """The tangent of y from input ``which``'s tangent t: f'(z) times that of z."""
 
@@ -128,6 +135,6 @@ linear = primitive(
     save=lambda out, x, w, b, *, activation, alpha: (x, w) if activation is None else (x, w, out),
     vjp_pre=_dz,
     vjp=(_linear_vjp_x, _linear_vjp_w, _linear_vjp_b),
-    vjp_into=(None, _linear_vjp_w_into, None),
+    vjp_into=(None, _linear_vjp_w_into, _linear_vjp_b_into),
     jvp=(_linear_jvp(0), _linear_jvp(1), _linear_jvp(2)),
 )
