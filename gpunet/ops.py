@@ -608,7 +608,7 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
     """x (op)= other, writing into x's array (optimizer updates under no_grad)."""
     _check_inplace(x, f"in-place {op}")
     if isinstance(other, Tensor):
-        if other.device != x.device or other.dtype != x.dtype:
+        if other._backend is not x._backend or other.data.dtype != x.data.dtype:
             raise TypeError(
                 f"gpunet: in-place {op} of {describe(other)} into {describe(x)}; "
                 "convert with .to(...) first"
