@@ -4,7 +4,7 @@ erfc(a) = P(a) / (Q(a) exp(a^2)) for a = |z| (P, Q of degrees 4 and 5), and
 erfc(z) = 2 - erfc(|z|) for z < 0. A float32 z is exact in float64 and so is z^2 (48 bits),
 so exp(z^2) carries no argument rounding (the trap of a float32 tail); the result is
 rounded to float32 once. scipy.special.erfc (cephes, one element at a time) costs 10-40 ns
-an element; this is a few passes of SIMD ufuncs and one small matrix product.
+an element; these dozen SIMD ufunc passes and one small matrix product take about 12.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def _buffers() -> tuple[np.ndarray, np.ndarray]:
 
 
 def erfc(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """erfc(z) for float32 z, to within 1.3e-7 relative (float32 rounding included);
-    erfc(-inf) = 2, erfc(inf) = 0, NaN propagates. ``out`` may be ``z`` (in place)."""
+    """erfc(z) for float32 z, within 9.6e-8 relative where it is a normal float32 (float32
+    rounding included; measured on every 64th float32 of [-9.3, 9.3] and every one of
+    [8, 10.1]); erfc(-inf) = 2, erfc(inf) = 0, NaN propagates. ``out`` may be ``z``."""
     if z.dtype != np.float32:
         raise TypeError(f"erfc32.erfc: float32 only, got {z.dtype}")
     if out is None:

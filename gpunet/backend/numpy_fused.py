@@ -44,8 +44,8 @@ def _new(x: np.ndarray) -> np.ndarray:
 
 
 def _erfc(z: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """erfc(z): erfc32's vectorized fit for float32 (3x SciPy's scalar cephes, within 1.3e-7),
-    SciPy for float64 (the gradient checks need every double digit) and the rest."""
+    """erfc(z): erfc32's vectorized fit for float32 (3x SciPy's scalar cephes, within 1e-7
+    relative), SciPy for float64 (the gradient checks need every double digit) and the rest."""
     if z.dtype == np.float32:
         return erfc32.erfc(z, out=out)
     return scipy.special.erfc(z, out=out)
