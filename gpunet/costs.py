@@ -56,11 +56,11 @@ class Cost:
 
 FREE = Cost()  # a view: no launch, no traffic
 
-# Cards whose one-kernel form the fused cost counts (a row kernel, a GEMM with a bias
-# epilogue), though gpunet's CuPy backend still composes them from CuPy array ops
-# (backend/generic.py: the unfused cost). ``roofline`` also reports the step as CuPy runs it
-# today, with these unfused.
-COMPOSED_ON_CUPY = frozenset({"logsumexp", "cross_entropy", "cross_entropy_backward"})
+# Cards whose one-kernel form the fused cost counts (a row kernel), though gpunet's CuPy
+# backend still composes them from CuPy array ops (backend/generic.py: the unfused cost).
+# ``roofline`` also reports the step as CuPy runs it today, with these unfused (and see
+# ``composed_on_cupy`` for linear and the accumulating GEMM and sum).
+COMPOSED_ON_CUPY = frozenset({"logsumexp"})
 
 
 def composed_on_cupy(name: str, params: dict) -> bool:

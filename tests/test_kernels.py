@@ -415,3 +415,49 @@ def test_cupy_backend_falls_back_where_no_kernel_exists(cuda_on_cpu: CupyBackend
     np.testing.assert_allclose(p, 0.4)
     assert cuda_on_cpu.grad_norm(np.full(4, 1.5)) == 3.0
     assert cuda_on_cpu._kernels.launches == []
+
+
+# ---------------------------------------------------------------------- cross-entropy rows
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the mean of 0 rows: NaN
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("n", "c"), [(0, 3), (1, 1), (7, 10), (300, 5), (3, 1000)])
+def test_cross_entropy_row_kernels_match_numpy_backend(
+    cuda_on_cpu: CupyBackend, dtype: Any, reduction: str, n: int, c: int
+) -> None:
+    """One thread per row (n beyond one block too), logits up to +-1e4 (the max shift keeps
+    exp finite), against the NumPy backend's fused forms."""
+    from gpunet.backend import get_backend
+
+    ref = get_backend("cpu")
+    r = np.random.default_rng(n * 31 + c)
+    z = (r.standard_normal((n, c)) * 10.0 ** r.uniform(-2, 4, (n, 1))).astype(dtype)
+    y = r.integers(0, c, n)
+    g = r.uniform(0.5, 2.0, n if reduction == "none" else ()).astype(dtype)
+    with np.errstate(all="ignore"):
+        want_loss = ref.cross_entropy(z, y, reduction=reduction)
+        want_dz = ref.cross_entropy_backward(g, z, y, reduction=reduction)
+    loss = cuda_on_cpu.cross_entropy(z, y, reduction=reduction)
+    dz = cuda_on_cpu.cross_entropy_backward(g, z, y, reduction=reduction)
+    rtol = 2e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(loss, want_loss, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(
+        dz, want_dz, rtol=rtol, atol=rtol * float(np.max(np.abs(g), initial=1.0))
+    )
+    assert dz.dtype == dtype and np.asarray(loss).dtype == dtype
+    launched = [name for name, _, _ in cuda_on_cpu._kernels.launches]
+    sfx = K.SUFFIX[np.dtype(dtype)]
+    kernels = [f"cross_entropy_rows_{sfx}", f"cross_entropy_rows_backward_{sfx}"]
+    assert launched == ([] if n == 0 else kernels)  # n == 0 launches nothing
+
+
+def test_cross_entropy_rows_make_a_bad_labels_row_nan(cuda_on_cpu: CupyBackend) -> None:
+    """The GPU cannot raise: a label outside [0, c) makes its row NaN (what the NaN checks
+    catch); the other rows are untouched."""
+    z = np.arange(12, dtype=np.float32).reshape(4, 3)
+    y = np.array([0, 3, 2, -1])
+    loss = cuda_on_cpu.cross_entropy(z, y, reduction="none")
+    assert np.isnan(loss[[1, 3]]).all() and np.isfinite(loss[[0, 2]]).all()
+    dz = cuda_on_cpu.cross_entropy_backward(np.ones(4, np.float32), z, y, reduction="none")
+    assert np.isnan(dz[[1, 3]]).all() and np.isfinite(dz[[0, 2]]).all()
+    np.testing.assert_allclose(dz[[0, 2]].sum(axis=1), 0.0, atol=1e-6)  # softmax - onehot

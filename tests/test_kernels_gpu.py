@@ -20,6 +20,7 @@ import pytest
 from kernel_tools import emulated_cupy_backend, emulated_kernels
 
 import gpunet
+from gpunet.backend import kernels as K
 from gpunet.backend import probe_cuda
 from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
 from gpunet.backend.numpy_backend import NumpyBackend
@@ -150,7 +151,24 @@ class TestOnGPU:
     def test_warmup_compiles_every_kernel(self) -> None:
         assert gpunet.warmup() is True
         backend = gpunet.get_backend("cuda")
-        assert set(backend.kernels._modules) == {"elementwise.cu", "optim.cu"}
+        assert set(backend.kernels._modules) == set(K.SOURCES)
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    def test_cross_entropy_row_kernels_match_numpy(self, reduction: str) -> None:
+        rng = np.random.default_rng(1)
+        z = (rng.standard_normal((300, 10)) * 30).astype(np.float32)
+        y = rng.integers(0, 10, 300)
+        g = np.float32(1.5) if reduction != "none" else rng.uniform(0.5, 2, 300).astype(np.float32)
+        cpu, gpu = NumpyBackend(None), gpunet.get_backend("cuda")
+        loss = gpu.cross_entropy(gpu.asarray(z), gpu.asarray(y), reduction=reduction)
+        dz = gpu.cross_entropy_backward(
+            gpu.asarray(np.asarray(g)), gpu.asarray(z), gpu.asarray(y), reduction=reduction
+        )
+        np.testing.assert_allclose(
+            gpu.to_numpy(loss), cpu.cross_entropy(z, y, reduction=reduction), rtol=2e-5
+        )
+        want = cpu.cross_entropy_backward(np.asarray(g), z, y, reduction=reduction)
+        np.testing.assert_allclose(gpu.to_numpy(dz), want, rtol=2e-5, atol=1e-7)
 
     def test_nothing_is_launched_for_empty_arrays(self) -> None:
         backend = gpunet.get_backend("cuda")

@@ -159,6 +159,20 @@ class CupyBackend(ArrayBackend):
         with self._cuda_device:
             return self.kernels.bias_activation(x, b, name, alpha, keep_preactivation)
 
+    def cross_entropy(self, logits: Array, labels: Array, *, reduction: str) -> Array:
+        if not self.kernels.supports_rows(logits):
+            return super().cross_entropy(logits, labels, reduction=reduction)
+        with self._cuda_device:
+            return self.kernels.cross_entropy(logits, labels, reduction)
+
+    def cross_entropy_backward(
+        self, g: Array, logits: Array, labels: Array, *, reduction: str
+    ) -> Array:
+        if not self.kernels.supports_rows(logits):
+            return super().cross_entropy_backward(g, logits, labels, reduction=reduction)
+        with self._cuda_device:
+            return self.kernels.cross_entropy_backward(g, logits, labels, reduction)
+
     def sgd_update(
         self,
         param: Array,

@@ -30,7 +30,7 @@ from .fused import ACTIVATIONS, FROM_OUTPUT, adam_scalars, check_activation, che
 BLOCK = 256
 BLOCKS_PER_SM = 32
 HEADER = "activations.cuh"
-SOURCES = ("elementwise.cu", "optim.cu")
+SOURCES = ("elementwise.cu", "optim.cu", "losses.cu")
 # Options for NVRTC beyond those CuPy adds itself (-arch, -ftz=true,
 # --device-as-default-execution-space); the NVRTC test compiles with both sets.
 NVRTC_OPTIONS = ("--std=c++17",)
@@ -44,7 +44,7 @@ DTYPES = {
 }
 SUFFIX = {dtype: sfx for sfx, (dtype, _, _) in DTYPES.items()}
 C_SCALARS = {"float": np.float32, "double": np.float64, "long long": np.int64, "int": np.int32}
-C_POINTEES = {c: dtype for dtype, c, _ in DTYPES.values()}
+C_POINTEES = {c: dtype for dtype, c, _ in DTYPES.values()} | {"long long": np.dtype(np.int64)}
 
 
 # ---------------------------------------------------------------------- sources
@@ -152,6 +152,19 @@ def _build_table() -> dict[str, KernelSpec]:
                 f"const {s}* x, const {s}* b, {s}* y, {s}* pre, long long rows, "
                 f"long long cols, {c} a",
             )
+    for sfx in ("f32", "f64"):
+        t = DTYPES[sfx][1]
+        add(
+            f"cross_entropy_rows_{sfx}",
+            "losses.cu",
+            f"const {t}* z, const long long* y, {t}* loss, long long n, long long c",
+        )
+        add(
+            f"cross_entropy_rows_backward_{sfx}",
+            "losses.cu",
+            f"const {t}* z, const long long* y, const {t}* g, {t}* dz, long long n, "
+            f"long long c, {t} scale, int g_per_row",
+        )
     add(
         "sgd_update_f32",
         "optim.cu",
@@ -259,6 +272,37 @@ class Kernels:
         rows, cols = x.shape
         self.launch(f"bias_{name}_fwd_{SUFFIX[x.dtype]}", x.size, x, b, y, pre, rows, cols, alpha)
         return y, pre
+
+    # ---------------------------------------------------------------- losses
+    def supports_rows(self, logits: Any) -> bool:
+        """Do the cross-entropy row kernels exist for these logits (float32/64, 2-d)?"""
+        return logits.ndim == 2 and logits.dtype in (np.float32, np.float64)
+
+    def _labels(self, labels: Any) -> Any:
+        return self.xp.ascontiguousarray(labels, dtype=np.int64)
+
+    def cross_entropy(self, logits: Any, labels: Any, reduction: str) -> Any:
+        """Per row logsumexp(z) - z[y] in one kernel, then the mean or sum (one reduction)."""
+        z, y = self._contiguous(logits), self._labels(labels)
+        n, c = z.shape
+        loss = self.xp.empty((n,), dtype=z.dtype)
+        self.launch(f"cross_entropy_rows_{SUFFIX[z.dtype]}", n, z, y, loss, n, c)
+        if reduction == "none":
+            return loss
+        total = loss.sum()
+        return total / n if reduction == "mean" else total
+
+    def cross_entropy_backward(self, g: Any, logits: Any, labels: Any, reduction: str) -> Any:
+        """(softmax(z) - onehot(y)) g per row (/ n for the mean) in one kernel."""
+        z, y = self._contiguous(logits), self._labels(labels)
+        n, c = z.shape
+        g = self._contiguous(self.xp.asarray(g, dtype=z.dtype).reshape(-1))
+        dz = self.xp.empty_like(z)
+        scale = 1.0 / n if reduction == "mean" and n else 1.0
+        per_row = reduction == "none"
+        kernel = f"cross_entropy_rows_backward_{SUFFIX[z.dtype]}"
+        self.launch(kernel, n, z, y, g, dz, n, c, scale, per_row)
+        return dz
 
     # ---------------------------------------------------------------- optimizer updates
     def _check_inplace(self, op: str, *arrays: Any) -> None:
