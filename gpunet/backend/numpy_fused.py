@@ -26,6 +26,7 @@ from .fused import (
     THREE_C,
     TWO_K,
     FusedOps,
+    adam_scalars,
     check_activation,
     check_flat,
     formula_name,
@@ -158,9 +159,37 @@ class NumpyFusedOps(FusedOps):
         decoupled: bool = False,
         step: int,
     ) -> None:
-        kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-        for args in _chunks(param, grad, m, v):
-            super().adam_update(*args, **kw, decoupled=decoupled, step=step)
+        check_flat("adam_update", param, grad, m, v)
+        l2, decay, step_size, bc2_sqrt = adam_scalars(
+            lr, beta1, beta2, weight_decay, decoupled, step
+        )
+        dt = param.dtype.type  # the scalars in the buffer's precision, as the kernel has them
+        b1, b2, one = dt(beta1), dt(beta2), dt(1.0)
+        c1, c2 = one - b1, one - b2
+        l2_, decay_, ss, bc2, eps_ = dt(l2), dt(decay), dt(step_size), dt(bc2_sqrt), dt(eps)
+        scratch = np.empty((2, min(param.size, CHUNK)), param.dtype)
+        for p, g, m_, v_ in _chunks(param, grad, m, v):
+            # FusedOps.adam_update's expression, operation for operation (the same bits),
+            # on two cache-sized scratch rows instead of fresh temporaries
+            t, u = scratch[0, : p.size].reshape(p.shape), scratch[1, : p.size].reshape(p.shape)
+            gi = g
+            if l2 != 0.0:
+                gi = np.multiply(p, l2_, out=t)
+                gi += g
+            if decay != 1.0:
+                p *= decay_
+            m_ *= b1
+            m_ += np.multiply(c1, gi, out=u)
+            sq = np.multiply(c2, gi, out=u)
+            sq *= gi
+            v_ *= b2
+            v_ += sq
+            q = np.sqrt(v_, out=u)
+            q /= bc2
+            q += eps_
+            q = np.divide(m_, q, out=u)
+            q *= ss
+            p -= q
 
     def grad_norm(self, x: Array) -> Array:
         flat = x.reshape(-1)
