@@ -461,3 +461,31 @@ def test_cross_entropy_rows_make_a_bad_labels_row_nan(cuda_on_cpu: CupyBackend) 
     dz = cuda_on_cpu.cross_entropy_backward(np.ones(4, np.float32), z, y, reduction="none")
     assert np.isnan(dz[[1, 3]]).all() and np.isfinite(dz[[0, 2]]).all()
     np.testing.assert_allclose(dz[[0, 2]].sum(axis=1), 0.0, atol=1e-6)  # softmax - onehot
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "tanh", "softplus"])
+def test_cupy_linear_and_gradient_writers_under_emulation(
+    cuda_on_cpu: CupyBackend, activation: str | None
+) -> None:
+    """CupyBackend's linear (GEMM, then the bias + activation kernel), matmul_into and
+    sum_into, run over NumPy arrays and the emulated kernels, against the NumPy backend."""
+    from gpunet.backend import get_backend
+
+    ref = get_backend("cpu")
+    r = np.random.default_rng(3)
+    x, w, b = (r.standard_normal(s).astype(np.float32) for s in ((6, 5), (5, 4), (4,)))
+    alpha = 1.5 if activation == "softplus" else 0.0
+    got = cuda_on_cpu.linear(x, w, b, activation=activation, alpha=alpha)
+    want = ref.linear(x, w, b, activation=activation, alpha=alpha)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    launched = [name for name, _, _ in cuda_on_cpu._kernels.launches]
+    assert launched == ([] if activation is None else [f"bias_{activation}_fwd_f32"])
+    for accumulate in (False, True):
+        dw, dw_ref = np.ones((5, 4), np.float32), np.ones((5, 4), np.float32)
+        cuda_on_cpu.matmul_into(dw, x, got, tx=True, ty=False, accumulate=accumulate)
+        ref.matmul_into(dw_ref, x, got, tx=True, ty=False, accumulate=accumulate)
+        np.testing.assert_allclose(dw, dw_ref, rtol=1e-6)
+        db, db_ref = np.ones(4, np.float32), np.ones(4, np.float32)
+        cuda_on_cpu.sum_into(db, got, axis=(0,), accumulate=accumulate)
+        ref.sum_into(db_ref, got, axis=(0,), accumulate=accumulate)
+        np.testing.assert_allclose(db, db_ref, rtol=1e-6)
