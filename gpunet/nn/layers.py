@@ -69,7 +69,12 @@ class Linear(Module):
 
 
 class Sequential(Module):
-    """Modules applied in order; children are named "0", "1", ... and indexable."""
+    """Modules applied in order; children are named "0", "1", ... and indexable.
+
+    A Linear (with a bias) followed by a fusable activation (relu, leaky_relu, elu, sigmoid,
+    tanh, softplus) on a 2-d input runs as one ``F.linear_activation``: the same values, with
+    the bias and the activation applied in place on the GEMM output and one dZ in backward.
+    """
 
     def __init__(self, *modules: Module) -> None:
         super().__init__()
@@ -77,8 +82,23 @@ class Sequential(Module):
             self.add_module(str(i), m)
 
     def forward(self, input: Any) -> Any:
-        for m in self._modules.values():
-            input = m(input)
+        layers = list(self._modules.values())
+        i = 0
+        while i < len(layers):
+            m = layers[i]
+            act = fusable_activation(layers[i + 1]) if i + 1 < len(layers) else None
+            if (
+                act is not None
+                and type(m) is Linear
+                and m.bias is not None
+                and isinstance(input, Tensor)
+                and input.ndim == 2
+            ):
+                input = F.linear_activation(input, m.weight, m.bias, *act)
+                i += 2
+            else:
+                input = m(input)
+                i += 1
         return input
 
     def append(self, module: Module) -> Sequential:
@@ -295,20 +315,3 @@ class MLP(Sequential):
                 layers.append(Dropout(dropout))
         super().__init__(*layers)
         self.sizes = tuple(sizes)
-
-    def forward(self, input: Tensor) -> Tensor:
-        """The layers in order; a Linear followed by a fusable activation (relu, leaky_relu,
-        elu, sigmoid, tanh, softplus) runs as one ``F.linear_activation``: the same values,
-        with the bias and the activation applied in place on the GEMM output."""
-        layers = list(self._modules.values())
-        i = 0
-        while i < len(layers):
-            m = layers[i]
-            act = fusable_activation(layers[i + 1]) if i + 1 < len(layers) else None
-            if act is not None and type(m) is Linear and m.bias is not None and input.ndim == 2:
-                input = F.linear_activation(input, m.weight, m.bias, *act)
-                i += 2
-            else:
-                input = m(input)
-                i += 1
-        return input

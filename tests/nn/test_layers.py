@@ -161,7 +161,6 @@ def test_two_layer_mlp_learns() -> None:
 def test_mlp_fuses_linear_and_activation_with_the_same_values_and_gradients(act) -> None:
     gpunet.manual_seed(3)
     mlp = nn.MLP([6, 5, 4, 3], activation=lambda: act, dtype="float64", device="cpu")
-    plain = nn.Sequential(*mlp._modules.values())  # the same layers, applied one by one
     x = gpunet.tensor(np.random.default_rng(0).standard_normal((7, 6)))
     out = mlp(x)
     assert out._node.prim.name == "linear" and out._node.parents[0].prim.name == "linear"
@@ -169,7 +168,9 @@ def test_mlp_fuses_linear_and_activation_with_the_same_values_and_gradients(act)
     out.sum().backward()
     fused = {n: p.grad.numpy().copy() for n, p in mlp.named_parameters()}
     mlp.zero_grad()
-    ref = plain(x)
+    ref = x
+    for m in mlp._modules.values():  # the same layers, applied one by one (unfused)
+        ref = m(ref)
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-12, atol=1e-14)
     ref.sum().backward()
     for n, p in mlp.named_parameters():
@@ -199,3 +200,13 @@ def test_linear_activation_second_order_through_the_fused_card() -> None:
     gpunet.testing.check_grads(
         lambda w, b: F.linear_activation(x, w, b, "tanh").sum(), (w, b), order=2
     )
+
+
+def test_a_users_sequential_fuses_too_and_leaves_other_inputs_alone() -> None:
+    seq = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2, bias=False), nn.ReLU())
+    out = seq(gpunet.randn(5, 4))
+    assert out._node.prim.name == "relu"  # no bias: not fused
+    assert out._node.parents[0].parents[0].prim.name == "linear"
+    assert out._node.parents[0].parents[0].params["activation"] == "tanh"
+    x3 = gpunet.randn(2, 5, 4)  # 3-d input: the modules one by one
+    assert seq(x3).shape == (2, 5, 2)
