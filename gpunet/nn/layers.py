@@ -15,6 +15,7 @@ from typing import Any
 from .. import dtypes, ops
 from ..activations import elu, gelu, leaky_relu, silu, softplus
 from ..backend import Device, default_device, get_backend
+from ..primitives.linalg import linear_fusable
 from ..tensor import Tensor
 from . import functional as F
 from . import init
@@ -248,18 +249,13 @@ class GELU(Module):
 
 def fusable_activation(m: Module) -> tuple[str, float] | None:
     """(name, parameter) when ``m`` is an activation ``F.linear_activation`` can fuse into
-    the Linear before it (derivative from the output), else None. Exact types only: a
-    subclass may compute something else."""
-    t = type(m)
-    if t is ReLU or t is Sigmoid or t is Tanh:
-        return {ReLU: "relu", Sigmoid: "sigmoid", Tanh: "tanh"}[t], 0.0
-    if t is LeakyReLU and m.negative_slope >= 0:
-        return "leaky_relu", m.negative_slope
-    if t is ELU and m.alpha >= 0:
-        return "elu", m.alpha
-    if t is Softplus:
-        return "softplus", m.beta
-    return None
+    the Linear before it (``linear_fusable``), else None. Exact types only: a subclass may
+    compute something else."""
+    name = _ACTIVATION_NAMES.get(type(m))
+    if name is None:
+        return None
+    alpha = getattr(m, _PARAMETER[name]) if name in _PARAMETER else 0.0
+    return (name, alpha) if linear_fusable(name, alpha) else None
 
 
 ACTIVATIONS: dict[str, type[Module]] = {
@@ -272,6 +268,8 @@ ACTIVATIONS: dict[str, type[Module]] = {
     "silu": SiLU,
     "gelu": GELU,
 }
+_ACTIVATION_NAMES = {cls: name for name, cls in ACTIVATIONS.items()}
+_PARAMETER = {"leaky_relu": "negative_slope", "elu": "alpha", "softplus": "beta"}  # the kernel's a
 
 
 class MLP(Sequential):

@@ -15,50 +15,44 @@ from ..tensor import Tensor
 from .card import primitive
 from .nn import fused_grad
 
-
-def _vjp_x(g, x, y, tx, ty):  # type: ignore[no-untyped-def]
-    """d/dx of op(x) @ op(y): g op(y)^T, transposed back when x entered transposed."""
-    if tx:
-        return bind(matmul, y, g, tx=ty, ty=True)  # (g op(y)^T)^T = op(y) g^T
-    return bind(matmul, g, y, tx=False, ty=not ty)
+Gemm = tuple[Tensor, Tensor, bool, bool]  # (a, b, ta, tb): the product op(a) @ op(b)
 
 
-def _vjp_y(g, x, y, tx, ty):  # type: ignore[no-untyped-def]
-    """d/dy of op(x) @ op(y): op(x)^T g, transposed back when y entered transposed."""
-    if ty:
-        return bind(matmul, g, x, tx=True, ty=tx)  # (op(x)^T g)^T = g^T op(x)
-    return bind(matmul, x, g, tx=not tx, ty=False)
+def _dx_gemm(g: Tensor, x: Tensor, y: Tensor, tx: bool, ty: bool) -> Gemm:
+    """d/dx of op(x) @ op(y) as one GEMM: g op(y)^T, transposed back when x entered
+    transposed ((g op(y)^T)^T = op(y) g^T)."""
+    return (y, g, ty, True) if tx else (g, y, False, not ty)
 
 
-def _gemm_into(out, accumulate: bool, a: Tensor, b: Tensor, tx: bool, ty: bool) -> None:  # type: ignore[no-untyped-def]
+def _dy_gemm(g: Tensor, x: Tensor, y: Tensor, tx: bool, ty: bool) -> Gemm:
+    """d/dy of op(x) @ op(y) as one GEMM: op(x)^T g, transposed back when y entered
+    transposed ((op(x)^T g)^T = g^T op(x))."""
+    return (g, x, True, tx) if ty else (x, g, not tx, False)
+
+
+def _gemm(a: Tensor, b: Tensor, ta: bool, tb: bool) -> Tensor:
+    return bind(matmul, a, b, tx=ta, ty=tb)
+
+
+def _gemm_into(out, accumulate: bool, a: Tensor, b: Tensor, ta: bool, tb: bool) -> None:  # type: ignore[no-untyped-def]
     """out (+)= op(a) @ op(b) in place: one GEMM writing a leaf's gradient buffer."""
-    a._backend.matmul_into(out, a.data, b.data, tx=tx, ty=ty, accumulate=accumulate)
+    a._backend.matmul_into(out, a.data, b.data, tx=ta, ty=tb, accumulate=accumulate)
     if STATE.flags & OBSERVE:
-        observe("matmul", (a, b), {"tx": tx, "ty": ty, "accumulate": accumulate}, out)
-
-
-def _vjp_x_into(out, acc, g, x, y, tx, ty):  # type: ignore[no-untyped-def]
-    """_vjp_x written into ``out``."""
-    if tx:
-        _gemm_into(out, acc, y, g, ty, True)
-    else:
-        _gemm_into(out, acc, g, y, False, not ty)
-
-
-def _vjp_y_into(out, acc, g, x, y, tx, ty):  # type: ignore[no-untyped-def]
-    """_vjp_y written into ``out``: for Y = X W, dW = X^T dY straight into W's buffer."""
-    if ty:
-        _gemm_into(out, acc, g, x, True, tx)
-    else:
-        _gemm_into(out, acc, x, g, not tx, False)
+        observe("matmul", (a, b), {"tx": ta, "ty": tb, "accumulate": accumulate}, out)
 
 
 matmul = primitive(
     "matmul",
     "op(x) @ op(y) (op transposes the last two axes when tx / ty); d/dx: g op(y)^T, "
     "d/dy: op(x)^T g",
-    vjp=(_vjp_x, _vjp_y),
-    vjp_into=(_vjp_x_into, _vjp_y_into),
+    vjp=(
+        lambda g, x, y, tx, ty: _gemm(*_dx_gemm(g, x, y, tx, ty)),
+        lambda g, x, y, tx, ty: _gemm(*_dy_gemm(g, x, y, tx, ty)),
+    ),
+    vjp_into=(
+        lambda out, acc, g, x, y, tx, ty: _gemm_into(out, acc, *_dx_gemm(g, x, y, tx, ty)),
+        lambda out, acc, g, x, y, tx, ty: _gemm_into(out, acc, *_dy_gemm(g, x, y, tx, ty)),
+    ),
     jvp=(
         lambda t, out, x, y, tx, ty: bind(matmul, t, y, tx=tx, ty=ty),
         lambda t, out, x, y, tx, ty: bind(matmul, x, t, tx=tx, ty=ty),
@@ -77,12 +71,13 @@ def _dz(g, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
     return g if activation is None else fused_grad(activation, g, y[0], alpha, True)
 
 
+# dX = dZ W^T and dW = X^T dZ: matmul's rules for z = x @ W
 def _linear_vjp_x(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
-    return bind(matmul, dz, w, tx=False, ty=True)  # dX = dZ W^T
+    return _gemm(*_dx_gemm(dz, x, w, False, False))
 
 
 def _linear_vjp_w(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
-    return bind(matmul, x, dz, tx=True, ty=False)  # dW = X^T dZ
+    return _gemm(*_dy_gemm(dz, x, w, False, False))
 
 
 def _linear_vjp_b(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
@@ -90,7 +85,7 @@ def _linear_vjp_b(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-d
 
 
 def _linear_vjp_w_into(out, acc, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
-    _gemm_into(out, acc, x, dz, True, False)
+    _gemm_into(out, acc, *_dy_gemm(dz, x, w, False, False))
 
 
 def _linear_vjp_b_into(out, acc, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
@@ -115,11 +110,15 @@ def _linear_jvp(which: int):  # type: ignore[no-untyped-def]
     return rule
 
 
+def linear_fusable(activation: str, alpha: float) -> bool:
+    """Can ``linear`` fuse this activation: is its derivative a function of its output alone?
+    (leaky_relu and elu only with a parameter >= 0: with a negative one the sign of x is lost.)"""
+    return activation in FROM_OUTPUT and not (activation in ("leaky_relu", "elu") and alpha < 0)
+
+
 def check_linear_activation(activation: str | None, alpha: float) -> None:
     """``linear`` fuses activations whose derivative it can take from its output alone."""
-    if activation is None:
-        return
-    if activation not in FROM_OUTPUT or (activation in ("leaky_relu", "elu") and alpha < 0):
+    if activation is not None and not linear_fusable(activation, alpha):
         raise ValueError(
             f"linear: cannot fuse activation {activation!r} (alpha {alpha}): fused are those "
             f"with a derivative from the output: {', '.join(sorted(FROM_OUTPUT))} (leaky_relu "
