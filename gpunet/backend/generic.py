@@ -35,6 +35,14 @@ def _full_key(key: tuple) -> tuple:
     return key if any(k is Ellipsis for k in key) else (*key, Ellipsis)
 
 
+def _write(out: Array, value: Array, accumulate: bool) -> None:
+    """out += value, or out = value, in place (the generic ``*_into`` methods)."""
+    if accumulate:
+        out += value
+    else:
+        out[...] = value
+
+
 class ArrayBackend(FusedOps):
     """Raw-array operations for one device, through an array-API namespace ``xp``; the fused
     activations and optimizer updates come from ``FusedOps`` (fused.py)."""
@@ -267,19 +275,11 @@ class ArrayBackend(FusedOps):
     def sum_into(self, out: Array, x: Array, *, axis: tuple[int, ...], accumulate: bool) -> None:
         """out = x summed over ``axis``, or out += it when ``accumulate``, in place: a bias
         gradient written straight into its buffer. (Generic: through a temporary.)"""
-        r = self.sum(x, axis=axis, keepdims=False)
-        if accumulate:
-            out += r
-        else:
-            out[...] = r
+        _write(out, self.sum(x, axis=axis, keepdims=False), accumulate)
 
     def matmul_into(
         self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool
     ) -> None:
         """out = op(x) @ op(y), or out += op(x) @ op(y) when ``accumulate``, in place: a
         weight gradient written straight into its buffer. (Generic: through a temporary.)"""
-        r = self.matmul(x, y, tx=tx, ty=ty)
-        if accumulate:
-            out += r
-        else:
-            out[...] = r
+        _write(out, self.matmul(x, y, tx=tx, ty=ty), accumulate)

@@ -189,6 +189,8 @@ def test_activations_that_need_their_input_are_not_fused() -> None:
         F.linear_activation(x, w, b, "gelu")
     with pytest.raises(ValueError, match=r"input \(5, 4\) @ weight \(3, 4\)"):
         F.linear_activation(x, gpunet.randn(3, 4), b, "relu")
+    with pytest.raises(ValueError, match=r"input \(2, 5, 4\).*need input \(n, in\)"):
+        F.linear_activation(gpunet.randn(2, 5, 4), w, b, "relu")
 
 
 def test_linear_activation_second_order_through_the_fused_card() -> None:
