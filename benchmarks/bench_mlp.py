@@ -6,6 +6,8 @@ update. The versions of the same work, each defined once in ``gpunet.bench.workl
 ``gpunet bench`` times too, interleaved, with ratios):
 
 - ``gpunet``: ``nn.MLP`` + ``F.cross_entropy`` + ``optim.SGD`` (flat parameter buffer);
+- ``gpunet-in-backward``: the same with ``SGD(in_backward=True)``, each weight's step folded
+  into its gradient's GEMM (W <- W - lr X^T dY, BLAS's alpha and beta);
 - ``numpy``: the step written by hand (in-place bias adds, relu masks, updates);
 - ``gemm-floor``: only the step's GEMMs (forward X W, backward dY W^T and X^T dY per layer),
   on preallocated outputs: what no implementation of this step can beat;
@@ -26,14 +28,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpunet.bench.workloads import MLP_IMPLS, MLP_SIZES, Unavailable, mlp_state
+from gpunet.bench.workloads import MLP_IMPLS, MLP_SIZES, MLP_VARIANTS, Unavailable, mlp_state
 
 SIZES = MLP_SIZES
 
 
-def test_steps_agree() -> None:
+@pytest.mark.parametrize("impl", ["gpunet", *MLP_VARIANTS])
+def test_steps_agree(impl: str) -> None:
     s = mlp_state([20, 16, 16, 5], 8)
-    g, n = MLP_IMPLS["gpunet"](s), MLP_IMPLS["numpy"](s)
+    g, n = MLP_IMPLS[impl](s), MLP_IMPLS["numpy"](s)
     for _ in range(3):
         g.step()
         n.step()

@@ -415,6 +415,9 @@ def backprop(
         create_graph = STATE.grad_enabled and _depends_on_others(order, inputs or ())
     retain_graph = retain_graph or create_graph  # the new graph goes through the old one
     input_grads: dict[Node, Tensor] = {}
+    into_ok = not create_graph and inputs is None  # may rules write into leaves' arrays?
+    # Leaves that take their update in backward (grad_sink) -> how many edges reach them.
+    uses = _sink_uses(order) if into_ok and Tensor._any_sink else None
     stop = set(targets)
     state = STATE
     anomaly = state.anomaly
@@ -445,14 +448,24 @@ def backprop(
             params = node.params
             if prim.vjp_pre is not None:
                 g = prim.vjp_pre(g, *saved, **params)
-            into = None if create_graph or inputs is not None else prim.vjp_into
+            into = prim.vjp_into if into_ok else None
+            # A leaf stepped in backward by this node's rule, after the node's other rules
+            # have read it. One per node: a second one's rule might read the first (dW of
+            # W @ X reads X, dX reads W); others take the whole-gradient path at the end.
+            step = None
             for i, parent in enumerate(node.parents):
                 if parent is None:
                     continue
                 if into is not None and into[i] is not None and type(parent) is not Node:
+                    if step is None and uses is not None and uses.get(id(parent)) == 1:
+                        coef = parent.grad_sink.coefficients()
+                        if coef is not None:  # its one use: the rule writes the update
+                            step = (into[i], parent.data, coef)
+                            continue
                     buf = _writable_buffer(parent, leaf_grads)
                     if buf is not None:  # the gradient lands in the leaf's buffer
-                        into[i](buf, parent.grad is not None, g, *saved, **params)
+                        beta = 0.0 if parent.grad is None else 1.0  # write, or sum into
+                        into[i](buf, 1.0, beta, g, *saved, **params)
                         leaf_grads[id(parent)] = [parent, Tensor._wrap(buf, g._backend), buf]
                         continue
                 rule = prim.vjp_rule(i) if prim.variadic else prim.vjp[i]  # type: ignore[index]
@@ -462,6 +475,9 @@ def backprop(
                     grads[parent] = gi if prev is None else ops.add(prev, gi)
                 else:
                     _add_leaf(leaf_grads, parent, gi)
+            if step is not None:  # after every rule above has read the leaf's old value
+                rule, data, (alpha, beta) = step
+                rule(data, alpha, beta, g, *saved, **params)
             if not retain_graph:
                 node.saved = None
                 node.out_data = None
@@ -485,7 +501,11 @@ def backprop(
             continue
         if leaf.hooks:
             g = _run_hooks(leaf.hooks, g)
-        if leaf.grad is None:
+        sink = leaf.grad_sink if Tensor._any_sink else None
+        coef = None if sink is None else sink.coefficients()
+        if coef is not None:  # the leaf's update in backward, from its whole gradient
+            _apply_sink(leaf, g, *coef)
+        elif leaf.grad is None:
             if id(g.data) in seen_arrays or getattr(g.data, "base", None) is not None:
                 g = ops.copy(g)  # never alias an array someone else holds into .grad
             seen_arrays.add(id(g.data))
@@ -513,6 +533,27 @@ def _depends_on_others(order: list[Node], inputs: Sequence[Tensor]) -> bool:
         return True
     own = {id(x) for x in inputs}
     return any(isinstance(p, Tensor) and id(p) not in own for node in order for p in node.parents)
+
+
+def _sink_uses(order: list[Node]) -> dict[int, int]:
+    """id(leaf) -> the number of edges from ``order`` to it, for leaves with a ``grad_sink``
+    and no hooks. A leaf used once can be updated in place by that use's rule: no other
+    rule of this sweep reads it afterwards (every node holding it or a view of it is that
+    use or downstream of it, so it has run already)."""
+    uses: dict[int, int] = {}
+    for node in order:
+        for p in node.parents:
+            if p is not None and type(p) is not Node and p.grad_sink is not None and not p.hooks:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+    return uses
+
+
+def _apply_sink(leaf: Tensor, g: Tensor, alpha: float, beta: float) -> None:
+    """leaf <- alpha g + beta leaf, in place: a leaf's update in backward, where its gradient
+    came from several uses or from rules that cannot write into it."""
+    leaf._backend.axpby_into(leaf.data, g.data, alpha=alpha, beta=beta)
+    if STATE.flags & OBSERVE:
+        observe("axpby", (g, leaf), {"alpha": alpha, "beta": beta}, leaf.data)
 
 
 def _writable_buffer(leaf: Tensor, leaf_grads: dict[int, list]) -> Any:

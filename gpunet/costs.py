@@ -60,7 +60,7 @@ FREE = Cost()  # a view: no launch, no traffic
 # backend still composes them from CuPy array ops (backend/generic.py: the unfused cost).
 # ``roofline`` also reports the step as CuPy runs it today, with these unfused (and see
 # ``composed_on_cupy`` for linear and the accumulating GEMM and sum).
-COMPOSED_ON_CUPY = frozenset({"logsumexp"})
+COMPOSED_ON_CUPY = frozenset({"logsumexp", "axpby"})
 
 
 def composed_on_cupy(name: str, params: dict) -> bool:
@@ -69,9 +69,12 @@ def composed_on_cupy(name: str, params: dict) -> bool:
     without one, as the GEMM and a broadcast add.)"""
     if name == "linear":
         return params.get("activation") is None
-    return name in COMPOSED_ON_CUPY or (
-        name in ("matmul", "sum") and bool(params.get("accumulate"))
-    )
+    return name in COMPOSED_ON_CUPY or (name in ("matmul", "sum") and _reads_out(params))
+
+
+def _reads_out(params: dict) -> bool:
+    """Does an in-place GEMM or sum read the array it writes (BLAS's beta != 0)?"""
+    return bool(params.get("beta", 0.0))
 
 
 @dataclass(frozen=True)
@@ -231,10 +234,10 @@ def _slice_transpose(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
 
 @rule("sum", "max", "argmax")
 def _reduce(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
-    """One reduction kernel, one FLOP per input element (with ``accumulate``, a gradient
-    summed into its buffer, it also reads the buffer and adds: one FLOP per output more)."""
+    """One reduction kernel, one FLOP per input element (summed into an existing array,
+    beta != 0: it also reads that array and adds, one FLOP per output more)."""
     reads, written = _io(ins, out)
-    if params.get("accumulate") and out is not None:
+    if _reads_out(params) and out is not None:
         return _same(kernel([*reads, out.nbytes], written, ins[0].size + out.size))
     return _same(kernel(reads, written, ins[0].size))
 
@@ -247,13 +250,13 @@ def _gemm(x: Operand, reads: list[int], out: Operand, tx: bool) -> Cost:
 
 @rule("matmul")
 def _matmul(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
-    """op(x) @ op(y): one GEMM. With ``accumulate`` (out += op(x) @ op(y), a gradient written
-    into its buffer) one GEMM that also reads out (beta = 1); unfused, a GEMM into a
-    temporary and an add."""
+    """op(x) @ op(y): one GEMM. Into an existing array (out <- alpha op(x) op(y) + beta out
+    with beta != 0: a gradient summed into its buffer, or an SGD step on the weight) one GEMM
+    that also reads out; unfused, a GEMM into a temporary and an add."""
     assert out is not None
     x, tx = ins[0], bool(params.get("tx"))
     reads = [a.nbytes for a in ins]
-    if not params.get("accumulate"):
+    if not _reads_out(params):
         return _same(_gemm(x, reads, out, tx))
     add = kernel([out.nbytes, out.nbytes], out.nbytes, out.size)
     return _gemm(x, [*reads, out.nbytes], out, tx), _gemm(x, reads, out, tx) + add
@@ -398,6 +401,20 @@ def sgd_ops(momentum: float, weight_decay: float, nesterov: bool, first_step: bo
         if nesterov:
             ops += [_U, _B]
     return ops + [_U, _B]
+
+
+@rule("axpby")
+def _axpby(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
+    """p <- alpha g + beta p (a leaf's update in backward): one kernel reading g and p and
+    writing p, 2 FLOPs per element; unfused, a scale into a temporary, a scale and an add."""
+    g, p = ins
+    fused = kernel([g.nbytes, p.nbytes], p.nbytes, 2 * p.size)
+    unfused = (
+        kernel([g.nbytes], g.nbytes, g.size)
+        + kernel([p.nbytes], p.nbytes, p.size)
+        + kernel([p.nbytes, g.nbytes], p.nbytes, p.size)
+    )
+    return fused, unfused
 
 
 @rule("sgd_update")

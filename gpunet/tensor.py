@@ -33,6 +33,7 @@ class Tensor:
         "_backend",
         "_grad",
         "_grad_buffer",
+        "_grad_sink",
         "_hooks",
         "_node",
         "_requires_grad",
@@ -91,6 +92,29 @@ class Tensor:
                 f"shape, got {array.dtype} {tuple(array.shape)}"
             )
         self._grad_buffer = array
+
+    # Set once any tensor has had a grad_sink: until then backward skips looking for them.
+    _any_sink = False
+
+    @property
+    def grad_sink(self) -> Any:
+        """An update that backward applies to this leaf in place of storing its gradient g:
+        ``data <- alpha g + beta data`` with ``(alpha, beta) = grad_sink.coefficients()``
+        (None from it: inactive, g goes to ``grad`` as usual). ``grad`` stays None.
+
+        ``optim.SGD(..., in_backward=True)`` sets it to (-lr, 1 - lr wd): the step happens
+        inside backward, and where the leaf's one use is a weight in a GEMM, the step is that
+        GEMM (W <- W - lr X^T dY, BLAS's alpha and beta): no gradient array, no update pass.
+        """
+        return getattr(self, "_grad_sink", None)  # unset on most tensors
+
+    @grad_sink.setter
+    def grad_sink(self, sink: Any) -> None:
+        if sink is not None:
+            if self._node is not None:
+                raise ValueError("grad_sink: only a leaf tensor can take its update in backward")
+            Tensor._any_sink = True
+        self._grad_sink = sink
 
     @property
     def hooks(self) -> list | None:

@@ -210,28 +210,50 @@ def test_cases_cover_every_differentiable_primitive_forward() -> None:
     assert set(REGISTRY) - covered <= {"device_put"}
 
 
-@pytest.mark.parametrize("accumulate", [False, True])
+# out <- alpha P + beta out: write, sum into, a scaled write, an SGD step with weight decay
+SCALINGS = [(1.0, 0.0), (1.0, 1.0), (-0.5, 0.0), (-0.1, 0.99)]
+
+
+@pytest.mark.parametrize(("alpha", "beta"), SCALINGS)
 @pytest.mark.parametrize(("tx", "ty"), [(False, False), (True, False), (False, True)])
-def test_matmul_into_on_array_api_strict_matches_numpy(strict, ref, tx, ty, accumulate) -> None:
+def test_matmul_into_on_array_api_strict_matches_numpy(strict, ref, tx, ty, alpha, beta) -> None:
     a, b = (X.T.copy() if tx else X), (Y if ty else Y.T.copy())
     c0 = gen().standard_normal((3, 3))
     want, got = c0.copy(), strict.asarray(c0.copy())
-    ref.matmul_into(want, a, b, tx=tx, ty=ty, accumulate=accumulate)
+    ref.matmul_into(want, a, b, tx=tx, ty=ty, alpha=alpha, beta=beta)
     strict.matmul_into(
-        got, strict.asarray(a), strict.asarray(b), tx=tx, ty=ty, accumulate=accumulate
+        got, strict.asarray(a), strict.asarray(b), tx=tx, ty=ty, alpha=alpha, beta=beta
     )
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
-    np.testing.assert_allclose(want, c0 * accumulate + X @ Y.T, rtol=1e-12)
+    np.testing.assert_allclose(want, beta * c0 + alpha * (X @ Y.T), rtol=1e-12)
 
 
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_sum_into_on_array_api_strict_matches_numpy(strict, ref, accumulate) -> None:
+@pytest.mark.parametrize(("alpha", "beta"), SCALINGS)
+def test_sum_into_and_axpby_on_array_api_strict_match_numpy(strict, ref, alpha, beta) -> None:
     c0 = gen().standard_normal(4)
     want, got = c0.copy(), strict.asarray(c0.copy())
-    ref.sum_into(want, X, axis=(0,), accumulate=accumulate)
-    strict.sum_into(got, strict.asarray(X), axis=(0,), accumulate=accumulate)
+    ref.sum_into(want, X, axis=(0,), alpha=alpha, beta=beta)
+    strict.sum_into(got, strict.asarray(X), axis=(0,), alpha=alpha, beta=beta)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
-    np.testing.assert_allclose(want, c0 * accumulate + X.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(want, beta * c0 + alpha * X.sum(0), rtol=1e-12)
+    x = X[0].copy()
+    want, got = c0.copy(), strict.asarray(c0.copy())
+    ref.axpby_into(want, x, alpha=alpha, beta=beta)
+    strict.axpby_into(got, strict.asarray(x), alpha=alpha, beta=beta)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+    np.testing.assert_allclose(want, beta * c0 + alpha * x, rtol=1e-12)
+    np.testing.assert_array_equal(x, X[0])  # x is not written
+
+
+def test_beta_zero_does_not_read_out(ref) -> None:
+    """BLAS's convention: with beta = 0, NaN or inf already in out does not leak through."""
+    for alpha in (1.0, -0.5):
+        out = np.full((3, 3), np.nan)
+        ref.matmul_into(out, X, Y, tx=False, ty=True, alpha=alpha, beta=0.0)
+        np.testing.assert_allclose(out, alpha * (X @ Y.T), rtol=1e-12)
+        out = np.full(4, np.inf)
+        ref.sum_into(out, X, axis=(0,), alpha=alpha, beta=0.0)
+        np.testing.assert_allclose(out, alpha * X.sum(0), rtol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log(0) = -inf is right

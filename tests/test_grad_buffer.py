@@ -135,12 +135,14 @@ def test_optimizer_gradients_land_in_its_flat_array() -> None:
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("tx", [False, True])
 @pytest.mark.parametrize("ty", [False, True])
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_matmul_into_writes_or_adds_in_place(dtype: Any, tx: bool, ty: bool, accumulate: bool):
+@pytest.mark.parametrize(("alpha", "beta"), [(1.0, 0.0), (1.0, 1.0), (-0.1, 0.99)])
+def test_matmul_into_writes_or_adds_in_place(
+    dtype: Any, tx: bool, ty: bool, alpha: float, beta: float
+) -> None:
     x = R.standard_normal((7, 5) if tx else (5, 7)).astype(dtype)
     y = R.standard_normal((3, 7) if ty else (7, 3)).astype(dtype)
     c = R.standard_normal((5, 3)).astype(dtype)
-    expect = c * accumulate + (x.T if tx else x) @ (y.T if ty else y)
+    expect = beta * c + alpha * ((x.T if tx else x) @ (y.T if ty else y))
     be = gpunet.backend.get_backend("cpu")
-    be.matmul_into(c, x, y, tx=tx, ty=ty, accumulate=accumulate)
+    be.matmul_into(c, x, y, tx=tx, ty=ty, alpha=alpha, beta=beta)
     np.testing.assert_allclose(c, expect, rtol=1e-5 if dtype == np.float32 else 1e-12)

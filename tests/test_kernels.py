@@ -480,12 +480,12 @@ def test_cupy_linear_and_gradient_writers_under_emulation(
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     launched = [name for name, _, _ in cuda_on_cpu._kernels.launches]
     assert launched == ([] if activation is None else [f"bias_{activation}_fwd_f32"])
-    for accumulate in (False, True):
+    for a, b in ((1.0, 0.0), (1.0, 1.0), (-0.1, 0.99)):  # write, sum into, SGD step
         dw, dw_ref = np.ones((5, 4), np.float32), np.ones((5, 4), np.float32)
-        cuda_on_cpu.matmul_into(dw, x, got, tx=True, ty=False, accumulate=accumulate)
-        ref.matmul_into(dw_ref, x, got, tx=True, ty=False, accumulate=accumulate)
+        cuda_on_cpu.matmul_into(dw, x, got, tx=True, ty=False, alpha=a, beta=b)
+        ref.matmul_into(dw_ref, x, got, tx=True, ty=False, alpha=a, beta=b)
         np.testing.assert_allclose(dw, dw_ref, rtol=1e-6)
         db, db_ref = np.ones(4, np.float32), np.ones(4, np.float32)
-        cuda_on_cpu.sum_into(db, got, axis=(0,), accumulate=accumulate)
-        ref.sum_into(db_ref, got, axis=(0,), accumulate=accumulate)
+        cuda_on_cpu.sum_into(db, got, axis=(0,), alpha=a, beta=b)
+        ref.sum_into(db_ref, got, axis=(0,), alpha=a, beta=b)
         np.testing.assert_allclose(db, db_ref, rtol=1e-6)

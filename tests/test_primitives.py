@@ -563,8 +563,8 @@ def test_cast_to_float32_and_back() -> None:
 @pytest.mark.parametrize("name", sorted(n for n, p in P.REGISTRY.items() if p.vjp_into))
 @given(data=st.data())
 def test_vjp_into_writes_what_the_vjp_returns(name: str, data: st.DataObject) -> None:
-    """Each in-place VJP rule (used for gradient buffers) equals its returning rule, both
-    overwriting the buffer and adding to it."""
+    """Each in-place VJP rule (gradient buffers, SGD in backward) equals its returning rule:
+    out <- alpha rule + beta out, overwriting (beta = 0), adding, and scaling both."""
     prim = P.REGISTRY[name]
     case = SPECS[name](data.draw)
     xs = [x.requires_grad_() for x in _tensors(case.args)]
@@ -577,7 +577,9 @@ def test_vjp_into_writes_what_the_vjp_returns(name: str, data: st.DataObject) ->
             continue
         expect = prim.vjp[i](g, *saved, **node.params).numpy()
         buf = np.full(expect.shape, np.nan)
-        into(buf, False, g, *saved, **node.params)
+        into(buf, 1.0, 0.0, g, *saved, **node.params)
         np.testing.assert_allclose(buf, expect, rtol=1e-12, atol=1e-12)
-        into(buf, True, g, *saved, **node.params)
+        into(buf, 1.0, 1.0, g, *saved, **node.params)
         np.testing.assert_allclose(buf, 2 * expect, rtol=1e-12, atol=1e-12)
+        into(buf, -0.5, 2.0, g, *saved, **node.params)  # an SGD-like step: 4e - 0.5e
+        np.testing.assert_allclose(buf, 3.5 * expect, rtol=1e-12, atol=1e-12)

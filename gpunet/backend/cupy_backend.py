@@ -71,22 +71,32 @@ class CupyBackend(ArrayBackend):
                 return z
             return self.bias_activation(z, b, name=activation, alpha=alpha)[0]  # one kernel
 
-    def sum_into(self, out: Array, x: Array, *, axis: tuple[int, ...], accumulate: bool) -> None:
+    def sum_into(
+        self, out: Array, x: Array, *, axis: tuple[int, ...], alpha: float = 1.0, beta: float = 0.0
+    ) -> None:
         with self._cuda_device:
-            if accumulate:
-                out += self.cupy.sum(x, axis=axis)
-            else:
+            if alpha == 1.0 and beta == 0.0:
                 self.cupy.sum(x, axis=axis, out=out)
+            else:
+                super().sum_into(out, x, axis=axis, alpha=alpha, beta=beta)
 
     def matmul_into(
-        self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool
+        self,
+        out: Array,
+        x: Array,
+        y: Array,
+        *,
+        tx: bool,
+        ty: bool,
+        alpha: float = 1.0,
+        beta: float = 0.0,
     ) -> None:
-        a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
         with self._cuda_device:
-            if accumulate:
-                out += self.cupy.matmul(a, b)
-            else:
+            if alpha == 1.0 and beta == 0.0:
+                a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
                 self.cupy.matmul(a, b, out=out)  # cuBLAS writes out directly
+            else:  # through a temporary (cuBLAS's own beta: not yet wired)
+                super().matmul_into(out, x, y, tx=tx, ty=ty, alpha=alpha, beta=beta)
 
     def scatter_add(self, g: Array, indices: Array, *, axis: int, size: int) -> Array:
         import cupyx

@@ -35,12 +35,17 @@ def _full_key(key: tuple) -> tuple:
     return key if any(k is Ellipsis for k in key) else (*key, Ellipsis)
 
 
-def _write(out: Array, value: Array, accumulate: bool) -> None:
-    """out += value, or out = value, in place (the generic ``*_into`` methods)."""
-    if accumulate:
-        out += value
-    else:
+def _write(out: Array, value: Array, alpha: float, beta: float) -> None:
+    """out <- alpha value + beta out, in place, scaling the fresh ``value`` in place (BLAS's
+    convention: with beta = 0, out is written without being read)."""
+    if alpha != 1.0:
+        value *= alpha
+    if beta == 0.0:
         out[...] = value
+        return
+    if beta != 1.0:
+        out *= beta
+    out += value
 
 
 class ArrayBackend(FusedOps):
@@ -272,14 +277,30 @@ class ArrayBackend(FusedOps):
         z = self.xp.matmul(x, w) + b
         return z if activation is None else self.activation(z, name=activation, alpha=alpha)
 
-    def sum_into(self, out: Array, x: Array, *, axis: tuple[int, ...], accumulate: bool) -> None:
-        """out = x summed over ``axis``, or out += it when ``accumulate``, in place: a bias
-        gradient written straight into its buffer. (Generic: through a temporary.)"""
-        _write(out, self.sum(x, axis=axis, keepdims=False), accumulate)
+    def sum_into(
+        self, out: Array, x: Array, *, axis: tuple[int, ...], alpha: float = 1.0, beta: float = 0.0
+    ) -> None:
+        """out <- alpha sum_axis(x) + beta out, in place: a bias gradient written (beta = 0) or
+        summed (beta = 1) into its buffer, or an SGD step on the bias itself (alpha = -lr).
+        (Generic: through a temporary.)"""
+        _write(out, self.sum(x, axis=axis, keepdims=False), alpha, beta)
 
     def matmul_into(
-        self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool
+        self,
+        out: Array,
+        x: Array,
+        y: Array,
+        *,
+        tx: bool,
+        ty: bool,
+        alpha: float = 1.0,
+        beta: float = 0.0,
     ) -> None:
-        """out = op(x) @ op(y), or out += op(x) @ op(y) when ``accumulate``, in place: a
-        weight gradient written straight into its buffer. (Generic: through a temporary.)"""
-        _write(out, self.matmul(x, y, tx=tx, ty=ty), accumulate)
+        """out <- alpha op(x) @ op(y) + beta out, in place (BLAS's GEMM): a weight gradient
+        written (beta = 0) or summed (beta = 1) into its buffer, or an SGD step on the weight
+        itself (alpha = -lr). (Generic: through a temporary.)"""
+        _write(out, self.matmul(x, y, tx=tx, ty=ty), alpha, beta)
+
+    def axpby_into(self, out: Array, x: Array, *, alpha: float, beta: float) -> None:
+        """out <- alpha x + beta out, in place (x is not written)."""
+        _write(out, alpha * x, 1.0, beta)

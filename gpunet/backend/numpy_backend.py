@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from . import blas
 from .generic import Array, ArrayBackend, Axes, Shape
 from .numpy_fused import NumpyFusedOps
 
@@ -73,20 +74,33 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
             return np.maximum(out, 0, out=out)  # in place too
         return self.activation(out, name=activation, alpha=alpha)
 
-    def sum_into(self, out: Array, x: Array, *, axis: tuple[int, ...], accumulate: bool) -> None:
-        if accumulate:
-            out += np.add.reduce(x, axis=axis)
+    def sum_into(
+        self, out: Array, x: Array, *, axis: tuple[int, ...], alpha: float = 1.0, beta: float = 0.0
+    ) -> None:
+        if alpha == 1.0 and beta == 0.0:
+            np.add.reduce(x, axis=axis, out=out)  # no temporary
         else:
-            np.add.reduce(x, axis=axis, out=out)
+            super().sum_into(out, x, axis=axis, alpha=alpha, beta=beta)
 
     def matmul_into(
-        self, out: Array, x: Array, y: Array, *, tx: bool, ty: bool, accumulate: bool
+        self,
+        out: Array,
+        x: Array,
+        y: Array,
+        *,
+        tx: bool,
+        ty: bool,
+        alpha: float = 1.0,
+        beta: float = 0.0,
     ) -> None:
-        a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
-        if accumulate:  # NumPy has no GEMM with beta = 1 (SciPy's would start a second
-            out += np.matmul(a, b)  # OpenBLAS thread pool, which fights NumPy's for cores)
-        else:
-            np.matmul(a, b, out=out)  # BLAS writes out directly (no temporary, no copy)
+        """One BLAS call: NumPy's GEMM when out = op(x) op(y) (it writes out directly), else
+        the GEMM with alpha and beta of NumPy's own OpenBLAS (``blas.py``), which scales and
+        accumulates as it writes: no temporary and no second pass over out. Where that BLAS
+        is not found, a GEMM into a temporary and a scaled add."""
+        if alpha == 1.0 and beta == 0.0:
+            np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y, out=out)
+        elif not blas.gemm(out, x, y, tx, ty, alpha, beta):
+            super().matmul_into(out, x, y, tx=tx, ty=ty, alpha=alpha, beta=beta)
 
     def sum(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
         return np.add.reduce(x, axis=axis, keepdims=keepdims)  # np.sum's wrapper costs 3 us

@@ -32,7 +32,9 @@ CROSSOVER_MODEL = "small"
 CROSSOVER_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 QUICK_CROSSOVER_BATCHES = (16, 256)
 MODEL_GPU = "H100"
-CUPY_POOL_USERS = frozenset({"gemm-floor", "numpy", "gpunet"})  # whose GPU memory the pool shows
+CUPY_POOL_USERS = frozenset(
+    {"gemm-floor", "numpy", "gpunet", "gpunet-in-backward"}
+)  # whose GPU memory the pool shows
 CHECK_RTOL = 1e-3  # first-call results of one group must agree to this (float32, many BLASes)
 
 
@@ -109,15 +111,17 @@ def power_label(n: int) -> str:
     return f"10^{k}" if 10**k == n else str(n)
 
 
-def _frameworks(floors: dict, peers: dict, with_peers: bool) -> list[str]:
-    return [*floors, "gpunet", *(peers if with_peers else ())]
+def _frameworks(
+    floors: dict, peers: dict, with_peers: bool, variants: dict | None = None
+) -> list[str]:
+    return [*floors, "gpunet", *(variants or ()), *(peers if with_peers else ())]
 
 
 def plan(config: Config) -> list[Group]:
     """The groups of a run, in order: MLP sizes small to large, then ops by size."""
     groups = []
     if "mlp" in config.suites:
-        names = _frameworks(W.MLP_FLOORS, W.MLP_PEERS, config.peers)
+        names = _frameworks(W.MLP_FLOORS, W.MLP_PEERS, config.peers, W.MLP_VARIANTS)
         for size in config.mlp_sizes:
             sizes, batch = W.MLP_SIZES[size]
             state = _lazy_state(sizes, batch)

@@ -212,8 +212,11 @@ def gemm_floor(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
 
 
 # ---------------------------------------------------------------------- MLP steps: gpunet
-def gpunet_step(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
-    """``nn.MLP`` + ``F.cross_entropy`` + ``optim.SGD`` (flat parameter buffer)."""
+def gpunet_step(
+    s: MlpState, device: str = "cpu", lr: float = LR, in_backward: bool = False
+) -> Workload:
+    """``nn.MLP`` + ``F.cross_entropy`` + ``optim.SGD`` (flat parameter buffer); with
+    ``in_backward``, SGD's step taken inside backward (folded into the weight GEMMs)."""
     import gpunet
     import gpunet.nn.functional as F
     from gpunet import nn, optim
@@ -225,7 +228,7 @@ def gpunet_step(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
         for lin, w, b in zip(linears, s.weights, s.biases):
             lin.weight.data[...] = xp.asarray(w)
             lin.bias.data[...] = xp.asarray(b)
-    opt = optim.SGD(model.parameters(), lr=lr)
+    opt = optim.SGD(model.parameters(), lr=lr, in_backward=in_backward)
     x, y = gpunet.tensor(s.x, device=device), gpunet.tensor(s.y, device=device)
 
     def step() -> Any:
@@ -377,7 +380,21 @@ MLP_PEERS: dict[str, MlpFactory] = {
     "jax": jax_step,
     "autograd": autograd_step,
 }
-MLP_IMPLS: dict[str, MlpFactory] = {**MLP_FLOORS, "gpunet": gpunet_step, **MLP_PEERS}
+
+
+def gpunet_step_in_backward(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
+    """``gpunet_step`` with ``SGD(in_backward=True)``: W <- W - lr X^T dY as one GEMM."""
+    return gpunet_step(s, device, lr, in_backward=True)
+
+
+# gpunet's other ways to run the same step, timed beside "gpunet" (the default way)
+MLP_VARIANTS: dict[str, MlpFactory] = {"gpunet-in-backward": gpunet_step_in_backward}
+MLP_IMPLS: dict[str, MlpFactory] = {
+    **MLP_FLOORS,
+    "gpunet": gpunet_step,
+    **MLP_VARIANTS,
+    **MLP_PEERS,
+}
 
 
 # ---------------------------------------------------------------------- single ops

@@ -12,8 +12,17 @@ from .flat import flat_of
 Array = Any
 
 
-def _with_grads(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
+def _with_grads(parameters: Tensor | Iterable[Tensor], op: str) -> list[Tensor]:
+    """The parameters that have a gradient; an error for one updated inside backward."""
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    for p in params:
+        sink = p.grad_sink
+        if sink is not None and sink.coefficients() is not None:
+            raise RuntimeError(
+                f"{op}: a {p.dtype} {p.shape} parameter is updated inside backward "
+                "(SGD(in_backward=True)), so its gradient is never stored and cannot be "
+                "clipped; use SGD(in_backward=False) to clip gradients"
+            )
     return [p for p in params if p.grad is not None]
 
 
@@ -27,7 +36,7 @@ def clip_grad_norm_(
     ``max_norm``: g *= min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping.
     Gradients of parameters an optimizer packed are clipped in its flat gradient array: one
     ``grad_norm`` and one scaling pass per contiguous range (one, for a whole model)."""
-    params = _with_grads(parameters)
+    params = _with_grads(parameters, "clip_grad_norm_")
     if not params:
         from ..creation import tensor
 
@@ -68,7 +77,7 @@ def clip_grad_norm_(
 
 def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float) -> None:
     """Clamp every gradient element to [-clip_value, clip_value] in place."""
-    for p in _with_grads(parameters):
+    for p in _with_grads(parameters, "clip_grad_value_"):
         g = p.grad.data
         g[...] = p.grad._backend.xp.clip(g, -clip_value, clip_value)
 

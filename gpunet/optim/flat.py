@@ -47,7 +47,7 @@ def flat_of(p: Tensor) -> tuple[FlatBuffer, int] | None:
 class FlatBuffer:
     """Parameters of one device and dtype packed, in order, into one 1-d array."""
 
-    def __init__(self, params: list[Tensor]) -> None:
+    def __init__(self, params: list[Tensor], grad_buffers: bool = True) -> None:
         self.params = params
         self.backend = params[0]._backend
         self.dtype = params[0].dtype
@@ -60,19 +60,34 @@ class FlatBuffer:
         self.offsets.append(total)
         self.size = total
         self.data = self.backend.zeros((total,), self.dtype)
-        self.grad = self.backend.zeros((total,), self.dtype)
         self.views = [self.view(self.data, i) for i in range(len(params))]
-        self.grad_views = [self.view(self.grad, i) for i in range(len(params))]
+        self._grad: Array | None = None
+        self._grad_views: list[Array] = []
         self.buffers: dict[str, Array] = {}
         for i, p in enumerate(params):
             self.views[i][...] = p.data
             p.data = self.views[i]
-            p.grad_buffer = self.grad_views[i]
+            p.grad_buffer = self.grad_views[i] if grad_buffers else None
             _OWNER[id(p)] = (
                 weakref.ref(p, functools.partial(_forget, id(p))),
                 weakref.ref(self),
                 i,
             )
+
+    @property
+    def grad(self) -> Array:
+        """The flat gradient array, made when first needed (an optimizer stepping inside
+        backward never needs it, and saves its memory)."""
+        if self._grad is None:
+            self._grad = self.backend.zeros((self.size,), self.dtype)
+            self._grad_views = [self.view(self._grad, i) for i in range(len(self.params))]
+        return self._grad
+
+    @property
+    def grad_views(self) -> list[Array]:
+        """Each parameter's view of ``grad``, in the parameter's shape."""
+        self.grad  # noqa: B018 (made on first use)
+        return self._grad_views
 
     def view(self, flat: Array, i: int) -> Array:
         """Parameter i's slice of a flat array, in the parameter's shape."""

@@ -71,7 +71,7 @@ class Optimizer:
         for group in self.param_groups:
             for p in group["params"]:
                 by_key.setdefault((p.device, p.dtype), []).append(p)
-        self._flats = [FlatBuffer(ps) for ps in by_key.values()]
+        self._flats = [FlatBuffer(ps, self._grad_buffers()) for ps in by_key.values()]
         # Each group's parameters per buffer: (flat, ascending indices there).
         self._members: list[list[tuple[FlatBuffer, list[int]]]] = []
         where = {id(p): (f, i) for f in self._flats for i, p in enumerate(f.params)}
@@ -81,6 +81,10 @@ class Optimizer:
                 f, i = where[id(p)]
                 members.setdefault(id(f), (f, []))[1].append(i)
             self._members.append(list(members.values()))
+        for i, group in enumerate(self.param_groups):
+            sink = self._sink(i)
+            for p in group["params"]:
+                p.grad_sink = sink  # None (the default): gradients go to .grad
         for p, st in self.state.items():  # buffers from an earlier packing: copy them over
             f, i = where[id(p)]
             for name, value in st.items():
@@ -88,6 +92,15 @@ class Optimizer:
                     view = f.view(f.buffer(name), i)
                     view[...] = _on(f, value)
                     st[name] = view
+
+    def _grad_buffers(self) -> bool:
+        """Should backward write gradients into the flat gradient array (``grad_buffer``)?"""
+        return True
+
+    def _sink(self, index: int) -> Any:
+        """The ``grad_sink`` of group ``index``'s parameters: an update backward applies in
+        place of storing the gradient (SGD(in_backward=True)), or None."""
+        return None
 
     # ---------------------------------------------------------------- the step
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -13,7 +13,16 @@ from .optimizer import Optimizer
 
 class SGD(Optimizer):
     """d = g + wd p; with momentum, buf = d on the first step, else momentum buf +
-    (1 - dampening) d, and d = d + momentum buf (Nesterov) or buf; p -= lr d."""
+    (1 - dampening) d, and d = d + momentum buf (Nesterov) or buf; p -= lr d.
+
+    ``in_backward=True`` (momentum 0 only) takes the step inside ``backward()``: each
+    parameter becomes p <- (1 - lr wd) p - lr g as soon as its gradient g is formed, and g is
+    never stored (``.grad`` stays None, no flat gradient array is allocated, ``step()`` has
+    nothing left to do). Where a weight's one use is a GEMM (``Linear``), the step *is* that
+    GEMM: W <- (1 - lr wd) W - lr X^T dY, with BLAS's alpha and beta, so the update costs no
+    pass over memory of its own. ``lr`` is read at each backward, so schedulers work;
+    gradient clipping and per-parameter gradient norms do not (there is no gradient).
+    """
 
     def __init__(
         self,
@@ -23,6 +32,8 @@ class SGD(Optimizer):
         dampening: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        *,
+        in_backward: bool = False,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
@@ -38,8 +49,30 @@ class SGD(Optimizer):
             dampening=dampening,
             nesterov=nesterov,
             weight_decay=weight_decay,
+            in_backward=bool(in_backward),
         )
         super().__init__(params, defaults)
+
+    def _add_group(self, group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **group}
+        if merged["in_backward"] != self.defaults["in_backward"]:
+            raise ValueError(
+                "SGD: in_backward is set for the whole optimizer, not per parameter group "
+                f"(this one has {merged['in_backward']}, the optimizer {not merged['in_backward']})"
+            )
+        if merged["in_backward"] and merged["momentum"] != 0.0:
+            raise ValueError(
+                f"SGD(in_backward=True) with momentum {merged['momentum']}: a step inside "
+                "backward uses each gradient once, as it is formed, and keeps no gradient, so "
+                "it has no momentum; use momentum=0, or in_backward=False for momentum"
+            )
+        super()._add_group(group)
+
+    def _grad_buffers(self) -> bool:
+        return not self.defaults["in_backward"]
+
+    def _sink(self, index: int) -> _StepInBackward | None:
+        return _StepInBackward(self, index) if self.defaults["in_backward"] else None
 
     def _update(self, group: dict[str, Any], flat: FlatBuffer, indices: list[int]) -> None:
         momentum = group["momentum"]
@@ -66,3 +99,24 @@ class SGD(Optimizer):
                 observe("sgd_update", arrays, hyper, arrays[0])
         for i, st in zip(indices, states):
             st["momentum_buffer"] = None if buf is None else flat.view(buf, i)
+
+
+class _StepInBackward:
+    """A parameter's ``grad_sink`` for SGD(in_backward=True): backward applies
+    p <- alpha g + beta p with alpha = -lr and beta = 1 - lr wd, read from the parameter's
+    group when backward runs. It holds the optimizer, so the steps go on for as long as the
+    parameter lives, whether or not the caller kept the optimizer, until an optimizer made
+    later over the parameter replaces it (or a loaded state sets ``in_backward`` False)."""
+
+    __slots__ = ("_index", "_optimizer")
+
+    def __init__(self, optimizer: SGD, index: int) -> None:
+        self._optimizer = optimizer
+        self._index = index
+
+    def coefficients(self) -> tuple[float, float] | None:
+        group = self._optimizer.param_groups[self._index]
+        if not group["in_backward"]:
+            return None
+        lr = float(group["lr"])
+        return -lr, 1.0 - lr * float(group["weight_decay"])

@@ -8,8 +8,11 @@ A primitive is declared once, with everything autodiff needs side by side:
   after ``vjp_pre(g, *saved, **params)`` if the card has one: a map of g shared by every
   input's rule, run once per node (a fused activation's dZ = g f'(y));
 - optionally, per input, a VJP rule that writes into a given array (``vjp_into[i](out,
-  accumulate, g, *saved, **params)``): used for a leaf with a ``grad_buffer`` when the sweep
-  is not recorded, so a weight gradient's GEMM lands in the optimizer's flat buffer;
+  alpha, beta, g, *saved, **params)``: out <- alpha (cotangent of input i) + beta out, BLAS's
+  convention, beta = 0 meaning out is not read): used for a leaf with a ``grad_buffer`` when
+  the sweep is not recorded, so a weight gradient's GEMM lands in the optimizer's flat
+  buffer, and for SGD in backward, where out is the weight itself (alpha = -lr). Such a
+  rule must not read input i (it may be the array written);
 - its JVP rule per input: ``jvp[i](t, out, *inputs, **params)`` -> tangent of the output, or
   ``LINEAR`` for ops linear in their differentiable inputs (the JVP is the op on the tangents).
 

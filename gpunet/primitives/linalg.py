@@ -34,11 +34,12 @@ def _gemm(a: Tensor, b: Tensor, ta: bool, tb: bool) -> Tensor:
     return bind(matmul, a, b, tx=ta, ty=tb)
 
 
-def _gemm_into(out, accumulate: bool, a: Tensor, b: Tensor, ta: bool, tb: bool) -> None:  # type: ignore[no-untyped-def]
-    """out (+)= op(a) @ op(b) in place: one GEMM writing a leaf's gradient buffer."""
-    a._backend.matmul_into(out, a.data, b.data, tx=ta, ty=tb, accumulate=accumulate)
+def _gemm_into(out, alpha: float, beta: float, a: Tensor, b: Tensor, ta: bool, tb: bool) -> None:  # type: ignore[no-untyped-def]
+    """out <- alpha op(a) @ op(b) + beta out in place: one GEMM writing a leaf's gradient
+    buffer, or stepping the leaf itself (SGD in backward)."""
+    a._backend.matmul_into(out, a.data, b.data, tx=ta, ty=tb, alpha=alpha, beta=beta)
     if STATE.flags & OBSERVE:
-        observe("matmul", (a, b), {"tx": ta, "ty": tb, "accumulate": accumulate}, out)
+        observe("matmul", (a, b), {"tx": ta, "ty": tb, "alpha": alpha, "beta": beta}, out)
 
 
 matmul = primitive(
@@ -50,8 +51,8 @@ matmul = primitive(
         lambda g, x, y, tx, ty: _gemm(*_dy_gemm(g, x, y, tx, ty)),
     ),
     vjp_into=(
-        lambda out, acc, g, x, y, tx, ty: _gemm_into(out, acc, *_dx_gemm(g, x, y, tx, ty)),
-        lambda out, acc, g, x, y, tx, ty: _gemm_into(out, acc, *_dy_gemm(g, x, y, tx, ty)),
+        lambda out, a, b, g, x, y, tx, ty: _gemm_into(out, a, b, *_dx_gemm(g, x, y, tx, ty)),
+        lambda out, a, b, g, x, y, tx, ty: _gemm_into(out, a, b, *_dy_gemm(g, x, y, tx, ty)),
     ),
     jvp=(
         lambda t, out, x, y, tx, ty: bind(matmul, t, y, tx=tx, ty=ty),
@@ -84,15 +85,17 @@ def _linear_vjp_b(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-d
     return ops.sum(dz, 0)  # db = sum over the batch of dZ
 
 
-def _linear_vjp_w_into(out, acc, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
-    _gemm_into(out, acc, *_dy_gemm(dz, x, w, False, False))
+def _linear_vjp_w_into(out, a, b, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
+    _gemm_into(out, a, b, *_dy_gemm(dz, x, w, False, False))
 
 
-def _linear_vjp_b_into(out, acc, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
-    """db = sum_rows dZ, reduced straight into the bias's gradient buffer."""
-    dz._backend.sum_into(out, dz.data, axis=(0,), accumulate=acc)
+def _linear_vjp_b_into(out, a, b, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
+    """out <- a db + b out with db = sum_rows dZ: reduced straight into the bias's gradient
+    buffer, or into the bias itself (SGD in backward)."""
+    dz._backend.sum_into(out, dz.data, axis=(0,), alpha=a, beta=b)
     if STATE.flags & OBSERVE:
-        observe("sum", (dz,), {"axis": (0,), "keepdims": False, "accumulate": acc}, out)
+        params = {"axis": (0,), "keepdims": False, "alpha": a, "beta": b}
+        observe("sum", (dz,), params, out)
 
 
 def _linear_jvp(which: int):  # type: ignore[no-untyped-def]
