@@ -59,7 +59,8 @@ FREE = Cost()  # a view: no launch, no traffic
 # Cards whose one-kernel form the fused cost counts (a row kernel), though gpunet's CuPy
 # backend still composes them from CuPy array ops (backend/generic.py: the unfused cost).
 # ``roofline`` also reports the step as CuPy runs it today, with these unfused (and see
-# ``composed_on_cupy`` for linear and the accumulating GEMM and sum).
+# ``composed_on_cupy`` for linear and a sum into an existing array; a GEMM into one is
+# cuBLAS's own alpha/beta GEMM).
 COMPOSED_ON_CUPY = frozenset({"logsumexp", "axpby"})
 
 
@@ -69,7 +70,8 @@ def composed_on_cupy(name: str, params: dict) -> bool:
     without one, as the GEMM and a broadcast add.)"""
     if name == "linear":
         return params.get("activation") is None
-    return name in COMPOSED_ON_CUPY or (name in ("matmul", "sum") and _reads_out(params))
+    scaled = _reads_out(params) or params.get("alpha", 1.0) != 1.0
+    return name in COMPOSED_ON_CUPY or (name == "sum" and scaled)
 
 
 def _reads_out(params: dict) -> bool:

@@ -154,6 +154,23 @@ class EmulatedKernels(K.Kernels):
         getattr(self.lib, "emu_" + spec.name)(*cargs)
 
 
+class _CublasOnNumpy:
+    """cupy.cublas.gemm's contract (out = alpha op(a) op(b) + beta out, in place, 'N'/'T'),
+    computed by NumPy: CupyBackend's call into cuBLAS is checked, not cuBLAS."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float, float]] = []
+
+    def gemm(self, transa: str, transb: str, a: Any, b: Any, out: Any, alpha: float, beta: float):
+        assert a.ndim == b.ndim == out.ndim == 2 and a.dtype == b.dtype == out.dtype
+        self.calls.append((transa, transb, alpha, beta))
+        op = {"N": lambda m: m, "T": lambda m: m.T}
+        product = op[transa](a) @ op[transb](b)
+        assert product.shape == out.shape
+        out[...] = alpha * product + (beta * out if beta != 0 else 0)
+        return out
+
+
 class _NumpyAsCupy:
     """NumPy under the names CupyBackend calls (cupy.asnumpy is the one NumPy lacks)."""
 
@@ -171,6 +188,7 @@ def emulated_cupy_backend(emu: EmulatedKernels) -> CupyBackend:
     backend.cupy = _NumpyAsCupy()
     backend._cuda_device = contextlib.nullcontext()
     backend._kernels = emu
+    backend._cublas = _CublasOnNumpy()
     return backend
 
 

@@ -489,3 +489,5 @@ def test_cupy_linear_and_gradient_writers_under_emulation(
         cuda_on_cpu.sum_into(db, got, axis=(0,), alpha=a, beta=b)
         ref.sum_into(db_ref, got, axis=(0,), alpha=a, beta=b)
         np.testing.assert_allclose(db, db_ref, rtol=1e-6)
+    # the scaled GEMMs went to cuBLAS's (alpha, beta) GEMM, op(x) = x^T: ("T", "N")
+    assert cuda_on_cpu._cublas.calls == [("T", "N", 1.0, 1.0), ("T", "N", -0.1, 0.99)]

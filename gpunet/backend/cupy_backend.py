@@ -91,12 +91,31 @@ class CupyBackend(ArrayBackend):
         alpha: float = 1.0,
         beta: float = 0.0,
     ) -> None:
+        """cuBLAS's GEMM scales and accumulates as it writes (2-d float32/float64 operands of
+        out's dtype); anything else goes through a temporary."""
         with self._cuda_device:
             if alpha == 1.0 and beta == 0.0:
                 a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
                 self.cupy.matmul(a, b, out=out)  # cuBLAS writes out directly
-            else:  # through a temporary (cuBLAS's own beta: not yet wired)
+            elif (
+                x.ndim == y.ndim == out.ndim == 2
+                and x.dtype == y.dtype == out.dtype
+                and (out.dtype.char in "fd")
+            ):
+                op = {False: "N", True: "T"}
+                self.cublas.gemm(op[tx], op[ty], x, y, out=out, alpha=alpha, beta=beta)
+            else:
                 super().matmul_into(out, x, y, tx=tx, ty=ty, alpha=alpha, beta=beta)
+
+    @property
+    def cublas(self) -> Any:
+        """``cupy.cublas``, imported on first use (it loads the cuBLAS libraries)."""
+        module = getattr(self, "_cublas", None)
+        if module is None:
+            import cupy.cublas as module
+
+            self._cublas = module
+        return module
 
     def scatter_add(self, g: Array, indices: Array, *, axis: int, size: int) -> Array:
         import cupyx
