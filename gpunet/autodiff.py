@@ -449,18 +449,22 @@ def backprop(
             if prim.vjp_pre is not None:
                 g = prim.vjp_pre(g, *saved, **params)
             into = prim.vjp_into if into_ok else None
-            # A leaf stepped in backward by this node's rule, after the node's other rules
-            # have read it. One per node: a second one's rule might read the first (dW of
-            # W @ X reads X, dX reads W); others take the whole-gradient path at the end.
-            step = None
+            # Leaves stepped in backward by this node's in-place rules, after its other rules
+            # have read them. One per node, unless the card's in-place rules read none of
+            # the inputs they write (linear: dW reads x, db nothing; matmul: dX reads W and
+            # dW reads X, so stepping both would feed one the other's new value); further
+            # ones take the whole-gradient path at the end of the sweep.
+            steps: list | None = None
+            one_step = not prim.vjp_into_independent
             for i, parent in enumerate(node.parents):
                 if parent is None:
                     continue
                 if into is not None and into[i] is not None and type(parent) is not Node:
-                    if step is None and uses is not None and uses.get(id(parent)) == 1:
+                    if uses is not None and uses.get(id(parent)) == 1 and not (steps and one_step):
                         coef = parent.grad_sink.coefficients()
                         if coef is not None:  # its one use: the rule writes the update
-                            step = (into[i], parent.data, coef)
+                            steps = steps or []
+                            steps.append((into[i], parent.data, coef))
                             continue
                     buf = _writable_buffer(parent, leaf_grads)
                     if buf is not None:  # the gradient lands in the leaf's buffer
@@ -475,9 +479,9 @@ def backprop(
                     grads[parent] = gi if prev is None else ops.add(prev, gi)
                 else:
                     _add_leaf(leaf_grads, parent, gi)
-            if step is not None:  # after every rule above has read the leaf's old value
-                rule, data, (alpha, beta) = step
-                rule(data, alpha, beta, g, *saved, **params)
+            if steps is not None:  # after every rule above has read the leaves' old values
+                for rule, data, (alpha, beta) in steps:
+                    rule(data, alpha, beta, g, *saved, **params)
             if not retain_graph:
                 node.saved = None
                 node.out_data = None

@@ -49,7 +49,11 @@ def test_quick_run_prints_the_table_and_writes_json_md_png(
     models = [r["modelled_H100_s"] for r in rows if r["framework"] == "gpunet"]
     if importlib.util.find_spec("gpunet.profiler") is not None:  # the roofline column
         assert any(m and m > 0 for m in models), models
-    assert all(r["modelled_H100_s"] is None for r in rows if r["framework"] != "gpunet")
+    assert all(
+        r["modelled_H100_s"] is None for r in rows if not r["framework"].startswith("gpunet")
+    )
+    inbwd = [r["modelled_H100_s"] for r in rows if r["framework"] == "gpunet-in-backward"]
+    assert inbwd and all(m and m > 0 for m in inbwd)
     step = next(r for r in rows if r["workload"] == "mlp tiny" and r["framework"] == "gpunet")
     floor = next(r for r in rows if r["workload"] == "mlp tiny" and r["framework"] == "gemm-floor")
     assert step["ratios"]["x_floor"] == pytest.approx(step["median_s"] / floor["median_s"])

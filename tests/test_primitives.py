@@ -583,3 +583,28 @@ def test_vjp_into_writes_what_the_vjp_returns(name: str, data: st.DataObject) ->
         np.testing.assert_allclose(buf, 2 * expect, rtol=1e-12, atol=1e-12)
         into(buf, -0.5, 2.0, g, *saved, **node.params)  # an SGD-like step: 4e - 0.5e
         np.testing.assert_allclose(buf, 3.5 * expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in P.REGISTRY.items() if p.vjp_into_independent))
+@given(data=st.data())
+def test_independent_into_rules_may_all_step_their_inputs(name: str, data: st.DataObject) -> None:
+    """A card whose in-place rules read no input that has one (``vjp_into_independent``):
+    stepping each such input in place, one after another, as SGD in backward does
+    (x <- x - 0.5 dx), gives what stepping copies from the unchanged values gives."""
+    prim = P.REGISTRY[name]
+    case = SPECS[name](data.draw)
+    xs = [x.requires_grad_() for x in _tensors(case.args)]
+    out = case.fn(*xs)
+    node = out._node
+    g = gpunet.tensor(uniform(rng(data.draw), out.shape, -1, 1))
+    saved = tuple(out if s is SAVED_OUTPUT else s for s in node.saved)
+    rules = [(i, rule) for i, rule in enumerate(prim.vjp_into) if rule is not None]
+    assert len(rules) > 1
+    expect = {
+        i: xs[i].numpy().copy() - 0.5 * prim.vjp[i](g, *saved, **node.params).numpy()
+        for i, _ in rules
+    }
+    for i, rule in rules:
+        rule(xs[i].data, -0.5, 1.0, g, *saved, **node.params)  # the input's own array
+    for i, _ in rules:
+        np.testing.assert_allclose(xs[i].numpy(), expect[i], rtol=1e-12, atol=1e-12)

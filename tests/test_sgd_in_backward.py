@@ -183,3 +183,19 @@ def test_fit_trains_with_it() -> None:
     history = fit(model, F.cross_entropy, opt, loader, None, epochs=8, progress=False)
     assert history.train_loss[-1] < 0.5 * history.train_loss[0]
     assert history.grad_norm[-1] == {}
+
+
+def test_an_mlp_step_is_its_gemms_and_reductions() -> None:
+    """Profiled, an MLP step in backward has no update pass: every weight is stepped by its
+    dW GEMM (beta = 1 - lr wd) and every bias by its reduction; no axpby, no sgd_update."""
+    x, y = _data(np.float32)
+    model = _model(4, gpunet.float32)
+    opt = optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01, in_backward=True)
+    with gpunet.profile() as prof:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    names = [r.name for r in prof.records]
+    assert "axpby" not in names and "sgd_update" not in names
+    stepped = [r for r in prof.records if r.params.get("alpha") == -0.1]
+    assert sorted(r.name for r in stepped) == ["matmul"] * 3 + ["sum"] * 3
+    assert all(r.params["beta"] == pytest.approx(1 - 0.1 * 0.01) for r in stepped)

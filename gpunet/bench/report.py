@@ -225,15 +225,22 @@ def summary_table(results: Results, suite: str, device: str = "cpu") -> str:
         names.setdefault(r.framework, label(r))
     if not rows:
         return ""
-    others = [fw for fw in names if fw not in ("gpunet", FLOORS[suite])]
-    head = ["workload", "size", *names.values(), "gpunet x floor"]
-    head += [f"gpunet/{names[fw].split(' ')[0]}" for fw in others]
+    floor = FLOORS[suite]
+    ours = [fw for fw in names if fw.startswith("gpunet")]  # gpunet, then its variants
+    others = [fw for fw in names if fw not in (*ours, floor)]
+    # (numerator, denominator) per ratio column: every gpunet way over the floor (and over
+    # the hand-written step, when there are several ways), then gpunet over each other one
+    pairs = [(fw, floor) for fw in ours]
+    if len(ours) > 1:
+        pairs += [(fw, "numpy") for fw in ours[1:] if "numpy" in names]
+    pairs += [("gpunet", fw) for fw in others]
+    head = ["workload", "size", *names.values()]
+    head += [f"{a} x floor" if b == floor else f"{a}/{names[b].split(' ')[0]}" for a, b in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * (len(head) - 2)]
     for (workload, size), med in groups.items():
-        ours = med.get("gpunet")
         cells = [workload, size, *(seconds(med.get(fw)) for fw in names)]
-        for fw in [FLOORS[suite], *others]:
-            cells.append(_x(ours / med[fw] if ours and med.get(fw) else None))
+        for a, b in pairs:
+            cells.append(_x(med[a] / med[b] if med.get(a) and med.get(b) else None))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -222,7 +222,7 @@ def run_group(
     """Build, cold-call and warm up every implementation of ``group``, then sample them
     round-robin; append a Row per implementation (and a ``skipped`` entry per unavailable)."""
     built, firsts = [], []
-    models: dict[str, float | None] = {}  # device -> gpunet's modelled time
+    models: dict[tuple[str, str], float | None] = {}  # (gpunet way, device) -> modelled time
     for fw, dev, build in group.impls:
         timer = timers[dev]
         timer.memory_mark()
@@ -240,8 +240,8 @@ def run_group(
             t.peak_bytes = None
         built.append((fw, dev, wl, t))
         firsts.append(first)
-        if fw == "gpunet":  # on a GPU, the model sits beside the measured time
-            models[dev] = modelled_time(wl.step)
+        if fw.startswith("gpunet"):  # on a GPU, the model sits beside the measured time
+            models[fw, dev] = modelled_time(wl.step)
         tick(1)
     ref = {dev: first for (fw, dev, _, _), first in zip(built, firsts) if fw == group.reference}
     steps = [wl.step for _, _, wl, _ in built]
@@ -261,7 +261,7 @@ def run_group(
                 dev,
                 t,
                 _agree(first, ref.get(dev)),
-                models.get(dev) if fw == "gpunet" else None,
+                models.get((fw, dev)),
             )
         )
     del built, firsts, steps

@@ -12,7 +12,8 @@ A primitive is declared once, with everything autodiff needs side by side:
   convention, beta = 0 meaning out is not read): used for a leaf with a ``grad_buffer`` when
   the sweep is not recorded, so a weight gradient's GEMM lands in the optimizer's flat
   buffer, and for SGD in backward, where out is the weight itself (alpha = -lr). Such a
-  rule must not read input i (it may be the array written);
+  rule must not read input i (it may be the array written); ``vjp_into_independent`` says
+  that none reads any input with such a rule, so backward may step all of them;
 - its JVP rule per input: ``jvp[i](t, out, *inputs, **params)`` -> tangent of the output, or
   ``LINEAR`` for ops linear in their differentiable inputs (the JVP is the op on the tangents).
 
@@ -50,6 +51,7 @@ class Primitive:
     jvp: tuple[Any, ...] | Callable[..., Any] | _Marker | None = None
     vjp_pre: Callable[..., Any] | None = None
     vjp_into: tuple[Callable[..., None] | None, ...] | None = None
+    vjp_into_independent: bool = False  # no vjp_into rule reads an input that has one
     save: Callable[..., tuple[Any, ...]] | None = None
     differentiable: bool = True
     variadic: bool = False  # takes any number of inputs; rules get the input's position first

@@ -138,5 +138,6 @@ linear = primitive(
     vjp_pre=_dz,
     vjp=(_linear_vjp_x, _linear_vjp_w, _linear_vjp_b),
     vjp_into=(None, _linear_vjp_w_into, _linear_vjp_b_into),
+    vjp_into_independent=True,  # dW reads x and dZ, db reads dZ: neither reads W or b
     jvp=(_linear_jvp(0), _linear_jvp(1), _linear_jvp(2)),
 )
