@@ -560,18 +560,23 @@ def test_cast_to_float32_and_back() -> None:
     assert not x.to(gpunet.int64).requires_grad
 
 
+def _recorded(name: str, data: st.DataObject) -> tuple[list, Any, gpunet.Tensor, tuple]:
+    """A random case of primitive ``name`` recorded: (inputs, its node, an upstream
+    gradient, the values its rules take)."""
+    case = SPECS[name](data.draw)
+    xs = [x.requires_grad_() for x in _tensors(case.args)]
+    out = case.fn(*xs)
+    g = gpunet.tensor(uniform(rng(data.draw), out.shape, -1, 1))
+    return xs, out._node, g, tuple(out if s is SAVED_OUTPUT else s for s in out._node.saved)
+
+
 @pytest.mark.parametrize("name", sorted(n for n, p in P.REGISTRY.items() if p.vjp_into))
 @given(data=st.data())
 def test_vjp_into_writes_what_the_vjp_returns(name: str, data: st.DataObject) -> None:
     """Each in-place VJP rule (gradient buffers, SGD in backward) equals its returning rule:
     out <- alpha rule + beta out, overwriting (beta = 0), adding, and scaling both."""
     prim = P.REGISTRY[name]
-    case = SPECS[name](data.draw)
-    xs = [x.requires_grad_() for x in _tensors(case.args)]
-    out = case.fn(*xs)
-    node = out._node
-    g = gpunet.tensor(uniform(rng(data.draw), out.shape, -1, 1))
-    saved = tuple(out if s is SAVED_OUTPUT else s for s in node.saved)
+    _, node, g, saved = _recorded(name, data)
     for i, into in enumerate(prim.vjp_into):
         if into is None:
             continue
@@ -592,12 +597,7 @@ def test_independent_into_rules_may_all_step_their_inputs(name: str, data: st.Da
     stepping each such input in place, one after another, as SGD in backward does
     (x <- x - 0.5 dx), gives what stepping copies from the unchanged values gives."""
     prim = P.REGISTRY[name]
-    case = SPECS[name](data.draw)
-    xs = [x.requires_grad_() for x in _tensors(case.args)]
-    out = case.fn(*xs)
-    node = out._node
-    g = gpunet.tensor(uniform(rng(data.draw), out.shape, -1, 1))
-    saved = tuple(out if s is SAVED_OUTPUT else s for s in node.saved)
+    xs, node, g, saved = _recorded(name, data)
     rules = [(i, rule) for i, rule in enumerate(prim.vjp_into) if rule is not None]
     assert len(rules) > 1
     expect = {
