@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import gpunet
 from gpunet.backend import blas, get_backend
 
 R = np.random.default_rng(7)
@@ -17,9 +18,10 @@ def test_found_in_numpys_openblas() -> None:
     """NumPy's wheels bundle scipy-openblas with ILP64 CBLAS symbols; CI installs such a
     wheel, so there the fast path must be live (elsewhere it may fall back)."""
     if os.environ.get("CI") == "true":
-        assert blas.available()
+        assert blas.available(), blas.describe()
     elif not blas.available():
-        pytest.skip("this NumPy's BLAS has no ILP64 cblas_?gemm found: NumPy's path is used")
+        pytest.skip(blas.describe())
+    assert "gemm" in gpunet.info()["blas_gemm"] and "openblas" in blas.describe()
 
 
 def _operand(shape: tuple[int, int], layout: str, dtype: Any) -> np.ndarray:

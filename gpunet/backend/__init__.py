@@ -254,6 +254,7 @@ def info() -> dict[str, Any]:
     import scipy
 
     from .. import __version__
+    from . import blas
 
     found = probe_cuda()
     return {
@@ -262,6 +263,7 @@ def info() -> dict[str, Any]:
         "platform": platform.platform(),
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,
+        "blas_gemm": blas.describe(),  # the GEMM with alpha/beta behind SGD in backward
         "cupy": found.cupy_version,
         "cuda_available": found.available,
         "cuda_devices": list(found.devices),

@@ -45,8 +45,9 @@ def _candidate_libraries() -> list[str]:
     return found
 
 
-def _load() -> dict[np.dtype, Callable[..., None]]:
-    """``{float32: sgemm, float64: dgemm}`` as ctypes functions, or {} when not found."""
+def _load() -> tuple[dict[np.dtype, Callable[..., None]], str]:
+    """``({float32: sgemm, float64: dgemm}`` as ctypes functions, where they come from), or
+    ({}, why not)."""
     for path in _candidate_libraries():
         try:
             lib = ctypes.CDLL(path)  # already loaded by NumPy: the same handle, no second copy
@@ -66,16 +67,21 @@ def _load() -> dict[np.dtype, Callable[..., None]]:
                 fn.argtypes = [i, i, i, n, n, n, scalar, p, n, p, n, scalar, p, n]
                 fn.restype = None
                 out[dtype] = fn
-            return out
-    return {}
+            return out, f"{prefix}?gemm{suffix} in {os.path.basename(path)}"
+    return {}, "no ILP64 cblas_?gemm found in NumPy's BLAS: a GEMM, then a scaled add"
 
 
-_GEMM = _load()
+_GEMM, _SOURCE = _load()
 
 
 def available() -> bool:
     """Did this process find a GEMM with beta in NumPy's BLAS?"""
     return bool(_GEMM)
+
+
+def describe() -> str:
+    """Where the GEMM with alpha and beta comes from, or why there is none (``gpunet info``)."""
+    return _SOURCE
 
 
 def _operand(a: Array, trans: bool) -> tuple[int, int] | None:
