@@ -417,7 +417,7 @@ def backprop(
     input_grads: dict[Node, Tensor] = {}
     into_ok = not create_graph and inputs is None  # may rules write into leaves' arrays?
     # Leaves that take their update in backward (grad_sink) -> how many edges reach them.
-    uses = _sink_uses(order) if into_ok and Tensor._any_sink else None
+    uses = _sink_uses(order, leaf_grads) if into_ok and Tensor._any_sink else None
     stop = set(targets)
     state = STATE
     anomaly = state.anomaly
@@ -539,16 +539,18 @@ def _depends_on_others(order: list[Node], inputs: Sequence[Tensor]) -> bool:
     return any(isinstance(p, Tensor) and id(p) not in own for node in order for p in node.parents)
 
 
-def _sink_uses(order: list[Node]) -> dict[int, int]:
-    """id(leaf) -> the number of edges from ``order`` to it, for leaves with a ``grad_sink``
-    and no hooks. A leaf used once can be updated in place by that use's rule: no other
-    rule of this sweep reads it afterwards (every node holding it or a view of it is that
-    use or downstream of it, so it has run already)."""
+def _sink_uses(order: list[Node], seeded: dict[int, list]) -> dict[int, int]:
+    """id(leaf) -> the number of edges from ``order`` to it (plus one if it is itself an
+    output, ``seeded``), for leaves with a ``grad_sink`` and no hooks. A leaf used once can be
+    updated in place by that use's rule: no other rule of this sweep reads it afterwards
+    (every node holding it or a view of it is that use or downstream of it, so it has run
+    already)."""
     uses: dict[int, int] = {}
-    for node in order:
-        for p in node.parents:
-            if p is not None and type(p) is not Node and p.grad_sink is not None and not p.hooks:
-                uses[id(p)] = uses.get(id(p), 0) + 1
+    leaves = [entry[0] for entry in seeded.values()]
+    leaves += [p for node in order for p in node.parents if p is not None and type(p) is not Node]
+    for p in leaves:
+        if p.grad_sink is not None and not p.hooks:
+            uses[id(p)] = uses.get(id(p), 0) + 1
     return uses
 
 

@@ -199,3 +199,19 @@ def test_an_mlp_step_is_its_gemms_and_reductions() -> None:
     stepped = [r for r in prof.records if r.params.get("alpha") == -0.1]
     assert sorted(r.name for r in stepped) == ["matmul"] * 3 + ["sum"] * 3
     assert all(r.params["beta"] == pytest.approx(1 - 0.1 * 0.01) for r in stepped)
+
+
+def test_a_leaf_that_is_also_an_output_is_stepped_once() -> None:
+    """backward over [loss, w] seeds w's gradient directly and through its use: one step,
+    from the sum, with the weight decay applied once."""
+    from gpunet.autodiff import backprop
+
+    def run(in_backward: bool) -> np.ndarray:
+        w = gpunet.tensor(np.arange(6.0).reshape(3, 2), requires_grad=True)
+        x = gpunet.tensor(np.ones((4, 3)))
+        opt = optim.SGD([w], lr=0.1, weight_decay=0.5, in_backward=in_backward)
+        backprop([(x @ w).sum(), w], [None, gpunet.ones(3, 2, dtype=gpunet.float64)])
+        opt.step()
+        return w.numpy()
+
+    np.testing.assert_allclose(run(True), run(False), rtol=1e-12)
