@@ -228,12 +228,11 @@ def summary_table(results: Results, suite: str, device: str = "cpu") -> str:
     floor = FLOORS[suite]
     ours = [fw for fw in names if fw.startswith("gpunet")]  # gpunet, then its variants
     others = [fw for fw in names if fw not in (*ours, floor)]
-    # (numerator, denominator) per ratio column: every gpunet way over the floor (and over
-    # the hand-written step, when there are several ways), then gpunet over each other one
+    # (numerator, denominator) per ratio column: every gpunet way over the floor, then over
+    # each other implementation (the peers: gpunet's default way only)
     pairs = [(fw, floor) for fw in ours]
-    if len(ours) > 1:
-        pairs += [(fw, "numpy") for fw in ours[1:] if "numpy" in names]
-    pairs += [("gpunet", fw) for fw in others]
+    for other in others:
+        pairs += [(fw, other) for fw in (ours if other == "numpy" else ours[:1])]
     head = ["workload", "size", *names.values()]
     head += [f"{a} x floor" if b == floor else f"{a}/{names[b].split(' ')[0]}" for a, b in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * (len(head) - 2)]
