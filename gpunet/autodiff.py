@@ -387,8 +387,6 @@ def backprop(
     parameter captured by the function), so that ``grad(grad(f))`` and gradient penalties work
     while a plain ``grad(f)(x)`` stays unrecorded.
     """
-    from . import ops
-
     grads: dict[Node, Tensor] = {}
     leaf_grads: dict[int, list] = {}  # id(leaf) -> [leaf, gradient]
     seen_arrays: set[int] = set()  # arrays that must not become a leaf's .grad uncopied
@@ -570,8 +568,6 @@ def _push_tangents(
     prim: Primitive, ts: list, out: Tensor, args: Sequence[Tensor], params: dict
 ) -> Tensor:
     """The output tangent: sum over inputs of (d out / d input) applied to its tangent."""
-    from . import ops
-
     if prim.jvp is LINEAR:
         ins = [
             a if i in prim.nondiff else (ops.zeros_like(a) if t is None else t)
@@ -604,3 +600,6 @@ def forward_mode() -> Iterator[ForwardMode]:
     finally:
         state.jvp_stack.pop()
         state.level -= 1
+
+
+from . import ops  # noqa: E402  (ops binds through this module; backprop adds with ops)
