@@ -127,14 +127,14 @@ def bind(prim: Primitive, *args: Tensor, **params: Any) -> Tensor:
     backend = x._backend
     impl = backend.impls.get(prim.name) or backend.impl(prim.name)
     n = len(args)
-    if n == 1:
-        data = impl(x.data, **params)
+    if n == 1:  # (a call without ``**params`` is cheaper when there are none)
+        data = impl(x.data, **params) if params else impl(x.data)
     elif n == 2:
         y = args[1]
         dx, dy = x.data.dtype, y.data.dtype
         if y._backend is not backend or (dy is not dx and dy != dx and not prim.nondiff):
             check_compatible(prim, args)
-        data = impl(x.data, y.data, **params)
+        data = impl(x.data, y.data, **params) if params else impl(x.data, y.data)
     else:
         check_compatible(prim, args)
         data = impl(*[a.data for a in args], **params)
