@@ -25,6 +25,11 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def as_dtype(self, dtype: np.dtype) -> np.dtype:
         return np.dtype(dtype)
 
+    def ones(self, shape: Shape, dtype: np.dtype) -> Array:
+        out = np.empty(shape, dtype)  # np.ones is a Python wrapper: empty, then copyto
+        out.fill(1)
+        return out
+
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         rng = generator.host_rng
         if kind == "normal":
