@@ -57,10 +57,12 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         if not x.flags.c_contiguous or x.size == 0:
             return np.broadcast_to(x, shape)
         lead = len(shape) - x.ndim
-        strides = (0,) * lead + tuple(
-            0 if n == 1 and m != 1 else s for n, m, s in zip(x.shape, shape[lead:], x.strides)
-        )
-        out = np.ndarray(shape, x.dtype, x, 0, strides)
+        strides = x.strides  # x's own axes keep theirs, but for the stretched (1 -> m) ones
+        if x.shape != shape[lead:]:
+            strides = tuple(
+                0 if n == 1 and m != 1 else s for n, m, s in zip(x.shape, shape[lead:], strides)
+            )
+        out = np.ndarray(shape, x.dtype, x, 0, (0,) * lead + strides)
         out.flags.writeable = False
         return out
 

@@ -19,7 +19,7 @@ def _unbroadcast(g, shape):  # type: ignore[no-untyped-def]
     lead = g.ndim - len(shape)
     if lead:  # new leading axes go away without keepdims: no reshape, no view
         g = bind(P_sum, g, axis=tuple(range(lead)), keepdims=False)
-    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    stretched = 1 in shape and tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
     if stretched:
         g = bind(P_sum, g, axis=stretched, keepdims=True)
     return g
