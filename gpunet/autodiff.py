@@ -86,26 +86,21 @@ SAVED_OUTPUT = _SavedOutput()
 
 
 class Node:
-    """One recorded primitive application: what backward needs and nothing more."""
+    """One recorded primitive application: what backward needs and nothing more.
+
+    ``_record`` is its constructor (it fills the slots directly: a node is made on every
+    recorded op, and an ``__init__`` call would be a Python call more each time).
+    """
 
     __slots__ = ("_hooks", "out_data", "params", "parents", "prim", "saved", "site")
 
-    def __init__(
-        self,
-        prim: Primitive,
-        parents: tuple,
-        saved: tuple | None,
-        params: dict,
-        out_data: Any,
-        site: str | None,
-    ) -> None:
-        self.prim = prim
-        self.parents = parents  # per input: its Node, the leaf Tensor, or None (no grad)
-        self.saved = saved  # None once released
-        self.params = params
-        self.out_data = out_data  # the output's array, when the rule keeps the output
-        self.site = site  # where the user created it (only under detect_anomaly)
-        self._hooks: list | None = None
+    prim: Primitive
+    parents: tuple  # per input: its Node, the leaf Tensor, or None (no grad)
+    saved: tuple | None  # what the VJP rules take; None once released
+    params: dict
+    out_data: Any  # the output's array, when the rule keeps the output
+    site: str | None  # where the user created it (only under detect_anomaly)
+    _hooks: list | None
 
     def __repr__(self) -> str:
         return f"<node {self.prim.name}>"
@@ -198,9 +193,15 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
                 saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
                 out_data = out.data
                 break
-    site = user_site() if flags & ANOMALY else None
-    out._node = Node(prim, tuple(parents), saved, params, out_data, site)
+    node = _new_node(Node)
+    node.prim, node.parents, node.saved, node.params = prim, tuple(parents), saved, params
+    node.out_data, node._hooks = out_data, None
+    node.site = user_site() if flags & ANOMALY else None
+    out._node = node
     out._requires_grad = True
+
+
+_new_node = object.__new__
 
 
 def differentiating(*operands: Tensor) -> bool:
