@@ -254,14 +254,19 @@ class set_grad_enabled(contextlib.ContextDecorator):
 
     def __init__(self, mode: bool) -> None:
         self.mode = mode
-        self._prev: list[bool] = []
+        self._prev: list[int] = []  # the GRAD bit before each (possibly nested) entry
 
+    # These run around every optimizer step: one read and one write of the thread-local
+    # flags each, rather than the ``grad_enabled`` property's calls.
     def __enter__(self) -> None:
-        self._prev.append(STATE.grad_enabled)
-        STATE.grad_enabled = self.mode
+        state = STATE
+        flags = state.flags
+        self._prev.append(flags & GRAD)
+        state.flags = (flags | GRAD) if self.mode else (flags & ~GRAD)
 
     def __exit__(self, *exc: object) -> None:
-        STATE.grad_enabled = self._prev.pop()
+        state = STATE
+        state.flags = (state.flags & ~GRAD) | self._prev.pop()
 
 
 class no_grad(set_grad_enabled):
