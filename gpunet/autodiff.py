@@ -112,9 +112,15 @@ def bind(prim: Primitive, *args: Tensor, **params: Any) -> Tensor:
 
     Inside a forward-mode transform the innermost ``ForwardMode`` sees the op first.
     Otherwise the backend computes the forward, and a node is recorded when gradients are on
-    and an input requires grad. This is the hot path of every op, so the common one- and
-    two-input cases are spelled out and nothing is looked up twice.
+    and an input requires grad.
     """
+    return apply(prim, args, params)
+
+
+def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> Tensor:
+    """``bind`` with its inputs and parameters as one tuple and one dict: the same op, called
+    without packing them (the hottest ops call this form). This is the hot path of every op,
+    so the common one- and two-input cases are spelled out and nothing is looked up twice."""
     flags = STATE.flags
     if flags & FORWARD:
         return STATE.jvp_stack[STATE._level - 1].process(prim, args, params)
