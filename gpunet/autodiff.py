@@ -86,26 +86,21 @@ SAVED_OUTPUT = _SavedOutput()
 
 
 class Node:
-    """One recorded primitive application: what backward needs and nothing more."""
+    """One recorded primitive application: what backward needs and nothing more.
+
+    ``_record`` is its constructor (it fills the slots directly: a node is made on every
+    recorded op, and an ``__init__`` call would be a Python call more each time).
+    """
 
     __slots__ = ("_hooks", "out_data", "params", "parents", "prim", "saved", "site")
 
-    def __init__(
-        self,
-        prim: Primitive,
-        parents: tuple,
-        saved: tuple | None,
-        params: dict,
-        out_data: Any,
-        site: str | None,
-    ) -> None:
-        self.prim = prim
-        self.parents = parents  # per input: its Node, the leaf Tensor, or None (no grad)
-        self.saved = saved  # None once released
-        self.params = params
-        self.out_data = out_data  # the output's array, when the rule keeps the output
-        self.site = site  # where the user created it (only under detect_anomaly)
-        self._hooks: list | None = None
+    prim: Primitive
+    parents: tuple  # per input: its Node, the leaf Tensor, or None (no grad)
+    saved: tuple | None  # what the VJP rules take; None once released
+    params: dict
+    out_data: Any  # the output's array, when the rule keeps the output
+    site: str | None  # where the user created it (only under detect_anomaly)
+    _hooks: list | None
 
     def __repr__(self) -> str:
         return f"<node {self.prim.name}>"
@@ -117,9 +112,15 @@ def bind(prim: Primitive, *args: Tensor, **params: Any) -> Tensor:
 
     Inside a forward-mode transform the innermost ``ForwardMode`` sees the op first.
     Otherwise the backend computes the forward, and a node is recorded when gradients are on
-    and an input requires grad. This is the hot path of every op, so the common one- and
-    two-input cases are spelled out and nothing is looked up twice.
+    and an input requires grad.
     """
+    return apply(prim, args, params)
+
+
+def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> Tensor:
+    """``bind`` with its inputs and parameters as one tuple and one dict: the same op, called
+    without packing them (the hottest ops call this form). This is the hot path of every op,
+    so the common one- and two-input cases are spelled out and nothing is looked up twice."""
     flags = STATE.flags
     if flags & FORWARD:
         return STATE.jvp_stack[STATE._level - 1].process(prim, args, params)
@@ -127,14 +128,14 @@ def bind(prim: Primitive, *args: Tensor, **params: Any) -> Tensor:
     backend = x._backend
     impl = backend.impls.get(prim.name) or backend.impl(prim.name)
     n = len(args)
-    if n == 1:
-        data = impl(x.data, **params)
+    if n == 1:  # (a call without ``**params`` is cheaper when there are none)
+        data = impl(x.data, **params) if params else impl(x.data)
     elif n == 2:
         y = args[1]
         dx, dy = x.data.dtype, y.data.dtype
         if y._backend is not backend or (dy is not dx and dy != dx and not prim.nondiff):
             check_compatible(prim, args)
-        data = impl(x.data, y.data, **params)
+        data = impl(x.data, y.data, **params) if params else impl(x.data, y.data)
     else:
         check_compatible(prim, args)
         data = impl(*[a.data for a in args], **params)
@@ -198,9 +199,15 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
                 saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
                 out_data = out.data
                 break
-    site = user_site() if flags & ANOMALY else None
-    out._node = Node(prim, tuple(parents), saved, params, out_data, site)
+    node = _new_node(Node)
+    node.prim, node.parents, node.saved, node.params = prim, tuple(parents), saved, params
+    node.out_data, node._hooks = out_data, None
+    node.site = user_site() if flags & ANOMALY else None
+    out._node = node
     out._requires_grad = True
+
+
+_new_node = object.__new__
 
 
 def differentiating(*operands: Tensor) -> bool:
@@ -253,14 +260,19 @@ class set_grad_enabled(contextlib.ContextDecorator):
 
     def __init__(self, mode: bool) -> None:
         self.mode = mode
-        self._prev: list[bool] = []
+        self._prev: list[int] = []  # the GRAD bit before each (possibly nested) entry
 
+    # These run around every optimizer step: one read and one write of the thread-local
+    # flags each, rather than the ``grad_enabled`` property's calls.
     def __enter__(self) -> None:
-        self._prev.append(STATE.grad_enabled)
-        STATE.grad_enabled = self.mode
+        state = STATE
+        flags = state.flags
+        self._prev.append(flags & GRAD)
+        state.flags = (flags | GRAD) if self.mode else (flags & ~GRAD)
 
     def __exit__(self, *exc: object) -> None:
-        STATE.grad_enabled = self._prev.pop()
+        state = STATE
+        state.flags = (state.flags & ~GRAD) | self._prev.pop()
 
 
 class no_grad(set_grad_enabled):
@@ -387,8 +399,6 @@ def backprop(
     parameter captured by the function), so that ``grad(grad(f))`` and gradient penalties work
     while a plain ``grad(f)(x)`` stays unrecorded.
     """
-    from . import ops
-
     grads: dict[Node, Tensor] = {}
     leaf_grads: dict[int, list] = {}  # id(leaf) -> [leaf, gradient]
     seen_arrays: set[int] = set()  # arrays that must not become a leaf's .grad uncopied
@@ -617,8 +627,6 @@ def _push_tangents(
     prim: Primitive, ts: list, out: Tensor, args: Sequence[Tensor], params: dict
 ) -> Tensor:
     """The output tangent: sum over inputs of (d out / d input) applied to its tangent."""
-    from . import ops
-
     if prim.jvp is LINEAR:
         ins = [
             a if i in prim.nondiff else (ops.zeros_like(a) if t is None else t)
@@ -651,3 +659,6 @@ def forward_mode() -> Iterator[ForwardMode]:
     finally:
         state.jvp_stack.pop()
         state.level -= 1
+
+
+from . import ops  # noqa: E402  (ops binds through this module; backprop adds with ops)

@@ -19,11 +19,12 @@ import numpy as np
 
 from . import dtypes
 from . import primitives as P
-from .autodiff import FORWARD, GRAD, STATE, bind, describe
+from .autodiff import FORWARD, GRAD, STATE, apply, bind, describe
 from .backend import Device, device
 from .tensor import Tensor
 
 Axis = int | Sequence[int] | None
+NO_PARAMS: dict[str, Any] = {}  # apply's params for ops without any (shared: never write it)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -125,9 +126,9 @@ def _operands(op: str, x: Any, y: Any) -> tuple[Tensor, Tensor]:
     if sx != sy:
         shape = broadcast_shapes(op, sx, sy)
         if sx != shape and _tracked(x):
-            x = bind(P.broadcast_to, x, shape=shape)
+            x = apply(P.broadcast_to, (x,), {"shape": shape})
         if sy != shape and _tracked(y):
-            y = bind(P.broadcast_to, y, shape=shape)
+            y = apply(P.broadcast_to, (y,), {"shape": shape})
     return x, y
 
 
@@ -181,59 +182,59 @@ def full_like(x: Tensor, value: float, dtype: Any = None) -> Tensor:
 
 # ---------------------------------------------------------------------- elementwise
 def neg(x: Tensor) -> Tensor:
-    return bind(P.neg, x)
+    return apply(P.neg, (x,), NO_PARAMS)
 
 
 def exp(x: Tensor) -> Tensor:
-    return bind(P.exp, x)
+    return apply(P.exp, (x,), NO_PARAMS)
 
 
 def log(x: Tensor) -> Tensor:
-    return bind(P.log, x)
+    return apply(P.log, (x,), NO_PARAMS)
 
 
 def log1p(x: Tensor) -> Tensor:
-    return bind(P.log1p, x)
+    return apply(P.log1p, (x,), NO_PARAMS)
 
 
 def tanh(x: Tensor) -> Tensor:
-    return bind(P.tanh, x)
+    return apply(P.tanh, (x,), NO_PARAMS)
 
 
 def sqrt(x: Tensor) -> Tensor:
-    return bind(P.sqrt, x)
+    return apply(P.sqrt, (x,), NO_PARAMS)
 
 
 def abs(x: Tensor) -> Tensor:
-    return bind(P.abs, x)
+    return apply(P.abs, (x,), NO_PARAMS)
 
 
 def sign(x: Tensor) -> Tensor:
-    return bind(P.sign, x)
+    return apply(P.sign, (x,), NO_PARAMS)
 
 
 def isfinite(x: Tensor) -> Tensor:
-    return bind(P.isfinite, x)
+    return apply(P.isfinite, (x,), NO_PARAMS)
 
 
 def sigmoid(x: Tensor) -> Tensor:
-    return bind(P.sigmoid, x)
+    return apply(P.sigmoid, (x,), NO_PARAMS)
 
 
 def relu(x: Tensor) -> Tensor:
-    return bind(P.relu, x)
+    return apply(P.relu, (x,), NO_PARAMS)
 
 
 def add(x: Any, y: Any) -> Tensor:
-    return bind(P.add, *_operands("add", x, y))
+    return apply(P.add, _operands("add", x, y), NO_PARAMS)
 
 
 def sub(x: Any, y: Any) -> Tensor:
-    return bind(P.sub, *_operands("sub", x, y))
+    return apply(P.sub, _operands("sub", x, y), NO_PARAMS)
 
 
 def mul(x: Any, y: Any) -> Tensor:
-    return bind(P.mul, *_operands("mul", x, y))
+    return apply(P.mul, _operands("mul", x, y), NO_PARAMS)
 
 
 def div(x: Any, y: Any) -> Tensor:
@@ -244,15 +245,15 @@ def div(x: Any, y: Any) -> Tensor:
 
 
 def pow(x: Any, y: Any) -> Tensor:
-    return bind(P.pow, *_operands("pow", x, y))
+    return apply(P.pow, _operands("pow", x, y), NO_PARAMS)
 
 
 def maximum(x: Any, y: Any) -> Tensor:
-    return bind(P.maximum, *_operands("maximum", x, y))
+    return apply(P.maximum, _operands("maximum", x, y), NO_PARAMS)
 
 
 def minimum(x: Any, y: Any) -> Tensor:
-    return bind(P.minimum, *_operands("minimum", x, y))
+    return apply(P.minimum, _operands("minimum", x, y), NO_PARAMS)
 
 
 def compare(x: Any, y: Any, op: str) -> Tensor:
@@ -376,7 +377,7 @@ def cross_entropy(logits: Tensor, labels: Any, reduction: str = "mean") -> Tenso
             f"gpunet.cross_entropy: expected logits (n, c) and integer labels (n,), got logits "
             f"{describe(logits)} and labels {describe(labels)}"
         )
-    return bind(P.cross_entropy, logits, labels, reduction=reduction)
+    return apply(P.cross_entropy, (logits, labels), {"reduction": reduction})
 
 
 def arange_like(x: Tensor, n: int) -> Tensor:
@@ -626,7 +627,7 @@ def matmul(x: Tensor, y: Tensor) -> Tensor:
     x, y = _tensor_arg(x, "matmul"), _tensor_arg(y, "matmul")
     sx, sy = x.data.shape, y.data.shape
     if len(sx) == 2 == len(sy) and sx[1] == sy[0]:  # the common case, checked
-        return bind(P.matmul, x, y, tx=False, ty=False)
+        return apply(P.matmul, (x, y), {"tx": False, "ty": False})
     if x.ndim == 0 or y.ndim == 0:
         raise ValueError("gpunet.matmul: operands must be at least 1-d; use * for scalars")
     k_y = y.shape[0] if y.ndim == 1 else y.shape[-2]

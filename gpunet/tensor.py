@@ -262,9 +262,7 @@ class Tensor:
         self, gradient: Any = None, retain_graph: bool = False, create_graph: bool = False
     ) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` (chain rule, reverse order)."""
-        from .autodiff import backprop
-
-        backprop([self], [gradient], retain_graph=retain_graph, create_graph=create_graph)
+        autodiff.backprop([self], [gradient], retain_graph=retain_graph, create_graph=create_graph)
 
     def zero_grad(self) -> None:
         self.grad = None
@@ -487,4 +485,5 @@ def _rebuild(values: np.ndarray, device: str, requires_grad: bool) -> Tensor:
     return t
 
 
-from . import ops  # noqa: E402  (ops needs Tensor; Tensor's methods need ops)
+# ops and autodiff need Tensor; Tensor's methods need them (imported here, not per call)
+from . import autodiff, ops  # noqa: E402

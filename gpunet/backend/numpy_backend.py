@@ -26,6 +26,11 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def as_dtype(self, dtype: np.dtype) -> np.dtype:
         return np.dtype(dtype)
 
+    def ones(self, shape: Shape, dtype: np.dtype) -> Array:
+        out = np.empty(shape, dtype)  # np.ones is a Python wrapper: empty, then copyto
+        out.fill(1)
+        return out
+
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         rng = generator.host_rng
         if kind == "normal":
@@ -53,10 +58,12 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         if not x.flags.c_contiguous or x.size == 0:
             return np.broadcast_to(x, shape)
         lead = len(shape) - x.ndim
-        strides = (0,) * lead + tuple(
-            0 if n == 1 and m != 1 else s for n, m, s in zip(x.shape, shape[lead:], x.strides)
-        )
-        out = np.ndarray(shape, x.dtype, x, 0, strides)
+        strides = x.strides  # x's own axes keep theirs, but for the stretched (1 -> m) ones
+        if x.shape != shape[lead:]:
+            strides = tuple(
+                0 if n == 1 and m != 1 else s for n, m, s in zip(x.shape, shape[lead:], strides)
+            )
+        out = np.ndarray(shape, x.dtype, x, 0, (0,) * lead + strides)
         out.flags.writeable = False
         return out
 
@@ -141,7 +148,9 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         np.exp(p, out=p)
         scale = g.reshape(n, 1) if reduction == "none" else (g / n if reduction == "mean" else g)
         p *= scale / np.add.reduce(p, axis=1, keepdims=True)
-        p[self._rows(n), labels] -= scale.reshape(-1) if reduction == "none" else scale
+        np.subtract.at(  # (faster than p[rows, labels] -= ...)
+            p, (self._rows(n), labels), scale.reshape(-1) if reduction == "none" else scale
+        )
         return p
 
     def scatter_add(self, g: Array, indices: Array, *, axis: int, size: int) -> Array:

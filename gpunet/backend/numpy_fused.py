@@ -73,6 +73,11 @@ class NumpyFusedOps(FusedOps):
     def erf(self, x: Array) -> Array:
         return scipy.special.erf(x, out=_new(x))
 
+    def relu(self, x: Array) -> Array:
+        """The relu formula straight away: one pass, never chunked, so ``activation``'s
+        lookup by name would be all its cost on a small array."""
+        return self._f_relu(x, 0.0)
+
     def activation(self, x: Array, *, name: str, alpha: float = 0.0) -> Array:
         check_activation(name)
         f = getattr(self, formula_name("f", name))

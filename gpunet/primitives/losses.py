@@ -9,7 +9,7 @@ second derivatives stay exact.
 from __future__ import annotations
 
 from .. import ops
-from ..autodiff import bind, differentiating
+from ..autodiff import apply, differentiating
 from .card import NONDIFF, primitive
 
 
@@ -22,7 +22,7 @@ def _row_scale(g, logits, reduction):  # type: ignore[no-untyped-def]
 
 def _ce_vjp(g, logits, labels, reduction):  # type: ignore[no-untyped-def]
     if not differentiating(g, logits):
-        return bind(cross_entropy_backward, g, logits, labels, reduction=reduction)
+        return apply(cross_entropy_backward, (g, logits, labels), {"reduction": reduction})
     onehot = ops.cast(
         ops.compare(ops.reshape(labels, (-1, 1)), ops.arange_like(logits, logits.shape[1]), "eq"),
         logits.dtype,

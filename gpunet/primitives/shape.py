@@ -9,7 +9,7 @@ from __future__ import annotations
 import builtins
 
 from .. import ops
-from ..autodiff import bind
+from ..autodiff import apply, bind
 from .card import LINEAR, NONDIFF, primitive
 from .reduce import sum as P_sum
 
@@ -18,8 +18,8 @@ def _unbroadcast(g, shape):  # type: ignore[no-untyped-def]
     """Sum g over the axes broadcast_to added or stretched: the one unbroadcast rule."""
     lead = g.ndim - len(shape)
     if lead:  # new leading axes go away without keepdims: no reshape, no view
-        g = bind(P_sum, g, axis=tuple(range(lead)), keepdims=False)
-    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+        g = apply(P_sum, (g,), {"axis": tuple(range(lead)), "keepdims": False})
+    stretched = 1 in shape and tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
     if stretched:
         g = bind(P_sum, g, axis=stretched, keepdims=True)
     return g
