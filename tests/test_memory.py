@@ -6,16 +6,21 @@ import gc
 import tracemalloc
 
 import numpy as np
+import pytest
 
 import gpunet
 import gpunet.nn.functional as F
 from gpunet import nn, optim
 
 
-def test_memory_is_flat_over_1000_training_steps() -> None:
+@pytest.mark.parametrize("optimizer", ["adam", "sgd-in-backward"])
+def test_memory_is_flat_over_1000_training_steps(optimizer: str) -> None:
     gpunet.manual_seed(0)
     model = nn.MLP([16, 32, 4])
-    opt = optim.Adam(model.parameters(), lr=1e-3)
+    if optimizer == "adam":
+        opt = optim.Adam(model.parameters(), lr=1e-3)
+    else:
+        opt = optim.SGD(model.parameters(), lr=1e-2, in_backward=True)
     r = np.random.default_rng(0)
     x, y = (
         gpunet.tensor(r.standard_normal((32, 16)).astype(np.float32)),
