@@ -29,7 +29,9 @@ from .tensor import Tensor
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-GRAD, ANOMALY, FORWARD, OBSERVE = 1, 2, 4, 8  # bits of _State.flags
+# bits of _State.flags: grad mode on; detect_anomaly on; a forward-mode interpreter sees the
+# next op (level > 0); observers listen; forward-mode interpreters exist (jvp_stack non-empty)
+GRAD, ANOMALY, FORWARD, OBSERVE, TANGENTS = 1, 2, 4, 8, 16
 
 
 class _State(threading.local):
@@ -193,7 +195,7 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
             parents.append(None)
     saved = prim.save(out, *args, **params) if prim.save is not None else tuple(args)
     out_data = None
-    if not STATE.jvp_stack:  # forward mode needs the output object itself
+    if not flags & TANGENTS:  # forward mode needs the output object itself
         for s in saved:
             if s is out:
                 saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
@@ -606,11 +608,13 @@ def forward_mode() -> Iterator[ForwardMode]:
         raise RuntimeError("jvp cannot start inside a differentiation rule")
     mode = ForwardMode(len(state.jvp_stack))
     state.jvp_stack.append(mode)
+    state._set(TANGENTS, True)
     state.level += 1
     try:
         yield mode
     finally:
         state.jvp_stack.pop()
+        state._set(TANGENTS, bool(state.jvp_stack))
         state.level -= 1
 
 
