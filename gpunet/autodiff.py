@@ -429,9 +429,10 @@ def backprop(
     input_grads: dict[Node, Tensor] = {}
     stop = set(targets)
     state = STATE
-    anomaly = state.anomaly
-    prev_mode, prev_node = state.grad_enabled, state.backward_node
-    state.grad_enabled = create_graph
+    flags = state.flags  # (read once: a thread-local read is not free)
+    anomaly = flags & ANOMALY
+    prev_mode, prev_node = bool(flags & GRAD), state.backward_node
+    state.flags = (flags | GRAD) if create_graph else (flags & ~GRAD)
     try:
         for node in order:
             g = grads.pop(node, None)
