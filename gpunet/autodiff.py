@@ -147,6 +147,7 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
         data = backend.asarray(data)
     out = _new_tensor(Tensor)
     out.data, out._backend, out._requires_grad, out._node = data, backend, False, None
+    out.grad = None
     if flags & (ANOMALY | OBSERVE):
         if flags & ANOMALY:
             _check_forward(prim, args, out)
@@ -517,6 +518,7 @@ def saved_values(node: Node, backend: Any) -> tuple:
         return saved  # type: ignore[return-value]
     me = _new_tensor(Tensor)
     me.data, me._backend, me._requires_grad, me._node = node.out_data, backend, True, node
+    me.grad = None
     return tuple(me if s is SAVED_OUTPUT else s for s in saved)
 
 
