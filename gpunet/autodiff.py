@@ -29,7 +29,9 @@ from .tensor import Tensor
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-GRAD, ANOMALY, FORWARD, OBSERVE = 1, 2, 4, 8  # bits of _State.flags
+# bits of _State.flags: grad mode on; detect_anomaly on; a forward-mode interpreter sees the
+# next op (level > 0); observers listen; forward-mode interpreters exist (jvp_stack non-empty)
+GRAD, ANOMALY, FORWARD, OBSERVE, TANGENTS = 1, 2, 4, 8, 16
 
 
 class _State(threading.local):
@@ -145,6 +147,7 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
         data = backend.asarray(data)
     out = _new_tensor(Tensor)
     out.data, out._backend, out._requires_grad, out._node = data, backend, False, None
+    out.grad = None
     if flags & (ANOMALY | OBSERVE):
         if flags & ANOMALY:
             _check_forward(prim, args, out)
@@ -193,7 +196,7 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
             parents.append(None)
     saved = prim.save(out, *args, **params) if prim.save is not None else tuple(args)
     out_data = None
-    if not STATE.jvp_stack:  # forward mode needs the output object itself
+    if not flags & TANGENTS:  # forward mode needs the output object itself
         for s in saved:
             if s is out:
                 saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
@@ -430,9 +433,10 @@ def backprop(
     uses = _sink_uses(order, leaf_grads) if into_ok and Tensor._any_sink else None
     stop = set(targets)
     state = STATE
-    anomaly = state.anomaly
-    prev_mode, prev_node = state.grad_enabled, state.backward_node
-    state.grad_enabled = create_graph
+    flags = state.flags  # (read once: a thread-local read is not free)
+    anomaly = flags & ANOMALY
+    prev_mode, prev_node = bool(flags & GRAD), state.backward_node
+    state.flags = (flags | GRAD) if create_graph else (flags & ~GRAD)
     try:
         for node in order:
             g = grads.pop(node, None)
@@ -538,6 +542,7 @@ def saved_values(node: Node, backend: Any) -> tuple:
         return saved  # type: ignore[return-value]
     me = _new_tensor(Tensor)
     me.data, me._backend, me._requires_grad, me._node = node.out_data, backend, True, node
+    me.grad = None
     return tuple(me if s is SAVED_OUTPUT else s for s in saved)
 
 
@@ -653,11 +658,13 @@ def forward_mode() -> Iterator[ForwardMode]:
         raise RuntimeError("jvp cannot start inside a differentiation rule")
     mode = ForwardMode(len(state.jvp_stack))
     state.jvp_stack.append(mode)
+    state._set(TANGENTS, True)
     state.level += 1
     try:
         yield mode
     finally:
         state.jvp_stack.pop()
+        state._set(TANGENTS, bool(state.jvp_stack))
         state.level -= 1
 
 

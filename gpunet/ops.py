@@ -372,7 +372,8 @@ def cross_entropy(logits: Tensor, labels: Any, reduction: str = "mean") -> Tenso
         raise ValueError(
             f"gpunet.cross_entropy: reduction must be mean, sum or none, got {reduction!r}"
         )
-    if logits.ndim != 2 or labels.shape != logits.shape[:1] or labels.dtype.kind not in "iu":
+    shape = logits.data.shape
+    if len(shape) != 2 or labels.data.shape != shape[:1] or labels.dtype.kind not in "iu":
         raise ValueError(
             f"gpunet.cross_entropy: expected logits (n, c) and integer labels (n,), got logits "
             f"{describe(logits)} and labels {describe(labels)}"
@@ -624,7 +625,8 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
 # ---------------------------------------------------------------------- linear algebra
 def matmul(x: Tensor, y: Tensor) -> Tensor:
     """x @ y with NumPy's rules: 1-d operands are vectors, leading axes broadcast."""
-    x, y = _tensor_arg(x, "matmul"), _tensor_arg(y, "matmul")
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+        x, y = _tensor_arg(x, "matmul"), _tensor_arg(y, "matmul")  # raises, naming the type
     sx, sy = x.data.shape, y.data.shape
     if len(sx) == 2 == len(sy) and sx[1] == sy[0]:  # the common case, checked
         return apply(P.matmul, (x, y), {"tx": False, "ty": False})

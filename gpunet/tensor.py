@@ -31,13 +31,13 @@ class Tensor:
     __slots__ = (
         "__weakref__",
         "_backend",
-        "_grad",
         "_grad_buffer",
         "_grad_sink",
         "_hooks",
         "_node",
         "_requires_grad",
         "data",
+        "grad",
     )
     __array_ufunc__ = None  # ndarray (op) Tensor defers to Tensor's reflected operator
 
@@ -47,6 +47,7 @@ class Tensor:
         self.data = data
         self._requires_grad = False
         self._node = None
+        self.grad: Tensor | None = None  # a leaf's accumulated gradient after backward()
         if requires_grad:
             self.requires_grad = True
 
@@ -58,18 +59,12 @@ class Tensor:
         t._backend = backend
         t._requires_grad = False
         t._node = None
+        t.grad = None
         return t
 
-    # ``grad`` and ``_hooks`` are rarely set, so a new tensor leaves their slots empty (one
-    # attribute store less per op) and reads fall back to None.
-    @property
-    def grad(self) -> Tensor | None:
-        """The accumulated gradient of a leaf after ``backward()``, else None."""
-        return getattr(self, "_grad", None)  # unset on most tensors
-
-    @grad.setter
-    def grad(self, value: Tensor | None) -> None:
-        self._grad = value
+    # ``_hooks`` is rarely set, so a new tensor leaves its slot empty (one attribute store
+    # less per op) and reads fall back to None. ``grad`` is a plain attribute, always set: it
+    # is read on every leaf of every step, where a property costs a Python call.
 
     @property
     def grad_buffer(self) -> Any:

@@ -39,6 +39,7 @@ class Parameter(Tensor):
         src = data if isinstance(data, Tensor) else _new_tensor(data)
         p = object.__new__(cls)
         p.data, p._backend, p._requires_grad, p._node = src.data, src._backend, False, None
+        p.grad = None
         p.requires_grad = requires_grad
         return p
 
