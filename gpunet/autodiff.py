@@ -517,8 +517,9 @@ def backprop(
             if leaf.grad is None:
                 leaf.grad = Tensor._wrap(buf[0], g._backend)
             continue
-        if leaf.hooks:
-            g = _run_hooks(leaf.hooks, g)
+        hooks = getattr(leaf, "_hooks", None)
+        if hooks:
+            g = _run_hooks(hooks, g)
         sink = leaf.grad_sink if Tensor._any_sink else None
         coef = None if sink is None else sink.coefficients()
         if coef is not None:  # the leaf's update in backward, from its whole gradient
@@ -581,8 +582,8 @@ def _writable_buffer(leaf: Tensor, leaf_grads: dict[int, list]) -> Any:
     """The leaf's ``grad_buffer`` if this sweep may write its gradient there: the first
     contribution, no hooks to see it first, and ``grad`` None (overwrite) or the buffer
     itself (accumulate in place)."""
-    buf = leaf.grad_buffer
-    if buf is None or id(leaf) in leaf_grads or leaf.hooks:
+    buf = getattr(leaf, "_grad_buffer", None)  # (the slots, not the properties: hot path)
+    if buf is None or id(leaf) in leaf_grads or getattr(leaf, "_hooks", None):
         return None
     grad = leaf.grad
     return buf if grad is None or grad.data is buf else None
@@ -593,8 +594,6 @@ def _add_leaf(leaf_grads: dict[int, list], leaf: Tensor, g: Tensor) -> None:
     if entry is None:
         leaf_grads[id(leaf)] = [leaf, g]
     else:
-        from . import ops  # here, not per call: most leaves get one contribution
-
         entry[1] = ops.add(entry[1], g)
 
 

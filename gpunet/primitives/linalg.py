@@ -9,7 +9,7 @@ dW = X^T dY = matmul(X, dY, tx=True), over the whole batch at once.
 from __future__ import annotations
 
 from .. import ops
-from ..autodiff import OBSERVE, STATE, bind, observe
+from ..autodiff import OBSERVE, STATE, apply, bind, observe
 from ..backend.fused import FROM_OUTPUT
 from ..tensor import Tensor
 from .card import primitive
@@ -31,7 +31,7 @@ def _dy_gemm(g: Tensor, x: Tensor, y: Tensor, tx: bool, ty: bool) -> Gemm:
 
 
 def _gemm(a: Tensor, b: Tensor, ta: bool, tb: bool) -> Tensor:
-    return bind(matmul, a, b, tx=ta, ty=tb)
+    return apply(matmul, (a, b), {"tx": ta, "ty": tb})
 
 
 def _gemm_into(out, alpha: float, beta: float, a: Tensor, b: Tensor, ta: bool, tb: bool) -> None:  # type: ignore[no-untyped-def]
