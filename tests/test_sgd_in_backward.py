@@ -215,3 +215,17 @@ def test_a_leaf_that_is_also_an_output_is_stepped_once() -> None:
         return w.numpy()
 
     np.testing.assert_allclose(run(True), run(False), rtol=1e-12)
+
+
+def test_state_dict_round_trip_and_mismatch() -> None:
+    w = gpunet.tensor(np.ones(2), requires_grad=True)
+    opt = optim.SGD([w], lr=0.1, in_backward=True)
+    state = opt.state_dict()
+    optim.SGD([w], lr=0.3, in_backward=True).load_state_dict(state)  # lr comes back as 0.1
+    assert w.grad_sink.coefficients() == (-0.1, 1.0)
+    plain = optim.SGD([w], lr=0.1)
+    with pytest.raises(ValueError, match=r"saved with in_backward=True.*in_backward=False"):
+        plain.load_state_dict(state)
+    assert plain.param_groups[0]["lr"] == 0.1 and w.grad_sink is None  # nothing changed
+    with pytest.raises(ValueError, match=r"saved with in_backward=False"):
+        optim.SGD([w], lr=0.1, in_backward=True).load_state_dict(plain.state_dict())
