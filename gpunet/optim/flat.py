@@ -7,7 +7,8 @@ A parameter's ``data`` becomes its view of ``FlatBuffer.data``, and its ``grad_b
 view of ``FlatBuffer.grad``: backward writes the gradient there (a weight's dW = X^T dY GEMM
 writes it directly). A gradient made elsewhere (by a primitive with no in-place rule, or set
 by hand) is copied in by ``gather_grads``, which points ``p.grad`` at the view, so a second
-gather (clipping, then stepping) is free.
+gather (clipping, then stepping) is free. The gradient array is made when first needed: for
+an optimizer that steps inside backward (``grad_buffers=False``), never.
 """
 
 from __future__ import annotations

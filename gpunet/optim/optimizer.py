@@ -6,6 +6,9 @@ so each group's parameters are one contiguous range there. A step copies the new
 and hands each range to the backend's fused update (``sgd_update``, ``adam_update``): one pass
 over the whole model when every parameter has a gradient and they share one step count.
 Parameters whose ``grad`` is None are skipped and their state left alone, as in PyTorch.
+
+A subclass may instead have backward apply its update (``_sink``: each parameter's
+``grad_sink``), with no gradient array at all (``_grad_buffers``): SGD(in_backward=True).
 """
 
 from __future__ import annotations
