@@ -32,6 +32,18 @@ def test_train_on_the_digits_saves_a_run(tmp_path: Path, capsys: pytest.CaptureF
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_the_main_jobs_model_trains(tmp_path: Path, optimizer: str) -> None:
+    """`make train`'s model as it is (64-256-128-10: 50,826 parameters, one flat buffer) with
+    each optimizer, for two epochs: what the `--hidden 64` runs above do not reach."""
+    args = ["train", "--epochs", "2", "--no-progress", "--device", "cpu", "--out", str(tmp_path)]
+    lr = "0.05" if optimizer == "sgd" else "1e-3"
+    assert main([*args, "--optimizer", optimizer, "--lr", lr]) == 0
+    (run,) = tmp_path.iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["test_accuracy"] > 0.5
+
+
 def test_train_on_a_users_csv(tmp_path: Path) -> None:
     r = np.random.default_rng(0)
     y = r.integers(0, 2, 200)

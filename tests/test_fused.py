@@ -14,6 +14,7 @@ import gpunet
 from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
 from gpunet.backend.generic import ArrayBackend
 from gpunet.backend.numpy_backend import NumpyBackend
+from gpunet.backend.numpy_fused import CHUNK
 
 xps = pytest.importorskip("array_api_strict")
 NP = NumpyBackend(None)
@@ -104,6 +105,11 @@ ADAM = [
 ]
 
 
+# Around numpy_fused's chunking: one piece (above and below CHUNK: the 64-256-128-10 MLP of
+# `gpunet train` has 50,826 parameters) and CHUNK-sized pieces with a tail.
+UPDATE_SIZES = [257, CHUNK + 1, 2 * CHUNK - 1, 2 * CHUNK + 3]
+
+
 def _problem(n: int = 257, steps: int = 20) -> tuple[np.ndarray, list[np.ndarray]]:
     r = np.random.default_rng(11)
     return r.standard_normal(n).astype(np.float32), [
@@ -137,15 +143,17 @@ def _ours_adam(backend: Any, cfg: dict, decoupled: bool, p0: np.ndarray, grads: 
     return host(p)
 
 
+@pytest.mark.parametrize("n", UPDATE_SIZES)
 @pytest.mark.parametrize("cfg", SGD)
-def test_sgd_on_strict_matches_numpy(cfg: dict) -> None:
-    p0, grads = _problem()
+def test_sgd_on_strict_matches_numpy(cfg: dict, n: int) -> None:
+    p0, grads = _problem(n, steps=3)
     np.testing.assert_array_equal(_ours_sgd(STRICT, cfg, p0, grads), _ours_sgd(NP, cfg, p0, grads))
 
 
+@pytest.mark.parametrize("n", UPDATE_SIZES)
 @pytest.mark.parametrize(("cfg", "decoupled"), ADAM)
-def test_adam_on_strict_matches_numpy(cfg: dict, decoupled: bool) -> None:
-    p0, grads = _problem()
+def test_adam_on_strict_matches_numpy(cfg: dict, decoupled: bool, n: int) -> None:
+    p0, grads = _problem(n, steps=3)
     np.testing.assert_array_equal(
         _ours_adam(STRICT, cfg, decoupled, p0, grads), _ours_adam(NP, cfg, decoupled, p0, grads)
     )

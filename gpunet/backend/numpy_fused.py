@@ -52,19 +52,33 @@ def _erfc(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     return scipy.special.erfc(z, out=out)
 
 
+def _chunk_size(*buffers: Array | None) -> int:
+    """How many elements ``_chunks`` hands out at a time: CHUNK when every buffer is long and
+    contiguous, else all of them."""
+    first = buffers[0]
+    if first.size < 2 * CHUNK or not all(
+        b is None or (b.flags.c_contiguous and b.shape == first.shape) for b in buffers
+    ):
+        return first.size
+    return CHUNK
+
+
 def _chunks(*buffers: Array | None) -> Any:
     """Optimizer buffers CHUNK elements at a time when all are long and contiguous: the ten or
     so passes of an Adam update then stay in cache (1.5x at 10^6 float32), as a flat buffer
     holding a whole model would otherwise spill it; else the buffers whole, once."""
     first = buffers[0]
-    if first.size < 2 * CHUNK or not all(
-        b is None or (b.flags.c_contiguous and b.shape == first.shape) for b in buffers
-    ):
+    if _chunk_size(*buffers) == first.size:
         yield buffers
         return
     flats = [None if b is None else b.reshape(-1) for b in buffers]
     for start in range(0, first.size, CHUNK):
         yield tuple(None if f is None else f[start : start + CHUNK] for f in flats)
+
+
+def _scratch(*buffers: Array | None) -> Array:
+    """Two rows as long as ``_chunks``' pieces of ``buffers``, for an update's temporaries."""
+    return np.empty((2, _chunk_size(*buffers)), buffers[0].dtype)
 
 
 class NumpyFusedOps(FusedOps):
@@ -131,7 +145,7 @@ class NumpyFusedOps(FusedOps):
             raise ValueError("sgd_update: momentum needs a momentum buffer")
         dt = param.dtype.type  # the scalars in the buffer's precision, as the kernel has them
         lr_, wd, mu, keep = dt(lr), dt(weight_decay), dt(momentum), dt(1.0) - dt(dampening)
-        scratch = np.empty((2, min(param.size, CHUNK)), param.dtype)
+        scratch = _scratch(param, grad, momentum_buf)
         for p, g, buf in _chunks(param, grad, momentum_buf):
             # FusedOps.sgd_update's expression, operation for operation (the same bits), on
             # two cache-sized scratch rows instead of fresh temporaries
@@ -172,7 +186,7 @@ class NumpyFusedOps(FusedOps):
         b1, b2, one = dt(beta1), dt(beta2), dt(1.0)
         c1, c2 = one - b1, one - b2
         l2_, decay_, ss, bc2, eps_ = dt(l2), dt(decay), dt(step_size), dt(bc2_sqrt), dt(eps)
-        scratch = np.empty((2, min(param.size, CHUNK)), param.dtype)
+        scratch = _scratch(param, grad, m, v)
         for p, g, m_, v_ in _chunks(param, grad, m, v):
             # FusedOps.adam_update's expression, operation for operation (the same bits),
             # on two cache-sized scratch rows instead of fresh temporaries
