@@ -9,6 +9,7 @@ import pytest
 import gpunet
 import gpunet.nn.functional as F
 from gpunet import nn, optim
+from gpunet.checkpoint import CheckpointError
 
 R = np.random.default_rng(11)
 
@@ -229,3 +230,23 @@ def test_state_dict_round_trip_and_mismatch() -> None:
     assert plain.param_groups[0]["lr"] == 0.1 and w.grad_sink is None  # nothing changed
     with pytest.raises(ValueError, match=r"saved with in_backward=False"):
         optim.SGD([w], lr=0.1, in_backward=True).load_state_dict(plain.state_dict())
+
+
+def test_a_checkpoint_with_the_other_in_backward_is_refused_whole(tmp_path) -> None:
+    x, y = _data()
+    model = _model(5)
+    opt = optim.SGD(model.parameters(), lr=0.1, in_backward=True)
+    F.cross_entropy(model(x), y).backward()
+    path = tmp_path / "run.safetensors"
+    gpunet.save(path, model, opt)
+    other = _model(6)
+    before = [p.numpy().copy() for p in other.parameters()]
+    with pytest.raises(CheckpointError, match=r"in_backward=True in the checkpoint"):
+        gpunet.load(path, other, optim.SGD(other.parameters(), lr=0.1))
+    for p, b in zip(other.parameters(), before):  # nothing was loaded
+        np.testing.assert_array_equal(p.numpy(), b)
+    again = optim.SGD(other.parameters(), lr=0.3, in_backward=True)
+    gpunet.load(path, other, again)
+    assert again.param_groups[0]["lr"] == 0.1
+    for p, q in zip(other.parameters(), model.parameters()):
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
