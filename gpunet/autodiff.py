@@ -469,12 +469,15 @@ def backprop(
             # dW reads X, so stepping both would feed one the other's new value); further
             # ones take the whole-gradient path at the end of the sweep.
             steps: list | None = None
-            one_step = not prim.vjp_into_independent
             for i, parent in enumerate(node.parents):
                 if parent is None:
                     continue
                 if into is not None and into[i] is not None and type(parent) is not Node:
-                    if uses is not None and uses.get(id(parent)) == 1 and not (steps and one_step):
+                    if (
+                        uses is not None
+                        and uses.get(id(parent)) == 1
+                        and not (steps and not prim.vjp_into_independent)
+                    ):
                         coef = parent.grad_sink.coefficients()
                         if coef is not None:  # its one use: the rule writes the update
                             steps = steps or []
