@@ -52,33 +52,25 @@ def _erfc(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     return scipy.special.erfc(z, out=out)
 
 
-def _chunk_size(*buffers: Array | None) -> int:
-    """How many elements ``_chunks`` hands out at a time: CHUNK when every buffer is long and
-    contiguous, else all of them."""
-    first = buffers[0]
-    if first.size < 2 * CHUNK or not all(
-        b is None or (b.flags.c_contiguous and b.shape == first.shape) for b in buffers
-    ):
-        return first.size
-    return CHUNK
-
-
 def _chunks(*buffers: Array | None) -> Any:
     """Optimizer buffers CHUNK elements at a time when all are long and contiguous: the ten or
     so passes of an Adam update then stay in cache (1.5x at 10^6 float32), as a flat buffer
-    holding a whole model would otherwise spill it; else the buffers whole, once."""
+    holding a whole model would otherwise spill it; else the buffers whole, once. Each piece
+    comes with two scratch arrays of its shape, ``(t, u, *pieces)``, cut from one allocation
+    as long as the longest piece, for the update's temporaries."""
     first = buffers[0]
-    if _chunk_size(*buffers) == first.size:
-        yield buffers
+    whole = first.size < 2 * CHUNK or not all(
+        b is None or (b.flags.c_contiguous and b.shape == first.shape) for b in buffers
+    )
+    scratch = np.empty((2, first.size if whole else CHUNK), first.dtype)
+    if whole:
+        yield scratch[0].reshape(first.shape), scratch[1].reshape(first.shape), *buffers
         return
     flats = [None if b is None else b.reshape(-1) for b in buffers]
     for start in range(0, first.size, CHUNK):
-        yield tuple(None if f is None else f[start : start + CHUNK] for f in flats)
-
-
-def _scratch(*buffers: Array | None) -> Array:
-    """Two rows as long as ``_chunks``' pieces of ``buffers``, for an update's temporaries."""
-    return np.empty((2, _chunk_size(*buffers)), buffers[0].dtype)
+        pieces = [None if f is None else f[start : start + CHUNK] for f in flats]
+        n = pieces[0].size
+        yield scratch[0, :n], scratch[1, :n], *pieces
 
 
 class NumpyFusedOps(FusedOps):
@@ -145,11 +137,9 @@ class NumpyFusedOps(FusedOps):
             raise ValueError("sgd_update: momentum needs a momentum buffer")
         dt = param.dtype.type  # the scalars in the buffer's precision, as the kernel has them
         lr_, wd, mu, keep = dt(lr), dt(weight_decay), dt(momentum), dt(1.0) - dt(dampening)
-        scratch = _scratch(param, grad, momentum_buf)
-        for p, g, buf in _chunks(param, grad, momentum_buf):
+        for t, u, p, g, buf in _chunks(param, grad, momentum_buf):
             # FusedOps.sgd_update's expression, operation for operation (the same bits), on
             # two cache-sized scratch rows instead of fresh temporaries
-            t, u = scratch[0, : p.size].reshape(p.shape), scratch[1, : p.size].reshape(p.shape)
             d = g
             if weight_decay != 0.0:
                 d = np.multiply(p, wd, out=t)
@@ -186,11 +176,9 @@ class NumpyFusedOps(FusedOps):
         b1, b2, one = dt(beta1), dt(beta2), dt(1.0)
         c1, c2 = one - b1, one - b2
         l2_, decay_, ss, bc2, eps_ = dt(l2), dt(decay), dt(step_size), dt(bc2_sqrt), dt(eps)
-        scratch = _scratch(param, grad, m, v)
-        for p, g, m_, v_ in _chunks(param, grad, m, v):
+        for t, u, p, g, m_, v_ in _chunks(param, grad, m, v):
             # FusedOps.adam_update's expression, operation for operation (the same bits),
             # on two cache-sized scratch rows instead of fresh temporaries
-            t, u = scratch[0, : p.size].reshape(p.shape), scratch[1, : p.size].reshape(p.shape)
             gi = g
             if l2 != 0.0:
                 gi = np.multiply(p, l2_, out=t)
