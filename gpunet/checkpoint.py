@@ -117,11 +117,7 @@ def _check_optimizer(optimizer: Any, saved: dict[str, Any], shapes: dict[str, tu
                 f"param group {i}: {len(s['params'])} parameters in the checkpoint, "
                 f"{len(g['params'])} in the optimizer"
             )
-        if g.get("in_backward", False) != s.get("in_backward", False):  # SGD's, fixed at birth
-            problems.append(
-                f"param group {i}: in_backward={s.get('in_backward', False)} in the checkpoint, "
-                f"{g.get('in_backward', False)} in the optimizer"
-            )
+    problems += optimizer.group_problems(saved_groups, "the checkpoint")
     if problems:
         return problems
     params = {

@@ -96,6 +96,12 @@ class Optimizer:
                     view[...] = _on(f, value)
                     st[name] = view
 
+    def group_problems(self, groups: list[dict[str, Any]], source: str) -> list[str]:
+        """What in saved ``param_groups`` (from ``source``, for the message) this optimizer
+        cannot take, beyond their counts and shapes: checked by ``load_state_dict`` and by
+        ``gpunet.load`` before anything changes. None here."""
+        return []
+
     def _grad_buffers(self) -> bool:
         """Should backward write gradients into the flat gradient array (``grad_buffer``)?"""
         return True
@@ -171,6 +177,9 @@ class Optimizer:
                     f"param group {i}: loaded state has {len(saved['params'])} parameters, "
                     f"this optimizer {len(mine['params'])}"
                 )
+        problems = self.group_problems(groups, "the loaded state")
+        if problems:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: " + "; ".join(problems))
         # Saved indices map to ours position by position.
         params = {
             s: p

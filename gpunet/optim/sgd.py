@@ -68,18 +68,16 @@ class SGD(Optimizer):
             )
         super()._add_group(group)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``Optimizer.load_state_dict``; ``in_backward`` must match (it decides where
-        gradients go, so it is fixed when the optimizer is made)."""
-        for i, group in enumerate(state_dict["param_groups"]):
-            saved = group.get("in_backward", False)
-            if saved != self.defaults["in_backward"]:
-                raise ValueError(
-                    f"SGD.load_state_dict: param group {i} was saved with in_backward={saved}, "
-                    f"this optimizer has in_backward={self.defaults['in_backward']}; make the "
-                    f"optimizer with in_backward={saved} to load it"
-                )
-        super().load_state_dict(state_dict)
+    def group_problems(self, groups: list[dict[str, Any]], source: str) -> list[str]:
+        """``in_backward`` must match: it decides where gradients go, so it is fixed when the
+        optimizer is made."""
+        mine = self.defaults["in_backward"]
+        return [
+            f"param group {i} was saved with in_backward={saved} in {source}, this optimizer "
+            f"has in_backward={mine}; make the optimizer with in_backward={saved} to load it"
+            for i, saved in enumerate(g.get("in_backward", False) for g in groups)
+            if saved != mine
+        ]
 
     def _grad_buffers(self) -> bool:
         return not self.defaults["in_backward"]
