@@ -10,12 +10,13 @@ one thread pool, threadpoolctl's limits apply.
 
 Only 64-bit-integer (ILP64) entry points with a known suffix are used, so the integer width
 is never guessed. Where none is found (NumPy built against Accelerate or MKL, say),
-``gemm`` is None and callers take NumPy's path (a product, then a scaled add).
+``gemm`` declines (returns False) and callers take NumPy's path (a product, then a scaled add).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 from collections.abc import Callable
@@ -45,9 +46,10 @@ def _candidate_libraries() -> list[str]:
     return found
 
 
+@functools.cache
 def _load() -> tuple[dict[np.dtype, Callable[..., None]], str]:
     """``({float32: sgemm, float64: dgemm}`` as ctypes functions, where they come from), or
-    ({}, why not)."""
+    ({}, why not). Looked up on first use, not at import."""
     for path in _candidate_libraries():
         try:
             lib = ctypes.CDLL(path)  # already loaded by NumPy: the same handle, no second copy
@@ -71,17 +73,14 @@ def _load() -> tuple[dict[np.dtype, Callable[..., None]], str]:
     return {}, "no ILP64 cblas_?gemm found in NumPy's BLAS: a GEMM, then a scaled add"
 
 
-_GEMM, _SOURCE = _load()
-
-
 def available() -> bool:
     """Did this process find a GEMM with beta in NumPy's BLAS?"""
-    return bool(_GEMM)
+    return bool(_load()[0])
 
 
 def describe() -> str:
     """Where the GEMM with alpha and beta comes from, or why there is none (``gpunet info``)."""
-    return _SOURCE
+    return _load()[1]
 
 
 def _operand(a: Array, trans: bool) -> tuple[int, int] | None:
@@ -104,7 +103,7 @@ def gemm(out: Array, a: Array, b: Array, ta: bool, tb: bool, alpha: float, beta:
     Allowed: 2-d float32 or float64 operands of out's dtype, non-empty, each row-major or
     the transpose of one, out row-major, writeable and sharing no memory with a or b.
     """
-    fn = _GEMM.get(out.dtype) if isinstance(out, np.ndarray) else None
+    fn = _load()[0].get(out.dtype) if isinstance(out, np.ndarray) else None
     if (
         fn is None
         or out.ndim != 2
