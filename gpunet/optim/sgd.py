@@ -117,7 +117,7 @@ class _StepInBackward:
     p <- alpha g + beta p with alpha = -lr and beta = 1 - lr wd, read from the parameter's
     group when backward runs. It holds the optimizer, so the steps go on for as long as the
     parameter lives, whether or not the caller kept the optimizer, until an optimizer made
-    later over the parameter replaces it (or a loaded state sets ``in_backward`` False)."""
+    later over the parameter replaces it (or its group's ``in_backward`` is set False by hand)."""
 
     __slots__ = ("_index", "_optimizer")
 
