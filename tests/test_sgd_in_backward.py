@@ -250,3 +250,9 @@ def test_a_checkpoint_with_the_other_in_backward_is_refused_whole(tmp_path) -> N
     assert again.param_groups[0]["lr"] == 0.1
     for p, q in zip(other.parameters(), model.parameters()):
         np.testing.assert_array_equal(p.numpy(), q.numpy())
+
+
+def test_only_a_leaf_takes_a_grad_sink() -> None:
+    w = gpunet.tensor(np.ones(2), requires_grad=True)
+    with pytest.raises(ValueError, match="grad_sink: only a leaf tensor"):
+        (w * 2).grad_sink = object()
