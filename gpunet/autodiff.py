@@ -8,14 +8,17 @@ Every op goes through ``bind(prim, *inputs, **params)``:
 - inside ``gpunet.jvp`` a ``ForwardMode`` interpreter sees the op first: it evaluates it one
   level down, then pushes the input tangents through the primitive's JVP rule.
 
-``backprop`` walks the recorded nodes in reverse topological order (iteratively, so graphs of
-any depth work), calls each VJP rule (chain rule: dL/dx = sum over uses of the vector-Jacobian
-product), and releases saved arrays as it goes unless asked to keep them.
+``backprop`` walks the recorded nodes in reverse topological order (newest first, from a heap:
+iterative, so graphs of any depth work), calls each VJP rule (chain rule: dL/dx = sum over
+uses of the vector-Jacobian product), and releases saved arrays as it goes unless asked to
+keep them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import os
 import sys
 import threading
@@ -94,13 +97,14 @@ class Node:
     recorded op, and an ``__init__`` call would be a Python call more each time).
     """
 
-    __slots__ = ("_hooks", "out_data", "params", "parents", "prim", "saved", "site")
+    __slots__ = ("_hooks", "out_data", "params", "parents", "prim", "saved", "seq", "site")
 
     prim: Primitive
     parents: tuple  # per input: its Node, the leaf Tensor, or None (no grad)
     saved: tuple | None  # what the VJP rules take; None once released
     params: dict
     out_data: Any  # the output's array, when the rule keeps the output
+    seq: int  # creation order: every node is newer than the nodes it was computed from
     site: str | None  # where the user created it (only under detect_anomaly)
     _hooks: list | None
 
@@ -187,30 +191,46 @@ def observing(fn: Callable[[str, tuple, dict, Any], None]) -> Iterator[None]:
 
 
 def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, flags: int) -> None:
+    """Make ``out``'s node: its parents (a Node, a leaf Tensor, or None per input) and what
+    the primitive's VJP rules keep. (Every recorded op runs this: the one- and two-input
+    cases are spelled out.)"""
     nondiff = prim.nondiff
-    parents = []
-    for i, a in enumerate(args):
-        if a._requires_grad and i not in nondiff:
-            parents.append(a._node or a)
-        else:
-            parents.append(None)
-    saved = prim.save(out, *args, **params) if prim.save is not None else tuple(args)
+    if nondiff:
+        parents = tuple(
+            (a._node or a) if a._requires_grad and i not in nondiff else None
+            for i, a in enumerate(args)
+        )
+    elif len(args) == 1:
+        parents = (args[0]._node or args[0],)  # (the one input requires grad)
+    elif len(args) == 2:
+        x, y = args
+        parents = (
+            (x._node or x) if x._requires_grad else None,
+            (y._node or y) if y._requires_grad else None,
+        )
+    else:
+        parents = tuple((a._node or a) if a._requires_grad else None for a in args)
     out_data = None
-    if not flags & TANGENTS:  # forward mode needs the output object itself
-        for s in saved:
-            if s is out:
-                saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
-                out_data = out.data
-                break
+    if prim.save is None:
+        saved = tuple(args)
+    else:
+        saved = prim.save(out, *args, **params)
+        if not flags & TANGENTS:  # (forward mode needs the output object itself)
+            for s in saved:
+                if s is out:  # kept as a bare array: node -> output would be a cycle
+                    saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
+                    out_data = out.data
+                    break
     node = _new_node(Node)
-    node.prim, node.parents, node.saved, node.params = prim, tuple(parents), saved, params
-    node.out_data, node._hooks = out_data, None
+    node.prim, node.parents, node.saved, node.params = prim, parents, saved, params
+    node.out_data, node._hooks, node.seq = out_data, None, _next_seq()
     node.site = user_site() if flags & ANOMALY else None
     out._node = node
     out._requires_grad = True
 
 
 _new_node = object.__new__
+_next_seq = itertools.count().__next__  # (thread-safe: one C call)
 
 
 def differentiating(*operands: Tensor) -> bool:
@@ -336,27 +356,19 @@ def _check_forward(prim: Primitive, args: Sequence[Tensor], out: Tensor) -> None
 
 
 # ---------------------------------------------------------------------- reverse mode
-def _toposort(roots: list[Node], stop: set[Node]) -> list[Node]:
-    """Nodes reachable from ``roots``, every node before its parents (iterative DFS)."""
-    order: list[Node] = []
-    seen: set[Node] = set()
-    for root in roots:
-        stack: list[tuple[Node, bool]] = [(root, False)]
-        while stack:
-            node, expanded = stack.pop()
-            if expanded:
-                order.append(node)
-                continue
-            if node in seen:
-                continue
-            seen.add(node)
-            stack.append((node, True))
-            if node not in stop:
-                for p in node.parents:
-                    if type(p) is Node and p not in seen:
-                        stack.append((p, False))
-    order.reverse()
-    return order
+def _reachable(roots: list[Node], stop: set[Node]) -> set[Node]:
+    """Every node reachable from ``roots`` without passing through ``stop`` (iterative)."""
+    seen = set(roots)
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in stop:
+            continue
+        for p in node.parents:
+            if type(p) is Node and p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return seen
 
 
 def _run_hooks(hooks: list | None, g: Tensor) -> Tensor:
@@ -402,10 +414,12 @@ def backprop(
     parameter captured by the function), so that ``grad(grad(f))`` and gradient penalties work
     while a plain ``grad(f)(x)`` stays unrecorded.
     """
-    grads: dict[Node, Tensor] = {}
+    grads: dict[Node, Tensor] = {}  # a node's cotangent so far; a node is here while queued
+    queue: list[tuple[int, Node]] = []  # a heap of (-seq, node): the newest node runs next
     leaf_grads: dict[int, list] = {}  # id(leaf) -> [leaf, gradient]
-    seen_arrays: set[int] = set()  # arrays that must not become a leaf's .grad uncopied
-    roots: list[Node] = []
+    # Arrays that must not become a leaf's .grad uncopied, by id; held, so that no new array
+    # takes the id of one freed during the sweep.
+    seen_arrays: dict[int, Any] = {}
     for out, ct in zip(outputs, cotangents):
         if not out._requires_grad:
             if inputs is not None:
@@ -415,36 +429,43 @@ def backprop(
                 "that requires grad reached it (was it computed under no_grad?)"
             )
         g = _as_cotangent(out, ct)
-        seen_arrays.add(id(g.data))
-        if out._node is None:
+        seen_arrays[id(g.data)] = g.data
+        node = out._node
+        if node is None:
             _add_leaf(leaf_grads, out, g)
+        elif node in grads:
+            grads[node] = ops.add(grads[node], g)
         else:
-            grads[out._node] = g if out._node not in grads else ops.add(grads[out._node], g)
-            roots.append(out._node)
+            grads[node] = g
+            heapq.heappush(queue, (-node.seq, node))
 
-    targets = [] if inputs is None else [x._node for x in inputs if x._node is not None]
-    order = _toposort(roots, set(targets))
+    stop = set() if inputs is None else {x._node for x in inputs if x._node is not None}
     if create_graph is None:
-        create_graph = STATE.grad_enabled and _depends_on_others(order, inputs or ())
+        reached = _reachable([n for _, n in queue], stop)
+        create_graph = STATE.grad_enabled and _depends_on_others(reached, inputs or ())
     retain_graph = retain_graph or create_graph  # the new graph goes through the old one
     input_grads: dict[Node, Tensor] = {}
     into_ok = not create_graph and inputs is None  # may rules write into leaves' arrays?
     # Leaves that take their update in backward (grad_sink) -> how many edges reach them.
-    uses = _sink_uses(order, leaf_grads) if into_ok and Tensor._any_sink else None
-    stop = set(targets)
+    uses = None
+    if into_ok and Tensor._any_sink:
+        uses = _sink_uses(_reachable([n for _, n in queue], stop), leaf_grads)
     state = STATE
     flags = state.flags  # (read once: a thread-local read is not free)
     anomaly = flags & ANOMALY
     prev_mode, prev_node = bool(flags & GRAD), state.backward_node
     state.flags = (flags | GRAD) if create_graph else (flags & ~GRAD)
+    pop, push = heapq.heappop, heapq.heappush
     try:
-        for node in order:
-            g = grads.pop(node, None)
-            if g is None:
-                continue
+        # Reverse topological order without sorting the graph first: a node is created after
+        # every node it was computed from, so when the newest queued node runs, every node
+        # that uses it (all newer) has run and its cotangent is complete.
+        while queue:
+            node = pop(queue)[1]
+            g = grads.pop(node)
             if node._hooks:
                 g = _run_hooks(node._hooks, g)
-            if node in stop:
+            if stop and node in stop:
                 input_grads[node] = g
                 continue
             saved = node.saved
@@ -472,7 +493,17 @@ def backprop(
             for i, parent in enumerate(node.parents):
                 if parent is None:
                     continue
-                if into is not None and into[i] is not None and type(parent) is not Node:
+                if type(parent) is Node:
+                    rule = prim.vjp_rule(i) if prim.variadic else prim.vjp[i]  # type: ignore[index]
+                    gi = rule(g, *saved, **params)
+                    prev = grads.get(parent)
+                    if prev is None:
+                        grads[parent] = gi
+                        push(queue, (-parent.seq, parent))
+                    else:
+                        grads[parent] = ops.add(prev, gi)
+                    continue
+                if into is not None and into[i] is not None:
                     if (
                         uses is not None
                         and uses.get(id(parent)) == 1
@@ -490,12 +521,7 @@ def backprop(
                         leaf_grads[id(parent)] = [parent, Tensor._wrap(buf, g._backend), buf]
                         continue
                 rule = prim.vjp_rule(i) if prim.variadic else prim.vjp[i]  # type: ignore[index]
-                gi = rule(g, *saved, **params)
-                if type(parent) is Node:
-                    prev = grads.get(parent)
-                    grads[parent] = gi if prev is None else ops.add(prev, gi)
-                else:
-                    _add_leaf(leaf_grads, parent, gi)
+                _add_leaf(leaf_grads, parent, rule(g, *saved, **params))
             if steps is not None:  # after every rule above has read the leaves' old values
                 for rule, data, (alpha, beta) in steps:
                     rule(data, alpha, beta, g, *saved, **params)
@@ -530,7 +556,7 @@ def backprop(
         elif leaf.grad is None:
             if id(g.data) in seen_arrays or getattr(g.data, "base", None) is not None:
                 g = ops.copy(g)  # never alias an array someone else holds into .grad
-            seen_arrays.add(id(g.data))
+            seen_arrays[id(g.data)] = g.data
             leaf.grad = g if create_graph or not g._requires_grad else g.detach()
         else:
             with set_grad_enabled(create_graph):
@@ -550,23 +576,23 @@ def saved_values(node: Node, backend: Any) -> tuple:
     return tuple(me if s is SAVED_OUTPUT else s for s in saved)
 
 
-def _depends_on_others(order: list[Node], inputs: Sequence[Tensor]) -> bool:
+def _depends_on_others(nodes: set[Node], inputs: Sequence[Tensor]) -> bool:
     """Does the graph reach a tensor requiring grad other than ``inputs``?"""
     if any(x._node is not None for x in inputs):  # an input tracked by an outer transform
         return True
     own = {id(x) for x in inputs}
-    return any(isinstance(p, Tensor) and id(p) not in own for node in order for p in node.parents)
+    return any(isinstance(p, Tensor) and id(p) not in own for node in nodes for p in node.parents)
 
 
-def _sink_uses(order: list[Node], seeded: dict[int, list]) -> dict[int, int]:
-    """id(leaf) -> the number of edges from ``order`` to it (plus one if it is itself an
+def _sink_uses(nodes: set[Node], seeded: dict[int, list]) -> dict[int, int]:
+    """id(leaf) -> the number of edges from ``nodes`` to it (plus one if it is itself an
     output, ``seeded``), for leaves with a ``grad_sink`` and no hooks. A leaf used once can be
     updated in place by that use's rule: no other rule of this sweep reads it afterwards
     (every node holding it or a view of it is that use or downstream of it, so it has run
     already)."""
     uses: dict[int, int] = {}
     leaves = [entry[0] for entry in seeded.values()]
-    leaves += [p for node in order for p in node.parents if p is not None and type(p) is not Node]
+    leaves += [p for node in nodes for p in node.parents if p is not None and type(p) is not Node]
     for p in leaves:
         if p.grad_sink is not None and not p.hooks:
             uses[id(p)] = uses.get(id(p), 0) + 1

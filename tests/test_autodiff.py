@@ -56,6 +56,24 @@ def test_grads_of_leaves_never_alias_each_other_or_the_users_gradient() -> None:
     np.testing.assert_array_equal(c.grad.numpy(), [5.0, 6.0])
 
 
+def test_fresh_leaf_gradients_are_not_copied() -> None:
+    """A rule's fresh result becomes the leaf's .grad as it is. (The seed's array is held
+    through the sweep: once freed, a new gradient array could take its id and be copied as
+    if it were the user's.)"""
+    rng = np.random.default_rng(0)
+    x = gpunet.tensor(rng.standard_normal((32, 8)).astype(np.float32))
+    w = gpunet.tensor(rng.standard_normal((8, 10)).astype(np.float32), requires_grad=True)
+    b = gpunet.tensor(np.zeros(10, np.float32), requires_grad=True)
+    labels = gpunet.tensor(rng.integers(0, 10, 32))
+    calls: list[str] = []
+    for _ in range(20):
+        loss = gpunet.nn.functional.cross_entropy(x @ w + b, labels)
+        with gpunet.autodiff.observing(lambda name, *_: calls.append(name)):
+            loss.backward()
+        w.grad = b.grad = None
+    assert "copy" not in calls and calls.count("sum") == 20, calls
+
+
 def test_non_scalar_backward_needs_a_gradient() -> None:
     x = leaf([1.0, 2.0])
     with pytest.raises(RuntimeError, match=r"non-scalar output \(shape \(2,\)\).*gradient"):
