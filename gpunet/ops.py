@@ -57,9 +57,11 @@ def _constant(value: Any, like: Tensor) -> tuple[Tensor, Tensor]:
     Returns (like, constant); ``like`` is cast to the default float dtype when it holds
     integers or booleans and the value is a float (``int_tensor * 0.5`` is float32).
     """
+    if type(value) is float:  # the common case: a float tensor, no promotion, cached
+        dt = like.data.dtype
+        if isinstance(dt, np.dtype) and dt.kind == "f":
+            return like, _scalar(value, like)
     kind = like.dtype.kind
-    if type(value) is float and kind == "f":  # the common case: no promotion, cached
-        return like, _scalar(value, like)
     if isinstance(value, (bool, int, float)):
         vkind = "b" if isinstance(value, bool) else "i" if isinstance(value, int) else "f"
     else:
@@ -577,17 +579,18 @@ def getitem(x: Tensor, key: Any) -> Tensor:
     return take(reshape(x, merged), flat, first)
 
 
-def _check_inplace(x: Tensor, what: str) -> None:
-    if _tracked(x):
-        raise RuntimeError(
-            f"gpunet: {what} on a tensor that requires grad (shape {x.shape}) would not be "
-            "recorded; do it inside `with gpunet.no_grad():` or on x.detach()."
-        )
+def _inplace_error(x: Tensor, what: str) -> RuntimeError:
+    """For a write into a tensor the tape tracks (raise it where ``_tracked(x)``)."""
+    return RuntimeError(
+        f"gpunet: {what} on a tensor that requires grad (shape {x.shape}) would not be "
+        "recorded; do it inside `with gpunet.no_grad():` or on x.detach()."
+    )
 
 
 def setitem_(x: Tensor, key: Any, value: Any) -> None:
     """x[key] = value, in place, outside the graph."""
-    _check_inplace(x, "item assignment")
+    if _tracked(x):
+        raise _inplace_error(x, "item assignment")
     key = tuple(
         k.data if isinstance(k, Tensor) else k for k in (key if isinstance(key, tuple) else (key,))
     )
@@ -608,7 +611,8 @@ _INPLACE = {
 
 def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
     """x (op)= other, writing into x's array (optimizer updates under no_grad)."""
-    _check_inplace(x, f"in-place {op}")
+    if _tracked(x):
+        raise _inplace_error(x, f"in-place {op}")
     if isinstance(other, Tensor):
         if other._backend is not x._backend or other.data.dtype != x.data.dtype:
             raise TypeError(
@@ -665,9 +669,19 @@ def matmul(x: Tensor, y: Tensor) -> Tensor:
 
 # The hottest operators are the functions above (their signature is (self, other)): one
 # Python frame less on every ``x + y``. The reflected and unary ones stay methods of Tensor.
+def _radd(x: Tensor, other: Any) -> Tensor:
+    return apply(P.add, _operands("add", other, x), NO_PARAMS)
+
+
+def _rmul(x: Tensor, other: Any) -> Tensor:
+    return apply(P.mul, _operands("mul", other, x), NO_PARAMS)
+
+
 Tensor.__add__ = add  # type: ignore[method-assign]
 Tensor.__sub__ = sub  # type: ignore[method-assign]
 Tensor.__mul__ = mul  # type: ignore[method-assign]
 Tensor.__truediv__ = div  # type: ignore[method-assign]
 Tensor.__pow__ = pow  # type: ignore[method-assign]
 Tensor.__matmul__ = matmul  # type: ignore[method-assign]
+Tensor.__radd__ = _radd  # type: ignore[method-assign]
+Tensor.__rmul__ = _rmul  # type: ignore[method-assign]

@@ -313,16 +313,11 @@ class Tensor:
         return (_rebuild, (self.numpy(), str(self.device), self._requires_grad))
 
     # ------------------------------------------------------------------ operators
-    # x + y, x - y, x * y, x / y, x ** y and x @ y are the ops functions themselves, installed
-    # at the end of gpunet/ops.py (one Python frame less on the hottest path).
-    def __radd__(self, other: Any) -> Tensor:
-        return ops.add(other, self)
-
+    # x + y, x - y, x * y, x / y, x ** y, x @ y, 2 + x and 2 * x are the ops functions
+    # themselves, installed at the end of gpunet/ops.py (one Python frame less on the hottest
+    # path).
     def __rsub__(self, other: Any) -> Tensor:
         return ops.sub(other, self)
-
-    def __rmul__(self, other: Any) -> Tensor:
-        return ops.mul(other, self)
 
     def __rtruediv__(self, other: Any) -> Tensor:
         return ops.div(other, self)
