@@ -142,15 +142,20 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def cross_entropy_backward(
         self, g: Array, logits: Array, labels: Array, *, reduction: str
     ) -> Array:
-        """softmax(z) * scale - scale at the label: one (n, c) temporary, in place."""
+        """softmax(z) * scale - scale at the label: one (n, c) temporary, in place. (A mean's
+        or sum's scale is a Python float: g / n rounds to the same float either way.)"""
         n = logits.shape[0]
         p = np.subtract(logits, np.maximum.reduce(logits, axis=1, keepdims=True))
         np.exp(p, out=p)
-        scale = g.reshape(n, 1) if reduction == "none" else (g / n if reduction == "mean" else g)
-        p *= scale / np.add.reduce(p, axis=1, keepdims=True)
-        np.subtract.at(  # (faster than p[rows, labels] -= ...)
-            p, (self._rows(n), labels), scale.reshape(-1) if reduction == "none" else scale
-        )
+        total = np.add.reduce(p, axis=1, keepdims=True)
+        if reduction == "none":
+            scale = g.reshape(n, 1)
+            p *= np.divide(scale, total, out=total)
+            p[self._rows(n), labels] -= scale[:, 0]
+        else:
+            s = float(g) / max(n, 1) if reduction == "mean" else float(g)  # (n = 0: no rows)
+            p *= np.divide(s, total, out=total)
+            p[self._rows(n), labels] -= s  # (faster than np.subtract.at: one label a row)
         return p
 
     def scatter_add(self, g: Array, indices: Array, *, axis: int, size: int) -> Array:
