@@ -667,16 +667,19 @@ def matmul(x: Tensor, y: Tensor) -> Tensor:
     return out
 
 
-# The hottest operators are the functions above (their signature is (self, other)): one
-# Python frame less on every ``x + y``. The reflected and unary ones stay methods of Tensor.
 def _radd(x: Tensor, other: Any) -> Tensor:
+    """other + x (``2 + x``)."""
     return apply(P.add, _operands("add", other, x), NO_PARAMS)
 
 
 def _rmul(x: Tensor, other: Any) -> Tensor:
+    """other * x (``lr * p.grad``)."""
     return apply(P.mul, _operands("mul", other, x), NO_PARAMS)
 
 
+# The hottest operators are the functions above (their signature is (self, other)): one
+# Python frame less on every ``x + y`` or ``lr * g``. The other reflected operators and the
+# unary ones stay methods of Tensor.
 Tensor.__add__ = add  # type: ignore[method-assign]
 Tensor.__sub__ = sub  # type: ignore[method-assign]
 Tensor.__mul__ = mul  # type: ignore[method-assign]
