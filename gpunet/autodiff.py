@@ -126,7 +126,7 @@ def bind(prim: Primitive, *args: Tensor, **params: Any) -> Tensor:
 def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> Tensor:
     """``bind`` with its inputs and parameters as one tuple and one dict: the same op, called
     without packing them (the hottest ops call this form). This is the hot path of every op,
-    so the common one- and two-input cases are spelled out and nothing is looked up twice."""
+    so the common one- to three-input cases are spelled out and nothing is looked up twice."""
     flags = STATE.flags
     if flags & FORWARD:
         return STATE.jvp_stack[STATE._level - 1].process(prim, args, params)
@@ -142,6 +142,17 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
         if y._backend is not backend or (dy is not dx and dy != dx and not prim.nondiff):
             check_compatible(prim, args)
         data = impl(x.data, y.data, **params) if params else impl(x.data, y.data)
+    elif n == 3:  # (linear: x, W, b)
+        y, z = args[1], args[2]
+        dx = x.data.dtype
+        if (
+            y._backend is not backend
+            or z._backend is not backend
+            or y.data.dtype is not dx
+            or z.data.dtype is not dx
+        ):
+            check_compatible(prim, args)
+        data = impl(x.data, y.data, z.data, **params)
     else:
         check_compatible(prim, args)
         data = impl(*[a.data for a in args], **params)
@@ -192,7 +203,7 @@ def observing(fn: Callable[[str, tuple, dict, Any], None]) -> Iterator[None]:
 
 def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, flags: int) -> None:
     """Make ``out``'s node: its parents (a Node, a leaf Tensor, or None per input) and what
-    the primitive's VJP rules keep. (Every recorded op runs this: the one- and two-input
+    the primitive's VJP rules keep. (Every recorded op runs this: the one- to three-input
     cases are spelled out.)"""
     nondiff = prim.nondiff
     if nondiff:
@@ -207,6 +218,13 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
         parents = (
             (x._node or x) if x._requires_grad else None,
             (y._node or y) if y._requires_grad else None,
+        )
+    elif len(args) == 3:
+        x, y, z = args
+        parents = (
+            (x._node or x) if x._requires_grad else None,
+            (y._node or y) if y._requires_grad else None,
+            (z._node or z) if z._requires_grad else None,
         )
     else:
         parents = tuple((a._node or a) if a._requires_grad else None for a in args)
@@ -543,8 +561,9 @@ def backprop(
         if buf:  # written into leaf.grad_buffer (and summed there, if leaf.grad was it)
             if g.data is not buf[0]:  # another use of the leaf added to it since
                 buf[0][...] = g.data
+                g = Tensor._wrap(buf[0], g._backend)
             if leaf.grad is None:
-                leaf.grad = Tensor._wrap(buf[0], g._backend)
+                leaf.grad = g  # (the sweep's own tensor over the buffer)
             continue
         hooks = getattr(leaf, "_hooks", None)
         if hooks:
