@@ -5,8 +5,10 @@ Two kinds of figures:
 - ``mlp-step``: one SGD step of a tiny MLP (64-32-10, batch 32, float32, softmax
   cross-entropy with integer labels), written with raw gpunet tensors. The arrays are so small
   that the step is almost all dispatch: the hand-written NumPy step is the floor, PyTorch eager
-  the bar to beat. The steps are defined once, in ``gpunet.bench.workloads``.
-  ``test_steps_match`` (not timed) holds the three steps to the same updated weights, so the
+  the bar to beat. The steps are defined once, in ``gpunet.bench.workloads``. Beside them, the
+  same step on ``minimal_tape.py``, the smallest tape that runs it: the floor for any Python
+  tape, so gpunet / minimal tape is what gpunet's per-op checks and features cost.
+  ``test_steps_match`` (not timed) holds the steps to the same updated weights, so the
   comparison is of equal work.
 - ``per-op``: a chain of N elementwise ops on a tiny tensor, recorded (an input requires grad)
   and under ``no_grad``; the per-op cost is the median / N (printed at the end of the run).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+import minimal_tape  # benchmarks/minimal_tape.py (pytest puts this folder on sys.path)
 import numpy as np
 import pytest
 
@@ -51,9 +54,15 @@ def initial_state(seed: int = 0) -> MlpState:
     return mlp_state(SIZES, BATCH, seed)
 
 
+def minimal_tape_step(s: MlpState, lr: float) -> Workload:
+    """The step on ``minimal_tape.py``: the floor for a Python tape."""
+    weights = [np.array(a) for a in s.initial()]
+    return Workload(minimal_tape.step_fn(weights, s.x, s.y, lr), lambda: weights)
+
+
 def make_steps() -> list[tuple[str, Any]]:
-    """The gpunet (raw tensors) step, and PyTorch eager's when installed."""
-    makers = [("gpunet", gpunet_tensors_step)]
+    """The gpunet (raw tensors) step, the minimal tape's, and PyTorch eager's when installed."""
+    makers = [("gpunet", gpunet_tensors_step), ("minimal tape", minimal_tape_step)]
     if importlib.util.find_spec("torch") is not None:
         makers.append(("torch", torch_step))
     return makers
@@ -106,6 +115,12 @@ def test_step_numpy(bench: Any) -> None:
 def test_step_gpunet(bench: Any) -> None:
     step = gpunet_tensors_step(initial_state(), lr=LR).step
     assert np.isfinite(bench(step).item())
+
+
+@pytest.mark.benchmark(group=STEP)
+def test_step_minimal_tape(bench: Any) -> None:
+    step = minimal_tape_step(initial_state(), lr=LR).step
+    assert np.isfinite(bench(step))
 
 
 @pytest.mark.benchmark(group=STEP)

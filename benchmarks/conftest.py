@@ -137,12 +137,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
                 line += f"  {r.median_s / base.median_s:6.2f}x numpy"
             tr.write_line(line)
         ours = [r for r in rs if "gpunet" in r.name]
-        theirs = [r for r in rs if "torch" in r.name]
-        if len(ours) == 1 and len(theirs) == 1:
-            tr.write_line(
-                f"  gpunet/torch: {ours[0].median_s / theirs[0].median_s:.2f}x (median),"
-                f" {ours[0].min_s / theirs[0].min_s:.2f}x (min)"
-            )
+        for peer in ("torch", "minimal_tape"):
+            theirs = [r for r in rs if peer in r.name]
+            if len(ours) == 1 and len(theirs) == 1:
+                tr.write_line(
+                    f"  gpunet/{peer}: {ours[0].median_s / theirs[0].median_s:.2f}x (median),"
+                    f" {ours[0].min_s / theirs[0].min_s:.2f}x (min)"
+                )
     tr.write_line("BLAS/OpenMP libraries loaded at the end of the run:")
     for line in blas_lines():
         tr.write_line(f"  {line}")
