@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .faults import fault_error
 from .generic import Array, ArrayBackend, Shape
 
 
@@ -47,7 +48,16 @@ class CupyBackend(ArrayBackend):
             return self.cupy.arange(start, stop, step, dtype=dtype)
 
     def to_numpy(self, x: Array) -> np.ndarray:
-        return self.cupy.asnumpy(x)
+        """A host copy; first raises a bad label a kernel recorded since the last read."""
+        host = self.cupy.asnumpy(x)
+        self.raise_pending_faults()
+        return host
+
+    def raise_pending_faults(self) -> None:
+        kernels = getattr(self, "_kernels", None)
+        fault = kernels.take_fault() if kernels is not None else None
+        if fault is not None:
+            raise fault_error(fault, self.device)
 
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         rng = generator.device_rng(self)
@@ -190,6 +200,8 @@ class CupyBackend(ArrayBackend):
 
     def cross_entropy(self, logits: Array, labels: Array, *, reduction: str) -> Array:
         if not self.kernels.supports_rows(logits):
+            with self._cuda_device:  # the generic gather would wrap a bad label silently
+                self.kernels.check_labels(labels, logits.shape[-1])
             return super().cross_entropy(logits, labels, reduction=reduction)
         with self._cuda_device:
             return self.kernels.cross_entropy(logits, labels, reduction)

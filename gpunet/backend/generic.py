@@ -92,6 +92,10 @@ class ArrayBackend(FusedOps):
         """A host copy (or view, on the CPU) of ``x`` as a NumPy array."""
         return np.asarray(x)
 
+    def raise_pending_faults(self) -> None:
+        """Raise a fault a device kernel recorded (a bad label; see faults.py); the CPU
+        raises at once, so it has none pending."""
+
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         """Normal (kind='normal') or uniform [0, 1) samples, drawn on the host by default."""
         rng = generator.host_rng

@@ -1,0 +1,80 @@
+"""Bad class labels, refused with the op, the value, its index and the class count.
+
+On the CPU the labels are checked before the op runs: one max reduction over them, viewed as
+unsigned (a negative label becomes a huge one), so the check costs one pass over n integers.
+A CUDA kernel cannot raise: it records the first bad label it meets in a small device buffer
+``fault = (op code, index, value, classes)`` (see kernels/losses.cu), and the host raises the
+same error the next time data reaches it (``Tensor.item()``, ``.numpy()``, ``fit``'s epoch
+end), so a GPU run is never silent and never left with a NaN alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# the op codes the kernels write into fault[0] (0 means no fault)
+FAULT_OPS = {1: "cross_entropy"}
+FAULT_CODES = {name: code for code, name in FAULT_OPS.items()}
+PYTORCH_IGNORE_INDEX = -100
+
+
+class LabelError(IndexError, ValueError):
+    """A class label outside [0, classes). An IndexError, as in PyTorch ("Target -1 is out
+    of bounds"), and a ValueError, as bad input is everywhere else in gpunet."""
+
+
+def label_error(op: str, index: int, value: int, classes: int, where: str = "") -> LabelError:
+    """The one message for a bad label, on every device."""
+    hint = (
+        " gpunet has no ignore_index: drop the rows labelled -100 instead."
+        if value == PYTORCH_IGNORE_INDEX
+        else f" Map the labels to 0..{classes - 1} first (one class per distinct value)."
+    )
+    return LabelError(
+        f"{op}: label {value} at index {index} is not a class: the logits have {classes} "
+        f"classes, so labels must be in [0, {classes}).{hint}{where}"
+    )
+
+
+def check_labels(labels: np.ndarray, classes: int, op: str) -> None:
+    """Raise ``label_error`` for the first label outside [0, classes) of a host array."""
+    if labels.size == 0:
+        return
+    unsigned = (
+        labels if labels.dtype.kind == "u" else labels.view(labels.dtype.str.replace("i", "u"))
+    )
+    if int(np.maximum.reduce(unsigned, axis=None)) < classes:
+        return
+    flat = labels.reshape(-1)
+    index = int(np.flatnonzero((flat < 0) | (flat >= classes))[0])
+    raise label_error(op, index, int(flat[index]), classes)
+
+
+def check_indices(indices: np.ndarray, size: int, op: str) -> None:
+    """Raise for the first index outside [-size, size) (NumPy's range) of a host array, so
+    that a too-negative index is refused rather than wrapped twice."""
+    if indices.size == 0:
+        return
+    if (
+        -size <= int(np.minimum.reduce(indices, axis=None))
+        and int(np.maximum.reduce(indices, axis=None)) < size
+    ):
+        return
+    flat = indices.reshape(-1)
+    index = int(np.flatnonzero((flat < -size) | (flat >= size))[0])
+    raise IndexError(
+        f"{op}: index {int(flat[index])} at position {index} is out of range for an axis of "
+        f"size {size}: indices must be in [{-size}, {size})"
+    )
+
+
+def fault_error(fault: Any, device: Any) -> LabelError:
+    """The error for a fault buffer a kernel wrote: (op code, index, value, classes)."""
+    code, index, value, classes = (int(v) for v in fault)
+    where = (
+        f" (found on {device} by the {FAULT_OPS.get(code, f'op {code}')} kernel; a GPU kernel "
+        "cannot raise, so it is raised at the next read to the host)"
+    )
+    return label_error(FAULT_OPS.get(code, f"op {code}"), index, value, classes, where)
