@@ -511,6 +511,24 @@ def test_the_cupy_backend_raises_a_recorded_label_at_the_next_host_read(
     assert np.isnan(loss.item())  # raised once; the value is the NaN the kernel wrote
 
 
+def test_fit_raises_pending_device_faults_at_each_epoch_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fault recorded after the epoch's last ``loss.item()`` is still raised by ``fit``."""
+    import gpunet.train
+    from gpunet import nn, optim
+    from gpunet.data import DataLoader, Dataset
+
+    calls: list[int] = []
+    monkeypatch.setattr(gpunet.train, "raise_pending_faults", lambda: calls.append(1))
+    model = nn.Linear(2, 3)
+    data = Dataset(np.zeros((8, 2), np.float32), np.arange(8) % 3)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(data, batch_size=4, device="cpu")
+    gpunet.train.fit(model, gpunet.ops.cross_entropy, opt, loader, epochs=3, progress=False)
+    assert len(calls) == 3
+
+
 def test_float16_logits_check_labels_with_their_own_kernel(cuda_on_cpu: CupyBackend) -> None:
     """float16 has no row kernel: the generic gather wraps a negative label (here, as on a
     GPU, where CuPy wraps any out-of-range index), so a check kernel records it first."""

@@ -6,12 +6,15 @@ CuPy is imported here and only here, and only when a CUDA device is first used, 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from .faults import fault_error
 from .generic import Array, ArrayBackend, Shape
+
+log = logging.getLogger("gpunet")
 
 
 class CupyBackend(ArrayBackend):
@@ -70,6 +73,26 @@ class CupyBackend(ArrayBackend):
         """A device-side generator for ``gpunet.Generator`` (one per device)."""
         with self._cuda_device:
             return self.cupy.random.default_rng(seed)
+
+    def _rng_state(self, rng: Any) -> np.ndarray:
+        """The device generator's cuRAND states as host bytes (CuPy keeps them in the bit
+        generator's ``_state`` array; it has no public accessor)."""
+        return self.cupy.asnumpy(rng.bit_generator._state)
+
+    def _set_rng_state(self, rng: Any, state: np.ndarray) -> None:
+        target = rng.bit_generator._state
+        if target.nbytes != state.nbytes:
+            # another GPU model sizes the cuRAND state array differently: keep the fresh stream
+            log.warning(
+                "gpunet: the saved %s generator state has %d bytes, this GPU's %d; the device "
+                "stream is reseeded, so random draws on it differ from the saved run",
+                self.device,
+                state.nbytes,
+                target.nbytes,
+            )
+            return
+        with self._cuda_device:
+            target[...] = self.cupy.asarray(state.view(target.dtype))
 
     def linear(
         self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
