@@ -21,7 +21,6 @@ from . import dtypes
 from . import primitives as P
 from .autodiff import FORWARD, GRAD, STATE, apply, bind, describe
 from .backend import Device, device
-from .backend.faults import check_indices
 from .tensor import Tensor
 
 Axis = int | Sequence[int] | None
@@ -525,8 +524,7 @@ def take(x: Tensor, indices: Tensor, axis: int) -> Tensor:
     n = x.shape[axis]
     if indices.dtype.kind not in "iu":
         raise TypeError(f"gpunet.take: indices must be integers, got {indices.dtype}")
-    if isinstance(indices.data, np.ndarray):  # on a GPU the gather cannot raise
-        check_indices(indices.data, n, "gpunet.take")
+    x._backend.check_indices(indices.data, n, "gpunet.take")  # (a GPU records, then raises)
     if indices.dtype.kind == "i":
         indices = where(compare(indices, 0, "lt"), indices + n, indices)
     return bind(P.take, x, indices, axis=axis)

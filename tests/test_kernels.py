@@ -538,7 +538,24 @@ def test_float16_logits_check_labels_with_their_own_kernel(cuda_on_cpu: CupyBack
     loss = cuda_on_cpu.cross_entropy(z, np.array([0, -1, -2]), reduction="sum")
     with pytest.raises(LabelError, match=r"label -1 at index 1 .* 4 classes"):
         cuda_on_cpu.to_numpy(loss)
-    assert [name for name, _, _ in cuda_on_cpu._kernels.launches] == ["check_labels"] * 2
+    assert [name for name, _, _ in cuda_on_cpu._kernels.launches] == ["check_range"] * 2
+
+
+def test_gather_on_a_gpu_records_an_index_out_of_range(cuda_on_cpu: CupyBackend) -> None:
+    """CuPy's gather wraps any index (NumPy, standing in, wraps -5 + 3); gpunet.take records
+    one outside [-n, n) and raises it at the next host read, as the CPU raises at once."""
+    from gpunet.tensor import Tensor
+
+    x = Tensor._wrap(np.arange(3.0), cuda_on_cpu)
+    ok = gpunet.ops.take(x, Tensor._wrap(np.array([2, -3, -1]), cuda_on_cpu), 0)
+    np.testing.assert_array_equal(ok.numpy(), [2.0, 0.0, 2.0])
+    bad = gpunet.ops.take(x, Tensor._wrap(np.array([0, -5, 2], np.int32), cuda_on_cpu), 0)
+    with pytest.raises(IndexError) as e:
+        bad.numpy()
+    assert str(e.value).startswith(
+        "gpunet.take: index -5 at position 1 is out of range for an axis of size 3: indices "
+        "must be in [-3, 3) (found on cuda:0"
+    )
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "tanh", "softplus"])

@@ -56,6 +56,11 @@ class CupyBackend(ArrayBackend):
         self.raise_pending_faults()
         return host
 
+    def check_indices(self, indices: Array, size: int, op: str) -> None:
+        """CuPy's gather wraps an index outside [-size, size): a kernel records it instead."""
+        with self._cuda_device:
+            self.kernels.check_range(indices, -size, size, op)
+
     def raise_pending_faults(self) -> None:
         kernels = getattr(self, "_kernels", None)
         fault = kernels.take_fault() if kernels is not None else None
@@ -224,7 +229,7 @@ class CupyBackend(ArrayBackend):
     def cross_entropy(self, logits: Array, labels: Array, *, reduction: str) -> Array:
         if not self.kernels.supports_rows(logits):
             with self._cuda_device:  # the generic gather would wrap a bad label silently
-                self.kernels.check_labels(labels, logits.shape[-1])
+                self.kernels.check_range(labels, 0, logits.shape[-1], "cross_entropy")
             return super().cross_entropy(logits, labels, reduction=reduction)
         with self._cuda_device:
             return self.kernels.cross_entropy(logits, labels, reduction)

@@ -1,11 +1,12 @@
-"""Bad class labels, refused with the op, the value, its index and the class count.
+"""Bad class labels and indices, refused with the op, the value, its index and the bound.
 
 On the CPU the labels are checked before the op runs: one max reduction over them, viewed as
-unsigned (a negative label becomes a huge one), so the check costs one pass over n integers.
-A CUDA kernel cannot raise: it records the first bad label it meets in a small device buffer
-``fault = (op code, index, value, classes)`` (see kernels/losses.cu), and the host raises the
-same error the next time data reaches it (``Tensor.item()``, ``.numpy()``, ``fit``'s epoch
-end), so a GPU run is never silent and never left with a NaN alone.
+unsigned (a negative label becomes a huge one), so the check costs one pass over n integers;
+``gpunet.take``'s indices likewise (a min and a max). A CUDA kernel cannot raise: it records
+the first bad value it meets in a small device buffer ``fault = (op code, index, value,
+bound)`` (see kernels/losses.cu), and the host raises the same error the next time data
+reaches it (``Tensor.item()``, ``.numpy()``, ``fit``'s epoch end), so a GPU run is never
+silent and never left with a NaN or a wrapped index alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 # the op codes the kernels write into fault[0] (0 means no fault)
-FAULT_OPS = {1: "cross_entropy"}
+FAULT_OPS = {1: "cross_entropy", 2: "gpunet.take"}
 FAULT_CODES = {name: code for code, name in FAULT_OPS.items()}
 PYTORCH_IGNORE_INDEX = -100
 
@@ -53,29 +54,36 @@ def check_labels(labels: np.ndarray, classes: int, op: str) -> None:
     raise label_error(op, index, int(flat[index]), classes)
 
 
+def index_error(op: str, position: int, value: int, size: int, where: str = "") -> IndexError:
+    return IndexError(
+        f"{op}: index {value} at position {position} is out of range for an axis of size "
+        f"{size}: indices must be in [{-size}, {size}){where}"
+    )
+
+
 def check_indices(indices: np.ndarray, size: int, op: str) -> None:
     """Raise for the first index outside [-size, size) (NumPy's range) of a host array, so
     that a too-negative index is refused rather than wrapped twice."""
     if indices.size == 0:
         return
     if (
-        -size <= int(np.minimum.reduce(indices, axis=None))
-        and int(np.maximum.reduce(indices, axis=None)) < size
+        -size <= np.minimum.reduce(indices, axis=None)
+        and np.maximum.reduce(indices, axis=None) < size
     ):
         return
     flat = indices.reshape(-1)
-    index = int(np.flatnonzero((flat < -size) | (flat >= size))[0])
-    raise IndexError(
-        f"{op}: index {int(flat[index])} at position {index} is out of range for an axis of "
-        f"size {size}: indices must be in [{-size}, {size})"
-    )
+    position = int(np.flatnonzero((flat < -size) | (flat >= size))[0])
+    raise index_error(op, position, int(flat[position]), size)
 
 
-def fault_error(fault: Any, device: Any) -> LabelError:
-    """The error for a fault buffer a kernel wrote: (op code, index, value, classes)."""
-    code, index, value, classes = (int(v) for v in fault)
+def fault_error(fault: Any, device: Any) -> IndexError:
+    """The error for a fault buffer a kernel wrote: (op code, index, value, bound)."""
+    code, index, value, bound = (int(v) for v in fault)
+    op = FAULT_OPS.get(code, f"op {code}")
     where = (
-        f" (found on {device} by the {FAULT_OPS.get(code, f'op {code}')} kernel; a GPU kernel "
-        "cannot raise, so it is raised at the next read to the host)"
+        f" (found on {device} by the {op} kernel; a GPU kernel cannot raise, so it is raised "
+        "at the next read to the host)"
     )
-    return label_error(FAULT_OPS.get(code, f"op {code}"), index, value, classes, where)
+    if op == "gpunet.take":
+        return index_error(op, index, value, bound, where)
+    return label_error(op, index, value, bound, where)

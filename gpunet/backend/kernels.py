@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .faults import FAULT_CODES
 from .fused import ACTIVATIONS, FROM_OUTPUT, adam_scalars, check_activation, check_flat
 
 BLOCK = 256
@@ -167,9 +168,10 @@ def _build_table() -> dict[str, KernelSpec]:
             f"long long c, {t} scale, int g_per_row, long long* fault",
         )
     add(
-        "check_labels",
+        "check_range",
         "losses.cu",
-        "const long long* y, long long n, long long c, long long* fault",
+        "const long long* y, long long n, long long lo, long long hi, long long op, "
+        "long long* fault",
     )
     add(
         "sgd_update_f32",
@@ -304,10 +306,10 @@ class Kernels:
         self._fault.fill(0)
         return host
 
-    def check_labels(self, labels: Any, classes: int) -> None:
-        """Record a label outside [0, classes) for the paths without a row kernel."""
-        y = self._labels(labels).reshape(-1)
-        self.launch("check_labels", y.size, y, y.size, classes, self.fault())
+    def check_range(self, values: Any, lo: int, hi: int, op: str) -> None:
+        """Record the first value outside [lo, hi) as a fault of ``op`` (see faults.py)."""
+        y = self._labels(values).reshape(-1)
+        self.launch("check_range", y.size, y, y.size, lo, hi, FAULT_CODES[op], self.fault())
 
     def cross_entropy(self, logits: Any, labels: Any, reduction: str) -> Any:
         """Per row logsumexp(z) - z[y] in one kernel, then the mean or sum (one reduction)."""

@@ -237,3 +237,12 @@ def test_cross_entropy_on_a_gpu_raises_a_bad_label_at_the_next_host_read() -> No
     with pytest.raises(LabelError, match=r"label 5 at index 2 .* found on cuda:0"):
         loss.item()
     assert np.isfinite(F.cross_entropy(z, gpunet.tensor([0, 2, 1, 1], device="cuda")).item())
+
+
+@pytest.mark.gpu
+def test_indexing_on_a_gpu_raises_an_index_out_of_range_at_the_next_host_read() -> None:
+    x = gpunet.tensor([1.0, 2.0, 3.0], device="cuda")
+    picked = x[gpunet.tensor([0, -5], device="cuda")]  # CuPy alone would wrap -5 to 1
+    with pytest.raises(IndexError, match=r"gpunet.take: index -5 at position 1 .*cuda:0"):
+        picked.numpy()
+    np.testing.assert_array_equal(x[gpunet.tensor([-1, 0], device="cuda")].numpy(), [3.0, 1.0])
