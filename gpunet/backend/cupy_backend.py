@@ -51,7 +51,8 @@ class CupyBackend(ArrayBackend):
             return self.cupy.arange(start, stop, step, dtype=dtype)
 
     def to_numpy(self, x: Array) -> np.ndarray:
-        """A host copy; first raises a bad label a kernel recorded since the last read."""
+        """A host copy; then raises a bad label or index a kernel recorded since the last
+        read (a 32-byte copy more, once a kernel has made the fault buffer)."""
         host = self.cupy.asnumpy(x)
         self.raise_pending_faults()
         return host
@@ -63,7 +64,10 @@ class CupyBackend(ArrayBackend):
 
     def raise_pending_faults(self) -> None:
         kernels = getattr(self, "_kernels", None)
-        fault = kernels.take_fault() if kernels is not None else None
+        if kernels is None:  # no kernel has run on this device: nothing can be pending
+            return
+        with self._cuda_device:  # the buffer is cleared on its own device
+            fault = kernels.take_fault()
         if fault is not None:
             raise fault_error(fault, self.device)
 

@@ -220,7 +220,7 @@ class Kernels:
     def __init__(self, xp: Any, sm_count: int) -> None:
         self.xp = xp
         self.sm_count = sm_count
-        self._fault: Any = None  # (op code, index, value, classes), made at the first use
+        self._fault: Any = None  # (op code, index, value, bound), made at the first use
 
     def _run(self, spec: KernelSpec, grid: int, block: int, args: list[Any]) -> None:
         raise NotImplementedError
@@ -291,7 +291,7 @@ class Kernels:
         return self.xp.ascontiguousarray(labels, dtype=np.int64)
 
     def fault(self) -> Any:
-        """The device buffer where the loss kernels record a bad label (see faults.py)."""
+        """The device buffer where kernels record a bad label or index (see faults.py)."""
         if self._fault is None:
             self._fault = self.xp.zeros(4, dtype=np.int64)
         return self._fault
