@@ -2,12 +2,16 @@
 file loads without running code (never pickle) and opens in any safetensors reader.
 
 ``save(path, model, optimizer, **metadata)`` writes the model's ``state_dict()`` as tensors
-``model.<name>``, the optimizer's buffers as ``optimizer.<param index>.<buffer>``, and
-everything else in the header as JSON strings: the optimizer's hyperparameters and step counts
-under ``gpunet.optimizer``, each metadata keyword under its own name. The write is atomic:
-a temporary file in the same directory, flushed and fsynced, then renamed over the target.
-``load`` checks every name and shape first and raises one error listing every mismatch before
-it changes anything.
+``model.<name>``, the optimizer's buffers as ``optimizer.<param index>.<buffer>``, the random
+generators' device states as ``rng.<device>``, and everything else in the header as JSON
+strings: the optimizer's hyperparameters and step counts under ``gpunet.optimizer``, the
+default generator's seed and host state under ``gpunet.rng``, each metadata keyword under its
+own name. The write is atomic: a temporary file in the same directory, flushed and fsynced,
+then renamed over the target. ``load`` reads the header itself, so a file that is missing,
+empty, truncated, corrupt or not safetensors is a ``CheckpointError`` naming the path and
+what is wrong; it checks every name and shape and raises one error listing every mismatch
+before it changes anything; then it restores the weights, the optimizer and the generators
+(so dropout continues exactly; a checkpoint without ``gpunet.rng`` leaves them alone).
 """
 
 from __future__ import annotations
@@ -21,21 +25,27 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy
-from safetensors import safe_open
+
+from . import random
 
 FORMAT = "gpunet-checkpoint-1"
-_FORMAT_KEY, _OPTIM_KEY = "gpunet.format", "gpunet.optimizer"
+_FORMAT_KEY, _OPTIM_KEY, _RNG_KEY = "gpunet.format", "gpunet.optimizer", "gpunet.rng"
+_RNG_PREFIX = "rng."
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not fit the model or optimizer it is loaded into."""
+    """A checkpoint cannot be read, or does not fit the model or optimizer it is loaded into."""
 
 
 def save(path: str | os.PathLike, model: Any, optimizer: Any = None, **metadata: Any) -> None:
-    """Write ``model`` (anything with ``state_dict()``), optionally ``optimizer``, and
-    JSON-serializable ``metadata`` to ``path`` atomically."""
+    """Write ``model`` (anything with ``state_dict()``), optionally ``optimizer``, the state of
+    ``gpunet``'s default random generator, and JSON-serializable ``metadata`` to ``path``
+    atomically."""
     tensors = {f"model.{k}": _host(v) for k, v in model.state_dict().items()}
-    header = {_FORMAT_KEY: FORMAT}
+    rng = random.default_generator.get_state()
+    for dev, state in rng.pop("devices").items():
+        tensors[_RNG_PREFIX + dev] = state
+    header = {_FORMAT_KEY: FORMAT, _RNG_KEY: json.dumps(rng)}
     for key, value in metadata.items():
         if key.startswith("gpunet."):
             raise ValueError(f"metadata keys starting with 'gpunet.' are reserved, got {key!r}")
@@ -55,19 +65,21 @@ def save(path: str | os.PathLike, model: Any, optimizer: Any = None, **metadata:
     _write_atomically(Path(path), safetensors.numpy.save(tensors, metadata=header))
 
 
-def load(path: str | os.PathLike, model: Any = None, optimizer: Any = None) -> dict[str, Any]:
-    """Load what ``save`` wrote into ``model`` and ``optimizer`` (either may be None) and
-    return the metadata keywords. Raises CheckpointError, listing every missing, unexpected
-    or mis-shaped entry, before anything is changed."""
-    with safe_open(str(path), framework="np") as f:
-        header = f.metadata() or {}
-        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+def load(
+    path: str | os.PathLike, model: Any = None, optimizer: Any = None, rng: bool = True
+) -> dict[str, Any]:
+    """Load what ``save`` wrote into ``model`` and ``optimizer`` (either may be None), restore
+    the default random generator (unless ``rng=False``) and return the metadata keywords.
+    Raises CheckpointError, naming the file and what is wrong with it, or listing every
+    missing, unexpected or mis-shaped entry, before anything is changed."""
+    path = Path(path)
+    header, shapes = _read_header(path)
     if header.get(_FORMAT_KEY) != FORMAT:
         raise CheckpointError(f"{path}: not a gpunet checkpoint (no {_FORMAT_KEY} = {FORMAT})")
     problems: list[str] = []
     if model is not None:
         problems += _check_model(model, shapes)
-    saved_optim = json.loads(header[_OPTIM_KEY]) if _OPTIM_KEY in header else None
+    saved_optim = _json(path, header, _OPTIM_KEY)
     if optimizer is not None:
         if saved_optim is None:
             problems.append("the checkpoint holds no optimizer state")
@@ -75,13 +87,90 @@ def load(path: str | os.PathLike, model: Any = None, optimizer: Any = None) -> d
             problems += _check_optimizer(optimizer, saved_optim, shapes)
     if problems:
         raise CheckpointError(f"cannot load {path}:\n  " + "\n  ".join(problems))
-    tensors = safetensors.numpy.load_file(str(path))
+    saved_rng = _json(path, header, _RNG_KEY) if rng else None
+    metadata = {k: _json(path, header, k) for k in header if not k.startswith("gpunet.")}
+    try:
+        tensors = safetensors.numpy.load_file(str(path))
+    except Exception as e:  # safetensors' own error type; anything it refuses is unreadable
+        raise CheckpointError(f"{path}: unreadable safetensors data ({e})") from e
     if model is not None:
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(state)
     if optimizer is not None:
         optimizer.load_state_dict(_optimizer_state(saved_optim, tensors))
-    return {k: json.loads(v) for k, v in header.items() if not k.startswith("gpunet.")}
+    if saved_rng is not None:
+        devices = {
+            k[len(_RNG_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_RNG_PREFIX)
+        }
+        random.default_generator.set_state({**saved_rng, "devices": devices})
+    return metadata
+
+
+# ---------------------------------------------------------------- reading
+_HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header (100 MB)
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple]]:
+    """The metadata and tensor shapes of a safetensors file: 8 bytes of little-endian header
+    length, a JSON header, then the tensors' bytes. Anything else is a CheckpointError that
+    says what is wrong, so a user never sees safetensors' own error or a traceback."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if size == 0:
+                raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
+            if len(prefix) < 8:
+                raise CheckpointError(
+                    f"{path} is {size} bytes, too short for a safetensors header (8 bytes of "
+                    "length, then JSON): truncated, or not a checkpoint"
+                )
+            length = int.from_bytes(prefix, "little")
+            start = f.read(1)
+            if start != b"{" or length > _HEADER_LIMIT:
+                raise CheckpointError(
+                    f"{path} is not a safetensors file (it starts {(prefix + start)[:9]!r}; a "
+                    "checkpoint starts with its header's length and a JSON header)"
+                )
+            if 8 + length > size:
+                raise CheckpointError(
+                    f"{path} is truncated: its header needs {8 + length} bytes, the file has "
+                    f"{size} (an interrupted copy or download?)"
+                )
+            text = start + f.read(length - 1)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError(f"the header is a JSON {type(raw).__name__}, not an object")
+        header = raw.pop("__metadata__", None) or {}
+        shapes, end = {}, 0
+        for name, info in raw.items():
+            shapes[name] = tuple(int(n) for n in info["shape"])
+            end = max(end, int(info["data_offsets"][1]))
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{path} has a corrupt header ({type(e).__name__}: {e})") from None
+    if 8 + length + end > size:
+        raise CheckpointError(
+            f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has "
+            f"{size} (an interrupted copy or download?)"
+        )
+    return header, shapes
+
+
+def _json(path: Path, header: dict[str, str], key: str) -> Any:
+    """The header value ``key`` decoded (None when absent)."""
+    if key not in header:
+        return None
+    try:
+        return json.loads(header[key])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: the header's {key!r} is not JSON ({e})") from None
 
 
 # ---------------------------------------------------------------- checks

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, random
 from .backend import Device, default_device, get_backend
 from .tensor import Tensor
 
@@ -148,7 +148,9 @@ class DataLoader:
     """Mini-batches of (x, y) tensors on a device.
 
     The whole dataset is copied to the device once, when the loader is made; each epoch then
-    draws a permutation (``shuffle``) and gathers batches on the device.
+    draws a permutation (``shuffle``) and gathers batches on the device. ``seed`` seeds the
+    shuffle; without one it is drawn from gpunet's default generator when the loader is made,
+    so ``gpunet.manual_seed`` makes the batches repeatable.
     """
 
     def __init__(
@@ -168,6 +170,10 @@ class DataLoader:
         self.backend = get_backend(default_device() if device is None else device)
         self.x = self.backend.asarray(data.x.astype(dtypes.as_dtype(dtype), copy=False))
         self.y = self.backend.asarray(data.y)
+        if seed is None and shuffle:
+            # as PyTorch's sampler does, an unseeded shuffle draws its seed from the default
+            # generator, so that gpunet.manual_seed makes it repeatable
+            seed = int(random.default_generator.host_rng.integers(2**63))
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:

@@ -524,6 +524,7 @@ def take(x: Tensor, indices: Tensor, axis: int) -> Tensor:
     n = x.shape[axis]
     if indices.dtype.kind not in "iu":
         raise TypeError(f"gpunet.take: indices must be integers, got {indices.dtype}")
+    x._backend.check_indices(indices.data, n, "gpunet.take")  # (a GPU records, then raises)
     if indices.dtype.kind == "i":
         indices = where(compare(indices, 0, "lt"), indices + n, indices)
     return bind(P.take, x, indices, axis=axis)

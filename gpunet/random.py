@@ -25,26 +25,40 @@ class Generator:
     def manual_seed(self, seed: int | None) -> Generator:
         self.seed = int(np.random.SeedSequence().entropy) if seed is None else int(seed)
         self.host_rng = np.random.Generator(np.random.PCG64(self.seed))
-        self._device_rngs: dict[Any, Any] = {}
+        self._device_rngs: dict[Any, tuple[Any, Any]] = {}  # device -> (backend, rng)
+        # device states restored before the device's first use (or on a machine without it)
+        self._pending: dict[str, np.ndarray] = {}
         return self
 
     def initial_seed(self) -> int:
         return self.seed
 
     def device_rng(self, backend: Any) -> Any:
-        rng = self._device_rngs.get(backend.device)
-        if rng is None:
+        entry = self._device_rngs.get(backend.device)
+        if entry is None:
             seed = (self.seed, backend.device.index or 0)
             child = np.random.SeedSequence(seed).generate_state(1)[0]
-            rng = self._device_rngs[backend.device] = backend._new_rng(int(child))
-        return rng
+            rng = backend._new_rng(int(child))
+            state = self._pending.pop(str(backend.device), None)
+            if state is not None:
+                backend._set_rng_state(rng, state)
+            entry = self._device_rngs[backend.device] = (backend, rng)
+        return entry[1]
 
     def get_state(self) -> dict[str, Any]:
-        return {"seed": self.seed, "host": self.host_rng.bit_generator.state}
+        """The seed, the host stream's state (JSON-able) and each device stream's state
+        (a NumPy array of bytes, keyed by the device's name)."""
+        devices = dict(self._pending)
+        for dev, (backend, rng) in self._device_rngs.items():
+            devices[str(dev)] = backend._rng_state(rng)
+        return {"seed": self.seed, "host": self.host_rng.bit_generator.state, "devices": devices}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``get_state`` was taken (device streams at their first
+        use; a state without ``devices``, from an older checkpoint, reseeds them)."""
         self.manual_seed(state["seed"])
         self.host_rng.bit_generator.state = state["host"]
+        self._pending = dict(state.get("devices", {}))
 
 
 default_generator = Generator(0)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .autodiff import no_grad
+from .backend import raise_pending_faults
 from .tensor import Tensor
 
 log = logging.getLogger("gpunet")
@@ -133,6 +134,7 @@ def fit(
             classify = classify and acc is not None
             correct += (acc or 0.0) * len(y)
             seen += len(y)
+        raise_pending_faults()  # a bad label a GPU kernel recorded (backend/faults.py)
         norms = _grad_norms(params)
         for name, norm in norms.items():
             if norm < VANISHING or norm > EXPLODING:

@@ -25,8 +25,8 @@
 // message. This runs on Linux and other POSIX systems with ucontext.
 //
 // Not emulated: -ftz (denormals are kept on the CPU), fused multiply-add contraction (the
-// GPU contracts a * b + c by default; -ffp-contract=off here), warp-level operations and
-// atomics (the kernels use none).
+// GPU contracts a * b + c by default; -ffp-contract=off here) and warp-level operations
+// (the kernels use none). atomicCAS is a plain read-modify-write: threads never overlap.
 #pragma once
 
 #include <ucontext.h>
@@ -145,3 +145,10 @@ void launch(bool cooperative, void (*kernel)(P...), unsigned int grid, unsigned 
 }  // namespace gn_emu
 
 inline void __syncthreads() { gn_emu::barrier(); }
+
+inline unsigned long long atomicCAS(unsigned long long* address, unsigned long long compare,
+                                    unsigned long long value) {
+    unsigned long long old = *address;
+    if (old == compare) *address = value;
+    return old;
+}

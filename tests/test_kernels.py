@@ -37,8 +37,10 @@ from kernel_tools import (
     unavailable,
 )
 
+import gpunet
 from gpunet.backend import kernels as K
 from gpunet.backend.cupy_backend import CupyBackend
+from gpunet.backend.faults import FAULT_CODES, LabelError
 from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
 from gpunet.backend.numpy_backend import NumpyBackend
 
@@ -451,16 +453,109 @@ def test_cross_entropy_row_kernels_match_numpy_backend(
     assert launched == ([] if n == 0 else kernels)  # n == 0 launches nothing
 
 
-def test_cross_entropy_rows_make_a_bad_labels_row_nan(cuda_on_cpu: CupyBackend) -> None:
-    """The GPU cannot raise: a label outside [0, c) makes its row NaN (what the NaN checks
-    catch); the other rows are untouched."""
+def test_cross_entropy_rows_make_a_bad_labels_row_nan_and_record_it(
+    cuda_on_cpu: CupyBackend,
+) -> None:
+    """The GPU cannot raise: a label outside [0, c) makes its row NaN and the kernel records
+    the first one (op, index, value, classes) in the fault buffer; the other rows are
+    untouched. The forward and backward kernels both record; taking the fault clears it."""
     z = np.arange(12, dtype=np.float32).reshape(4, 3)
     y = np.array([0, 3, 2, -1])
-    loss = cuda_on_cpu.cross_entropy(z, y, reduction="none")
+    kernels = cuda_on_cpu._kernels
+    loss = kernels.cross_entropy(z, y, reduction="none")
     assert np.isnan(loss[[1, 3]]).all() and np.isfinite(loss[[0, 2]]).all()
-    dz = cuda_on_cpu.cross_entropy_backward(np.ones(4, np.float32), z, y, reduction="none")
-    assert np.isnan(dz[[1, 3]]).all() and np.isfinite(dz[[0, 2]]).all()
-    np.testing.assert_allclose(dz[[0, 2]].sum(axis=1), 0.0, atol=1e-6)  # softmax - onehot
+    assert kernels.take_fault().tolist() == [FAULT_CODES["cross_entropy"], 1, 3, 3]
+    assert kernels.take_fault() is None  # cleared on the device
+    dz = kernels.cross_entropy_backward(np.ones(4, np.float32), z, y[::-1], reduction="none")
+    assert np.isnan(dz[[0, 2]]).all() and np.isfinite(dz[[1, 3]]).all()
+    np.testing.assert_allclose(dz[[1, 3]].sum(axis=1), 0.0, atol=1e-6)  # softmax - onehot
+    assert kernels.take_fault().tolist() == [FAULT_CODES["cross_entropy"], 0, -1, 3]
+
+
+def test_cross_entropy_rows_leave_the_fault_clear_for_good_labels(
+    cuda_on_cpu: CupyBackend,
+) -> None:
+    z = np.zeros((300, 5), np.float64)
+    cuda_on_cpu.cross_entropy(z, np.arange(300) % 5, reduction="mean")
+    assert cuda_on_cpu._kernels.take_fault() is None
+    assert cuda_on_cpu._kernels._fault is not None  # the buffer exists and was read
+
+
+@pytest.mark.parametrize("read", ["numpy", "item", "tolist", "float", "fit's epoch end"])
+def test_the_cupy_backend_raises_a_recorded_label_at_the_next_host_read(
+    cuda_on_cpu: CupyBackend, read: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host reads of CupyBackend (run here over NumPy arrays and the g++ kernels) raise
+    the CPU's error, with the device named, once; the loss itself is NaN, never alone."""
+    import gpunet.backend as B
+    from gpunet.tensor import Tensor
+
+    z = Tensor._wrap(np.zeros((5, 4), np.float32), cuda_on_cpu)
+    y = Tensor._wrap(np.array([0, 1, 7, 2, -2]), cuda_on_cpu)
+    loss = gpunet.ops.cross_entropy(z, y)  # no error yet: the kernel cannot raise
+    reads = {
+        "numpy": loss.numpy,
+        "item": loss.item,
+        "tolist": loss.tolist,
+        "float": lambda: float(loss),
+        "fit's epoch end": B.raise_pending_faults,
+    }
+    monkeypatch.setitem(B._backends, cuda_on_cpu.device, cuda_on_cpu)
+    with pytest.raises(LabelError) as e:
+        reads[read]()
+    assert str(e.value).startswith(
+        "cross_entropy: label 7 at index 2 is not a class: the logits have 4 classes, so "
+        "labels must be in [0, 4)."
+    )
+    assert "found on cuda:0" in str(e.value)
+    assert np.isnan(loss.item())  # raised once; the value is the NaN the kernel wrote
+
+
+def test_fit_raises_pending_device_faults_at_each_epoch_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fault recorded after the epoch's last ``loss.item()`` is still raised by ``fit``."""
+    import gpunet.train
+    from gpunet import nn, optim
+    from gpunet.data import DataLoader, Dataset
+
+    calls: list[int] = []
+    monkeypatch.setattr(gpunet.train, "raise_pending_faults", lambda: calls.append(1))
+    model = nn.Linear(2, 3)
+    data = Dataset(np.zeros((8, 2), np.float32), np.arange(8) % 3)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(data, batch_size=4, device="cpu")
+    gpunet.train.fit(model, gpunet.ops.cross_entropy, opt, loader, epochs=3, progress=False)
+    assert len(calls) == 3
+
+
+def test_float16_logits_check_labels_with_their_own_kernel(cuda_on_cpu: CupyBackend) -> None:
+    """float16 has no row kernel: the generic gather wraps a negative label (here, as on a
+    GPU, where CuPy wraps any out-of-range index), so a check kernel records it first."""
+    z = np.zeros((3, 4), np.float16)
+    cuda_on_cpu.cross_entropy(z, np.array([0, 3, 1]), reduction="mean")
+    assert cuda_on_cpu._kernels.take_fault() is None
+    loss = cuda_on_cpu.cross_entropy(z, np.array([0, -1, -2]), reduction="sum")
+    with pytest.raises(LabelError, match=r"label -1 at index 1 .* 4 classes"):
+        cuda_on_cpu.to_numpy(loss)
+    assert [name for name, _, _ in cuda_on_cpu._kernels.launches] == ["check_range"] * 2
+
+
+def test_gather_on_a_gpu_records_an_index_out_of_range(cuda_on_cpu: CupyBackend) -> None:
+    """CuPy's gather wraps any index (NumPy, standing in, wraps -5 + 3); gpunet.take records
+    one outside [-n, n) and raises it at the next host read, as the CPU raises at once."""
+    from gpunet.tensor import Tensor
+
+    x = Tensor._wrap(np.arange(3.0), cuda_on_cpu)
+    ok = gpunet.ops.take(x, Tensor._wrap(np.array([2, -3, -1]), cuda_on_cpu), 0)
+    np.testing.assert_array_equal(ok.numpy(), [2.0, 0.0, 2.0])
+    bad = gpunet.ops.take(x, Tensor._wrap(np.array([0, -5, 2], np.int32), cuda_on_cpu), 0)
+    with pytest.raises(IndexError) as e:
+        bad.numpy()
+    assert str(e.value).startswith(
+        "gpunet.take: index -5 at position 1 is out of range for an axis of size 3: indices "
+        "must be in [-3, 3) (found on cuda:0"
+    )
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "tanh", "softplus"])

@@ -26,6 +26,7 @@ __all__ = [
     "default_device",
     "device",
     "get_backend",
+    "raise_pending_faults",
     "register_backend",
     "use_device",
     "warmup",
@@ -160,6 +161,14 @@ def get_backend(dev: str | Device) -> ArrayBackend:
 
     backend = _backends[dev] = CupyBackend(dev)
     return backend
+
+
+def raise_pending_faults() -> None:
+    """Raise the first bad label a GPU kernel recorded on any device since the last host
+    read (a kernel cannot raise; see faults.py). Tensor host reads (``item``, ``numpy``,
+    ``tolist``, ``float``) do this for their own device; ``fit`` calls it at each epoch end."""
+    for backend in list(_backends.values()):
+        backend.raise_pending_faults()
 
 
 def warmup(dev: str | Device | None = None) -> bool:

@@ -6,11 +6,15 @@ CuPy is imported here and only here, and only when a CUDA device is first used, 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
+from .faults import fault_error
 from .generic import Array, ArrayBackend, Shape
+
+log = logging.getLogger("gpunet")
 
 
 class CupyBackend(ArrayBackend):
@@ -47,7 +51,25 @@ class CupyBackend(ArrayBackend):
             return self.cupy.arange(start, stop, step, dtype=dtype)
 
     def to_numpy(self, x: Array) -> np.ndarray:
-        return self.cupy.asnumpy(x)
+        """A host copy; then raises a bad label or index a kernel recorded since the last
+        read (a 32-byte copy more, once a kernel has made the fault buffer)."""
+        host = self.cupy.asnumpy(x)
+        self.raise_pending_faults()
+        return host
+
+    def check_indices(self, indices: Array, size: int, op: str) -> None:
+        """CuPy's gather wraps an index outside [-size, size): a kernel records it instead."""
+        with self._cuda_device:
+            self.kernels.check_range(indices, -size, size, op)
+
+    def raise_pending_faults(self) -> None:
+        kernels = getattr(self, "_kernels", None)
+        if kernels is None:  # no kernel has run on this device: nothing can be pending
+            return
+        with self._cuda_device:  # the buffer is cleared on its own device
+            fault = kernels.take_fault()
+        if fault is not None:
+            raise fault_error(fault, self.device)
 
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         rng = generator.device_rng(self)
@@ -60,6 +82,26 @@ class CupyBackend(ArrayBackend):
         """A device-side generator for ``gpunet.Generator`` (one per device)."""
         with self._cuda_device:
             return self.cupy.random.default_rng(seed)
+
+    def _rng_state(self, rng: Any) -> np.ndarray:
+        """The device generator's cuRAND states as host bytes (CuPy keeps them in the bit
+        generator's ``_state`` array; it has no public accessor)."""
+        return self.cupy.asnumpy(rng.bit_generator._state)
+
+    def _set_rng_state(self, rng: Any, state: np.ndarray) -> None:
+        target = rng.bit_generator._state
+        if target.nbytes != state.nbytes:
+            # another GPU model sizes the cuRAND state array differently: keep the fresh stream
+            log.warning(
+                "gpunet: the saved %s generator state has %d bytes, this GPU's %d; the device "
+                "stream is reseeded, so random draws on it differ from the saved run",
+                self.device,
+                state.nbytes,
+                target.nbytes,
+            )
+            return
+        with self._cuda_device:
+            target[...] = self.cupy.asarray(state.view(target.dtype))
 
     def linear(
         self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
@@ -190,6 +232,8 @@ class CupyBackend(ArrayBackend):
 
     def cross_entropy(self, logits: Array, labels: Array, *, reduction: str) -> Array:
         if not self.kernels.supports_rows(logits):
+            with self._cuda_device:  # the generic gather would wrap a bad label silently
+                self.kernels.check_range(labels, 0, logits.shape[-1], "cross_entropy")
             return super().cross_entropy(logits, labels, reduction=reduction)
         with self._cuda_device:
             return self.kernels.cross_entropy(logits, labels, reduction)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import faults
 from .fused import FusedOps
 
 Array = Any
@@ -91,6 +92,14 @@ class ArrayBackend(FusedOps):
     def to_numpy(self, x: Array) -> np.ndarray:
         """A host copy (or view, on the CPU) of ``x`` as a NumPy array."""
         return np.asarray(x)
+
+    def check_indices(self, indices: Array, size: int, op: str) -> None:
+        """Refuse an index outside [-size, size) (NumPy's range), before the gather."""
+        faults.check_indices(self.to_numpy(indices), size, op)
+
+    def raise_pending_faults(self) -> None:
+        """Raise a fault a device kernel recorded (a bad label; see faults.py); the CPU
+        raises at once, so it has none pending."""
 
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         """Normal (kind='normal') or uniform [0, 1) samples, drawn on the host by default."""

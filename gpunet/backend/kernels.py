@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .faults import FAULT_CODES
 from .fused import ACTIVATIONS, FROM_OUTPUT, adam_scalars, check_activation, check_flat
 
 BLOCK = 256
@@ -157,14 +158,21 @@ def _build_table() -> dict[str, KernelSpec]:
         add(
             f"cross_entropy_rows_{sfx}",
             "losses.cu",
-            f"const {t}* z, const long long* y, {t}* loss, long long n, long long c",
+            f"const {t}* z, const long long* y, {t}* loss, long long n, long long c, "
+            "long long* fault",
         )
         add(
             f"cross_entropy_rows_backward_{sfx}",
             "losses.cu",
             f"const {t}* z, const long long* y, const {t}* g, {t}* dz, long long n, "
-            f"long long c, {t} scale, int g_per_row",
+            f"long long c, {t} scale, int g_per_row, long long* fault",
         )
+    add(
+        "check_range",
+        "losses.cu",
+        "const long long* y, long long n, long long lo, long long hi, long long op, "
+        "long long* fault",
+    )
     add(
         "sgd_update_f32",
         "optim.cu",
@@ -212,6 +220,7 @@ class Kernels:
     def __init__(self, xp: Any, sm_count: int) -> None:
         self.xp = xp
         self.sm_count = sm_count
+        self._fault: Any = None  # (op code, index, value, bound), made at the first use
 
     def _run(self, spec: KernelSpec, grid: int, block: int, args: list[Any]) -> None:
         raise NotImplementedError
@@ -281,12 +290,33 @@ class Kernels:
     def _labels(self, labels: Any) -> Any:
         return self.xp.ascontiguousarray(labels, dtype=np.int64)
 
+    def fault(self) -> Any:
+        """The device buffer where kernels record a bad label or index (see faults.py)."""
+        if self._fault is None:
+            self._fault = self.xp.zeros(4, dtype=np.int64)
+        return self._fault
+
+    def take_fault(self) -> np.ndarray | None:
+        """The recorded fault, cleared on the device, or None (no buffer yet: nothing ran)."""
+        if self._fault is None:
+            return None
+        host = self._fault.get() if hasattr(self._fault, "get") else self._fault.copy()
+        if host[0] == 0:
+            return None
+        self._fault.fill(0)
+        return host
+
+    def check_range(self, values: Any, lo: int, hi: int, op: str) -> None:
+        """Record the first value outside [lo, hi) as a fault of ``op`` (see faults.py)."""
+        y = self._labels(values).reshape(-1)
+        self.launch("check_range", y.size, y, y.size, lo, hi, FAULT_CODES[op], self.fault())
+
     def cross_entropy(self, logits: Any, labels: Any, reduction: str) -> Any:
         """Per row logsumexp(z) - z[y] in one kernel, then the mean or sum (one reduction)."""
         z, y = self._contiguous(logits), self._labels(labels)
         n, c = z.shape
         loss = self.xp.empty((n,), dtype=z.dtype)
-        self.launch(f"cross_entropy_rows_{SUFFIX[z.dtype]}", n, z, y, loss, n, c)
+        self.launch(f"cross_entropy_rows_{SUFFIX[z.dtype]}", n, z, y, loss, n, c, self.fault())
         if reduction == "none":
             return loss
         total = loss.sum()
@@ -301,7 +331,7 @@ class Kernels:
         scale = 1.0 / n if reduction == "mean" and n else 1.0
         per_row = reduction == "none"
         kernel = f"cross_entropy_rows_backward_{SUFFIX[z.dtype]}"
-        self.launch(kernel, n, z, y, g, dz, n, c, scale, per_row)
+        self.launch(kernel, n, z, y, g, dz, n, c, scale, per_row, self.fault())
         return dz
 
     # ---------------------------------------------------------------- optimizer updates

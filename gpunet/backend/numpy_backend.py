@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import blas
+from .faults import check_labels
 from .generic import Array, ArrayBackend, Axes, Shape
 from .numpy_fused import NumpyFusedOps
 
@@ -126,6 +127,7 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def cross_entropy(self, logits: Array, labels: Array, *, reduction: str) -> Array:
         """logsumexp(z) - z[y] per row with one (n, c) temporary, updated in place. (An
         infinite logit gives inf or NaN either way, so the max needs no finiteness guard.)"""
+        check_labels(labels, logits.shape[1], "cross_entropy")
         n = logits.shape[0]
         m = np.maximum.reduce(logits, axis=1, keepdims=True)
         t = np.subtract(logits, m)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .. import ops
 from .. import primitives as P
 from ..activations import elu, gelu, leaky_relu, silu, softplus
@@ -175,12 +177,37 @@ def _clamped_log(p: Tensor) -> Tensor:
     return ops.where(positive, ops.maximum(ops.log(safe), -100.0), -100.0)
 
 
+def _check_probabilities(t: Tensor, what: str, op: str) -> None:
+    """Raise, as PyTorch does, unless every element of t is in [0, 1] (NaN is not): one min
+    and one max over t (on a GPU they read two scalars back, a synchronisation)."""
+    if t.numel() == 0:
+        return
+    xp = t._backend.xp
+    if float(xp.min(t.data)) >= 0.0 and float(xp.max(t.data)) <= 1.0:
+        return
+    values = t._backend.to_numpy(t.data)
+    bad = np.unravel_index(int(np.flatnonzero(~((values >= 0) & (values <= 1)))[0]), t.shape)
+    hint = (
+        "pass probabilities (sigmoid of the logits), or use binary_cross_entropy_with_logits"
+        if what == "input"
+        else "targets are probabilities of the positive class (0 or 1 for hard labels)"
+    )
+    raise ValueError(
+        f"{op}: all elements of {what} should be between 0 and 1, but {what}"
+        f"[{', '.join(map(str, bad))}] = {float(values[bad]):.6g} (shape {t.shape}): {hint}"
+    )
+
+
 def binary_cross_entropy(
     input: Tensor, target: Tensor, weight: Tensor | None = None, reduction: str = "mean"
 ) -> Tensor:
     """-(y log p + (1 - y) log(1 - p)) for probabilities p, each log clamped at -100 as in
-    PyTorch (so p = 0 or 1 gives a finite loss). Prefer the ``_with_logits`` form."""
+    PyTorch (so p = 0 or 1 gives a finite loss). Prefer the ``_with_logits`` form. Like
+    PyTorch, refuses an input or target outside [0, 1], where the loss means nothing (it
+    can be negative)."""
     y = _same_shape(input, target, "binary_cross_entropy")
+    _check_probabilities(input, "input", "binary_cross_entropy")
+    _check_probabilities(y, "target", "binary_cross_entropy")
     loss = ops.neg(y * _clamped_log(input) + (1.0 - y) * _clamped_log(1.0 - input))
     if weight is not None:
         loss = loss * weight

@@ -140,3 +140,109 @@ def test_float32_losses_and_gradients_stay_finite_at_extreme_logits() -> None:
     want = np_cross_entropy(z.numpy().astype(np.float64), labels.numpy(), 0.1).mean()
     got = F.cross_entropy(z, labels, label_smoothing=0.1).item()
     assert got == pytest.approx(want, rel=1e-6)
+
+
+# ---------------------------------------------------------------------- bad labels and ranges
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([0, 2, 1, -1], "label -1 at index 3 is not a class: the logits have 3 classes"),
+        ([0, 3, 1, 1], "label 3 at index 1 is not a class: the logits have 3 classes"),
+        ([7, 0, -2, 1], "label 7 at index 0 is not a class"),  # the first bad one is named
+        ([0, -100, 1, 1], "gpunet has no ignore_index: drop the rows labelled -100"),
+    ],
+)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy_refuses_labels_outside_the_classes(
+    labels: list[int], message: str, eps: float
+) -> None:
+    """Before: -1 was silently the last class on the CPU and 3 a bare NumPy IndexError.
+    Refused before anything runs: no graph, no gradient."""
+    from gpunet.backend.faults import LabelError
+
+    z = gpunet.tensor(LOGITS, requires_grad=True)
+    for loss in (
+        lambda: F.cross_entropy(z, labels, label_smoothing=eps),
+        lambda: nn.CrossEntropyLoss(label_smoothing=eps)(z, gpunet.tensor(labels)),
+        lambda: F.cross_entropy(z, np.array(labels, np.int32), reduction="none"),
+    ):
+        with pytest.raises(LabelError, match=message) as e:
+            loss()
+        assert isinstance(e.value, IndexError) and isinstance(e.value, ValueError)
+        assert str(e.value).startswith("cross_entropy: label ")
+    assert z.grad is None
+
+
+def test_cross_entropy_accepts_every_class_and_unsigned_labels() -> None:
+    z = t64(LOGITS)
+    got = F.cross_entropy(z, np.array([0, 2, 1, 2], np.uint8), reduction="none").numpy()
+    np.testing.assert_allclose(got, np_cross_entropy(LOGITS, np.array([0, 2, 1, 2])), rtol=1e-12)
+    assert F.cross_entropy(t64(np.zeros((0, 3))), np.zeros(0, np.int64), reduction="sum") == 0.0
+
+
+@pytest.mark.parametrize("indices", [[-4], [3], [0, 1, -7]])
+def test_indexing_refuses_indices_outside_the_axis(indices: list[int]) -> None:
+    """x[-4] on 3 elements used to wrap twice (to x[2]); NumPy's range is [-n, n)."""
+    x = gpunet.tensor([1.0, 2.0, 3.0])
+    with pytest.raises(
+        IndexError,
+        match=r"gpunet.take: index -?\d+ at position \d+ is out of range for an axis of size "
+        r"3: indices must be in \[-3, 3\)",
+    ):
+        x[np.array(indices)]
+    np.testing.assert_array_equal(x[np.array([-3, -1, 2])].numpy(), [1.0, 3.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("p", "y", "message"),
+    [
+        (
+            [0.2, 1.5],
+            [0.0, 1.0],
+            r"input\[1\] = 1.5",
+        ),
+        ([[0.2, 0.3], [-0.1, 0.5]], [[0, 1], [1, 1]], r"input\[1, 0\] = -0.1 \(shape \(2, 2\)\)"),
+        ([0.2, np.nan], [0.0, 1.0], r"input\[1\] = nan"),
+        (
+            [0.2, 0.7],
+            [0.0, 2.0],
+            r"between 0 and 1, but target\[1\] = 2",
+        ),
+        ([0.2, 0.7], [-1.0, 1.0], r"target\[0\] = -1"),
+    ],
+)
+def test_bce_refuses_values_outside_zero_one_like_pytorch(p: list, y: list, message: str) -> None:
+    """Before: an input above 1 gave a negative loss. BCEWithLogits takes any logits."""
+    for loss in (lambda: F.binary_cross_entropy(t64(p), t64(y)), lambda: nn.BCELoss()(t64(p), y)):
+        with pytest.raises(ValueError, match="^binary_cross_entropy: all elements.*" + message):
+            loss()
+    if np.isfinite(p).all() and np.logical_and(np.asarray(y) >= 0, np.asarray(y) <= 1).all():
+        assert np.isfinite(F.binary_cross_entropy_with_logits(t64(p), t64(y)).item())
+
+
+def test_bce_takes_the_ends_of_the_interval() -> None:
+    p, y = np.array([0.0, 1.0, 0.5, 1.0]), np.array([0.0, 1.0, 0.25, 0.0])
+    got = F.binary_cross_entropy(t64(p), t64(y), reduction="none").numpy()
+    np.testing.assert_allclose(got, np_bce(p, y), rtol=1e-12)
+
+
+@pytest.mark.gpu
+def test_cross_entropy_on_a_gpu_raises_a_bad_label_at_the_next_host_read() -> None:
+    """The kernel records the label; .item() raises the CPU's error, naming the device."""
+    from gpunet.backend.faults import LabelError
+
+    z = gpunet.tensor(LOGITS, dtype=gpunet.float32, device="cuda")
+    y = gpunet.tensor([0, 2, 5, 1], device="cuda")
+    loss = F.cross_entropy(z, y)
+    with pytest.raises(LabelError, match=r"label 5 at index 2 .* found on cuda:0"):
+        loss.item()
+    assert np.isfinite(F.cross_entropy(z, gpunet.tensor([0, 2, 1, 1], device="cuda")).item())
+
+
+@pytest.mark.gpu
+def test_indexing_on_a_gpu_raises_an_index_out_of_range_at_the_next_host_read() -> None:
+    x = gpunet.tensor([1.0, 2.0, 3.0], device="cuda")
+    picked = x[gpunet.tensor([0, -5], device="cuda")]  # CuPy alone would wrap -5 to 1
+    with pytest.raises(IndexError, match=r"gpunet.take: index -5 at position 1 .*cuda:0"):
+        picked.numpy()
+    np.testing.assert_array_equal(x[gpunet.tensor([-1, 0], device="cuda")].numpy(), [3.0, 1.0])
