@@ -61,7 +61,7 @@ class CupyBackend(ArrayBackend):
         with self._cuda_device:
             return self.cupy.random.default_rng(seed)
 
-    def linear(
+    def linear_activation(
         self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
     ) -> Array:
         with self._cuda_device:
@@ -149,7 +149,7 @@ class CupyBackend(ArrayBackend):
         with self._cuda_device:
             return cupyx.scipy.special.erf(x)
 
-    def activation(self, x: Array, *, name: str, alpha: float = 0.0) -> Array:
+    def activation(self, x: Array, name: str, alpha: float = 0.0) -> Array:
         if not self.kernels.supports(x):
             return super().activation(x, name=name, alpha=alpha)
         with self._cuda_device:
@@ -159,7 +159,6 @@ class CupyBackend(ArrayBackend):
         self,
         g: Array,
         saved: Array,
-        *,
         name: str,
         alpha: float = 0.0,
         from_output: bool = False,
