@@ -159,6 +159,7 @@ class CupyBackend(ArrayBackend):
         self,
         g: Array,
         saved: Array,
+        *,
         name: str,
         alpha: float = 0.0,
         from_output: bool = False,

@@ -150,6 +150,7 @@ class FusedOps:
         self,
         g: Array,
         saved: Array,
+        *,
         name: str,
         alpha: float = 0.0,
         from_output: bool = False,

@@ -34,8 +34,9 @@ def fused_grad(name: str, g: Tensor, saved: Tensor, alpha: float, from_output: b
     """
     if not differentiating(g, saved):
         backend = g._backend
-        # by position: keywords would cost ~2,000 instructions a call (valgrind)
-        dx = backend.activation_backward(g.data, saved.data, name, alpha, from_output)
+        dx = backend.activation_backward(
+            g.data, saved.data, name=name, alpha=alpha, from_output=from_output
+        )
         if STATE.flags & OBSERVE:  # gpunet.profile sees the fused kernel
             params = {"name": name, "alpha": alpha, "from_output": from_output}
             observe("activation_backward", (g, saved), params, dx)
