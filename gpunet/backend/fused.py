@@ -109,8 +109,9 @@ class FusedOps:
     xp: Any
 
     # ---------------------------------------------------------------- primitive forwards
-    # Each calls ``activation`` with the name by position: keywords cost ~1,700 instructions a
-    # call, a tenth of relu at 10^3 elements on NumPy (valgrind, against calling its formula).
+    # Each calls ``activation`` with the name by position: by keyword, relu at 10^3 elements
+    # on NumPy took 17,307 instructions a call, by position 15,640 (valgrind), as many as
+    # calling its formula straight away.
     def relu(self, x: Array) -> Array:
         """relu(x) = max(x, 0); NaN propagates."""
         return self.activation(x, "relu")
