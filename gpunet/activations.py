@@ -1,15 +1,35 @@
-"""Activation functions with PyTorch's names and defaults, each one primitive: one fused
-kernel forward and one fused backward pass on CUDA (``relu``, ``sigmoid`` and ``tanh`` are in
-``gpunet.ops``). The formulas, in their stable forms, are in ``kernels/activations.cuh``."""
+"""Every activation function, with PyTorch's names and defaults, each one primitive
+(``gpunet.primitives.activations``): one fused kernel forward and one fused backward pass on
+CUDA. The formulas, in their stable forms, are in ``kernels/activations.cuh``. ``gpunet.ops``
+and the ``Tensor`` methods (``x.relu()``) re-export relu, sigmoid and tanh from here."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from . import primitives as P
-from .autodiff import bind
+from .autodiff import apply, bind
 from .backend.fused import gelu_name
 from .tensor import Tensor
+
+_NO_PARAMS: dict[str, Any] = {}  # apply's params for relu, sigmoid, tanh (never written)
+
+
+# relu, sigmoid and tanh take any tensor (integers too, as NumPy does) through ``apply``, the
+# unpacked form of ``bind``: they are the hottest activations.
+def relu(x: Tensor) -> Tensor:
+    """relu(x) = max(x, 0); NaN propagates."""
+    return apply(P.relu, (x,), _NO_PARAMS)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    """sigmoid(x) = 1 / (1 + exp(-x)), computed with no positive exponent."""
+    return apply(P.sigmoid, (x,), _NO_PARAMS)
+
+
+def tanh(x: Tensor) -> Tensor:
+    """tanh(x)."""
+    return apply(P.tanh, (x,), _NO_PARAMS)
 
 
 def _float_tensor(x: Any, op: str) -> Tensor:

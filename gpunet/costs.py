@@ -68,7 +68,7 @@ def composed_on_cupy(name: str, params: dict) -> bool:
     """Does gpunet's CuPy backend run this call as its unfused sequence today? (A linear
     with an activation runs as the GEMM and one bias+activation kernel, as counted fused;
     without one, as the GEMM and a broadcast add.)"""
-    if name == "linear":
+    if name == "linear_activation":
         return params.get("activation") is None
     scaled = _reads_out(params) or params.get("alpha", 1.0) != 1.0
     return name in COMPOSED_ON_CUPY or (name == "sum" and scaled)
@@ -264,7 +264,7 @@ def _matmul(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     return _gemm(x, [*reads, out.nbytes], out, tx), _gemm(x, reads, out, tx) + add
 
 
-@rule("linear")
+@rule("linear_activation")
 def _linear(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     """f(x W + b): one GEMM with the bias added in its epilogue (reads x, W, b; writes z),
     then, with an activation f, one pass applying it (reads z, writes y); unfused, the GEMM,

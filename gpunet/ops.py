@@ -19,6 +19,7 @@ import numpy as np
 
 from . import dtypes
 from . import primitives as P
+from .activations import relu, sigmoid, tanh  # noqa: F401  (re-exported: gpunet.ops.relu)
 from .autodiff import FORWARD, GRAD, STATE, apply, bind, describe
 from .backend import Device, device
 from .tensor import Tensor
@@ -199,10 +200,6 @@ def log1p(x: Tensor) -> Tensor:
     return apply(P.log1p, (x,), NO_PARAMS)
 
 
-def tanh(x: Tensor) -> Tensor:
-    return apply(P.tanh, (x,), NO_PARAMS)
-
-
 def sqrt(x: Tensor) -> Tensor:
     return apply(P.sqrt, (x,), NO_PARAMS)
 
@@ -217,14 +214,6 @@ def sign(x: Tensor) -> Tensor:
 
 def isfinite(x: Tensor) -> Tensor:
     return apply(P.isfinite, (x,), NO_PARAMS)
-
-
-def sigmoid(x: Tensor) -> Tensor:
-    return apply(P.sigmoid, (x,), NO_PARAMS)
-
-
-def relu(x: Tensor) -> Tensor:
-    return apply(P.relu, (x,), NO_PARAMS)
 
 
 def add(x: Any, y: Any) -> Tensor:

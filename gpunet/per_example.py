@@ -3,12 +3,12 @@
 A parameter enters a batch computation in one of two ways, and each has a batched formula
 for its per-example gradients, read off the tape:
 
-- as the right operand of a matmul, Y = X W (or ``linear``'s weight): the gradient of
-  example i is the outer product x_i^T dY_i, all of them at once as one batched matmul
+- as the right operand of a matmul, Y = X W (or ``linear_activation``'s weight): the gradient
+  of example i is the outer product x_i^T dY_i, all of them at once as one batched matmul
   (B, in, 1) @ (B, 1, out);
-- broadcast along the batch, as a bias (``linear``'s, or added by hand) or an elementwise
-  scale: the gradient of example i is row i of the cotangent of the broadcast, before the
-  VJP sums over the batch.
+- broadcast along the batch, as a bias (``linear_activation``'s, or added by hand) or an
+  elementwise scale: the gradient of example i is row i of the cotangent of the broadcast,
+  before the VJP sums over the batch.
 
 No Python loop over examples: one forward, one backward, then one product per use.
 """
@@ -45,9 +45,9 @@ def _per_example(node: Node, i: int, g: Tensor, batch: int, shape: tuple[int, ..
     saved = saved_values(node, g._backend)
     if node.prim.vjp_pre is not None:  # the hook saw dL/dy; the rules start from dL/dz
         g = node.prim.vjp_pre(g, *saved, **node.params)
-    if name == "linear" and i == 2:
+    if name == "linear_activation" and i == 2:
         return g  # (B, out): dY_i
-    if (name == "linear" and i == 1) or (
+    if (name == "linear_activation" and i == 1) or (
         name == "matmul" and i == 1 and not node.params["ty"] and not node.params["tx"]
     ):
         x = saved[0]  # (B, in): the layer's input

@@ -31,7 +31,7 @@ from .roofline import DEFAULT_LAUNCH_OVERHEAD_US, GPUSpec, OpTime, dtype_name, g
 from .tensor import Tensor
 
 OPTIMIZER_OPS = frozenset({"sgd_update", "adam_update"})
-GEMMS = frozenset({"matmul", "linear"})
+GEMMS = frozenset({"matmul", "linear_activation"})
 _BACKPROP = autodiff.backprop.__code__
 
 

@@ -71,17 +71,68 @@
     GN_ACTIVATION(ACT, FN, DT, S, C)                                                          \
     GN_BACKWARD_FROM_Y(ACT, FN, DT, S, C)
 
-#define GN_ALL_ACTIVATIONS(DT, S, C)                                                          \
-    GN_ACTIVATION_WITH_Y(relu, gn_relu, DT, S, C)                                             \
-    GN_ACTIVATION_WITH_Y(leaky_relu, gn_leaky_relu, DT, S, C)                                 \
-    GN_ACTIVATION_WITH_Y(elu, gn_elu, DT, S, C)                                               \
-    GN_ACTIVATION_WITH_Y(sigmoid, gn_sigmoid, DT, S, C)                                       \
-    GN_ACTIVATION_WITH_Y(tanh, gn_tanh_act, DT, S, C)                                         \
-    GN_ACTIVATION_WITH_Y(softplus, gn_softplus, DT, S, C)                                     \
-    GN_ACTIVATION(silu, gn_silu, DT, S, C)                                                    \
-    GN_ACTIVATION(gelu, gn_gelu, DT, S, C)                                                    \
-    GN_ACTIVATION(gelu_tanh, gn_gelu_tanh, DT, S, C)
+// The instantiations, one per activation and dtype; above each, the extern "C" symbols it
+// defines (GN_ACTIVATION: ACT_fwd_DT, ACT_bwd_DT, bias_ACT_fwd_DT; GN_ACTIVATION_WITH_Y adds
+// ACT_bwd_from_y_DT), so that grep finds every kernel name here. kernels.py launches them by
+// these names (ACTIVATION_KERNELS); tests/test_kernels.py holds each list to what the
+// preprocessor makes of the line below it.
 
-GN_ALL_ACTIVATIONS(f16, gn_half, float)
-GN_ALL_ACTIVATIONS(f32, float, float)
-GN_ALL_ACTIVATIONS(f64, double, double)
+// ---- f16: gn_half storage, float arithmetic
+// relu_fwd_f16 relu_bwd_f16 bias_relu_fwd_f16 relu_bwd_from_y_f16
+GN_ACTIVATION_WITH_Y(relu, gn_relu, f16, gn_half, float)
+// leaky_relu_fwd_f16 leaky_relu_bwd_f16 bias_leaky_relu_fwd_f16 leaky_relu_bwd_from_y_f16
+GN_ACTIVATION_WITH_Y(leaky_relu, gn_leaky_relu, f16, gn_half, float)
+// elu_fwd_f16 elu_bwd_f16 bias_elu_fwd_f16 elu_bwd_from_y_f16
+GN_ACTIVATION_WITH_Y(elu, gn_elu, f16, gn_half, float)
+// sigmoid_fwd_f16 sigmoid_bwd_f16 bias_sigmoid_fwd_f16 sigmoid_bwd_from_y_f16
+GN_ACTIVATION_WITH_Y(sigmoid, gn_sigmoid, f16, gn_half, float)
+// tanh_fwd_f16 tanh_bwd_f16 bias_tanh_fwd_f16 tanh_bwd_from_y_f16
+GN_ACTIVATION_WITH_Y(tanh, gn_tanh_act, f16, gn_half, float)
+// softplus_fwd_f16 softplus_bwd_f16 bias_softplus_fwd_f16 softplus_bwd_from_y_f16
+GN_ACTIVATION_WITH_Y(softplus, gn_softplus, f16, gn_half, float)
+// silu_fwd_f16 silu_bwd_f16 bias_silu_fwd_f16
+GN_ACTIVATION(silu, gn_silu, f16, gn_half, float)
+// gelu_fwd_f16 gelu_bwd_f16 bias_gelu_fwd_f16
+GN_ACTIVATION(gelu, gn_gelu, f16, gn_half, float)
+// gelu_tanh_fwd_f16 gelu_tanh_bwd_f16 bias_gelu_tanh_fwd_f16
+GN_ACTIVATION(gelu_tanh, gn_gelu_tanh, f16, gn_half, float)
+
+// ---- f32: float storage, float arithmetic
+// relu_fwd_f32 relu_bwd_f32 bias_relu_fwd_f32 relu_bwd_from_y_f32
+GN_ACTIVATION_WITH_Y(relu, gn_relu, f32, float, float)
+// leaky_relu_fwd_f32 leaky_relu_bwd_f32 bias_leaky_relu_fwd_f32 leaky_relu_bwd_from_y_f32
+GN_ACTIVATION_WITH_Y(leaky_relu, gn_leaky_relu, f32, float, float)
+// elu_fwd_f32 elu_bwd_f32 bias_elu_fwd_f32 elu_bwd_from_y_f32
+GN_ACTIVATION_WITH_Y(elu, gn_elu, f32, float, float)
+// sigmoid_fwd_f32 sigmoid_bwd_f32 bias_sigmoid_fwd_f32 sigmoid_bwd_from_y_f32
+GN_ACTIVATION_WITH_Y(sigmoid, gn_sigmoid, f32, float, float)
+// tanh_fwd_f32 tanh_bwd_f32 bias_tanh_fwd_f32 tanh_bwd_from_y_f32
+GN_ACTIVATION_WITH_Y(tanh, gn_tanh_act, f32, float, float)
+// softplus_fwd_f32 softplus_bwd_f32 bias_softplus_fwd_f32 softplus_bwd_from_y_f32
+GN_ACTIVATION_WITH_Y(softplus, gn_softplus, f32, float, float)
+// silu_fwd_f32 silu_bwd_f32 bias_silu_fwd_f32
+GN_ACTIVATION(silu, gn_silu, f32, float, float)
+// gelu_fwd_f32 gelu_bwd_f32 bias_gelu_fwd_f32
+GN_ACTIVATION(gelu, gn_gelu, f32, float, float)
+// gelu_tanh_fwd_f32 gelu_tanh_bwd_f32 bias_gelu_tanh_fwd_f32
+GN_ACTIVATION(gelu_tanh, gn_gelu_tanh, f32, float, float)
+
+// ---- f64: double storage, double arithmetic
+// relu_fwd_f64 relu_bwd_f64 bias_relu_fwd_f64 relu_bwd_from_y_f64
+GN_ACTIVATION_WITH_Y(relu, gn_relu, f64, double, double)
+// leaky_relu_fwd_f64 leaky_relu_bwd_f64 bias_leaky_relu_fwd_f64 leaky_relu_bwd_from_y_f64
+GN_ACTIVATION_WITH_Y(leaky_relu, gn_leaky_relu, f64, double, double)
+// elu_fwd_f64 elu_bwd_f64 bias_elu_fwd_f64 elu_bwd_from_y_f64
+GN_ACTIVATION_WITH_Y(elu, gn_elu, f64, double, double)
+// sigmoid_fwd_f64 sigmoid_bwd_f64 bias_sigmoid_fwd_f64 sigmoid_bwd_from_y_f64
+GN_ACTIVATION_WITH_Y(sigmoid, gn_sigmoid, f64, double, double)
+// tanh_fwd_f64 tanh_bwd_f64 bias_tanh_fwd_f64 tanh_bwd_from_y_f64
+GN_ACTIVATION_WITH_Y(tanh, gn_tanh_act, f64, double, double)
+// softplus_fwd_f64 softplus_bwd_f64 bias_softplus_fwd_f64 softplus_bwd_from_y_f64
+GN_ACTIVATION_WITH_Y(softplus, gn_softplus, f64, double, double)
+// silu_fwd_f64 silu_bwd_f64 bias_silu_fwd_f64
+GN_ACTIVATION(silu, gn_silu, f64, double, double)
+// gelu_fwd_f64 gelu_bwd_f64 bias_gelu_fwd_f64
+GN_ACTIVATION(gelu, gn_gelu, f64, double, double)
+// gelu_tanh_fwd_f64 gelu_tanh_bwd_f64 bias_gelu_tanh_fwd_f64
+GN_ACTIVATION(gelu_tanh, gn_gelu_tanh, f64, double, double)

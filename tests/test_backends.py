@@ -177,9 +177,9 @@ CASES: list[tuple[str, tuple[np.ndarray, ...], dict[str, Any]]] = [
     ("matmul", (X, Y), {"tx": False, "ty": True}),
     ("matmul", (X, Y), {"tx": True, "ty": False}),
     ("matmul", (X, Y.T), {"tx": True, "ty": True}),
-    ("linear", (X, Y.T, Y[:, 0]), {"activation": None, "alpha": 0.0}),
-    ("linear", (X, Y.T, Y[:, 0]), {"activation": "relu", "alpha": 0.0}),
-    ("linear", (X, Y.T, Y[:, 0]), {"activation": "softplus", "alpha": 2.0}),
+    ("linear_activation", (X, Y.T, Y[:, 0]), {"activation": None, "alpha": 0.0}),
+    ("linear_activation", (X, Y.T, Y[:, 0]), {"activation": "relu", "alpha": 0.0}),
+    ("linear_activation", (X, Y.T, Y[:, 0]), {"activation": "softplus", "alpha": 2.0}),
     *(
         ("cross_entropy", (X, np.array([0, 3, 1])), {"reduction": r})
         for r in ("mean", "sum", "none")

@@ -34,6 +34,24 @@ def values(n: int = 200, seed: int = 0) -> np.ndarray:
     return x
 
 
+@pytest.mark.parametrize("backend", [NP, STRICT], ids=["numpy", "generic"])
+def test_each_backend_has_a_formula_table_of_every_activation(backend: Any) -> None:
+    """Each backend class lists its formulas per activation, f' from y exactly where the
+    kernels have it; an unknown name or a missing f' from y is a clear error."""
+    table = type(backend).FORMULAS
+    assert list(table) == list(ACTIVATIONS)
+    assert {name for name, f in table.items() if f.dfy is not None} == FROM_OUTPUT
+    owner = "NumpyFusedOps." if backend is NP else "FusedOps."  # NumPy's own, in place
+    for formulas in table.values():
+        for f in (formulas.f, formulas.df, formulas.dfy):
+            assert f is None or f.__qualname__.startswith(owner), f
+    x = backend.asarray(np.ones(3))
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        backend.activation(x, name="swish")
+    with pytest.raises(ValueError, match="silu has no derivative in terms of its output"):
+        backend.activation_backward(x, x, name="silu", from_output=True)
+
+
 @pytest.mark.parametrize(("name", "a"), CASES)
 def test_generic_formulas_match_numpy(name: str, a: float) -> None:
     x, g = values(), values(seed=1)

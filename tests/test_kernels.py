@@ -123,6 +123,61 @@ def test_extern_c_signatures_match_the_launch_table(gxx: str) -> None:
         assert params == K.TABLE[name].params, f"{name}: source {params}, table"
 
 
+def symbols_by_line(gxx: str, src: str) -> dict[int, set[str]]:
+    """Each line of ``kernels/<src>`` -> the extern "C" symbols the preprocessor emits for it
+    (a macro's expansion is emitted at the line of the invocation)."""
+    root = K.kernel_dir()
+    cmd = [gxx, "-E", "-x", "c++", "-std=c++17", "-I", str(root)]
+    cmd += ["-include", str(root / "host_emulation.h"), str(root / src)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    found: dict[int, set[str]] = {}
+    line, file = 0, ""
+    for text in out.splitlines():
+        marker = re.match(r'# (\d+) "([^"]*)"', text)
+        if marker:
+            line, file = int(marker.group(1)), Path(marker.group(2)).name
+            continue
+        if file == src:
+            for name in re.findall(r'extern\s+"C"\s+void\s+(\w+)\s*\(', text):
+                found.setdefault(line, set()).add(name)
+        line += 1
+    return found
+
+
+@pytest.mark.parametrize("src", K.SOURCES)
+def test_each_macro_instantiation_lists_the_symbols_it_defines(gxx: str, src: str) -> None:
+    """A kernel defined by a macro is named in the comment line above the macro's line, so
+    that grep finds every launched name in the sources; the list must be exactly what the
+    preprocessor makes of that line."""
+    lines = (K.kernel_dir() / src).read_text().splitlines()
+    found = symbols_by_line(gxx, src)
+    assert found, f"no kernels found in {src}"
+    for number, names in found.items():
+        code = lines[number - 1]
+        if all(name in code for name in names):
+            continue  # written out, not generated
+        above = lines[number - 2].strip()
+        assert above.startswith("//"), f"{src}:{number} ({code}) defines {names} unlisted"
+        listed = set(above.removeprefix("//").split())
+        assert listed == names, f"{src}:{number} ({code}) defines {names}, lists {listed}"
+    assert sorted(n for names in found.values() for n in names) == sorted(
+        name for name, spec in K.TABLE.items() if spec.source == src
+    )
+
+
+def test_launch_tables_name_kernels_of_the_table() -> None:
+    """Every name in the activation and cross-entropy tables is a kernel of the launch table
+    with the dtype of its key, and the activation table covers every activation and dtype."""
+    assert set(K.ACTIVATION_KERNELS) == {(a, sfx) for a in ACTIVATIONS for sfx in K.DTYPES}
+    for (act, sfx), kernels in K.ACTIVATION_KERNELS.items():
+        assert (kernels.bwd_from_y is not None) == (act in FROM_OUTPUT), act
+        for name in (kernels.fwd, kernels.bwd, kernels.bias_fwd, kernels.bwd_from_y):
+            if name is not None:
+                assert act in name and name.endswith(sfx) and name in K.TABLE, name
+    for sfx, names in K.CROSS_ENTROPY_KERNELS.items():
+        assert all(n.endswith(sfx) and K.TABLE[n].source == "losses.cu" for n in names)
+
+
 def test_the_table_names_every_activation_op_and_dtype() -> None:
     for sfx in K.DTYPES:
         for act in ACTIVATIONS:
@@ -570,8 +625,8 @@ def test_cupy_linear_and_gradient_writers_under_emulation(
     r = np.random.default_rng(3)
     x, w, b = (r.standard_normal(s).astype(np.float32) for s in ((6, 5), (5, 4), (4,)))
     alpha = 1.5 if activation == "softplus" else 0.0
-    got = cuda_on_cpu.linear(x, w, b, activation=activation, alpha=alpha)
-    want = ref.linear(x, w, b, activation=activation, alpha=alpha)
+    got = cuda_on_cpu.linear_activation(x, w, b, activation=activation, alpha=alpha)
+    want = ref.linear_activation(x, w, b, activation=activation, alpha=alpha)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     launched = [name for name, _, _ in cuda_on_cpu._kernels.launches]
     assert launched == ([] if activation is None else [f"bias_{activation}_fwd_f32"])

@@ -419,7 +419,7 @@ LINEAR_ACTIVATIONS = {  # name -> (alpha, f(z) in float64)
 }
 
 
-@spec("linear")
+@spec("linear_activation")
 def _linear(draw: Draw) -> Case:
     r = rng(draw)
     n, k, m = (draw(st.integers(0, 4)) for _ in range(3))
@@ -433,7 +433,7 @@ def _linear(draw: Draw) -> Case:
         if (np.abs(z) < 0.05).any():
             act, (alpha, f) = None, LINEAR_ACTIVATIONS[None]
     return Case(
-        lambda x, w, b: bind(P.linear, x, w, b, activation=act, alpha=alpha),
+        lambda x, w, b: bind(P.linear_activation, x, w, b, activation=act, alpha=alpha),
         [x, w, b],
         lambda x, w, b: f(x @ w + b),
     )

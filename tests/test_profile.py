@@ -132,7 +132,9 @@ def test_mlp_sgd_step_counts_every_kernel() -> None:
     assert n_params == 64 * 32 + 32 + 32 * 10 + 10
     s = p.summary()
     launching = [r for r in p.records if not r.is_view]
-    fused_act = [r for r in launching if r.name == "linear" and r.params.get("activation")]
+    fused_act = [
+        r for r in launching if r.name == "linear_activation" and r.params.get("activation")
+    ]
     # one launch per non-view call, plus the reduction of the cross-entropy's mean and the
     # activation pass after a linear's GEMM (MLP runs Linear + ReLU as one linear card)
     assert len(fused_act) == 1 and fused_act[0].params["activation"] == "relu"
@@ -142,7 +144,7 @@ def test_mlp_sgd_step_counts_every_kernel() -> None:
     )
     assert all(r.name in VIEWS for r in p.records if r.is_view)
     names = {phase: [r.name for r in p.records if r.phase == phase] for phase in s.by_phase}
-    gemms = [n for n in names["forward"] if n in ("matmul", "linear")]  # x W (+ b fused)
+    gemms = [n for n in names["forward"] if n in ("matmul", "linear_activation")]  # x W (+ b fused)
     assert len(gemms) == 2 and "relu" not in names["forward"]
     assert names["backward"].count("matmul") == 3  # dW twice, dX of the hidden layer
     assert "activation_backward" in names["backward"]

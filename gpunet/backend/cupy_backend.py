@@ -103,7 +103,7 @@ class CupyBackend(ArrayBackend):
         with self._cuda_device:
             target[...] = self.cupy.asarray(state.view(target.dtype))
 
-    def linear(
+    def linear_activation(
         self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
     ) -> Array:
         with self._cuda_device:
@@ -191,7 +191,7 @@ class CupyBackend(ArrayBackend):
         with self._cuda_device:
             return cupyx.scipy.special.erf(x)
 
-    def activation(self, x: Array, *, name: str, alpha: float = 0.0) -> Array:
+    def activation(self, x: Array, name: str, alpha: float = 0.0) -> Array:
         if not self.kernels.supports(x):
             return super().activation(x, name=name, alpha=alpha)
         with self._cuda_device:

@@ -279,7 +279,7 @@ class ArrayBackend(FusedOps):
         xp = self.xp
         return xp.matmul(xp.matrix_transpose(x) if tx else x, xp.matrix_transpose(y) if ty else y)
 
-    def linear(
+    def linear_activation(
         self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
     ) -> Array:
         """f(x @ w + b), f the named activation (``alpha`` its parameter), or x @ w + b."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .faults import FAULT_CODES
-from .fused import ACTIVATIONS, FROM_OUTPUT, adam_scalars, check_activation, check_flat
+from .fused import adam_scalars, check_activation, check_flat
 
 BLOCK = 256
 BLOCKS_PER_SM = 32
@@ -46,6 +46,108 @@ DTYPES = {
 SUFFIX = {dtype: sfx for sfx, (dtype, _, _) in DTYPES.items()}
 C_SCALARS = {"float": np.float32, "double": np.float64, "long long": np.int64, "int": np.int32}
 C_POINTEES = {c: dtype for dtype, c, _ in DTYPES.values()} | {"long long": np.dtype(np.int64)}
+
+
+# ---------------------------------------------------------------------- the activation kernels
+@dataclass(frozen=True)
+class ActivationKernels:
+    """The extern "C" kernels of one activation in one dtype, as elementwise.cu lists them
+    beside the macro line that defines them: the forward, the backward from the input, bias +
+    forward, and the backward from the output where f' has a form in it."""
+
+    fwd: str
+    bwd: str
+    bias_fwd: str
+    bwd_from_y: str | None = None
+
+
+# (activation, dtype suffix) -> its kernels: every name written out, so grep finds the launch
+ACTIVATION_KERNELS: dict[tuple[str, str], ActivationKernels] = {
+    ("relu", "f16"): ActivationKernels(
+        "relu_fwd_f16", "relu_bwd_f16", "bias_relu_fwd_f16", "relu_bwd_from_y_f16"
+    ),
+    ("leaky_relu", "f16"): ActivationKernels(
+        "leaky_relu_fwd_f16",
+        "leaky_relu_bwd_f16",
+        "bias_leaky_relu_fwd_f16",
+        "leaky_relu_bwd_from_y_f16",
+    ),
+    ("elu", "f16"): ActivationKernels(
+        "elu_fwd_f16", "elu_bwd_f16", "bias_elu_fwd_f16", "elu_bwd_from_y_f16"
+    ),
+    ("sigmoid", "f16"): ActivationKernels(
+        "sigmoid_fwd_f16", "sigmoid_bwd_f16", "bias_sigmoid_fwd_f16", "sigmoid_bwd_from_y_f16"
+    ),
+    ("tanh", "f16"): ActivationKernels(
+        "tanh_fwd_f16", "tanh_bwd_f16", "bias_tanh_fwd_f16", "tanh_bwd_from_y_f16"
+    ),
+    ("softplus", "f16"): ActivationKernels(
+        "softplus_fwd_f16", "softplus_bwd_f16", "bias_softplus_fwd_f16", "softplus_bwd_from_y_f16"
+    ),
+    ("silu", "f16"): ActivationKernels("silu_fwd_f16", "silu_bwd_f16", "bias_silu_fwd_f16"),
+    ("gelu", "f16"): ActivationKernels("gelu_fwd_f16", "gelu_bwd_f16", "bias_gelu_fwd_f16"),
+    ("gelu_tanh", "f16"): ActivationKernels(
+        "gelu_tanh_fwd_f16", "gelu_tanh_bwd_f16", "bias_gelu_tanh_fwd_f16"
+    ),
+    ("relu", "f32"): ActivationKernels(
+        "relu_fwd_f32", "relu_bwd_f32", "bias_relu_fwd_f32", "relu_bwd_from_y_f32"
+    ),
+    ("leaky_relu", "f32"): ActivationKernels(
+        "leaky_relu_fwd_f32",
+        "leaky_relu_bwd_f32",
+        "bias_leaky_relu_fwd_f32",
+        "leaky_relu_bwd_from_y_f32",
+    ),
+    ("elu", "f32"): ActivationKernels(
+        "elu_fwd_f32", "elu_bwd_f32", "bias_elu_fwd_f32", "elu_bwd_from_y_f32"
+    ),
+    ("sigmoid", "f32"): ActivationKernels(
+        "sigmoid_fwd_f32", "sigmoid_bwd_f32", "bias_sigmoid_fwd_f32", "sigmoid_bwd_from_y_f32"
+    ),
+    ("tanh", "f32"): ActivationKernels(
+        "tanh_fwd_f32", "tanh_bwd_f32", "bias_tanh_fwd_f32", "tanh_bwd_from_y_f32"
+    ),
+    ("softplus", "f32"): ActivationKernels(
+        "softplus_fwd_f32", "softplus_bwd_f32", "bias_softplus_fwd_f32", "softplus_bwd_from_y_f32"
+    ),
+    ("silu", "f32"): ActivationKernels("silu_fwd_f32", "silu_bwd_f32", "bias_silu_fwd_f32"),
+    ("gelu", "f32"): ActivationKernels("gelu_fwd_f32", "gelu_bwd_f32", "bias_gelu_fwd_f32"),
+    ("gelu_tanh", "f32"): ActivationKernels(
+        "gelu_tanh_fwd_f32", "gelu_tanh_bwd_f32", "bias_gelu_tanh_fwd_f32"
+    ),
+    ("relu", "f64"): ActivationKernels(
+        "relu_fwd_f64", "relu_bwd_f64", "bias_relu_fwd_f64", "relu_bwd_from_y_f64"
+    ),
+    ("leaky_relu", "f64"): ActivationKernels(
+        "leaky_relu_fwd_f64",
+        "leaky_relu_bwd_f64",
+        "bias_leaky_relu_fwd_f64",
+        "leaky_relu_bwd_from_y_f64",
+    ),
+    ("elu", "f64"): ActivationKernels(
+        "elu_fwd_f64", "elu_bwd_f64", "bias_elu_fwd_f64", "elu_bwd_from_y_f64"
+    ),
+    ("sigmoid", "f64"): ActivationKernels(
+        "sigmoid_fwd_f64", "sigmoid_bwd_f64", "bias_sigmoid_fwd_f64", "sigmoid_bwd_from_y_f64"
+    ),
+    ("tanh", "f64"): ActivationKernels(
+        "tanh_fwd_f64", "tanh_bwd_f64", "bias_tanh_fwd_f64", "tanh_bwd_from_y_f64"
+    ),
+    ("softplus", "f64"): ActivationKernels(
+        "softplus_fwd_f64", "softplus_bwd_f64", "bias_softplus_fwd_f64", "softplus_bwd_from_y_f64"
+    ),
+    ("silu", "f64"): ActivationKernels("silu_fwd_f64", "silu_bwd_f64", "bias_silu_fwd_f64"),
+    ("gelu", "f64"): ActivationKernels("gelu_fwd_f64", "gelu_bwd_f64", "bias_gelu_fwd_f64"),
+    ("gelu_tanh", "f64"): ActivationKernels(
+        "gelu_tanh_fwd_f64", "gelu_tanh_bwd_f64", "bias_gelu_tanh_fwd_f64"
+    ),
+}
+
+# dtype suffix -> the cross-entropy row kernels of losses.cu: (forward, backward)
+CROSS_ENTROPY_KERNELS = {
+    "f32": ("cross_entropy_rows_f32", "cross_entropy_rows_backward_f32"),
+    "f64": ("cross_entropy_rows_f64", "cross_entropy_rows_backward_f64"),
+}
 
 
 # ---------------------------------------------------------------------- sources
@@ -133,36 +235,31 @@ def _build_table() -> dict[str, KernelSpec]:
     def add(name: str, src: str, params: str, cooperative: bool = False) -> None:
         table[name] = KernelSpec(name, src, _params(params), cooperative)
 
-    for sfx, (_, s, c) in DTYPES.items():
-        for act in ACTIVATIONS:
-            add(f"{act}_fwd_{sfx}", "elementwise.cu", f"const {s}* x, {s}* y, long long n, {c} a")
+    for (_, sfx), k in ACTIVATION_KERNELS.items():
+        _, s, c = DTYPES[sfx]
+        add(k.fwd, "elementwise.cu", f"const {s}* x, {s}* y, long long n, {c} a")
+        add(k.bwd, "elementwise.cu", f"const {s}* g, const {s}* x, {s}* dx, long long n, {c} a")
+        if k.bwd_from_y is not None:
             add(
-                f"{act}_bwd_{sfx}",
+                k.bwd_from_y,
                 "elementwise.cu",
-                f"const {s}* g, const {s}* x, {s}* dx, long long n, {c} a",
+                f"const {s}* g, const {s}* y, {s}* dx, long long n, {c} a",
             )
-            if act in FROM_OUTPUT:
-                add(
-                    f"{act}_bwd_from_y_{sfx}",
-                    "elementwise.cu",
-                    f"const {s}* g, const {s}* y, {s}* dx, long long n, {c} a",
-                )
-            add(
-                f"bias_{act}_fwd_{sfx}",
-                "elementwise.cu",
-                f"const {s}* x, const {s}* b, {s}* y, {s}* pre, long long rows, "
-                f"long long cols, {c} a",
-            )
-    for sfx in ("f32", "f64"):
+        add(
+            k.bias_fwd,
+            "elementwise.cu",
+            f"const {s}* x, const {s}* b, {s}* y, {s}* pre, long long rows, long long cols, {c} a",
+        )
+    for sfx, (rows, rows_backward) in CROSS_ENTROPY_KERNELS.items():
         t = DTYPES[sfx][1]
         add(
-            f"cross_entropy_rows_{sfx}",
+            rows,
             "losses.cu",
             f"const {t}* z, const long long* y, {t}* loss, long long n, long long c, "
             "long long* fault",
         )
         add(
-            f"cross_entropy_rows_backward_{sfx}",
+            rows_backward,
             "losses.cu",
             f"const {t}* z, const long long* y, const {t}* g, {t}* dz, long long n, "
             f"long long c, {t} scale, int g_per_row, long long* fault",
@@ -237,6 +334,10 @@ class Kernels:
         """Do the activation kernels exist for these arrays' dtype?"""
         return all(a.dtype in SUFFIX for a in arrays) and len({a.dtype for a in arrays}) == 1
 
+    def _kernels(self, name: str, like: Any) -> ActivationKernels:
+        """The kernels of activation ``name`` for ``like``'s dtype (``supports`` was asked)."""
+        return ACTIVATION_KERNELS[name, SUFFIX[like.dtype]]
+
     def _contiguous(self, x: Any) -> Any:
         return self.xp.ascontiguousarray(x)
 
@@ -245,7 +346,7 @@ class Kernels:
         check_activation(name)
         x = self._contiguous(x)
         y = self.xp.empty_like(x)
-        self.launch(f"{name}_fwd_{SUFFIX[x.dtype]}", x.size, x, y, x.size, alpha)
+        self.launch(self._kernels(name, x).fwd, x.size, x, y, x.size, alpha)
         return y
 
     def activation_backward(
@@ -259,8 +360,9 @@ class Kernels:
         g_c, saved = self._contiguous(g), self._contiguous(saved)
         # in place when out is usable as it is (out is g: the kernel may write into g)
         dx = out if out is not None and out.flags.c_contiguous else self.xp.empty_like(g_c)
-        kind = "bwd_from_y" if from_output else "bwd"
-        self.launch(f"{name}_{kind}_{SUFFIX[g.dtype]}", g.size, g_c, saved, dx, g.size, alpha)
+        kernels = self._kernels(name, g)
+        kernel = kernels.bwd_from_y if from_output else kernels.bwd
+        self.launch(kernel, g.size, g_c, saved, dx, g.size, alpha)
         if out is not None and dx is not out:
             out[...] = dx
             return out
@@ -279,7 +381,7 @@ class Kernels:
         y = self.xp.empty_like(x)
         pre = self.xp.empty_like(x) if keep_preactivation else None
         rows, cols = x.shape
-        self.launch(f"bias_{name}_fwd_{SUFFIX[x.dtype]}", x.size, x, b, y, pre, rows, cols, alpha)
+        self.launch(self._kernels(name, x).bias_fwd, x.size, x, b, y, pre, rows, cols, alpha)
         return y, pre
 
     # ---------------------------------------------------------------- losses
@@ -316,7 +418,7 @@ class Kernels:
         z, y = self._contiguous(logits), self._labels(labels)
         n, c = z.shape
         loss = self.xp.empty((n,), dtype=z.dtype)
-        self.launch(f"cross_entropy_rows_{SUFFIX[z.dtype]}", n, z, y, loss, n, c, self.fault())
+        self.launch(CROSS_ENTROPY_KERNELS[SUFFIX[z.dtype]][0], n, z, y, loss, n, c, self.fault())
         if reduction == "none":
             return loss
         total = loss.sum()
@@ -330,7 +432,7 @@ class Kernels:
         dz = self.xp.empty_like(z)
         scale = 1.0 / n if reduction == "mean" and n else 1.0
         per_row = reduction == "none"
-        kernel = f"cross_entropy_rows_backward_{SUFFIX[z.dtype]}"
+        kernel = CROSS_ENTROPY_KERNELS[SUFFIX[z.dtype]][1]
         self.launch(kernel, n, z, y, g, dz, n, c, scale, per_row, self.fault())
         return dz
 

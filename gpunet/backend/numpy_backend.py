@@ -71,7 +71,7 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def matmul(self, x: Array, y: Array, *, tx: bool, ty: bool) -> Array:
         return np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y)
 
-    def linear(
+    def linear_activation(
         self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
     ) -> Array:
         out = np.matmul(x, w)

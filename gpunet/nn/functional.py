@@ -13,10 +13,10 @@ import numpy as np
 
 from .. import ops
 from .. import primitives as P
-from ..activations import elu, gelu, leaky_relu, silu, softplus
+from ..activations import elu, gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
 from ..autodiff import bind
 from ..creation import tensor
-from ..ops import log_softmax, relu, sigmoid, softmax, tanh
+from ..ops import log_softmax, softmax
 from ..primitives.linalg import check_linear_activation
 from ..random import Generator, rand
 from ..tensor import Tensor
@@ -72,7 +72,7 @@ def linear_activation(
             "not fit: need input (n, in), weight (in, out), bias (out,)"
         )
     check_linear_activation(activation, alpha)
-    return bind(P.linear, input, weight, bias, activation=activation, alpha=float(alpha))
+    return bind(P.linear_activation, input, weight, bias, activation=activation, alpha=float(alpha))
 
 
 def dropout(

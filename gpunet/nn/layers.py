@@ -12,8 +12,8 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .. import dtypes, ops
-from ..activations import elu, gelu, leaky_relu, silu, softplus
+from .. import dtypes
+from ..activations import elu, gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
 from ..backend import Device, default_device, get_backend
 from ..primitives.linalg import linear_fusable
 from ..tensor import Tensor
@@ -177,7 +177,7 @@ class LayerNorm(Module):
 # ---------------------------------------------------------------------- activations
 class ReLU(Module):
     def forward(self, input: Tensor) -> Tensor:
-        return ops.relu(input)
+        return relu(input)
 
 
 class LeakyReLU(Module):
@@ -206,12 +206,12 @@ class ELU(Module):
 
 class Sigmoid(Module):
     def forward(self, input: Tensor) -> Tensor:
-        return ops.sigmoid(input)
+        return sigmoid(input)
 
 
 class Tanh(Module):
     def forward(self, input: Tensor) -> Tensor:
-        return ops.tanh(input)
+        return tanh(input)
 
 
 class Softplus(Module):

@@ -1,5 +1,6 @@
 """The closed set of primitives, one module per family. ``REGISTRY`` maps name -> card."""
 
+from .activations import elu, erf, gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
 from .card import LINEAR, NONDIFF, REGISTRY, Primitive, primitive
 from .elementwise import (
     abs,
@@ -23,12 +24,10 @@ from .elementwise import (
     sqrt,
     stop_gradient,
     sub,
-    tanh,
     where,
 )
-from .linalg import linear, matmul
+from .linalg import linear_activation, matmul
 from .losses import cross_entropy, cross_entropy_backward
-from .nn import elu, erf, gelu, leaky_relu, relu, sigmoid, silu, softplus
 from .reduce import logsumexp, max, sum
 from .shape import (
     broadcast_to,
@@ -67,7 +66,7 @@ __all__ = [
     "log",
     "log1p",
     "logsumexp",
-    "linear",
+    "linear_activation",
     "matmul",
     "max",
     "maximum",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from .. import ops
 from .card import LINEAR, NONDIFF, primitive
-from .nn import fused_grad
 
 # ---------------------------------------------------------------------- unary
 neg = primitive(
@@ -39,14 +38,6 @@ log1p = primitive(
     "log(1 + x), accurate near 0; d/dx = 1 / (1 + x)",
     vjp=(lambda g, x: g / (x + 1.0),),
     jvp=(lambda t, y, x: t / (x + 1.0),),
-)
-
-tanh = primitive(
-    "tanh",
-    "tanh(x); d/dx = 1 - y^2 from the output y",
-    save=lambda out, x: (out,),
-    vjp=(lambda g, y: fused_grad("tanh", g, y, 0.0, True),),  # as the activations in nn.py
-    jvp=(lambda t, y, x: fused_grad("tanh", t, y, 0.0, True),),
 )
 
 sqrt = primitive(

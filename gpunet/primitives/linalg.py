@@ -12,8 +12,8 @@ from .. import ops
 from ..autodiff import OBSERVE, STATE, apply, bind, observe
 from ..backend.fused import FROM_OUTPUT
 from ..tensor import Tensor
+from .activations import fused_grad
 from .card import primitive
-from .nn import fused_grad
 
 Gemm = tuple[Tensor, Tensor, bool, bool]  # (a, b, ta, tb): the product op(a) @ op(b)
 
@@ -114,13 +114,14 @@ def _linear_jvp(which: int):  # type: ignore[no-untyped-def]
 
 
 def linear_fusable(activation: str, alpha: float) -> bool:
-    """Can ``linear`` fuse this activation: is its derivative a function of its output alone?
-    (leaky_relu and elu only with a parameter >= 0: with a negative one the sign of x is lost.)"""
+    """Can ``linear_activation`` fuse this activation: is its derivative a function of its
+    output alone? (leaky_relu and elu only with a parameter >= 0: with a negative one the sign
+    of x is lost.)"""
     return activation in FROM_OUTPUT and not (activation in ("leaky_relu", "elu") and alpha < 0)
 
 
 def check_linear_activation(activation: str | None, alpha: float) -> None:
-    """``linear`` fuses activations whose derivative it can take from its output alone."""
+    """``linear_activation`` fuses activations whose derivative it can take from its output."""
     if activation is not None and not linear_fusable(activation, alpha):
         raise ValueError(
             f"linear: cannot fuse activation {activation!r} (alpha {alpha}): fused are those "
@@ -129,8 +130,8 @@ def check_linear_activation(activation: str | None, alpha: float) -> None:
         )
 
 
-linear = primitive(
-    "linear",
+linear_activation = primitive(
+    "linear_activation",
     "f(x @ W + b) for x (n, in), W (in, out), b (out,) and f an activation (or none), bias "
     "and f applied in place on the GEMM output; with dZ = g f'(y): d/dx: dZ W^T, "
     "d/dW: x^T dZ, d/db: sum_rows dZ",

@@ -101,7 +101,7 @@ def test_activation_modules(module: nn.Module, reference) -> None:  # type: igno
 
 
 def test_every_activation_kernel_has_a_module() -> None:
-    from gpunet.primitives.nn import _COMPOSED
+    from gpunet.primitives.activations import _COMPOSED
 
     kernels = {name.removesuffix("_tanh") for name in _COMPOSED}
     assert kernels == set(nn.ACTIVATIONS)
@@ -163,7 +163,8 @@ def test_mlp_fuses_linear_and_activation_with_the_same_values_and_gradients(act)
     mlp = nn.MLP([6, 5, 4, 3], activation=lambda: act, dtype="float64", device="cpu")
     x = gpunet.tensor(np.random.default_rng(0).standard_normal((7, 6)))
     out = mlp(x)
-    assert out._node.prim.name == "linear" and out._node.parents[0].prim.name == "linear"
+    assert out._node.prim.name == "linear_activation"
+    assert out._node.parents[0].prim.name == "linear_activation"
     assert out._node.parents[0].params["activation"] == nn.layers.fusable_activation(act)[0]
     out.sum().backward()
     fused = {n: p.grad.numpy().copy() for n, p in mlp.named_parameters()}
@@ -183,7 +184,7 @@ def test_activations_that_need_their_input_are_not_fused() -> None:
     assert nn.layers.fusable_activation(nn.LeakyReLU(-0.5)) is None  # f' needs x's sign
     mlp = nn.MLP([4, 3, 2], activation="gelu", device="cpu")
     hidden = mlp(gpunet.randn(5, 4))._node.parents[0]
-    assert hidden.prim.name == "gelu" and hidden.parents[0].prim.name == "linear"
+    assert hidden.prim.name == "gelu" and hidden.parents[0].prim.name == "linear_activation"
     x, w, b = gpunet.randn(5, 4), gpunet.randn(4, 3), gpunet.randn(3)
     with pytest.raises(ValueError, match=r"cannot fuse activation 'gelu'.*after linear"):
         F.linear_activation(x, w, b, "gelu")
@@ -208,7 +209,7 @@ def test_a_users_sequential_fuses_too_and_leaves_other_inputs_alone() -> None:
     seq = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2, bias=False), nn.ReLU())
     out = seq(gpunet.randn(5, 4))
     assert out._node.prim.name == "relu"  # no bias: not fused
-    assert out._node.parents[0].parents[0].prim.name == "linear"
+    assert out._node.parents[0].parents[0].prim.name == "linear_activation"
     assert out._node.parents[0].parents[0].params["activation"] == "tanh"
     x3 = gpunet.randn(2, 5, 4)  # 3-d input: the modules one by one
     assert seq(x3).shape == (2, 5, 2)

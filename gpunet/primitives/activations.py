@@ -1,13 +1,14 @@
 """Activation primitives: one fused forward, one fused backward pass.
 
-Each card's forward is the backend method of the same name (``kernels/activations.cuh``
-holds the formulas). Its VJP and JVP are both ``g * f'`` (the Jacobian is diagonal), computed
-by ``fused_grad``: the backend's fused ``activation_backward`` (one kernel on CUDA, one
+relu, leaky_relu, elu, sigmoid, tanh, softplus, silu and gelu, one card each. Each card's
+forward is the backend method of the same name (``kernels/activations.cuh`` holds the
+formulas). Its VJP and JVP are both ``g * f'`` (the Jacobian is diagonal), computed by
+``fused_grad``: the backend's fused ``activation_backward`` (one kernel on CUDA, one
 allocation on NumPy) when nothing will differentiate the result (a plain ``loss.backward()``),
 else the same formula composed from gpunet ops, so that ``create_graph``, ``hvp`` and
 forward-over-reverse see a differentiable expression. Cards keep the output where f' has a
-form in it (relu, sigmoid, softplus; leaky_relu and elu when their parameter is >= 0) and
-the input otherwise. ``erf`` is here too: exact GELU's composed derivative needs it.
+form in it (relu, sigmoid, tanh, softplus; leaky_relu and elu when their parameter is >= 0)
+and the input otherwise. ``erf`` is here too: exact GELU's composed derivative needs it.
 """
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ sigmoid = primitive(
     save=lambda out, x: (out,),
     vjp=(lambda g, y: fused_grad("sigmoid", g, y, 0.0, True),),
     jvp=(lambda t, y, x: fused_grad("sigmoid", t, y, 0.0, True),),
+)
+
+tanh = primitive(
+    "tanh",
+    "tanh(x); d/dx = 1 - y^2 from the output y",
+    save=lambda out, x: (out,),
+    vjp=(lambda g, y: fused_grad("tanh", g, y, 0.0, True),),
+    jvp=(lambda t, y, x: fused_grad("tanh", t, y, 0.0, True),),
 )
 
 softplus = primitive(
