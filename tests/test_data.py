@@ -51,7 +51,7 @@ def test_npz_and_csv_files(tmp_path: Path) -> None:
 def test_unreadable_files_raise_value_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot read"):
         Dataset.from_npz(tmp_path / "missing.npz")
-    (tmp_path / "bad.csv").write_text("1,2,x\n3,4,y\n")
+    (tmp_path / "bad.csv").write_text("a,b,label\n1,2,0\n3,x,1\n")
     with pytest.raises(ValueError, match="number"):
         Dataset.from_csv(tmp_path / "bad.csv")
     with pytest.raises(ValueError, match="must match"):
