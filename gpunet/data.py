@@ -30,7 +30,7 @@ from .tensor import Tensor
 MAX_AUTO_CLASSES = 20
 # A float target with at least this many distinct values is taken as continuous (regression).
 MIN_AUTO_REGRESS = 20
-_CHUNK_ROWS = 8192  # rows parsed per block: bounds the Python objects alive at once
+_CHUNK_CELLS = 32768  # cells parsed per block: bounds the Python strings alive at once (~2 MB)
 
 
 class DataError(ValueError):
@@ -207,7 +207,8 @@ def _parse_csv(
         raise DataError(f"{path}: the only column is the target; there are no feature columns")
     label = (lambda i: repr(names[i])) if names else (lambda i: f"{i}")
     block = _Block(path, ncols, feats, t, label)
-    for chunk in _chunks(rows if header else itertools.chain([first], rows), _CHUNK_ROWS):
+    block_rows = max(16, _CHUNK_CELLS // ncols)
+    for chunk in _chunks(rows if header else itertools.chain([first], rows), block_rows):
         block.parse(chunk)
     if not block.xs:
         raise DataError(f"{path} has a header but no data rows")
@@ -268,7 +269,8 @@ class _Block:
                     f"{self.path}, line {line}: {len(r)} values, but the first row has {self.ncols}"
                 )
         try:
-            x = np.array([[float(r[i]) for i in self.feats] for _, r in chunk], np.float32)
+            with np.errstate(over="ignore"):  # beyond float32 becomes inf, reported below
+                x = np.array([[float(r[i]) for i in self.feats] for _, r in chunk], np.float32)
         except ValueError:
             self._raise_bad_cell(chunk)
         bad = ~np.isfinite(x)

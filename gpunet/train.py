@@ -11,7 +11,6 @@ step finish first, and a second Ctrl-C stops at once.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import signal
@@ -133,7 +132,10 @@ def fit(
             "fewer rows than batch_size)"
         )
     history = History() if history is None else history
+    history.interrupted = history.diverged = False  # they told how the previous fit ended
     first, run = len(history.train_loss), _Run(history, best_state)
+    if history.stopped_early:  # a finished history: nothing left to run
+        first = epochs
     bar = _progress(epochs, progress, first)
     with _DeferredInterrupt() as interrupt:
         try:
@@ -174,7 +176,7 @@ class _Run:
     def record(self, model: Any, epoch: int, monitored: float) -> None:
         if monitored < self.best:
             self.best, self.waited, self.history.best_epoch = monitored, 0, epoch
-            self.best_state = copy.deepcopy(_host_state(model))
+            self.best_state = host_state(model)  # already copies
         else:
             self.waited += 1
 
@@ -282,7 +284,8 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def _host_state(model: Any) -> dict[str, Any]:
+def host_state(model: Any) -> dict[str, Any]:
+    """A copy of ``model.state_dict()`` as host arrays (what a snapshot of the weights needs)."""
     return {
         k: np.array(v.numpy() if isinstance(v, Tensor) else v)
         for k, v in model.state_dict().items()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -440,8 +441,10 @@ def test_sigint_in_a_real_process_exits_130_with_the_run_saved(tmp_path: Path) -
     """The terminal's Ctrl-C: SIGINT once training has started; the step finishes first."""
     cmd = [sys.executable, "-c", "import sys; from gpunet.cli import main; sys.exit(main())"]
     args = ["train", "--epochs", "1000", "--patience", "1000", "--hidden", "32", "--device", "cpu"]
+    env = {**os.environ, "GPUNET_CHECKPOINT_SECONDS": "0"}  # a checkpoint every epoch
     proc = subprocess.Popen(
         [*cmd, *args, "--no-progress", "--out", str(tmp_path)],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
