@@ -79,6 +79,14 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.resume is None:
         check_train_args(args)
+    else:  # the run's own options are used: refuse others rather than ignore them
+        defaults = vars(_parser().parse_args(["train"]))
+        given = [k for k, v in vars(args).items() if k in defaults and v != defaults[k]]
+        given = [f"--{k.replace('_', '-')}" for k in given if k not in ("resume", "no_progress")]
+        if given:
+            raise UsageError(
+                f"--resume continues a run with its own options; drop {', '.join(given)}"
+            )
     return train(args)
 
 
@@ -143,6 +151,8 @@ def _bench(args: argparse.Namespace) -> int:
             mlp_sizes=names,
             op_sizes=counts,
         )
+    if args.device == "cuda" and not probe_cuda().available:
+        raise UsageError(f"no CUDA device to benchmark on: {probe_cuda().reason}")
     if args.device is not None:
         overrides["devices"] = (args.device,)
     elif probe_cuda().available:

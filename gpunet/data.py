@@ -30,6 +30,7 @@ from .tensor import Tensor
 MAX_AUTO_CLASSES = 20
 # A float target with at least this many distinct values is taken as continuous (regression).
 MIN_AUTO_REGRESS = 20
+DIGITS_SCALE = 16.0  # the bundled digits' pixels are 0..16; load_digits divides by this
 _CHUNK_CELLS = 32768  # cells parsed per block: bounds the Python strings alive at once (~2 MB)
 
 
@@ -425,7 +426,7 @@ def load_digits() -> Dataset:
     with resources.files("gpunet").joinpath("_data/digits.npz").open("rb") as f:
         archive = np.load(f, allow_pickle=False)
         images, labels = archive["images"], archive["labels"]
-    x = images.reshape(len(images), -1).astype(np.float32) / 16.0
+    x = images.reshape(len(images), -1).astype(np.float32) / DIGITS_SCALE
     return Dataset(x, labels.astype(np.int64))
 
 

@@ -25,7 +25,7 @@ import gpunet.nn.functional as F
 from gpunet import nn, optim
 
 from .cli import UsageError
-from .data import DataError, DataLoader, Dataset, infer_task, load_digits, split
+from .data import DIGITS_SCALE, DataError, DataLoader, Dataset, infer_task, load_digits, split
 from .predict import Preprocess, outputs
 from .random import default_generator
 from .train import History, evaluate, fit, host_state
@@ -55,8 +55,10 @@ def resolve_device(spec: str | None) -> Any:
 
 def load_data(args: argparse.Namespace) -> tuple[Dataset, str]:
     if args.data is None:
+        if args.target != -1:
+            raise UsageError("--target names a column of --data FILE.csv; no --data was given")
         return load_digits(), "digits (bundled)"
-    path = Path(args.data)
+    path = Path(args.data).expanduser()
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise UsageError(f"--data must be a .npz or .csv file, got {path}")
@@ -71,9 +73,12 @@ def load_data(args: argparse.Namespace) -> tuple[Dataset, str]:
     return Dataset.from_csv(path, target=args.target), str(path)
 
 
-def prepare(data: Dataset, task: str | None, seed: int) -> tuple[Preprocess, list[Dataset]]:
+def prepare(
+    data: Dataset, task: str | None, seed: int, unit: float = 1.0
+) -> tuple[Preprocess, list[Dataset]]:
     """Encode or standardize the targets, split 70/15/15 and standardize the features with
-    the training split's statistics."""
+    the training split's statistics. ``unit``: what the loader divided the file's features
+    by, so the saved statistics apply to the values as they are in the file."""
     task = task or infer_task(data.y)
     if task == "classify":
         data = data.as_classes()
@@ -88,7 +93,8 @@ def prepare(data: Dataset, task: str | None, seed: int) -> tuple[Preprocess, lis
     std[std < 1e-6] = 1.0  # a constant training feature is centred, not blown up
     for part in parts:  # standardize with the training statistics
         part.x = ((part.x - mean) / std).astype(np.float32)
-    prep = Preprocess(task, mean.tolist(), std.tolist(), features=data.features, target=data.target)
+    prep = Preprocess(task, (mean * unit).tolist(), (std * unit).tolist(), None)
+    prep.features, prep.target = data.features, data.target
     if task == "classify":
         prep.classes = np.asarray(data.classes).tolist()
     else:
@@ -207,6 +213,8 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
     ):
         raise UsageError(f"--resume {run}: that run finished ({len(h.train_loss)} epochs)")
     saved = argparse.Namespace(**meta["args"], resume=str(run), no_progress=args.no_progress)
+    if saved.data is not None and not Path(saved.data).is_file():
+        raise UsageError(f"--resume {run}: its data {saved.data} is not there any more")
     if _data_hash(saved) != meta["data_sha256"]:
         raise UsageError(f"--resume {run}: {saved.data} changed since the run started")
     return saved
@@ -218,7 +226,8 @@ def train(args: argparse.Namespace) -> int:
         args = resume_args(args)
     gpunet.manual_seed(args.seed)
     data, source = load_data(args)
-    prep, (train_set, val_set, test_set) = prepare(data, args.task, args.seed)
+    unit = DIGITS_SCALE if args.data is None else 1.0
+    prep, (train_set, val_set, test_set) = prepare(data, args.task, args.seed, unit)
     device = resolve_device(args.device)
     run = Path(args.resume) if args.resume else new_run_folder(args.out)
     if args.resume:
@@ -232,6 +241,8 @@ def train(args: argparse.Namespace) -> int:
     loader = DataLoader(train_set, args.batch_size, shuffle=True, device=device, seed=args.seed)
     val, test = (DataLoader(d, 512, device=device) for d in (val_set, test_set))
     saved = {k: getattr(args, k) for k in _SAVED_ARGS}
+    if args.data is not None:  # so that --resume works from any directory
+        saved["data"] = str(Path(args.data).expanduser().resolve())
     checkpoints = _Checkpoints(
         run, model, optimizer, loader, {"args": saved, "data_sha256": _data_hash(args)}
     )

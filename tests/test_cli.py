@@ -149,6 +149,7 @@ def _one_line_exit_2(code: int, out: str, err: str, *words: str) -> None:
         (["--hidden", "10,0"], ["--hidden"]),
         (["--hidden", ""], ["--hidden"]),
         (["--task", "cluster"], ["invalid choice"]),
+        (["--target", "label"], ["no --data was given"]),
     ],
 )
 def test_meaningless_numbers_are_refused(
@@ -418,6 +419,8 @@ def test_ctrl_c_saves_the_run_and_resume_continues_it_exactly(
     assert a["test_accuracy"] == b["test_accuracy"]
     code, out, err = _run(["train", "--resume", str(cut)], capsys)
     _one_line_exit_2(code, out, err, "finished")
+    code, out, err = _run(["train", "--resume", str(cut), "--epochs", "9", "--lr", "1"], capsys)
+    _one_line_exit_2(code, out, err, "its own options; drop --lr, --epochs")
     code, out, err = _run(["train", "--resume", str(tmp_path)], capsys)
     _one_line_exit_2(code, out, err, "no checkpoint.safetensors")
 
@@ -459,3 +462,19 @@ def test_sigint_in_a_real_process_exits_130_with_the_run_saved(tmp_path: Path) -
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert out.strip().startswith("interrupted after") and str(run) in out
     assert json.loads((run / "metrics.json").read_text())["interrupted"] is True
+
+
+def test_resume_refuses_data_that_changed_or_went(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _blobs_csv(tmp_path / "d.csv", n=400)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, step=8)  # 280 training rows, 64 a batch: 5 steps an epoch
+        args = ["train", *FAST, "--data", str(data), "--out", str(tmp_path / "r")]
+        assert _run(args, capsys)[0] == 130
+    (run,) = (tmp_path / "r").iterdir()
+    monkeypatch.chdir(run)  # the run keeps the data's absolute path
+    data.write_text(data.read_text() + "1,2,3,0\n")
+    _one_line_exit_2(*_run(["train", "--resume", str(run)], capsys), "changed since the run")
+    data.unlink()
+    _one_line_exit_2(*_run(["train", "--resume", str(run)], capsys), "is not there any more")

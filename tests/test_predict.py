@@ -154,3 +154,20 @@ def test_what_predict_cannot_use_is_one_line_and_exit_2(
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     for word in words:
         assert word in err, err
+
+
+def test_the_digits_model_predicts_the_bundled_files_raw_images(tmp_path: Path) -> None:
+    """`make train`'s model: the saved statistics are in the file's pixel units (0..16)."""
+    from importlib import resources
+
+    fast = ["--epochs", "5", "--hidden", "64", "--lr", "3e-3", "--no-progress", "--device", "cpu"]
+    assert main(["train", *fast, "--out", str(tmp_path / "r")]) == 0
+    (run,) = (tmp_path / "r").iterdir()
+    with resources.files("gpunet").joinpath("_data/digits.npz").open("rb") as f:
+        archive = np.load(f)
+        np.savez(tmp_path / "new.npz", images=archive["images"][:300])
+        labels = archive["labels"][:300]
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), "--data", str(tmp_path / "new.npz"), "--out", str(out)]) == 0
+    predicted = np.array([int(r["prediction"]) for r in _read(out)])
+    assert np.mean(predicted == labels) > 0.9
