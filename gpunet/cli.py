@@ -55,6 +55,8 @@ def check_train_args(args: argparse.Namespace) -> None:
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
         (args.patience >= 1, f"--patience must be >= 1, got {args.patience}"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
+        (args.out.strip() != "", "--out is empty; give a folder for the runs (default runs)"),
         (
             math.isfinite(args.lr) and args.lr > 0,
             f"--lr must be a finite number > 0, got {args.lr}",

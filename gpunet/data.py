@@ -145,7 +145,8 @@ def read_csv(
     with no name asked for is data: such a header cannot be told from a row. A UTF-8
     byte-order mark is dropped; the delimiter is the first line's most frequent of ``,``, ``;``
     and tab. Numeric targets are read as float64; text targets stay text (class names), and a
-    file with text targets needs a header.
+    file with text targets needs a header. An unnamed first column holding 0, 1, 2, ... (the
+    row index that pandas' ``to_csv`` writes) is dropped.
     """
     path = Path(path)
     try:
@@ -217,12 +218,12 @@ def _parse_csv(
     x = np.concatenate(block.xs) if len(block.xs) > 1 else block.xs[0]
     block.xs.clear()
     y = None if t is None else block.targets()
+    features = [n for i, n in enumerate(names) if i != t] if names else None
+    if features and features[0] == "" and np.array_equal(x[:, 0], np.arange(len(x))):
+        # pandas' to_csv writes the row index as an unnamed first column: row ids, not data
+        x, features = x[:, 1:], features[1:]
     return CsvTable(
-        x,
-        y,
-        [n for i, n in enumerate(names) if i != t] if names else None,
-        (names[t] if names else str(t)) if t is not None else None,
-        ncols,
+        x, y, features, (names[t] if names else str(t)) if t is not None else None, ncols
     )
 
 

@@ -11,6 +11,7 @@ import argparse
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -229,15 +230,12 @@ def train(args: argparse.Namespace) -> int:
     unit = DIGITS_SCALE if args.data is None else 1.0
     prep, (train_set, val_set, test_set) = prepare(data, args.task, args.seed, unit)
     device = resolve_device(args.device)
+    out = len(prep.classes) if prep.classes is not None else 1
+    sizes = [train_set.x.shape[1], *args.hidden, out]
+    model, optimizer = build(args, sizes, device)
     run = Path(args.resume) if args.resume else new_run_folder(args.out)
     if args.resume:
         check_writable(run, f"--resume {run}")
-    out = len(prep.classes) if prep.classes is not None else 1
-    sizes = [train_set.x.shape[1], *args.hidden, out]
-    model = nn.MLP(sizes, activation=args.activation, dropout=args.dropout, device=device)
-    opt_cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[args.optimizer]
-    extra = {"momentum": 0.9} if args.optimizer == "sgd" else {}
-    optimizer = opt_cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **extra)
     loader = DataLoader(train_set, args.batch_size, shuffle=True, device=device, seed=args.seed)
     val, test = (DataLoader(d, 512, device=device) for d in (val_set, test_set))
     saved = {k: getattr(args, k) for k in _SAVED_ARGS}
@@ -277,6 +275,23 @@ def train(args: argparse.Namespace) -> int:
     checkpoints.write()
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
     return finish(run, model, history, prep, test, test_set, meta, seconds, source, device, saved)
+
+
+def build(args: argparse.Namespace, sizes: list[int], device: Any) -> tuple[Any, Any]:
+    """The MLP and its optimizer; a model too large for memory is a usage error."""
+    try:
+        model = nn.MLP(sizes, activation=args.activation, dropout=args.dropout, device=device)
+        opt_cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[args.optimizer]
+        extra = {"momentum": 0.9} if args.optimizer == "sgd" else {}
+        opt = opt_cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **extra)
+    except MemoryError as e:
+        n = sum(a * b + b for a, b in itertools.pairwise(sizes))
+        raise UsageError(
+            f"MLP {'-'.join(map(str, sizes))} has {n:,} parameters ({n * 4 / 2**30:.1f} GiB "
+            f"in float32, and {args.optimizer} keeps more per parameter): not enough memory "
+            f"on {device} ({e}); try smaller --hidden sizes"
+        ) from e
+    return model, opt
 
 
 def test_figures(

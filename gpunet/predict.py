@@ -77,7 +77,7 @@ def load_model(path: str | Path, device: Any = None) -> tuple[Any, Preprocess]:
 
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
+    if not file.is_file() or file.suffix != ".safetensors":
         raise DataError(f"{path}: no model there (give a run folder or its model.safetensors)")
     meta = gpunet.load(file)
     if "preprocess" not in meta or "sizes" not in meta:

@@ -150,6 +150,9 @@ def _one_line_exit_2(code: int, out: str, err: str, *words: str) -> None:
         (["--hidden", ""], ["--hidden"]),
         (["--task", "cluster"], ["invalid choice"]),
         (["--target", "label"], ["no --data was given"]),
+        (["--seed", "-1"], ["--seed must be >= 0"]),
+        (["--out", ""], ["--out is empty"]),
+        (["--hidden", "1000000000000", "--out", "/tmp/gpunet-never"], ["not enough memory"]),
     ],
 )
 def test_meaningless_numbers_are_refused(
@@ -321,7 +324,9 @@ def test_a_bad_out_is_refused_before_training(
     _one_line_exit_2(code, out, err, "cannot write", "Permission denied")
 
 
-def test_a_programming_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_programming_error_keeps_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Only UsageError, DataError and CheckpointError are one line; a TypeError is a bug."""
     import gpunet.job
 
@@ -330,7 +335,7 @@ def test_a_programming_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(gpunet.job, "fit", broken)
     with pytest.raises(TypeError, match="a bug inside train"):
-        main(["train", *FAST, "--out", "/tmp/gpunet-never"])
+        main(["train", *FAST, "--out", str(tmp_path)])
 
 
 def test_regression_from_a_continuous_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -208,3 +208,10 @@ def test_from_csv_memory_stays_near_the_result(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert d.x.shape == (10_000, 20) and d.x.dtype == np.float32
     assert peak < 3 * path.stat().st_size, peak / path.stat().st_size
+
+
+def test_a_pandas_index_column_is_not_a_feature(tmp_path: Path) -> None:
+    d = Dataset.from_csv(_file(tmp_path, ",a,label\n0,5,1\n1,6,0\n2,7,1\n"), target="label")
+    assert d.features == ["a"] and d.x[:, 0].tolist() == [5, 6, 7]
+    kept = Dataset.from_csv(_file(tmp_path, ",a,label\n3,5,1\n1,6,0\n"), target="label")
+    assert kept.features == ["", "a"]  # not 0, 1, 2, ...: data, kept

@@ -123,6 +123,7 @@ def test_npz_rows(tmp_path: Path) -> None:
         ("nan", ["NaN or inf"]),
         ("not a run", ["no model there"]),
         ("not a model", ["not a gpunet checkpoint"]),
+        ("metrics.json", ["no model there"]),
         ("out is a folder", ["is a folder"]),
     ],
 )
@@ -147,6 +148,8 @@ def test_what_predict_cannot_use_is_one_line_and_exit_2(
     elif case == "not a model":
         (tmp_path / "m.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
         model = str(tmp_path / "m.safetensors")
+    elif case == "metrics.json":
+        model = str(run / "metrics.json")
     elif case == "out is a folder":
         out = str(tmp_path)
     code = main(["predict", model, "--data", str(new), "--out", out])
