@@ -355,13 +355,16 @@ def test_regression_from_a_continuous_target(tmp_path: Path, capsys: pytest.Capt
     _one_line_exit_2(code, out, err, "--task classify or --task regress")
     code, out, err = _run(["train", *FAST, "--data", str(ages), "--task", "regress"], capsys)
     assert code == 0 and "test RMSE" in out, err
+    flat = _csv(tmp_path / "f.csv", "a,y\n", [(i, 2.5) for i in range(50)])
+    code, out, err = _run(["train", *FAST, "--data", str(flat), "--task", "regress"], capsys)
+    _one_line_exit_2(code, out, err, "constant (2.5)")
     text = _csv(tmp_path / "t.csv", "a,l\n", [(i, "ab"[i % 2]) for i in range(50)])
     code, out, err = _run(["train", *FAST, "--data", str(text), "--task", "regress"], capsys)
     _one_line_exit_2(code, out, err, "numeric target")
 
 
 def test_a_diverged_run_restores_the_best_weights(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The issue's run: test accuracy 0.1004 (loss inf) was saved; epoch 1 had 0.535."""
     args = ["train", "--activation", "elu", "--optimizer", "sgd", "--lr", "0.6", "--epochs", "40"]
@@ -370,6 +373,10 @@ def test_a_diverged_run_restores_the_best_weights(
     )
     assert code == 0, err
     assert "diverged" in out and "restored the best" in out
+    warned = [r.getMessage() for r in caplog.records if "gradient in" in r.getMessage()]
+    assert warned and len(warned) == len(set(warned))  # once per parameter per epoch
+    assert not any("epoch 0" in w for w in warned)  # epochs count from 1, as everywhere else
+    assert "gradient in" not in out  # not printed a second time at the end
     m = _metrics(tmp_path)
     assert m["diverged"] and m["test_accuracy"] > 0.4 and math.isfinite(m["test_loss"])
     assert m["history"]["val_accuracy"][m["best_epoch"] - 1] > 0.4
