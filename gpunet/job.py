@@ -1,6 +1,6 @@
 """The training job behind ``gpunet train``: the user's data prepared once (labels encoded,
 features and regression targets standardized), the run folder made and checked writable
-before training, a checkpoint at the end of every epoch (so ``--resume`` continues exactly),
+before training, checkpoints of the last complete epoch (so ``--resume`` continues exactly),
 and on every way out (finished, early-stopped, diverged, Ctrl-C) the best weights saved with
 what ``gpunet predict`` needs, the metrics as strict JSON, and the curves.
 """
@@ -174,10 +174,14 @@ class _Checkpoints:
         if time.monotonic() - self.last_write >= self.every:
             self.write()
 
-    def write(self) -> None:
+    def write(self, final: History | None = None) -> None:
+        """Write what the last epoch's end held; ``final``: the history as training ended
+        (stopped early, diverged or interrupted), which --resume reads."""
         if self.pending is None:
             return
         model, opt, extra = self.pending
+        if final is not None:
+            extra["history"] = copy.deepcopy(final.as_dict())
         if self.best is not None:
             gpunet.save(self.run / "best.safetensors", _Frozen.of(self.model, self.best))
         frozen_opt = _Frozen.of(self.opt, opt)
@@ -209,10 +213,9 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     meta = gpunet.load(file)
     h = History.from_dict(meta["history"])
-    if not (h.interrupted or h.diverged) and (
-        h.stopped_early or len(h.train_loss) >= meta["args"]["epochs"]
-    ):
-        raise UsageError(f"--resume {run}: that run finished ({len(h.train_loss)} epochs)")
+    if h.stopped_early or h.diverged or len(h.train_loss) >= meta["args"]["epochs"]:
+        how = "stopped early" if h.stopped_early else "diverged" if h.diverged else "ran"
+        raise UsageError(f"--resume {run}: that run finished ({how}, {len(h.train_loss)} epochs)")
     saved = argparse.Namespace(**meta["args"], resume=str(run), no_progress=args.no_progress)
     if saved.data is not None and not Path(saved.data).is_file():
         raise UsageError(f"--resume {run}: its data {saved.data} is not there any more")
@@ -272,7 +275,7 @@ def train(args: argparse.Namespace) -> int:
         best_state=best,
     )
     seconds = time.perf_counter() - start
-    checkpoints.write()
+    checkpoints.write(history)
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
     return finish(run, model, history, prep, test, test_set, meta, seconds, source, device, saved)
 

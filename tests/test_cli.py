@@ -490,3 +490,14 @@ def test_resume_refuses_data_that_changed_or_went(
     _one_line_exit_2(*_run(["train", "--resume", str(run)], capsys), "changed since the run")
     data.unlink()
     _one_line_exit_2(*_run(["train", "--resume", str(run)], capsys), "is not there any more")
+
+
+def test_resume_of_a_run_that_stopped_early_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _blobs_csv(tmp_path / "d.csv")
+    args = ["train", *FAST, "--data", str(data), "--epochs", "200", "--patience", "1"]
+    assert _run([*args, "--lr", "0.5", "--out", str(tmp_path / "r")], capsys)[0] == 0
+    assert _metrics(tmp_path / "r")["stopped_early"]
+    (run,) = (tmp_path / "r").iterdir()
+    _one_line_exit_2(*_run(["train", "--resume", str(run)], capsys), "finished (stopped early")
