@@ -77,6 +77,11 @@ class Dataset:
             raise TypeError(
                 f"targets of dtype {self.y.dtype} are not class indices; use as_classes()"
             )
+        if len(self.y) and self.y.min() < 0:
+            raise DataError(
+                f"labels from {self.y.min()} to {self.y.max()} are not class indices 0..C-1; "
+                "use as_classes()"
+            )
         return int(self.y.max()) + 1 if len(self.y) else 0
 
     def as_classes(self) -> Dataset:
@@ -490,6 +495,11 @@ class DataLoader:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"DataLoader: batch_size must be >= 1, got {batch_size}")
+        if data.y.dtype.kind in "USO":
+            raise DataError(
+                f"DataLoader: the targets are text ({data.y[:3].tolist()}...); encode them as "
+                "classes 0..C-1 with data.as_classes()"
+            )
         self.dataset, self.batch_size = data, batch_size
         self.shuffle, self.drop_last = shuffle, drop_last
         self.backend = get_backend(default_device() if device is None else device)

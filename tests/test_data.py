@@ -215,3 +215,13 @@ def test_a_pandas_index_column_is_not_a_feature(tmp_path: Path) -> None:
     assert d.features == ["a"] and d.x[:, 0].tolist() == [5, 6, 7]
     kept = Dataset.from_csv(_file(tmp_path, ",a,label\n3,5,1\n1,6,0\n"), target="label")
     assert kept.features == ["", "a"]  # not 0, 1, 2, ...: data, kept
+
+
+def test_raw_labels_point_to_as_classes() -> None:
+    d = Dataset(np.zeros((3, 1), np.float32), np.array([-1, 1, 1]))
+    with pytest.raises(DataError, match=r"labels from -1 to 1 .* as_classes\(\)"):
+        _ = d.num_classes
+    text = Dataset(np.zeros((2, 1), np.float32), np.array(["cat", "dog"]))
+    with pytest.raises(DataError, match=r"targets are text .*as_classes\(\)"):
+        DataLoader(text)
+    assert len(list(DataLoader(text.as_classes()))) == 1
