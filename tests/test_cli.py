@@ -22,6 +22,12 @@ from gpunet.cli import main
 FAST = ["--epochs", "5", "--hidden", "64", "--lr", "3e-3", "--no-progress", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run without --out goes to ./runs: here, not into the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def test_info_prints_versions_and_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0
     out = capsys.readouterr().out
