@@ -1,17 +1,23 @@
-"""The ``gpunet`` command: ``gpunet train`` (the main job), ``gpunet bench`` and ``gpunet info``."""
+"""The ``gpunet`` command: ``gpunet train`` (the main job), ``gpunet predict``, ``gpunet bench``
+and ``gpunet info``.
+
+Misuse (a bad option, a file it cannot use) is one line on stderr and exit code 2; Ctrl-C is one
+line and exit code 130; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+
+class UsageError(Exception):
+    """The command was given something it cannot use: reported in one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,137 +36,66 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _hidden(text: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+    pieces = [v.strip() for v in text.split(",")]
+    if not all(re.fullmatch(r"\d+", v) and int(v) >= 1 for v in pieces):
         raise argparse.ArgumentTypeError(
-            f"--hidden takes sizes like 256,128, not {text!r}"
-        ) from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"--hidden sizes must be positive, got {text!r}")
-    return sizes
+            f"--hidden takes positive sizes like 256,128 (no empty or zero sizes), not {text!r}"
+        )
+    return [int(v) for v in pieces]
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, str]:
-    from .data import Dataset, load_digits
-
-    if args.data is None:
-        return load_digits(), "digits (bundled)"
-    path = Path(args.data)
-    if path.suffix == ".npz":
-        return Dataset.from_npz(path), str(path)
-    if path.suffix == ".csv":
-        target: int | str = int(args.target) if args.target.lstrip("-").isdigit() else args.target
-        return Dataset.from_csv(path, target=target), str(path)
-    raise ValueError(f"--data must be a .npz or .csv file, got {path}")
+def _target(text: str) -> int | str:
+    """A column index (``3``, ``-1``) or a header name."""
+    return int(text) if re.fullmatch(r"\s*-?\d+\s*", text) else text
 
 
-def _plot(history: Any, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = np.arange(1, len(history.train_loss) + 1)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, history.train_loss, label="train")
-    left.plot(epochs, history.val_loss, label="validation")
-    left.set(xlabel="epoch", ylabel="loss", title="Loss", yscale="log")
-    right.plot(epochs, history.train_accuracy, label="train")
-    right.plot(epochs, history.val_accuracy, label="validation")
-    right.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
-    for ax in (left, right):
-        ax.axvline(history.best_epoch + 1, color="gray", linestyle=":", label="best")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def check_train_args(args: argparse.Namespace) -> None:
+    """Refuse numbers that cannot mean anything, before any data is read."""
+    checks = [
+        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.patience >= 1, f"--patience must be >= 1, got {args.patience}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
+        (args.out.strip() != "", "--out is empty; give a folder for the runs (default runs)"),
+        (
+            math.isfinite(args.lr) and args.lr > 0,
+            f"--lr must be a finite number > 0, got {args.lr}",
+        ),
+        (
+            math.isfinite(args.weight_decay) and args.weight_decay >= 0,
+            f"--weight-decay must be a finite number >= 0, got {args.weight_decay}",
+        ),
+        (0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}"),
+        (
+            0.0 <= args.label_smoothing < 1.0,
+            f"--label-smoothing must be in [0, 1), got {args.label_smoothing}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Train an MLP classifier, report test accuracy, save the run."""
-    import gpunet
-    import gpunet.nn.functional as F
-    from gpunet import nn, optim
-    from gpunet.data import DataLoader, split
-    from gpunet.train import evaluate, fit
+    from .job import train
 
-    if not 0.0 <= args.label_smoothing < 1.0:
-        raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    gpunet.manual_seed(args.seed)
-    data, source = _load(args)
-    if data.y.dtype.kind not in "iu":
-        raise ValueError(f"{source}: targets must be integer class labels for classification")
-    train_set, val_set, test_set = split(data, val=0.15, test=0.15, seed=args.seed)
-    mean, std = train_set.x.mean(axis=0), train_set.x.std(axis=0)
-    std[std < 1e-6] = 1.0  # a constant training feature is centred, not blown up
-    for part in (train_set, val_set, test_set):  # standardize with the training statistics
-        part.x = ((part.x - mean) / std).astype(np.float32)
-    device = gpunet.device(args.device) if args.device else gpunet.default_device()
-    sizes = [data.x.shape[1], *args.hidden, data.num_classes]
-    model = nn.MLP(sizes, activation=args.activation, dropout=args.dropout, device=device)
-    opt_cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[args.optimizer]
-    extra = {"momentum": 0.9} if args.optimizer == "sgd" else {}
-    optimizer = opt_cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **extra)
-    train = DataLoader(train_set, args.batch_size, shuffle=True, device=device, seed=args.seed)
-    val = DataLoader(val_set, 512, device=device)
-    test = DataLoader(test_set, 512, device=device)
-    print(
-        f"gpunet {gpunet.__version__}: MLP {'-'.join(map(str, sizes))} ({args.activation}), "
-        f"{args.optimizer} lr={args.lr}, on {device}; data: {source}, "
-        f"{len(train_set)}/{len(val_set)}/{len(test_set)} train/val/test"
-    )
-    start = time.perf_counter()
-    history = fit(
-        model,
-        functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing),
-        optimizer,
-        train,
-        val,
-        epochs=args.epochs,
-        early_stopping=args.patience,
-        progress=not args.no_progress,
-    )
-    seconds = time.perf_counter() - start
-    test_loss, test_acc = evaluate(model, F.cross_entropy, test)
-    run = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-    suffix = 1
-    while run.exists():
-        run = run.with_name(f"{run.name.split('_')[0]}_{suffix}")
-        suffix += 1
-    run.mkdir(parents=True)
-    metrics = {
-        "test_loss": test_loss,
-        "test_accuracy": test_acc,
-        "epochs": len(history.train_loss),
-        "best_epoch": history.best_epoch + 1,
-        "stopped_early": history.stopped_early,
-        "seconds": seconds,
-        "device": str(device),
-        "sizes": sizes,
-        "data": source,
-        "args": {k: v for k, v in vars(args).items() if k != "func"},
-        "history": history.as_dict(),
-    }
-    gpunet.save(
-        run / "model.safetensors",
-        model,
-        optimizer,
-        sizes=sizes,
-        activation=args.activation,
-        mean=mean.tolist(),
-        std=std.tolist(),
-    )
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    _plot(history, run / "curves.png")
-    print(
-        f"test accuracy {test_acc:.4f} (loss {test_loss:.4f}) after {len(history.train_loss)} "
-        f"epochs (best {history.best_epoch + 1}) in {seconds:.1f} s; saved {run}/"
-    )
-    for warning in history.warnings:
-        print(f"warning: {warning}")
-    return 0
+    if args.resume is None:
+        check_train_args(args)
+    else:  # the run's own options are used: refuse others rather than ignore them
+        defaults = vars(_parser().parse_args(["train"]))
+        given = [k for k, v in vars(args).items() if k in defaults and v != defaults[k]]
+        given = [f"--{k.replace('_', '-')}" for k in given if k not in ("resume", "no_progress")]
+        if given:
+            raise UsageError(
+                f"--resume continues a run with its own options; drop {', '.join(given)}"
+            )
+    return train(args)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import run_predict
+
+    return run_predict(args)
 
 
 def _bench_sizes(text: str) -> list[str | int]:
@@ -212,12 +147,14 @@ def _bench(args: argparse.Namespace) -> int:
         counts = tuple(s for s in args.sizes if isinstance(s, int))
         if len(suites) == 1 and not (names if suites == ("mlp",) else counts):
             want = "MLP size names" if suites == ("mlp",) else "element counts"
-            raise ValueError(f"--suite {args.suite} takes {want} in --sizes, got {args.sizes}")
+            raise UsageError(f"--suite {args.suite} takes {want} in --sizes, got {args.sizes}")
         overrides.update(
             suites=tuple(s for s in suites if (names if s == "mlp" else counts)),
             mlp_sizes=names,
             op_sizes=counts,
         )
+    if args.device == "cuda" and not probe_cuda().available:
+        raise UsageError(f"no CUDA device to benchmark on: {probe_cuda().reason}")
     if args.device is not None:
         overrides["devices"] = (args.device,)
     elif probe_cuda().available:
@@ -239,39 +176,37 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _train_parser(sub: Any) -> None:
     from .nn.layers import ACTIVATIONS
 
-    parser = _Parser(prog="gpunet", description="gpunet: MLPs on NumPy and CuPy.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("info", help="versions, devices, and why the GPU is or is not used")
     t = sub.add_parser(
         "train",
-        help="train an MLP classifier (default: the bundled digits)",
-        description="Train an MLP classifier, print its test accuracy, and save "
-        "model.safetensors, metrics.json and curves.png under --out/<timestamp>/.",
+        help="train an MLP classifier or regressor (default: the bundled digits)",
+        description="Train an MLP, print its test figures, and save model.safetensors, "
+        "metrics.json and curves.png under --out/<timestamp>/ (made before training starts).",
     )
     t.add_argument("--data", help="a .npz (arrays x/y) or .csv file; default: bundled digits")
-    t.add_argument("--target", default="-1", help="CSV label column, index or name (default -1)")
     t.add_argument(
-        "--hidden",
-        type=_hidden,
-        default=[256, 128],
-        help="hidden layer sizes, comma separated (default 256,128)",
+        "--target", type=_target, default=-1, help="CSV target column, index or name (default -1)"
     )
     t.add_argument(
-        "--activation",
-        default="relu",
-        choices=sorted(ACTIVATIONS),
-        help="hidden activation (default relu)",
+        "--task",
+        choices=["classify", "regress"],
+        default=None,
+        help="default: from the target (few integer or text labels classify; many distinct "
+        "fractional values regress)",
     )
+    t.add_argument(
+        "--hidden", type=_hidden, default=[256, 128], help="hidden sizes (default 256,128)"
+    )
+    t.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS), help="default relu")
     t.add_argument("--dropout", type=float, default=0.0, help="dropout rate (default 0)")
     t.add_argument(
         "--label-smoothing",
         type=float,
         default=0.1,
-        help="training targets (1 - eps) onehot + eps / classes (default 0.1); test loss is "
-        "plain cross-entropy",
+        help="classification: training targets (1 - eps) onehot + eps / classes (default "
+        "0.1); test loss is plain cross-entropy",
     )
     t.add_argument(
         "--optimizer",
@@ -292,7 +227,30 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the best)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--out", default="runs", help="where runs are saved (default runs/)")
+    t.add_argument(
+        "--resume",
+        metavar="RUN",
+        default=None,
+        help="continue an interrupted run folder with its own options",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _predict_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict with a model that gpunet train saved",
+        description="Apply a trained model (a run folder or its model.safetensors) to --data: "
+        "the saved standardization, then labels in their original values with class "
+        "probabilities, or values in the target's units.",
+    )
+    p.add_argument("model", metavar="RUN_OR_MODEL", help="a run folder or a .safetensors file")
+    p.add_argument("--data", required=True, help="a .csv or .npz file with the same features")
+    p.add_argument("--out", default="predictions.csv", help="default predictions.csv")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the best)")
+
+
+def _bench_parser(sub: Any) -> None:
     b = sub.add_parser(
         "bench",
         help="time gpunet against hand-written NumPy, its GEMMs, and peer frameworks",
@@ -327,13 +285,37 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke test)")
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+
+
+def _parser() -> _Parser:
+    from . import __version__
+
+    parser = _Parser(prog="gpunet", description="gpunet: MLPs on NumPy and CuPy.")
+    parser.add_argument("--version", action="version", version=f"gpunet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("info", help="versions, devices, and why the GPU is or is not used")
+    _train_parser(sub)
+    _predict_parser(sub)
+    _bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+    commands = {"info": _info, "train": _train, "predict": _predict, "bench": _bench}
     try:
-        return {"info": _info, "train": _train, "bench": _bench}[args.command](args)
-    except (ValueError, RuntimeError, OSError, TypeError) as e:
-        print(f"gpunet {args.command}: error: {e}", file=sys.stderr)
+        return commands[args.command](args)
+    except (UsageError, DataError, CheckpointError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the message's layout
+        print(f"gpunet {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # training handles its own Ctrl-C; this is any other moment
+        print(f"gpunet {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,14 +4,17 @@
 optimizer step per batch; after each epoch it evaluates on ``val`` under ``no_grad``, keeps
 the best weights (lowest validation loss) and stops when ``early_stopping`` epochs pass
 without improvement, restoring them. It warns, naming the parameter, when a gradient norm
-vanishes (< 1e-7) or explodes (> 1e3), and stops when the loss becomes NaN.
+vanishes (< 1e-7) or explodes (> 1e3), once per parameter per epoch. A NaN or inf loss (a
+diverged run) and Ctrl-C stop the fit with the best weights restored; Ctrl-C lets the current
+step finish first, and a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,10 +44,16 @@ class History:
     samples_per_second: list[float] = field(default_factory=list)
     best_epoch: int = -1
     stopped_early: bool = False
+    interrupted: bool = False  # Ctrl-C: the history holds the complete epochs before it
+    diverged: bool = False  # the training loss became NaN or inf
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> History:
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
 
 
 def _accuracy(out: Tensor, y: Tensor) -> float | None:
@@ -76,7 +85,9 @@ def evaluate(
     finally:
         if training:
             model.train()  # type: ignore[attr-defined]
-    return (total / max(n, 1), (correct / max(n, 1)) if classify else None)
+    if n == 0:
+        raise ValueError("evaluate: the batches hold no rows; there is nothing to evaluate")
+    return (total / n, (correct / n) if classify else None)
 
 
 def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
@@ -106,75 +117,177 @@ def fit(
     scheduler: Any = None,
     progress: bool = True,
     on_epoch_end: Callable[[int, History], None] | None = None,
+    history: History | None = None,
+    best_state: dict[str, Any] | None = None,
 ) -> History:
-    """Train ``model`` and return its ``History`` (see the module docstring)."""
-    history = History()
-    params = _named_parameters(model)
-    best, best_state, waited = math.inf, None, 0
-    bar = _progress(epochs, progress)
-    for epoch in range(epochs):
-        if hasattr(model, "train"):
-            model.train()
-        start, seen, total, correct, classify = time.perf_counter(), 0, 0.0, 0.0, True
-        for x, y in train:
-            out = model(x)
-            loss = loss_fn(out, y)
-            value = loss.item()
-            if not math.isfinite(value):
-                msg = f"epoch {epoch}: the training loss became {value}; stopping"
-                history.warnings.append(msg)
-                log.warning("gpunet: %s", msg)
-                bar.close()
-                return history
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += value * len(y)
-            acc = _accuracy(out, y)
-            classify = classify and acc is not None
-            correct += (acc or 0.0) * len(y)
-            seen += len(y)
-        raise_pending_faults()  # a bad label a GPU kernel recorded (backend/faults.py)
-        norms = _grad_norms(params)
-        for name, norm in norms.items():
-            if norm < VANISHING or norm > EXPLODING:
-                kind = "vanishing" if norm < VANISHING else "exploding"
-                msg = f"epoch {epoch}: {kind} gradient in {name} (norm {norm:.3g})"
-                history.warnings.append(msg)
-                log.warning("gpunet: %s", msg)
-        history.grad_norm.append(norms)
-        history.train_loss.append(total / max(seen, 1))
-        history.train_accuracy.append(correct / max(seen, 1) if classify else float("nan"))
-        history.samples_per_second.append(seen / max(time.perf_counter() - start, 1e-9))
-        history.lr.append(float(optimizer.param_groups[0]["lr"]))
-        monitored = history.train_loss[-1]
-        if val is not None:
-            vloss, vacc = evaluate(model, loss_fn, val)
-            history.val_loss.append(vloss)
-            history.val_accuracy.append(vacc if vacc is not None else float("nan"))
-            monitored = vloss
-        if scheduler is not None:
-            scheduler.step(monitored) if _takes_metric(scheduler) else scheduler.step()
-        if monitored < best:
-            best, waited, history.best_epoch = monitored, 0, epoch
-            if early_stopping is not None:
-                best_state = copy.deepcopy(_host_state(model))
-        else:
-            waited += 1
-        bar.update(1)
-        bar.set_postfix(_postfix(history))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, history)
-        if early_stopping is not None and waited >= early_stopping:
-            history.stopped_early = True
-            break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    """Train ``model`` for ``epochs`` in all and return its ``History`` (see the module
+    docstring). To continue a run, pass its ``history`` and the weights of its best epoch
+    (``best_state``): the epochs already in the history are not run again."""
+    if epochs < 1 or (early_stopping is not None and early_stopping < 1):
+        raise ValueError(
+            f"fit: epochs ({epochs}) and early_stopping ({early_stopping}) must be >= 1"
+        )
+    if hasattr(train, "__len__") and len(train) == 0:  # type: ignore[arg-type]
+        raise ValueError(
+            "fit: the training loader has no batches (no rows, or drop_last with "
+            "fewer rows than batch_size)"
+        )
+    history = History() if history is None else history
+    history.interrupted = history.diverged = False  # they told how the previous fit ended
+    first, run = len(history.train_loss), _Run(history, best_state)
+    if history.stopped_early:  # a finished history: nothing left to run
+        first = epochs
+    bar = _progress(epochs, progress, first)
+    with _DeferredInterrupt() as interrupt:
+        try:
+            for epoch in range(first, epochs):
+                if not _train_epoch(model, loss_fn, optimizer, train, epoch, run, interrupt):
+                    break
+                monitored = _end_epoch(model, loss_fn, optimizer, val, history, run)
+                if scheduler is not None:
+                    scheduler.step(monitored) if _takes_metric(scheduler) else scheduler.step()
+                run.record(model, epoch, monitored)
+                bar.update(1)
+                bar.set_postfix(_postfix(history))
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, history)
+                if early_stopping is not None and run.waited >= early_stopping:
+                    history.stopped_early = True
+                    break
+                if interrupt.pending:
+                    history.interrupted = True
+                    break
+        except KeyboardInterrupt:  # a second Ctrl-C, or one raised inside a step
+            history.interrupted = True
+        finally:
+            bar.close()
+    run.finish(model, early_stopping is not None)
     return history
 
 
-def _host_state(model: Any) -> dict[str, Any]:
+class _Run:
+    """The best epoch so far (its monitored value and weights) and the epochs since."""
+
+    def __init__(self, history: History, best_state: dict[str, Any] | None) -> None:
+        self.history, self.best_state = history, best_state
+        h, b = history, history.best_epoch
+        self.best = (h.val_loss or h.train_loss)[b] if b >= 0 else math.inf
+        self.waited = len(h.train_loss) - 1 - b if b >= 0 else 0
+
+    def record(self, model: Any, epoch: int, monitored: float) -> None:
+        if monitored < self.best:
+            self.best, self.waited, self.history.best_epoch = monitored, 0, epoch
+            self.best_state = host_state(model)  # already copies
+        else:
+            self.waited += 1
+
+    def warn(self, msg: str) -> None:
+        self.history.warnings.append(msg)
+        log.warning("gpunet: %s", msg)
+
+    def finish(self, model: Any, early_stopping: bool) -> None:
+        """Restore the best weights after early stopping, an interrupt or a divergence."""
+        h = self.history
+        abnormal = h.interrupted or h.diverged
+        if h.interrupted:
+            self.warn(f"interrupted after {len(h.train_loss)} complete epochs")
+        if self.best_state is not None and (early_stopping or abnormal):
+            model.load_state_dict(self.best_state)
+            if abnormal:
+                self.warn(f"restored the best weights (epoch {h.best_epoch + 1})")
+
+
+def _train_epoch(
+    model: Any,
+    loss_fn: Callable[..., Tensor],
+    optimizer: Any,
+    train: Iterable[tuple[Tensor, Tensor]],
+    epoch: int,
+    run: _Run,
+    interrupt: _DeferredInterrupt,
+) -> bool:
+    """One pass over ``train``; False (nothing recorded) when the loss diverges or Ctrl-C
+    comes, so the history holds complete epochs only."""
+    if hasattr(model, "train"):
+        model.train()
+    start, seen, total, correct, classify = time.perf_counter(), 0, 0.0, 0.0, True
+    for x, y in train:
+        out = model(x)
+        loss = loss_fn(out, y)
+        value = loss.item()
+        if not math.isfinite(value):
+            run.history.diverged = True
+            run.warn(f"epoch {epoch + 1}: the training loss became {value}; stopping")
+            return False
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += value * len(y)
+        acc = _accuracy(out, y)
+        classify = classify and acc is not None
+        correct += (acc or 0.0) * len(y)
+        seen += len(y)
+        if interrupt.pending:  # the step is done; stop before the next one
+            run.history.interrupted = True
+            return False
+    if seen == 0:
+        raise ValueError("fit: the training loader gave no batches")
+    raise_pending_faults()  # a bad label a GPU kernel recorded (backend/faults.py)
+    h = run.history
+    norms = _grad_norms(_named_parameters(model))
+    for name, norm in norms.items():
+        if norm < VANISHING or norm > EXPLODING:
+            kind = "vanishing" if norm < VANISHING else "exploding"
+            run.warn(f"epoch {epoch + 1}: {kind} gradient in {name} (norm {norm:.3g})")
+    h.grad_norm.append(norms)
+    h.train_loss.append(total / seen)
+    h.train_accuracy.append(correct / seen if classify else float("nan"))
+    h.samples_per_second.append(seen / max(time.perf_counter() - start, 1e-9))
+    return True
+
+
+def _end_epoch(
+    model: Any,
+    loss_fn: Callable[..., Tensor],
+    optimizer: Any,
+    val: Iterable[tuple[Tensor, Tensor]] | None,
+    history: History,
+    run: _Run,
+) -> float:
+    """Record the learning rate and the validation figures; the value early stopping watches."""
+    history.lr.append(float(optimizer.param_groups[0]["lr"]))
+    if val is None:
+        return history.train_loss[-1]
+    vloss, vacc = evaluate(model, loss_fn, val)
+    history.val_loss.append(vloss)
+    history.val_accuracy.append(vacc if vacc is not None else float("nan"))
+    return vloss
+
+
+class _DeferredInterrupt:
+    """Ctrl-C during ``fit``: the first lets the current step finish, then ``fit`` stops with
+    the best weights; a second raises KeyboardInterrupt at once. Only installed from the main
+    thread over Python's default handler (a program's own handler is left alone)."""
+
+    def __enter__(self) -> _DeferredInterrupt:
+        self.pending, self.previous = False, None
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def host_state(model: Any) -> dict[str, Any]:
+    """A copy of ``model.state_dict()`` as host arrays (what a snapshot of the weights needs)."""
     return {
         k: np.array(v.numpy() if isinstance(v, Tensor) else v)
         for k, v in model.state_dict().items()
@@ -200,11 +313,11 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress(epochs: int, enabled: bool) -> Any:
+def _progress(epochs: int, enabled: bool, done: int = 0) -> Any:
     if not enabled:
         return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency; a broken install still trains
         return _NoBar()
-    return tqdm(total=epochs, unit="epoch", dynamic_ncols=True)
+    return tqdm(total=epochs, initial=done, unit="epoch", dynamic_ncols=True)

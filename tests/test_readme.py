@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import gpunet
+import gpunet.train
 from gpunet.backend import probe_cuda
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -53,8 +54,20 @@ def test_the_readme_has_the_examples_this_test_knows() -> None:
     assert CUDA_LINE in BLOCKS[3]
 
 
+FEW_EPOCHS = 3  # the Training example's 100-epoch fit is what `make train` runs in CI
+
+
 def test_the_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the examples save checkpoints in the working directory
+    real_fit, fits = gpunet.train.fit, []
+
+    def fit(*args: Any, **kwargs: Any) -> gpunet.train.History:
+        """The README's fit as written, on a few epochs: the example's own import gets this."""
+        kwargs["epochs"] = min(kwargs.get("epochs", FEW_EPOCHS), FEW_EPOCHS)
+        fits.append(real_fit(*args, **kwargs))
+        return fits[-1]
+
+    monkeypatch.setattr(gpunet.train, "fit", fit)
     gpunet.manual_seed(0)
     ns: dict[str, Any] = {}
     for i, code in enumerate(BLOCKS):
@@ -64,6 +77,8 @@ def test_the_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         exec(compile(code, f"README.md python block {i}", "exec"), ns)
     assert (tmp_path / "run.safetensors").exists() and (tmp_path / "model.safetensors").exists()
     assert ns["meta"]["epoch"] == 3
+    (history,) = fits
+    assert len(history.train_loss) == FEW_EPOCHS and history.val_accuracy[-1] > 0.8
 
 
 def test_the_readme_cuda_line_says_why_without_a_gpu() -> None:

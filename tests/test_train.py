@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ import pytest
 import gpunet
 import gpunet.nn.functional as F
 from gpunet.data import DataLoader, Dataset
-from gpunet.train import evaluate, fit
+from gpunet.train import History, evaluate, fit
 
 
 class Softmax:
@@ -138,3 +142,143 @@ def test_vanishing_and_exploding_gradients_are_named(caplog: pytest.LogCaptureFi
         big, F.cross_entropy, SGD(big.parameters(), 0.0), DataLoader(data), epochs=1, progress=False
     )
     assert any("exploding gradient in w" in w for w in h.warnings)
+
+
+def test_empty_data_is_an_error_not_a_zero() -> None:
+    model = Softmax(2, 3)
+    empty = Dataset(np.zeros((0, 2), np.float32), np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="evaluate: the batches hold no rows"):
+        evaluate(model, F.cross_entropy, DataLoader(empty))
+    before = model.w.numpy().copy()
+    for loader in (DataLoader(blobs(10), batch_size=32, drop_last=True), []):
+        with pytest.raises(ValueError, match="fit: the training loader has no batches"):
+            fit(model, F.cross_entropy, SGD(model.parameters(), 0.1), loader, progress=False)
+    with pytest.raises(ValueError, match="fit: the training loader gave no batches"):
+        fit(model, F.cross_entropy, SGD(model.parameters(), 0.1), iter([]), progress=False)
+    for epochs, patience in ((0, None), (3, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            opt = SGD(model.parameters(), 0.1)
+            fit(model, F.cross_entropy, opt, [], epochs=epochs, early_stopping=patience)
+    np.testing.assert_array_equal(model.w.numpy(), before)
+
+
+def _loss_that(at_step: int, does: Callable[[], None]) -> Callable[..., gpunet.Tensor]:
+    """Cross-entropy that runs `does` in training step `at_step` (from 1; evaluation aside)."""
+    calls = [0]
+
+    def loss(out: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+        if gpunet.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == at_step:
+                does()
+        return F.cross_entropy(out, y)
+
+    return loss
+
+
+def _fit_with(loss: Callable[..., gpunet.Tensor], epochs: int = 6) -> tuple[Softmax, History, list]:
+    model, snapshots = Softmax(2, 3), []
+    h = fit(
+        model,
+        loss,
+        SGD(model.parameters(), 0.2),
+        DataLoader(blobs(), batch_size=32, shuffle=True, seed=0),  # 10 steps an epoch
+        DataLoader(blobs(seed=1), batch_size=64),
+        epochs=epochs,
+        progress=False,
+        on_epoch_end=lambda e, _: snapshots.append(model.state_dict()),
+    )
+    return model, h, snapshots
+
+
+def test_ctrl_c_inside_a_step_stops_with_the_best_weights() -> None:
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    model, h, snapshots = _fit_with(_loss_that(35, ctrl_c))  # in epoch 4
+    assert h.interrupted and len(h.train_loss) == len(h.val_loss) == 3  # complete epochs only
+    np.testing.assert_array_equal(model.w.numpy(), snapshots[h.best_epoch]["w"])
+    assert "interrupted after 3 complete epochs" in h.warnings[0]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_real_sigint_lets_the_step_finish_then_stops() -> None:
+    model, h, snapshots = _fit_with(_loss_that(25, lambda: os.kill(os.getpid(), signal.SIGINT)))
+    assert h.interrupted and len(h.train_loss) == 2  # epoch 3 was cut after its 5th step
+    np.testing.assert_array_equal(model.w.numpy(), snapshots[h.best_epoch]["w"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_diverged_fit_restores_the_best_weights(caplog: pytest.LogCaptureFixture) -> None:
+    def nan_loss(out: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+        return F.cross_entropy(out, y) * (np.nan if nan_loss.on else 1.0)  # type: ignore[attr-defined]
+
+    nan_loss.on = False  # type: ignore[attr-defined]
+    model, snapshots = Softmax(2, 3), []
+
+    def turn_on(epoch: int, _: History) -> None:
+        snapshots.append(model.state_dict())
+        nan_loss.on = epoch == 2  # type: ignore[attr-defined]
+
+    with caplog.at_level(logging.WARNING, logger="gpunet"):
+        h = fit(
+            model,
+            nan_loss,
+            SGD(model.parameters(), 0.2),
+            DataLoader(blobs(), batch_size=32),
+            DataLoader(blobs(seed=1), batch_size=64),
+            epochs=6,
+            progress=False,
+            on_epoch_end=turn_on,
+        )
+    assert h.diverged and len(h.train_loss) == 3 and h.best_epoch == 2
+    assert "epoch 4: the training loss became nan" in caplog.text
+    assert any("restored the best weights (epoch 3)" in w for w in h.warnings)
+    np.testing.assert_array_equal(model.w.numpy(), snapshots[2]["w"])
+
+
+def test_gradient_warnings_once_per_parameter_per_epoch(caplog: pytest.LogCaptureFixture) -> None:
+    model = Softmax(2, 3, scale=0.0)
+    data = Dataset(np.zeros((8, 2), np.float32), np.zeros(8, np.int64))
+    opt = SGD(model.parameters(), 0.0)
+    with caplog.at_level(logging.WARNING, logger="gpunet"):
+        h = fit(model, F.cross_entropy, opt, DataLoader(data, 4), epochs=2, progress=False)
+    for epoch in (1, 2):  # numbered from 1, as the progress bar and the CLI number them
+        msg = f"epoch {epoch}: vanishing gradient in w"
+        assert sum(msg in w for w in h.warnings) == 1
+        assert sum(msg in r.getMessage() for r in caplog.records) == 1
+    assert not any("epoch 0" in w for w in h.warnings)
+
+
+def test_fit_continues_a_history_exactly() -> None:
+    """fit(history=..., best_state=...) runs only the epochs left; the weights match a run
+    straight through (early stopping's counters come from the history)."""
+
+    def run(split_at: int | None) -> tuple[np.ndarray, History]:
+        model = Softmax(2, 3)
+        opt = SGD(model.parameters(), 5.0)
+        train = DataLoader(blobs(), batch_size=32, shuffle=True, seed=0)
+        val = DataLoader(blobs(seed=1), batch_size=64)
+        kw = {"early_stopping": 3, "progress": False}
+        if split_at is None:
+            h = fit(model, F.cross_entropy, opt, train, val, epochs=12, **kw)
+            return model.w.numpy().copy(), h
+        best, last = [], []  # what a checkpoint written at each epoch's end holds
+
+        def keep(epoch: int, h: History) -> None:
+            last[:] = [model.state_dict()]
+            if h.best_epoch == epoch:
+                best[:] = [model.state_dict()]
+
+        h = fit(model, F.cross_entropy, opt, train, val, epochs=split_at, on_epoch_end=keep, **kw)
+        model.load_state_dict(last[0])  # fit ended by restoring the best; continue from the last
+        h = fit(model, F.cross_entropy, opt, train, val, 12, history=h, best_state=best[0], **kw)
+        return model.w.numpy().copy(), h
+
+    want, straight = run(None)
+    assert straight.stopped_early and len(straight.train_loss) == 4
+    for split_at in (2, 4):  # mid-run, and a history that had already stopped early
+        got, resumed = run(split_at)
+        assert resumed.train_loss == straight.train_loss
+        assert resumed.best_epoch == straight.best_epoch and resumed.stopped_early
+        np.testing.assert_array_equal(got, want)

@@ -1,0 +1,451 @@
+"""The training job behind ``gpunet train``: the user's data prepared once (labels encoded,
+features and regression targets standardized), the run folder made and checked writable
+before training, checkpoints of the last complete epoch (so ``--resume`` continues exactly),
+and on every way out (finished, early-stopped, diverged, Ctrl-C) the best weights saved with
+what ``gpunet predict`` needs, the metrics as strict JSON, and the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import gpunet
+import gpunet.nn.functional as F
+from gpunet import nn, optim
+
+from .cli import UsageError
+from .data import DIGITS_SCALE, DataError, DataLoader, Dataset, infer_task, load_digits, split
+from .predict import Preprocess, outputs
+from .random import default_generator
+from .train import History, evaluate, fit, host_state
+
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+_SAVED_ARGS = ["data", "target", "task", "hidden", "activation", "dropout", "label_smoothing"] + [
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "patience",
+    "seed",
+    "device",
+]
+
+
+def resolve_device(spec: str | None) -> Any:
+    """The device to run on; an unusable one is a usage error, not a traceback."""
+    try:
+        device = gpunet.device(spec) if spec else gpunet.default_device()
+        gpunet.zeros(1, device=device)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from e
+    return device
+
+
+def load_data(args: argparse.Namespace) -> tuple[Dataset, str]:
+    if args.data is None:
+        if args.target != -1:
+            raise UsageError("--target names a column of --data FILE.csv; no --data was given")
+        return load_digits(), "digits (bundled)"
+    path = Path(args.data).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".csv"):
+        raise UsageError(f"--data must be a .npz or .csv file, got {path}")
+    if path.is_dir() or not path.exists():
+        raise UsageError(
+            f"cannot read --data {path}: {'a folder' if path.is_dir() else 'no such file'}"
+        )
+    if suffix == ".npz":
+        if args.target != -1:
+            raise UsageError("--target names a CSV column; a .npz gives its targets as array y")
+        return Dataset.from_npz(path), str(path)
+    return Dataset.from_csv(path, target=args.target), str(path)
+
+
+def prepare(
+    data: Dataset, task: str | None, seed: int, unit: float = 1.0
+) -> tuple[Preprocess, list[Dataset]]:
+    """Encode or standardize the targets, split 70/15/15 and standardize the features with
+    the training split's statistics. ``unit``: what the loader divided the file's features
+    by, so the saved statistics apply to the values as they are in the file."""
+    task = task or infer_task(data.y)
+    if task == "classify":
+        data = data.as_classes()
+    elif data.y.dtype.kind not in "iuf":
+        raise DataError(f"--task regress needs a numeric target; it holds text ({data.y[0]!r})")
+    else:  # a float target: the split is not stratified by value
+        data = Dataset(data.x, data.y.astype(np.float64), None, data.features, data.target)
+    parts = list(split(data, val=0.15, test=0.15, seed=seed))  # too few rows: DataError
+    if data.classes is not None and len(data.classes) < 2:
+        raise DataError(f"every target is {data.classes[0]}: one class, nothing to classify")
+    mean, std = parts[0].x.mean(axis=0), parts[0].x.std(axis=0)
+    std[std < 1e-6] = 1.0  # a constant training feature is centred, not blown up
+    for part in parts:  # standardize with the training statistics
+        part.x = ((part.x - mean) / std).astype(np.float32)
+    prep = Preprocess(task, (mean * unit).tolist(), (std * unit).tolist(), None)
+    prep.features, prep.target = data.features, data.target
+    if task == "classify":
+        prep.classes = np.asarray(data.classes).tolist()
+    else:
+        y = parts[0].y.astype(np.float64)
+        prep.target_mean, prep.target_std = float(y.mean()), float(y.std())
+        if not prep.target_std > 0:
+            raise DataError(f"the training target is constant ({prep.target_mean}): nothing to fit")
+        for part in parts:
+            part.y = ((part.y - prep.target_mean) / prep.target_std).astype(np.float32)
+    return prep, parts
+
+
+def _mse(out: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+    """Mean squared error of the single output column against the standardized target."""
+    return F.mse_loss(out.reshape(-1), y)
+
+
+def new_run_folder(out: str) -> Path:
+    """A fresh ``out/<timestamp>`` folder, made and written to before any training."""
+    base = Path(out)
+    if base.exists() and not base.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the runs")
+    stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), 0
+    while True:
+        run = base / (stamp if suffix == 0 else f"{stamp}_{suffix}")
+        try:
+            run.mkdir(parents=True)
+            break
+        except FileExistsError:
+            suffix += 1
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot make a run folder there ({e.strerror})") from e
+    check_writable(run, f"--out {out}")
+    return run
+
+
+def check_writable(run: Path, what: str) -> None:
+    probe = run / ".write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{what}: cannot write in {run} ({e.strerror})") from e
+
+
+def _data_hash(args: argparse.Namespace) -> str | None:
+    if args.data is None:
+        return None
+    digest = hashlib.sha256()
+    with open(args.data, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Checkpoints:
+    """``fit``'s end-of-epoch callback. It keeps host copies of everything a resume needs
+    (weights, optimizer state, the loader's and generator's RNG states, the history, the best
+    weights) and writes them to checkpoint.safetensors and best.safetensors atomically every
+    ``GPUNET_CHECKPOINT_SECONDS`` (default 30) and when training ends, however it ends: an
+    fsynced write per epoch would cost as much as a digits epoch itself."""
+
+    def __init__(self, run: Path, model: Any, opt: Any, loader: DataLoader, meta: dict) -> None:
+        self.run, self.model, self.opt, self.loader, self.meta = run, model, opt, loader, meta
+        self.every = float(os.environ.get("GPUNET_CHECKPOINT_SECONDS", "30"))
+        self.last_write, self.pending = time.monotonic(), None
+        self.best: dict[str, Any] | None = None
+
+    def __call__(self, epoch: int, history: History) -> None:
+        model = host_state(self.model)
+        if history.best_epoch == epoch:
+            self.best = model
+        extra = {"history": copy.deepcopy(history.as_dict()), "loader": self.loader.state_dict()}
+        extra["rng"] = default_generator.get_state()
+        self.pending = (model, self.opt.state_dict(), extra)
+        if time.monotonic() - self.last_write >= self.every:
+            self.write()
+
+    def write(self, final: History | None = None) -> None:
+        """Write what the last epoch's end held; ``final``: the history as training ended
+        (stopped early, diverged or interrupted), which --resume reads."""
+        if self.pending is None:
+            return
+        model, opt, extra = self.pending
+        if final is not None:
+            extra["history"] = copy.deepcopy(final.as_dict())
+        if self.best is not None:
+            gpunet.save(self.run / "best.safetensors", _Frozen.of(self.model, self.best))
+        frozen_opt = _Frozen.of(self.opt, opt)
+        path = self.run / "checkpoint.safetensors"
+        gpunet.save(path, _Frozen.of(self.model, model), frozen_opt, **extra, **self.meta)
+        self.pending, self.last_write = None, time.monotonic()
+
+    def restore(self) -> tuple[History, dict[str, Any] | None]:
+        """Load the checkpoint into the model, optimizer, loader and generator; return the
+        history and the best weights so far."""
+        best = None
+        if (self.run / "best.safetensors").exists():
+            gpunet.load(self.run / "best.safetensors", self.model)
+            best = {k: np.array(v.numpy()) for k, v in self.model.state_dict().items()}
+        meta = gpunet.load(self.run / "checkpoint.safetensors", self.model, self.opt)
+        self.loader.load_state_dict(meta["loader"])
+        default_generator.set_state(meta["rng"])
+        return History.from_dict(meta["history"]), best
+
+
+def resume_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The options a run was started with (from its checkpoint), for ``--resume RUN``."""
+    run = Path(args.resume)
+    file = run / "checkpoint.safetensors"
+    if not file.is_file():
+        raise UsageError(
+            f"--resume {run}: no checkpoint.safetensors there (a run folder of gpunet train "
+            "holds one once its first epoch ends)"
+        )
+    meta = gpunet.load(file)
+    h = History.from_dict(meta["history"])
+    if h.stopped_early or h.diverged or len(h.train_loss) >= meta["args"]["epochs"]:
+        how = "stopped early" if h.stopped_early else "diverged" if h.diverged else "ran"
+        raise UsageError(f"--resume {run}: that run finished ({how}, {len(h.train_loss)} epochs)")
+    saved = argparse.Namespace(**meta["args"], resume=str(run), no_progress=args.no_progress)
+    if saved.data is not None and not Path(saved.data).is_file():
+        raise UsageError(f"--resume {run}: its data {saved.data} is not there any more")
+    if _data_hash(saved) != meta["data_sha256"]:
+        raise UsageError(f"--resume {run}: {saved.data} changed since the run started")
+    return saved
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train an MLP on the user's data, report the test figures, save the run."""
+    if args.resume is not None:
+        args = resume_args(args)
+    gpunet.manual_seed(args.seed)
+    data, source = load_data(args)
+    unit = DIGITS_SCALE if args.data is None else 1.0
+    prep, (train_set, val_set, test_set) = prepare(data, args.task, args.seed, unit)
+    device = resolve_device(args.device)
+    out = len(prep.classes) if prep.classes is not None else 1
+    sizes = [train_set.x.shape[1], *args.hidden, out]
+    model, optimizer = build(args, sizes, device)
+    run = Path(args.resume) if args.resume else new_run_folder(args.out)
+    if args.resume:
+        check_writable(run, f"--resume {run}")
+    loader = DataLoader(train_set, args.batch_size, shuffle=True, device=device, seed=args.seed)
+    val, test = (DataLoader(d, 512, device=device) for d in (val_set, test_set))
+    saved = {k: getattr(args, k) for k in _SAVED_ARGS}
+    if args.data is not None:  # so that --resume works from any directory
+        saved["data"] = str(Path(args.data).expanduser().resolve())
+    checkpoints = _Checkpoints(
+        run, model, optimizer, loader, {"args": saved, "data_sha256": _data_hash(args)}
+    )
+    history, best = checkpoints.restore() if args.resume else (History(), None)
+    what = "classes" if prep.task == "classify" else "regression"
+    print(
+        f"gpunet {gpunet.__version__}: MLP {'-'.join(map(str, sizes))} ({args.activation}, "
+        f"{what}), {args.optimizer} lr={args.lr}, on {device}; data: {source}, "
+        f"{len(train_set)}/{len(val_set)}/{len(test_set)} train/val/test; run: {run}/"
+        + (f" (resumed after epoch {len(history.train_loss)})" if args.resume else "")
+    )
+    loss = (
+        functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing)
+        if prep.task == "classify"
+        else _mse
+    )
+    start = time.perf_counter()
+    history = fit(
+        model,
+        loss,
+        optimizer,
+        loader,
+        val,
+        epochs=args.epochs,
+        early_stopping=args.patience,
+        progress=not args.no_progress,
+        on_epoch_end=checkpoints,
+        history=history,
+        best_state=best,
+    )
+    seconds = time.perf_counter() - start
+    checkpoints.write(history)
+    meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
+    return finish(run, model, history, prep, test, test_set, meta, seconds, source, device, saved)
+
+
+def build(args: argparse.Namespace, sizes: list[int], device: Any) -> tuple[Any, Any]:
+    """The MLP and its optimizer; a model too large for memory is a usage error."""
+    try:
+        model = nn.MLP(sizes, activation=args.activation, dropout=args.dropout, device=device)
+        opt_cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[args.optimizer]
+        extra = {"momentum": 0.9} if args.optimizer == "sgd" else {}
+        opt = opt_cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **extra)
+    except MemoryError as e:
+        n = sum(a * b + b for a, b in itertools.pairwise(sizes))
+        raise UsageError(
+            f"MLP {'-'.join(map(str, sizes))} has {n:,} parameters ({n * 4 / 2**30:.1f} GiB "
+            f"in float32, and {args.optimizer} keeps more per parameter): not enough memory "
+            f"on {device} ({e}); try smaller --hidden sizes"
+        ) from e
+    return model, opt
+
+
+def test_figures(
+    model: Any, prep: Preprocess, test: DataLoader, test_set: Dataset, device: Any
+) -> dict[str, float]:
+    """Classification: loss and accuracy; regression: RMSE, MAE and R^2 in the target's units."""
+    if prep.task == "classify":
+        loss, acc = evaluate(model, F.cross_entropy, test)
+        return {"test_loss": loss, "test_accuracy": acc or 0.0}
+    assert prep.target_mean is not None and prep.target_std is not None
+    pred = prep.decode(outputs(model, test_set.x, device))[0]
+    truth = test_set.y.astype(np.float64) * prep.target_std + prep.target_mean
+    err = pred - truth
+    total = float(np.sum((truth - truth.mean()) ** 2))
+    return {
+        "test_rmse": float(np.sqrt(np.mean(err**2))),
+        "test_mae": float(np.mean(np.abs(err))),
+        "test_r2": 1.0 - float(np.sum(err**2)) / total if total > 0 else math.nan,
+    }
+
+
+def finish(
+    run: Path,
+    model: Any,
+    history: History,
+    prep: Preprocess,
+    test: DataLoader,
+    test_set: Dataset,
+    meta: dict[str, Any],
+    seconds: float,
+    source: str,
+    device: Any,
+    args: dict[str, Any],
+) -> int:
+    """Evaluate the best weights, save model, metrics and curves, and say what happened."""
+    n = len(history.train_loss)
+    if n == 0:
+        why = "interrupted" if history.interrupted else "diverged (loss not finite)"
+        if not any(run.iterdir()):  # a folder this run made and left empty
+            run.rmdir()
+        print(f"{why} in epoch 1, before any epoch ended: nothing saved")
+        return INTERRUPTED if history.interrupted else 1
+    figures = test_figures(model, prep, test, test_set, device)
+    metrics = {
+        **figures,
+        "task": prep.task,
+        "epochs": n,
+        "best_epoch": history.best_epoch + 1,
+        "stopped_early": history.stopped_early,
+        "interrupted": history.interrupted,
+        "diverged": history.diverged,
+        "seconds": seconds,
+        "device": str(device),
+        "sizes": meta["sizes"],
+        "data": source,
+        "args": args,
+        "history": history.as_dict(),
+    }
+    gpunet.save(run / "model.safetensors", model, **meta)
+    write_json(run / "metrics.json", metrics)
+    plot_run(history, prep, figures, run / "curves.png")
+    best = f"best {history.best_epoch + 1}"
+    if history.interrupted:
+        print(
+            f"interrupted after {n} epochs: saved the best weights (epoch {history.best_epoch + 1}"
+            f", {_summary(figures)}), metrics and curves in {run}/; continue with "
+            f"gpunet train --resume {run}"
+        )
+        return INTERRUPTED
+    if history.diverged:
+        print(f"warning: the training loss diverged in epoch {n + 1}; restored the {best} weights")
+    print(f"{_summary(figures)} after {n} epochs ({best}) in {seconds:.1f} s; saved {run}/")
+    return 0
+
+
+def _summary(figures: dict[str, float]) -> str:
+    if "test_accuracy" in figures:
+        return f"test accuracy {figures['test_accuracy']:.4f} (loss {figures['test_loss']:.4f})"
+    return (
+        f"test RMSE {figures['test_rmse']:.4g}, MAE {figures['test_mae']:.4g}, "
+        f"R^2 {figures['test_r2']:.4f}"
+    )
+
+
+def strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None, so it is strict JSON."""
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Strict JSON (NaN written as null), written to a temporary file and renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(strict(value), indent=2, allow_nan=False))
+    tmp.replace(path)
+
+
+def plot_run(history: History, prep: Preprocess, figures: dict[str, float], path: Path) -> None:
+    """Loss and accuracy per epoch (classification), or loss and RMSE per epoch with the test
+    figures (regression); the best epoch dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = np.arange(1, len(history.train_loss) + 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, history.train_loss, label="train")
+    left.plot(epochs, history.val_loss, label="validation")
+    left.set(xlabel="epoch", ylabel="loss", title="Loss", yscale="log")
+    if prep.task == "classify":
+        right.plot(epochs, history.train_accuracy, label="train")
+        right.plot(epochs, history.val_accuracy, label="validation")
+        right.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    else:  # the loss is the MSE of the standardized target: RMSE = sqrt(loss) * std
+        scale = prep.target_std or 1.0
+        right.plot(epochs, np.sqrt(history.train_loss) * scale, label="train")
+        right.plot(epochs, np.sqrt(history.val_loss) * scale, label="validation")
+        right.set(
+            xlabel="epoch",
+            ylabel="RMSE (target units)",
+            title=f"RMSE; test: RMSE {figures['test_rmse']:.4g}, MAE {figures['test_mae']:.4g}, "
+            f"R$^2$ {figures['test_r2']:.3f}",
+        )
+    for ax in (left, right):
+        if history.best_epoch >= 0:
+            ax.axvline(history.best_epoch + 1, color="gray", linestyle=":", label="best")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class _Frozen:
+    """A state_dict taken earlier, saved by ``gpunet.save`` in place of the object it came
+    from (whose class name the checkpoint header records)."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    @staticmethod
+    def of(source: Any, state: dict[str, Any]) -> _Frozen:
+        return type(type(source).__name__, (_Frozen,), {})(state)
