@@ -19,7 +19,7 @@ import numpy as np
 
 from . import dtypes
 from . import primitives as P
-from .autodiff import FORWARD, GRAD, STATE, apply, bind, describe
+from .autodiff import FORWARD, GRAD, STATE, apply, bind, bump_version, describe
 from .backend import Device, device
 from .tensor import Tensor
 
@@ -599,6 +599,7 @@ def setitem_(x: Tensor, key: Any, value: Any) -> None:
             raise RuntimeError(f"gpunet.setitem: value on {value.device}, tensor on {x.device}")
         value = value.data
     x.data[key] = x._backend.asarray(value, x.dtype)
+    bump_version(x)  # a node that saved x before this must not run its rule on the new values
 
 
 _INPLACE = {
@@ -623,6 +624,7 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
     else:
         value = x._backend.asarray(other, x.dtype)
     x.data = _INPLACE[op](x.data, value)
+    bump_version(x)  # a node that saved x before this must not run its rule on the new values
     return x
 
 
