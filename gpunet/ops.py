@@ -21,6 +21,10 @@ from . import dtypes
 from . import primitives as P
 from .autodiff import FORWARD, GRAD, STATE, apply, bind, bump_version, describe
 from .backend import Device, device
+from .primitives.linalg import (  # noqa: F401  (for nn: layers above reach primitives via ops)
+    check_linear_activation,
+    linear_fusable,
+)
 from .tensor import Tensor
 
 Axis = int | Sequence[int] | None

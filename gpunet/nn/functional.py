@@ -14,8 +14,7 @@ from .. import primitives as P
 from ..activations import elu, gelu, leaky_relu, silu, softplus
 from ..autodiff import bind
 from ..creation import tensor
-from ..ops import log_softmax, relu, sigmoid, softmax, tanh
-from ..primitives.linalg import check_linear_activation
+from ..ops import check_linear_activation, log_softmax, relu, sigmoid, softmax, tanh
 from ..random import Generator, rand
 from ..tensor import Tensor
 
