@@ -500,7 +500,7 @@ def _sweep(
     prev_flags, prev_node = flags, state.backward_node
     # Decided once per sweep: may rules use fused, non-differentiable kernels (nothing will
     # differentiate what they compute)? Rules read the FUSED_VJP bit.
-    fused = not (create_graph or flags & (ANOMALY | FORWARD | TANGENTS))
+    fused = not (create_graph or flags & (ANOMALY | FORWARD))
     flags = (flags | GRAD) if create_graph else (flags & ~GRAD)
     state.flags = ((flags | FUSED_VJP) if fused else (flags & ~FUSED_VJP)) | BACKWARD
     changed = _last_inplace  # nodes older than the latest in-place write check their inputs

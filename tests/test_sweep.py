@@ -156,3 +156,14 @@ def test_the_training_loop_with_in_place_parameter_steps_still_works() -> None:
         opt.zero_grad()
         model(gpunet.ones((3, 2))).sum().backward()
         opt.step()
+
+
+def test_nondiff_is_read_from_the_vjp_tuples_markers() -> None:
+    from gpunet import primitives as P
+
+    assert P.where.nondiff == {0} and P.take.nondiff == {1} and P.scatter_add.nondiff == {1}
+    assert P.cross_entropy.nondiff == {1}
+    assert P.cross_entropy_backward.nondiff == {2}  # (no VJP tuple: declared on the card)
+    for prim in P.REGISTRY.values():
+        if isinstance(prim.vjp, tuple):
+            assert {i for i, r in enumerate(prim.vjp) if r is P.NONDIFF} <= prim.nondiff
