@@ -101,7 +101,17 @@ class Node:
     recorded op, and an ``__init__`` call would be a Python call more each time).
     """
 
-    __slots__ = ("_hooks", "out_data", "params", "parents", "prim", "saved", "seq", "site")
+    __slots__ = (
+        "_hooks",
+        "_out_changed",
+        "out_data",
+        "params",
+        "parents",
+        "prim",
+        "saved",
+        "seq",
+        "site",
+    )
 
     prim: Primitive
     parents: tuple  # per input: its Node, the leaf Tensor, or None (no grad)
@@ -593,18 +603,24 @@ def bump_version(x: Tensor) -> None:
     """Mark ``x`` as changed in place now (after every node recorded so far)."""
     global _last_inplace
     x._version = _last_inplace = _next_seq()
+    if x._node is not None and x._node.out_data is not None:
+        x._node._out_changed = True  # the node kept x's array as its own output
 
 
 def _check_versions(node: Node) -> None:
-    for s in node.saved or ():
-        if isinstance(s, Tensor) and getattr(s, "_version", -1) > node.seq:
-            raise RuntimeError(
-                f"backward through '{node.prim.name}': a {describe(s)} tensor it saved for "
-                "the gradient was modified by an in-place operation after it was saved (one "
-                "of the variables needed for gradient computation has been modified by an "
-                "inplace operation). Change a copy instead (x = x + 1, or x.clone()), or "
-                "make the change before the op that uses it."
-            )
+    """Raise if a tensor the node saved (or its own output) was changed after it was saved."""
+    tensors = [s for s in node.saved or () if isinstance(s, Tensor)]
+    changed = [describe(s) for s in tensors if getattr(s, "_version", -1) > node.seq]
+    if getattr(node, "_out_changed", False):
+        changed.append(f"{node.out_data.dtype} {tuple(node.out_data.shape)} (its output)")
+    if changed:
+        raise RuntimeError(
+            f"backward through '{node.prim.name}': the {changed[0]} tensor it saved for the "
+            "gradient was modified by an in-place operation after it was saved (one of the "
+            "variables needed for gradient computation has been modified by an inplace "
+            "operation). Change a copy instead (x = x + 1, or x.clone()), or make the change "
+            "before the op that uses it."
+        )
 
 
 # ---------------------------------------------------------------------- the leaf plan

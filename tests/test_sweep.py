@@ -167,3 +167,12 @@ def test_nondiff_is_read_from_the_vjp_tuples_markers() -> None:
     for prim in P.REGISTRY.values():
         if isinstance(prim.vjp, tuple):
             assert {i for i, r in enumerate(prim.vjp) if r is P.NONDIFF} <= prim.nondiff
+
+
+def test_an_output_the_node_kept_changed_in_place_makes_backward_raise() -> None:
+    x = gpunet.tensor([0.5, 1.0], requires_grad=True)
+    y = x.exp()  # exp keeps its output for the gradient
+    with gpunet.no_grad():
+        y += 1.0
+    with pytest.raises(RuntimeError, match=r"'exp'.*\(2,\) \(its output\).*inplace operation"):
+        y.sum().backward()
