@@ -455,7 +455,7 @@ def backprop(
         reached = _reachable([n for _, n in queue], stop)
         create_graph = STATE.grad_enabled and _depends_on_others(reached, inputs or ())
     if not create_graph and inputs is None:  # rules may write into leaves' arrays
-        plan.allow_writes([n for _, n in queue], stop)
+        plan.allow_writes(queue, stop)
     input_grads = _sweep(grads, queue, stop, plan, retain_graph or create_graph, create_graph)
     if inputs is None:
         plan.store(create_graph)
@@ -544,20 +544,28 @@ def _sweep(
             prim, params = node.prim, node.params
             if prim.vjp_pre is not None:
                 g = prim.vjp_pre(g, *saved, **params)
+            into = prim.vjp_into if plan.writes else None
             for i, parent in enumerate(node.parents):
                 if parent is None:
                     continue
-                if type(parent) is not Node:  # a leaf: the plan says where its gradient goes
-                    plan.leaf_edge(node, i, parent, g, saved)
-                    continue
                 rule = prim.vjp_rule(i) if prim.variadic else prim.vjp[i]  # type: ignore[index]
-                gi = rule(g, *saved, **params)
-                prev = grads.get(parent)
-                if prev is None:
-                    grads[parent] = gi
-                    push(queue, (-parent.seq, parent))
-                else:
-                    grads[parent] = gpunet.ops.add(prev, gi)
+                if type(parent) is Node:
+                    gi = rule(g, *saved, **params)
+                    prev = grads.get(parent)
+                    if prev is None:
+                        grads[parent] = gi
+                        push(queue, (-parent.seq, parent))
+                    else:
+                        grads[parent] = gpunet.ops.add(prev, gi)
+                    continue
+                # A leaf: the plan writes its gradient in place (its step, or its buffer),
+                # or it takes the rule's result and sums it for .grad.
+                if (
+                    into is None
+                    or into[i] is None
+                    or not plan.write(prim, into[i], parent, g, saved, params)
+                ):
+                    plan.add(parent, rule(g, *saved, **params))
             if plan.pending:  # after every rule above has read the leaves' old values
                 plan.take_steps(g, saved, params)
             if not retain_graph:
@@ -652,14 +660,14 @@ class LeafPlan:
         # array takes the id of one freed during the sweep.
         self.held: dict[int, Any] = {}
 
-    def allow_writes(self, roots: list[Node], stop: set[Node]) -> None:
+    def allow_writes(self, queue: list[tuple[int, Node]], stop: set[Node]) -> None:
         """Turn on the buffer and in-backward routes, counting uses where a leaf has a step."""
         self.writes = True
         if not IN_BACKWARD:  # (no live leaf has one: no walk)
             return
         uses: dict[int, int] = {}
         leaves = list(self.leaves.values())  # (a leaf output counts as a use)
-        for n in _reachable(roots, stop):
+        for n in _reachable([n for _, n in queue], stop):
             leaves += [p for p in n.parents if p is not None and type(p) is not Node]
         for p in leaves:
             if getattr(p, "_in_backward", None) is not None and not p.hooks:
@@ -669,28 +677,29 @@ class LeafPlan:
             if coef is not None:  # its one use: that use's rule writes the update
                 self.in_backward[id(p)] = coef
 
-    def leaf_edge(self, node: Node, i: int, leaf: Tensor, g: Tensor, saved: tuple) -> None:
-        """Route input ``i`` of ``node`` (a leaf) to its gradient's place."""
-        prim, params = node.prim, node.params
-        into = prim.vjp_into[i] if self.writes and prim.vjp_into is not None else None
-        if into is not None:
-            coef = self.in_backward.get(id(leaf))
-            # One step per node, unless the card's in-place rules read none of the inputs
-            # they write (linear: dW reads x, db nothing; matmul: dX reads W and dW reads X,
-            # so stepping both would feed one the other's new value); further ones take the
-            # accumulate route and are stepped from the whole gradient at the end.
-            if coef is not None and (prim.vjp_into_independent or not self.pending):
-                self.pending.append((into, leaf.data, coef))
-                return
-            buf = self._writable_buffer(leaf)
-            if buf is not None:  # the gradient lands in the leaf's buffer
-                beta = 0.0 if leaf.grad is None else 1.0  # write, or sum into
-                into(buf, 1.0, beta, g, *saved, **params)
-                self.leaves[id(leaf)], self.buffers[id(leaf)] = leaf, buf
-                self.grads[id(leaf)] = Tensor._wrap(buf, g._backend)
-                return
-        rule = prim.vjp_rule(i) if prim.variadic else prim.vjp[i]  # type: ignore[index]
-        self.add(leaf, rule(g, *saved, **params))
+    def write(
+        self, prim: Primitive, into: Any, leaf: Tensor, g: Tensor, saved: tuple, params: dict
+    ) -> bool:
+        """Take the in-backward or the buffer route for a leaf edge whose card has an in-place
+        rule ``into``, where the leaf may; False: the accumulate route (the caller adds)."""
+        coef = self.in_backward.get(id(leaf)) if self.in_backward else None
+        # One step per node, unless the card's in-place rules read none of the inputs they
+        # write (linear: dW reads x, db nothing; matmul: dX reads W and dW reads X, so
+        # stepping both would feed one the other's new value); further ones take the
+        # accumulate route and are stepped from the whole gradient at the end.
+        if coef is not None and (prim.vjp_into_independent or not self.pending):
+            self.pending.append((into, leaf.data, coef))
+            return True
+        buf = getattr(leaf, "_grad_buffer", None)  # (the slots, not the properties: hot path)
+        if buf is None or id(leaf) in self.grads or getattr(leaf, "_hooks", None):
+            return False  # only the first contribution, and none that a hook must see first
+        if leaf.grad is not None and leaf.grad.data is not buf:
+            return False  # .grad holds another array: summed there at the end
+        beta = 0.0 if leaf.grad is None else 1.0  # write, or sum into (the buffer is .grad)
+        into(buf, 1.0, beta, g, *saved, **params)
+        self.leaves[id(leaf)], self.buffers[id(leaf)] = leaf, buf
+        self.grads[id(leaf)] = Tensor._wrap(buf, g._backend)
+        return True
 
     def take_steps(self, g: Tensor, saved: tuple, params: dict) -> None:
         """Take the running node's in-backward steps, once its rules have read the leaves."""
@@ -700,27 +709,21 @@ class LeafPlan:
 
     def add(self, leaf: Tensor, g: Tensor) -> None:
         """Sum one more contribution into the leaf's gradient."""
-        prev = self.grads.get(id(leaf))
-        self.leaves[id(leaf)] = leaf
-        self.grads[id(leaf)] = g if prev is None else gpunet.ops.add(prev, g)
-
-    def _writable_buffer(self, leaf: Tensor) -> Any:
-        """The leaf's ``grad_buffer`` if this sweep may write its gradient there: the first
-        contribution, no hooks to see it first, and ``grad`` None (overwrite) or the buffer
-        itself (accumulate in place)."""
-        buf = getattr(leaf, "_grad_buffer", None)  # (the slots, not the properties: hot path)
-        if buf is None or id(leaf) in self.grads or getattr(leaf, "_hooks", None):
-            return None
-        grad = leaf.grad
-        return buf if grad is None or grad.data is buf else None
+        key = id(leaf)
+        prev = self.grads.get(key)
+        if prev is None:
+            self.leaves[key], self.grads[key] = leaf, g
+        else:
+            self.grads[key] = gpunet.ops.add(prev, g)
 
     def store(self, create_graph: bool) -> None:
         """Each reached leaf's gradient to its place: the buffer, an in-backward step from the
         whole gradient, or ``.grad`` (accumulated, never aliasing an array held elsewhere)."""
-        for key, leaf in self.leaves.items():
-            g = self.grads[key]
-            buf = self.buffers.get(key)
-            if buf is not None:  # written into leaf.grad_buffer (and summed there, if grad was)
+        buffers, leaves, held = self.buffers, self.leaves, self.held
+        for key, g in self.grads.items():
+            leaf = leaves[key]
+            if buffers and key in buffers:  # written into the grad_buffer (or summed there)
+                buf = buffers[key]
                 if g.data is not buf:  # another use of the leaf added to it since
                     buf[...] = g.data
                     g = Tensor._wrap(buf, g._backend)
@@ -736,9 +739,9 @@ class LeafPlan:
                 alpha, beta = coef
                 call("axpby", leaf._backend.axpby_into, leaf.data, g.data, alpha=alpha, beta=beta)
             elif leaf.grad is None:
-                if id(g.data) in self.held or getattr(g.data, "base", None) is not None:
+                if id(g.data) in held or getattr(g.data, "base", None) is not None:
                     g = gpunet.ops.copy(g)  # never alias an array someone else holds into .grad
-                self.held[id(g.data)] = g.data
+                held[id(g.data)] = g.data
                 leaf.grad = g if create_graph or not g._requires_grad else g.detach()
             else:
                 with set_grad_enabled(create_graph):
