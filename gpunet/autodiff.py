@@ -530,11 +530,7 @@ def _sweep(
                 continue
             saved = node.saved
             if saved is None:
-                raise RuntimeError(
-                    f"backward through '{node.prim.name}' a second time: its saved values "
-                    "were freed after the first backward. Pass retain_graph=True to the first "
-                    "backward() if you need to go through the graph again."
-                )
+                raise _freed(node)
             if node.seq < changed:
                 _check_versions(node)
             if node.out_data is not None:
@@ -578,6 +574,14 @@ def _sweep(
 
 
 _SWEEP_BITS = GRAD | FUSED_VJP | BACKWARD  # what a sweep sets, and restores after
+
+
+def _freed(node: Node) -> RuntimeError:
+    return RuntimeError(
+        f"backward through '{node.prim.name}' a second time: its saved values were freed "
+        "after the first backward. Pass retain_graph=True to the first backward() if you "
+        "need to go through the graph again."
+    )
 
 
 def saved_values(node: Node, backend: Any) -> tuple:
