@@ -409,7 +409,7 @@ def sgd_ops(momentum: float, weight_decay: float, nesterov: bool, first_step: bo
 def _axpby(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     """p <- alpha g + beta p (a leaf's update in backward): one kernel reading g and p and
     writing p, 2 FLOPs per element; unfused, a scale into a temporary, a scale and an add."""
-    g, p = ins
+    g, p = ins[0], out  # (p is written in place: it is the output, read too)
     fused = kernel([g.nbytes, p.nbytes], p.nbytes, 2 * p.size)
     unfused = (
         kernel([g.nbytes], g.nbytes, g.size)

@@ -21,14 +21,17 @@ from typing import Any
 
 import numpy as np
 
-import gpunet
-import gpunet.nn.functional as F
-from gpunet import nn, optim
-
+from . import __version__, nn, optim
+from .backend import default_device
+from .backend import device as find_device
+from .checkpoint import load, save
 from .cli import UsageError
+from .creation import zeros
 from .data import DIGITS_SCALE, DataError, DataLoader, Dataset, infer_task, load_digits, split
+from .nn import functional as F
 from .predict import Preprocess, outputs
-from .random import default_generator
+from .random import default_generator, manual_seed
+from .tensor import Tensor
 from .train import History, evaluate, fit, host_state
 
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
@@ -47,8 +50,8 @@ _SAVED_ARGS = ["data", "target", "task", "hidden", "activation", "dropout", "lab
 def resolve_device(spec: str | None) -> Any:
     """The device to run on; an unusable one is a usage error, not a traceback."""
     try:
-        device = gpunet.device(spec) if spec else gpunet.default_device()
-        gpunet.zeros(1, device=device)
+        device = find_device(spec) if spec else default_device()
+        zeros(1, device=device)
     except (ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from e
     return device
@@ -108,7 +111,7 @@ def prepare(
     return prep, parts
 
 
-def _mse(out: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+def _mse(out: Tensor, y: Tensor) -> Tensor:
     """Mean squared error of the single output column against the standardized target."""
     return F.mse_loss(out.reshape(-1), y)
 
@@ -183,10 +186,10 @@ class _Checkpoints:
         if final is not None:
             extra["history"] = copy.deepcopy(final.as_dict())
         if self.best is not None:
-            gpunet.save(self.run / "best.safetensors", _Frozen.of(self.model, self.best))
+            save(self.run / "best.safetensors", _Frozen.of(self.model, self.best))
         frozen_opt = _Frozen.of(self.opt, opt)
         path = self.run / "checkpoint.safetensors"
-        gpunet.save(path, _Frozen.of(self.model, model), frozen_opt, **extra, **self.meta)
+        save(path, _Frozen.of(self.model, model), frozen_opt, **extra, **self.meta)
         self.pending, self.last_write = None, time.monotonic()
 
     def restore(self) -> tuple[History, dict[str, Any] | None]:
@@ -194,9 +197,9 @@ class _Checkpoints:
         history and the best weights so far."""
         best = None
         if (self.run / "best.safetensors").exists():
-            gpunet.load(self.run / "best.safetensors", self.model)
+            load(self.run / "best.safetensors", self.model)
             best = {k: np.array(v.numpy()) for k, v in self.model.state_dict().items()}
-        meta = gpunet.load(self.run / "checkpoint.safetensors", self.model, self.opt)
+        meta = load(self.run / "checkpoint.safetensors", self.model, self.opt)
         self.loader.load_state_dict(meta["loader"])
         default_generator.set_state(meta["rng"])
         return History.from_dict(meta["history"]), best
@@ -211,7 +214,7 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--resume {run}: no checkpoint.safetensors there (a run folder of gpunet train "
             "holds one once its first epoch ends)"
         )
-    meta = gpunet.load(file)
+    meta = load(file)
     h = History.from_dict(meta["history"])
     if h.stopped_early or h.diverged or len(h.train_loss) >= meta["args"]["epochs"]:
         how = "stopped early" if h.stopped_early else "diverged" if h.diverged else "ran"
@@ -228,7 +231,7 @@ def train(args: argparse.Namespace) -> int:
     """Train an MLP on the user's data, report the test figures, save the run."""
     if args.resume is not None:
         args = resume_args(args)
-    gpunet.manual_seed(args.seed)
+    manual_seed(args.seed)
     data, source = load_data(args)
     unit = DIGITS_SCALE if args.data is None else 1.0
     prep, (train_set, val_set, test_set) = prepare(data, args.task, args.seed, unit)
@@ -250,7 +253,7 @@ def train(args: argparse.Namespace) -> int:
     history, best = checkpoints.restore() if args.resume else (History(), None)
     what = "classes" if prep.task == "classify" else "regression"
     print(
-        f"gpunet {gpunet.__version__}: MLP {'-'.join(map(str, sizes))} ({args.activation}, "
+        f"gpunet {__version__}: MLP {'-'.join(map(str, sizes))} ({args.activation}, "
         f"{what}), {args.optimizer} lr={args.lr}, on {device}; data: {source}, "
         f"{len(train_set)}/{len(val_set)}/{len(test_set)} train/val/test; run: {run}/"
         + (f" (resumed after epoch {len(history.train_loss)})" if args.resume else "")
@@ -353,7 +356,7 @@ def finish(
         "args": args,
         "history": history.as_dict(),
     }
-    gpunet.save(run / "model.safetensors", model, **meta)
+    save(run / "model.safetensors", model, **meta)
     write_json(run / "metrics.json", metrics)
     plot_run(history, prep, figures, run / "curves.png")
     best = f"best {history.best_epoch + 1}"
@@ -437,7 +440,7 @@ def plot_run(history: History, prep: Preprocess, figures: dict[str, float], path
 
 
 class _Frozen:
-    """A state_dict taken earlier, saved by ``gpunet.save`` in place of the object it came
+    """A state_dict taken earlier, saved by ``save`` in place of the object it came
     from (whose class name the checkpoint header records)."""
 
     def __init__(self, state: dict[str, Any]) -> None:

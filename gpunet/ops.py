@@ -20,8 +20,12 @@ import numpy as np
 from . import dtypes
 from . import primitives as P
 from .activations import relu, sigmoid, tanh  # noqa: F401  (re-exported: gpunet.ops.relu)
-from .autodiff import FORWARD, GRAD, STATE, apply, bind, describe
+from .autodiff import FORWARD, GRAD, STATE, apply, bind, bump_version, describe
 from .backend import Device, device
+from .primitives.linalg import (  # noqa: F401  (for nn: layers above reach primitives via ops)
+    check_linear_activation,
+    linear_fusable,
+)
 from .tensor import Tensor
 
 Axis = int | Sequence[int] | None
@@ -589,6 +593,7 @@ def setitem_(x: Tensor, key: Any, value: Any) -> None:
             raise RuntimeError(f"gpunet.setitem: value on {value.device}, tensor on {x.device}")
         value = value.data
     x.data[key] = x._backend.asarray(value, x.dtype)
+    bump_version(x)  # a node that saved x before this must not run its rule on the new values
 
 
 _INPLACE = {
@@ -613,6 +618,7 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
     else:
         value = x._backend.asarray(other, x.dtype)
     x.data = _INPLACE[op](x.data, value)
+    bump_version(x)  # a node that saved x before this must not run its rule on the new values
     return x
 
 

@@ -32,7 +32,6 @@ from .tensor import Tensor
 
 OPTIMIZER_OPS = frozenset({"sgd_update", "adam_update"})
 GEMMS = frozenset({"matmul", "linear_activation"})
-_BACKPROP = autodiff.backprop.__code__
 
 
 @dataclass(frozen=True)
@@ -544,14 +543,10 @@ def _dtype(out: Any, ins: list[Any]) -> str:
 
 
 def _phase(name: str) -> str:
+    """The optimizer's kernels by name; the rest by whether a reverse sweep is running."""
     if name in OPTIMIZER_OPS:
         return "optimizer"
-    frame = sys._getframe(3)
-    while frame is not None:
-        if frame.f_code is _BACKPROP:
-            return "backward"
-        frame = frame.f_back
-    return "forward"
+    return "backward" if autodiff.STATE.flags & autodiff.BACKWARD else "forward"
 
 
 def _si(x: float) -> str:

@@ -7,13 +7,20 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
+import gpunet  # the layer above (gpunet.ops, gpunet.autodiff), read at call time only
+
 from . import dtypes
 from .backend import ArrayBackend, Device, backend_of
+
+# id -> every live leaf with an ``in_backward`` step (weak: a leaf that is gone leaves it; by
+# id, since a WeakSet would compare tensors with ``==``, which is elementwise).
+IN_BACKWARD: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
 
 
 class RemovableHandle:
@@ -32,10 +39,11 @@ class Tensor:
         "__weakref__",
         "_backend",
         "_grad_buffer",
-        "_grad_sink",
         "_hooks",
+        "_in_backward",
         "_node",
         "_requires_grad",
+        "_version",
         "data",
         "grad",
     )
@@ -62,9 +70,10 @@ class Tensor:
         t.grad = None
         return t
 
-    # ``_hooks`` is rarely set, so a new tensor leaves its slot empty (one attribute store
-    # less per op) and reads fall back to None. ``grad`` is a plain attribute, always set: it
-    # is read on every leaf of every step, where a property costs a Python call.
+    # ``_hooks`` and ``_version`` (set by an in-place change) are rarely set, so a new tensor
+    # leaves their slots empty (one attribute store less per op) and reads fall back.
+    # ``grad`` is a plain attribute, always set: it is read on every leaf of every step, where
+    # a property costs a Python call.
 
     @property
     def grad_buffer(self) -> Any:
@@ -88,28 +97,29 @@ class Tensor:
             )
         self._grad_buffer = array
 
-    # Set once any tensor has had a grad_sink: until then backward skips looking for them.
-    _any_sink = False
-
     @property
-    def grad_sink(self) -> Any:
-        """An update that backward applies to this leaf in place of storing its gradient g:
-        ``data <- alpha g + beta data`` with ``(alpha, beta) = grad_sink.coefficients()``
+    def in_backward(self) -> Any:
+        """This leaf's update taken inside backward in place of storing its gradient g:
+        ``data <- alpha g + beta data`` with ``(alpha, beta) = in_backward.alpha_beta()``
         (None from it: inactive, g goes to ``grad`` as usual). ``grad`` stays None.
 
-        ``optim.SGD(..., in_backward=True)`` sets it to (-lr, 1 - lr wd): the step happens
-        inside backward, and where the leaf's one use is a weight in a GEMM, the step is that
-        GEMM (W <- W - lr X^T dY, BLAS's alpha and beta): no gradient array, no update pass.
+        ``optim.SGD(..., in_backward=True)`` sets it, giving (-lr, 1 - lr wd): the step
+        happens inside backward, and where the leaf's one use is a weight in a GEMM, the step
+        is that GEMM (W <- W - lr X^T dY, BLAS's alpha and beta): no gradient array, no
+        update pass. None (the default): no update in backward.
         """
-        return getattr(self, "_grad_sink", None)  # unset on most tensors
+        return getattr(self, "_in_backward", None)  # unset on most tensors
 
-    @grad_sink.setter
-    def grad_sink(self, sink: Any) -> None:
-        if sink is not None:
-            if self._node is not None:
-                raise ValueError("grad_sink: only a leaf tensor can take its update in backward")
-            Tensor._any_sink = True
-        self._grad_sink = sink
+    @in_backward.setter
+    def in_backward(self, step: Any) -> None:
+        if step is not None and self._node is not None:
+            raise ValueError("in_backward: only a leaf tensor can take its update in backward")
+        self._in_backward = step
+        # The live leaves with a step: while there are none, backward counts no uses.
+        if step is None:
+            IN_BACKWARD.pop(id(self), None)
+        else:
+            IN_BACKWARD[id(self)] = self
 
     @property
     def hooks(self) -> list | None:
@@ -146,11 +156,11 @@ class Tensor:
 
     @property
     def T(self) -> Tensor:
-        return ops.permute(self, tuple(range(self.ndim - 1, -1, -1)))
+        return gpunet.ops.permute(self, tuple(range(self.ndim - 1, -1, -1)))
 
     @property
     def mT(self) -> Tensor:
-        return ops.swapaxes(self, -1, -2)
+        return gpunet.ops.swapaxes(self, -1, -2)
 
     @property
     def is_leaf(self) -> bool:
@@ -224,13 +234,13 @@ class Tensor:
                 dtype = spec
         out = self
         if dtype is not None:
-            out = ops.cast(out, dtype)
+            out = gpunet.ops.cast(out, dtype)
         if device is not None:
-            out = ops.device_put(out, device)
+            out = gpunet.ops.device_put(out, device)
         return out
 
     def astype(self, dtype: Any) -> Tensor:
-        return ops.cast(self, dtype)
+        return gpunet.ops.cast(self, dtype)
 
     def cpu(self) -> Tensor:
         return self.to("cpu")
@@ -239,10 +249,10 @@ class Tensor:
         return self.to(f"cuda:{index}")
 
     def float(self) -> Tensor:
-        return ops.cast(self, dtypes.float32)
+        return gpunet.ops.cast(self, dtypes.float32)
 
     def double(self) -> Tensor:
-        return ops.cast(self, dtypes.float64)
+        return gpunet.ops.cast(self, dtypes.float64)
 
     def detach(self) -> Tensor:
         """The same data, outside the graph (shares memory)."""
@@ -250,14 +260,16 @@ class Tensor:
 
     def clone(self) -> Tensor:
         """A copy of the data; differentiable, like PyTorch's clone."""
-        return ops.copy(self)
+        return gpunet.ops.copy(self)
 
     # ------------------------------------------------------------------ autodiff
     def backward(
         self, gradient: Any = None, retain_graph: bool = False, create_graph: bool = False
     ) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` (chain rule, reverse order)."""
-        autodiff.backprop([self], [gradient], retain_graph=retain_graph, create_graph=create_graph)
+        gpunet.autodiff.backprop(
+            [self], [gradient], retain_graph=retain_graph, create_graph=create_graph
+        )
 
     def zero_grad(self) -> None:
         self.grad = None
@@ -317,153 +329,153 @@ class Tensor:
     # themselves, installed at the end of gpunet/ops.py (one Python frame less on the hottest
     # path).
     def __rsub__(self, other: Any) -> Tensor:
-        return ops.sub(other, self)
+        return gpunet.ops.sub(other, self)
 
     def __rtruediv__(self, other: Any) -> Tensor:
-        return ops.div(other, self)
+        return gpunet.ops.div(other, self)
 
     def __rpow__(self, other: Any) -> Tensor:
-        return ops.pow(other, self)
+        return gpunet.ops.pow(other, self)
 
     def __rmatmul__(self, other: Any) -> Tensor:
-        return ops.matmul(other, self)
+        return gpunet.ops.matmul(other, self)
 
     def __neg__(self) -> Tensor:
-        return ops.neg(self)
+        return gpunet.ops.neg(self)
 
     def __pos__(self) -> Tensor:
         return self
 
     def __abs__(self) -> Tensor:
-        return ops.abs(self)
+        return gpunet.ops.abs(self)
 
     def __lt__(self, other: Any) -> Tensor:
-        return ops.compare(self, other, "lt")
+        return gpunet.ops.compare(self, other, "lt")
 
     def __le__(self, other: Any) -> Tensor:
-        return ops.compare(self, other, "le")
+        return gpunet.ops.compare(self, other, "le")
 
     def __gt__(self, other: Any) -> Tensor:
-        return ops.compare(self, other, "gt")
+        return gpunet.ops.compare(self, other, "gt")
 
     def __ge__(self, other: Any) -> Tensor:
-        return ops.compare(self, other, "ge")
+        return gpunet.ops.compare(self, other, "ge")
 
     def __eq__(self, other: Any) -> Tensor:  # type: ignore[override]
-        return ops.compare(self, other, "eq")
+        return gpunet.ops.compare(self, other, "eq")
 
     def __ne__(self, other: Any) -> Tensor:  # type: ignore[override]
-        return ops.compare(self, other, "ne")
+        return gpunet.ops.compare(self, other, "ne")
 
     def __getitem__(self, key: Any) -> Tensor:
-        return ops.getitem(self, key)
+        return gpunet.ops.getitem(self, key)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        ops.setitem_(self, key, value)
+        gpunet.ops.setitem_(self, key, value)
 
     def __iadd__(self, other: Any) -> Tensor:
-        return ops.inplace_(self, other, "add")
+        return gpunet.ops.inplace_(self, other, "add")
 
     def __isub__(self, other: Any) -> Tensor:
-        return ops.inplace_(self, other, "sub")
+        return gpunet.ops.inplace_(self, other, "sub")
 
     def __imul__(self, other: Any) -> Tensor:
-        return ops.inplace_(self, other, "mul")
+        return gpunet.ops.inplace_(self, other, "mul")
 
     def __itruediv__(self, other: Any) -> Tensor:
-        return ops.inplace_(self, other, "div")
+        return gpunet.ops.inplace_(self, other, "div")
 
     # ------------------------------------------------------------------ methods
     def reshape(self, *shape: Any) -> Tensor:
-        return ops.reshape(self, shape[0] if len(shape) == 1 else shape)
+        return gpunet.ops.reshape(self, shape[0] if len(shape) == 1 else shape)
 
     view = reshape
 
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Tensor:
-        return ops.flatten(self, start_dim, end_dim)
+        return gpunet.ops.flatten(self, start_dim, end_dim)
 
     def squeeze(self, axis: int | tuple[int, ...] | None = None) -> Tensor:
-        return ops.squeeze(self, axis)
+        return gpunet.ops.squeeze(self, axis)
 
     def unsqueeze(self, axis: int) -> Tensor:
-        return ops.unsqueeze(self, axis)
+        return gpunet.ops.unsqueeze(self, axis)
 
     def transpose(self, dim0: int = -2, dim1: int = -1) -> Tensor:
         """Swap two dimensions (PyTorch's meaning); ``permute`` reorders all of them."""
-        return ops.swapaxes(self, dim0, dim1)
+        return gpunet.ops.swapaxes(self, dim0, dim1)
 
     def permute(self, *dims: Any) -> Tensor:
-        return ops.permute(self, dims[0] if len(dims) == 1 else dims)
+        return gpunet.ops.permute(self, dims[0] if len(dims) == 1 else dims)
 
     def broadcast_to(self, shape: tuple[int, ...]) -> Tensor:
-        return ops.broadcast_to(self, shape)
+        return gpunet.ops.broadcast_to(self, shape)
 
     expand = broadcast_to
 
     def sum(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        return ops.sum(self, axis, keepdims)
+        return gpunet.ops.sum(self, axis, keepdims)
 
     def mean(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        return ops.mean(self, axis, keepdims)
+        return gpunet.ops.mean(self, axis, keepdims)
 
     def max(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        return ops.max(self, axis, keepdims)
+        return gpunet.ops.max(self, axis, keepdims)
 
     def min(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        return ops.min(self, axis, keepdims)
+        return gpunet.ops.min(self, axis, keepdims)
 
     def var(self, axis: Any = None, keepdims: bool = False, correction: int = 1) -> Tensor:
-        return ops.var(self, axis, keepdims, correction)
+        return gpunet.ops.var(self, axis, keepdims, correction)
 
     def std(self, axis: Any = None, keepdims: bool = False, correction: int = 1) -> Tensor:
-        return ops.sqrt(ops.var(self, axis, keepdims, correction))
+        return gpunet.ops.sqrt(gpunet.ops.var(self, axis, keepdims, correction))
 
     def argmax(self, axis: int | None = None, keepdims: bool = False) -> Tensor:
-        return ops.argmax(self, axis, keepdims)
+        return gpunet.ops.argmax(self, axis, keepdims)
 
     def exp(self) -> Tensor:
-        return ops.exp(self)
+        return gpunet.ops.exp(self)
 
     def log(self) -> Tensor:
-        return ops.log(self)
+        return gpunet.ops.log(self)
 
     def log1p(self) -> Tensor:
-        return ops.log1p(self)
+        return gpunet.ops.log1p(self)
 
     def sqrt(self) -> Tensor:
-        return ops.sqrt(self)
+        return gpunet.ops.sqrt(self)
 
     def abs(self) -> Tensor:
-        return ops.abs(self)
+        return gpunet.ops.abs(self)
 
     def tanh(self) -> Tensor:
-        return ops.tanh(self)
+        return gpunet.ops.tanh(self)
 
     def sigmoid(self) -> Tensor:
-        return ops.sigmoid(self)
+        return gpunet.ops.sigmoid(self)
 
     def relu(self) -> Tensor:
-        return ops.relu(self)
+        return gpunet.ops.relu(self)
 
     def clip(self, min: Any = None, max: Any = None) -> Tensor:
-        return ops.clip(self, min, max)
+        return gpunet.ops.clip(self, min, max)
 
     clamp = clip
 
     def maximum(self, other: Any) -> Tensor:
-        return ops.maximum(self, other)
+        return gpunet.ops.maximum(self, other)
 
     def minimum(self, other: Any) -> Tensor:
-        return ops.minimum(self, other)
+        return gpunet.ops.minimum(self, other)
 
     def softmax(self, axis: int = -1) -> Tensor:
-        return ops.softmax(self, axis)
+        return gpunet.ops.softmax(self, axis)
 
     def log_softmax(self, axis: int = -1) -> Tensor:
-        return ops.log_softmax(self, axis)
+        return gpunet.ops.log_softmax(self, axis)
 
     def logsumexp(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        return ops.logsumexp(self, axis, keepdims)
+        return gpunet.ops.logsumexp(self, axis, keepdims)
 
 
 def _rebuild(values: np.ndarray, device: str, requires_grad: bool) -> Tensor:
@@ -473,7 +485,3 @@ def _rebuild(values: np.ndarray, device: str, requires_grad: bool) -> Tensor:
     t = Tensor._wrap(backend.asarray(np.array(values)), backend)
     t._requires_grad = requires_grad
     return t
-
-
-# ops and autodiff need Tensor; Tensor's methods need them (imported here, not per call)
-from . import autodiff, ops  # noqa: E402

@@ -159,7 +159,7 @@ def test_bad_combinations_raise_before_any_change() -> None:
     w = gpunet.tensor(np.ones(2), requires_grad=True)
     with pytest.raises(ValueError, match=r"in_backward=True\) with momentum 0\.9.*momentum=0"):
         optim.SGD([w], lr=0.1, momentum=0.9, in_backward=True)
-    assert w.grad_sink is None and w.grad_buffer is None
+    assert w.in_backward is None and w.grad_buffer is None
     with pytest.raises(ValueError, match="whole optimizer"):
         optim.SGD([{"params": [w], "in_backward": False}], lr=0.1, in_backward=True)
     opt = optim.SGD([w], lr=0.1, in_backward=True)
@@ -223,11 +223,11 @@ def test_state_dict_round_trip_and_mismatch() -> None:
     opt = optim.SGD([w], lr=0.1, in_backward=True)
     state = opt.state_dict()
     optim.SGD([w], lr=0.3, in_backward=True).load_state_dict(state)  # lr comes back as 0.1
-    assert w.grad_sink.coefficients() == (-0.1, 1.0)
+    assert w.in_backward.alpha_beta() == (-0.1, 1.0)
     plain = optim.SGD([w], lr=0.1)
     with pytest.raises(ValueError, match=r"saved with in_backward=True.*in_backward=False"):
         plain.load_state_dict(state)
-    assert plain.param_groups[0]["lr"] == 0.1 and w.grad_sink is None  # nothing changed
+    assert plain.param_groups[0]["lr"] == 0.1 and w.in_backward is None  # nothing changed
     with pytest.raises(ValueError, match=r"saved with in_backward=False"):
         optim.SGD([w], lr=0.1, in_backward=True).load_state_dict(plain.state_dict())
 
@@ -252,7 +252,7 @@ def test_a_checkpoint_with_the_other_in_backward_is_refused_whole(tmp_path) -> N
         np.testing.assert_array_equal(p.numpy(), q.numpy())
 
 
-def test_only_a_leaf_takes_a_grad_sink() -> None:
+def test_only_a_leaf_takes_an_in_backward_step() -> None:
     w = gpunet.tensor(np.ones(2), requires_grad=True)
-    with pytest.raises(ValueError, match="grad_sink: only a leaf tensor"):
-        (w * 2).grad_sink = object()
+    with pytest.raises(ValueError, match="in_backward: only a leaf tensor"):
+        (w * 2).in_backward = object()

@@ -16,8 +16,7 @@ from .. import primitives as P
 from ..activations import elu, gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
 from ..autodiff import bind
 from ..creation import tensor
-from ..ops import log_softmax, softmax
-from ..primitives.linalg import check_linear_activation
+from ..ops import check_linear_activation, log_softmax, softmax
 from ..random import Generator, rand
 from ..tensor import Tensor
 

@@ -15,7 +15,7 @@ from typing import Any
 from .. import dtypes
 from ..activations import elu, gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
 from ..backend import Device, default_device, get_backend
-from ..primitives.linalg import linear_fusable
+from ..ops import linear_fusable
 from ..tensor import Tensor
 from . import functional as F
 from . import init

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..autodiff import OBSERVE, STATE, observe
+from ..autodiff import call
 from ..tensor import Tensor
 from .flat import FlatBuffer
 from .optimizer import Optimizer
@@ -58,9 +58,7 @@ class Adam(Optimizer):
                 decoupled=self.decoupled,
                 step=step,
             )
-            flat.backend.adam_update(*arrays, **hyper)
-            if STATE.flags & OBSERVE:  # gpunet.profile sees the fused kernel
-                observe("adam_update", arrays, hyper, arrays[0])
+            call("adam_update", flat.backend.adam_update, *arrays, **hyper)
 
 
 class AdamW(Adam):

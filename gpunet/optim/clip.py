@@ -16,8 +16,8 @@ def _with_grads(parameters: Tensor | Iterable[Tensor], op: str) -> list[Tensor]:
     """The parameters that have a gradient; an error for one updated inside backward."""
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     for p in params:
-        sink = p.grad_sink
-        if sink is not None and sink.coefficients() is not None:
+        step = p.in_backward
+        if step is not None and step.alpha_beta() is not None:
             raise RuntimeError(
                 f"{op}: a {p.dtype} {p.shape} parameter is updated inside backward "
                 "(SGD(in_backward=True)), so its gradient is never stored and cannot be "

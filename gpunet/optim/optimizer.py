@@ -7,8 +7,8 @@ and hands each range to the backend's fused update (``sgd_update``, ``adam_updat
 over the whole model when every parameter has a gradient and they share one step count.
 Parameters whose ``grad`` is None are skipped and their state left alone, as in PyTorch.
 
-A subclass may instead have backward apply its update (``_sink``: each parameter's
-``grad_sink``), with no gradient array at all (``_grad_buffers``): SGD(in_backward=True).
+A subclass may instead have backward apply its update (``_in_backward``: each parameter's
+``in_backward`` step), with no gradient array at all (``_grad_buffers``): SGD(in_backward=True).
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ class Optimizer:
                 members.setdefault(id(f), (f, []))[1].append(i)
             self._members.append(list(members.values()))
         for i, group in enumerate(self.param_groups):
-            sink = self._sink(i)
+            step = self._in_backward(i)
             for p in group["params"]:
-                p.grad_sink = sink  # None (the default): gradients go to .grad
+                p.in_backward = step  # None (the default): gradients go to .grad
         for p, st in self.state.items():  # buffers from an earlier packing: copy them over
             f, i = where[id(p)]
             for name, value in st.items():
@@ -106,9 +106,9 @@ class Optimizer:
         """Should backward write gradients into the flat gradient array (``grad_buffer``)?"""
         return True
 
-    def _sink(self, index: int) -> Any:
-        """The ``grad_sink`` of group ``index``'s parameters: an update backward applies in
-        place of storing the gradient (SGD(in_backward=True)), or None."""
+    def _in_backward(self, index: int) -> Any:
+        """The ``in_backward`` step of group ``index``'s parameters: an update backward
+        applies in place of storing the gradient (SGD(in_backward=True)), or None."""
         return None
 
     # ---------------------------------------------------------------- the step

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..autodiff import OBSERVE, STATE, observe
+from ..autodiff import call
 from ..tensor import Tensor
 from .flat import FlatBuffer
 from .optimizer import Optimizer
@@ -82,8 +82,8 @@ class SGD(Optimizer):
     def _grad_buffers(self) -> bool:
         return not self.defaults["in_backward"]
 
-    def _sink(self, index: int) -> _StepInBackward | None:
-        return _StepInBackward(self, index) if self.defaults["in_backward"] else None
+    def _in_backward(self, index: int) -> InBackward | None:
+        return InBackward(self, index) if self.defaults["in_backward"] else None
 
     def _update(self, group: dict[str, Any], flat: FlatBuffer, indices: list[int]) -> None:
         momentum = group["momentum"]
@@ -105,15 +105,13 @@ class SGD(Optimizer):
                 weight_decay=group["weight_decay"],
                 first_step=first,
             )
-            flat.backend.sgd_update(*arrays, **hyper)
-            if STATE.flags & OBSERVE:  # gpunet.profile sees the fused kernel
-                observe("sgd_update", arrays, hyper, arrays[0])
+            call("sgd_update", flat.backend.sgd_update, *arrays, **hyper)
         for i, st in zip(indices, states):
             st["momentum_buffer"] = None if buf is None else flat.view(buf, i)
 
 
-class _StepInBackward:
-    """A parameter's ``grad_sink`` for SGD(in_backward=True): backward applies
+class InBackward:
+    """A parameter's ``in_backward`` step for SGD(in_backward=True): backward applies
     p <- alpha g + beta p with alpha = -lr and beta = 1 - lr wd, read from the parameter's
     group when backward runs. It holds the optimizer, so the steps go on for as long as the
     parameter lives, whether or not the caller kept the optimizer, until an optimizer made
@@ -125,7 +123,8 @@ class _StepInBackward:
         self._optimizer = optimizer
         self._index = index
 
-    def coefficients(self) -> tuple[float, float] | None:
+    def alpha_beta(self) -> tuple[float, float] | None:
+        """(-lr, 1 - lr wd) from the group now; None when its ``in_backward`` is off."""
         group = self._optimizer.param_groups[self._index]
         if not group["in_backward"]:
             return None

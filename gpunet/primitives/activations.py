@@ -14,12 +14,15 @@ and the input otherwise. ``erf`` is here too: exact GELU's composed derivative n
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .. import ops
-from ..autodiff import OBSERVE, STATE, bind, differentiating, observe
+import gpunet  # the layer above (gpunet.ops, gpunet.autodiff), called by rules at call time
+
 from ..backend.fused import GELU_C, INV_SQRT_2PI, THREE_C, TWO_K, gelu_name
-from ..tensor import Tensor
 from .card import primitive
+
+if TYPE_CHECKING:
+    from ..tensor import Tensor
 
 SQRT1_2 = 0.70710678118654752440
 
@@ -32,15 +35,18 @@ def fused_grad(name: str, g: Tensor, saved: Tensor, alpha: float, from_output: b
     recording (grad mode off, or neither operand tracked), and no anomaly check (which
     inspects every primitive's output).
     """
-    if not differentiating(g, saved):
+    if not gpunet.autodiff.differentiating(g, saved):  # (the sweep's FUSED_VJP bit first)
         backend = g._backend
-        dx = backend.activation_backward(
-            g.data, saved.data, name=name, alpha=alpha, from_output=from_output
+        dx = gpunet.autodiff.call(
+            "activation_backward",
+            backend.activation_backward,
+            g.data,
+            saved.data,
+            name=name,
+            alpha=alpha,
+            from_output=from_output,
         )
-        if STATE.flags & OBSERVE:  # gpunet.profile sees the fused kernel
-            params = {"name": name, "alpha": alpha, "from_output": from_output}
-            observe("activation_backward", (g, saved), params, dx)
-        return Tensor._wrap(dx, backend)
+        return gpunet.Tensor._wrap(dx, backend)
     return _COMPOSED[name](g, saved, alpha, from_output)
 
 
@@ -50,17 +56,17 @@ def fused_grad(name: str, g: Tensor, saved: Tensor, alpha: float, from_output: b
 # derivative has a form in the output (relu, sigmoid, tanh, softplus; leaky_relu and elu for
 # a >= 0), else x.
 def _relu(g: Tensor, y: Tensor, a: float, from_y: bool) -> Tensor:
-    return ops.where(y > 0.0, g, g * 0.0)
+    return gpunet.ops.where(y > 0.0, g, g * 0.0)
 
 
 def _leaky_relu(g: Tensor, s: Tensor, a: float, from_y: bool) -> Tensor:
-    return ops.where(s > 0.0, g, g * a)
+    return gpunet.ops.where(s > 0.0, g, g * a)
 
 
 def _elu(g: Tensor, s: Tensor, a: float, from_y: bool) -> Tensor:
     # from y: a exp(x) = y + a; from x through exp(min(x, 0)), as the kernel does
-    slope = s + a if from_y else ops.exp(ops.minimum(s, 0.0)) * a
-    return ops.where(s > 0.0, g, g * slope)
+    slope = s + a if from_y else gpunet.ops.exp(gpunet.ops.minimum(s, 0.0)) * a
+    return gpunet.ops.where(s > 0.0, g, g * slope)
 
 
 def _sigmoid(g: Tensor, y: Tensor, a: float, from_y: bool) -> Tensor:
@@ -73,25 +79,25 @@ def _tanh(g: Tensor, y: Tensor, a: float, from_y: bool) -> Tensor:
 
 def _softplus(g: Tensor, s: Tensor, a: float, from_y: bool) -> Tensor:
     # from y: sigmoid(a x) = 1 - exp(-a y) (the kernel's -expm1, to eps absolutely)
-    return g * (1.0 - ops.exp(s * -a)) if from_y else g * ops.sigmoid(s * a)
+    return g * (1.0 - gpunet.ops.exp(s * -a)) if from_y else g * gpunet.ops.sigmoid(s * a)
 
 
 def _silu(g: Tensor, x: Tensor, a: float, from_y: bool) -> Tensor:
-    s = ops.sigmoid(x)
-    return g * (s + x * (s * ops.sigmoid(-x)))
+    s = gpunet.ops.sigmoid(x)
+    return g * (s + x * (s * gpunet.ops.sigmoid(-x)))
 
 
 def _gelu(g: Tensor, x: Tensor, a: float, from_y: bool) -> Tensor:
     # Phi = (1 + erf) / 2: accurate to eps absolutely (the kernel's erfc form, relatively too)
-    cdf = (1.0 + bind(erf, x * SQRT1_2)) * 0.5
-    return g * (cdf + x * (ops.exp(x * x * -0.5) * INV_SQRT_2PI))
+    cdf = (1.0 + gpunet.autodiff.bind(erf, x * SQRT1_2)) * 0.5
+    return g * (cdf + x * (gpunet.ops.exp(x * x * -0.5) * INV_SQRT_2PI))
 
 
 def _gelu_tanh(g: Tensor, x: Tensor, a: float, from_y: bool) -> Tensor:
     u2 = (x + x * GELU_C * x * x) * TWO_K
     du2 = (x * THREE_C * x + 1.0) * TWO_K
-    s = ops.sigmoid(u2)
-    return g * (s + x * (s * ops.sigmoid(-u2)) * du2)
+    s = gpunet.ops.sigmoid(u2)
+    return g * (s + x * (s * gpunet.ops.sigmoid(-u2)) * du2)
 
 
 _COMPOSED: dict[str, Callable[[Tensor, Tensor, float, bool], Tensor]] = {
@@ -178,6 +184,6 @@ gelu = primitive(
 erf = primitive(
     "erf",
     "erf(x) = 2/sqrt(pi) int_0^x exp(-t^2) dt; d/dx = 2/sqrt(pi) exp(-x^2)",
-    vjp=(lambda g, x: g * (ops.exp(-(x * x)) * 1.1283791670955126),),
-    jvp=(lambda t, y, x: t * (ops.exp(-(x * x)) * 1.1283791670955126),),
+    vjp=(lambda g, x: g * (gpunet.ops.exp(-(x * x)) * 1.1283791670955126),),
+    jvp=(lambda t, y, x: t * (gpunet.ops.exp(-(x * x)) * 1.1283791670955126),),
 )

@@ -55,7 +55,8 @@ class Primitive:
     save: Callable[..., tuple[Any, ...]] | None = None
     differentiable: bool = True
     variadic: bool = False  # takes any number of inputs; rules get the input's position first
-    nondiff: frozenset[int] = field(default_factory=frozenset)  # inputs exempt from grads
+    # inputs exempt from grads: those marked NONDIFF in ``vjp`` (set by ``primitive``)
+    nondiff: frozenset[int] = field(default_factory=frozenset)
     transfers: bool = False  # output lives on params["device"], not on the inputs' device
 
     def __repr__(self) -> str:
@@ -73,7 +74,11 @@ def primitive(name: str, doc: str, **card: Any) -> Primitive:
     """Declare a primitive and add it to the registry (names are unique)."""
     if name in REGISTRY:
         raise ValueError(f"primitive {name!r} is already registered")
-    if "nondiff" in card:
-        card["nondiff"] = frozenset(card["nondiff"])
+    # Inputs marked NONDIFF in the VJP tuple carry no gradient; a card without a VJP tuple
+    # (a non-differentiable kernel) may still name them with ``nondiff=``.
+    marked = card.get("vjp") if isinstance(card.get("vjp"), tuple) else ()
+    card["nondiff"] = frozenset(card.get("nondiff", ())) | {
+        i for i, rule in enumerate(marked) if rule is NONDIFF
+    }
     prim = REGISTRY[name] = Primitive(name, doc, **card)
     return prim

@@ -6,7 +6,8 @@ so no rule here ever un-broadcasts.
 
 from __future__ import annotations
 
-from .. import ops
+import gpunet  # the layer above (gpunet.ops, gpunet.autodiff), called by rules at call time
+
 from .card import LINEAR, NONDIFF, primitive
 
 # ---------------------------------------------------------------------- unary
@@ -51,9 +52,9 @@ sqrt = primitive(
 abs = primitive(
     "abs",
     "|x|; d/dx = sign(x) (0 at 0)",
-    save=lambda out, x: (ops.sign(x),),
+    save=lambda out, x: (gpunet.ops.sign(x),),
     vjp=(lambda g, s: g * s,),
-    jvp=(lambda t, y, x: t * ops.sign(x),),
+    jvp=(lambda t, y, x: t * gpunet.ops.sign(x),),
 )
 
 # ---------------------------------------------------------------------- binary
@@ -94,11 +95,11 @@ pow = primitive(
     save=lambda out, x, y: (out, x, y),
     vjp=(
         lambda g, out, x, y: g * y * x ** (y - 1.0),
-        lambda g, out, x, y: g * out * ops.log(x),
+        lambda g, out, x, y: g * out * gpunet.ops.log(x),
     ),
     jvp=(
         lambda t, out, x, y: t * y * x ** (y - 1.0),
-        lambda t, out, x, y: t * out * ops.log(x),
+        lambda t, out, x, y: t * out * gpunet.ops.log(x),
     ),
 )
 
@@ -106,10 +107,10 @@ maximum = primitive(
     "maximum",
     "max(x, y) elementwise; the gradient goes to x on ties",
     save=lambda out, x, y: (x >= y,),
-    vjp=(lambda g, m: ops.where(m, g, 0.0), lambda g, m: ops.where(m, 0.0, g)),
+    vjp=(lambda g, m: gpunet.ops.where(m, g, 0.0), lambda g, m: gpunet.ops.where(m, 0.0, g)),
     jvp=(
-        lambda t, out, x, y: ops.where(x >= y, t, 0.0),
-        lambda t, out, x, y: ops.where(x >= y, 0.0, t),
+        lambda t, out, x, y: gpunet.ops.where(x >= y, t, 0.0),
+        lambda t, out, x, y: gpunet.ops.where(x >= y, 0.0, t),
     ),
 )
 
@@ -117,10 +118,10 @@ minimum = primitive(
     "minimum",
     "min(x, y) elementwise; the gradient goes to x on ties",
     save=lambda out, x, y: (x <= y,),
-    vjp=(lambda g, m: ops.where(m, g, 0.0), lambda g, m: ops.where(m, 0.0, g)),
+    vjp=(lambda g, m: gpunet.ops.where(m, g, 0.0), lambda g, m: gpunet.ops.where(m, 0.0, g)),
     jvp=(
-        lambda t, out, x, y: ops.where(x <= y, t, 0.0),
-        lambda t, out, x, y: ops.where(x <= y, 0.0, t),
+        lambda t, out, x, y: gpunet.ops.where(x <= y, t, 0.0),
+        lambda t, out, x, y: gpunet.ops.where(x <= y, 0.0, t),
     ),
 )
 
@@ -128,9 +129,12 @@ where = primitive(
     "where",
     "cond ? x : y; the mask carries no gradient",
     save=lambda out, cond, x, y: (cond,),
-    vjp=(NONDIFF, lambda g, c: ops.where(c, g, 0.0), lambda g, c: ops.where(c, 0.0, g)),
+    vjp=(
+        NONDIFF,
+        lambda g, c: gpunet.ops.where(c, g, 0.0),
+        lambda g, c: gpunet.ops.where(c, 0.0, g),
+    ),
     jvp=LINEAR,
-    nondiff=(0,),
 )
 
 # ---------------------------------------------------------------------- casts and copies
@@ -138,7 +142,7 @@ cast = primitive(
     "cast",
     "x converted to another floating dtype; the gradient is cast back",
     save=lambda out, x, dtype: (x.dtype,),
-    vjp=(lambda g, src, dtype: ops.cast(g, src),),
+    vjp=(lambda g, src, dtype: gpunet.ops.cast(g, src),),
     jvp=LINEAR,
 )
 
@@ -154,7 +158,7 @@ device_put = primitive(
     "device_put",
     "x moved to another device; the gradient moves back",
     save=lambda out, x, device: (x.device,),
-    vjp=(lambda g, src, device: ops.device_put(g, src),),
+    vjp=(lambda g, src, device: gpunet.ops.device_put(g, src),),
     jvp=LINEAR,
     transfers=True,
 )

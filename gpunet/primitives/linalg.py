@@ -8,14 +8,18 @@ dW = X^T dY = matmul(X, dY, tx=True), over the whole batch at once.
 
 from __future__ import annotations
 
-from .. import ops
-from ..autodiff import OBSERVE, STATE, apply, bind, observe
+from typing import TYPE_CHECKING
+
+import gpunet  # the layer above (gpunet.ops, gpunet.autodiff), called by rules at call time
+
 from ..backend.fused import FROM_OUTPUT
-from ..tensor import Tensor
 from .activations import fused_grad
 from .card import primitive
 
-Gemm = tuple[Tensor, Tensor, bool, bool]  # (a, b, ta, tb): the product op(a) @ op(b)
+if TYPE_CHECKING:
+    from ..tensor import Tensor
+
+Gemm = tuple["Tensor", "Tensor", bool, bool]  # (a, b, ta, tb): the product op(a) @ op(b)
 
 
 def _dx_gemm(g: Tensor, x: Tensor, y: Tensor, tx: bool, ty: bool) -> Gemm:
@@ -31,15 +35,15 @@ def _dy_gemm(g: Tensor, x: Tensor, y: Tensor, tx: bool, ty: bool) -> Gemm:
 
 
 def _gemm(a: Tensor, b: Tensor, ta: bool, tb: bool) -> Tensor:
-    return apply(matmul, (a, b), {"tx": ta, "ty": tb})
+    return gpunet.autodiff.apply(matmul, (a, b), {"tx": ta, "ty": tb})
 
 
 def _gemm_into(out, alpha: float, beta: float, a: Tensor, b: Tensor, ta: bool, tb: bool) -> None:  # type: ignore[no-untyped-def]
     """out <- alpha op(a) @ op(b) + beta out in place: one GEMM writing a leaf's gradient
     buffer, or stepping the leaf itself (SGD in backward)."""
-    a._backend.matmul_into(out, a.data, b.data, tx=ta, ty=tb, alpha=alpha, beta=beta)
-    if STATE.flags & OBSERVE:
-        observe("matmul", (a, b), {"tx": ta, "ty": tb, "alpha": alpha, "beta": beta}, out)
+    gpunet.autodiff.call(
+        "matmul", a._backend.matmul_into, out, a.data, b.data, tx=ta, ty=tb, alpha=alpha, beta=beta
+    )
 
 
 matmul = primitive(
@@ -55,8 +59,8 @@ matmul = primitive(
         lambda out, a, b, g, x, y, tx, ty: _gemm_into(out, a, b, *_dy_gemm(g, x, y, tx, ty)),
     ),
     jvp=(
-        lambda t, out, x, y, tx, ty: bind(matmul, t, y, tx=tx, ty=ty),
-        lambda t, out, x, y, tx, ty: bind(matmul, x, t, tx=tx, ty=ty),
+        lambda t, out, x, y, tx, ty: gpunet.autodiff.bind(matmul, t, y, tx=tx, ty=ty),
+        lambda t, out, x, y, tx, ty: gpunet.autodiff.bind(matmul, x, t, tx=tx, ty=ty),
     ),
 )
 
@@ -82,7 +86,7 @@ def _linear_vjp_w(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-d
 
 
 def _linear_vjp_b(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
-    return ops.sum(dz, 0)  # db = sum over the batch of dZ
+    return gpunet.ops.sum(dz, 0)  # db = sum over the batch of dZ
 
 
 def _linear_vjp_w_into(out, a, b, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
@@ -92,10 +96,7 @@ def _linear_vjp_w_into(out, a, b, dz, x, w, *y, activation, alpha):  # type: ign
 def _linear_vjp_b_into(out, a, b, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
     """out <- a db + b out with db = sum_rows dZ: reduced straight into the bias's gradient
     buffer, or into the bias itself (SGD in backward)."""
-    dz._backend.sum_into(out, dz.data, axis=(0,), alpha=a, beta=b)
-    if STATE.flags & OBSERVE:
-        params = {"axis": (0,), "keepdims": False, "alpha": a, "beta": b}
-        observe("sum", (dz,), params, out)
+    gpunet.autodiff.call("sum", dz._backend.sum_into, out, dz.data, axis=(0,), alpha=a, beta=b)
 
 
 def _linear_jvp(which: int):  # type: ignore[no-untyped-def]
@@ -103,11 +104,11 @@ def _linear_jvp(which: int):  # type: ignore[no-untyped-def]
 
     def rule(t, y, x, w, b, *, activation, alpha):  # type: ignore[no-untyped-def]
         if which == 0:
-            tz = bind(matmul, t, w, tx=False, ty=False)
+            tz = gpunet.autodiff.bind(matmul, t, w, tx=False, ty=False)
         elif which == 1:
-            tz = bind(matmul, x, t, tx=False, ty=False)
+            tz = gpunet.autodiff.bind(matmul, x, t, tx=False, ty=False)
         else:
-            tz = ops.broadcast_to(t, y.shape)
+            tz = gpunet.ops.broadcast_to(t, y.shape)
         return tz if activation is None else fused_grad(activation, tz, y, alpha, True)
 
     return rule

@@ -8,33 +8,41 @@ second derivatives stay exact.
 
 from __future__ import annotations
 
-from .. import ops
-from ..autodiff import apply, differentiating
+import gpunet  # the layer above (gpunet.ops, gpunet.autodiff), called by rules at call time
+
 from .card import NONDIFF, primitive
 
 
 def _row_scale(g, logits, reduction):  # type: ignore[no-untyped-def]
     """The upstream gradient per row, as a (n, 1) column or a scalar."""
     if reduction == "none":
-        return ops.reshape(g, (logits.shape[0], 1))
+        return gpunet.ops.reshape(g, (logits.shape[0], 1))
     return g * (1.0 / logits.shape[0]) if reduction == "mean" else g
 
 
 def _ce_vjp(g, logits, labels, reduction):  # type: ignore[no-untyped-def]
-    if not differentiating(g, logits):
-        return apply(cross_entropy_backward, (g, logits, labels), {"reduction": reduction})
-    onehot = ops.cast(
-        ops.compare(ops.reshape(labels, (-1, 1)), ops.arange_like(logits, logits.shape[1]), "eq"),
+    if not gpunet.autodiff.differentiating(g, logits):
+        return gpunet.autodiff.apply(
+            cross_entropy_backward, (g, logits, labels), {"reduction": reduction}
+        )
+    onehot = gpunet.ops.cast(
+        gpunet.ops.compare(
+            gpunet.ops.reshape(labels, (-1, 1)),
+            gpunet.ops.arange_like(logits, logits.shape[1]),
+            "eq",
+        ),
         logits.dtype,
     )
-    return (ops.softmax(logits, -1) - onehot) * _row_scale(g, logits, reduction)
+    return (gpunet.ops.softmax(logits, -1) - onehot) * _row_scale(g, logits, reduction)
 
 
 def _ce_jvp(t, out, logits, labels, reduction):  # type: ignore[no-untyped-def]
-    per_row = ops.sum(t * ops.softmax(logits, -1), 1) - ops.take_rows(t, labels)
+    per_row = gpunet.ops.sum(t * gpunet.ops.softmax(logits, -1), 1) - gpunet.ops.take_rows(
+        t, labels
+    )
     if reduction == "none":
         return per_row
-    total = ops.sum(per_row)
+    total = gpunet.ops.sum(per_row)
     return total * (1.0 / logits.shape[0]) if reduction == "mean" else total
 
 
@@ -45,7 +53,6 @@ cross_entropy = primitive(
     save=lambda out, logits, labels, reduction: (logits, labels),
     vjp=(_ce_vjp, NONDIFF),
     jvp=(_ce_jvp, NONDIFF),
-    nondiff=(1,),
 )
 
 cross_entropy_backward = primitive(
@@ -53,5 +60,5 @@ cross_entropy_backward = primitive(
     "(softmax(z) - onehot(y)) * g per row (/ n for the mean): cross_entropy's fused VJP, used "
     "when nothing differentiates the backward pass",
     differentiable=False,
-    nondiff=(2,),
+    nondiff=(2,),  # (no VJP tuple to mark it in: the labels are exempt from the dtype check)
 )

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from .. import ops
+import gpunet  # the layer above (gpunet.ops, gpunet.autodiff), called by rules at call time
+
 from .card import LINEAR, primitive
 
 
 def _restore(g, shape, axis, keepdims):  # type: ignore[no-untyped-def]
     """Broadcast a reduced gradient back over the input's shape."""
     if not keepdims:
-        g = ops.reshape(g, ops.keepdims_shape(shape, axis))
-    return ops.broadcast_to(g, shape)
+        g = gpunet.ops.reshape(g, gpunet.ops.keepdims_shape(shape, axis))
+    return gpunet.ops.broadcast_to(g, shape)
 
 
 sum = primitive(
@@ -24,9 +25,9 @@ sum = primitive(
 
 def _max_weights(out, x, axis, keepdims):  # type: ignore[no-untyped-def]
     """1/k at each of the k maximal entries of a slice, 0 elsewhere (ties share)."""
-    peak = out if keepdims else ops.reshape(out, ops.keepdims_shape(x.shape, axis))
-    hit = ops.cast(ops.stop_gradient(x) == ops.stop_gradient(peak), x.dtype)
-    return hit / ops.sum(hit, axis, keepdims=True)
+    peak = out if keepdims else gpunet.ops.reshape(out, gpunet.ops.keepdims_shape(x.shape, axis))
+    hit = gpunet.ops.cast(gpunet.ops.stop_gradient(x) == gpunet.ops.stop_gradient(peak), x.dtype)
+    return hit / gpunet.ops.sum(hit, axis, keepdims=True)
 
 
 max = primitive(
@@ -35,7 +36,7 @@ max = primitive(
     save=lambda out, x, axis, keepdims: (_max_weights(out, x, axis, keepdims),),
     vjp=(lambda g, w, axis, keepdims: _restore(g, w.shape, axis, keepdims) * w,),
     jvp=(
-        lambda t, out, x, axis, keepdims: ops.sum(
+        lambda t, out, x, axis, keepdims: gpunet.ops.sum(
             t * _max_weights(out, x, axis, keepdims), axis, keepdims
         ),
     ),
@@ -45,8 +46,8 @@ max = primitive(
 def _softmax_weights(x, out, axis, keepdims):  # type: ignore[no-untyped-def]
     """exp(x - logsumexp(x)): the softmax, the derivative of logsumexp."""
     if not keepdims:
-        out = ops.reshape(out, ops.keepdims_shape(x.shape, axis))
-    return ops.exp(x - out)
+        out = gpunet.ops.reshape(out, gpunet.ops.keepdims_shape(x.shape, axis))
+    return gpunet.ops.exp(x - out)
 
 
 logsumexp = primitive(
@@ -59,7 +60,7 @@ logsumexp = primitive(
         ),
     ),
     jvp=(
-        lambda t, out, x, axis, keepdims: ops.sum(
+        lambda t, out, x, axis, keepdims: gpunet.ops.sum(
             t * _softmax_weights(x, out, axis, keepdims), axis, keepdims
         ),
     ),

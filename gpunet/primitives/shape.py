@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import builtins
 
-from .. import ops
-from ..autodiff import apply, bind
+import gpunet  # the layer above (gpunet.ops, gpunet.autodiff), called by rules at call time
+
 from .card import LINEAR, NONDIFF, primitive
 from .reduce import sum as P_sum
 
@@ -18,10 +18,10 @@ def _unbroadcast(g, shape):  # type: ignore[no-untyped-def]
     """Sum g over the axes broadcast_to added or stretched: the one unbroadcast rule."""
     lead = g.ndim - len(shape)
     if lead:  # new leading axes go away without keepdims: no reshape, no view
-        g = apply(P_sum, (g,), {"axis": tuple(range(lead)), "keepdims": False})
+        g = gpunet.autodiff.apply(P_sum, (g,), {"axis": tuple(range(lead)), "keepdims": False})
     stretched = 1 in shape and tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
     if stretched:
-        g = bind(P_sum, g, axis=stretched, keepdims=True)
+        g = gpunet.autodiff.bind(P_sum, g, axis=stretched, keepdims=True)
     return g
 
 
@@ -37,7 +37,7 @@ reshape = primitive(
     "reshape",
     "the same elements in a new shape",
     save=lambda out, x, shape: (x.shape,),
-    vjp=(lambda g, src, shape: ops.reshape(g, src),),
+    vjp=(lambda g, src, shape: gpunet.ops.reshape(g, src),),
     jvp=LINEAR,
 )
 
@@ -45,7 +45,7 @@ transpose = primitive(
     "transpose",
     "axes permuted: out.shape[i] = x.shape[perm[i]]",
     save=lambda out, x, perm: (),
-    vjp=(lambda g, perm: ops.permute(g, ops.inverse_permutation(perm)),),
+    vjp=(lambda g, perm: gpunet.ops.permute(g, gpunet.ops.inverse_permutation(perm)),),
     jvp=LINEAR,
 )
 
@@ -53,7 +53,7 @@ slice = primitive(
     "slice",
     "x[key] for a basic key (ints, slices, None, Ellipsis)",
     save=lambda out, x, key: (x.shape,),
-    vjp=(lambda g, shape, key: ops.bind_slice_transpose(g, key, shape),),
+    vjp=(lambda g, shape, key: gpunet.ops.bind_slice_transpose(g, key, shape),),
     jvp=LINEAR,
 )
 
@@ -61,7 +61,7 @@ slice_transpose = primitive(
     "slice_transpose",
     "zeros of a shape with g placed at key (the transpose of slice)",
     save=lambda out, g, key, shape: (),
-    vjp=(lambda g, key, shape: ops.bind_slice(g, key),),
+    vjp=(lambda g, key, shape: gpunet.ops.bind_slice(g, key),),
     jvp=LINEAR,
 )
 
@@ -69,18 +69,16 @@ take = primitive(
     "take",
     "x gathered at integer indices along axis",
     save=lambda out, x, idx, axis: (idx, x.shape[axis]),
-    vjp=(lambda g, idx, size, axis: ops.scatter_add(g, idx, axis, size), NONDIFF),
+    vjp=(lambda g, idx, size, axis: gpunet.ops.scatter_add(g, idx, axis, size), NONDIFF),
     jvp=LINEAR,
-    nondiff=(1,),
 )
 
 scatter_add = primitive(
     "scatter_add",
     "zeros with g added at integer indices along axis (repeats accumulate)",
     save=lambda out, g, idx, axis, size: (idx,),
-    vjp=(lambda g, idx, axis, size: ops.take(g, idx, axis), NONDIFF),
+    vjp=(lambda g, idx, axis, size: gpunet.ops.take(g, idx, axis), NONDIFF),
     jvp=LINEAR,
-    nondiff=(1,),
 )
 
 
@@ -89,7 +87,7 @@ def _concat_vjp(i, g, sizes, axis):  # type: ignore[no-untyped-def]
     for n in sizes[:i]:
         start += n
     key = (builtins.slice(None),) * axis + (builtins.slice(start, start + sizes[i]),)
-    return ops.bind_slice(g, key)
+    return gpunet.ops.bind_slice(g, key)
 
 
 concatenate = primitive(
