@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend.fused import adam_scalars, gelu_name
+from .backend.fused import gelu_name
+from .backend.updates import AdamHyper
 
 
 @dataclass(frozen=True)
@@ -437,7 +438,8 @@ def adam_ops(weight_decay: float, decoupled: bool, lr: float) -> list[str]:
     """Adam's update as one-operation kernels (the backend's reference sequence): [gi = p l2;
     gi += g] [p *= decay]; m *= b1; t = (1 - b1) gi; m += t; t = (1 - b2) gi; t *= gi; v *= b2;
     v += t; d = sqrt(v); d /= bc2; d += eps; t = m / d; t *= step_size; p -= t."""
-    l2, decay, _, _ = adam_scalars(lr, 0.0, 0.0, weight_decay, decoupled, 1)
+    hyper = AdamHyper(lr, 0.0, 0.0, weight_decay=weight_decay, decoupled=decoupled)
+    l2, decay, _, _ = hyper.scalars(1)
     ops = ([_U, _B] if l2 != 0.0 else []) + ([_U] if decay != 1.0 else [])
     return ops + [_U, _U, _B, _U, _B, _U, _B, _U, _U, _U, _B, _U, _B]
 

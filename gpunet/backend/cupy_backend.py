@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .generic import Array, ArrayBackend, Shape
+from .updates import AdamHyper, SGDHyper
 
 
 class CupyBackend(ArrayBackend):
@@ -128,8 +129,8 @@ class CupyBackend(ArrayBackend):
         return out
 
     # ---------------------------------------------------------------- fused kernels
-    # Launched through kernels.py for the dtypes that have kernels (float16/32/64; float32
-    # for the optimizer updates); anything else takes the generic path.
+    # Launched through kernels.py for the dtypes that have kernels (float16/32/64; float16 and
+    # float32 for the optimizer updates); anything else takes the generic path.
     @property
     def kernels(self) -> Any:
         k = getattr(self, "_kernels", None)
@@ -207,73 +208,23 @@ class CupyBackend(ArrayBackend):
         param: Array,
         grad: Array,
         momentum_buf: Array | None,
+        hyper: SGDHyper,
         *,
-        lr: float,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
         first_step: bool = False,
     ) -> None:
-        if param.dtype != np.float32:
-            return super().sgd_update(
-                param,
-                grad,
-                momentum_buf,
-                lr=lr,
-                momentum=momentum,
-                dampening=dampening,
-                nesterov=nesterov,
-                weight_decay=weight_decay,
-                first_step=first_step,
-            )
+        if not self.kernels.supports_update(param):
+            return super().sgd_update(param, grad, momentum_buf, hyper, first_step=first_step)
         with self._cuda_device:
-            self.kernels.sgd_update(
-                param,
-                grad,
-                momentum_buf,
-                lr,
-                momentum,
-                dampening,
-                nesterov,
-                weight_decay,
-                first_step,
-            )
+            self.kernels.sgd_update(param, grad, momentum_buf, hyper, first_step)
         return None
 
     def adam_update(
-        self,
-        param: Array,
-        grad: Array,
-        m: Array,
-        v: Array,
-        *,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float = 0.0,
-        decoupled: bool = False,
-        step: int,
+        self, param: Array, grad: Array, m: Array, v: Array, hyper: AdamHyper, *, step: int
     ) -> None:
-        if param.dtype != np.float32:
-            return super().adam_update(
-                param,
-                grad,
-                m,
-                v,
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                weight_decay=weight_decay,
-                decoupled=decoupled,
-                step=step,
-            )
+        if not self.kernels.supports_update(param):
+            return super().adam_update(param, grad, m, v, hyper, step=step)
         with self._cuda_device:
-            self.kernels.adam_update(
-                param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step
-            )
+            self.kernels.adam_update(param, grad, m, v, hyper, step)
         return None
 
     def grad_norm(self, x: Array) -> Array:

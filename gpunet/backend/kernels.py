@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .fused import ACTIVATIONS, FROM_OUTPUT, adam_scalars, check_activation, check_flat
+from .fused import ACTIVATIONS, FROM_OUTPUT, check_activation
+from .updates import AdamHyper, SGDHyper, check_flat
 
 BLOCK = 256
 BLOCKS_PER_SM = 32
@@ -43,6 +44,7 @@ DTYPES = {
     "f64": (np.dtype(np.float64), "double", "double"),
 }
 SUFFIX = {dtype: sfx for sfx, (dtype, _, _) in DTYPES.items()}
+UPDATE_SUFFIXES = ("f16", "f32")  # the parameter dtypes with optimizer-update kernels
 C_SCALARS = {"float": np.float32, "double": np.float64, "long long": np.int64, "int": np.int32}
 C_POINTEES = {c: dtype for dtype, c, _ in DTYPES.values()} | {"long long": np.dtype(np.int64)}
 
@@ -165,19 +167,23 @@ def _build_table() -> dict[str, KernelSpec]:
             f"const {t}* z, const long long* y, const {t}* g, {t}* dz, long long n, "
             f"long long c, {t} scale, int g_per_row",
         )
-    add(
-        "sgd_update_f32",
-        "optim.cu",
-        "float* p, const float* g, float* buf, long long n, float lr, float momentum, "
-        "float dampening, float weight_decay, int nesterov, int first_step",
-    )
-    add(
-        "adam_update_f32",
-        "optim.cu",
-        "float* p, const float* g, float* m, float* v, long long n, float beta1, "
-        "float beta2, float eps, float weight_decay, float decay, float step_size, "
-        "float bc2_sqrt",
-    )
+    # The updates compute in float32 and keep their state in float32 for float16 and float32
+    # parameters alike (updates.state_dtype).
+    for sfx in UPDATE_SUFFIXES:
+        s = DTYPES[sfx][1]
+        add(
+            f"sgd_update_{sfx}",
+            "optim.cu",
+            f"{s}* p, const {s}* g, float* buf, long long n, float lr, float momentum, "
+            "float dampening, float weight_decay, int nesterov, int first_step",
+        )
+        add(
+            f"adam_update_{sfx}",
+            "optim.cu",
+            f"{s}* p, const {s}* g, float* m, float* v, long long n, float beta1, "
+            "float beta2, float eps, float weight_decay, float decay, float step_size, "
+            "float bc2_sqrt",
+        )
     add(
         "grad_norm_partial_f32",
         "optim.cu",
@@ -305,60 +311,44 @@ class Kernels:
         return dz
 
     # ---------------------------------------------------------------- optimizer updates
+    def supports_update(self, param: Any) -> bool:
+        """Do the optimizer-update kernels exist for this parameter's dtype?"""
+        return SUFFIX.get(param.dtype) in UPDATE_SUFFIXES
+
     def _check_inplace(self, op: str, *arrays: Any) -> None:
         for a in arrays:
-            if a is not None and (a.dtype != np.float32 or not a.flags.c_contiguous):
-                raise ValueError(f"{op}: the flat buffers must be C-contiguous float32")
+            if a is not None and not a.flags.c_contiguous:
+                raise ValueError(f"{op}: the flat buffers must be C-contiguous")
 
     def sgd_update(
-        self,
-        param: Any,
-        grad: Any,
-        momentum_buf: Any,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        nesterov: bool,
-        weight_decay: float,
-        first_step: bool,
+        self, param: Any, grad: Any, momentum_buf: Any, hyper: SGDHyper, first_step: bool
     ) -> None:
         check_flat("sgd_update", param, grad, momentum_buf)
-        if momentum != 0.0 and momentum_buf is None:
+        h = hyper
+        if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
         self._check_inplace("sgd_update", param, grad, momentum_buf)
-        buf = momentum_buf if momentum != 0.0 else None
+        buf = momentum_buf if h.momentum != 0.0 else None
         n = param.size
         self.launch(
-            "sgd_update_f32",
+            f"sgd_update_{SUFFIX[param.dtype]}",
             n,
-            *(param, grad, buf, n, lr, momentum, dampening, weight_decay),
-            *(nesterov, first_step),
+            *(param, grad, buf, n, h.lr, h.momentum, h.dampening, h.weight_decay),
+            *(h.nesterov, first_step),
         )
 
     def adam_update(
-        self,
-        param: Any,
-        grad: Any,
-        m: Any,
-        v: Any,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-        decoupled: bool,
-        step: int,
+        self, param: Any, grad: Any, m: Any, v: Any, hyper: AdamHyper, step: int
     ) -> None:
         check_flat("adam_update", param, grad, m, v)
         self._check_inplace("adam_update", param, grad, m, v)
-        l2, decay, step_size, bc2_sqrt = adam_scalars(
-            lr, beta1, beta2, weight_decay, decoupled, step
-        )
+        l2, decay, step_size, bc2_sqrt = hyper.scalars(step)
         n = param.size
         self.launch(
-            "adam_update_f32",
+            f"adam_update_{SUFFIX[param.dtype]}",
             n,
-            *(param, grad, m, v, n, beta1, beta2, eps, l2, decay, step_size, bc2_sqrt),
+            *(param, grad, m, v, n, hyper.beta1, hyper.beta2, hyper.eps),
+            *(l2, decay, step_size, bc2_sqrt),
         )
 
     def grad_norm(self, x: Any) -> Any:

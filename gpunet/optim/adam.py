@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..autodiff import OBSERVE, STATE, observe
+from ..backend.updates import AdamHyper
 from ..tensor import Tensor
 from .flat import FlatBuffer
 from .optimizer import Optimizer
@@ -46,21 +47,15 @@ class Adam(Optimizer):
             st["step"] += 1
             states.append(st)
         beta1, beta2 = group["betas"]
+        hyper = AdamHyper(
+            group["lr"], beta1, beta2, group["eps"], group["weight_decay"], self.decoupled
+        )
         # Neighbours at the same step count share one fused update.
         for start, stop, step in flat.spans(indices, [st["step"] for st in states]):
             arrays = (flat.data[start:stop], flat.grad[start:stop], m[start:stop], v[start:stop])
-            hyper = dict(
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled=self.decoupled,
-                step=step,
-            )
-            flat.backend.adam_update(*arrays, **hyper)
+            flat.backend.adam_update(*arrays, hyper, step=step)
             if STATE.flags & OBSERVE:  # gpunet.profile sees the fused kernel
-                observe("adam_update", arrays, hyper, arrays[0])
+                observe("adam_update", arrays, hyper.params(step=step), arrays[0])
 
 
 class AdamW(Adam):

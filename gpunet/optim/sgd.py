@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..autodiff import OBSERVE, STATE, observe
+from ..backend.updates import SGDHyper
 from ..tensor import Tensor
 from .flat import FlatBuffer
 from .optimizer import Optimizer
@@ -91,23 +92,18 @@ class SGD(Optimizer):
         # A parameter's first step with momentum starts its buffer: a run of its own.
         firsts = [momentum != 0 and st.get("momentum_buffer") is None for st in states]
         buf = flat.buffer("momentum_buffer") if momentum != 0 else None
+        hyper = SGDHyper(
+            group["lr"], momentum, group["dampening"], group["nesterov"], group["weight_decay"]
+        )
         for start, stop, first in flat.spans(indices, firsts):
             arrays = (
                 flat.data[start:stop],
                 flat.grad[start:stop],
                 None if buf is None else buf[start:stop],
             )
-            hyper = dict(
-                lr=group["lr"],
-                momentum=momentum,
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"],
-                first_step=first,
-            )
-            flat.backend.sgd_update(*arrays, **hyper)
+            flat.backend.sgd_update(*arrays, hyper, first_step=first)
             if STATE.flags & OBSERVE:  # gpunet.profile sees the fused kernel
-                observe("sgd_update", arrays, hyper, arrays[0])
+                observe("sgd_update", arrays, hyper.params(first_step=first), arrays[0])
         for i, st in zip(indices, states):
             st["momentum_buffer"] = None if buf is None else flat.view(buf, i)
 
