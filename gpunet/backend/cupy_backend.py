@@ -81,32 +81,26 @@ class CupyBackend(ArrayBackend):
             else:
                 super().sum_into(out, x, axis=axis, alpha=alpha, beta=beta)
 
-    def matmul_into(
-        self,
-        out: Array,
-        x: Array,
-        y: Array,
-        *,
-        tx: bool,
-        ty: bool,
-        alpha: float = 1.0,
-        beta: float = 0.0,
-    ) -> None:
-        """cuBLAS's GEMM scales and accumulates as it writes (2-d float32/float64 operands of
-        out's dtype); anything else goes through a temporary."""
+    def _matmul_out(self, out: Array, x: Array, y: Array, tx: bool, ty: bool) -> None:
         with self._cuda_device:
-            if alpha == 1.0 and beta == 0.0:
-                a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
-                self.cupy.matmul(a, b, out=out)  # cuBLAS writes out directly
-            elif (
-                x.ndim == y.ndim == out.ndim == 2
-                and x.dtype == y.dtype == out.dtype
-                and (out.dtype.char in "fd")
-            ):
-                op = {False: "N", True: "T"}
-                self.cublas.gemm(op[tx], op[ty], x, y, out=out, alpha=alpha, beta=beta)
-            else:
-                super().matmul_into(out, x, y, tx=tx, ty=ty, alpha=alpha, beta=beta)
+            a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
+            self.cupy.matmul(a, b, out=out)  # cuBLAS writes out directly
+
+    def _gemm(
+        self, out: Array, x: Array, y: Array, tx: bool, ty: bool, alpha: float, beta: float
+    ) -> bool:
+        """cuBLAS's GEMM scales and accumulates as it writes (2-d float32/float64 operands of
+        out's dtype)."""
+        if not (
+            x.ndim == y.ndim == out.ndim == 2
+            and x.dtype == y.dtype == out.dtype
+            and out.dtype.char in "fd"
+        ):
+            return False
+        op = {False: "N", True: "T"}
+        with self._cuda_device:
+            self.cublas.gemm(op[tx], op[ty], x, y, out=out, alpha=alpha, beta=beta)
+        return True
 
     @property
     def cublas(self) -> Any:
