@@ -11,7 +11,7 @@ zero. The CUDA kernels compute in float32 for float32 and float16 storage alike.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,10 +30,6 @@ class SGDHyper:
     nesterov: bool = False
     weight_decay: float = 0.0
 
-    def params(self, **per_call: Any) -> dict[str, Any]:
-        """The hyperparameters as a dict, with the per-call ones (the profiler's cost rules)."""
-        return {**asdict(self), **per_call}
-
 
 @dataclass(frozen=True, slots=True)
 class AdamHyper:
@@ -47,10 +43,6 @@ class AdamHyper:
     eps: float = 1e-8
     weight_decay: float = 0.0
     decoupled: bool = False
-
-    def params(self, **per_call: Any) -> dict[str, Any]:
-        """The hyperparameters as a dict, with the per-call ones (the profiler's cost rules)."""
-        return {**asdict(self), **per_call}
 
     def scalars(self, step: int) -> tuple[float, float, float, float]:
         """(l2, decay, step_size, bc2_sqrt) for step ``step`` (from 1), in double precision:

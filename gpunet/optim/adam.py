@@ -53,9 +53,9 @@ class Adam(Optimizer):
         # Neighbours at the same step count share one fused update.
         for start, stop, step in flat.spans(indices, [st["step"] for st in states]):
             arrays = (flat.data[start:stop], flat.grad[start:stop], m[start:stop], v[start:stop])
-            flat.backend.adam_update(*arrays, hyper, step=step)
+            flat.backend.adam_update(*arrays, hyper=hyper, step=step)
             if STATE.flags & OBSERVE:  # gpunet.profile sees the fused kernel
-                observe("adam_update", arrays, hyper.params(step=step), arrays[0])
+                observe("adam_update", arrays, {"hyper": hyper, "step": step}, arrays[0])
 
 
 class AdamW(Adam):

@@ -101,9 +101,9 @@ class SGD(Optimizer):
                 flat.grad[start:stop],
                 None if buf is None else buf[start:stop],
             )
-            flat.backend.sgd_update(*arrays, hyper, first_step=first)
+            flat.backend.sgd_update(*arrays, hyper=hyper, first_step=first)
             if STATE.flags & OBSERVE:  # gpunet.profile sees the fused kernel
-                observe("sgd_update", arrays, hyper.params(first_step=first), arrays[0])
+                observe("sgd_update", arrays, {"hyper": hyper, "first_step": first}, arrays[0])
         for i, st in zip(indices, states):
             st["momentum_buffer"] = None if buf is None else flat.view(buf, i)
 
