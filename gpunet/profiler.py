@@ -11,8 +11,10 @@ read and written, kernel launches, and what the same result costs unfused. The c
 depend on where the step ran, so a CPU run models a GPU step: ``roofline`` prices them with a
 GPU's datasheet peaks (``gpunet.roofline``).
 
-Not seen (they bypass the dispatch point): the gradient copies into an optimizer's flat
-buffer, the ones that seed ``backward()``, and leaf-gradient accumulation outside ``bind``.
+Not seen (made outside the dispatch point): the ones that seed ``backward()``, and a leaf's
+gradient copied into its ``grad_buffer`` inside backward. Seen: the copies ``step()`` makes of
+gradients into an optimizer's flat gradient array (as ``copy``), and a leaf's gradient summed
+into ``.grad`` (an ``add`` through ``bind``).
 """
 
 from __future__ import annotations

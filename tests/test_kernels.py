@@ -1,4 +1,4 @@
-"""The CUDA kernels, verified without a GPU (DESIGN.md, "Verifying GPU code without a GPU").
+"""The CUDA kernels, verified without a GPU (the README's Kernels section says how and why).
 
 1. NVRTC (the pip package nvidia-cuda-nvrtc; no driver, no device) compiles every kernel file
    for compute_80 and compute_90 with the options CuPy uses; a failure shows NVRTC's log.
