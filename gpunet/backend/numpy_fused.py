@@ -77,18 +77,16 @@ def _chunks(*buffers: Array | None) -> Any:
     rows = 4 if half else 2
     scratch = np.empty((rows, first.size if whole else CHUNK), dtype)
     if whole:
-        parts: Any = [(scratch.reshape(rows, *first.shape), buffers)]
-    else:
-        parts = ((scratch[:, : ps[0].size], ps) for ps in _pieces(*buffers))
-    for scratch_rows, pieces in parts:
+        scratch = scratch.reshape(rows, *first.shape)
+    for pieces in [buffers] if whole else _pieces(*buffers):
+        s = scratch if whole else scratch[:, : pieces[0].size]
         if not half:
-            t, u = scratch_rows
-            yield t, u, *pieces
+            yield s[0], s[1], *pieces
             continue
-        t, u, p, g = scratch_rows
+        p, g = s[2], s[3]
         np.copyto(p, pieces[0])
         np.copyto(g, pieces[1])
-        yield t, u, p, g, *pieces[2:]
+        yield s[0], s[1], p, g, *pieces[2:]
         np.copyto(pieces[0], p)  # the one rounding to float16
 
 
