@@ -74,19 +74,19 @@ def _chunks(*buffers: Array | None) -> Any:
     whole = first.size < 2 * CHUNK or not all(
         b is None or (b.flags.c_contiguous and b.shape == first.shape) for b in buffers
     )
-    rows = 4 if half else 2
-    scratch = np.empty((rows, first.size if whole else CHUNK), dtype)
-    if whole:
-        scratch = scratch.reshape(rows, *first.shape)
+    scratch = np.empty((4 if half else 2, first.size if whole else CHUNK), dtype)
     for pieces in [buffers] if whole else _pieces(*buffers):
-        s = scratch if whole else scratch[:, : pieces[0].size]
+        k = pieces[0].size
+        t, u = scratch[0, :k], scratch[1, :k]
+        if whole:
+            t, u = t.reshape(first.shape), u.reshape(first.shape)
         if not half:
-            yield s[0], s[1], *pieces
+            yield t, u, *pieces
             continue
-        p, g = s[2], s[3]
+        p, g = scratch[2, :k].reshape(t.shape), scratch[3, :k].reshape(t.shape)
         np.copyto(p, pieces[0])
         np.copyto(g, pieces[1])
-        yield s[0], s[1], p, g, *pieces[2:]
+        yield t, u, p, g, *pieces[2:]
         np.copyto(pieces[0], p)  # the one rounding to float16
 
 
