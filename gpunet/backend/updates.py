@@ -66,10 +66,16 @@ def state_dtype(dtype: Any) -> np.dtype:
 def check_flat(op: str, param: Array, grad: Array, *state: Array | None) -> None:
     """Optimizer buffers, updated in place: the gradient has the parameter's shape and dtype,
     each state buffer its shape and ``state_dtype``."""
+    if grad.shape != param.shape or grad.dtype != param.dtype:
+        _mismatch(op, param, grad, "gradient", param.dtype)
     want = state_dtype(param.dtype)
-    for o, dtype, what in [(grad, param.dtype, "gradient")] + [(s, want, "state") for s in state]:
-        if o is not None and (o.shape != param.shape or o.dtype != dtype):
-            raise ValueError(
-                f"{op}: every {what} buffer must match the parameter ({param.dtype} "
-                f"{param.shape}): {dtype} {param.shape} expected, got {o.dtype} {o.shape}"
-            )
+    for s in state:
+        if s is not None and (s.shape != param.shape or s.dtype != want):
+            _mismatch(op, param, s, "state", want)
+
+
+def _mismatch(op: str, param: Array, buf: Array, what: str, dtype: Any) -> None:
+    raise ValueError(
+        f"{op}: every {what} buffer must match the parameter ({param.dtype} {param.shape}): "
+        f"{dtype} {param.shape} expected, got {buf.dtype} {buf.shape}"
+    )
