@@ -19,12 +19,13 @@ import pytest
 import gpunet as gn
 from gpunet import optim
 from gpunet.backend.numpy_backend import NumpyBackend
+from gpunet.backend.updates import AdamHyper
 
 SHAPES = [(784, 512), (512,), (512, 512), (512,), (512, 10), (10,)]
 RNG = np.random.default_rng(0)
 INIT = [RNG.standard_normal(s).astype(np.float32) for s in SHAPES]
 GRADS = [RNG.standard_normal(s).astype(np.float32) for s in SHAPES]
-HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+HYPER = AdamHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
 def _fresh_grads(params):
@@ -61,7 +62,7 @@ def test_per_parameter(benchmark):
     def step():
         state["t"] += 1
         for p, g, m, v in zip(params, GRADS, ms, vs):
-            backend.adam_update(p, g, m, v, step=state["t"], **HYPER)
+            backend.adam_update(p, g, m, v, HYPER, step=state["t"])
 
     benchmark(step)
 

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend.fused import adam_scalars, gelu_name
+from .backend.fused import gelu_name
+from .backend.updates import AdamHyper
 
 
 @dataclass(frozen=True)
@@ -424,11 +425,10 @@ def _sgd_update(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     """One kernel over the flat buffer: reads p, g (and the momentum buffer after the first
     step), writes p (and the buffer)."""
     p, g = ins[0], ins[1]
-    momentum = params["momentum"] != 0.0
-    ops = sgd_ops(
-        params["momentum"], params["weight_decay"], params["nesterov"], params["first_step"]
-    )
-    reads = [p.nbytes, g.nbytes] + ([p.nbytes] if momentum and not params["first_step"] else [])
+    h, first = params["hyper"], params["first_step"]
+    momentum = h.momentum != 0.0
+    ops = sgd_ops(h.momentum, h.weight_decay, h.nesterov, first)
+    reads = [p.nbytes, g.nbytes] + ([p.nbytes] if momentum and not first else [])
     written = p.nbytes * (2 if momentum else 1)
     return one_pass(reads, written, p.size, ops), chain(p.size, p.itemsize, ops)
 
@@ -437,7 +437,8 @@ def adam_ops(weight_decay: float, decoupled: bool, lr: float) -> list[str]:
     """Adam's update as one-operation kernels (the backend's reference sequence): [gi = p l2;
     gi += g] [p *= decay]; m *= b1; t = (1 - b1) gi; m += t; t = (1 - b2) gi; t *= gi; v *= b2;
     v += t; d = sqrt(v); d /= bc2; d += eps; t = m / d; t *= step_size; p -= t."""
-    l2, decay, _, _ = adam_scalars(lr, 0.0, 0.0, weight_decay, decoupled, 1)
+    hyper = AdamHyper(lr, 0.0, 0.0, weight_decay=weight_decay, decoupled=decoupled)
+    l2, decay, _, _ = hyper.scalars(1)
     ops = ([_U, _B] if l2 != 0.0 else []) + ([_U] if decay != 1.0 else [])
     return ops + [_U, _U, _B, _U, _B, _U, _B, _U, _U, _U, _B, _U, _B]
 
@@ -447,7 +448,8 @@ def _adam_update(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     """One kernel over the flat buffer: reads p, g, m, v and writes p, m, v (28 bytes per
     float32 parameter)."""
     p = ins[0]
-    ops = adam_ops(params["weight_decay"], params["decoupled"], params["lr"])
+    h = params["hyper"]
+    ops = adam_ops(h.weight_decay, h.decoupled, h.lr)
     fused = one_pass([a.nbytes for a in ins], 3 * p.nbytes, p.size, ops)
     return fused, chain(p.size, p.itemsize, ops)
 

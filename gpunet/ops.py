@@ -172,19 +172,31 @@ def _tensor_arg(x: Any, op: str) -> Tensor:
 
 
 # ---------------------------------------------------------------------- constants
-def zeros_like(x: Tensor, dtype: Any = None) -> Tensor:
-    dt = x.dtype if dtype is None else dtypes.as_dtype(dtype)
-    return Tensor._wrap(x._backend.zeros(x.data.shape, dt), x._backend)
+def zeros_like(x: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    return _like(x, x._backend.zeros(x.data.shape, _dtype_or(x, dtype)), requires_grad)
 
 
-def ones_like(x: Tensor, dtype: Any = None) -> Tensor:
-    dt = x.dtype if dtype is None else dtypes.as_dtype(dtype)
-    return Tensor._wrap(x._backend.ones(x.data.shape, dt), x._backend)
+def ones_like(x: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    return _like(x, x._backend.ones(x.data.shape, _dtype_or(x, dtype)), requires_grad)
 
 
-def full_like(x: Tensor, value: float, dtype: Any = None) -> Tensor:
-    dt = x.dtype if dtype is None else dtypes.as_dtype(dtype)
-    return Tensor._wrap(x._backend.full(x.data.shape, value, dt), x._backend)
+def full_like(
+    x: Tensor, fill_value: float, dtype: Any = None, requires_grad: bool = False
+) -> Tensor:
+    data = x._backend.full(x.data.shape, fill_value, _dtype_or(x, dtype))
+    return _like(x, data, requires_grad)
+
+
+def _dtype_or(x: Tensor, dtype: Any) -> Any:
+    return x.dtype if dtype is None else dtypes.as_dtype(dtype)
+
+
+def _like(x: Tensor, data: Any, requires_grad: bool) -> Tensor:
+    """A new tensor on x's device (the one home of gpunet.zeros_like and its kin)."""
+    t = Tensor._wrap(data, x._backend)
+    if requires_grad:
+        t.requires_grad = True
+    return t
 
 
 # ---------------------------------------------------------------------- elementwise

@@ -11,8 +11,10 @@ read and written, kernel launches, and what the same result costs unfused. The c
 depend on where the step ran, so a CPU run models a GPU step: ``roofline`` prices them with a
 GPU's datasheet peaks (``gpunet.roofline``).
 
-Not seen (they bypass the dispatch point): the gradient copies into an optimizer's flat
-buffer, the ones that seed ``backward()``, and leaf-gradient accumulation outside ``bind``.
+Not seen (made outside the dispatch point): the ones that seed ``backward()``, and a leaf's
+gradient copied into its ``grad_buffer`` inside backward. Seen: the copies ``step()`` makes of
+gradients into an optimizer's flat gradient array (as ``copy``), and a leaf's gradient summed
+into ``.grad`` (an ``add`` through ``bind``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import numpy as np
 
 from . import autodiff
 from .costs import Cost, Operand, composed_on_cupy, cost_of
+from .formatting import seconds
+from .formatting import table as text_table
 from .roofline import DEFAULT_LAUNCH_OVERHEAD_US, GPUSpec, OpTime, dtype_name, gpu, op_time
 from .tensor import Tensor
 
@@ -197,17 +201,17 @@ class Estimate:
         mode = "TF32 GEMMs" if self.tf32 else "FP32 GEMMs"
         lines = [
             f"{self.device.name}, {mode}, {self.launch_overhead_us:g} us per launch: "
-            f"{_time(self.total_s)} per step",
-            f"  kernels {_time(self.total_s - self.launch_s)} (FLOPs at peak "
-            f"{_time(self.compute_s)}, bytes at bandwidth {_time(self.memory_s)}), launches "
-            f"{self.launches} x {self.launch_overhead_us:g} us = {_time(self.launch_s)} "
+            f"{seconds(self.total_s)} per step",
+            f"  kernels {seconds(self.total_s - self.launch_s)} (FLOPs at peak "
+            f"{seconds(self.compute_s)}, bytes at bandwidth {seconds(self.memory_s)}), launches "
+            f"{self.launches} x {self.launch_overhead_us:g} us = {seconds(self.launch_s)} "
             f"({self.launch_share:.0%} of the step)",
             f"  as gpunet's CuPy backend runs it today: {self.cupy_launches} launches, "
-            f"{_time(self.cupy_total_s)}",
-            f"  unfused: {self.unfused_launches} launches, {_time(self.unfused_total_s)} "
-            f"(fusion saves {_time(self.fusion_saving_s)}, {self.fusion_speedup:.2f}x)",
+            f"{seconds(self.cupy_total_s)}",
+            f"  unfused: {self.unfused_launches} launches, {seconds(self.unfused_total_s)} "
+            f"(fusion saves {seconds(self.fusion_saving_s)}, {self.fusion_speedup:.2f}x)",
             "",
-            _table(
+            text_table(
                 [
                     "primitive",
                     "calls",
@@ -223,11 +227,11 @@ class Estimate:
                         r.name,
                         r.calls,
                         r.launches,
-                        _time(r.total_s),
+                        seconds(r.total_s),
                         f"{r.total_s / self.total_s:.1%}" if self.total_s else "-",
                         r.bound,
-                        _time(r.cupy_total_s),
-                        _time(r.unfused_total_s),
+                        seconds(r.cupy_total_s),
+                        seconds(r.unfused_total_s),
                     ]
                     for r in self.rows
                 ],
@@ -367,9 +371,9 @@ class Profile:
             line += [_si(c.bytes_written) + "B", f"{c.flops / c.bytes:.2f}" if c.bytes else "-"]
             if device is not None:
                 t = times[name].total_s
-                line += [_time(t), f"{t / total:.1%}" if total else "-"]
+                line += [seconds(t), f"{t / total:.1%}" if total else "-"]
             body.append(line)
-        return _table(head, body)
+        return text_table(head, body)
 
 
 @contextlib.contextmanager
@@ -383,15 +387,6 @@ def profile() -> Iterator[Profile]:
 
 
 # ---------------------------------------------------------------------- MLP step report
-# The four MLP sizes of the benchmarks: (layer sizes, batch).
-MLP_CONFIGS: tuple[tuple[tuple[int, ...], int], ...] = (
-    ((64, 32, 10), 32),
-    ((784, 128, 10), 64),
-    ((784, 1024, 1024, 10), 256),
-    ((2048, 4096, 4096, 4096, 10), 512),
-)
-
-
 @dataclass(frozen=True)
 class StepRow:
     """One MLP training step, counted and modelled on a GPU."""
@@ -444,7 +439,7 @@ def profile_mlp_step(
 
 
 def mlp_step_report(
-    configs: Sequence[tuple[Sequence[int], int]] = MLP_CONFIGS,
+    configs: Sequence[tuple[Sequence[int], int]] | None = None,
     device: str | GPUSpec = "H100",
     launch_overhead_us: float = DEFAULT_LAUNCH_OVERHEAD_US,
     tf32: bool = False,
@@ -452,7 +447,12 @@ def mlp_step_report(
     optimizer: str = "sgd",
 ) -> list[StepRow]:
     """For each (sizes, batch): one MLP training step profiled (on whatever device runs it)
-    and modelled on ``device``: its time, launch share, and fused against unfused."""
+    and modelled on ``device``: its time, launch share, and fused against unfused. By
+    default the four MLP sizes of the benchmarks (``gpunet.bench.workloads.MLP_SIZES``)."""
+    if configs is None:
+        from .bench.workloads import MLP_SIZES  # at call time: import gpunet loads no bench
+
+        configs = list(MLP_SIZES.values())
     rows = []
     for sizes, batch in configs:
         p, n = profile_mlp_step(sizes, batch, activation, optimizer)
@@ -482,12 +482,12 @@ def format_report(rows: Sequence[StepRow]) -> str:
                 _num(s.flops / 1e9),
                 _num(s.bytes / 1e6),
                 f"{e.launches} / {e.cupy_launches} / {e.unfused_launches}",
-                f"{_time(e.total_s)} / {_time(e.cupy_total_s)} / {_time(e.unfused_total_s)}",
+                f"{seconds(e.total_s)} / {seconds(e.cupy_total_s)} / {seconds(e.unfused_total_s)}",
                 f"{e.launch_share:.1%}",
-                f"{_time(e.fusion_saving_s)} ({e.fusion_speedup:.2f}x)",
+                f"{seconds(e.fusion_saving_s)} ({e.fusion_speedup:.2f}x)",
             ]
         )
-    return _table(head, body, markdown=True)
+    return text_table(head, body, markdown=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -560,28 +560,3 @@ def _si(x: float) -> str:
 def _num(x: float) -> str:
     """Three significant digits, without an exponent."""
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}" if abs(x) >= 0.001 else f"{x:.2e}"
-
-
-def _time(s: float) -> str:
-    if s >= 1.0:
-        return f"{s:.3g} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.3g} ms"
-    if s >= 1e-6 or s == 0.0:
-        return f"{s * 1e6:.3g} us"
-    return f"{s * 1e9:.3g} ns"
-
-
-def _table(head: list[str], body: list[list[Any]], markdown: bool = False) -> str:
-    cells = [[str(c) for c in row] for row in [head, *body]]
-    if markdown:
-        lines = ["| " + " | ".join(row) + " |" for row in cells]
-        lines.insert(1, "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |")
-        return "\n".join(lines)
-    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
-    lines = []
-    for row in cells:
-        left = row[0].ljust(widths[0])
-        lines.append("  ".join([left] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

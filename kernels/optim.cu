@@ -1,5 +1,5 @@
-// optim.cu: one-pass optimizer updates over one flat float32 parameter buffer, and the
-// global L2 norm of a flat gradient buffer (for clipping) as a two-stage reduction.
+// optim.cu: one-pass optimizer updates over one flat float32 or float16 parameter buffer, and
+// the global L2 norm of a flat gradient buffer (for clipping) as a two-stage reduction.
 //
 // The updates follow PyTorch's SGD and Adam/AdamW (torch.optim, foreach=False) step for step;
 // the NumPy backend performs the same float32 operations in the same order. Scalars that
@@ -13,21 +13,27 @@
 
 #define GN_BLOCK 256  // the launch block size; the reductions' shared arrays are this long
 
+// The updates keep their state (buf, m, v) in float32 and compute in float32 for float32 and
+// float16 (gn_half) parameters alike: in half precision Adam's eps = 1e-8 would be 0. A half
+// parameter and gradient are widened on load, and p is rounded to half once, on store.
+
 // SGD: d = g + weight_decay p; with momentum, buf = momentum buf + (1 - dampening) d (buf = d
 // on the first step), d = d + momentum buf (Nesterov) or buf; then p = p - lr d.
 // buf is not touched (and may be null) when momentum == 0.
-extern "C" __global__ void sgd_update_f32(float* p, const float* g, float* buf, long long n,
-                                          float lr, float momentum, float dampening,
-                                          float weight_decay, int nesterov, int first_step) {
+template <typename S>
+__device__ __forceinline__ void gn_sgd_update(S* p, const S* g, float* buf, long long n,
+                                              float lr, float momentum, float dampening,
+                                              float weight_decay, int nesterov, int first_step) {
     GN_GRID_STRIDE_LOOP(i, n) {
-        float d = g[i];
-        if (weight_decay != 0.0f) d = d + weight_decay * p[i];
+        float pi = gn_load(p[i]);
+        float d = gn_load(g[i]);
+        if (weight_decay != 0.0f) d = d + weight_decay * pi;
         if (momentum != 0.0f) {
             float b = first_step ? d : momentum * buf[i] + (1.0f - dampening) * d;
             buf[i] = b;
             d = nesterov ? d + momentum * b : b;
         }
-        p[i] = p[i] - lr * d;
+        gn_store(&p[i], pi - lr * d);
     }
 }
 
@@ -36,13 +42,14 @@ extern "C" __global__ void sgd_update_f32(float* p, const float* g, float* buf, 
 // m = beta1 m + (1 - beta1) g, v = beta2 v + (1 - beta2) g^2,
 // p = p - step_size m / (sqrt(v) / bc2_sqrt + eps), with step_size = lr / (1 - beta1^t) and
 // bc2_sqrt = sqrt(1 - beta2^t).
-extern "C" __global__ void adam_update_f32(float* p, const float* g, float* m, float* v,
-                                           long long n, float beta1, float beta2, float eps,
-                                           float weight_decay, float decay, float step_size,
-                                           float bc2_sqrt) {
+template <typename S>
+__device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float* v,
+                                               long long n, float beta1, float beta2, float eps,
+                                               float weight_decay, float decay,
+                                               float step_size, float bc2_sqrt) {
     GN_GRID_STRIDE_LOOP(i, n) {
-        float pi = p[i];
-        float gi = g[i];
+        float pi = gn_load(p[i]);
+        float gi = gn_load(g[i]);
         if (weight_decay != 0.0f) gi = gi + weight_decay * pi;
         if (decay != 1.0f) pi = pi * decay;
         float mi = beta1 * m[i] + (1.0f - beta1) * gi;
@@ -50,9 +57,33 @@ extern "C" __global__ void adam_update_f32(float* p, const float* g, float* m, f
         m[i] = mi;
         v[i] = vi;
         float denom = gn_sqrt(vi) / bc2_sqrt + eps;
-        p[i] = pi - step_size * (mi / denom);
+        gn_store(&p[i], pi - step_size * (mi / denom));
     }
 }
+
+// The instantiations, one per parameter storage type; above each, the extern "C" symbols it
+// defines (kernels.py launches them by these names, UPDATE_KERNELS; tests/test_kernels.py
+// checks each list).
+#define GN_UPDATES(SFX, S)                                                                    \
+    extern "C" __global__ void sgd_update_##SFX(S* p, const S* g, float* buf, long long n,    \
+                                                float lr, float momentum, float dampening,    \
+                                                float weight_decay, int nesterov,             \
+                                                int first_step) {                             \
+        gn_sgd_update(p, g, buf, n, lr, momentum, dampening, weight_decay, nesterov,          \
+                      first_step);                                                            \
+    }                                                                                         \
+    extern "C" __global__ void adam_update_##SFX(S* p, const S* g, float* m, float* v,        \
+                                                 long long n, float beta1, float beta2,       \
+                                                 float eps, float weight_decay, float decay,  \
+                                                 float step_size, float bc2_sqrt) {           \
+        gn_adam_update(p, g, m, v, n, beta1, beta2, eps, weight_decay, decay, step_size,      \
+                       bc2_sqrt);                                                             \
+    }
+
+// sgd_update_f32 adam_update_f32
+GN_UPDATES(f32, float)
+// sgd_update_f16 adam_update_f16
+GN_UPDATES(f16, gn_half)
 
 // Stage 1 of the global norm: each block writes the sum of squares of its grid-stride share
 // to partials[blockIdx.x], accumulated in double and combined by a tree in shared memory.

@@ -15,6 +15,7 @@ from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
 from gpunet.backend.generic import ArrayBackend
 from gpunet.backend.numpy_backend import NumpyBackend
 from gpunet.backend.numpy_fused import CHUNK
+from gpunet.backend.updates import AdamHyper, SGDHyper
 
 xps = pytest.importorskip("array_api_strict")
 NP = NumpyBackend(None)
@@ -139,25 +140,16 @@ def _ours_sgd(backend: Any, cfg: dict, p0: np.ndarray, grads: list) -> np.ndarra
     p, buf = backend.asarray(p0.copy()), backend.asarray(np.zeros_like(p0))
     for i, g in enumerate(grads):
         momentum_buf = buf if cfg.get("momentum") else None
-        backend.sgd_update(p, backend.asarray(g), momentum_buf, first_step=i == 0, **cfg)
+        backend.sgd_update(p, backend.asarray(g), momentum_buf, SGDHyper(**cfg), first_step=i == 0)
     return host(p)
 
 
 def _ours_adam(backend: Any, cfg: dict, decoupled: bool, p0: np.ndarray, grads: list) -> Any:
     p, m, v = (backend.asarray(a) for a in (p0.copy(), np.zeros_like(p0), np.zeros_like(p0)))
     kw = {k: val for k, val in cfg.items() if k != "betas"}
+    hyper = AdamHyper(beta1=cfg["betas"][0], beta2=cfg["betas"][1], decoupled=decoupled, **kw)
     for step, g in enumerate(grads, 1):
-        backend.adam_update(
-            p,
-            backend.asarray(g),
-            m,
-            v,
-            beta1=cfg["betas"][0],
-            beta2=cfg["betas"][1],
-            decoupled=decoupled,
-            step=step,
-            **kw,
-        )
+        backend.adam_update(p, backend.asarray(g), m, v, hyper, step=step)
     return host(p)
 
 
@@ -209,13 +201,11 @@ def test_adam_follows_torch(cfg: dict, decoupled: bool) -> None:
 def test_update_arguments_are_checked() -> None:
     p = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="momentum needs a momentum buffer"):
-        NP.sgd_update(p, p.copy(), None, lr=0.1, momentum=0.9)
+        NP.sgd_update(p, p.copy(), None, SGDHyper(lr=0.1, momentum=0.9))
     with pytest.raises(ValueError, match="must match the parameter"):
-        NP.sgd_update(p, np.zeros(5, np.float32), None, lr=0.1)
+        NP.sgd_update(p, np.zeros(5, np.float32), None, SGDHyper(lr=0.1))
     with pytest.raises(ValueError, match="step counts from 1"):
-        NP.adam_update(
-            p, p.copy(), p.copy(), p.copy(), lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, step=0
-        )
+        NP.adam_update(p, p.copy(), p.copy(), p.copy(), AdamHyper(0.1, 0.9, 0.9), step=0)
 
 
 @pytest.mark.parametrize("n", [0, 1, 257, 100003])

@@ -1,4 +1,4 @@
-"""The CUDA kernels, verified without a GPU (DESIGN.md, "Verifying GPU code without a GPU").
+"""The CUDA kernels, verified without a GPU (the README's Kernels section says how and why).
 
 1. NVRTC (the pip package nvidia-cuda-nvrtc; no driver, no device) compiles every kernel file
    for compute_80 and compute_90 with the options CuPy uses; a failure shows NVRTC's log.
@@ -43,6 +43,7 @@ from gpunet.backend.cupy_backend import CupyBackend
 from gpunet.backend.faults import FAULT_CODES, LabelError
 from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
 from gpunet.backend.numpy_backend import NumpyBackend
+from gpunet.backend.updates import AdamHyper, SGDHyper
 
 SIZES = (0, 1, 255, 257, 100003)
 ARCHS = ("compute_80", "compute_90")
@@ -377,19 +378,22 @@ OPTIMIZERS = [
 ]
 
 
-def _run_optimizer(ops: Any, kind: str, cfg: dict, n: int, steps: int) -> list[np.ndarray]:
-    """``steps`` updates of p on the noisy quadratic 0.5 |p - target|^2 (float32)."""
+def _run_optimizer(
+    ops: Any, kind: str, cfg: dict, n: int, steps: int, dtype: Any = np.float32
+) -> list[np.ndarray]:
+    """``steps`` updates of p (``dtype``; its state float32) on the noisy quadratic
+    0.5 |p - target|^2."""
     r = np.random.default_rng(7)
-    target = r.standard_normal(n).astype(np.float32)
-    p = r.standard_normal(n).astype(np.float32)
+    target = r.standard_normal(n).astype(dtype)
+    p = r.standard_normal(n).astype(dtype)
     state = [np.zeros(n, np.float32), np.zeros(n, np.float32)]
     for step in range(1, steps + 1):
-        grad = (p - target) + r.standard_normal(n).astype(np.float32) * np.float32(0.1)
+        grad = (p - target) + r.standard_normal(n).astype(dtype) * dtype(0.1)
         if kind == "sgd":
             buf = state[0] if cfg.get("momentum") else None
-            ops.sgd_update(p, grad, buf, first_step=step == 1, **cfg)
+            ops.sgd_update(p, grad, buf, SGDHyper(**cfg), first_step=step == 1)
         else:
-            ops.adam_update(p, grad, *state, step=step, decoupled=kind == "adamw", **cfg)
+            ops.adam_update(p, grad, *state, AdamHyper(**cfg, decoupled=kind == "adamw"), step=step)
     return [p, *state]
 
 
@@ -405,6 +409,23 @@ def test_optimizer_kernels_match_numpy_for_100_steps(
     assert {name for name, _, _ in cuda_on_cpu._kernels.launches} == {
         "sgd_update_f32" if kind == "sgd" else "adam_update_f32"
     }
+
+
+@pytest.mark.parametrize(("kind", "cfg"), OPTIMIZERS)
+def test_float16_optimizer_kernels_match_numpy(
+    cuda_on_cpu: CupyBackend, kind: str, cfg: dict
+) -> None:
+    """float16 parameters, float32 state and arithmetic: the kernels and NumPy compute the same
+    float32 expression and round p once per step (1 float16 ulp apart at most, 20 steps)."""
+    n = 3001
+    got = _run_optimizer(cuda_on_cpu, kind, cfg, n, 20, np.float16)
+    want = _run_optimizer(REF, kind, cfg, n, 20, np.float16)
+    assert got[0].dtype == np.float16 and np.isfinite(got[0]).all()
+    np.testing.assert_array_max_ulp(got[0], want[0], maxulp=1)
+    for a, b in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{kind} {cfg}: state")
+    want = "sgd_update_f16" if kind == "sgd" else "adam_update_f16"
+    assert {name for name, _, _ in cuda_on_cpu._kernels.launches} == {want}
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -465,10 +486,10 @@ def test_cupy_backend_falls_back_where_no_kernel_exists(cuda_on_cpu: CupyBackend
     x = np.arange(-3, 4)
     np.testing.assert_array_equal(cuda_on_cpu.relu(x), np.maximum(x, 0))
     p = np.ones(5)
-    cuda_on_cpu.sgd_update(p, np.ones(5), None, lr=0.5)
+    cuda_on_cpu.sgd_update(p, np.ones(5), None, SGDHyper(lr=0.5))
     np.testing.assert_array_equal(p, 0.5)
     m, v = np.zeros(5), np.zeros(5)
-    cuda_on_cpu.adam_update(p, np.ones(5), m, v, lr=0.1, beta1=0.9, beta2=0.99, eps=0.0, step=1)
+    cuda_on_cpu.adam_update(p, np.ones(5), m, v, AdamHyper(0.1, 0.9, 0.99, eps=0.0), step=1)
     np.testing.assert_allclose(p, 0.4)
     assert cuda_on_cpu.grad_norm(np.full(4, 1.5)) == 3.0
     assert cuda_on_cpu._kernels.launches == []

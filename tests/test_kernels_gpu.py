@@ -24,6 +24,7 @@ from gpunet.backend import kernels as K
 from gpunet.backend import probe_cuda
 from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
 from gpunet.backend.numpy_backend import NumpyBackend
+from gpunet.backend.updates import AdamHyper, SGDHyper, state_dtype
 
 GOLDEN = Path(__file__).parent / "golden" / "kernels.npz"
 ALPHA = {"leaky_relu": 0.1, "elu": 1.0, "softplus": 0.7}
@@ -70,22 +71,19 @@ def compute(backend: Any, dtype: Any, arrays: dict[str, np.ndarray]) -> dict[str
             out[f"{act}/bwd_from_y"] = host(dy)
         yb, pre = backend.bias_activation(X, b, name=act, alpha=a, keep_preactivation=True)
         out[f"{act}/bias"], out[f"{act}/bias_pre"] = host(yb), host(pre)
-    if np.dtype(dtype) != np.float16:
-        for key, (kind, cfg) in OPTIMIZERS.items():
-            p = put(arrays["p"])
-            state = [put(np.zeros_like(arrays["p"])), put(np.zeros_like(arrays["p"]))]
-            for step in range(1, STEPS + 1):
-                grad = put(
-                    host(p).astype(np.float64) - arrays["target"] + arrays["noise"][step - 1]
-                )
-                if kind == "sgd":
-                    backend.sgd_update(p, grad, state[0], first_step=step == 1, **cfg)
-                else:
-                    backend.adam_update(
-                        p, grad, *state, step=step, decoupled=kind == "adamw", **cfg
-                    )
-            out[f"{key}/param"] = host(p)
-        out["grad_norm"] = host(backend.grad_norm(put(arrays["p"])))
+    zeros = np.zeros(arrays["p"].shape, state_dtype(np.dtype(dtype)))  # float16: float32 state
+    for key, (kind, cfg) in OPTIMIZERS.items():
+        p = put(arrays["p"])
+        state = [backend.asarray(zeros.copy()), backend.asarray(zeros.copy())]
+        for step in range(1, STEPS + 1):
+            grad = put(host(p).astype(np.float64) - arrays["target"] + arrays["noise"][step - 1])
+            if kind == "sgd":
+                backend.sgd_update(p, grad, state[0], SGDHyper(**cfg), first_step=step == 1)
+            else:
+                hyper = AdamHyper(**cfg, decoupled=kind == "adamw")
+                backend.adam_update(p, grad, *state, hyper, step=step)
+        out[f"{key}/param"] = host(p)
+    out["grad_norm"] = host(backend.grad_norm(put(arrays["p"])))
     return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
 
@@ -119,7 +117,7 @@ def test_golden_comparison_under_host_emulation(dtype: Any) -> None:
 def check_against_golden(got: dict, outputs: dict, inputs: dict, dtype: Any) -> None:
     rtol, atol = TOLERANCE[dtype]
     activations = {k for k in outputs if k.split("/")[0] in ACTIVATIONS}
-    assert activations <= set(got) <= set(outputs)  # float16 has no optimizer kernels
+    assert activations <= set(got) <= set(outputs)
     for k, v in got.items():
         want = outputs[k]
         scale = np.abs(inputs["g"]) if "/bwd" in k else 1.0  # g * f': error ~ |g|

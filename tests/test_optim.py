@@ -301,6 +301,7 @@ def test_step_with_closure_returns_the_loss():
 def test_numpy_chunked_updates_match_the_whole_buffer_update(op):
     from gpunet.backend import get_backend
     from gpunet.backend.fused import FusedOps
+    from gpunet.backend.updates import AdamHyper, SGDHyper
 
     backend = get_backend("cpu")
     rng = np.random.default_rng(0)
@@ -310,13 +311,13 @@ def test_numpy_chunked_updates_match_the_whole_buffer_update(op):
     ours, whole = [b.copy() for b in bufs], [b.copy() for b in bufs]
     for step in (1, 2):
         if op == "sgd":
-            kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1, first_step=step == 1)
-            backend.sgd_update(*ours[:3], **kw)
-            FusedOps.sgd_update(backend, *whole[:3], **kw)
+            hyper = SGDHyper(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+            backend.sgd_update(*ours[:3], hyper, first_step=step == 1)
+            FusedOps.sgd_update(backend, *whole[:3], hyper, first_step=step == 1)
         else:
-            kw = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=step)
-            backend.adam_update(*ours, **kw)
-            FusedOps.adam_update(backend, *whole, **kw)
+            hyper = AdamHyper(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+            backend.adam_update(*ours, hyper, step=step)
+            FusedOps.adam_update(backend, *whole, hyper, step=step)
     for a, b in zip(ours, whole):
         np.testing.assert_array_equal(a, b)
 
@@ -409,3 +410,69 @@ def test_loads_a_torch_adam_state_dict():
     opt.step()
     for p, t in zip(ps, ts):
         np.testing.assert_allclose(p.numpy(), t.detach().numpy(), rtol=1e-13)
+
+
+# ---------------------------------------------------------------- float16 parameters
+HALF_OPTIMIZERS = [
+    (optim.Adam, {"lr": 1e-3}),
+    (optim.AdamW, {"lr": 1e-3, "weight_decay": 0.1}),
+    (optim.Adam, {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-8, "weight_decay": 0.05}),
+    (optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}),
+    (optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+]
+
+
+def _half_grads(step: int) -> list[np.ndarray]:
+    """Gradients down to 1e-6: in float16 g^2 is then 0, and so would be sqrt(v) + eps."""
+    rng = np.random.default_rng(200 + step)
+    scale = [1e-6, 1e-3, 1.0]
+    return [
+        (rng.standard_normal(s) * scale[i % 3]).astype(np.float16) for i, s in enumerate(SHAPES)
+    ]
+
+
+@pytest.mark.parametrize(("make", "cfg"), HALF_OPTIMIZERS)
+def test_float16_step_is_the_float32_step_rounded_once(make, cfg):
+    """float16 parameters keep float32 state and are updated in float32: each step equals the
+    float32 optimizer's step from the same parameters, rounded to float16 (within 1 ulp), and
+    nothing becomes inf (in float16 Adam's eps = 1e-8 is 0)."""
+    init, half = make_params(np.float16, seed=3)
+    full = [gn.tensor(a.astype(np.float32), requires_grad=True) for a in init]
+    opt16, opt32 = make(half, **cfg), make(full, **cfg)
+    for step in range(3):
+        for p16, p32, g in zip(half, full, _half_grads(step)):
+            p32.data[...] = p16.numpy()  # the float32 step starts from the rounded parameters
+            p16.grad, p32.grad = gn.tensor(g), gn.tensor(g.astype(np.float32))
+        opt16.step()
+        opt32.step()
+        for p16, p32 in zip(half, full):
+            got = p16.numpy()
+            assert got.dtype == np.float16 and np.isfinite(got).all()
+            np.testing.assert_array_max_ulp(got, p32.numpy().astype(np.float16), maxulp=1)
+    for st in opt16.state.values():
+        for name, value in st.items():
+            if name != "step":
+                assert value.dtype == np.float32, name
+
+
+@pytest.mark.parametrize(("make", "cfg"), HALF_OPTIMIZERS[:1] + HALF_OPTIMIZERS[3:4])
+def test_float16_state_dict_round_trip(make, cfg):
+    _, ps = make_params(np.float16, seed=4)
+    opt = make(ps, **cfg)
+    for p, g in zip(ps, _half_grads(0)):
+        p.grad = gn.tensor(g)
+    opt.step()
+    sd = opt.state_dict()
+    _, ps2 = make_params(np.float16, seed=4)
+    for p, q in zip(ps, ps2):
+        q.data[...] = p.numpy()
+    opt2 = make(ps2, **cfg)
+    opt2.load_state_dict(sd)
+    for opt_, params in ((opt, ps), (opt2, ps2)):
+        for p, g in zip(params, _half_grads(1)):
+            p.grad = gn.tensor(g)
+        opt_.step()
+    for p, q in zip(ps, ps2):
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+    for st in opt2.state.values():
+        assert all(v.dtype == np.float32 for k, v in st.items() if k != "step")

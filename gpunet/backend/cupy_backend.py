@@ -13,6 +13,7 @@ import numpy as np
 
 from .faults import fault_error
 from .generic import Array, ArrayBackend, Shape
+from .updates import AdamHyper, SGDHyper
 
 log = logging.getLogger("gpunet")
 
@@ -122,32 +123,26 @@ class CupyBackend(ArrayBackend):
             else:
                 super().sum_into(out, x, axis=axis, alpha=alpha, beta=beta)
 
-    def matmul_into(
-        self,
-        out: Array,
-        x: Array,
-        y: Array,
-        *,
-        tx: bool,
-        ty: bool,
-        alpha: float = 1.0,
-        beta: float = 0.0,
-    ) -> None:
-        """cuBLAS's GEMM scales and accumulates as it writes (2-d float32/float64 operands of
-        out's dtype); anything else goes through a temporary."""
+    def _matmul_out(self, out: Array, x: Array, y: Array, tx: bool, ty: bool) -> None:
         with self._cuda_device:
-            if alpha == 1.0 and beta == 0.0:
-                a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
-                self.cupy.matmul(a, b, out=out)  # cuBLAS writes out directly
-            elif (
-                x.ndim == y.ndim == out.ndim == 2
-                and x.dtype == y.dtype == out.dtype
-                and (out.dtype.char in "fd")
-            ):
-                op = {False: "N", True: "T"}
-                self.cublas.gemm(op[tx], op[ty], x, y, out=out, alpha=alpha, beta=beta)
-            else:
-                super().matmul_into(out, x, y, tx=tx, ty=ty, alpha=alpha, beta=beta)
+            a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
+            self.cupy.matmul(a, b, out=out)  # cuBLAS writes out directly
+
+    def _gemm(
+        self, out: Array, x: Array, y: Array, tx: bool, ty: bool, alpha: float, beta: float
+    ) -> bool:
+        """cuBLAS's GEMM scales and accumulates as it writes (2-d float32/float64 operands of
+        out's dtype)."""
+        if not (
+            x.ndim == y.ndim == out.ndim == 2
+            and x.dtype == y.dtype == out.dtype
+            and out.dtype.char in "fd"
+        ):
+            return False
+        op = {False: "N", True: "T"}
+        with self._cuda_device:
+            self.cublas.gemm(op[tx], op[ty], x, y, out=out, alpha=alpha, beta=beta)
+        return True
 
     @property
     def cublas(self) -> Any:
@@ -170,8 +165,8 @@ class CupyBackend(ArrayBackend):
         return out
 
     # ---------------------------------------------------------------- fused kernels
-    # Launched through kernels.py for the dtypes that have kernels (float16/32/64; float32
-    # for the optimizer updates); anything else takes the generic path.
+    # Launched through kernels.py for the dtypes that have kernels (float16/32/64; float16 and
+    # float32 for the optimizer updates); anything else takes the generic path.
     @property
     def kernels(self) -> Any:
         k = getattr(self, "_kernels", None)
@@ -251,73 +246,23 @@ class CupyBackend(ArrayBackend):
         param: Array,
         grad: Array,
         momentum_buf: Array | None,
+        hyper: SGDHyper,
         *,
-        lr: float,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
         first_step: bool = False,
     ) -> None:
-        if param.dtype != np.float32:
-            return super().sgd_update(
-                param,
-                grad,
-                momentum_buf,
-                lr=lr,
-                momentum=momentum,
-                dampening=dampening,
-                nesterov=nesterov,
-                weight_decay=weight_decay,
-                first_step=first_step,
-            )
+        if not self.kernels.supports_update(param):
+            return super().sgd_update(param, grad, momentum_buf, hyper, first_step=first_step)
         with self._cuda_device:
-            self.kernels.sgd_update(
-                param,
-                grad,
-                momentum_buf,
-                lr,
-                momentum,
-                dampening,
-                nesterov,
-                weight_decay,
-                first_step,
-            )
+            self.kernels.sgd_update(param, grad, momentum_buf, hyper, first_step)
         return None
 
     def adam_update(
-        self,
-        param: Array,
-        grad: Array,
-        m: Array,
-        v: Array,
-        *,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float = 0.0,
-        decoupled: bool = False,
-        step: int,
+        self, param: Array, grad: Array, m: Array, v: Array, hyper: AdamHyper, *, step: int
     ) -> None:
-        if param.dtype != np.float32:
-            return super().adam_update(
-                param,
-                grad,
-                m,
-                v,
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=eps,
-                weight_decay=weight_decay,
-                decoupled=decoupled,
-                step=step,
-            )
+        if not self.kernels.supports_update(param):
+            return super().adam_update(param, grad, m, v, hyper, step=step)
         with self._cuda_device:
-            self.kernels.adam_update(
-                param, grad, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step
-            )
+            self.kernels.adam_update(param, grad, m, v, hyper, step)
         return None
 
     def grad_norm(self, x: Array) -> Array:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .updates import AdamHyper, SGDHyper, check_flat, state_dtype
+
 Array = Any
 
 ACTIVATIONS = (
@@ -72,29 +74,6 @@ def gelu_name(approximate: str) -> str:
     if approximate == "tanh":
         return "gelu_tanh"
     raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-
-
-def adam_scalars(
-    lr: float, beta1: float, beta2: float, weight_decay: float, decoupled: bool, step: int
-) -> tuple[float, float, float, float]:
-    """(l2, decay, step_size, bc2_sqrt) for Adam step ``step`` (from 1), in double precision:
-    the L2 term added to the gradient (Adam), the factor p is scaled by first (AdamW:
-    1 - lr wd), lr / (1 - beta1^t), and sqrt(1 - beta2^t)."""
-    if step < 1:
-        raise ValueError(f"adam_update: step counts from 1, got {step}")
-    l2 = 0.0 if decoupled else weight_decay
-    decay = 1.0 - lr * weight_decay if decoupled else 1.0
-    return l2, decay, lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
-
-
-def check_flat(op: str, param: Array, *others: Array | None) -> None:
-    """Optimizer buffers: one shape and one dtype, updated in place."""
-    for o in others:
-        if o is not None and (o.shape != param.shape or o.dtype != param.dtype):
-            raise ValueError(
-                f"{op}: every buffer must match the parameter ({param.dtype} {param.shape}), "
-                f"got {o.dtype} {o.shape}"
-            )
 
 
 # Craig's formula erfc(u) = (2/pi) int_0^(pi/2) exp(-u^2 / sin^2 t) dt: the integrand is flat
@@ -191,66 +170,51 @@ class FusedOps:
         param: Array,
         grad: Array,
         momentum_buf: Array | None,
+        hyper: SGDHyper,
         *,
-        lr: float,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
         first_step: bool = False,
     ) -> None:
-        """One SGD step in place, as torch.optim.SGD: d = g + wd p; with momentum,
-        buf = d on the first step, else momentum buf + (1 - dampening) d, and d = d +
-        momentum buf (Nesterov) or buf; p -= lr d. ``momentum_buf`` may be None without
-        momentum. One kernel over the flat buffers on CUDA (float32)."""
+        """One SGD step in place, as torch.optim.SGD (``SGDHyper`` has the math);
+        ``momentum_buf`` may be None without momentum. In ``state_dtype``; one kernel over
+        the flat buffers on CUDA (float16 and float32)."""
         check_flat("sgd_update", param, grad, momentum_buf)
-        if momentum != 0.0 and momentum_buf is None:
+        h = hyper
+        if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
-        s = self._scalars(param)
-        d = grad
-        if weight_decay != 0.0:
-            d = param * s(weight_decay)
-            d += grad
-        if momentum != 0.0:
+        p, g = self._in_state_dtype(param), self._in_state_dtype(grad)
+        s = self._scalars(p)
+        d = g
+        if h.weight_decay != 0.0:
+            d = p * s(h.weight_decay)
+            d += g
+        if h.momentum != 0.0:
             if first_step:
                 momentum_buf[...] = d
             else:
-                momentum_buf *= s(momentum)
-                momentum_buf += (s(1.0) - s(dampening)) * d
-            d = d + s(momentum) * momentum_buf if nesterov else momentum_buf
-        param -= s(lr) * d
+                momentum_buf *= s(h.momentum)
+                momentum_buf += (s(1.0) - s(h.dampening)) * d
+            d = d + s(h.momentum) * momentum_buf if h.nesterov else momentum_buf
+        p -= s(h.lr) * d
+        if p is not param:
+            param[...] = self.xp.astype(p, param.dtype)
 
     def adam_update(
-        self,
-        param: Array,
-        grad: Array,
-        m: Array,
-        v: Array,
-        *,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float = 0.0,
-        decoupled: bool = False,
-        step: int,
+        self, param: Array, grad: Array, m: Array, v: Array, hyper: AdamHyper, *, step: int
     ) -> None:
-        """One Adam (``decoupled=False``: L2 added to the gradient) or AdamW step in place,
-        as torch.optim: m = beta1 m + (1 - beta1) g, v = beta2 v + (1 - beta2) g^2,
-        p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps). One kernel over
-        the flat buffers on CUDA (float32)."""
+        """One Adam (L2 added to the gradient) or AdamW (``hyper.decoupled``) step in place,
+        as torch.optim (``AdamHyper`` has the math), at step ``step`` (from 1). In
+        ``state_dtype``; one kernel over the flat buffers on CUDA (float16 and float32)."""
         check_flat("adam_update", param, grad, m, v)
-        l2, decay, step_size, bc2_sqrt = adam_scalars(
-            lr, beta1, beta2, weight_decay, decoupled, step
-        )
-        s = self._scalars(param)
-        one, b1, b2 = s(1.0), s(beta1), s(beta2)
-        gi = grad
+        l2, decay, step_size, bc2_sqrt = hyper.scalars(step)
+        p, g = self._in_state_dtype(param), self._in_state_dtype(grad)
+        s = self._scalars(p)
+        one, b1, b2 = s(1.0), s(hyper.beta1), s(hyper.beta2)
+        gi = g
         if l2 != 0.0:
-            gi = param * s(l2)
-            gi += grad
+            gi = p * s(l2)
+            gi += g
         if decay != 1.0:
-            param *= s(decay)
+            p *= s(decay)
         m *= b1
         m += (one - b1) * gi
         t = (one - b2) * gi
@@ -259,10 +223,12 @@ class FusedOps:
         v += t
         denom = self.xp.sqrt(v)
         denom /= s(bc2_sqrt)
-        denom += s(eps)
+        denom += s(hyper.eps)
         t = m / denom
         t *= s(step_size)
-        param -= t
+        p -= t
+        if p is not param:
+            param[...] = self.xp.astype(p, param.dtype)
 
     def grad_norm(self, x: Array) -> Array:
         """The global L2 norm of a flat buffer, a 0-d array of its dtype (summed in float64;
@@ -296,6 +262,11 @@ class FusedOps:
         expressions (1 - beta1, ...) in the buffer's precision, and so must we."""
         xp, dtype = self.xp, like.dtype
         return lambda value: xp.asarray(value, dtype=dtype)
+
+    def _in_state_dtype(self, x: Array) -> Array:
+        """x itself, or (float16) a copy in ``state_dtype``: the precision of the update."""
+        want = state_dtype(x.dtype)
+        return x if want is x.dtype else self.xp.astype(x, want)
 
     def _max0(self, x: Array) -> Array:
         return self.xp.maximum(x, self.xp.zeros((), dtype=x.dtype))

@@ -307,8 +307,24 @@ class ArrayBackend(FusedOps):
     ) -> None:
         """out <- alpha op(x) @ op(y) + beta out, in place (BLAS's GEMM): a weight gradient
         written (beta = 0) or summed (beta = 1) into its buffer, or an SGD step on the weight
-        itself (alpha = -lr). (Generic: through a temporary.)"""
-        _write(out, self.matmul(x, y, tx=tx, ty=ty), alpha, beta)
+        itself (alpha = -lr). The one dispatch: the plain product written straight into out
+        (``_matmul_out``), else the backend's own scaling GEMM (``_gemm``), else through a
+        temporary."""
+        if alpha == 1.0 and beta == 0.0:
+            self._matmul_out(out, x, y, tx, ty)
+        elif not self._gemm(out, x, y, tx, ty, alpha, beta):
+            _write(out, self.matmul(x, y, tx=tx, ty=ty), alpha, beta)
+
+    def _matmul_out(self, out: Array, x: Array, y: Array, tx: bool, ty: bool) -> None:
+        """out <- op(x) @ op(y) (generic: through a temporary)."""
+        out[...] = self.matmul(x, y, tx=tx, ty=ty)
+
+    def _gemm(
+        self, out: Array, x: Array, y: Array, tx: bool, ty: bool, alpha: float, beta: float
+    ) -> bool:
+        """out <- alpha op(x) @ op(y) + beta out by a GEMM that scales and accumulates as it
+        writes; False (nothing done) where the backend has none for these operands."""
+        return False
 
     def axpby_into(self, out: Array, x: Array, *, alpha: float, beta: float) -> None:
         """out <- alpha x + beta out, in place (x is not written)."""

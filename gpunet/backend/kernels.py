@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from .faults import FAULT_CODES
-from .fused import adam_scalars, check_activation, check_flat
+from .fused import check_activation
+from .updates import AdamHyper, SGDHyper, check_flat
 
 BLOCK = 256
 BLOCKS_PER_SM = 32
@@ -147,6 +148,13 @@ ACTIVATION_KERNELS: dict[tuple[str, str], ActivationKernels] = {
 CROSS_ENTROPY_KERNELS = {
     "f32": ("cross_entropy_rows_f32", "cross_entropy_rows_backward_f32"),
     "f64": ("cross_entropy_rows_f64", "cross_entropy_rows_backward_f64"),
+}
+
+# parameter dtype suffix -> the optimizer-update kernels of optim.cu: (SGD, Adam). float16
+# parameters keep float32 state and compute in float32 (updates.state_dtype).
+UPDATE_KERNELS = {
+    "f16": ("sgd_update_f16", "adam_update_f16"),
+    "f32": ("sgd_update_f32", "adam_update_f32"),
 }
 
 
@@ -270,19 +278,21 @@ def _build_table() -> dict[str, KernelSpec]:
         "const long long* y, long long n, long long lo, long long hi, long long op, "
         "long long* fault",
     )
-    add(
-        "sgd_update_f32",
-        "optim.cu",
-        "float* p, const float* g, float* buf, long long n, float lr, float momentum, "
-        "float dampening, float weight_decay, int nesterov, int first_step",
-    )
-    add(
-        "adam_update_f32",
-        "optim.cu",
-        "float* p, const float* g, float* m, float* v, long long n, float beta1, "
-        "float beta2, float eps, float weight_decay, float decay, float step_size, "
-        "float bc2_sqrt",
-    )
+    for sfx, (sgd, adam) in UPDATE_KERNELS.items():
+        s = DTYPES[sfx][1]
+        add(
+            sgd,
+            "optim.cu",
+            f"{s}* p, const {s}* g, float* buf, long long n, float lr, float momentum, "
+            "float dampening, float weight_decay, int nesterov, int first_step",
+        )
+        add(
+            adam,
+            "optim.cu",
+            f"{s}* p, const {s}* g, float* m, float* v, long long n, float beta1, "
+            "float beta2, float eps, float weight_decay, float decay, float step_size, "
+            "float bc2_sqrt",
+        )
     add(
         "grad_norm_partial_f32",
         "optim.cu",
@@ -437,60 +447,44 @@ class Kernels:
         return dz
 
     # ---------------------------------------------------------------- optimizer updates
+    def supports_update(self, param: Any) -> bool:
+        """Do the optimizer-update kernels exist for this parameter's dtype?"""
+        return SUFFIX.get(param.dtype) in UPDATE_KERNELS
+
     def _check_inplace(self, op: str, *arrays: Any) -> None:
         for a in arrays:
-            if a is not None and (a.dtype != np.float32 or not a.flags.c_contiguous):
-                raise ValueError(f"{op}: the flat buffers must be C-contiguous float32")
+            if a is not None and not a.flags.c_contiguous:
+                raise ValueError(f"{op}: the flat buffers must be C-contiguous")
 
     def sgd_update(
-        self,
-        param: Any,
-        grad: Any,
-        momentum_buf: Any,
-        lr: float,
-        momentum: float,
-        dampening: float,
-        nesterov: bool,
-        weight_decay: float,
-        first_step: bool,
+        self, param: Any, grad: Any, momentum_buf: Any, hyper: SGDHyper, first_step: bool
     ) -> None:
         check_flat("sgd_update", param, grad, momentum_buf)
-        if momentum != 0.0 and momentum_buf is None:
+        h = hyper
+        if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
         self._check_inplace("sgd_update", param, grad, momentum_buf)
-        buf = momentum_buf if momentum != 0.0 else None
+        buf = momentum_buf if h.momentum != 0.0 else None
         n = param.size
         self.launch(
-            "sgd_update_f32",
+            UPDATE_KERNELS[SUFFIX[param.dtype]][0],
             n,
-            *(param, grad, buf, n, lr, momentum, dampening, weight_decay),
-            *(nesterov, first_step),
+            *(param, grad, buf, n, h.lr, h.momentum, h.dampening, h.weight_decay),
+            *(h.nesterov, first_step),
         )
 
     def adam_update(
-        self,
-        param: Any,
-        grad: Any,
-        m: Any,
-        v: Any,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
-        decoupled: bool,
-        step: int,
+        self, param: Any, grad: Any, m: Any, v: Any, hyper: AdamHyper, step: int
     ) -> None:
         check_flat("adam_update", param, grad, m, v)
         self._check_inplace("adam_update", param, grad, m, v)
-        l2, decay, step_size, bc2_sqrt = adam_scalars(
-            lr, beta1, beta2, weight_decay, decoupled, step
-        )
+        l2, decay, step_size, bc2_sqrt = hyper.scalars(step)
         n = param.size
         self.launch(
-            "adam_update_f32",
+            UPDATE_KERNELS[SUFFIX[param.dtype]][1],
             n,
-            *(param, grad, m, v, n, beta1, beta2, eps, l2, decay, step_size, bc2_sqrt),
+            *(param, grad, m, v, n, hyper.beta1, hyper.beta2, hyper.eps),
+            *(l2, decay, step_size, bc2_sqrt),
         )
 
     def grad_norm(self, x: Any) -> Any:

@@ -90,25 +90,15 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         else:
             super().sum_into(out, x, axis=axis, alpha=alpha, beta=beta)
 
-    def matmul_into(
-        self,
-        out: Array,
-        x: Array,
-        y: Array,
-        *,
-        tx: bool,
-        ty: bool,
-        alpha: float = 1.0,
-        beta: float = 0.0,
-    ) -> None:
-        """One BLAS call: NumPy's GEMM when out = op(x) op(y) (it writes out directly), else
-        the GEMM with alpha and beta of NumPy's own OpenBLAS (``blas.py``), which scales and
-        accumulates as it writes: no temporary and no second pass over out. Where that BLAS
-        is not found, a GEMM into a temporary and a scaled add."""
-        if alpha == 1.0 and beta == 0.0:
-            np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y, out=out)
-        elif not blas.gemm(out, x, y, tx, ty, alpha, beta):
-            super().matmul_into(out, x, y, tx=tx, ty=ty, alpha=alpha, beta=beta)
+    def _matmul_out(self, out: Array, x: Array, y: Array, tx: bool, ty: bool) -> None:
+        np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y, out=out)
+
+    def _gemm(
+        self, out: Array, x: Array, y: Array, tx: bool, ty: bool, alpha: float, beta: float
+    ) -> bool:
+        """The GEMM with alpha and beta of NumPy's own OpenBLAS (``blas.py``): no temporary
+        and no second pass over out. False where that BLAS is not found."""
+        return blas.gemm(out, x, y, tx, ty, alpha, beta)
 
     def sum(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
         return np.add.reduce(x, axis=axis, keepdims=keepdims)  # np.sum's wrapper costs 3 us

@@ -27,9 +27,8 @@ from .fused import (
     TWO_K,
     Formulas,
     FusedOps,
-    adam_scalars,
-    check_flat,
 )
+from .updates import AdamHyper, SGDHyper, check_flat, state_dtype
 
 Array = Any
 # Large arrays go through the longer formulas CHUNK elements at a time, so that their
@@ -51,25 +50,43 @@ def _erfc(z: np.ndarray, out: np.ndarray) -> np.ndarray:
     return scipy.special.erfc(z, out=out)
 
 
+def _pieces(*arrays: Array | None) -> Any:
+    """Aligned CHUNK-element slices of equally long C-contiguous arrays (None stays None),
+    flattened: the one chunk loop of this module."""
+    flats = [None if a is None else a.reshape(-1) for a in arrays]
+    for start in range(0, arrays[0].size, CHUNK):
+        yield [None if f is None else f[start : start + CHUNK] for f in flats]
+
+
 def _chunks(*buffers: Array | None) -> Any:
-    """Optimizer buffers CHUNK elements at a time when all are long and contiguous: the ten or
-    so passes of an Adam update then stay in cache (1.5x at 10^6 float32), as a flat buffer
-    holding a whole model would otherwise spill it; else the buffers whole, once. Each piece
-    comes with two scratch arrays of its shape, ``(t, u, *pieces)``, cut from one allocation
-    as long as the longest piece, for the update's temporaries."""
+    """Optimizer buffers (the parameter, its gradient, its state) CHUNK elements at a time
+    when all are long and contiguous: the ten or so passes of an Adam update then stay in
+    cache (1.5x at 10^6 float32), as a flat buffer holding a whole model would otherwise
+    spill it; else the buffers whole, once. Each piece comes with two scratch arrays of its
+    shape, ``(t, u, *pieces)``, cut from one allocation as long as the longest piece, for the
+    update's temporaries. A float16 parameter and gradient come as float32 copies (the update
+    computes in ``state_dtype``), and the parameter's piece is rounded back when the caller
+    asks for the next one."""
     first = buffers[0]
+    dtype = state_dtype(first.dtype)
+    half = dtype is not first.dtype  # float16: two more rows, for the float32 p and g
     whole = first.size < 2 * CHUNK or not all(
         b is None or (b.flags.c_contiguous and b.shape == first.shape) for b in buffers
     )
-    scratch = np.empty((2, first.size if whole else CHUNK), first.dtype)
-    if whole:
-        yield scratch[0].reshape(first.shape), scratch[1].reshape(first.shape), *buffers
-        return
-    flats = [None if b is None else b.reshape(-1) for b in buffers]
-    for start in range(0, first.size, CHUNK):
-        pieces = [None if f is None else f[start : start + CHUNK] for f in flats]
-        n = pieces[0].size
-        yield scratch[0, :n], scratch[1, :n], *pieces
+    scratch = np.empty((4 if half else 2, first.size if whole else CHUNK), dtype)
+    for pieces in [buffers] if whole else _pieces(*buffers):
+        k = pieces[0].size
+        t, u = scratch[0, :k], scratch[1, :k]
+        if whole:
+            t, u = t.reshape(first.shape), u.reshape(first.shape)
+        if not half:
+            yield t, u, *pieces
+            continue
+        p, g = scratch[2, :k].reshape(t.shape), scratch[3, :k].reshape(t.shape)
+        np.copyto(p, pieces[0])
+        np.copyto(g, pieces[1])
+        yield t, u, p, g, *pieces[2:]
+        np.copyto(pieces[0], p)  # the one rounding to float16
 
 
 class NumpyFusedOps(FusedOps):
@@ -85,9 +102,8 @@ class NumpyFusedOps(FusedOps):
         if name not in LONG or x.size < 2 * CHUNK or not x.flags.c_contiguous:
             return f(self, x, alpha)
         out = np.empty_like(x)
-        flat, out_flat = x.reshape(-1), out.reshape(-1)
-        for start in range(0, flat.size, CHUNK):
-            out_flat[start : start + CHUNK] = f(self, flat[start : start + CHUNK], alpha)
+        for x_, out_ in _pieces(x, out):
+            out_[...] = f(self, x_, alpha)
         return out
 
     def activation_backward(
@@ -107,11 +123,8 @@ class NumpyFusedOps(FusedOps):
             d = df(self, saved, alpha)
             return np.multiply(d, g, out=d if out is None else out)
         dx = np.empty_like(g) if out is None else out
-        g_flat, s_flat, dx_flat = g.reshape(-1), saved.reshape(-1), dx.reshape(-1)
-        for start in range(0, g_flat.size, CHUNK):
-            end = start + CHUNK
-            d = df(self, s_flat[start:end], alpha)
-            np.multiply(d, g_flat[start:end], out=dx_flat[start:end])
+        for g_, saved_, dx_ in _pieces(g, saved, dx):
+            np.multiply(df(self, saved_, alpha), g_, out=dx_)
         return dx
 
     def sgd_update(
@@ -119,58 +132,41 @@ class NumpyFusedOps(FusedOps):
         param: Array,
         grad: Array,
         momentum_buf: Array | None,
+        hyper: SGDHyper,
         *,
-        lr: float,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
         first_step: bool = False,
     ) -> None:
         check_flat("sgd_update", param, grad, momentum_buf)
-        if momentum != 0.0 and momentum_buf is None:
+        h = hyper
+        if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
-        dt = param.dtype.type  # the scalars in the buffer's precision, as the kernel has them
-        lr_, wd, mu, keep = dt(lr), dt(weight_decay), dt(momentum), dt(1.0) - dt(dampening)
+        dt = state_dtype(param.dtype).type  # the scalars in the update's precision, as CUDA's
+        lr, wd, mu, keep = dt(h.lr), dt(h.weight_decay), dt(h.momentum), dt(1) - dt(h.dampening)
         for t, u, p, g, buf in _chunks(param, grad, momentum_buf):
             # FusedOps.sgd_update's expression, operation for operation (the same bits), on
             # two cache-sized scratch rows instead of fresh temporaries
             d = g
-            if weight_decay != 0.0:
+            if h.weight_decay != 0.0:
                 d = np.multiply(p, wd, out=t)
                 d += g
-            if momentum != 0.0:
+            if h.momentum != 0.0:
                 if first_step:
                     buf[...] = d
                 else:
                     buf *= mu
                     buf += np.multiply(d, keep, out=u)
-                d = np.add(d, np.multiply(buf, mu, out=u), out=u) if nesterov else buf
-            p -= np.multiply(d, lr_, out=t)
+                d = np.add(d, np.multiply(buf, mu, out=u), out=u) if h.nesterov else buf
+            p -= np.multiply(d, lr, out=t)
 
     def adam_update(
-        self,
-        param: Array,
-        grad: Array,
-        m: Array,
-        v: Array,
-        *,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float = 0.0,
-        decoupled: bool = False,
-        step: int,
+        self, param: Array, grad: Array, m: Array, v: Array, hyper: AdamHyper, *, step: int
     ) -> None:
         check_flat("adam_update", param, grad, m, v)
-        l2, decay, step_size, bc2_sqrt = adam_scalars(
-            lr, beta1, beta2, weight_decay, decoupled, step
-        )
-        dt = param.dtype.type  # the scalars in the buffer's precision, as the kernel has them
-        b1, b2, one = dt(beta1), dt(beta2), dt(1.0)
+        l2, decay, step_size, bc2_sqrt = hyper.scalars(step)
+        dt = state_dtype(param.dtype).type  # the scalars in the update's precision, as CUDA's
+        b1, b2, one = dt(hyper.beta1), dt(hyper.beta2), dt(1.0)
         c1, c2 = one - b1, one - b2
-        l2_, decay_, ss, bc2, eps_ = dt(l2), dt(decay), dt(step_size), dt(bc2_sqrt), dt(eps)
+        l2_, decay_, ss, bc2, eps = dt(l2), dt(decay), dt(step_size), dt(bc2_sqrt), dt(hyper.eps)
         for t, u, p, g, m_, v_ in _chunks(param, grad, m, v):
             # FusedOps.adam_update's expression, operation for operation (the same bits),
             # on two cache-sized scratch rows instead of fresh temporaries
@@ -188,7 +184,7 @@ class NumpyFusedOps(FusedOps):
             v_ += sq
             q = np.sqrt(v_, out=u)
             q /= bc2
-            q += eps_
+            q += eps
             q = np.divide(m_, q, out=u)
             q *= ss
             p -= q

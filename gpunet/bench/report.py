@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..formatting import seconds
+from ..formatting import table as text_table
 from .run import MODEL_GPU, Results, Row
 
 FLOORS = {"mlp": "gemm-floor", "ops": "numpy"}
@@ -145,16 +147,6 @@ def ratios(rows: list[Row]) -> list[dict[str, float | None]]:
 
 
 # ---------------------------------------------------------------------- formats
-def seconds(s: float | None) -> str:
-    """3 significant digits in ns, us, ms or s."""
-    if s is None or not math.isfinite(s):
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if s >= scale:
-            return f"{s / scale:.3g} {unit}"
-    return f"{s / 1e-9:.3g} ns"
-
-
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
@@ -191,27 +183,7 @@ def table_rows(results: Results) -> tuple[list[str], list[list[str]]]:
 def format_table(results: Results, markdown: bool = False) -> str:
     """The results as an aligned text table, or a Markdown one."""
     head, body = table_rows(results)
-    n = len(head)
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |"]
-        lines.append("| " + " | ".join("---:" if i in RIGHT else "---" for i in range(n)) + " |")
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
-    widths = [max(len(c[i]) for c in [head, *body]) for i in range(n)]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i in RIGHT else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        ).rstrip()
-
-    lines = [fmt(head), fmt(["-" * w for w in widths])]
-    prev = None
-    for cells in body:
-        if prev is not None and cells[:2] != prev:
-            lines.append("")
-        prev = cells[:2]
-        lines.append(fmt(cells))
-    return "\n".join(lines)
+    return text_table(head, body, markdown=markdown, right=RIGHT, group=2)
 
 
 def summary_table(results: Results, suite: str, device: str = "cpu") -> str:

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..autodiff import call
+from ..backend.updates import AdamHyper
 from ..tensor import Tensor
 from .flat import FlatBuffer
 from .optimizer import Optimizer
@@ -46,19 +47,13 @@ class Adam(Optimizer):
             st["step"] += 1
             states.append(st)
         beta1, beta2 = group["betas"]
+        hyper = AdamHyper(
+            group["lr"], beta1, beta2, group["eps"], group["weight_decay"], self.decoupled
+        )
         # Neighbours at the same step count share one fused update.
         for start, stop, step in flat.spans(indices, [st["step"] for st in states]):
             arrays = (flat.data[start:stop], flat.grad[start:stop], m[start:stop], v[start:stop])
-            hyper = dict(
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled=self.decoupled,
-                step=step,
-            )
-            call("adam_update", flat.backend.adam_update, *arrays, **hyper)
+            call("adam_update", flat.backend.adam_update, *arrays, hyper=hyper, step=step)
 
 
 class AdamW(Adam):

@@ -18,6 +18,7 @@ import weakref
 from typing import Any
 
 from ..autodiff import call
+from ..backend.updates import state_dtype
 from ..tensor import Tensor
 
 Array = Any
@@ -95,10 +96,11 @@ class FlatBuffer:
         return self.backend.xp.reshape(flat[self.offsets[i] : self.offsets[i + 1]], self.shapes[i])
 
     def buffer(self, name: str) -> Array:
-        """The flat optimizer buffer ``name`` (zeros when first asked for)."""
+        """The flat optimizer buffer ``name`` (zeros when first asked for), in ``state_dtype``:
+        float32 for float16 parameters."""
         buf = self.buffers.get(name)
         if buf is None:
-            buf = self.buffers[name] = self.backend.zeros((self.size,), self.dtype)
+            buf = self.buffers[name] = self.backend.zeros((self.size,), state_dtype(self.dtype))
         return buf
 
     def sync_params(self) -> None:

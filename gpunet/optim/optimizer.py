@@ -17,6 +17,7 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..autodiff import enable_grad
 from ..tensor import Tensor
 from .flat import FlatBuffer
 
@@ -127,8 +128,6 @@ class Optimizer:
         """One update of every parameter with a gradient; ``closure`` re-evaluates the loss."""
         loss = None
         if closure is not None:
-            from ..autodiff import enable_grad  # here: gpunet.optim loads before autodiff
-
             with enable_grad():
                 loss = closure()
         for group, members in zip(self.param_groups, self._members):

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..autodiff import call
+from ..backend.updates import SGDHyper
 from ..tensor import Tensor
 from .flat import FlatBuffer
 from .optimizer import Optimizer
@@ -91,21 +92,16 @@ class SGD(Optimizer):
         # A parameter's first step with momentum starts its buffer: a run of its own.
         firsts = [momentum != 0 and st.get("momentum_buffer") is None for st in states]
         buf = flat.buffer("momentum_buffer") if momentum != 0 else None
+        hyper = SGDHyper(
+            group["lr"], momentum, group["dampening"], group["nesterov"], group["weight_decay"]
+        )
         for start, stop, first in flat.spans(indices, firsts):
             arrays = (
                 flat.data[start:stop],
                 flat.grad[start:stop],
                 None if buf is None else buf[start:stop],
             )
-            hyper = dict(
-                lr=group["lr"],
-                momentum=momentum,
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"],
-                first_step=first,
-            )
-            call("sgd_update", flat.backend.sgd_update, *arrays, **hyper)
+            call("sgd_update", flat.backend.sgd_update, *arrays, hyper=hyper, first_step=first)
         for i, st in zip(indices, states):
             st["momentum_buffer"] = None if buf is None else flat.view(buf, i)
 
