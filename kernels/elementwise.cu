@@ -74,7 +74,7 @@
 // The instantiations, one per activation and dtype; above each, the extern "C" symbols it
 // defines (GN_ACTIVATION: ACT_fwd_DT, ACT_bwd_DT, bias_ACT_fwd_DT; GN_ACTIVATION_WITH_Y adds
 // ACT_bwd_from_y_DT), so that grep finds every kernel name here. kernels.py launches them by
-// these names (ACTIVATION_KERNELS); tests/test_kernels.py holds each list to what the
+// these names (ACTIVATION_KERNELS); tests/kernels/test_kernels.py holds each list to what the
 // preprocessor makes of the line below it.
 
 // ---- f16: gn_half storage, float arithmetic

@@ -3,7 +3,7 @@
 //   g++ -std=c++17 -O2 -ffp-contract=off -fPIC -shared -include host_emulation.h shim.cpp
 //
 // where shim.cpp includes the .cu files and defines, per kernel, an extern "C" launcher
-// (tests/kernel_tools.py generates it from the launch table in gpunet/backend/kernels.py):
+// (tests/kernels/kernel_tools.py generates it from the launch table in gpunet/backend/kernels.py):
 //
 //   extern "C" void emu_relu_fwd_f32(unsigned grid, unsigned block, const float* x, ...) {
 //       gn_emu::launch(false, relu_fwd_f32, grid, block, x, ...);

@@ -93,7 +93,7 @@ __host__ __device__ __forceinline__ void gn_row_max_sum(const T* row, long long 
     }
 
 // The instantiations; above each, the extern "C" symbol it defines (kernels.py launches
-// them by these names, CROSS_ENTROPY_KERNELS; tests/test_kernels.py checks each list).
+// them by these names, CROSS_ENTROPY_KERNELS; tests/kernels/test_kernels.py checks each list).
 // cross_entropy_rows_f32
 GN_CE_FORWARD(f32, float)
 // cross_entropy_rows_f64

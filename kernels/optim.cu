@@ -62,7 +62,7 @@ __device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float
 }
 
 // The instantiations, one per parameter storage type; above each, the extern "C" symbols it
-// defines (kernels.py launches them by these names, UPDATE_KERNELS; tests/test_kernels.py
+// defines (kernels.py launches them by these names, UPDATE_KERNELS; tests/kernels/test_kernels.py
 // checks each list).
 #define GN_UPDATES(SFX, S)                                                                    \
     extern "C" __global__ void sgd_update_##SFX(S* p, const S* g, float* buf, long long n,    \

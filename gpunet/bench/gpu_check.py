@@ -5,8 +5,8 @@ Stages, each in its own process with its own time limit (a hung stage is killed 
 ``timeout``; the next still runs, inside the overall budget):
 
 1. ``gpu tests``: ``pytest -m gpu`` over the suite but the kernel goldens;
-2. ``kernels``: ``tests/test_kernels_gpu.py``, every fused kernel (float16/32/64) against the
-   golden float64 outputs in ``tests/golden/kernels.npz``;
+2. ``kernels``: ``tests/kernels/test_kernels_gpu.py``, every fused kernel (float16/32/64)
+   against the golden float64 outputs in ``tests/kernels/golden/kernels.npz``;
 3. ``cublas gemm``: ``matmul_into`` with alpha and beta through cuBLAS against float64 NumPy,
    and the time of one large scaled GEMM;
 4. ``bench``: ``gpunet bench --device cuda`` at the MLP sizes whose training state fits a
@@ -112,7 +112,7 @@ def mlp_sizes_that_fit(free_bytes: float) -> list[str]:
 # ---------------------------------------------------------------------- the stages
 def stages(python: str, free_bytes: float, bench_out: Path) -> list[Stage]:
     tests = ROOT / "tests"
-    kernels = tests / "test_kernels_gpu.py"
+    kernels = tests / "kernels" / "test_kernels_gpu.py"
     pytest = [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
     pytest += ["--benchmark-disable"]
     sizes = ",".join([*mlp_sizes_that_fit(free_bytes), "1e3", "1e5", "1e7"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_primitives import SPECS
+from primitives.specs import SPECS
 
 import gpunet
 from gpunet import costs, optim

@@ -1,4 +1,5 @@
-"""The fused kernels on a real GPU, against golden float64 outputs (tests/golden/kernels.npz).
+"""The fused kernels on a real GPU, against golden float64 outputs
+(tests/kernels/golden/kernels.npz).
 
 The goldens are the NumPy backend's results in float64 on fixed-seed inputs. The GPU tests
 (marked ``gpu``: they skip, with the reason, where no CUDA device answers) run every
@@ -7,7 +8,7 @@ CupyBackend in float32, float64 and float16, and compare. ``test_goldens_are_cur
 GPU needed) recomputes the goldens with the NumPy backend, so they never drift from the
 formulas. After changing a formula on purpose, regenerate them:
 
-    .venv/bin/python tests/test_kernels_gpu.py
+    .venv/bin/python tests/kernels/test_kernels_gpu.py
 """
 
 from __future__ import annotations
