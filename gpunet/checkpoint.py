@@ -37,12 +37,20 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read, or does not fit the model or optimizer it is loaded into."""
 
 
-def save(path: str | os.PathLike, model: Any, optimizer: Any = None, **metadata: Any) -> None:
+def save(
+    path: str | os.PathLike,
+    model: Any,
+    optimizer: Any = None,
+    *,
+    rng_state: dict[str, Any] | None = None,
+    **metadata: Any,
+) -> None:
     """Write ``model`` (anything with ``state_dict()``), optionally ``optimizer``, the state of
-    ``gpunet``'s default random generator, and JSON-serializable ``metadata`` to ``path``
-    atomically."""
+    ``gpunet``'s default random generator (``rng_state``, one taken earlier with
+    ``default_generator.get_state()``, or the current one), and JSON-serializable
+    ``metadata`` to ``path`` atomically."""
     tensors = {f"model.{k}": _host(v) for k, v in model.state_dict().items()}
-    rng = random.default_generator.get_state()
+    rng = dict(random.default_generator.get_state() if rng_state is None else rng_state)
     for dev, state in rng.pop("devices").items():
         tensors[_RNG_PREFIX + dev] = state
     header = {_FORMAT_KEY: FORMAT, _RNG_KEY: json.dumps(rng)}

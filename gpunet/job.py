@@ -172,8 +172,7 @@ class _Checkpoints:
         if history.best_epoch == epoch:
             self.best = model
         extra = {"history": copy.deepcopy(history.as_dict()), "loader": self.loader.state_dict()}
-        extra["rng"] = default_generator.get_state()
-        self.pending = (model, self.opt.state_dict(), extra)
+        self.pending = (model, self.opt.state_dict(), extra, default_generator.get_state())
         if time.monotonic() - self.last_write >= self.every:
             self.write()
 
@@ -182,14 +181,14 @@ class _Checkpoints:
         (stopped early, diverged or interrupted), which --resume reads."""
         if self.pending is None:
             return
-        model, opt, extra = self.pending
+        model, opt, extra, rng = self.pending
         if final is not None:
             extra["history"] = copy.deepcopy(final.as_dict())
         if self.best is not None:
             save(self.run / "best.safetensors", _Frozen.of(self.model, self.best))
         frozen_opt = _Frozen.of(self.opt, opt)
         path = self.run / "checkpoint.safetensors"
-        save(path, _Frozen.of(self.model, model), frozen_opt, **extra, **self.meta)
+        save(path, _Frozen.of(self.model, model), frozen_opt, rng_state=rng, **extra, **self.meta)
         self.pending, self.last_write = None, time.monotonic()
 
     def restore(self) -> tuple[History, dict[str, Any] | None]:
@@ -200,8 +199,7 @@ class _Checkpoints:
             load(self.run / "best.safetensors", self.model)
             best = {k: np.array(v.numpy()) for k, v in self.model.state_dict().items()}
         meta = load(self.run / "checkpoint.safetensors", self.model, self.opt)
-        self.loader.load_state_dict(meta["loader"])
-        default_generator.set_state(meta["rng"])
+        self.loader.load_state_dict(meta["loader"])  # (load restored the generator)
         return History.from_dict(meta["history"]), best
 
 
