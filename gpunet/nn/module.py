@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import dtypes, ops
+from ..autodiff import segment
 from ..backend import Device, get_backend
 from ..creation import tensor as _new_tensor
 from ..tensor import Tensor
@@ -210,6 +211,7 @@ class Module:
             p.requires_grad = requires_grad
         return self
 
+    @segment()
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget accumulated gradients: set them to None, or fill them with zeros in place."""
         for p in self.parameters():

@@ -17,7 +17,7 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..autodiff import enable_grad
+from ..autodiff import enable_grad, segment
 from ..tensor import Tensor
 from .flat import FlatBuffer
 
@@ -113,6 +113,7 @@ class Optimizer:
         return None
 
     # ---------------------------------------------------------------- the step
+    @segment()
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the gradients: ``grad = None`` (default), or zeros in the flat array."""
         for flat in self._flats:
@@ -124,6 +125,7 @@ class Optimizer:
                 elif p.grad is not None:
                     p.grad = Tensor._wrap(flat.grad_views[i], flat.backend)
 
+    @segment(lambda self, closure=None: self._all_params())
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter with a gradient; ``closure`` re-evaluates the loss."""
         loss = None
