@@ -219,10 +219,13 @@ def call(name: str, method: Callable[..., Any], /, *arrays: Any, **params: Any) 
 def _record_call(
     name: str, method: Callable[..., Any], arrays: tuple, params: dict, flags: int
 ) -> Any:
-    """``call`` while a step capture records: the method runs on plain floats (a ``Live``
-    value is a float subclass, which NumPy would not treat as a Python float), and the
-    recording keeps the ``Live`` values to read them again at each replay."""
-    plain = {k: float(v) if type(v) is Live else v for k, v in params.items()}
+    """``call`` while a step capture records: the method runs on plain values (a ``Live``
+    value is a float subclass, which NumPy would not treat as a Python float; a ``Dynamic``
+    gives its ``value``), and the recording keeps them to compute again at each replay."""
+    plain = {
+        k: float(v) if type(v) is Live else v.value if type(v) is Dynamic else v
+        for k, v in params.items()
+    }
     result = method(*arrays, **plain)
     if flags & OBSERVE:
         ins = arrays[1:] if result is None and method.__name__.endswith("_into") else arrays
@@ -245,18 +248,21 @@ def refuse(op: str, why: str = "takes a value to the host") -> None:
     )
 
 
-def segment(params_of: Callable[..., Any] | None = None) -> Callable[[Callable], Callable]:
+def segment(
+    params_of: Callable[..., Any] | None = None, records: Callable[..., bool] | None = None
+) -> Callable[[Callable], Callable]:
     """Mark a function (an optimizer's step, a schedule's, clipping) that a step capture runs
     again as Python at each replay rather than recording its backend calls: what it reads
     (the lr a schedule set, step counts) changes between steps. ``params_of(*args, **kw)``
-    names the parameters whose gradients it reads."""
+    names the parameters whose gradients it reads; where ``records(*args, **kw)`` is true,
+    its backend calls are recorded instead (their changing values passed as ``Dynamic``)."""
 
     def wrap(fn: Callable) -> Callable:
         name = fn.__qualname__
 
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
-            if STATE.flags & CAPTURE:
+            if STATE.flags & CAPTURE and (records is None or not records(*args, **kwargs)):
                 params = list(params_of(*args, **kwargs)) if params_of is not None else []
                 return STATE.recorder.segment(name, fn, args, kwargs, params)
             return fn(*args, **kwargs)
@@ -828,6 +834,25 @@ class Live(float):
         obj = super().__new__(cls, value)
         obj.fn = fn  # type: ignore[attr-defined]
         return obj
+
+
+class Dynamic:
+    """A parameter of a backend call (an optimizer's hyperparameters, Adam's step count)
+    that a step capture computes afresh at each replay, as ``fn()``: eager calls get
+    ``value``. ``fn`` may advance state (a step count) and runs once per replay."""
+
+    __slots__ = ("fn", "value")
+
+    def __init__(self, value: Any, fn: Callable[[], Any]) -> None:
+        self.value, self.fn = value, fn
+
+    def __repr__(self) -> str:
+        return f"Dynamic({self.value!r})"
+
+
+def dynamic(value: Any, fn: Callable[[], Any]) -> Any:
+    """``value``, or while a step capture records, a ``Dynamic`` that replays ``fn()``."""
+    return Dynamic(value, fn) if STATE.flags & CAPTURE else value
 
 
 def _live(step: Any) -> tuple[Live, Live] | None:

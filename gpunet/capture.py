@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,7 +61,12 @@ def _describe(a: Any) -> tuple:
     return (_address(a), tuple(a.shape), tuple(a.strides), str(a.dtype))
 
 
+_CHANGING = (autodiff.Live, autodiff.Dynamic)  # parameters computed afresh at each replay
+
+
 def _same_param(x: Any, y: Any) -> bool:
+    if isinstance(x, _CHANGING):  # (they may differ between steps: that is their point)
+        return type(x) is type(y)
     if _is_array(x) or _is_array(y):
         return x is y
     if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
@@ -285,12 +290,16 @@ class _Program:
                 env[f"s{i}"] = _segment_runner(e, rec)
                 lines.append(f"    s{i}()")
                 continue
+            fast = _numpy_in_place(e, rec.arrays, env, i)
+            if fast is not None:  # the same NumPy calls, writing the capture's buffer
+                lines += [f"    {line}" for line in fast]
+                continue
             env[f"f{i}"] = e.fn
             args = [arg(r, i, j) for j, r in enumerate(e.ins)]
             for name, value in e.params.items():
                 env[f"p{i}_{name}"] = value
-                # a Live value (an in-backward step's lr) is read again at every replay
-                read = ".fn()" if isinstance(value, autodiff.Live) else ""
+                # a Live or Dynamic value (an lr, a step count) is computed at every replay
+                read = ".fn()" if isinstance(value, _CHANGING) else ""
                 args.append(f"{name}=p{i}_{name}{read}")
             call = f"f{i}({', '.join(args)})"
             if e.kind == "made":
@@ -317,7 +326,7 @@ class _Program:
                 _segment_runner(e, self.rec)()
                 continue
             ins = [arrays[r[1]] if r[0] == "a" else r[1] for r in e.ins]
-            params = {k: v.fn() if isinstance(v, autodiff.Live) else v for k, v in e.params.items()}
+            params = {k: v.fn() if isinstance(v, _CHANGING) else v for k, v in e.params.items()}
             if e.kind in ("made", "same", "into"):
                 result = e.fn(*ins, **params)
                 if e.kind == "made":
@@ -326,6 +335,61 @@ class _Program:
                 continue
             out = arrays[e.out[1]] if e.out is not None else ins[0]
             autodiff.observe(e.name, ins[1:] if e.kind == "into" else ins, params, out)
+
+
+def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> list[str] | None:
+    """Lines that make the NumPy calls the backend method ``e.fn`` makes, writing straight
+    into the recorded output (no temporary, no copy, no Python frame of the backend's), for
+    the hot methods of a training step; None for any other call. Inputs are the capture's
+    own arrays, so a transposed operand is a view made here, once."""
+    from .backend.numpy_backend import NumpyBackend
+
+    if not isinstance(getattr(e.fn, "__self__", None), NumpyBackend) or e.kind not in (
+        "made",
+        "into",
+    ):
+        return None
+    p = e.params
+    if any(isinstance(v, _CHANGING) for v in p.values()) or any(r[0] != "a" for r in e.ins):
+        return None
+    ins = [arrays[r[1]] for r in e.ins]
+    if e.kind == "made":
+        out = arrays[e.out[1]]
+    else:
+        out, ins = ins[0], ins[1:]
+    if not isinstance(out, np.ndarray) or out.dtype.kind != "f":
+        return None
+    method = e.fn.__name__
+
+    def name(value: Any, tag: str) -> str:
+        env[f"n{i}_{tag}"] = value
+        return f"n{i}_{tag}"
+
+    o = name(out, "out")
+    if method in ("matmul", "matmul_into"):
+        if method == "matmul_into" and (p.get("alpha", 1.0) != 1.0 or p.get("beta", 0.0) != 0.0):
+            return None  # (a scaling GEMM: the backend's own BLAS call)
+        x, y = ins
+        x = x.swapaxes(-1, -2) if p["tx"] else x
+        y = y.swapaxes(-1, -2) if p["ty"] else y
+        return [f"{name(np.matmul, 'mm')}({name(x, 'x')}, {name(y, 'y')}, out={o})"]
+    if method == "sum_into" and p.get("alpha", 1.0) == 1.0 and p.get("beta", 0.0) == 0.0:
+        reduce = name(np.add.reduce, "sum")
+        return [f"{reduce}({name(ins[0], 'x')}, axis={name(p['axis'], 'axis')}, out={o})"]
+    if method == "linear_activation" and p["activation"] in (None, "relu"):
+        x, w, b = (name(a, t) for a, t in zip(ins, "xwb"))
+        lines = [
+            f"{name(np.matmul, 'mm')}({x}, {w}, out={o})",
+            f"{name(np.add, 'add')}({o}, {b}, out={o})",
+        ]
+        if p["activation"] == "relu":
+            lines.append(f"{name(np.maximum, 'max')}({o}, 0, out={o})")
+        return lines
+    if method == "activation_backward" and "out" not in p:
+        env[f"f{i}"] = e.fn
+        keywords = "".join(f", {k}={name(v, k)}" for k, v in p.items())
+        return [f"f{i}({name(ins[0], 'g')}, {name(ins[1], 's')}{keywords}, out={o})"]
+    return None
 
 
 _PURE = frozenset({"zeros", "ones", "full"})  # calls whose result depends on their params only
@@ -372,11 +436,6 @@ def _unflatten(spec: Any, leaves: list[Any]) -> Any:
     return tuple(items) if tag == "tuple" else items
 
 
-def _key(spec: Any, tensors: list[Tensor]) -> tuple:
-    """The input signature: each tensor's shape, dtype and device, and the rest by value."""
-    return (repr(spec), tuple((t.shape, str(t.dtype), str(t.device)) for t in tensors))
-
-
 class _Capture:
     """One input signature's capture: its program and the arrays it owns."""
 
@@ -418,13 +477,21 @@ class CapturedStep:
         return getattr(self.fn, "__qualname__", repr(self.fn))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        tensors: list[Tensor] = []
-        spec = _flatten((args, kwargs), tensors)
-        key = _key(spec, tensors)
         self.calls += 1
-        cap = self._captures.get(key)
-        if cap is not None:
-            return self._replay(cap, tensors)
+        if not kwargs and all(type(a) is Tensor for a in args):  # the common call: no flatten
+            key = (None, tuple((a.data.shape, a.data.dtype, a._backend) for a in args))
+            cap = self._captures.get(key)
+            if cap is not None:
+                return self._replay(cap, args)  # type: ignore[arg-type]
+            tensors: list[Tensor] = list(args)
+            spec = _flatten((args, kwargs), [])
+        else:
+            tensors = []
+            spec = _flatten((args, kwargs), tensors)
+            key = (repr(spec), tuple((t.data.shape, t.data.dtype, t._backend) for t in tensors))
+            cap = self._captures.get(key)
+            if cap is not None:
+                return self._replay(cap, tensors)
         if self._captures and self.on_new_signature == "raise" and key not in self._pending:
             known = next(iter(self._captures))
             raise CaptureError(
@@ -435,7 +502,7 @@ class CapturedStep:
             )
         return self._record(key, spec, tensors)
 
-    def _replay(self, cap: _Capture, tensors: list[Tensor]) -> Any:
+    def _replay(self, cap: _Capture, tensors: Sequence[Tensor]) -> Any:
         prog = cap.program
         if STATE.flags & CAPTURE:
             raise CaptureError(f"gpunet.capture({self.name}): called inside another capture")
@@ -504,7 +571,7 @@ class CapturedStep:
 
 
 def _show_key(key: tuple) -> str:
-    return "(" + ", ".join(f"{d} {dt} {tuple(s)}" for s, dt, d in key[1]) + ")"
+    return "(" + ", ".join(f"{b.device} {dt} {tuple(s)}" for s, dt, b in key[1]) + ")"
 
 
 def graph_support(backend: Any) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import dtypes, ops
-from ..autodiff import segment
+from ..autodiff import CAPTURE, STATE, call
 from ..backend import Device, get_backend
 from ..creation import tensor as _new_tensor
 from ..tensor import Tensor
@@ -211,7 +211,6 @@ class Module:
             p.requires_grad = requires_grad
         return self
 
-    @segment()
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget accumulated gradients: set them to None, or fill them with zeros in place."""
         for p in self.parameters():
@@ -220,6 +219,8 @@ class Module:
                 continue
             if set_to_none:
                 p.grad = None
+            elif STATE.flags & CAPTURE:  # (a backend call, so a step capture replays it)
+                call("fill", _zero, g.data)
             else:
                 g.data[...] = 0
 
@@ -353,3 +354,8 @@ def _copy_tensor(t: Tensor) -> Tensor:
     if t.grad is not None:
         out.grad = ops.copy(t.grad.detach())
     return out
+
+
+def _zero(out: Any) -> None:
+    """out <- 0, in place."""
+    out[...] = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..autodiff import call
+from ..autodiff import call, dynamic
 from ..backend.updates import SGDHyper
 from ..tensor import Tensor
 from .flat import FlatBuffer
@@ -80,6 +80,8 @@ class SGD(Optimizer):
             if saved != mine
         ]
 
+    _capturable = True
+
     def _grad_buffers(self) -> bool:
         return not self.defaults["in_backward"]
 
@@ -92,18 +94,29 @@ class SGD(Optimizer):
         # A parameter's first step with momentum starts its buffer: a run of its own.
         firsts = [momentum != 0 and st.get("momentum_buffer") is None for st in states]
         buf = flat.buffer("momentum_buffer") if momentum != 0 else None
-        hyper = SGDHyper(
-            group["lr"], momentum, group["dampening"], group["nesterov"], group["weight_decay"]
-        )
+
+        def hyper_now() -> SGDHyper:
+            return SGDHyper(
+                group["lr"], momentum, group["dampening"], group["nesterov"], group["weight_decay"]
+            )
+
+        # (a capture replays these with the lr of the moment; every momentum buffer exists
+        # by then, so no step it replays is a first one)
+        hyper = dynamic(hyper_now(), hyper_now)
         for start, stop, first in flat.spans(indices, firsts):
             arrays = (
                 flat.data[start:stop],
                 flat.grad[start:stop],
                 None if buf is None else buf[start:stop],
             )
-            call("sgd_update", flat.backend.sgd_update, *arrays, hyper=hyper, first_step=first)
+            first_step = dynamic(first, _false)
+            call("sgd_update", flat.backend.sgd_update, *arrays, hyper=hyper, first_step=first_step)
         for i, st in zip(indices, states):
             st["momentum_buffer"] = None if buf is None else flat.view(buf, i)
+
+
+def _false() -> bool:
+    return False
 
 
 class InBackward:
