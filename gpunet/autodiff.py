@@ -234,9 +234,23 @@ def _record_call(
     return result
 
 
+# Bumped when arrays that a captured step may have recorded are replaced (an optimizer packs
+# its flat buffers again, a module moves): a capture recorded before records again.
+LAYOUT = [0]
+
+
+def layout_changed() -> None:
+    """Say that parameters' or optimizer buffers' arrays were replaced (captures re-record)."""
+    LAYOUT[0] += 1
+
+
 class CaptureError(RuntimeError):
     """A step cannot be captured as written (a host read, a value-dependent branch, a new
-    input signature under ``on_new_signature='raise'``): see ``gpunet.capture``."""
+    input signature under ``on_new_signature='raise'``): see ``gpunet.capture``. ``result``:
+    what the step returned, where it ran to its end eagerly before the error (the two
+    recordings differed), else None."""
+
+    result: Any = None
 
 
 def refuse(op: str, why: str = "takes a value to the host") -> None:

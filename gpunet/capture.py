@@ -440,6 +440,7 @@ class _Capture:
     """One input signature's capture: its program and the arrays it owns."""
 
     def __init__(self, program: _Program, out_spec: Any, out_tensors: list[Tensor]) -> None:
+        self.layout = autodiff.LAYOUT[0]  # (replaced arrays since: record again)
         self.program = program
         self.out_spec = out_spec
         self.out_tensors = out_tensors
@@ -468,7 +469,7 @@ class CapturedStep:
         self.on_new_signature = on_new_signature
         self.max_captures = max_captures
         self._captures: collections.OrderedDict[tuple, _Capture] = collections.OrderedDict()
-        self._pending: dict[tuple, tuple[_Recorder, list[Any]]] = {}  # first recordings
+        self._pending: dict[tuple, tuple[_Recorder, list[Any], int]] = {}  # first recordings
         self.calls = 0
         self.replays = 0
 
@@ -481,7 +482,7 @@ class CapturedStep:
         if not kwargs and all(type(a) is Tensor for a in args):  # the common call: no flatten
             key = (None, tuple((a.data.shape, a.data.dtype, a._backend) for a in args))
             cap = self._captures.get(key)
-            if cap is not None:
+            if cap is not None and cap.layout == autodiff.LAYOUT[0]:
                 return self._replay(cap, args)  # type: ignore[arg-type]
             tensors: list[Tensor] = list(args)
             spec = _flatten((args, kwargs), [])
@@ -490,7 +491,7 @@ class CapturedStep:
             spec = _flatten((args, kwargs), tensors)
             key = (repr(spec), tuple((t.data.shape, t.data.dtype, t._backend) for t in tensors))
             cap = self._captures.get(key)
-            if cap is not None:
+            if cap is not None and cap.layout == autodiff.LAYOUT[0]:
                 return self._replay(cap, tensors)
         if self._captures and self.on_new_signature == "raise" and key not in self._pending:
             known = next(iter(self._captures))
@@ -500,6 +501,8 @@ class CapturedStep:
                 "on_new_signature='raise'. Pass inputs of the captured shapes (pad or drop "
                 "the last batch), or capture with on_new_signature='recapture'."
             )
+        if cap is not None:  # parameters or optimizer buffers were replaced since
+            del self._captures[key]
         return self._record(key, spec, tensors)
 
     def _replay(self, cap: _Capture, tensors: Sequence[Tensor]) -> Any:
@@ -517,6 +520,8 @@ class CapturedStep:
         if STATE.flags & CAPTURE:
             raise CaptureError(f"gpunet.capture({self.name}): called inside another capture")
         pending = self._pending.get(key)
+        if pending is not None and pending[2] != autodiff.LAYOUT[0]:
+            pending = None  # (arrays replaced since the first recording: start again)
         if pending is None:  # the capture's own input buffers, used by both recordings
             buffers = [t._backend.copy(t.data) for t in tensors]
         else:
@@ -539,10 +544,14 @@ class CapturedStep:
             STATE.flags &= ~CAPTURE
             STATE.recorder = prev_rec
         if pending is None:
-            self._pending[key] = (rec, buffers)
+            self._pending[key] = (rec, buffers, autodiff.LAYOUT[0])
             return result
         del self._pending[key]
-        _compare(pending[0], rec, self.name)
+        try:
+            _compare(pending[0], rec, self.name)
+        except CaptureError as e:
+            e.result = result  # (the step ran eagerly to its end: its caller may use this)
+            raise
         out_tensors: list[Tensor] = []
         out_spec = _flatten(result, out_tensors)
         owned = []

@@ -234,6 +234,11 @@ def _train_parser(sub: Any) -> None:
         help="continue an interrupted run folder with its own options",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--no-capture",
+        action="store_true",
+        help="run each training step eagerly (default: recorded once, then replayed)",
+    )
 
 
 def _predict_parser(sub: Any) -> None:

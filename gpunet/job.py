@@ -276,6 +276,7 @@ def train(args: argparse.Namespace) -> int:
         on_epoch_end=checkpoints,
         history=history,
         best_state=best,
+        capture=not getattr(args, "no_capture", False),
     )
     seconds = time.perf_counter() - start
     checkpoints.write(history)

@@ -307,3 +307,78 @@ def test_memory_is_flat_over_1000_replays() -> None:
     finally:
         tracemalloc.stop()
     assert late - early < 20_000, (early, late)
+
+
+# ---------------------------------------------------------------------- where users meet it
+def _fit(capture: bool, dropout: float = 0.2) -> tuple[Any, list]:
+    from gpunet.data import DataLoader, Dataset
+    from gpunet.train import fit
+
+    r = np.random.default_rng(0)
+    y = r.integers(0, 3, 150)  # 150 rows, batches of 32: a last batch of 22 (a 2nd signature)
+    x = (np.eye(3)[y] @ r.standard_normal((3, 6)) + r.standard_normal((150, 6))).astype(np.float32)
+    gpunet.manual_seed(0)
+    model = nn.MLP([6, 16, 3], dropout=dropout)
+    opt = optim.Adam(model.parameters(), lr=1e-2)
+    train = DataLoader(Dataset(x, y), batch_size=32, shuffle=True, seed=0)
+    history = fit(model, F.cross_entropy, opt, train, epochs=4, progress=False, capture=capture)
+    return history, [p.numpy().copy() for p in model.parameters()]
+
+
+def test_fit_with_capture_equals_fit_without_bit_for_bit() -> None:
+    (eager, we), (captured, wc) = _fit(False), _fit(True)
+    assert eager.train_loss == captured.train_loss
+    assert eager.train_accuracy == captured.train_accuracy
+    for u, v in zip(we, wc):
+        assert np.array_equal(u, v)
+    assert not captured.warnings
+
+
+def test_fit_runs_a_step_it_cannot_capture_eagerly_with_a_warning() -> None:
+    from gpunet.data import DataLoader, Dataset
+    from gpunet.train import fit
+
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x: gpunet.Tensor) -> gpunet.Tensor:
+            if float(x.sum()) > 1e9:  # a host read: not capturable
+                return x
+            return self.lin(x)
+
+    gpunet.manual_seed(0)
+    model = Reads()
+    data = Dataset(np.ones((8, 4), np.float32), np.array([0, 1] * 4))
+    history = fit(
+        model,
+        F.cross_entropy,
+        optim.SGD(model.parameters(), lr=0.1),
+        DataLoader(data, batch_size=4),
+        epochs=2,
+        progress=False,
+        capture=True,
+    )
+    assert len(history.train_loss) == 2
+    assert any("cannot be captured" in w and "float(tensor)" in w for w in history.warnings)
+
+
+def test_replaced_arrays_make_the_step_record_again() -> None:
+    model, opt, step = _setup("momentum")
+    run = gpunet.capture(step)
+    batches = _batches()
+    for x, y in batches[:3]:
+        run(x, y)
+    assert run.replays == 1
+    opt.add_param_group({"params": [nn.Parameter(gpunet.zeros(2))]})  # packs new flat buffers
+    for x, y in batches[3:]:
+        run(x, y)
+    assert run.replays == 2  # two recordings again, then a replay on the new buffers
+    twin, twin_opt, twin_step = _setup("momentum")
+    for i, (x, y) in enumerate(batches):
+        if i == 3:
+            twin_opt.add_param_group({"params": [nn.Parameter(gpunet.zeros(2))]})
+        twin_step(x, y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert np.array_equal(p.numpy(), q.numpy())
