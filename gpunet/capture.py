@@ -42,6 +42,7 @@ import numpy as np
 
 from . import autodiff
 from .autodiff import CAPTURE, STATE, CaptureError, refuse, user_site
+from .backend import replay_mode
 from .tensor import Tensor
 
 __all__ = ["CaptureError", "CapturedStep", "capture", "graph_support", "refuse"]
@@ -574,7 +575,8 @@ class CapturedStep:
                 f"{_show_key(key)}: {sum(c.values()) - c['view']} calls "
                 f"({c['segment']} Python segments)"
             )
-        how, why = graph_support(None)
+        backend = next((c.program.backend for c in self._captures.values()), None)
+        how, why = graph_support(backend)
         body = "; ".join(parts) if parts else "not captured yet (the first two calls record)"
         return f"<captured step {self.name}: replays as {how} ({why}); {body}>"
 
@@ -584,14 +586,8 @@ def _show_key(key: tuple) -> str:
 
 
 def graph_support(backend: Any) -> tuple[str, str]:
-    """('a CUDA graph' or 'a launch list', why) for replays on ``backend``."""
-    if backend is None or getattr(backend.device, "type", "cpu") == "cpu":
-        return "a launch list", "on the CPU there is no graph to launch"
-    return (
-        "a launch list",
-        "CuPy's cuBLAS wrappers raise NotImplementedError under stream capture, so a step "
-        "with a GEMM cannot become one CUDA graph",
-    )
+    """('a CUDA graph' or 'a launch list', why) for replays on ``backend`` (None: the CPU)."""
+    return replay_mode(None if backend is None else backend.device)
 
 
 def capture(
