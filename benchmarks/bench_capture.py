@@ -54,29 +54,20 @@ def test_captured_steps_match(size: str) -> None:
             assert np.array_equal(u, v)
 
 
-SIZED = [pytest.param(size, marks=pytest.mark.benchmark(group=GROUP[size])) for size in SIZES]
+IMPLS = {
+    "numpy": numpy_step,
+    "gpunet eager": gpunet_step,
+    "gpunet captured": gpunet_step_captured,
+    "gpunet captured in-backward": gpunet_step_captured_in_backward,
+}
+CASES = [
+    pytest.param(size, impl, marks=pytest.mark.benchmark(group=GROUP[size]), id=f"{size}-{impl}")
+    for size in SIZES
+    for impl in IMPLS
+]
 
 
-def _timed(bench: Any, size: str, make: Any) -> None:
-    out = bench(make(_state(size)).step)
+@pytest.mark.parametrize("size, impl", CASES)
+def test_step(bench: Any, size: str, impl: str) -> None:
+    out = bench(IMPLS[impl](_state(size)).step)
     assert np.isfinite(out.numpy() if hasattr(out, "numpy") else np.asarray(out)).all()
-
-
-@pytest.mark.parametrize("size", SIZED)
-def test_numpy(bench: Any, size: str) -> None:
-    _timed(bench, size, numpy_step)
-
-
-@pytest.mark.parametrize("size", SIZED)
-def test_gpunet_eager(bench: Any, size: str) -> None:
-    _timed(bench, size, gpunet_step)
-
-
-@pytest.mark.parametrize("size", SIZED)
-def test_gpunet_captured(bench: Any, size: str) -> None:
-    _timed(bench, size, gpunet_step_captured)
-
-
-@pytest.mark.parametrize("size", SIZED)
-def test_gpunet_captured_in_backward(bench: Any, size: str) -> None:
-    _timed(bench, size, gpunet_step_captured_in_backward)
