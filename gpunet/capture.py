@@ -281,7 +281,19 @@ class _Program:
             return f"c{i}_{j}"
 
         written = {e.ins[0][1] for e in rec.entries if e.kind == "into" and e.ins[0][0] == "a"}
+        fused = _fuse_cross_entropy(rec.entries, rec.arrays)
         for i, e in enumerate(rec.entries):
+            if i in fused:
+                first, out = fused[i]
+                if first is None:
+                    continue  # (its loss is made by the fused call at its backward's place)
+                names = []
+                for k, a in enumerate(out):
+                    env[f"ce{i}_{k}"] = rec.arrays[a]
+                    names.append(f"ce{i}_{k}")
+                env[f"cef{i}"], env[f"cer{i}"] = first, rec.entries[i].params["reduction"]
+                lines.append(f"    cef{i}({', '.join(names)}, reduction=cer{i})")
+                continue
             if e.kind == "view":
                 continue  # the recorded view of a buffer that never moves
             if e.name in _PURE and e.out[1] not in written and all(r[0] == "c" for r in e.ins):
@@ -351,6 +363,8 @@ def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -
     ):
         return None
     p = e.params
+    if e.fn.__name__ == "sgd_update":
+        return _plain_sgd(e, arrays, env, i)
     if any(isinstance(v, _CHANGING) for v in p.values()) or any(r[0] != "a" for r in e.ins):
         return None
     ins = [arrays[r[1]] for r in e.ins]
@@ -391,6 +405,89 @@ def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -
         keywords = "".join(f", {k}={name(v, k)}" for k, v in p.items())
         return [f"f{i}({name(ins[0], 'g')}, {name(ins[1], 's')}{keywords}, out={o})"]
     return None
+
+
+def _plain_sgd(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> list[str] | None:
+    """NumPy's ``sgd_update`` with no momentum and no weight decay, p -= lr g, as its two
+    ufunc calls (the backend's: g * lr in the state's precision into a scratch row, then
+    subtracted) for the lr of the moment; the backend's method when the group has momentum
+    or decay by then. Only for a float32/float64 flat range without a momentum buffer."""
+    hyper, first = e.params.get("hyper"), e.params.get("first_step", False)
+    if (
+        len(e.ins) != 3
+        or e.ins[2] != ("c", None)
+        or any(r[0] != "a" for r in e.ins[:2])
+        or not isinstance(hyper, autodiff.Dynamic)
+        or (first is not False and not isinstance(first, autodiff.Dynamic))
+    ):
+        return None
+    param, grad = arrays[e.ins[0][1]], arrays[e.ins[1][1]]
+    if (
+        param.dtype.char not in "fd"
+        or grad.dtype != param.dtype
+        or grad.shape != param.shape
+        or not isinstance(param, np.ndarray)
+    ):
+        return None
+    env.update(
+        {
+            f"sg{i}_h": hyper,
+            f"sg{i}_p": param,
+            f"sg{i}_g": grad,
+            f"sg{i}_t": np.empty_like(param),
+            f"sg{i}_dt": param.dtype.type,
+            f"sg{i}_mul": np.multiply,
+            f"sg{i}_sub": np.subtract,
+            f"sg{i}_f": e.fn,
+        }
+    )
+    return [
+        f"h{i} = sg{i}_h.fn()",
+        f"if h{i}.momentum == 0.0 and h{i}.weight_decay == 0.0:",
+        f"    sg{i}_sub(sg{i}_p, sg{i}_mul(sg{i}_g, sg{i}_dt(h{i}.lr), out=sg{i}_t), out=sg{i}_p)",
+        "else:",
+        f"    sg{i}_f(sg{i}_p, sg{i}_g, None, h{i}, first_step=False)",
+    ]
+
+
+def _fuse_cross_entropy(entries: list[_Entry], arrays: list[Any]) -> dict[int, tuple]:
+    """NumPy's ``cross_entropy`` and, later, its ``cross_entropy_backward`` on the same
+    logits and labels, with nothing between that reads the loss or writes them, as one
+    ``cross_entropy_with_grad`` at the backward's place: {forward index: (None, ()), backward
+    index: (method, (loss, grad, logits, labels, g) slots)}."""
+    from .backend.numpy_backend import NumpyBackend
+
+    out: dict[int, tuple] = {}
+    for i, e in enumerate(entries):
+        backend = getattr(e.fn, "__self__", None)
+        if (
+            e.name != "cross_entropy"
+            or e.kind != "made"
+            or not isinstance(backend, NumpyBackend)
+            or e.params.get("reduction") not in ("mean", "sum")
+            or any(r[0] != "a" for r in e.ins)
+        ):
+            continue
+        logits, labels, loss = e.ins[0][1], e.ins[1][1], e.out[1]
+        for j in range(i + 1, len(entries)):
+            b = entries[j]
+            slots = {r[1] for r in b.ins if r[0] == "a"}
+            if (
+                b.name == "cross_entropy_backward"
+                and b.kind == "made"
+                and b.params == e.params
+                and [r[1] for r in b.ins[1:]] == [logits, labels]
+                and b.ins[0][0] == "a"
+                and isinstance(arrays[b.out[1]], np.ndarray)
+            ):
+                method = backend.cross_entropy_with_grad
+                out[i] = (None, ())
+                out[j] = (method, (loss, b.out[1], logits, labels, b.ins[0][1]))
+                break
+            writes = b.kind in ("into", "same") and b.ins and b.ins[0][0] == "a"
+            if b.kind == "segment" or loss in slots or (writes and b.ins[0][1] in (logits, labels)):
+                break
+    return out
 
 
 _PURE = frozenset({"zeros", "ones", "full"})  # calls whose result depends on their params only

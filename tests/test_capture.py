@@ -382,3 +382,19 @@ def test_replaced_arrays_make_the_step_record_again() -> None:
         twin_step(x, y)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert np.array_equal(p.numpy(), q.numpy())
+
+
+def test_a_hyperparameter_changed_between_replays_is_used() -> None:
+    """Plain SGD replays as two ufunc calls; weight decay set later takes the full update."""
+    runs = []
+    for captured in (False, True):
+        model, opt, step = _setup("sgd")
+        run = gpunet.capture(step) if captured else step
+        for i, (x, y) in enumerate(_batches()):
+            if i == 4:
+                opt.param_groups[0]["weight_decay"] = 0.05
+                opt.param_groups[0]["lr"] = 0.02
+            run(x, y)
+        runs.append([p.numpy().copy() for p in model.parameters()])
+    for u, v in zip(*runs):
+        assert np.array_equal(u, v)
