@@ -617,6 +617,19 @@ class CapturedStep:
     def _record(self, key: tuple, spec: Any, tensors: list[Tensor]) -> Any:
         if STATE.flags & CAPTURE:
             raise CaptureError(f"gpunet.capture({self.name}): called inside another capture")
+        for k, t in enumerate(tensors):
+            if t._requires_grad:
+                raise CaptureError(
+                    f"gpunet.capture({self.name}): tensor argument {k} ({t.device} {t.dtype} "
+                    f"{t.shape}) requires grad; a captured step copies its tensor arguments, "
+                    "so their gradients would not reach them. Pass data as arguments and "
+                    "reach parameters through the model (a closure)."
+                )
+            if t._backend.name not in ("numpy", "cupy"):
+                raise CaptureError(
+                    f"gpunet.capture({self.name}): tensor argument {k} is on the "
+                    f"'{t._backend.name}' backend; captures replay NumPy and CuPy arrays only"
+                )
         pending = self._pending.get(key)
         if pending is not None and pending[2] != autodiff.LAYOUT[0]:
             pending = None  # (arrays replaced since the first recording: start again)
@@ -626,11 +639,7 @@ class CapturedStep:
             buffers = pending[1]
             for b, t in zip(buffers, tensors):
                 _xp_of(b).copyto(b, t.data)
-        own = []
-        for b, t in zip(buffers, tensors):
-            c = Tensor._wrap(b, t._backend)
-            c.requires_grad = t.requires_grad
-            own.append(c)
+        own = [Tensor._wrap(b, t._backend) for b, t in zip(buffers, tensors)]
         args, kwargs = _unflatten(spec, own)
         rec = _Recorder(buffers)
         prev_rec = STATE.recorder
@@ -642,6 +651,8 @@ class CapturedStep:
             STATE.flags &= ~CAPTURE
             STATE.recorder = prev_rec
         if pending is None:
+            if len(self._pending) >= self.max_captures:  # (signatures that never came again)
+                del self._pending[next(iter(self._pending))]
             self._pending[key] = (rec, buffers, autodiff.LAYOUT[0])
             return result
         del self._pending[key]

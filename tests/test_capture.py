@@ -398,3 +398,45 @@ def test_a_hyperparameter_changed_between_replays_is_used() -> None:
         runs.append([p.numpy().copy() for p in model.parameters()])
     for u, v in zip(*runs):
         assert np.array_equal(u, v)
+
+
+def test_an_argument_requiring_grad_is_refused() -> None:
+    run = gpunet.capture(lambda w: (w * 2.0).sum())
+    with pytest.raises(CaptureError, match=r"argument 0 \(cpu float32 \(3,\)\) requires grad"):
+        run(gpunet.ones(3, requires_grad=True))
+
+
+def test_other_arguments_are_part_of_the_signature_and_first_recordings_are_bounded() -> None:
+    run = gpunet.capture(lambda x, scale: x * scale, max_captures=2)
+    for i in range(10):  # a new value each call: recorded once each, never replayed
+        assert float(run(gpunet.ones(1), float(i)).sum()) == float(i)
+    assert run.replays == 0 and len(run._pending) <= 2
+    for _ in range(3):
+        assert float(run(gpunet.ones(1), 2.0).sum()) == 2.0
+    assert run.replays == 1
+
+
+@pytest.mark.gpu
+def test_a_captured_step_on_a_gpu_replays_as_launches_equal_to_eager() -> None:
+    def setup() -> tuple[Any, Callable]:
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 5], dropout=0.2, device="cuda")
+        opt = optim.Adam(model.parameters(), lr=1e-2)
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return model, step
+
+    (m1, eager), (m2, step) = setup(), setup()
+    run = gpunet.capture(step)
+    for x, y in _batches():
+        x, y = x.to("cuda"), y.to("cuda")
+        assert np.array_equal(eager(x, y).numpy(), run(x, y).numpy())
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert np.array_equal(p.numpy(), q.numpy())
+    assert run.replays == STEPS - 2 and "launch list" in repr(run) and "cuBLAS" in repr(run)
