@@ -453,7 +453,7 @@ def _plain_sgd(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> lis
 def _fuse_cross_entropy(entries: list[_Entry], arrays: list[Any]) -> dict[int, tuple]:
     """NumPy's ``cross_entropy`` and, later, its ``cross_entropy_backward`` on the same
     logits and labels, with nothing between that reads the loss or writes them, as one
-    ``cross_entropy_with_grad`` at the backward's place: {forward index: (None, ()), backward
+    ``_cross_entropy_with_grad`` at the backward's place: {forward index: (None, ()), backward
     index: (method, (loss, grad, logits, labels, g) slots)}."""
     from .backend.numpy_backend import NumpyBackend
 
@@ -480,7 +480,7 @@ def _fuse_cross_entropy(entries: list[_Entry], arrays: list[Any]) -> dict[int, t
                 and b.ins[0][0] == "a"
                 and isinstance(arrays[b.out[1]], np.ndarray)
             ):
-                method = backend.cross_entropy_with_grad
+                method = backend._cross_entropy_with_grad
                 out[i] = (None, ())
                 out[j] = (method, (loss, b.out[1], logits, labels, b.ins[0][1]))
                 break

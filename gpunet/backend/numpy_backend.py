@@ -150,7 +150,7 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
             p[self._rows(n), labels] -= s  # (faster than np.subtract.at: one label a row)
         return p
 
-    def cross_entropy_with_grad(
+    def _cross_entropy_with_grad(
         self, loss: Array, grad: Array, logits: Array, labels: Array, g: Array, *, reduction: str
     ) -> None:
         """``cross_entropy`` into ``loss`` and ``cross_entropy_backward`` (cotangent g) into
