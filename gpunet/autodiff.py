@@ -501,7 +501,9 @@ def _as_cotangent(out: Tensor, ct: Any) -> Tensor:
                 "argument: out.backward(gradient) with the same shape, or reduce it first "
                 "(out.sum().backward())."
             )
-        return gpunet.ops.ones_like(out)
+        if STATE.flags & CAPTURE:
+            return gpunet.ops.ones_like(out)  # (a backend call a step capture records)
+        return Tensor._wrap(out._backend.ones(out.data.shape, out.dtype), out._backend)
     if not isinstance(ct, Tensor):
         ct = Tensor._wrap(out._backend.asarray(ct, out.dtype), out._backend)
     if ct.shape != out.shape or ct.dtype != out.dtype or ct._backend is not out._backend:
@@ -862,11 +864,6 @@ class Dynamic:
 
     def __repr__(self) -> str:
         return f"Dynamic({self.value!r})"
-
-
-def dynamic(value: Any, fn: Callable[[], Any]) -> Any:
-    """``value``, or while a step capture records, a ``Dynamic`` that replays ``fn()``."""
-    return Dynamic(value, fn) if STATE.flags & CAPTURE else value
 
 
 def _live(step: Any) -> tuple[Live, Live] | None:

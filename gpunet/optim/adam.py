@@ -6,7 +6,7 @@ import functools
 from collections.abc import Iterable
 from typing import Any
 
-from ..autodiff import call, dynamic
+from ..autodiff import CAPTURE, STATE, Dynamic, call
 from ..backend.updates import AdamHyper
 from ..tensor import Tensor
 from .flat import FlatBuffer
@@ -49,21 +49,25 @@ class Adam(Optimizer):
             st["step"] += 1
             states.append(st)
 
-        def hyper_now() -> AdamHyper:
-            beta1, beta2 = group["betas"]
-            return AdamHyper(
-                group["lr"], beta1, beta2, group["eps"], group["weight_decay"], self.decoupled
-            )
-
-        # (a capture replays these with the lr of the moment, each replay advancing the
-        # step counts of the parameters in the span and using them)
-        hyper = dynamic(hyper_now(), hyper_now)
+        hyper: Any = _hyper(group, self.decoupled)
+        capturing = STATE.flags & CAPTURE
+        if capturing:  # a capture replays these with the group's values of the moment, each
+            # replay advancing the step counts of the parameters in the span and using them
+            hyper = Dynamic(hyper, functools.partial(_hyper, group, self.decoupled))
         # Neighbours at the same step count share one fused update.
         for start, stop, step in flat.spans(indices, [st["step"] for st in states]):
             arrays = (flat.data[start:stop], flat.grad[start:stop], m[start:stop], v[start:stop])
-            span = [st for i, st in zip(indices, states) if start <= flat.offsets[i] < stop]
-            count = dynamic(step, functools.partial(_advance, span))
+            count: Any = step
+            if capturing:
+                span = [st for i, st in zip(indices, states) if start <= flat.offsets[i] < stop]
+                count = Dynamic(step, functools.partial(_advance, span))
             call("adam_update", flat.backend.adam_update, *arrays, hyper=hyper, step=count)
+
+
+def _hyper(group: dict[str, Any], decoupled: bool) -> AdamHyper:
+    """The update's hyperparameters, from the group now."""
+    beta1, beta2 = group["betas"]
+    return AdamHyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], decoupled)
 
 
 def _advance(states: list[dict[str, Any]]) -> int:
