@@ -16,11 +16,16 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
   it keeps its address. Tensors the step returns are the capture's own and are valid until
   the next replay: copy them (``t.clone()``) to keep a value. Python side effects of the step
   (appending to a list, printing) happen only on the recorded calls.
-- Optimizer steps, ``zero_grad``, schedules and gradient clipping are *segments*: they run
-  again as Python at each replay, so the learning rate a schedule sets, Adam's step count and
-  bias corrections, and the first momentum step are read afresh, never frozen. Dropout's
-  draws are backend calls replayed from the same generator: fresh masks every replay, the
-  same ones eager would draw.
+- The optimizers' updates (SGD, Adam, AdamW) are recorded with what changes between steps
+  passed as ``autodiff.Dynamic`` (the group's lr and hyperparameters, Adam's step count,
+  advanced once per replay), an in-backward step's lr as ``autodiff.Live``: computed afresh
+  at each replay, never frozen. Schedules, gradient clipping and another optimizer's step
+  are *segments* (``autodiff.segment``): they run again as Python at each replay, with the
+  gradients they saw put back. Dropout's draws are backend calls replayed from the same
+  generator: fresh masks every replay, the same ones eager would draw.
+- Replacing the arrays a capture recorded (an optimizer packing its buffers again,
+  ``Module.to``) makes the next call record again; replacing ``p.data`` by hand between
+  replays is not seen (write into it instead). Tensor arguments must not require grad.
 - While recording, anything that takes a value to the host (``.item()``, ``.numpy()``,
   ``bool``, ``float``, ``int``, ``tolist``, printing a tensor) or makes a shape from values
   (boolean-mask indexing) raises ``CaptureError`` naming the op and the user's line.
