@@ -352,7 +352,8 @@ class _Program:
             if e.kind == "const":
                 continue
             out = arrays[e.out[1]] if e.out is not None else ins[0]
-            autodiff.observe(e.name, ins[1:] if e.kind == "into" else ins, params, out)
+            writes = e.kind == "into" and e.fn.__name__.endswith("_into")  # (as ``call`` says)
+            autodiff.observe(e.name, ins[1:] if writes else ins, params, out)
 
 
 def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> list[str] | None:

@@ -284,6 +284,9 @@ def test_profile_counts_a_captured_step_s_calls() -> None:
     names = [r.name for r in replayed.records]
     assert names == [r.name for r in prof.records]
     assert "linear_activation" in names and "sgd_update" in names
+    # the same costs: the roofline model prices the replay as the eager step
+    assert replayed.roofline("H100").total_s == prof.roofline("H100").total_s
+    assert replayed.summary().launches == prof.summary().launches
     assert np.isfinite(out.numpy()).all()
 
 

@@ -406,7 +406,10 @@ def gpunet_step_captured_in_backward(s: MlpState, device: str = "cpu", lr: float
 
 
 # gpunet's other ways to run the same step, timed beside "gpunet" (the default way)
-MLP_VARIANTS: dict[str, MlpFactory] = {"gpunet-in-backward": gpunet_step_in_backward}
+MLP_VARIANTS: dict[str, MlpFactory] = {
+    "gpunet-in-backward": gpunet_step_in_backward,
+    "gpunet-captured": gpunet_step_captured,
+}
 MLP_IMPLS: dict[str, MlpFactory] = {
     **MLP_FLOORS,
     "gpunet": gpunet_step,
