@@ -14,8 +14,9 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
   input buffers (the step never sees the caller's arrays, so nothing of the caller's is
   written); every array the step made lives on in the capture and is rewritten in place, so
   it keeps its address. Tensors the step returns are the capture's own and are valid until
-  the next replay: copy them (``t.clone()``) to keep a value. Python side effects of the step
-  (appending to a list, printing) happen only on the recorded calls.
+  the next replay: copy them (``t.clone()``) to keep a value; they are detached. Python side
+  effects of the step (appending to a list, printing) happen only on the recorded calls, and
+  Python state it reads (``model.training``, a flag) is frozen at the recording.
 - The optimizers' updates (SGD, Adam, AdamW) are recorded with what changes between steps
   passed as ``autodiff.Dynamic`` (the group's lr and hyperparameters, Adam's step count,
   advanced once per replay), an in-backward step's lr as ``autodiff.Live``: computed afresh
@@ -32,8 +33,9 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
 
 On the CPU the replay is a generated straight-line function over the recorded calls (a
 launch list). On CuPy it is the same list of launches; a CUDA graph needs every call to be
-capturable, which CuPy's cuBLAS wrappers are not (they raise under stream capture), so the
-``repr`` and ``gpunet info`` say which and why.
+capturable, which CuPy's cuBLAS wrappers are not (they raise under stream capture), nor a
+call whose host scalars change per step, so the ``repr`` lists each recording's blockers and
+``gpunet info`` says how replays run. (Graph replay itself is not built.)
 """
 
 from __future__ import annotations
@@ -267,6 +269,7 @@ class _Program:
         self.inputs = rec.arrays[:n_inputs]
         self.outputs = outputs
         self.counts = collections.Counter(e.kind for e in rec.entries)
+        self.on_gpu = any(not isinstance(a, np.ndarray) for a in rec.arrays)
         self.replay = self._generate()
 
     def _generate(self) -> Callable[..., None]:
@@ -332,6 +335,23 @@ class _Program:
         exec(compile("\n".join(lines), "<gpunet.capture replay>", "exec"), env)
         self.source = "\n".join(lines)
         return env["replay"]
+
+    def graph_blockers(self) -> list[str]:
+        """What keeps this recording from replaying as one CUDA graph."""
+        live = [e for e in self.rec.entries if e.kind not in ("view", "const")]
+        gemms = sum(
+            e.kind != "segment" and ("matmul" in e.name or "linear" in e.name) for e in live
+        )
+        changing = sum(any(isinstance(v, _CHANGING) for v in e.params.values()) for e in live)
+        segments = sum(e.kind == "segment" for e in live)
+        why = []
+        if gemms:
+            why.append(f"{gemms} GEMMs (CuPy's cuBLAS wrappers raise under stream capture)")
+        if changing:
+            why.append(f"{changing} calls with per-step host scalars (lr, step counts)")
+        if segments:
+            why.append(f"{segments} Python segments (clipping, schedules)")
+        return why
 
     def run_observed(self, xs: list[Any]) -> None:
         """The replay, one entry at a time, telling observers (``gpunet.profile``) of each
@@ -684,15 +704,17 @@ class CapturedStep:
     def __repr__(self) -> str:
         parts = []
         for key, cap in self._captures.items():
-            c = cap.program.counts
-            parts.append(
-                f"{_show_key(key)}: {sum(c.values()) - c['view']} calls "
-                f"({c['segment']} Python segments)"
-            )
-        backend = next((c.program.backend for c in self._captures.values()), None)
-        how, why = graph_support(backend)
+            prog = cap.program
+            c = prog.counts
+            calls = sum(c.values()) - c["view"] - c["const"]
+            if prog.on_gpu:  # (a graph replay is not built yet: the list says why it could not)
+                blockers = prog.graph_blockers() or ["none found; graph replay is not built yet"]
+                how = "a launch list (CUDA graph blockers: " + ", ".join(blockers) + ")"
+            else:
+                how = f"a launch list ({graph_support(None)[1]})"
+            parts.append(f"{_show_key(key)}: {calls} calls, replayed as {how}")
         body = "; ".join(parts) if parts else "not captured yet (the first two calls record)"
-        return f"<captured step {self.name}: replays as {how} ({why}); {body}>"
+        return f"<captured step {self.name}: {body}>"
 
 
 def _show_key(key: tuple) -> str:
