@@ -440,6 +440,8 @@ def test_ctrl_c_saves_the_run_and_resume_continues_it_exactly(
     assert a["test_accuracy"] == b["test_accuracy"]
     code, out, err = _run(["train", "--resume", str(cut)], capsys)
     _one_line_exit_2(code, out, err, "finished")
+    code, out, err = _run(["train", "--resume", str(cut), "--no-capture"], capsys)
+    _one_line_exit_2(code, out, err, "finished")  # (how to run: allowed with --resume)
     code, out, err = _run(["train", "--resume", str(cut), "--epochs", "9", "--lr", "1"], capsys)
     _one_line_exit_2(code, out, err, "its own options; drop --lr, --epochs")
     code, out, err = _run(["train", "--resume", str(tmp_path)], capsys)
