@@ -73,10 +73,13 @@ _CHANGING = (autodiff.Live, autodiff.Dynamic)  # parameters computed afresh at e
 
 
 def _same_param(x: Any, y: Any) -> bool:
+    """Do two recordings pass the same value? Arrays and tensors: the same object."""
+    if x is y:
+        return True
     if isinstance(x, _CHANGING):  # (they may differ between steps: that is their point)
         return type(x) is type(y)
-    if _is_array(x) or _is_array(y):
-        return x is y
+    if _is_array(x) or _is_array(y) or isinstance(x, Tensor) or isinstance(y, Tensor):
+        return False
     if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
         return len(x) == len(y) and all(_same_param(a, b) for a, b in zip(x, y))
     try:
@@ -90,19 +93,14 @@ class _Entry:
     """One recorded call. ``kind``: 'made' (a new array, rewritten in place at replay),
     'view' (a view of an input: the recorded view stays valid, nothing runs), 'into' (writes
     its first array, returns nothing), 'same' (returned an input: run, result dropped),
-    'segment' (Python run again at replay)."""
+    'segment' (Python run again at replay), 'const' (zeros, ones or a fill nothing writes:
+    made once, at the recording)."""
 
     __slots__ = ("fn", "ins", "kind", "name", "out", "params", "seg", "site")
 
     def __init__(self, kind: str, name: str, fn: Any, ins: list, params: dict, out: Any) -> None:
-        self.kind, self.name, self.fn, self.ins, self.params, self.out = (
-            kind,
-            name,
-            fn,
-            ins,
-            params,
-            out,
-        )
+        self.kind, self.name, self.fn = kind, name, fn
+        self.ins, self.params, self.out = ins, params, out
         self.site = ""
         self.seg: Any = None
 
@@ -211,12 +209,11 @@ def _compare(r1: _Recorder, r2: _Recorder, step_name: str) -> None:
             )
         e1, e2 = r1.entries[i], r2.entries[i]
         s1, s2 = r1.signature(i), r2.signature(i)
-        same_params = e1.kind == "segment" or (
-            e1.params.keys() == e2.params.keys()
-            and all(_same_param(e1.params[k], e2.params[k]) for k in e1.params)
+        same_params = e1.params.keys() == e2.params.keys() and all(
+            _same_param(e1.params[k], e2.params[k]) for k in e1.params
         )
-        if e1.kind == "segment" and s1[:2] == s2[:2]:
-            same_params = all(_same_param(a, b) for a, b in zip(e1.ins, e2.ins))
+        if e1.kind == "segment" and s1[:2] == s2[:2]:  # its arguments: the same values
+            same_params = same_params and all(_same_param(a, b) for a, b in zip(e1.ins, e2.ins))
             s1 = s2
         if s1 != s2 or not same_params:
             what = _difference(s1, s2, e1, e2)
