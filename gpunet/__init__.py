@@ -17,6 +17,7 @@ from .autodiff import (
     set_grad_enabled,
 )
 from .backend import Device, default_device, device, get_backend, info, use_device, warmup
+from .capture import CaptureError, capture
 from .checkpoint import load, save
 from .creation import (
     arange,
@@ -75,6 +76,7 @@ from .testing import check_grads, gradcheck
 from .transforms import grad, hessian_vector_product, hvp, jvp, value_and_grad, vjp
 
 __all__ = [
+    "CaptureError",
     "Device",
     "GPUSpec",
     "Generator",
@@ -85,6 +87,7 @@ __all__ = [
     "as_tensor",
     "bool_",
     "broadcast_to",
+    "capture",
     "check_grads",
     "clip",
     "concatenate",

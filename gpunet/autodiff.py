@@ -17,6 +17,7 @@ keep them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import os
@@ -29,7 +30,7 @@ import gpunet  # the layer above (gpunet.ops: the sweep sums with it), read at c
 
 from .backend import get_backend
 from .primitives.card import LINEAR, Primitive
-from .tensor import IN_BACKWARD, Tensor
+from .tensor import _CAPTURE, IN_BACKWARD, Tensor
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,8 +38,10 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # bits of _State.flags: grad mode on; detect_anomaly on; a forward-mode interpreter sees the
 # next op (level > 0); observers listen; forward-mode interpreters exist (jvp_stack non-empty);
 # a reverse sweep is running; and, set by that sweep, nothing will differentiate what its VJP
-# rules compute, so they may call fused, non-differentiable kernels
+# rules compute, so they may call fused, non-differentiable kernels; and a step capture is
+# recording every backend call (``gpunet.capture``)
 GRAD, ANOMALY, FORWARD, OBSERVE, TANGENTS, BACKWARD, FUSED_VJP = 1, 2, 4, 8, 16, 32, 64
+CAPTURE = _CAPTURE  # (defined beside Tensor, whose host reads test it)
 
 
 class _State(threading.local):
@@ -51,6 +54,7 @@ class _State(threading.local):
         self.jvp_stack: list[ForwardMode] = []
         self.backward_node: Node | None = None  # whose VJP rule is running (anomaly messages)
         self.observers: list[Callable[[str, tuple, dict, Any], None]] = []  # see ``observing``
+        self.recorder: Any = None  # the capture recording now (``gpunet.capture``), or None
 
     def _set(self, bit: int, on: bool) -> None:
         self.flags = (self.flags | bit) if on else (self.flags & ~bit)
@@ -181,11 +185,15 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
     out = _new_tensor(Tensor)
     out.data, out._backend, out._requires_grad, out._node = data, backend, False, None
     out.grad = None
-    if flags & (ANOMALY | OBSERVE):
+    if flags & (ANOMALY | OBSERVE | CAPTURE):
         if flags & ANOMALY:
             _check_forward(prim, args, out)
         if flags & OBSERVE:
             observe(prim.name, args, params, out)
+        if flags & CAPTURE:
+            if prim.transfers:
+                refuse(prim.name, "moves a tensor between devices")
+            STATE.recorder.record(prim.name, impl, [a.data for a in args], params, data)
     if flags & GRAD and prim.differentiable:
         for a in args:
             if a._requires_grad:
@@ -210,11 +218,84 @@ def call(name: str, method: Callable[..., Any], /, *arrays: Any, **params: Any) 
     backward kernel, a rule writing in place, an optimizer update), and the one place where
     observers (``gpunet.profile``) hear of it as ``name``. A method that returns nothing
     writes its first array: ``*_into`` methods (out, inputs...) report the rest as inputs."""
+    flags = STATE.flags
+    if flags & CAPTURE:
+        return _record_call(name, method, arrays, params, flags)
     result = method(*arrays, **params)
-    if STATE.flags & OBSERVE:
+    if flags & OBSERVE:
         ins = arrays[1:] if result is None and method.__name__.endswith("_into") else arrays
         observe(name, ins, params, arrays[0] if result is None else result)
     return result
+
+
+def _record_call(
+    name: str, method: Callable[..., Any], arrays: tuple, params: dict, flags: int
+) -> Any:
+    """``call`` while a step capture records: the method runs on plain values (a ``Live``
+    value is a float subclass, which NumPy would not treat as a Python float; a ``Dynamic``
+    gives its ``value``), and the recording keeps them to compute again at each replay."""
+    plain = {
+        k: float(v) if type(v) is Live else v.value if type(v) is Dynamic else v
+        for k, v in params.items()
+    }
+    result = method(*arrays, **plain)
+    if flags & OBSERVE:
+        ins = arrays[1:] if result is None and method.__name__.endswith("_into") else arrays
+        observe(name, ins, plain, arrays[0] if result is None else result)
+    STATE.recorder.record(name, method, arrays, params, result)
+    return result
+
+
+# Bumped when arrays that a captured step may have recorded are replaced (an optimizer packs
+# its flat buffers again, a module moves): a capture recorded before records again.
+LAYOUT = [0]
+
+
+def layout_changed() -> None:
+    """Say that parameters' or optimizer buffers' arrays were replaced (captures re-record)."""
+    LAYOUT[0] += 1
+
+
+class CaptureError(RuntimeError):
+    """A step cannot be captured as written (a host read, a value-dependent branch, a new
+    input signature under ``on_new_signature='raise'``): see ``gpunet.capture``. ``result``:
+    what the step returned, where it ran to its end eagerly before the error (the two
+    recordings differed), else None."""
+
+    result: Any = None
+
+
+def refuse(op: str, why: str = "takes a value to the host") -> None:
+    """Raise ``CaptureError`` for ``op`` at the user's line (called only while recording)."""
+    raise CaptureError(
+        f"gpunet.capture: {op} {why}, which a captured step cannot do (a replay runs none of "
+        f"the step's Python), at {user_site()}. Return the tensor from the step and read it "
+        "after the call, or run this step without capture."
+    )
+
+
+def segment(
+    params_of: Callable[..., Any] | None = None, records: Callable[..., bool] | None = None
+) -> Callable[[Callable], Callable]:
+    """Mark a function (an optimizer's step, a schedule's, clipping) that a step capture runs
+    again as Python at each replay rather than recording its backend calls: what it reads
+    (the lr a schedule set, step counts) changes between steps. ``params_of(*args, **kw)``
+    names the parameters whose gradients it reads; where ``records(*args, **kw)`` is true,
+    its backend calls are recorded instead (their changing values passed as ``Dynamic``)."""
+
+    def wrap(fn: Callable) -> Callable:
+        name = fn.__qualname__
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if STATE.flags & CAPTURE and (records is None or not records(*args, **kwargs)):
+                params = list(params_of(*args, **kwargs)) if params_of is not None else []
+                return STATE.recorder.segment(name, fn, args, kwargs, params)
+            return fn(*args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 @contextlib.contextmanager
@@ -439,6 +520,8 @@ def _as_cotangent(out: Tensor, ct: Any) -> Tensor:
                 "argument: out.backward(gradient) with the same shape, or reduce it first "
                 "(out.sum().backward())."
             )
+        if STATE.flags & CAPTURE:
+            return gpunet.ops.ones_like(out)  # (a backend call a step capture records)
         return Tensor._wrap(out._backend.ones(out.data.shape, out.dtype), out._backend)
     if not isinstance(ct, Tensor):
         ct = Tensor._wrap(out._backend.asarray(ct, out.dtype), out._backend)
@@ -695,8 +778,12 @@ class LeafPlan:
         for p in leaves:
             if getattr(p, "_in_backward", None) is not None and not p.hooks:
                 uses[id(p)] = uses.get(id(p), 0) + 1
+        live = STATE.flags & CAPTURE
         for p in leaves:
-            coef = None if uses.get(id(p)) != 1 else p._in_backward.alpha_beta()
+            if uses.get(id(p)) != 1:
+                coef = None
+            else:
+                coef = _live(p._in_backward) if live else p._in_backward.alpha_beta()
             if coef is not None:  # its one use: that use's rule writes the update
                 self.in_backward[id(p)] = coef
 
@@ -748,7 +835,7 @@ class LeafPlan:
             if buffers and key in buffers:  # written into the grad_buffer (or summed there)
                 buf = buffers[key]
                 if g.data is not buf:  # another use of the leaf added to it since
-                    buf[...] = g.data
+                    call("copy", _assign, buf, g.data)
                     g = Tensor._wrap(buf, g._backend)
                 if leaf.grad is None:
                     leaf.grad = g  # (the sweep's own tensor over the buffer)
@@ -757,7 +844,10 @@ class LeafPlan:
             if hooks:
                 g = _run_hooks(hooks, g)
             step = getattr(leaf, "_in_backward", None)
-            coef = None if step is None else step.alpha_beta()
+            if step is None:
+                coef = None
+            else:
+                coef = _live(step) if STATE.flags & CAPTURE else step.alpha_beta()
             if coef is not None:  # the leaf's update in backward, from its whole gradient
                 alpha, beta = coef
                 call("axpby", leaf._backend.axpby_into, leaf.data, g.data, alpha=alpha, beta=beta)
@@ -769,6 +859,43 @@ class LeafPlan:
             else:
                 with set_grad_enabled(create_graph):
                     leaf.grad = gpunet.ops.add(leaf.grad, g)
+
+
+class Live(float):
+    """A float that a step capture reads afresh at each replay, as ``fn()``: the learning
+    rate in an in-backward step (a schedule changes it between steps)."""
+
+    def __new__(cls, value: float, fn: Callable[[], float]) -> Live:
+        obj = super().__new__(cls, value)
+        obj.fn = fn  # type: ignore[attr-defined]
+        return obj
+
+
+class Dynamic:
+    """A parameter of a backend call (an optimizer's hyperparameters, Adam's step count)
+    that a step capture computes afresh at each replay, as ``fn()``: eager calls get
+    ``value``. ``fn`` may advance state (a step count) and runs once per replay."""
+
+    __slots__ = ("fn", "value")
+
+    def __init__(self, value: Any, fn: Callable[[], Any]) -> None:
+        self.value, self.fn = value, fn
+
+    def __repr__(self) -> str:
+        return f"Dynamic({self.value!r})"
+
+
+def _live(step: Any) -> tuple[Live, Live] | None:
+    """An in-backward step's (alpha, beta) as values a capture's replay reads again."""
+    coef = step.alpha_beta()
+    if coef is None:
+        return None
+    return Live(coef[0], lambda: step.alpha_beta()[0]), Live(coef[1], lambda: step.alpha_beta()[1])
+
+
+def _assign(out: Any, x: Any) -> None:
+    """out <- x, in place (a backend call, so a step capture records it)."""
+    out[...] = x
 
 
 # ---------------------------------------------------------------------- forward mode

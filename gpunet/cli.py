@@ -84,7 +84,8 @@ def _train(args: argparse.Namespace) -> int:
     else:  # the run's own options are used: refuse others rather than ignore them
         defaults = vars(_parser().parse_args(["train"]))
         given = [k for k, v in vars(args).items() if k in defaults and v != defaults[k]]
-        given = [f"--{k.replace('_', '-')}" for k in given if k not in ("resume", "no_progress")]
+        how = ("resume", "no_progress", "no_capture")  # how to run, not what: allowed
+        given = [f"--{k.replace('_', '-')}" for k in given if k not in how]
         if given:
             raise UsageError(
                 f"--resume continues a run with its own options; drop {', '.join(given)}"
@@ -234,6 +235,11 @@ def _train_parser(sub: Any) -> None:
         help="continue an interrupted run folder with its own options",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--no-capture",
+        action="store_true",
+        help="run each training step eagerly (default: recorded once, then replayed)",
+    )
 
 
 def _predict_parser(sub: Any) -> None:

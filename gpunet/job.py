@@ -217,7 +217,12 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
     if h.stopped_early or h.diverged or len(h.train_loss) >= meta["args"]["epochs"]:
         how = "stopped early" if h.stopped_early else "diverged" if h.diverged else "ran"
         raise UsageError(f"--resume {run}: that run finished ({how}, {len(h.train_loss)} epochs)")
-    saved = argparse.Namespace(**meta["args"], resume=str(run), no_progress=args.no_progress)
+    saved = argparse.Namespace(
+        **meta["args"],
+        resume=str(run),
+        no_progress=args.no_progress,
+        no_capture=getattr(args, "no_capture", False),  # (how to run, not what: never saved)
+    )
     if saved.data is not None and not Path(saved.data).is_file():
         raise UsageError(f"--resume {run}: its data {saved.data} is not there any more")
     if _data_hash(saved) != meta["data_sha256"]:
@@ -274,6 +279,7 @@ def train(args: argparse.Namespace) -> int:
         on_epoch_end=checkpoints,
         history=history,
         best_state=best,
+        capture=not getattr(args, "no_capture", False),
     )
     seconds = time.perf_counter() - start
     checkpoints.write(history)

@@ -20,7 +20,18 @@ import numpy as np
 from . import dtypes
 from . import primitives as P
 from .activations import relu, sigmoid, tanh  # noqa: F401  (re-exported: gpunet.ops.relu)
-from .autodiff import FORWARD, GRAD, STATE, apply, bind, bump_version, describe
+from .autodiff import (
+    CAPTURE,
+    FORWARD,
+    GRAD,
+    STATE,
+    apply,
+    bind,
+    bump_version,
+    call,
+    describe,
+    refuse,
+)
 from .backend import Device, device
 from .primitives.linalg import (  # noqa: F401  (for nn: layers above reach primitives via ops)
     check_linear_activation,
@@ -173,17 +184,29 @@ def _tensor_arg(x: Any, op: str) -> Tensor:
 
 # ---------------------------------------------------------------------- constants
 def zeros_like(x: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    return _like(x, x._backend.zeros(x.data.shape, _dtype_or(x, dtype)), requires_grad)
+    return _like(x, _made(x, "zeros", x.data.shape, _dtype_or(x, dtype)), requires_grad)
 
 
 def ones_like(x: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    return _like(x, x._backend.ones(x.data.shape, _dtype_or(x, dtype)), requires_grad)
+    return _like(x, _made(x, "ones", x.data.shape, _dtype_or(x, dtype)), requires_grad)
+
+
+def _made(x: Tensor, kind: str, shape: tuple, dtype: Any) -> Any:
+    """A new array of zeros or ones on x's backend; a backend call a step capture records."""
+    method = getattr(x._backend, kind)
+    if STATE.flags & CAPTURE:
+        return call(kind, method, shape=shape, dtype=dtype)
+    return method(shape, dtype)
 
 
 def full_like(
     x: Tensor, fill_value: float, dtype: Any = None, requires_grad: bool = False
 ) -> Tensor:
-    data = x._backend.full(x.data.shape, fill_value, _dtype_or(x, dtype))
+    shape, dt = x.data.shape, _dtype_or(x, dtype)
+    if STATE.flags & CAPTURE:  # (a backend call a step capture records)
+        data = call("full", x._backend.full, shape=shape, value=fill_value, dtype=dt)
+    else:
+        data = x._backend.full(shape, fill_value, dt)
     return _like(x, data, requires_grad)
 
 
@@ -568,6 +591,8 @@ def getitem(x: Tensor, key: Any) -> Tensor:
                 f"gpunet.getitem: mask of shape {mask.shape} does not match "
                 f"shape {x.shape} at axis {first}"
             )
+        if STATE.flags & CAPTURE:
+            refuse("gpunet.getitem with a boolean mask", "makes a shape from values")
         flat = Tensor._wrap(x._backend.nonzero_flat(mask.data), x._backend)
         merged = x.shape[:first] + (-1,) + x.shape[first + mask.ndim :]
         return take(reshape(x, merged), flat, first)
@@ -597,6 +622,8 @@ def setitem_(x: Tensor, key: Any, value: Any) -> None:
     """x[key] = value, in place, outside the graph."""
     if _tracked(x):
         raise _inplace_error(x, "item assignment")
+    if STATE.flags & CAPTURE:
+        refuse("x[key] = value", "writes outside the backend calls a capture records")
     key = tuple(
         k.data if isinstance(k, Tensor) else k for k in (key if isinstance(key, tuple) else (key,))
     )
@@ -616,6 +643,11 @@ _INPLACE = {
 }
 
 
+def _inplace_into(out: Any, value: Any, *, op: str) -> None:
+    """out (op)= value, in place."""
+    _INPLACE[op](out, value)
+
+
 def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
     """x (op)= other, writing into x's array (optimizer updates under no_grad)."""
     if _tracked(x):
@@ -627,9 +659,14 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
                 "convert with .to(...) first"
             )
         value = other.data
+    elif STATE.flags & CAPTURE and isinstance(other, (bool, int, float)):
+        value = _scalar(other, x).data  # (cached: the same array at every recording)
     else:
         value = x._backend.asarray(other, x.dtype)
-    x.data = _INPLACE[op](x.data, value)
+    if STATE.flags & CAPTURE:  # recorded, and x's array kept: the replay writes the same one
+        call(f"inplace_{op}", _inplace_into, x.data, value, op=op)
+    else:
+        x.data = _INPLACE[op](x.data, value)
     bump_version(x)  # a node that saved x before this must not run its rule on the new values
     return x
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import dtypes
+from . import autodiff, dtypes
 from .backend import Device, default_device, get_backend
 from .tensor import Tensor
 
@@ -85,7 +85,13 @@ def _draw(
             f"gpunet.{'randn' if kind == 'normal' else 'rand'}: dtype must be floating, got {dt}"
         )
     backend = get_backend(default_device() if device is None else device)
-    data = backend.random(generator or default_generator, kind, tuple(shape), dt)
+    gen = generator or default_generator
+    if autodiff.STATE.flags & autodiff.CAPTURE:  # a call a capture replays: fresh draws each time
+        data = autodiff.call(
+            "random", backend.random, generator=gen, kind=kind, shape=tuple(shape), dtype=dt
+        )
+    else:
+        data = backend.random(gen, kind, tuple(shape), dt)
     t = Tensor._wrap(data, backend)
     t.requires_grad = requires_grad
     return t

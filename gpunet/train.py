@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .autodiff import no_grad
+from .autodiff import CaptureError, no_grad
 from .backend import raise_pending_faults
+from .capture import capture as capture_step
 from .tensor import Tensor
 
 log = logging.getLogger("gpunet")
@@ -119,10 +120,13 @@ def fit(
     on_epoch_end: Callable[[int, History], None] | None = None,
     history: History | None = None,
     best_state: dict[str, Any] | None = None,
+    capture: bool = False,
 ) -> History:
     """Train ``model`` for ``epochs`` in all and return its ``History`` (see the module
     docstring). To continue a run, pass its ``history`` and the weights of its best epoch
-    (``best_state``): the epochs already in the history are not run again."""
+    (``best_state``): the epochs already in the history are not run again. ``capture``:
+    record the training step once per batch shape and replay it (``gpunet.capture``); a
+    step that cannot be captured warns and runs eagerly."""
     if epochs < 1 or (early_stopping is not None and early_stopping < 1):
         raise ValueError(
             f"fit: epochs ({epochs}) and early_stopping ({early_stopping}) must be >= 1"
@@ -138,10 +142,11 @@ def fit(
     if history.stopped_early:  # a finished history: nothing left to run
         first = epochs
     bar = _progress(epochs, progress, first)
+    step = _Step(model, loss_fn, optimizer, capture, run)
     with _DeferredInterrupt() as interrupt:
         try:
             for epoch in range(first, epochs):
-                if not _train_epoch(model, loss_fn, optimizer, train, epoch, run, interrupt):
+                if not _train_epoch(model, step, train, epoch, run, interrupt):
                     break
                 monitored = _end_epoch(model, loss_fn, optimizer, val, history, run)
                 if scheduler is not None:
@@ -197,10 +202,51 @@ class _Run:
                 self.warn(f"restored the best weights (epoch {h.best_epoch + 1})")
 
 
+class _Step:
+    """One training step: eager (forward, the loss read, then backward and the update, so a
+    diverged loss stops before it updates), or captured (``gpunet.capture``: the whole step
+    replayed, the loss read after; the best weights are restored either way)."""
+
+    def __init__(
+        self, model: Any, loss_fn: Callable[..., Tensor], optimizer: Any, capture: bool, run: _Run
+    ) -> None:
+        self.model, self.loss_fn, self.optimizer, self.run = model, loss_fn, optimizer, run
+        self.captured = capture_step(self._whole) if capture else None
+
+    def _whole(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        self.optimizer.zero_grad()
+        out = self.model(x)
+        loss = self.loss_fn(out, y)
+        loss.backward()
+        self.optimizer.step()
+        return loss, out
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[float, Tensor, bool]:
+        """(the loss, the model's output, whether the update was made)."""
+        if self.captured is not None:
+            try:
+                loss, out = self.captured(x, y)
+                return loss.item(), out, True
+            except CaptureError as e:
+                self.captured = None
+                self.run.warn(f"the training step runs eagerly: it cannot be captured ({e})")
+                if e.result is not None:  # the step ran to its end: its eager result
+                    loss, out = e.result
+                    return loss.item(), out, True
+        out = self.model(x)
+        loss = self.loss_fn(out, y)
+        value = loss.item()
+        if not math.isfinite(value):
+            return value, out, False
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return value, out, True
+
+
 def _train_epoch(
     model: Any,
-    loss_fn: Callable[..., Tensor],
-    optimizer: Any,
+    step: _Step,
     train: Iterable[tuple[Tensor, Tensor]],
     epoch: int,
     run: _Run,
@@ -212,16 +258,11 @@ def _train_epoch(
         model.train()
     start, seen, total, correct, classify = time.perf_counter(), 0, 0.0, 0.0, True
     for x, y in train:
-        out = model(x)
-        loss = loss_fn(out, y)
-        value = loss.item()
+        value, out, _ = step(x, y)
         if not math.isfinite(value):
             run.history.diverged = True
             run.warn(f"epoch {epoch + 1}: the training loss became {value}; stopping")
             return False
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
         total += value * len(y)
         acc = _accuracy(out, y)
         classify = classify and acc is not None

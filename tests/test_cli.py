@@ -389,7 +389,8 @@ def test_a_diverged_run_restores_the_best_weights(
 
 
 def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Ctrl-C arrives in training step `step` (counted from 1, evaluation not counted)."""
+    """Ctrl-C arrives in training step `step` (counted from 1, evaluation not counted): in
+    the loss function, so the run needs --no-capture (a replayed step calls no Python)."""
     import gpunet.nn.functional as F
 
     real, calls = F.cross_entropy, [0]
@@ -417,7 +418,9 @@ def test_ctrl_c_saves_the_run_and_resume_continues_it_exactly(
 
     with monkeypatch.context() as m:
         _interrupt_at(m, step=20 * 2 + 5)  # digits: 20 steps an epoch; in epoch 3
-        code, out, err = _run(["train", *RESUME, "--out", str(tmp_path / "cut")], capsys)
+        # cut eagerly, resumed captured: the same weights as the straight captured run
+        args = ["train", *RESUME, "--no-capture", "--out", str(tmp_path / "cut")]
+        code, out, err = _run(args, capsys)
     (cut,) = (tmp_path / "cut").iterdir()
     assert code == 130 and "Traceback" not in err
     assert out.splitlines()[-1].startswith("interrupted after 2 epochs: saved the best weights")
@@ -437,6 +440,8 @@ def test_ctrl_c_saves_the_run_and_resume_continues_it_exactly(
     assert a["test_accuracy"] == b["test_accuracy"]
     code, out, err = _run(["train", "--resume", str(cut)], capsys)
     _one_line_exit_2(code, out, err, "finished")
+    code, out, err = _run(["train", "--resume", str(cut), "--no-capture"], capsys)
+    _one_line_exit_2(code, out, err, "finished")  # (how to run: allowed with --resume)
     code, out, err = _run(["train", "--resume", str(cut), "--epochs", "9", "--lr", "1"], capsys)
     _one_line_exit_2(code, out, err, "its own options; drop --lr, --epochs")
     code, out, err = _run(["train", "--resume", str(tmp_path)], capsys)
@@ -453,7 +458,7 @@ def test_ctrl_c_in_the_first_epoch_saves_nothing_and_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _interrupt_at(monkeypatch, step=3)
-    code, out, err = _run(["train", *FAST, "--out", str(tmp_path)], capsys)
+    code, out, err = _run(["train", *FAST, "--no-capture", "--out", str(tmp_path)], capsys)
     assert code == 130 and "nothing saved" in out and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
@@ -488,7 +493,7 @@ def test_resume_refuses_data_that_changed_or_went(
     data = _blobs_csv(tmp_path / "d.csv", n=400)
     with monkeypatch.context() as m:
         _interrupt_at(m, step=8)  # 280 training rows, 64 a batch: 5 steps an epoch
-        args = ["train", *FAST, "--data", str(data), "--out", str(tmp_path / "r")]
+        args = ["train", *FAST, "--no-capture", "--data", str(data), "--out", str(tmp_path / "r")]
         assert _run(args, capsys)[0] == 130
     (run,) = (tmp_path / "r").iterdir()
     monkeypatch.chdir(run)  # the run keeps the data's absolute path

@@ -255,6 +255,18 @@ def backend_of(array: Any) -> ArrayBackend:
     raise TypeError(f"no gpunet backend for arrays of type {type(array).__name__}")
 
 
+def replay_mode(device: Device | None) -> tuple[str, str]:
+    """How ``gpunet.capture`` replays a step on ``device``: ('a CUDA graph' or 'a launch
+    list', why)."""
+    if device is None or device.type == "cpu":
+        return "a launch list", "on the CPU there is no graph to launch"
+    return (
+        "a launch list",
+        "CuPy's cuBLAS wrappers raise NotImplementedError under stream capture, so a step "
+        "with a GEMM cannot become one CUDA graph",
+    )
+
+
 def info() -> dict[str, Any]:
     """Versions, the devices found, and why the GPU is or is not used."""
     import platform
@@ -278,5 +290,6 @@ def info() -> dict[str, Any]:
         "cuda_devices": list(found.devices),
         "why": found.reason,
         "default_device": str(default_device()),
+        "capture": "replays as {} ({})".format(*replay_mode(default_device())),
         "GPUNET_DEVICE": os.environ.get("GPUNET_DEVICE"),
     }

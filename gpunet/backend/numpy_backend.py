@@ -150,6 +150,29 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
             p[self._rows(n), labels] -= s  # (faster than np.subtract.at: one label a row)
         return p
 
+    def _cross_entropy_with_grad(
+        self, loss: Array, grad: Array, logits: Array, labels: Array, g: Array, *, reduction: str
+    ) -> None:
+        """``cross_entropy`` into ``loss`` and ``cross_entropy_backward`` (cotangent g) into
+        ``grad``, sharing the softmax's max, exponentials and row sums: the same operations on
+        the same values as the two methods, so the same bits (a step capture replays the pair
+        as this; tests/test_capture.py holds it to them). Reductions 'mean' and 'sum'."""
+        check_labels(labels, logits.shape[1], "cross_entropy")
+        n = logits.shape[0]
+        rows = self._rows(n)
+        m = np.maximum.reduce(logits, axis=1, keepdims=True)
+        p = np.subtract(logits, m, out=grad)
+        np.exp(p, out=p)
+        total = np.add.reduce(p, axis=1, keepdims=True)
+        nll = np.log(total[:, 0])
+        nll += m[:, 0]
+        nll -= logits[rows, labels]
+        value = np.add.reduce(nll)
+        loss[...] = value / n if reduction == "mean" else value
+        s = float(g) / max(n, 1) if reduction == "mean" else float(g)
+        p *= np.divide(s, total, out=total)
+        p[rows, labels] -= s
+
     def scatter_add(self, g: Array, indices: Array, *, axis: int, size: int) -> Array:
         out = np.zeros(g.shape[:axis] + (size,) + g.shape[axis + indices.ndim :], g.dtype)
         key = (slice(None),) * axis + (indices,)

@@ -33,7 +33,7 @@ CROSSOVER_BATCHES = (1, 4, 16, 64, 256, 1024, 4096)
 QUICK_CROSSOVER_BATCHES = (16, 256)
 MODEL_GPU = "H100"
 CUPY_POOL_USERS = frozenset(
-    {"gemm-floor", "numpy", "gpunet", "gpunet-in-backward"}
+    {"gemm-floor", "numpy", "gpunet", "gpunet-in-backward", "gpunet-captured"}
 )  # whose GPU memory the pool shows
 CHECK_RTOL = 1e-3  # first-call results of one group must agree to this (float32, many BLASes)
 

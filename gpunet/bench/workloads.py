@@ -213,10 +213,15 @@ def gemm_floor(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
 
 # ---------------------------------------------------------------------- MLP steps: gpunet
 def gpunet_step(
-    s: MlpState, device: str = "cpu", lr: float = LR, in_backward: bool = False
+    s: MlpState,
+    device: str = "cpu",
+    lr: float = LR,
+    in_backward: bool = False,
+    capture: bool = False,
 ) -> Workload:
     """``nn.MLP`` + ``F.cross_entropy`` + ``optim.SGD`` (flat parameter buffer); with
-    ``in_backward``, SGD's step taken inside backward (folded into the weight GEMMs)."""
+    ``in_backward``, SGD's step taken inside backward (folded into the weight GEMMs); with
+    ``capture``, the step recorded once and replayed (``gpunet.capture``)."""
     import gpunet
     import gpunet.nn.functional as F
     from gpunet import nn, optim
@@ -241,6 +246,9 @@ def gpunet_step(
     def weights() -> list[np.ndarray]:
         return [p.numpy() for lin in linears for p in (lin.weight, lin.bias)]
 
+    if capture:
+        captured = gpunet.capture(step)
+        return Workload(captured, weights)
     return Workload(step, weights)
 
 
@@ -387,8 +395,21 @@ def gpunet_step_in_backward(s: MlpState, device: str = "cpu", lr: float = LR) ->
     return gpunet_step(s, device, lr, in_backward=True)
 
 
+def gpunet_step_captured(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
+    """``gpunet_step`` captured: recorded on its first two calls, replayed after."""
+    return gpunet_step(s, device, lr, capture=True)
+
+
+def gpunet_step_captured_in_backward(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
+    """``gpunet_step`` captured, with SGD's step folded into the weight GEMMs."""
+    return gpunet_step(s, device, lr, in_backward=True, capture=True)
+
+
 # gpunet's other ways to run the same step, timed beside "gpunet" (the default way)
-MLP_VARIANTS: dict[str, MlpFactory] = {"gpunet-in-backward": gpunet_step_in_backward}
+MLP_VARIANTS: dict[str, MlpFactory] = {
+    "gpunet-in-backward": gpunet_step_in_backward,
+    "gpunet-captured": gpunet_step_captured,
+}
 MLP_IMPLS: dict[str, MlpFactory] = {
     **MLP_FLOORS,
     "gpunet": gpunet_step,

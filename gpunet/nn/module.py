@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import dtypes, ops
+from ..autodiff import CAPTURE, STATE, call, layout_changed
 from ..backend import Device, get_backend
 from ..creation import tensor as _new_tensor
 from ..tensor import Tensor
@@ -218,6 +219,8 @@ class Module:
                 continue
             if set_to_none:
                 p.grad = None
+            elif STATE.flags & CAPTURE:  # (a backend call, so a step capture replays it)
+                call("fill", _zero, g.data)
             else:
                 g.data[...] = 0
 
@@ -334,6 +337,7 @@ class Module:
 
 def _move_(t: Tensor, dt: np.dtype | None, backend: Any) -> None:
     """Change a tensor's dtype and device in place (the object stays; its array is replaced)."""
+    layout_changed()
     if dt is not None and t.dtype != dt and t.dtype.kind == "f":
         t.data = ops.cast(t.detach(), dt).data
     if backend is not None and backend is not t._backend:
@@ -351,3 +355,8 @@ def _copy_tensor(t: Tensor) -> Tensor:
     if t.grad is not None:
         out.grad = ops.copy(t.grad.detach())
     return out
+
+
+def _zero(out: Any) -> None:
+    """out <- 0, in place."""
+    out[...] = 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
-from ..autodiff import call
+from ..autodiff import CAPTURE, STATE, Dynamic, call
 from ..backend.updates import AdamHyper
 from ..tensor import Tensor
 from .flat import FlatBuffer
@@ -17,6 +18,7 @@ class Adam(Optimizer):
     p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps); g += wd p first."""
 
     decoupled = False
+    _capturable = True
 
     def __init__(
         self,
@@ -46,14 +48,33 @@ class Adam(Optimizer):
                 st.update(step=0, exp_avg=flat.view(m, i), exp_avg_sq=flat.view(v, i))
             st["step"] += 1
             states.append(st)
-        beta1, beta2 = group["betas"]
-        hyper = AdamHyper(
-            group["lr"], beta1, beta2, group["eps"], group["weight_decay"], self.decoupled
-        )
+
+        hyper: Any = _hyper(group, self.decoupled)
+        capturing = STATE.flags & CAPTURE
+        if capturing:  # a capture replays these with the group's values of the moment, each
+            # replay advancing the step counts of the parameters in the span and using them
+            hyper = Dynamic(hyper, functools.partial(_hyper, group, self.decoupled))
         # Neighbours at the same step count share one fused update.
         for start, stop, step in flat.spans(indices, [st["step"] for st in states]):
             arrays = (flat.data[start:stop], flat.grad[start:stop], m[start:stop], v[start:stop])
-            call("adam_update", flat.backend.adam_update, *arrays, hyper=hyper, step=step)
+            count: Any = step
+            if capturing:
+                span = [st for i, st in zip(indices, states) if start <= flat.offsets[i] < stop]
+                count = Dynamic(step, functools.partial(_advance, span))
+            call("adam_update", flat.backend.adam_update, *arrays, hyper=hyper, step=count)
+
+
+def _hyper(group: dict[str, Any], decoupled: bool) -> AdamHyper:
+    """The update's hyperparameters, from the group now."""
+    beta1, beta2 = group["betas"]
+    return AdamHyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], decoupled)
+
+
+def _advance(states: list[dict[str, Any]]) -> int:
+    """One more step for each of ``states`` (a span sharing one count): the new count."""
+    for st in states:
+        st["step"] += 1
+    return states[0]["step"]
 
 
 class AdamW(Adam):

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from ..autodiff import segment
 from ..tensor import Tensor
 from .flat import flat_of
 
@@ -36,6 +37,19 @@ def clip_grad_norm_(
     ``max_norm``: g *= min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping.
     Gradients of parameters an optimizer packed are clipped in its flat gradient array: one
     ``grad_norm`` and one scaling pass per contiguous range (one, for a whole model)."""
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    return _clip_grad_norm(params, max_norm, norm_type, error_if_nonfinite)
+
+
+# (a step capture runs it again at each replay: the norm and the scale change every step)
+@segment(lambda params, *args, **kwargs: params)
+def _clip_grad_norm(
+    parameters: list[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> Tensor:
+    """The body of ``clip_grad_norm_``, on a list of parameters."""
     params = _with_grads(parameters, "clip_grad_norm_")
     if not params:
         from ..creation import tensor
@@ -77,7 +91,14 @@ def clip_grad_norm_(
 
 def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float) -> None:
     """Clamp every gradient element to [-clip_value, clip_value] in place."""
-    for p in _with_grads(parameters, "clip_grad_value_"):
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    _clip_grad_value(params, clip_value)
+
+
+@segment(lambda params, *args, **kwargs: params)
+def _clip_grad_value(params: list[Tensor], clip_value: float) -> None:
+    """The body of ``clip_grad_value_``, on a list of parameters."""
+    for p in _with_grads(params, "clip_grad_value_"):
         g = p.grad.data
         g[...] = p.grad._backend.xp.clip(g, -clip_value, clip_value)
 

@@ -17,7 +17,7 @@ import functools
 import weakref
 from typing import Any
 
-from ..autodiff import call
+from ..autodiff import call, layout_changed
 from ..backend.updates import state_dtype
 from ..tensor import Tensor
 
@@ -61,6 +61,7 @@ class FlatBuffer:
             total += p.numel()
         self.offsets.append(total)
         self.size = total
+        layout_changed()  # (the parameters' arrays are about to become views of new ones)
         self.data = self.backend.zeros((total,), self.dtype)
         self.views = [self.view(self.data, i) for i in range(len(params))]
         self._grad: Array | None = None

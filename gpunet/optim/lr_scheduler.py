@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..autodiff import segment
 from .optimizer import Optimizer
 
 
@@ -44,6 +45,7 @@ class LRScheduler:
         """The lrs the last ``step()`` set."""
         return list(self._last_lr)
 
+    @segment()
     def step(self) -> None:
         self._step_count += 1
         self.last_epoch += 1
@@ -175,6 +177,7 @@ class ReduceLROnPlateau:
     def get_last_lr(self) -> list[float]:
         return list(self._last_lr)
 
+    @segment()
     def step(self, metrics: float) -> None:
         current = float(metrics)
         self.last_epoch += 1

@@ -17,7 +17,7 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..autodiff import enable_grad
+from ..autodiff import CAPTURE, STATE, call, enable_grad, segment
 from ..tensor import Tensor
 from .flat import FlatBuffer
 
@@ -117,13 +117,25 @@ class Optimizer:
         """Forget the gradients: ``grad = None`` (default), or zeros in the flat array."""
         for flat in self._flats:
             if not set_to_none:
-                flat.grad[...] = 0
+                if STATE.flags & CAPTURE:  # (a backend call, so a step capture replays it)
+                    call("fill", _zero, flat.grad)
+                else:
+                    flat.grad[...] = 0
             for i, p in enumerate(flat.params):
                 if set_to_none:
                     p.grad = None
                 elif p.grad is not None:
                     p.grad = Tensor._wrap(flat.grad_views[i], flat.backend)
 
+    # A capture records the step's update calls where the subclass passes what changes
+    # between steps as ``Dynamic`` (``_capturable``); otherwise it runs the step again as
+    # Python at each replay.
+    _capturable = False
+
+    @segment(
+        lambda self, closure=None: self._all_params(),
+        records=lambda self, closure=None: closure is None and self._capturable,
+    )
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter with a gradient; ``closure`` re-evaluates the loss."""
         loss = None
@@ -215,6 +227,11 @@ class Optimizer:
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
+
+
+def _zero(out: Array) -> None:
+    """out <- 0, in place."""
+    out[...] = 0
 
 
 def _on(flat: FlatBuffer, value: Any) -> Array:

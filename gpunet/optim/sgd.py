@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
-from ..autodiff import call
+from ..autodiff import CAPTURE, STATE, Dynamic, call
 from ..backend.updates import SGDHyper
 from ..tensor import Tensor
 from .flat import FlatBuffer
@@ -80,6 +81,8 @@ class SGD(Optimizer):
             if saved != mine
         ]
 
+    _capturable = True
+
     def _grad_buffers(self) -> bool:
         return not self.defaults["in_backward"]
 
@@ -92,18 +95,33 @@ class SGD(Optimizer):
         # A parameter's first step with momentum starts its buffer: a run of its own.
         firsts = [momentum != 0 and st.get("momentum_buffer") is None for st in states]
         buf = flat.buffer("momentum_buffer") if momentum != 0 else None
-        hyper = SGDHyper(
-            group["lr"], momentum, group["dampening"], group["nesterov"], group["weight_decay"]
-        )
+
+        hyper: Any = _hyper(group)
+        capturing = STATE.flags & CAPTURE
+        if capturing:  # a capture replays these with the group's values of the moment; every
+            # momentum buffer exists by then, so no step it replays is a first one
+            hyper = Dynamic(hyper, functools.partial(_hyper, group))
         for start, stop, first in flat.spans(indices, firsts):
             arrays = (
                 flat.data[start:stop],
                 flat.grad[start:stop],
                 None if buf is None else buf[start:stop],
             )
-            call("sgd_update", flat.backend.sgd_update, *arrays, hyper=hyper, first_step=first)
+            first_step = Dynamic(first, _false) if capturing else first
+            call("sgd_update", flat.backend.sgd_update, *arrays, hyper=hyper, first_step=first_step)
         for i, st in zip(indices, states):
             st["momentum_buffer"] = None if buf is None else flat.view(buf, i)
+
+
+def _hyper(group: dict[str, Any]) -> SGDHyper:
+    """The update's hyperparameters, from the group now."""
+    return SGDHyper(
+        group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"]
+    )
+
+
+def _false() -> bool:
+    return False
 
 
 class InBackward:

@@ -1,0 +1,739 @@
+"""Step capture and replay: ``gpunet.capture(step)`` records the backend calls a training step
+makes and replays them, with no tape, Node or Tensor per op, on buffers the capture owns.
+
+The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
+
+- The first two calls with a new input signature (shapes, dtypes, devices of the tensor
+  arguments, and the other arguments' values) run the step eagerly and record every backend
+  call it makes: the forward through ``autodiff.apply``, the sweep's rules and leaf writes,
+  everything else through ``autodiff.call``. The two recordings must agree (the same calls on
+  the same shapes with the same parameters, reading the same persistent arrays), or
+  ``CaptureError`` names the first difference: Python control flow that depends on values is
+  never frozen silently.
+- Later calls replay the second recording. Tensor arguments are copied into the capture's
+  input buffers (the step never sees the caller's arrays, so nothing of the caller's is
+  written); every array the step made lives on in the capture and is rewritten in place, so
+  it keeps its address. Tensors the step returns are the capture's own and are valid until
+  the next replay: copy them (``t.clone()``) to keep a value; they are detached. Python side
+  effects of the step (appending to a list, printing) happen only on the recorded calls, and
+  Python state it reads (``model.training``, a flag) is frozen at the recording.
+- The optimizers' updates (SGD, Adam, AdamW) are recorded with what changes between steps
+  passed as ``autodiff.Dynamic`` (the group's lr and hyperparameters, Adam's step count,
+  advanced once per replay), an in-backward step's lr as ``autodiff.Live``: computed afresh
+  at each replay, never frozen. Schedules, gradient clipping and another optimizer's step
+  are *segments* (``autodiff.segment``): they run again as Python at each replay, with the
+  gradients they saw put back. Dropout's draws are backend calls replayed from the same
+  generator: fresh masks every replay, the same ones eager would draw.
+- Replacing the arrays a capture recorded (an optimizer packing its buffers again,
+  ``Module.to``) makes the next call record again; replacing ``p.data`` by hand between
+  replays is not seen (write into it instead). Tensor arguments must not require grad.
+- While recording, anything that takes a value to the host (``.item()``, ``.numpy()``,
+  ``bool``, ``float``, ``int``, ``tolist``, printing a tensor) or makes a shape from values
+  (boolean-mask indexing) raises ``CaptureError`` naming the op and the user's line.
+
+On the CPU the replay is a generated straight-line function over the recorded calls (a
+launch list). On CuPy it is the same list of launches; a CUDA graph needs every call to be
+capturable, which CuPy's cuBLAS wrappers are not (they raise under stream capture), nor a
+call whose host scalars change per step, so the ``repr`` lists each recording's blockers and
+``gpunet info`` says how replays run. (Graph replay itself is not built.)
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import autodiff
+from .autodiff import CAPTURE, STATE, CaptureError, refuse, user_site
+from .backend import replay_mode
+from .tensor import Tensor
+
+__all__ = ["CaptureError", "CapturedStep", "capture", "graph_support", "refuse"]
+
+
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "__array_interface__") or hasattr(x, "__cuda_array_interface__")
+
+
+def _address(a: Any) -> int:
+    face = getattr(a, "__array_interface__", None) or a.__cuda_array_interface__
+    return face["data"][0]
+
+
+def _describe(a: Any) -> tuple:
+    """Where an array lives and how it is laid out: two views of the same memory match."""
+    return (_address(a), tuple(a.shape), tuple(a.strides), str(a.dtype))
+
+
+_CHANGING = (autodiff.Live, autodiff.Dynamic)  # parameters computed afresh at each replay
+
+
+def _same_param(x: Any, y: Any) -> bool:
+    """Do two recordings pass the same value? Arrays and tensors: the same object."""
+    if x is y:
+        return True
+    if isinstance(x, _CHANGING):  # (they may differ between steps: that is their point)
+        return type(x) is type(y)
+    if _is_array(x) or _is_array(y) or isinstance(x, Tensor) or isinstance(y, Tensor):
+        return False
+    if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+        return len(x) == len(y) and all(_same_param(a, b) for a, b in zip(x, y))
+    try:
+        return bool(x == y) and type(x) is type(y)
+    except Exception:  # (an object without a plain ==: the same object only)
+        return x is y
+
+
+# ---------------------------------------------------------------------- the recording
+class _Entry:
+    """One recorded call. ``kind``: 'made' (a new array, rewritten in place at replay),
+    'view' (a view of an input: the recorded view stays valid, nothing runs), 'into' (writes
+    its first array, returns nothing), 'same' (returned an input: run, result dropped),
+    'segment' (Python run again at replay), 'const' (zeros, ones or a fill nothing writes:
+    made once, at the recording)."""
+
+    __slots__ = ("fn", "ins", "kind", "name", "out", "params", "seg", "site")
+
+    def __init__(self, kind: str, name: str, fn: Any, ins: list, params: dict, out: Any) -> None:
+        self.kind, self.name, self.fn = kind, name, fn
+        self.ins, self.params, self.out = ins, params, out
+        self.site = ""
+        self.seg: Any = None
+
+
+class _Recorder:
+    """Collects the backend calls of one eager run of the step."""
+
+    def __init__(self, inputs: list[Any]) -> None:
+        self.arrays: list[Any] = []  # every array met, held (so no id is reused)
+        self.slot: dict[int, int] = {}  # id(array) -> index in arrays
+        self.origin: list[Any] = []  # per array: 'input', 'made', 'view', or an external key
+        self.entries: list[_Entry] = []
+        self.depth = 0  # inside a segment: its own calls are not recorded
+        for a in inputs:
+            self._add(a, "input")
+
+    def _add(self, a: Any, origin: Any) -> int:
+        k = len(self.arrays)
+        self.arrays.append(a)
+        self.slot[id(a)] = k
+        self.origin.append(origin)
+        return k
+
+    def ref(self, x: Any) -> Any:
+        """An input of a call: ('a', slot) for an array, ('c', value) for anything else."""
+        if x is None or isinstance(x, np.generic) or not _is_array(x):
+            return ("c", x)
+        k = self.slot.get(id(x))
+        if k is None:  # made before the step, or outside any call the capture sees
+            k = self._add(x, ("external", _describe(x)))
+        return ("a", k)
+
+    def record(self, name: str, fn: Any, arrays: tuple | list, params: dict, out: Any) -> None:
+        if self.depth:
+            return
+        ins = [self.ref(x) for x in arrays]
+        if out is None:
+            kind, oref = "into", None
+        elif id(out) in self.slot:
+            kind, oref = "same", None
+        else:
+            xp = _xp_of(out)
+            shares = any(r[0] == "a" and xp.may_share_memory(out, self.arrays[r[1]]) for r in ins)
+            kind = "view" if shares else "made"
+            oref = ("a", self._add(out, kind))
+        entry = _Entry(kind, name, fn, ins, params, oref)
+        entry.site = user_site()
+        self.entries.append(entry)
+
+    def segment(self, name: str, fn: Callable, args: tuple, kwargs: dict, params: list) -> Any:
+        """Run ``fn`` now, unrecorded, and record it to run again at each replay with the
+        gradients its parameters had on entry (the sweep that set them does not run then)."""
+        grads = [(p, p.grad) for p in params]
+        self.depth += 1
+        prev = STATE.flags
+        STATE.flags = prev & ~CAPTURE  # (host reads are allowed: a segment is plain Python)
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            STATE.flags = prev
+            self.depth -= 1
+        entry = _Entry("segment", name, fn, [("c", a) for a in args], kwargs, None)
+        entry.seg, entry.site = grads, user_site()
+        if isinstance(result, Tensor):
+            entry.out = ("a", self._add(result.data, "made"))
+        self.entries.append(entry)
+        return result
+
+    def signature(self, i: int) -> tuple:
+        """What must agree between two recordings for entry ``i``."""
+        e = self.entries[i]
+
+        def key(r: Any) -> Any:
+            if r is None or r[0] == "c":
+                return r
+            origin = self.origin[r[1]]
+            a = self.arrays[r[1]]
+            if isinstance(origin, tuple):
+                return ("external", origin[1])
+            return (origin, r[1], tuple(a.shape), str(a.dtype))
+
+        return (e.kind, e.name, [key(r) for r in e.ins], key(e.out))
+
+
+def _xp_of(a: Any) -> Any:
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy  # (only a CuPy array gets here)
+
+    return cupy
+
+
+def _compare(r1: _Recorder, r2: _Recorder, step_name: str) -> None:
+    """Raise ``CaptureError`` at the first call where the two recordings differ."""
+    n = max(len(r1.entries), len(r2.entries))
+    for i in range(n):
+        if i >= len(r1.entries) or i >= len(r2.entries):
+            longer = r1 if i < len(r1.entries) else r2
+            e = longer.entries[i]
+            raise CaptureError(
+                f"gpunet.capture({step_name}): the first two calls made different backend "
+                f"calls: call {1 if longer is r1 else 2} goes on with '{e.name}' (call {i + 1}, "
+                f"at {e.site}) where the other ended after {i} calls. Python control flow in "
+                "the step depends on values (an if on a tensor's value, a counter); move it "
+                "out of the step, or run the step without capture."
+            )
+        e1, e2 = r1.entries[i], r2.entries[i]
+        s1, s2 = r1.signature(i), r2.signature(i)
+        same_params = e1.params.keys() == e2.params.keys() and all(
+            _same_param(e1.params[k], e2.params[k]) for k in e1.params
+        )
+        if e1.kind == "segment" and s1[:2] == s2[:2]:  # its arguments: the same values
+            same_params = same_params and all(_same_param(a, b) for a, b in zip(e1.ins, e2.ins))
+            s1 = s2
+        if s1 != s2 or not same_params:
+            what = _difference(s1, s2, e1, e2)
+            raise CaptureError(
+                f"gpunet.capture({step_name}): the first two calls differ at backend call "
+                f"{i + 1}: {what} (call 2 at {e2.site}). The step's Python depends on values "
+                "(a branch on a tensor or a counter), or an array the step reads is made "
+                "outside the calls the capture sees; a replay would freeze one of them. "
+                "Move that out of the step, or run it without capture."
+            )
+
+
+def _difference(s1: tuple, s2: tuple, e1: _Entry, e2: _Entry) -> str:
+    if s1[:2] != s2[:2]:
+        return f"'{e1.name}' ({e1.kind}) then, '{e2.name}' ({e2.kind}) now"
+    for j, (a, b) in enumerate(zip(s1[2], s2[2])):
+        if a != b:
+            if a[0] == "external" and b[0] == "external":
+                return (
+                    f"'{e2.name}' reads, as input {j}, a different array from outside the "
+                    "recorded calls each time (made by an operation the capture does not see)"
+                )
+            return f"'{e2.name}' input {j} is {_show(a)} then, {_show(b)} now"
+    if s1[3] != s2[3]:
+        return f"'{e2.name}' makes {_show(s1[3])} then, {_show(s2[3])} now"
+    for k in e1.params:
+        if not _same_param(e1.params[k], e2.params.get(k)):
+            return f"'{e2.name}' has {k}={e1.params[k]!r} then, {k}={e2.params.get(k)!r} now"
+    return f"'{e2.name}' differs"
+
+
+def _show(key: Any) -> str:
+    if key is None:
+        return "nothing"
+    if key[0] == "c":
+        return repr(key[1])
+    if key[0] == "external":
+        return f"an array from outside the step of shape {key[1][1]}"
+    return f"a {key[3]} array of shape {key[2]}"
+
+
+# ---------------------------------------------------------------------- the replay program
+class _Program:
+    """The second recording as one generated Python function: a launch list."""
+
+    def __init__(self, rec: _Recorder, n_inputs: int, outputs: Any, backend: Any) -> None:
+        self.rec = rec
+        self.backend = backend
+        self.n_inputs = n_inputs
+        self.inputs = rec.arrays[:n_inputs]
+        self.outputs = outputs
+        self.counts = collections.Counter(e.kind for e in rec.entries)
+        self.on_gpu = any(not isinstance(a, np.ndarray) for a in rec.arrays)
+        self.replay = self._generate()
+
+    def _generate(self) -> Callable[..., None]:
+        rec = self.rec
+        env: dict[str, Any] = {}
+        lines = ["def replay(xs):"]
+        for k in range(self.n_inputs):
+            env[f"a{k}"] = rec.arrays[k]
+            env[f"copy{k}"] = _xp_of(rec.arrays[k]).copyto
+            lines.append(f"    copy{k}(a{k}, xs[{k}])")
+
+        def arg(r: Any, i: int, j: int) -> str:
+            if r[0] == "a":
+                env[f"a{r[1]}"] = rec.arrays[r[1]]
+                return f"a{r[1]}"
+            env[f"c{i}_{j}"] = r[1]
+            return f"c{i}_{j}"
+
+        written = {e.ins[0][1] for e in rec.entries if e.kind == "into" and e.ins[0][0] == "a"}
+        fused = _fuse_cross_entropy(rec.entries, rec.arrays)
+        for i, e in enumerate(rec.entries):
+            if i in fused:
+                first, out = fused[i]
+                if first is None:
+                    continue  # (its loss is made by the fused call at its backward's place)
+                names = []
+                for k, a in enumerate(out):
+                    env[f"ce{i}_{k}"] = rec.arrays[a]
+                    names.append(f"ce{i}_{k}")
+                env[f"cef{i}"], env[f"cer{i}"] = first, rec.entries[i].params["reduction"]
+                lines.append(f"    cef{i}({', '.join(names)}, reduction=cer{i})")
+                continue
+            if e.kind == "view":
+                continue  # the recorded view of a buffer that never moves
+            if e.name in _PURE and e.out[1] not in written and all(r[0] == "c" for r in e.ins):
+                e.kind = "const"  # zeros, ones, a fill that nothing writes: made once
+                continue
+            if e.kind == "segment":
+                env[f"s{i}"] = _segment_runner(e, rec)
+                lines.append(f"    s{i}()")
+                continue
+            fast = _numpy_in_place(e, rec.arrays, env, i)
+            if fast is not None:  # the same NumPy calls, writing the capture's buffer
+                lines += [f"    {line}" for line in fast]
+                continue
+            env[f"f{i}"] = e.fn
+            args = [arg(r, i, j) for j, r in enumerate(e.ins)]
+            for name, value in e.params.items():
+                env[f"p{i}_{name}"] = value
+                # a Live or Dynamic value (an lr, a step count) is computed at every replay
+                read = ".fn()" if isinstance(value, _CHANGING) else ""
+                args.append(f"{name}=p{i}_{name}{read}")
+            call = f"f{i}({', '.join(args)})"
+            if e.kind == "made":
+                out = e.out[1]
+                env[f"a{out}"] = rec.arrays[out]
+                env[f"copy_{i}"] = _xp_of(rec.arrays[out]).copyto
+                lines.append(f"    copy_{i}(a{out}, {call})")
+            else:
+                lines.append(f"    {call}")
+        if len(lines) == 1:
+            lines.append("    pass")
+        exec(compile("\n".join(lines), "<gpunet.capture replay>", "exec"), env)
+        self.source = "\n".join(lines)
+        return env["replay"]
+
+    def graph_blockers(self) -> list[str]:
+        """What keeps this recording from replaying as one CUDA graph."""
+        live = [e for e in self.rec.entries if e.kind not in ("view", "const")]
+        gemms = sum(
+            e.kind != "segment" and ("matmul" in e.name or "linear" in e.name) for e in live
+        )
+        changing = sum(any(isinstance(v, _CHANGING) for v in e.params.values()) for e in live)
+        segments = sum(e.kind == "segment" for e in live)
+        why = []
+        if gemms:
+            why.append(f"{gemms} GEMMs (CuPy's cuBLAS wrappers raise under stream capture)")
+        if changing:
+            why.append(f"{changing} calls with per-step host scalars (lr, step counts)")
+        if segments:
+            why.append(f"{segments} Python segments (clipping, schedules)")
+        return why
+
+    def run_observed(self, xs: list[Any]) -> None:
+        """The replay, one entry at a time, telling observers (``gpunet.profile``) of each
+        call it makes (a view's too, as eager does; a segment's own calls tell them)."""
+        arrays = self.rec.arrays
+        for k in range(self.n_inputs):
+            _xp_of(arrays[k]).copyto(arrays[k], xs[k])
+        for e in self.rec.entries:
+            if e.kind == "segment":
+                _segment_runner(e, self.rec)()
+                continue
+            ins = [arrays[r[1]] if r[0] == "a" else r[1] for r in e.ins]
+            params = {k: v.fn() if isinstance(v, _CHANGING) else v for k, v in e.params.items()}
+            if e.kind in ("made", "same", "into"):
+                result = e.fn(*ins, **params)
+                if e.kind == "made":
+                    _xp_of(arrays[e.out[1]]).copyto(arrays[e.out[1]], result)
+            if e.kind == "const":
+                continue
+            out = arrays[e.out[1]] if e.out is not None else ins[0]
+            writes = e.kind == "into" and e.fn.__name__.endswith("_into")  # (as ``call`` says)
+            autodiff.observe(e.name, ins[1:] if writes else ins, params, out)
+
+
+def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> list[str] | None:
+    """Lines that make the NumPy calls the backend method ``e.fn`` makes, writing straight
+    into the recorded output (no temporary, no copy, no Python frame of the backend's), for
+    the hot methods of a training step; None for any other call. Inputs are the capture's
+    own arrays, so a transposed operand is a view made here, once."""
+    from .backend.numpy_backend import NumpyBackend
+
+    if not isinstance(getattr(e.fn, "__self__", None), NumpyBackend) or e.kind not in (
+        "made",
+        "into",
+    ):
+        return None
+    p = e.params
+    if e.fn.__name__ == "sgd_update":
+        return _plain_sgd(e, arrays, env, i)
+    if any(isinstance(v, _CHANGING) for v in p.values()) or any(r[0] != "a" for r in e.ins):
+        return None
+    ins = [arrays[r[1]] for r in e.ins]
+    if e.kind == "made":
+        out = arrays[e.out[1]]
+    else:
+        out, ins = ins[0], ins[1:]
+    if not isinstance(out, np.ndarray) or out.dtype.kind != "f":
+        return None
+    method = e.fn.__name__
+
+    def name(value: Any, tag: str) -> str:
+        env[f"n{i}_{tag}"] = value
+        return f"n{i}_{tag}"
+
+    o = name(out, "out")
+    if method in ("matmul", "matmul_into"):
+        if method == "matmul_into" and (p.get("alpha", 1.0) != 1.0 or p.get("beta", 0.0) != 0.0):
+            return None  # (a scaling GEMM: the backend's own BLAS call)
+        x, y = ins
+        x = x.swapaxes(-1, -2) if p["tx"] else x
+        y = y.swapaxes(-1, -2) if p["ty"] else y
+        return [f"{name(np.matmul, 'mm')}({name(x, 'x')}, {name(y, 'y')}, out={o})"]
+    if method == "sum_into" and p.get("alpha", 1.0) == 1.0 and p.get("beta", 0.0) == 0.0:
+        reduce = name(np.add.reduce, "sum")
+        return [f"{reduce}({name(ins[0], 'x')}, axis={name(p['axis'], 'axis')}, out={o})"]
+    if method == "linear_activation" and p["activation"] in (None, "relu"):
+        x, w, b = (name(a, t) for a, t in zip(ins, "xwb"))
+        lines = [
+            f"{name(np.matmul, 'mm')}({x}, {w}, out={o})",
+            f"{name(np.add, 'add')}({o}, {b}, out={o})",
+        ]
+        if p["activation"] == "relu":
+            lines.append(f"{name(np.maximum, 'max')}({o}, 0, out={o})")
+        return lines
+    if method == "activation_backward" and "out" not in p:
+        env[f"f{i}"] = e.fn
+        keywords = "".join(f", {k}={name(v, k)}" for k, v in p.items())
+        return [f"f{i}({name(ins[0], 'g')}, {name(ins[1], 's')}{keywords}, out={o})"]
+    return None
+
+
+def _plain_sgd(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> list[str] | None:
+    """NumPy's ``sgd_update`` with no momentum and no weight decay, p -= lr g, as its two
+    ufunc calls (the backend's: g * lr in the state's precision into a scratch row, then
+    subtracted) for the lr of the moment; the backend's method when the group has momentum
+    or decay by then. Only for a float32/float64 flat range without a momentum buffer."""
+    hyper, first = e.params.get("hyper"), e.params.get("first_step", False)
+    if (
+        len(e.ins) != 3
+        or e.ins[2] != ("c", None)
+        or any(r[0] != "a" for r in e.ins[:2])
+        or not isinstance(hyper, autodiff.Dynamic)
+        or (first is not False and not isinstance(first, autodiff.Dynamic))
+    ):
+        return None
+    param, grad = arrays[e.ins[0][1]], arrays[e.ins[1][1]]
+    if (
+        param.dtype.char not in "fd"
+        or grad.dtype != param.dtype
+        or grad.shape != param.shape
+        or not isinstance(param, np.ndarray)
+    ):
+        return None
+    env.update(
+        {
+            f"sg{i}_h": hyper,
+            f"sg{i}_p": param,
+            f"sg{i}_g": grad,
+            f"sg{i}_t": np.empty_like(param),
+            f"sg{i}_dt": param.dtype.type,
+            f"sg{i}_mul": np.multiply,
+            f"sg{i}_sub": np.subtract,
+            f"sg{i}_f": e.fn,
+        }
+    )
+    return [
+        f"h{i} = sg{i}_h.fn()",
+        f"if h{i}.momentum == 0.0 and h{i}.weight_decay == 0.0:",
+        f"    sg{i}_sub(sg{i}_p, sg{i}_mul(sg{i}_g, sg{i}_dt(h{i}.lr), out=sg{i}_t), out=sg{i}_p)",
+        "else:",
+        f"    sg{i}_f(sg{i}_p, sg{i}_g, None, h{i}, first_step=False)",
+    ]
+
+
+def _fuse_cross_entropy(entries: list[_Entry], arrays: list[Any]) -> dict[int, tuple]:
+    """NumPy's ``cross_entropy`` and, later, its ``cross_entropy_backward`` on the same
+    logits and labels, with nothing between that reads the loss or writes them, as one
+    ``_cross_entropy_with_grad`` at the backward's place: {forward index: (None, ()), backward
+    index: (method, (loss, grad, logits, labels, g) slots)}."""
+    from .backend.numpy_backend import NumpyBackend
+
+    out: dict[int, tuple] = {}
+    for i, e in enumerate(entries):
+        backend = getattr(e.fn, "__self__", None)
+        if (
+            e.name != "cross_entropy"
+            or e.kind != "made"
+            or not isinstance(backend, NumpyBackend)
+            or e.params.get("reduction") not in ("mean", "sum")
+            or any(r[0] != "a" for r in e.ins)
+        ):
+            continue
+        logits, labels, loss = e.ins[0][1], e.ins[1][1], e.out[1]
+        for j in range(i + 1, len(entries)):
+            b = entries[j]
+            slots = {r[1] for r in b.ins if r[0] == "a"}
+            if (
+                b.name == "cross_entropy_backward"
+                and b.kind == "made"
+                and b.params == e.params
+                and [r[1] for r in b.ins[1:]] == [logits, labels]
+                and b.ins[0][0] == "a"
+                and isinstance(arrays[b.out[1]], np.ndarray)
+            ):
+                method = backend._cross_entropy_with_grad
+                out[i] = (None, ())
+                out[j] = (method, (loss, b.out[1], logits, labels, b.ins[0][1]))
+                break
+            writes = b.kind in ("into", "same") and b.ins and b.ins[0][0] == "a"
+            if b.kind == "segment" or loss in slots or (writes and b.ins[0][1] in (logits, labels)):
+                break
+    return out
+
+
+_PURE = frozenset({"zeros", "ones", "full"})  # calls whose result depends on their params only
+
+
+def _segment_runner(e: _Entry, rec: _Recorder) -> Callable[[], None]:
+    """A segment at replay: the gradients it saw on entry put back, its Python run, and a
+    tensor result copied into the recorded one (so what the step returned stays valid)."""
+    fn, args, kwargs, grads = e.fn, [r[1] for r in e.ins], e.params, e.seg
+    target = rec.arrays[e.out[1]] if e.out is not None else None
+
+    def run() -> None:
+        for p, g in grads:
+            p.grad = g
+        result = fn(*args, **kwargs)
+        if target is not None:
+            _xp_of(target).copyto(target, result.data)
+
+    return run
+
+
+# ---------------------------------------------------------------------- the wrapper
+def _flatten(obj: Any, out: list[Tensor]) -> Any:
+    """The structure of ``obj`` with each Tensor replaced by its index in ``out``."""
+    if isinstance(obj, Tensor):
+        out.append(obj)
+        return ("T", len(out) - 1)
+    if isinstance(obj, (tuple, list)):
+        return (type(obj).__name__, [_flatten(o, out) for o in obj])
+    if isinstance(obj, dict):
+        return ("dict", [(k, _flatten(v, out)) for k, v in obj.items()])
+    return ("V", obj)
+
+
+def _unflatten(spec: Any, leaves: list[Any]) -> Any:
+    tag, body = spec
+    if tag == "T":
+        return leaves[body]
+    if tag == "V":
+        return body
+    if tag == "dict":
+        return {k: _unflatten(v, leaves) for k, v in body}
+    items = [_unflatten(s, leaves) for s in body]
+    return tuple(items) if tag == "tuple" else items
+
+
+class _Capture:
+    """One input signature's capture: its program and the arrays it owns."""
+
+    def __init__(self, program: _Program, out_spec: Any, out_tensors: list[Tensor]) -> None:
+        self.layout = autodiff.LAYOUT[0]  # (replaced arrays since: record again)
+        self.program = program
+        self.out_spec = out_spec
+        self.out_tensors = out_tensors
+
+
+class CapturedStep:
+    """A step function recorded once per input signature and replayed after; see the module
+    docstring for the contract. ``calls`` counts calls, ``replays`` those replayed."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        on_new_signature: str = "recapture",
+        max_captures: int = 8,
+    ) -> None:
+        if on_new_signature not in ("recapture", "raise"):
+            raise ValueError(
+                f"gpunet.capture: on_new_signature must be 'recapture' or 'raise', got "
+                f"{on_new_signature!r}"
+            )
+        if max_captures < 1:
+            raise ValueError(f"gpunet.capture: max_captures must be >= 1, got {max_captures}")
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.on_new_signature = on_new_signature
+        self.max_captures = max_captures
+        self._captures: collections.OrderedDict[tuple, _Capture] = collections.OrderedDict()
+        self._pending: dict[tuple, tuple[_Recorder, list[Any], int]] = {}  # first recordings
+        self.calls = 0
+        self.replays = 0
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", repr(self.fn))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if not kwargs and all(type(a) is Tensor for a in args):  # the common call: no flatten
+            key = (None, tuple((a.data.shape, a.data.dtype, a._backend) for a in args))
+            cap = self._captures.get(key)
+            if cap is not None and cap.layout == autodiff.LAYOUT[0]:
+                return self._replay(cap, args)  # type: ignore[arg-type]
+            tensors: list[Tensor] = list(args)
+            spec = _flatten((args, kwargs), [])
+        else:
+            tensors = []
+            spec = _flatten((args, kwargs), tensors)
+            key = (repr(spec), tuple((t.data.shape, t.data.dtype, t._backend) for t in tensors))
+            cap = self._captures.get(key)
+            if cap is not None and cap.layout == autodiff.LAYOUT[0]:
+                return self._replay(cap, tensors)
+        if self._captures and self.on_new_signature == "raise" and key not in self._pending:
+            known = next(iter(self._captures))
+            raise CaptureError(
+                f"gpunet.capture({self.name}): called with a new input signature "
+                f"{_show_key(key)}; it was captured for {_show_key(known)}, and "
+                "on_new_signature='raise'. Pass inputs of the captured shapes (pad or drop "
+                "the last batch), or capture with on_new_signature='recapture'."
+            )
+        if cap is not None:  # parameters or optimizer buffers were replaced since
+            del self._captures[key]
+        return self._record(key, spec, tensors)
+
+    def _replay(self, cap: _Capture, tensors: Sequence[Tensor]) -> Any:
+        prog = cap.program
+        if STATE.flags & CAPTURE:
+            raise CaptureError(f"gpunet.capture({self.name}): called inside another capture")
+        if STATE.flags & autodiff.OBSERVE:
+            prog.run_observed([t.data for t in tensors])
+        else:
+            prog.replay([t.data for t in tensors])
+        self.replays += 1
+        return _unflatten(cap.out_spec, cap.out_tensors)
+
+    def _record(self, key: tuple, spec: Any, tensors: list[Tensor]) -> Any:
+        if STATE.flags & CAPTURE:
+            raise CaptureError(f"gpunet.capture({self.name}): called inside another capture")
+        for k, t in enumerate(tensors):
+            if t._requires_grad:
+                raise CaptureError(
+                    f"gpunet.capture({self.name}): tensor argument {k} ({t.device} {t.dtype} "
+                    f"{t.shape}) requires grad; a captured step copies its tensor arguments, "
+                    "so their gradients would not reach them. Pass data as arguments and "
+                    "reach parameters through the model (a closure)."
+                )
+            if t._backend.name not in ("numpy", "cupy"):
+                raise CaptureError(
+                    f"gpunet.capture({self.name}): tensor argument {k} is on the "
+                    f"'{t._backend.name}' backend; captures replay NumPy and CuPy arrays only"
+                )
+        pending = self._pending.get(key)
+        if pending is not None and pending[2] != autodiff.LAYOUT[0]:
+            pending = None  # (arrays replaced since the first recording: start again)
+        if pending is None:  # the capture's own input buffers, used by both recordings
+            buffers = [t._backend.copy(t.data) for t in tensors]
+        else:
+            buffers = pending[1]
+            for b, t in zip(buffers, tensors):
+                _xp_of(b).copyto(b, t.data)
+        own = [Tensor._wrap(b, t._backend) for b, t in zip(buffers, tensors)]
+        args, kwargs = _unflatten(spec, own)
+        rec = _Recorder(buffers)
+        prev_rec = STATE.recorder
+        STATE.recorder = rec
+        STATE.flags |= CAPTURE
+        try:
+            result = self.fn(*args, **kwargs)
+        finally:
+            STATE.flags &= ~CAPTURE
+            STATE.recorder = prev_rec
+        if pending is None:
+            if len(self._pending) >= self.max_captures:  # (signatures that never came again)
+                del self._pending[next(iter(self._pending))]
+            self._pending[key] = (rec, buffers, autodiff.LAYOUT[0])
+            return result
+        del self._pending[key]
+        try:
+            _compare(pending[0], rec, self.name)
+        except CaptureError as e:
+            e.result = result  # (the step ran eagerly to its end: its caller may use this)
+            raise
+        out_tensors: list[Tensor] = []
+        out_spec = _flatten(result, out_tensors)
+        owned = []
+        for t in out_tensors:  # the capture's own tensors over the recorded arrays
+            if id(t.data) not in rec.slot:
+                rec._add(t.data, "made")
+            owned.append(Tensor._wrap(t.data, t._backend))
+        backend = tensors[0]._backend if tensors else None
+        program = _Program(rec, len(buffers), out_spec, backend)
+        if len(self._captures) >= self.max_captures:
+            self._captures.popitem(last=False)  # the oldest signature goes (as jit's cache)
+        self._captures[key] = _Capture(program, out_spec, owned)
+        return _unflatten(out_spec, owned)
+
+    def __repr__(self) -> str:
+        parts = []
+        for key, cap in self._captures.items():
+            prog = cap.program
+            c = prog.counts
+            calls = sum(c.values()) - c["view"] - c["const"]
+            if prog.on_gpu:  # (a graph replay is not built yet: the list says why it could not)
+                blockers = prog.graph_blockers() or ["none found; graph replay is not built yet"]
+                how = "a launch list (CUDA graph blockers: " + ", ".join(blockers) + ")"
+            else:
+                how = f"a launch list ({graph_support(None)[1]})"
+            parts.append(f"{_show_key(key)}: {calls} calls, replayed as {how}")
+        body = "; ".join(parts) if parts else "not captured yet (the first two calls record)"
+        return f"<captured step {self.name}: {body}>"
+
+
+def _show_key(key: tuple) -> str:
+    return "(" + ", ".join(f"{b.device} {dt} {tuple(s)}" for s, dt, b in key[1]) + ")"
+
+
+def graph_support(backend: Any) -> tuple[str, str]:
+    """('a CUDA graph' or 'a launch list', why) for replays on ``backend`` (None: the CPU)."""
+    return replay_mode(None if backend is None else backend.device)
+
+
+def capture(
+    fn: Callable[..., Any] | None = None,
+    *,
+    on_new_signature: str = "recapture",
+    max_captures: int = 8,
+) -> Any:
+    """Record ``fn`` (a training step) on its first two calls per input signature, replay it
+    after: ``step = gpunet.capture(step)`` or ``@gpunet.capture``. ``on_new_signature``:
+    'recapture' (record again, keeping up to ``max_captures`` signatures) or 'raise'."""
+    if fn is None:
+        return functools.partial(
+            capture, on_new_signature=on_new_signature, max_captures=max_captures
+        )
+    return CapturedStep(fn, on_new_signature=on_new_signature, max_captures=max_captures)

@@ -1,0 +1,458 @@
+"""gpunet.capture: replayed steps equal eager steps bit for bit, host reads and value-dependent
+branches raise CaptureError at the user's line, signatures recapture or raise, buffers keep
+their addresses, and memory stays flat over 1,000 replays."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpunet
+import gpunet.nn.functional as F
+from gpunet import CaptureError, nn, optim
+from gpunet.optim import lr_scheduler
+
+STEPS = 6
+
+
+def _batches(n: int = STEPS, rows: int = 8, features: int = 12, classes: int = 5) -> list:
+    r = np.random.default_rng(1)
+    return [
+        (
+            gpunet.tensor(r.standard_normal((rows, features)).astype(np.float32)),
+            gpunet.tensor(r.integers(0, classes, rows)),
+        )
+        for _ in range(n)
+    ]
+
+
+def _setup(kind: str, activation: str = "relu", norm: str | None = None, dropout: float = 0.0):
+    """A fresh model, optimizer and step function (the same seed each time)."""
+    gpunet.manual_seed(0)
+    model = nn.MLP([12, 16, 16, 5], activation=activation, norm=norm, dropout=dropout)
+    params = model.parameters()
+    sched = None
+    clip = None
+    if kind == "sgd":
+        opt = optim.SGD(params, lr=0.1)
+    elif kind == "momentum":
+        opt = optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1)
+    elif kind == "nesterov":
+        opt = optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+    elif kind == "weight_decay":
+        opt = optim.SGD(params, lr=0.1, momentum=0.5, weight_decay=0.01)
+    elif kind == "in_backward":
+        opt = optim.SGD(params, lr=0.1, weight_decay=0.01, in_backward=True)
+        sched = lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    elif kind == "adam":
+        opt = optim.Adam(params, lr=1e-2)
+    elif kind == "adamw":
+        opt = optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    elif kind == "schedule":
+        opt = optim.SGD(params, lr=0.1, momentum=0.9)
+        sched = lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    elif kind == "clip":
+        opt = optim.Adam(params, lr=1e-2)
+        clip = 0.5
+    else:
+        raise AssertionError(kind)
+
+    def step(x: gpunet.Tensor, y: gpunet.Tensor) -> Any:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        norm = optim.clip_grad_norm_(model.parameters(), clip) if clip is not None else None
+        opt.step()
+        if sched is not None:
+            sched.step()
+        return loss if norm is None else (loss, norm)
+
+    return model, opt, step
+
+
+def _run(kind: str, captured: bool, **model_kw: Any) -> tuple[list, list]:
+    model, _, step = _setup(kind, **model_kw)
+    run = gpunet.capture(step) if captured else step
+    outs = []
+    for x, y in _batches():
+        out = run(x, y)
+        outs.append([t.numpy().copy() for t in (out if isinstance(out, tuple) else (out,))])
+    return outs, [p.numpy().copy() for p in model.parameters()]
+
+
+def _assert_same(a: tuple[list, list], b: tuple[list, list]) -> None:
+    for step, (oa, ob) in enumerate(zip(a[0], b[0])):
+        for u, v in zip(oa, ob):
+            assert np.array_equal(u, v), f"output differs at step {step}: {u} vs {v}"
+    for i, (u, v) in enumerate(zip(a[1], b[1])):
+        assert np.array_equal(u, v), f"parameter {i} differs after {STEPS} steps"
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sgd",
+        "momentum",
+        "nesterov",
+        "weight_decay",
+        "in_backward",
+        "adam",
+        "adamw",
+        "schedule",
+        "clip",
+    ],
+)
+def test_replayed_steps_equal_eager_steps_bit_for_bit(kind: str) -> None:
+    eager = _run(kind, captured=False)
+    _assert_same(eager, _run(kind, captured=True))
+    # and training moved the weights (a replay that did nothing would pass the test above
+    # only if the eager run did nothing too)
+    before = [p.numpy().copy() for p in _setup(kind)[0].parameters()]
+    assert any(not np.array_equal(u, v) for u, v in zip(before, eager[1]))
+
+
+@pytest.mark.parametrize("activation", sorted(nn.ACTIVATIONS))
+def test_every_activation_replays_bit_for_bit(activation: str) -> None:
+    _assert_same(
+        _run("momentum", False, activation=activation),
+        _run("momentum", True, activation=activation),
+    )
+
+
+def test_layer_norm_replays_bit_for_bit() -> None:
+    _assert_same(_run("adam", False, norm="layernorm"), _run("adam", True, norm="layernorm"))
+
+
+def test_dropout_draws_fresh_masks_each_replay_the_same_as_eager() -> None:
+    eager = _run("sgd", False, dropout=0.5)
+    _assert_same(eager, _run("sgd", True, dropout=0.5))
+    # fresh masks: the same batch twice gives two different losses
+    model, _, _ = _setup("sgd", dropout=0.5)
+    x, _ = _batches(1)[0]
+
+    @gpunet.capture
+    def forward(x: gpunet.Tensor) -> gpunet.Tensor:
+        return model(x)
+
+    outs = [forward(x).numpy().copy() for _ in range(4)]
+    assert not np.array_equal(outs[2], outs[3])
+
+
+def test_the_schedule_and_the_first_momentum_step_are_not_frozen() -> None:
+    _, opt, step = _setup("schedule")
+    run = gpunet.capture(step)
+    lrs = []
+    for x, y in _batches():
+        run(x, y)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == [0.1, 0.05, 0.05, 0.025, 0.025, 0.0125]
+    assert run.replays == STEPS - 2
+
+
+# ---------------------------------------------------------------------- loud when not safe
+FORBIDDEN: list[tuple[str, Callable[[gpunet.Tensor], Any]]] = [
+    ("Tensor.item()", lambda t: t.sum().item()),
+    ("Tensor.numpy()", lambda t: t.numpy()),
+    ("Tensor.tolist()", lambda t: t.tolist()),
+    ("bool(tensor)", lambda t: bool(t.sum() > 0)),
+    ("float(tensor)", lambda t: float(t.sum())),
+    ("int(tensor)", lambda t: int(t.sum())),
+    ("printing a tensor", lambda t: repr(t)),
+    ("np.asarray(tensor)", lambda t: np.asarray(t)),
+    ("boolean mask", lambda t: t[t > 0]),
+    ("x[key] = value", lambda t: t.__setitem__(0, 1.0)),
+]
+
+
+@pytest.mark.parametrize("name, op", FORBIDDEN, ids=[n for n, _ in FORBIDDEN])
+def test_host_reads_and_value_shapes_raise_naming_the_op_and_line(name: str, op: Callable) -> None:
+    def step(x: gpunet.Tensor) -> gpunet.Tensor:
+        y = x * 2.0
+        op(y)
+        return y
+
+    run = gpunet.capture(step)
+    with pytest.raises(CaptureError) as info:
+        run(gpunet.ones(3))
+    message = str(info.value)
+    assert name in message
+    assert f"{__file__}:{op.__code__.co_firstlineno} in <lambda>" in message  # the user's line
+    # the capture is left usable: a later step runs
+    assert gpunet.autodiff.STATE.flags & gpunet.autodiff.CAPTURE == 0
+    assert float(gpunet.ones(2).sum()) == 2.0
+
+
+def test_a_value_dependent_branch_is_caught() -> None:
+    calls = {"n": 0}
+
+    def step(x: gpunet.Tensor) -> gpunet.Tensor:
+        calls["n"] += 1
+        return x * 2.0 if calls["n"] % 2 else x + 2.0
+
+    run = gpunet.capture(step)
+    run(gpunet.ones(3))
+    with pytest.raises(CaptureError, match=r"differ at backend call 1: 'mul'.*'add'"):
+        run(gpunet.ones(3))
+
+
+def test_an_array_made_outside_the_recorded_calls_is_caught() -> None:
+    def step(x: gpunet.Tensor) -> gpunet.Tensor:
+        fresh = gpunet.tensor(np.ones(3, np.float32))  # made by no call the capture sees
+        return x * fresh
+
+    run = gpunet.capture(step)
+    run(gpunet.ones(3))
+    with pytest.raises(CaptureError, match="different array from outside"):
+        run(gpunet.ones(3))
+
+
+def test_a_new_shape_recaptures_by_default() -> None:
+    def step(x: gpunet.Tensor) -> gpunet.Tensor:
+        return (x * 3.0).sum()
+
+    run = gpunet.capture(step)
+    for n in (3, 3, 3, 5, 5, 5, 3):
+        assert float(run(gpunet.ones(n))) == 3.0 * n
+    assert len(run._captures) == 2 and run.replays == 3
+
+
+def test_a_new_shape_raises_when_asked() -> None:
+    run = gpunet.capture(lambda x: x * 3.0, on_new_signature="raise")
+    for _ in range(3):
+        run(gpunet.ones(3))
+    with pytest.raises(CaptureError, match=r"new input signature \(cpu float32 \(4,\)\)"):
+        run(gpunet.ones(4))
+    with pytest.raises(ValueError, match="on_new_signature"):
+        gpunet.capture(lambda x: x, on_new_signature="sometimes")
+
+
+def test_buffers_keep_their_addresses_across_replays() -> None:
+    model, _, step = _setup("adam")
+    run = gpunet.capture(step)
+    batches = _batches()
+    run(*batches[0])
+    run(*batches[1])
+    datas = [p.data for p in model.parameters()]
+    addresses = [p.data.__array_interface__["data"][0] for p in model.parameters()]
+    loss = run(*batches[2])
+    loss_address = loss.data.__array_interface__["data"][0]
+    for x, y in batches[3:]:
+        again = run(x, y)
+        assert again is loss  # the capture's own output, rewritten in place
+        assert again.data.__array_interface__["data"][0] == loss_address
+    assert all(p.data is d for p, d in zip(model.parameters(), datas))
+    assert [p.data.__array_interface__["data"][0] for p in model.parameters()] == addresses
+
+
+def test_the_caller_s_inputs_are_never_written() -> None:
+    x = gpunet.ones(3)
+    run = gpunet.capture(lambda x: x * 2.0)
+    for _ in range(3):
+        out = run(x)
+    assert np.array_equal(x.numpy(), np.ones(3, np.float32))
+    assert np.array_equal(out.numpy(), np.full(3, 2.0, np.float32))
+
+
+def test_repr_says_how_it_replays() -> None:
+    run = gpunet.capture(lambda x: x * 2.0)
+    assert "not captured yet" in repr(run)
+    for _ in range(3):
+        run(gpunet.ones(3))
+    text = repr(run)
+    assert "launch list" in text and "cpu float32 (3,)" in text and "1 calls" in text
+    assert "on the CPU there is no graph" in text
+
+
+def test_a_recording_says_what_keeps_it_from_a_cuda_graph() -> None:
+    _, _, step = _setup("clip")
+    run = gpunet.capture(step)
+    for x, y in _batches()[:3]:
+        run(x, y)
+    (cap,) = run._captures.values()
+    blockers = cap.program.graph_blockers()
+    assert blockers[0].startswith("8 GEMMs (CuPy's cuBLAS")  # 3 forward, 3 dW, 2 dX
+    assert blockers[1].startswith("1 calls with per-step host scalars")  # (adam_update)
+    assert blockers[2].startswith("1 Python segments")  # (clipping)
+
+
+def test_profile_counts_a_captured_step_s_calls() -> None:
+    batches = _batches()
+    _, _, eager = _setup("momentum")
+    for x, y in batches[:2]:
+        eager(x, y)
+    with gpunet.profile() as prof:
+        eager(*batches[2])
+    _, _, step = _setup("momentum")
+    run = gpunet.capture(step)
+    for x, y in batches[:2]:
+        run(x, y)
+    with gpunet.profile() as replayed:
+        out = run(*batches[2])
+    assert run.replays == 1
+    names = [r.name for r in replayed.records]
+    assert names == [r.name for r in prof.records]
+    assert "linear_activation" in names and "sgd_update" in names
+    # the same costs: the roofline model prices the replay as the eager step
+    assert replayed.roofline("H100").total_s == prof.roofline("H100").total_s
+    assert replayed.summary().launches == prof.summary().launches
+    assert np.isfinite(out.numpy()).all()
+
+
+def test_memory_is_flat_over_1000_replays() -> None:
+    _, _, step = _setup("adam")
+    run = gpunet.capture(step)
+    x, y = _batches(1)[0]
+    for _ in range(50):
+        run(x, y)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for _ in range(300):
+            run(x, y)
+        gc.collect()
+        early = tracemalloc.get_traced_memory()[0]
+        for _ in range(700):
+            run(x, y)
+        gc.collect()
+        late = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert late - early < 20_000, (early, late)
+
+
+# ---------------------------------------------------------------------- where users meet it
+def _fit(capture: bool, dropout: float = 0.2) -> tuple[Any, list]:
+    from gpunet.data import DataLoader, Dataset
+    from gpunet.train import fit
+
+    r = np.random.default_rng(0)
+    y = r.integers(0, 3, 150)  # 150 rows, batches of 32: a last batch of 22 (a 2nd signature)
+    x = (np.eye(3)[y] @ r.standard_normal((3, 6)) + r.standard_normal((150, 6))).astype(np.float32)
+    gpunet.manual_seed(0)
+    model = nn.MLP([6, 16, 3], dropout=dropout)
+    opt = optim.Adam(model.parameters(), lr=1e-2)
+    train = DataLoader(Dataset(x, y), batch_size=32, shuffle=True, seed=0)
+    history = fit(model, F.cross_entropy, opt, train, epochs=4, progress=False, capture=capture)
+    return history, [p.numpy().copy() for p in model.parameters()]
+
+
+def test_fit_with_capture_equals_fit_without_bit_for_bit() -> None:
+    (eager, we), (captured, wc) = _fit(False), _fit(True)
+    assert eager.train_loss == captured.train_loss
+    assert eager.train_accuracy == captured.train_accuracy
+    for u, v in zip(we, wc):
+        assert np.array_equal(u, v)
+    assert not captured.warnings
+
+
+def test_fit_runs_a_step_it_cannot_capture_eagerly_with_a_warning() -> None:
+    from gpunet.data import DataLoader, Dataset
+    from gpunet.train import fit
+
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x: gpunet.Tensor) -> gpunet.Tensor:
+            if float(x.sum()) > 1e9:  # a host read: not capturable
+                return x
+            return self.lin(x)
+
+    gpunet.manual_seed(0)
+    model = Reads()
+    data = Dataset(np.ones((8, 4), np.float32), np.array([0, 1] * 4))
+    history = fit(
+        model,
+        F.cross_entropy,
+        optim.SGD(model.parameters(), lr=0.1),
+        DataLoader(data, batch_size=4),
+        epochs=2,
+        progress=False,
+        capture=True,
+    )
+    assert len(history.train_loss) == 2
+    assert any("cannot be captured" in w and "float(tensor)" in w for w in history.warnings)
+
+
+def test_replaced_arrays_make_the_step_record_again() -> None:
+    model, opt, step = _setup("momentum")
+    run = gpunet.capture(step)
+    batches = _batches()
+    for x, y in batches[:3]:
+        run(x, y)
+    assert run.replays == 1
+    opt.add_param_group({"params": [nn.Parameter(gpunet.zeros(2))]})  # packs new flat buffers
+    for x, y in batches[3:]:
+        run(x, y)
+    assert run.replays == 2  # two recordings again, then a replay on the new buffers
+    twin, twin_opt, twin_step = _setup("momentum")
+    for i, (x, y) in enumerate(batches):
+        if i == 3:
+            twin_opt.add_param_group({"params": [nn.Parameter(gpunet.zeros(2))]})
+        twin_step(x, y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert np.array_equal(p.numpy(), q.numpy())
+
+
+def test_a_hyperparameter_changed_between_replays_is_used() -> None:
+    """Plain SGD replays as two ufunc calls; weight decay set later takes the full update."""
+    runs = []
+    for captured in (False, True):
+        model, opt, step = _setup("sgd")
+        run = gpunet.capture(step) if captured else step
+        for i, (x, y) in enumerate(_batches()):
+            if i == 4:
+                opt.param_groups[0]["weight_decay"] = 0.05
+                opt.param_groups[0]["lr"] = 0.02
+            run(x, y)
+        runs.append([p.numpy().copy() for p in model.parameters()])
+    for u, v in zip(*runs):
+        assert np.array_equal(u, v)
+
+
+def test_an_argument_requiring_grad_is_refused() -> None:
+    run = gpunet.capture(lambda w: (w * 2.0).sum())
+    with pytest.raises(CaptureError, match=r"argument 0 \(cpu float32 \(3,\)\) requires grad"):
+        run(gpunet.ones(3, requires_grad=True))
+
+
+def test_other_arguments_are_part_of_the_signature_and_first_recordings_are_bounded() -> None:
+    run = gpunet.capture(lambda x, scale: x * scale, max_captures=2)
+    for i in range(10):  # a new value each call: recorded once each, never replayed
+        assert float(run(gpunet.ones(1), float(i)).sum()) == float(i)
+    assert run.replays == 0 and len(run._pending) <= 2
+    for _ in range(3):
+        assert float(run(gpunet.ones(1), 2.0).sum()) == 2.0
+    assert run.replays == 1
+
+
+@pytest.mark.gpu
+def test_a_captured_step_on_a_gpu_replays_as_launches_equal_to_eager() -> None:
+    def setup() -> tuple[Any, Callable]:
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 5], dropout=0.2, device="cuda")
+        opt = optim.Adam(model.parameters(), lr=1e-2)
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return model, step
+
+    (m1, eager), (m2, step) = setup(), setup()
+    run = gpunet.capture(step)
+    for x, y in _batches():
+        x, y = x.to("cuda"), y.to("cuda")
+        assert np.array_equal(eager(x, y).numpy(), run(x, y).numpy())
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert np.array_equal(p.numpy(), q.numpy())
+    assert run.replays == STEPS - 2 and "CUDA graph blockers: 5 GEMMs" in repr(run)
