@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, nn, optim
+from . import __version__, distributed, nn, optim
 from .backend import default_device
 from .backend import device as find_device
 from .checkpoint import load, save
@@ -166,8 +166,11 @@ class _Checkpoints:
         self.every = float(os.environ.get("GPUNET_CHECKPOINT_SECONDS", "30"))
         self.last_write, self.pending = time.monotonic(), None
         self.best: dict[str, Any] | None = None
+        self.lead = True  # under data parallelism rank 0 alone writes (every rank holds the same)
 
     def __call__(self, epoch: int, history: History) -> None:
+        if not self.lead:
+            return
         model = host_state(self.model)
         if history.best_epoch == epoch:
             self.best = model
@@ -180,7 +183,7 @@ class _Checkpoints:
     def write(self, final: History | None = None) -> None:
         """Write what the last epoch's end held; ``final``: the history as training ended
         (stopped early, diverged or interrupted), which --resume reads."""
-        if self.pending is None:
+        if self.pending is None or not self.lead:
             return
         model, opt, extra = self.pending
         if final is not None:
@@ -228,36 +231,52 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace) -> int:
-    """Train an MLP on the user's data, report the test figures, save the run."""
+    """Train an MLP on the user's data, report the test figures, save the run. Under
+    ``mpiexec -n N`` it trains data-parallel: every rank prepares the same data, takes its
+    shard of each epoch, and averages the gradients; rank 0 alone writes and prints."""
     if args.resume is not None:
         args = resume_args(args)
-    manual_seed(args.seed)
+    comm = distributed.init(backend=_backend_for(args.device))
+    lead = comm.rank == 0
+    manual_seed(args.seed + comm.rank)  # dropout masks differ by rank; the weights are rank 0's
     data, source = load_data(args)
     unit = DIGITS_SCALE if args.data is None else 1.0
     prep, (train_set, val_set, test_set) = prepare(data, args.task, args.seed, unit)
-    device = resolve_device(args.device)
+    device = resolve_device(_rank_device(args.device, comm))
     out = len(prep.classes) if prep.classes is not None else 1
     sizes = [train_set.x.shape[1], *args.hidden, out]
     model, optimizer = build(args, sizes, device)
-    run = Path(args.resume) if args.resume else new_run_folder(args.out)
-    if args.resume:
-        check_writable(run, f"--resume {run}")
-    loader = DataLoader(train_set, args.batch_size, shuffle=True, device=device, seed=args.seed)
-    val, test = (DataLoader(d, 512, device=device) for d in (val_set, test_set))
+    if comm.size > 1:
+        optimizer = distributed.DistributedOptimizer(optimizer, comm)
+    run = None
+    if lead:
+        run = Path(args.resume) if args.resume else new_run_folder(args.out)
+        if args.resume:
+            check_writable(run, f"--resume {run}")
+    run = Path(comm.broadcast_object(str(run) if run else None))
+    shard = {"num_replicas": comm.size, "rank": comm.rank} if comm.size > 1 else {}
+    loader = DataLoader(
+        train_set, args.batch_size, shuffle=True, device=device, seed=args.seed, **shard
+    )
+    val = DataLoader(val_set, 512, device=device, pad=False, **shard)
+    test = DataLoader(test_set, 512, device=device)
     saved = {k: getattr(args, k) for k in _SAVED_ARGS}
     if args.data is not None:  # so that --resume works from any directory
         saved["data"] = str(Path(args.data).expanduser().resolve())
     checkpoints = _Checkpoints(
         run, model, optimizer, loader, {"args": saved, "data_sha256": _data_hash(args)}
     )
+    checkpoints.lead = lead
     history, best = checkpoints.restore() if args.resume else (History(), None)
     what = "classes" if prep.task == "classify" else "regression"
-    print(
-        f"gpunet {__version__}: MLP {'-'.join(map(str, sizes))} ({args.activation}, "
-        f"{what}), {args.optimizer} lr={args.lr}, on {device}; data: {source}, "
-        f"{len(train_set)}/{len(val_set)}/{len(test_set)} train/val/test; run: {run}/"
-        + (f" (resumed after epoch {len(history.train_loss)})" if args.resume else "")
-    )
+    ranks = f" x {comm.size} ranks ({comm.name})" if comm.size > 1 else ""
+    if lead:
+        print(
+            f"gpunet {__version__}: MLP {'-'.join(map(str, sizes))} ({args.activation}, "
+            f"{what}), {args.optimizer} lr={args.lr}, on {device}{ranks}; data: {source}, "
+            f"{len(train_set)}/{len(val_set)}/{len(test_set)} train/val/test; run: {run}/"
+            + (f" (resumed after epoch {len(history.train_loss)})" if args.resume else "")
+        )
     loss = (
         functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing)
         if prep.task == "classify"
@@ -280,7 +299,26 @@ def train(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     checkpoints.write(history)
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
-    return finish(run, model, history, prep, test, test_set, meta, seconds, source, device, saved)
+    code = None
+    if lead:  # every rank holds the same weights: rank 0 tests, saves and reports them
+        code = finish(
+            run, model, history, prep, test, test_set, meta, seconds, source, device, saved
+        )
+    return int(comm.broadcast_object(code))
+
+
+def _backend_for(device: str | None) -> str | None:
+    """NCCL when a multi-rank job asks for CUDA; else the default (MPI, or a world of one)."""
+    if device and device.startswith("cuda") and distributed.launched_size() > 1:
+        return "nccl"
+    return None
+
+
+def _rank_device(spec: str | None, comm: Any) -> str | None:
+    """Under NCCL each rank takes its own GPU (``cuda`` -> ``cuda:<its GPU>``)."""
+    if comm.name == "nccl" and spec == "cuda":
+        return f"cuda:{comm.device_id}"
+    return spec
 
 
 def build(args: argparse.Namespace, sizes: list[int], device: Any) -> tuple[Any, Any]:

@@ -67,8 +67,11 @@ def evaluate(
     model: Callable[[Tensor], Tensor],
     loss_fn: Callable[..., Tensor],
     batches: Iterable[tuple[Tensor, Tensor]],
+    comm: Any = None,
 ) -> tuple[float, float | None]:
-    """Mean loss (and accuracy, for labels) over the batches, under no_grad."""
+    """Mean loss (and accuracy, for labels) over the batches, under no_grad; with ``comm``
+    (data parallelism), over every rank's batches: the sums are all-reduced, so every rank
+    gets the same figures."""
     total, correct, n, classify = 0.0, 0.0, 0, True
     training = getattr(model, "training", None)
     if training is not None:
@@ -85,9 +88,19 @@ def evaluate(
     finally:
         if training:
             model.train()  # type: ignore[attr-defined]
+    if comm is not None:
+        total, correct, n, classify = _sum_over_ranks(comm, total, correct, n, classify)
     if n == 0:
         raise ValueError("evaluate: the batches hold no rows; there is nothing to evaluate")
     return (total / n, (correct / n) if classify else None)
+
+
+def _sum_over_ranks(
+    comm: Any, total: float, correct: float, n: int, classify: bool
+) -> tuple[float, float, int, bool]:
+    """(loss sum, correct, rows, every rank classifies) summed over the ranks: one all-reduce."""
+    sums = comm.host.all_reduce(np.array([total, correct, n, not classify], np.float64))
+    return float(sums[0]), float(sums[1]), int(sums[2]), not sums[3]
 
 
 def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
@@ -134,10 +147,12 @@ def fit(
         )
     history = History() if history is None else history
     history.interrupted = history.diverged = False  # they told how the previous fit ended
-    first, run = len(history.train_loss), _Run(history, best_state)
+    first, run = len(history.train_loss), _Run(history, best_state, _communicator(optimizer))
     if history.stopped_early:  # a finished history: nothing left to run
         first = epochs
-    bar = _progress(epochs, progress, first)
+    if run.comm is not None:
+        _check_shards(run.comm, train)
+    bar = _progress(epochs, progress and (run.comm is None or run.comm.rank == 0), first)
     with _DeferredInterrupt() as interrupt:
         try:
             for epoch in range(first, epochs):
@@ -165,11 +180,30 @@ def fit(
     return history
 
 
+def _communicator(optimizer: Any) -> Any:
+    """The communicator of a data-parallel optimizer with more than one rank, else None."""
+    comm = getattr(optimizer, "communicator", None)
+    return comm if comm is not None and comm.size > 1 else None
+
+
+def _check_shards(comm: Any, train: Any) -> None:
+    """Under data parallelism every rank must shuffle alike and take its own shard, else the
+    shards overlap silently: refuse on every rank (they all see the same gathered list)."""
+    mine = (getattr(train, "seed", None), getattr(train, "num_replicas", None))
+    every = comm.host.all_gather_object((*mine, getattr(train, "rank", None)))
+    if any(e[:2] != (every[0][0], comm.size) or e[2] != r for r, e in enumerate(every)):
+        raise ValueError(
+            f"fit: under data parallelism over {comm.size} ranks the training loader must be "
+            "DataLoader(..., seed=S, num_replicas=size, rank=rank) with the same S on every "
+            f"rank; the ranks have (seed, num_replicas, rank) = {every}"
+        )
+
+
 class _Run:
     """The best epoch so far (its monitored value and weights) and the epochs since."""
 
-    def __init__(self, history: History, best_state: dict[str, Any] | None) -> None:
-        self.history, self.best_state = history, best_state
+    def __init__(self, history: History, best_state: dict[str, Any] | None, comm: Any) -> None:
+        self.history, self.best_state, self.comm = history, best_state, comm
         h, b = history, history.best_epoch
         self.best = (h.val_loss or h.train_loss)[b] if b >= 0 else math.inf
         self.waited = len(h.train_loss) - 1 - b if b >= 0 else 0
@@ -211,10 +245,14 @@ def _train_epoch(
     if hasattr(model, "train"):
         model.train()
     start, seen, total, correct, classify = time.perf_counter(), 0, 0.0, 0.0, True
+    comm = run.comm
     for x, y in train:
         out = model(x)
         loss = loss_fn(out, y)
         value = loss.item()
+        stop = False
+        if comm is not None:  # every rank decides alike: one small all-reduce per step
+            value, stop = _agree(comm, value, interrupt.pending)
         if not math.isfinite(value):
             run.history.diverged = True
             run.warn(f"epoch {epoch + 1}: the training loss became {value}; stopping")
@@ -227,9 +265,11 @@ def _train_epoch(
         classify = classify and acc is not None
         correct += (acc or 0.0) * len(y)
         seen += len(y)
-        if interrupt.pending:  # the step is done; stop before the next one
+        if stop or (comm is None and interrupt.pending):  # the step is done; stop now
             run.history.interrupted = True
             return False
+    if comm is not None:
+        total, correct, seen, classify = _sum_over_ranks(comm, total, correct, seen, classify)
     if seen == 0:
         raise ValueError("fit: the training loader gave no batches")
     raise_pending_faults()  # a bad label a GPU kernel recorded (backend/faults.py)
@@ -258,10 +298,18 @@ def _end_epoch(
     history.lr.append(float(optimizer.param_groups[0]["lr"]))
     if val is None:
         return history.train_loss[-1]
-    vloss, vacc = evaluate(model, loss_fn, val)
+    vloss, vacc = evaluate(model, loss_fn, val, run.comm)
     history.val_loss.append(vloss)
     history.val_accuracy.append(vacc if vacc is not None else float("nan"))
     return vloss
+
+
+def _agree(comm: Any, value: float, pending: bool) -> tuple[float, bool]:
+    """(this rank's loss, or NaN when any rank's loss is not finite; whether any rank was
+    interrupted): the same decisions on every rank, so no rank waits for one that stopped."""
+    flags = np.array([math.isfinite(value), not pending], np.float64)
+    flags = comm.host.all_reduce(flags, "min")  # 0 where any rank's loss or Ctrl-C says stop
+    return (value if flags[0] else math.nan), not flags[1]
 
 
 class _DeferredInterrupt:
