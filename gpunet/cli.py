@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # training handles its own Ctrl-C; this is any other moment
         print(f"gpunet {args.command}: interrupted", file=sys.stderr)
+        _end_every_rank(130)
         return 130
 
 

@@ -148,11 +148,11 @@ def fail(code: int) -> None:
 
 def _install_excepthook(world: Communicator) -> None:
     """An uncaught exception: print it, with the rank, then end every rank."""
-    previous = sys.excepthook
 
     def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         if issubclass(kind, KeyboardInterrupt):
-            previous(kind, value, tb)
+            print(f"gpunet: rank {world.rank} of {world.size} interrupted", file=sys.stderr)
+            world.abort(130)
         text = "".join(traceback.format_exception(kind, value, tb))
         print(f"gpunet: rank {world.rank} of {world.size} failed:\n{text}", file=sys.stderr)
         world.abort(1)

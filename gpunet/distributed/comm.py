@@ -233,8 +233,12 @@ def _nccl_tables(nccl: Any) -> tuple[dict[str, int], dict[str, int]]:
 class NCCLComm(Communicator):
     """NCCL through CuPy: device arrays, collectives enqueued on the current stream.
 
-    ``nccl`` and ``stream_ptr`` default to ``cupy.cuda.nccl`` and the current stream's handle;
-    a test passes stand-ins to check the calls made without a GPU."""
+    The gradient all-reduce waits for its stream under the watchdog: NCCL's kernels spin on the
+    device while a peer is missing, so a host wait with a limit is what turns a dead rank into
+    an error (fit reads the loss each step, so this sync costs no overlap it had).
+
+    ``nccl``, ``stream_ptr`` and ``synchronize`` default to ``cupy.cuda.nccl`` and the current
+    stream's handle and wait; a test passes stand-ins to check the calls made without a GPU."""
 
     name = "nccl"
 
@@ -244,6 +248,7 @@ class NCCLComm(Communicator):
         device_id: int,
         nccl: Any = None,
         stream_ptr: Callable[[], int] | None = None,
+        synchronize: Callable[[], None] | None = None,
     ) -> None:
         if nccl is None:
             from cupy.cuda import nccl
@@ -257,19 +262,25 @@ class NCCLComm(Communicator):
 
             cupy.cuda.Device(device_id).use()  # NCCL binds the communicator to this GPU
             stream_ptr = lambda: cupy.cuda.get_current_stream().ptr
+            synchronize = lambda: cupy.cuda.get_current_stream().synchronize()
         self.nccl, self.stream_ptr, self._host = nccl, stream_ptr, host
+        self.synchronize = synchronize or (lambda: None)
         self.rank, self.size, self.device_id = host.rank, host.size, device_id
         self.dtypes, self.ops = _nccl_tables(nccl)
         uid = nccl.get_unique_id() if host.rank == 0 else None
         uid = host.broadcast_object(uid)
-        watchdog = getattr(host, "watchdog", None)  # (a world of one has none)
-        if watchdog is not None:
-            watchdog.arm(f"NCCL communicator set-up ({self.size} ranks)")
+        self.watchdog = getattr(host, "watchdog", None)  # (a world of one has none)
+        what = f"NCCL communicator set-up ({self.size} ranks)"
+        self.comm = self._bounded(what, nccl.NcclCommunicator, self.size, uid, self.rank)
+
+    def _bounded(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.watchdog is None:
+            return fn(*args)
+        self.watchdog.arm(what)
         try:
-            self.comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+            return fn(*args)
         finally:
-            if watchdog is not None:
-                watchdog.disarm()
+            self.watchdog.disarm()
 
     @property
     def host(self) -> Communicator:
@@ -290,6 +301,7 @@ class NCCLComm(Communicator):
         self.comm.allReduce(ptr, ptr, array.size, dtype, code, self.stream_ptr())
         if op == "mean" and "mean" not in self.ops:
             array *= 1.0 / self.size
+        self._bounded(f"NCCL all_reduce({op}) of {describe(array)}", self.synchronize)
         return array
 
     def broadcast(self, array: Array, root: int = 0) -> Array:

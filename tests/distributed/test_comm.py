@@ -69,6 +69,7 @@ class _DeviceArray:
 
     def __init__(self, n: int, dtype: str) -> None:
         self.size, self.dtype = n, np.dtype(dtype)
+        self.nbytes = n * self.dtype.itemsize
         self.data = types.SimpleNamespace(ptr=0xABC0)
         self.flags = types.SimpleNamespace(c_contiguous=True)
         self.strides = (self.dtype.itemsize,)
@@ -76,13 +77,15 @@ class _DeviceArray:
 
 def test_nccl_calls_cupy_with_the_buffer_count_dtype_op_and_current_stream() -> None:
     fake = _FakeNCCL()
-    comm = NCCLComm(Communicator(), 0, nccl=fake, stream_ptr=lambda: 77)
+    sync = lambda: fake.calls.append(("synchronize",))
+    comm = NCCLComm(Communicator(), 0, nccl=fake, stream_ptr=lambda: 77, synchronize=sync)
     assert fake.calls == [("init", 1, b"uid", 0)]  # rank 0's unique id, broadcast over MPI
     g = _DeviceArray(1000, "float32")
     comm.all_reduce(g, "mean")  # ncclAvg: the 1/size is folded into the reduction
     comm.broadcast(_DeviceArray(10, "float64"), root=0)
     assert fake.calls[1:] == [
         ("allReduce", 0xABC0, 0xABC0, 1000, 7, 4, 77),
+        ("synchronize",),  # the gradient's wait, under the watchdog's limit
         ("bcast", 0xABC0, 10, 8, 0, 77),
     ]
     with pytest.raises(TypeError, match="NCCL takes float16, float32, float64, got int64"):
