@@ -161,21 +161,29 @@ class _Checkpoints:
     ``GPUNET_CHECKPOINT_SECONDS`` (default 30) and when training ends, however it ends: an
     fsynced write per epoch would cost as much as a digits epoch itself."""
 
-    def __init__(self, run: Path, model: Any, opt: Any, loader: DataLoader, meta: dict) -> None:
+    def __init__(
+        self, run: Path, model: Any, opt: Any, loader: DataLoader, meta: dict, comm: Any
+    ) -> None:
         self.run, self.model, self.opt, self.loader, self.meta = run, model, opt, loader, meta
         self.every = float(os.environ.get("GPUNET_CHECKPOINT_SECONDS", "30"))
         self.last_write, self.pending = time.monotonic(), None
         self.best: dict[str, Any] | None = None
-        self.lead = True  # under data parallelism rank 0 alone writes (every rank holds the same)
+        # Under data parallelism every rank holds the same weights and rank 0 alone writes;
+        # only the ranks' dropout generators differ, and travel as a list (rng_ranks).
+        self.comm, self.lead = comm, comm.rank == 0
 
     def __call__(self, epoch: int, history: History) -> None:
+        rng = default_generator.get_state()
+        ranks = self.comm.all_gather_object(rng) if self.comm.size > 1 else None
         if not self.lead:
             return
         model = host_state(self.model)
         if history.best_epoch == epoch:
             self.best = model
         extra = {"history": copy.deepcopy(history.as_dict()), "loader": self.loader.state_dict()}
-        extra["rng"] = default_generator.get_state()
+        extra["rng"] = rng
+        if ranks is not None:
+            extra["rng_ranks"] = ranks
         self.pending = (model, self.opt.state_dict(), extra)
         if time.monotonic() - self.last_write >= self.every:
             self.write()
@@ -204,7 +212,9 @@ class _Checkpoints:
             best = {k: np.array(v.numpy()) for k, v in self.model.state_dict().items()}
         meta = load(self.run / "checkpoint.safetensors", self.model, self.opt)
         self.loader.load_state_dict(meta["loader"])
-        default_generator.set_state(meta["rng"])
+        ranks = meta.get("rng_ranks") or []
+        same = len(ranks) == self.comm.size  # else (another world size) rank 0's state
+        default_generator.set_state(ranks[self.comm.rank] if same else meta["rng"])
         return History.from_dict(meta["history"]), best
 
 
@@ -263,10 +273,8 @@ def train(args: argparse.Namespace) -> int:
     saved = {k: getattr(args, k) for k in _SAVED_ARGS}
     if args.data is not None:  # so that --resume works from any directory
         saved["data"] = str(Path(args.data).expanduser().resolve())
-    checkpoints = _Checkpoints(
-        run, model, optimizer, loader, {"args": saved, "data_sha256": _data_hash(args)}
-    )
-    checkpoints.lead = lead
+    meta = {"args": saved, "data_sha256": _data_hash(args)}
+    checkpoints = _Checkpoints(run, model, optimizer, loader, meta, comm)
     history, best = checkpoints.restore() if args.resume else (History(), None)
     what = "classes" if prep.task == "classify" else "regression"
     ranks = f" x {comm.size} ranks ({comm.name})" if comm.size > 1 else ""

@@ -217,7 +217,8 @@ class _Run:
 
     def warn(self, msg: str) -> None:
         self.history.warnings.append(msg)
-        log.warning("gpunet: %s", msg)
+        if self.comm is None or self.comm.rank == 0:  # every rank has the same to say
+            log.warning("gpunet: %s", msg)
 
     def finish(self, model: Any, early_stopping: bool) -> None:
         """Restore the best weights after early stopping, an interrupt or a divergence."""

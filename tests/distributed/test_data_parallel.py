@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,22 +35,33 @@ CHECKS = [
 
 def mpiexec(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
     """``mpiexec -n 2 args...`` with a hard limit; one BLAS thread per rank (2 cores)."""
+    return run_bounded([str(MPIEXEC), "-n", "2", *args], timeout, **env)
+
+
+def run_bounded(argv: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """Run ``argv`` in its own process group, killed whole (mpiexec and every rank) at the
+    limit: a hung rank fails the test instead of stalling the suite."""
     if not MPIEXEC.exists():
         if CI:  # the dev extra installs mpich: under CI its absence is a failure
             pytest.fail(f"no {MPIEXEC}: the dev extra should install mpich")
         pytest.skip(f"no {MPIEXEC} (pip install -e '.[mpi]')")
     full = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", **env}
     full.pop("GPUNET_DEVICE", None)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full,
+        start_new_session=True,
+    )
     try:
-        return subprocess.run(
-            [str(MPIEXEC), "-n", "2", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=full,
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"mpiexec -n 2 {' '.join(args)} hung past {timeout} s: {e.stderr}")
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(argv)} hung past {timeout} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +98,12 @@ def test_a_rank_that_never_joins_ends_the_run_after_the_timeout(tmp_path: Path) 
 
 
 def test_gpunet_train_on_two_ranks_reaches_the_one_process_accuracy(tmp_path: Path) -> None:
-    """The digits job on 2 ranks: rank 0 alone prints and saves; the test accuracy is in the
-    one-process band (0.963-1.000 over seeds 0-9), and its checkpoint loads into one process."""
+    """``gpunet train --nproc 2``: it starts the venv's mpiexec, which starts ``gpunet train``
+    on 2 ranks; rank 0 alone prints and saves; the test accuracy is in the one-process band
+    (0.963-1.000 over seeds 0-9), and the checkpoint loads into one process."""
     gpunet_cli = str(Path(sys.executable).parent / "gpunet")
-    done = mpiexec(gpunet_cli, "train", "--no-progress", "--out", str(tmp_path), timeout=240)
+    argv = [gpunet_cli, "train", "--nproc", "2", "--no-progress", "--out", str(tmp_path)]
+    done = run_bounded(argv, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("test accuracy") == 1 and "x 2 ranks (mpi)" in done.stdout
     (run,) = tmp_path.iterdir()
