@@ -69,6 +69,8 @@ def init(backend: str | None = None, timeout: float | None = None) -> Communicat
     one rank, else a world of one). Under more than one rank, an uncaught exception on any
     rank prints that rank's traceback and ends every rank (``MPI_Abort``), never a hang."""
     global _WORLD
+    if backend not in (None, "mpi", "nccl", "local"):
+        raise ValueError(f"init: backend must be 'mpi', 'nccl' or 'local', got {backend!r}")
     if _WORLD is not None:
         if backend is not None and backend != _WORLD.name:
             raise RuntimeError(
@@ -76,8 +78,6 @@ def init(backend: str | None = None, timeout: float | None = None) -> Communicat
                 f"{_WORLD.name!r}; init once per process"
             )
         return _WORLD
-    if backend not in (None, "mpi", "nccl", "local"):
-        raise ValueError(f"init: backend must be 'mpi', 'nccl' or 'local', got {backend!r}")
     size = launched_size()
     timeout = default_timeout() if timeout is None else float(timeout)
     if backend == "local" or (backend is None and size == 1):

@@ -162,3 +162,16 @@ def test_nproc_under_mpiexec_is_refused(
     monkeypatch.setenv("PMI_SIZE", "2")
     assert main(["train", "--nproc", "2"]) == 2
     assert "leave it out" in capsys.readouterr().err
+
+
+def test_init_refuses_a_bad_backend_and_a_launch_without_mpi4py(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ValueError, match="backend must be 'mpi', 'nccl' or 'local', got 'tcp'"):
+        dist.init(backend="tcp")
+    monkeypatch.setattr(dist, "_WORLD", None)
+    monkeypatch.setenv("PMI_SIZE", "4")
+    monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"launched with 4 ranks.*pip install 'gpunet\[mpi\]'"):
+        dist.init()
+    assert dist._WORLD is None

@@ -30,6 +30,9 @@ CHECKS = [
     "sampler_covers_every_example_once",
     "mismatched_models_are_refused_at_wrap",
     "sgd_in_backward_is_refused",
+    "collectives_on_tensors",
+    "broadcast_parameters_gives_rank_0s_model",
+    "fit_refuses_an_unsharded_loader",
 ]
 
 

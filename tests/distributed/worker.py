@@ -199,6 +199,46 @@ def sgd_in_backward_is_refused() -> str:
     raise AssertionError("SGD(in_backward=True) was accepted")
 
 
+@check
+def collectives_on_tensors() -> str:
+    t = gpunet.tensor([float(R), 10.0 * R])
+    dist.all_reduce(t, "sum")
+    assert t.tolist() == [sum(range(N)), 10.0 * sum(range(N))], t.tolist()
+    b = gpunet.tensor([float(R + 5)])
+    dist.broadcast(b, root=N - 1)
+    assert b.tolist() == [float(N - 1 + 5)], b.tolist()
+    m = np.array([R + 1.0])
+    COMM.all_reduce(m, "max")
+    assert m.tolist() == [float(N)]
+    return "all_reduce(sum, max) and broadcast from the last rank"
+
+
+@check
+def broadcast_parameters_gives_rank_0s_model() -> str:
+    gpunet.manual_seed(R)  # a different initialisation on each rank
+    model = nn.MLP([6, 8, 3])
+    dist.broadcast_parameters(model)
+    every = COMM.all_gather_object(digest(model))
+    assert all(d == every[0] for d in every), "the ranks' parameters differ"
+    return "every rank holds rank 0's parameters"
+
+
+@check
+def fit_refuses_an_unsharded_loader() -> str:
+    from gpunet.train import fit
+
+    model, o = model_and_opt("float32", "sgd")
+    o = dist.DistributedOptimizer(o)
+    x, y = batch("float32", rows=16)
+    loader = DataLoader(Dataset(x, y), 4, shuffle=True, seed=R)  # unsharded, seeds differ
+    try:
+        fit(model, F.cross_entropy, o, loader, epochs=1, progress=False)
+    except ValueError as e:
+        assert "num_replicas=size" in str(e), e
+        return str(e)[:100]
+    raise AssertionError("an unsharded loader was accepted under data parallelism")
+
+
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
     if scenario == "raise":
