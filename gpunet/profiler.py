@@ -43,7 +43,7 @@ from .roofline import (
 )
 from .tensor import Tensor
 
-OPTIMIZER_OPS = frozenset({"sgd_update", "adam_update"})
+OPTIMIZER_OPS = frozenset({"sgd_update", "adam_update", "all_reduce"})
 GEMMS = frozenset({"matmul", "linear_activation"})
 
 

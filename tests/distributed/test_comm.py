@@ -175,3 +175,16 @@ def test_init_refuses_a_bad_backend_and_a_launch_without_mpi4py(
     with pytest.raises(RuntimeError, match=r"launched with 4 ranks.*pip install 'gpunet\[mpi\]'"):
         dist.init()
     assert dist._WORLD is None
+
+
+def test_the_profiler_counts_the_gradient_all_reduce_in_the_optimizer_phase() -> None:
+    model = nn.MLP([4, 5, 2])
+    opt = dist.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.1))
+    x, y = gpunet.randn(3, 4), gpunet.tensor([0, 1, 0])
+    with gpunet.profile() as p:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    (r,) = [r for r in p.records if r.name == "all_reduce"]
+    n = 4 * 5 + 5 + 5 * 2 + 2  # the flat gradient buffer: one read and one write of it
+    assert (r.phase, r.cost.launches, r.cost.bytes) == ("optimizer", 1, 2 * 4 * n)
