@@ -102,6 +102,7 @@ def _launch(args: argparse.Namespace) -> int:
     (the one the ``mpi`` extra installs), with N ranks; its exit code is ours."""
     import os
     import shutil
+    import signal
     import subprocess
 
     from .distributed import launched_size
@@ -126,7 +127,14 @@ def _launch(args: argparse.Namespace) -> int:
     # the cores shared out: N ranks each with all the cores' BLAS threads would fight
     threads = str(max(1, (os.cpu_count() or 1) // args.nproc))
     env = {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, **os.environ}
-    return subprocess.call([*command, *rest], env=env)
+    proc = subprocess.Popen([*command, *rest], env=env)
+    # Ctrl-C reaches mpiexec too, which lets the ranks finish the step and save: wait for it
+    # (subprocess.call would kill mpiexec, and the ranks with it, at the first Ctrl-C).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _predict(args: argparse.Namespace) -> int:

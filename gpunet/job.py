@@ -307,12 +307,10 @@ def train(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     checkpoints.write(history)
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
-    code = None
-    if lead:  # every rank holds the same weights: rank 0 tests, saves and reports them
-        code = finish(
-            run, model, history, prep, test, test_set, meta, seconds, source, device, saved
-        )
-    return int(comm.broadcast_object(code))
+    if not lead:  # every rank holds the same weights: rank 0 tests, saves and reports them
+        # (and the others do not wait for it: a long test pass would trip their time limit)
+        return INTERRUPTED if history.interrupted else 1 if not history.train_loss else 0
+    return finish(run, model, history, prep, test, test_set, meta, seconds, source, device, saved)
 
 
 def _backend_for(device: str | None) -> str | None:

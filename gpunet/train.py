@@ -169,10 +169,12 @@ def fit(
                 if early_stopping is not None and run.waited >= early_stopping:
                     history.stopped_early = True
                     break
-                if interrupt.pending:
+                if interrupt.pending and run.comm is None:  # (ranks agree at the next step)
                     history.interrupted = True
                     break
         except KeyboardInterrupt:  # a second Ctrl-C, or one raised inside a step
+            if run.comm is not None:  # the other ranks wait in a collective: end them all
+                raise
             history.interrupted = True
         finally:
             bar.close()

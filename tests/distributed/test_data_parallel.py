@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +42,22 @@ def mpiexec(*args: str, timeout: float = 60, **env: str) -> subprocess.Completed
     return run_bounded([str(MPIEXEC), "-n", "2", *args], timeout, **env)
 
 
-def run_bounded(argv: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
-    """Run ``argv`` in its own process group, killed whole (mpiexec and every rank) at the
-    limit: a hung rank fails the test instead of stalling the suite."""
+def need_mpiexec() -> None:
+    """Skip without the venv's mpiexec, saying why; under CI (the dev extra installs mpich)
+    its absence is a failure."""
     if not MPIEXEC.exists():
-        if CI:  # the dev extra installs mpich: under CI its absence is a failure
+        if CI:
             pytest.fail(f"no {MPIEXEC}: the dev extra should install mpich")
         pytest.skip(f"no {MPIEXEC} (pip install -e '.[mpi]')")
+
+
+def start(argv: list[str], **env: str) -> subprocess.Popen:
+    """``argv`` in a session of its own (so that one signal reaches mpiexec and every rank),
+    one BLAS thread per rank."""
+    need_mpiexec()
     full = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", **env}
     full.pop("GPUNET_DEVICE", None)
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -58,6 +65,12 @@ def run_bounded(argv: list[str], timeout: float, **env: str) -> subprocess.Compl
         env=full,
         start_new_session=True,
     )
+
+
+def run_bounded(argv: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """Run ``argv`` in its own process group, killed whole (mpiexec and every rank) at the
+    limit: a hung rank fails the test instead of stalling the suite."""
+    proc = start(argv, **env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -116,6 +129,30 @@ def test_gpunet_train_on_two_ranks_reaches_the_one_process_accuracy(tmp_path: Pa
     opt = optim.Adam(model.parameters())
     meta = gpunet.load(run / "checkpoint.safetensors", model, opt)  # a world of one
     assert meta["history"]["val_loss"] and opt.state_dict()["state"]
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step_and_saves(tmp_path: Path) -> None:
+    """Ctrl-C at the terminal (SIGINT to the whole process group) once training runs: the
+    ranks agree to stop, rank 0 saves the best weights, exit 130; a rank left waiting would
+    trip the 20 s limit instead."""
+    gpunet_cli = str(Path(sys.executable).parent / "gpunet")
+    argv = [gpunet_cli, "train", "--nproc", "2", "--no-progress", "--out", str(tmp_path)]
+    argv += ["--epochs", "100000", "--patience", "100000"]
+    proc = start(argv, GPUNET_CHECKPOINT_SECONDS="0", GPUNET_DIST_TIMEOUT="20")
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("*/checkpoint.safetensors")):  # an epoch has ended
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted after" in out and "waited" not in err
+    (run,) = tmp_path.iterdir()
+    assert json.loads((run / "metrics.json").read_text())["interrupted"]
 
 
 def test_a_usage_error_under_mpiexec_is_one_line_per_rank_and_exit_2(tmp_path: Path) -> None:
