@@ -547,7 +547,7 @@ class DataLoader:
         n, b = self._rows(), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
-    def indices(self) -> np.ndarray | None:
+    def _epoch_rows(self) -> np.ndarray | None:
         """This epoch's rows for this rank, in order (None: all rows in order, unsharded);
         draws the epoch's permutation."""
         n, r = len(self.dataset), self.num_replicas
@@ -562,7 +562,7 @@ class DataLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         b, backend = self.batch_size, self.backend
         # one small index copy per epoch; the batches are gathered on the device
-        rows = self.indices()
+        rows = self._epoch_rows()
         order = None if rows is None else backend.asarray(rows)
         for k in range(len(self)):
             if order is None:

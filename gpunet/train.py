@@ -7,6 +7,11 @@ without improvement, restoring them. It warns, naming the parameter, when a grad
 vanishes (< 1e-7) or explodes (> 1e3), once per parameter per epoch. A NaN or inf loss (a
 diverged run) and Ctrl-C stop the fit with the best weights restored; Ctrl-C lets the current
 step finish first, and a second Ctrl-C stops at once.
+
+Given a data-parallel optimizer (``gpunet.distributed.DistributedOptimizer``) over several
+ranks, the same code trains every rank alike: the losses, accuracies and row counts are
+summed over the ranks, and each step the ranks agree on a non-finite loss or a Ctrl-C, so
+every decision (early stopping, the best epoch, stopping) is taken identically everywhere.
 """
 
 from __future__ import annotations
