@@ -4,6 +4,7 @@ world of one."""
 
 from __future__ import annotations
 
+import os
 import types
 
 import numpy as np
@@ -188,3 +189,35 @@ def test_the_profiler_counts_the_gradient_all_reduce_in_the_optimizer_phase() ->
     (r,) = [r for r in p.records if r.name == "all_reduce"]
     n = 4 * 5 + 5 + 5 * 2 + 2  # the flat gradient buffer: one read and one write of it
     assert (r.phase, r.cost.launches, r.cost.bytes) == ("optimizer", 1, 2 * 4 * n)
+
+
+def test_nproc_runs_the_same_command_under_the_venvs_mpiexec(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+    import sys
+
+    started = {}
+
+    class Proc:
+        def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+            started.update(argv=argv, env=env)
+
+        def wait(self) -> int:
+            return 7
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setattr(subprocess, "Popen", Proc)
+    assert main(["train", "--nproc=2", "--epochs", "5", "--nproc", "3", "--no-progress"]) == 7
+    argv = started["argv"]
+    assert argv[1:3] == ["-n", "3"] and argv[0].endswith("mpiexec")
+    assert argv[3:] == [
+        sys.executable,
+        "-m",
+        "gpunet.cli",
+        "train",
+        "--epochs",
+        "5",
+        "--no-progress",
+    ]
+    assert started["env"]["OPENBLAS_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 3))
