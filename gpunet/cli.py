@@ -29,8 +29,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _info(_: argparse.Namespace) -> int:
     from .backend import info
+    from .distributed import engines
 
     for key, value in info().items():
+        print(f"{key:>16}: {value}")
+    for key, value in engines().items():  # the data-parallel engines (gpunet.distributed)
         print(f"{key:>16}: {value}")
     return 0
 
@@ -79,6 +82,8 @@ def check_train_args(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> int:
     from .job import train
 
+    if args.nproc is not None:
+        return _launch(args)
     if args.resume is None:
         check_train_args(args)
     else:  # the run's own options are used: refuse others rather than ignore them
@@ -91,6 +96,46 @@ def _train(args: argparse.Namespace) -> int:
                 f"--resume continues a run with its own options; drop {', '.join(given)}"
             )
     return train(args)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``gpunet train --nproc N ...``: run the same command under this environment's mpiexec
+    (the one the ``mpi`` extra installs), with N ranks; its exit code is ours."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    from .distributed import launched_size
+
+    if launched_size() > 1:
+        raise UsageError("--nproc starts mpiexec itself; under mpiexec, leave it out")
+    beside = Path(sys.executable).parent / "mpiexec"
+    mpiexec = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if mpiexec is None:
+        raise UsageError(
+            f"--nproc {args.nproc} needs mpiexec and mpi4py: pip install 'gpunet[mpi]'"
+        )
+    rest, skip = [], False
+    for a in args.argv:  # the same options, less --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    command = [mpiexec, "-n", str(args.nproc), sys.executable, "-m", "gpunet.cli", "train"]
+    # the cores shared out: N ranks each with all the cores' BLAS threads would fight
+    threads = str(max(1, (os.cpu_count() or 1) // args.nproc))
+    env = {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, **os.environ}
+    proc = subprocess.Popen([*command, *rest], env=env)
+    # Ctrl-C reaches mpiexec too, which lets the ranks finish the step and save: wait for it
+    # (subprocess.call would kill mpiexec, and the ranks with it, at the first Ctrl-C).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -240,6 +285,13 @@ def _train_parser(sub: Any) -> None:
         action="store_true",
         help="run each training step eagerly (default: recorded once, then replayed)",
     )
+    t.add_argument(
+        "--nproc",
+        type=_positive,
+        default=None,
+        help="train data-parallel on N processes: starts mpiexec -n N (the mpi extra's); "
+        "under mpiexec -n N itself, leave it out",
+    )
 
 
 def _predict_parser(sub: Any) -> None:
@@ -318,10 +370,18 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError, CheckpointError) as e:
         message = " ".join(str(e).split())  # one line, whatever the message's layout
         print(f"gpunet {args.command}: error: {message}", file=sys.stderr)
+        _end_every_rank(2)
         return 2
     except KeyboardInterrupt:  # training handles its own Ctrl-C; this is any other moment
         print(f"gpunet {args.command}: interrupted", file=sys.stderr)
+        _end_every_rank(130)
         return 130
+
+
+def _end_every_rank(code: int) -> None:
+    """Under mpiexec, a rank that stops must stop them all (the others would wait for it)."""
+    if "gpunet.distributed" in sys.modules:
+        sys.modules["gpunet.distributed"].fail(code)
 
 
 if __name__ == "__main__":

@@ -207,10 +207,18 @@ def _elementwise(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     return _same(kernel(reads, written, 0 if out is None else out.size))
 
 
-@rule("cast", "copy", "device_put", "concatenate")
+@rule("cast", "copy", "device_put", "concatenate", "broadcast")
 def _move(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     """One copy kernel (a transfer is modelled as a device copy), no FLOPs."""
     return _same(kernel(*_io(ins, out)))
+
+
+@rule("all_reduce")
+def _all_reduce(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
+    """gpunet.distributed's gradient all-reduce, on this device: one pass reading and writing
+    the buffer, one add per element (the link's time is ``roofline.ring_all_reduce_s``)."""
+    reads, written = _io(ins, out)
+    return _same(kernel(reads, written, ins[0].size))
 
 
 @rule("take")

@@ -483,6 +483,14 @@ class DataLoader:
     draws a permutation (``shuffle``) and gathers batches on the device. ``seed`` seeds the
     shuffle; without one it is drawn from gpunet's default generator when the loader is made,
     so ``gpunet.manual_seed`` makes the batches repeatable.
+
+    ``num_replicas`` and ``rank`` shard the data for data parallelism, as PyTorch's
+    ``DistributedSampler`` does: every rank draws the same permutation for the epoch (the
+    epoch-th draw of the generator seeded by ``seed``, which every rank must share), pads it by
+    wrapping around to a multiple of ``num_replicas`` (``pad``, so every rank takes the same
+    number of steps; ``pad=False`` for evaluation, where uneven shards are fine) and takes
+    every ``num_replicas``-th index from ``rank``. No ``set_epoch`` is needed: each epoch
+    reshuffles. With ``num_replicas=1`` the batches are those of an unsharded loader.
     """
 
     def __init__(
@@ -494,6 +502,10 @@ class DataLoader:
         device: str | Device | None = None,
         seed: int | None = None,
         dtype: Any = dtypes.float32,
+        *,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        pad: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"DataLoader: batch_size must be >= 1, got {batch_size}")
@@ -502,8 +514,20 @@ class DataLoader:
                 f"DataLoader: the targets are text ({data.y[:3].tolist()}...); encode them as "
                 "classes 0..C-1 with data.as_classes()"
             )
+        if num_replicas is not None or rank is not None:
+            if num_replicas is None or rank is None or not 0 <= rank < num_replicas:
+                raise ValueError(
+                    f"DataLoader: a shard needs num_replicas >= 1 and 0 <= rank < num_replicas, "
+                    f"got num_replicas={num_replicas}, rank={rank}"
+                )
+            if shuffle and seed is None and num_replicas > 1:
+                raise ValueError(
+                    "DataLoader: a sharded loader that shuffles needs seed=, the same on every "
+                    "rank, so that the ranks' shards are disjoint"
+                )
         self.dataset, self.batch_size = data, batch_size
         self.shuffle, self.drop_last = shuffle, drop_last
+        self.num_replicas, self.rank, self.pad = num_replicas or 1, rank or 0, pad
         self.backend = get_backend(default_device() if device is None else device)
         self.x = self.backend.asarray(data.x.astype(dtypes.as_dtype(dtype), copy=False))
         self.y = self.backend.asarray(data.y)
@@ -511,16 +535,35 @@ class DataLoader:
             # as PyTorch's sampler does, an unseeded shuffle draws its seed from the default
             # generator, so that gpunet.manual_seed makes it repeatable
             seed = int(random.default_generator.host_rng.integers(2**63))
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
 
+    def _rows(self) -> int:
+        """The rows this rank takes per epoch."""
+        n, r = len(self.dataset), self.num_replicas
+        return -(-n // r) if self.pad else len(range(self.rank, n, r))
+
     def __len__(self) -> int:
-        n, b = len(self.dataset), self.batch_size
+        n, b = self._rows(), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
+    def _epoch_rows(self) -> np.ndarray | None:
+        """This epoch's rows for this rank, in order (None: all rows in order, unsharded);
+        draws the epoch's permutation."""
+        n, r = len(self.dataset), self.num_replicas
+        order = self.rng.permutation(n) if self.shuffle else None
+        if r == 1:
+            return order
+        order = np.arange(n) if order is None else order
+        if self.pad:  # wrap around: every rank the same count
+            order = np.resize(order, -(-n // r) * r)
+        return order[self.rank :: r]
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n, b, backend = len(self.dataset), self.batch_size, self.backend
+        b, backend = self.batch_size, self.backend
         # one small index copy per epoch; the batches are gathered on the device
-        order = backend.asarray(self.rng.permutation(n)) if self.shuffle else None
+        rows = self._epoch_rows()
+        order = None if rows is None else backend.asarray(rows)
         for k in range(len(self)):
             if order is None:
                 xs, ys = self.x[k * b : (k + 1) * b], self.y[k * b : (k + 1) * b]

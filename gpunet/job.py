@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, nn, optim
+from . import __version__, distributed, nn, optim
 from .backend import default_device
 from .backend import device as find_device
 from .checkpoint import load, save
@@ -161,25 +161,36 @@ class _Checkpoints:
     ``GPUNET_CHECKPOINT_SECONDS`` (default 30) and when training ends, however it ends: an
     fsynced write per epoch would cost as much as a digits epoch itself."""
 
-    def __init__(self, run: Path, model: Any, opt: Any, loader: DataLoader, meta: dict) -> None:
+    def __init__(
+        self, run: Path, model: Any, opt: Any, loader: DataLoader, meta: dict, comm: Any
+    ) -> None:
         self.run, self.model, self.opt, self.loader, self.meta = run, model, opt, loader, meta
         self.every = float(os.environ.get("GPUNET_CHECKPOINT_SECONDS", "30"))
         self.last_write, self.pending = time.monotonic(), None
         self.best: dict[str, Any] | None = None
+        # Under data parallelism every rank holds the same weights and rank 0 alone writes;
+        # only the ranks' dropout generators differ, and travel as a list (rng_ranks).
+        self.comm, self.lead = comm, comm.rank == 0
 
     def __call__(self, epoch: int, history: History) -> None:
+        rng = default_generator.get_state()
+        ranks = self.comm.all_gather_object(rng) if self.comm.size > 1 else None
+        if not self.lead:
+            return
         model = host_state(self.model)
         if history.best_epoch == epoch:
             self.best = model
         extra = {"history": copy.deepcopy(history.as_dict()), "loader": self.loader.state_dict()}
-        self.pending = (model, self.opt.state_dict(), extra, default_generator.get_state())
+        if ranks is not None:  # (host streams only: device states are the lead's alone)
+            extra["rng_ranks"] = [{k: v for k, v in r.items() if k != "devices"} for r in ranks]
+        self.pending = (model, self.opt.state_dict(), extra, rng)
         if time.monotonic() - self.last_write >= self.every:
             self.write()
 
     def write(self, final: History | None = None) -> None:
         """Write what the last epoch's end held; ``final``: the history as training ended
         (stopped early, diverged or interrupted), which --resume reads."""
-        if self.pending is None:
+        if self.pending is None or not self.lead:
             return
         model, opt, extra, rng = self.pending
         if final is not None:
@@ -199,7 +210,10 @@ class _Checkpoints:
             load(self.run / "best.safetensors", self.model)
             best = {k: np.array(v.numpy()) for k, v in self.model.state_dict().items()}
         meta = load(self.run / "checkpoint.safetensors", self.model, self.opt)
-        self.loader.load_state_dict(meta["loader"])  # (load restored the generator)
+        self.loader.load_state_dict(meta["loader"])  # (load restored the lead's generator)
+        ranks = meta.get("rng_ranks") or []
+        if len(ranks) == self.comm.size > 1:  # (another world size: the lead's state)
+            default_generator.set_state(ranks[self.comm.rank])
         return History.from_dict(meta["history"]), best
 
 
@@ -231,36 +245,50 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace) -> int:
-    """Train an MLP on the user's data, report the test figures, save the run."""
+    """Train an MLP on the user's data, report the test figures, save the run. Under
+    ``mpiexec -n N`` it trains data-parallel: every rank prepares the same data, takes its
+    shard of each epoch, and averages the gradients; rank 0 alone writes and prints."""
     if args.resume is not None:
         args = resume_args(args)
-    manual_seed(args.seed)
+    comm = distributed.init(backend=_backend_for(args.device))
+    lead = comm.rank == 0
+    manual_seed(args.seed + comm.rank)  # dropout masks differ by rank; the weights are rank 0's
     data, source = load_data(args)
     unit = DIGITS_SCALE if args.data is None else 1.0
     prep, (train_set, val_set, test_set) = prepare(data, args.task, args.seed, unit)
-    device = resolve_device(args.device)
+    device = resolve_device(_rank_device(args.device, comm))
     out = len(prep.classes) if prep.classes is not None else 1
     sizes = [train_set.x.shape[1], *args.hidden, out]
     model, optimizer = build(args, sizes, device)
-    run = Path(args.resume) if args.resume else new_run_folder(args.out)
-    if args.resume:
-        check_writable(run, f"--resume {run}")
-    loader = DataLoader(train_set, args.batch_size, shuffle=True, device=device, seed=args.seed)
-    val, test = (DataLoader(d, 512, device=device) for d in (val_set, test_set))
+    if comm.size > 1:
+        optimizer = distributed.DistributedOptimizer(optimizer, comm)
+    run = None
+    if lead:
+        run = Path(args.resume) if args.resume else new_run_folder(args.out)
+        if args.resume:
+            check_writable(run, f"--resume {run}")
+    run = Path(comm.broadcast_object(str(run) if run else None))
+    shard = {"num_replicas": comm.size, "rank": comm.rank} if comm.size > 1 else {}
+    loader = DataLoader(
+        train_set, args.batch_size, shuffle=True, device=device, seed=args.seed, **shard
+    )
+    val = DataLoader(val_set, 512, device=device, pad=False, **shard)
+    test = DataLoader(test_set, 512, device=device)
     saved = {k: getattr(args, k) for k in _SAVED_ARGS}
     if args.data is not None:  # so that --resume works from any directory
         saved["data"] = str(Path(args.data).expanduser().resolve())
-    checkpoints = _Checkpoints(
-        run, model, optimizer, loader, {"args": saved, "data_sha256": _data_hash(args)}
-    )
+    meta = {"args": saved, "data_sha256": _data_hash(args)}
+    checkpoints = _Checkpoints(run, model, optimizer, loader, meta, comm)
     history, best = checkpoints.restore() if args.resume else (History(), None)
     what = "classes" if prep.task == "classify" else "regression"
-    print(
-        f"gpunet {__version__}: MLP {'-'.join(map(str, sizes))} ({args.activation}, "
-        f"{what}), {args.optimizer} lr={args.lr}, on {device}; data: {source}, "
-        f"{len(train_set)}/{len(val_set)}/{len(test_set)} train/val/test; run: {run}/"
-        + (f" (resumed after epoch {len(history.train_loss)})" if args.resume else "")
-    )
+    ranks = f" x {comm.size} ranks ({comm.name})" if comm.size > 1 else ""
+    if lead:
+        print(
+            f"gpunet {__version__}: MLP {'-'.join(map(str, sizes))} ({args.activation}, "
+            f"{what}), {args.optimizer} lr={args.lr}, on {device}{ranks}; data: {source}, "
+            f"{len(train_set)}/{len(val_set)}/{len(test_set)} train/val/test; run: {run}/"
+            + (f" (resumed after epoch {len(history.train_loss)})" if args.resume else "")
+        )
     loss = (
         functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing)
         if prep.task == "classify"
@@ -284,7 +312,24 @@ def train(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     checkpoints.write(history)
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
+    if not lead:  # every rank holds the same weights: rank 0 tests, saves and reports them
+        # (and the others do not wait for it: a long test pass would trip their time limit)
+        return INTERRUPTED if history.interrupted else 1 if not history.train_loss else 0
     return finish(run, model, history, prep, test, test_set, meta, seconds, source, device, saved)
+
+
+def _backend_for(device: str | None) -> str | None:
+    """NCCL when a multi-rank job asks for CUDA; else the default (MPI, or a world of one)."""
+    if device and device.startswith("cuda") and distributed.launched_size() > 1:
+        return "nccl"
+    return None
+
+
+def _rank_device(spec: str | None, comm: Any) -> str | None:
+    """Under NCCL each rank takes its own GPU (``cuda`` -> ``cuda:<its GPU>``)."""
+    if comm.name == "nccl" and spec == "cuda":
+        return f"cuda:{comm.device_id}"
+    return spec
 
 
 def build(args: argparse.Namespace, sizes: list[int], device: Any) -> tuple[Any, Any]:

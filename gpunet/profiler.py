@@ -31,10 +31,19 @@ from . import autodiff
 from .costs import Cost, Operand, composed_on_cupy, cost_of
 from .formatting import seconds
 from .formatting import table as text_table
-from .roofline import DEFAULT_LAUNCH_OVERHEAD_US, GPUSpec, OpTime, dtype_name, gpu, op_time
+from .roofline import (
+    DEFAULT_LAUNCH_OVERHEAD_US,
+    LINKS,
+    GPUSpec,
+    OpTime,
+    data_parallel_step,
+    dtype_name,
+    gpu,
+    op_time,
+)
 from .tensor import Tensor
 
-OPTIMIZER_OPS = frozenset({"sgd_update", "adam_update"})
+OPTIMIZER_OPS = frozenset({"sgd_update", "adam_update", "all_reduce"})
 GEMMS = frozenset({"matmul", "linear_activation"})
 
 
@@ -490,6 +499,58 @@ def format_report(rows: Sequence[StepRow]) -> str:
     return text_table(head, body, markdown=True)
 
 
+def phase_times(
+    p: Profile,
+    device: str | GPUSpec = "H100",
+    launch_overhead_us: float = DEFAULT_LAUNCH_OVERHEAD_US,
+    tf32: bool = False,
+) -> dict[str, float]:
+    """Modelled seconds per phase (forward, backward, optimizer) of a profile on ``device``."""
+    spec, overhead = gpu(device), launch_overhead_us * 1e-6
+    out = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for r in p.records:
+        out[r.phase] += op_time(r.cost, r.dtype, r.name in GEMMS, spec, overhead, tf32).total_s
+    return out
+
+
+def data_parallel_report(
+    sizes: Sequence[int] = (2048, 4096, 4096, 4096, 10),
+    batch: int = 512,
+    ranks: Sequence[int] = (1, 2, 4, 8),
+    device: str | GPUSpec = "H100",
+    tf32: bool = False,
+) -> str:
+    """A Markdown table: one step of ``nn.MLP(sizes)`` on ``batch`` rows per GPU (SGD with
+    momentum, float32), modelled on 1, 2, 4, 8 GPUs over each link of ``LINKS``: the ring
+    all-reduce of the gradients, the step with it after the backward (gpunet today) and the
+    bound with it hidden behind the backward (buckets), and whether it hides."""
+    p, n = profile_mlp_step(sizes, batch)
+    t = phase_times(p, device, tf32=tf32)
+    grad_bytes = 4.0 * n
+    head = ["GPUs", "link", "all-reduce", "step: after backward", "bound: overlapped", "hidden"]
+    body = []
+    for k in ranks:
+        for link in LINKS.values() if k > 1 else [next(iter(LINKS.values()))]:
+            d = data_parallel_step(t["forward"], t["backward"], t["optimizer"], grad_bytes, k, link)
+            body.append(
+                [
+                    str(k),
+                    link.name if k > 1 else "-",
+                    seconds(d.all_reduce_s) if k > 1 else "-",
+                    f"{seconds(d.serial_s)} ({k * batch / d.serial_s:,.0f} samples/s)",
+                    seconds(d.overlapped_s),
+                    ("yes" if d.hidden else "no") if k > 1 else "-",
+                ]
+            )
+    title = (
+        f"{'-'.join(map(str, sizes))}, batch {batch} per GPU, {n:,} parameters "
+        f"({grad_bytes / 1e6:,.0f} MB of float32 gradients); one GPU ({gpu(device).name}): "
+        f"forward {seconds(t['forward'])}, backward {seconds(t['backward'])}, update "
+        f"{seconds(t['optimizer'])}"
+    )
+    return title + "\n\n" + text_table(head, body, markdown=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Print ``mlp_step_report`` as Markdown:
     ``python -c "from gpunet.profiler import main; main()" [--device A100] [--tf32] ...``"""
@@ -501,7 +562,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--activation", default="relu")
     ap.add_argument("--tf32", action="store_true", help="float32 GEMMs on the tensor cores")
     ap.add_argument("--launch-overhead-us", type=float, default=DEFAULT_LAUNCH_OVERHEAD_US)
+    ap.add_argument(
+        "--data-parallel",
+        action="store_true",
+        help="the large MLP on 1, 2, 4, 8 GPUs over NVLink, PCIe and InfiniBand instead",
+    )
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.data_parallel:
+        print(data_parallel_report(device=args.device, tf32=args.tf32))
+        return
     rows = mlp_step_report(
         device=args.device,
         launch_overhead_us=args.launch_overhead_us,

@@ -149,3 +149,76 @@ def op_time(
 
 def dtype_name(dtype: object) -> str:
     return np.dtype(str(dtype)).name
+
+
+# ---------------------------------------------------------------------- data parallelism
+@dataclass(frozen=True)
+class Link:
+    """What carries a ring all-reduce between GPUs: its bandwidth per GPU and direction."""
+
+    name: str
+    bandwidth_gbs: float  # GB/s each GPU sends (and receives) at once
+    source: str = ""
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second, one direction."""
+        return self.bandwidth_gbs * 1e9
+
+
+LINKS: dict[str, Link] = {
+    # NVIDIA H100 Tensor Core GPU datasheet (H100 SXM) and H200 datasheet (H200 SXM): "NVIDIA
+    # NVLink: 900GB/s", both directions together: 450 GB/s each way, GPUs of one HGX board.
+    "nvlink": Link("NVLink 4 (H100/H200 SXM)", 450.0, "NVIDIA H100 / H200 datasheets"),
+    # NVIDIA H100 Tensor Core GPU datasheet (H100 PCIe column): "PCIe Gen5: 128GB/s", both
+    # directions together: 64 GB/s each way.
+    "pcie": Link("PCIe Gen5 x16", 64.0, "NVIDIA H100 datasheet (H100 PCIe)"),
+    # NVIDIA ConnectX-7 datasheet: InfiniBand NDR, 400 Gb/s per port: 50 GB/s each way, one
+    # port per GPU between nodes.
+    "infiniband": Link("InfiniBand NDR 400 Gb/s", 50.0, "NVIDIA ConnectX-7 datasheet"),
+}
+
+
+def ring_all_reduce_s(nbytes: float, ranks: int, link: Link) -> float:
+    """t = 2 (n - 1) / n x bytes / bandwidth: a ring all-reduce sends each rank's share of the
+    buffer round the ring twice (reduce-scatter, then all-gather); 0 for one rank. The per-hop
+    latency (a few us, 2 (n - 1) hops) is left out: it matters only for small buffers."""
+    if ranks < 1:
+        raise ValueError(f"ring_all_reduce_s: ranks must be >= 1, got {ranks}")
+    return 2.0 * (ranks - 1) / ranks * nbytes / link.bandwidth
+
+
+@dataclass(frozen=True)
+class DataParallelStep:
+    """One data-parallel step modelled from its phases and its gradient all-reduce."""
+
+    ranks: int
+    link: Link
+    forward_s: float
+    backward_s: float
+    update_s: float
+    all_reduce_s: float
+
+    @property
+    def serial_s(self) -> float:
+        """One all-reduce after the backward, before the update (gpunet today)."""
+        return self.forward_s + self.backward_s + self.all_reduce_s + self.update_s
+
+    @property
+    def overlapped_s(self) -> float:
+        """The bound for buckets all-reduced while the backward runs (PyTorch DDP's)."""
+        return self.forward_s + max(self.backward_s, self.all_reduce_s) + self.update_s
+
+    @property
+    def hidden(self) -> bool:
+        """Would the all-reduce fit behind the backward?"""
+        return self.all_reduce_s <= self.backward_s
+
+
+def data_parallel_step(
+    forward_s: float, backward_s: float, update_s: float, grad_bytes: float, ranks: int, link: Link
+) -> DataParallelStep:
+    """A step of ``ranks`` GPUs, each on its own batch (the single GPU's phases), plus a ring
+    all-reduce of ``grad_bytes`` over ``link``."""
+    t = ring_all_reduce_s(grad_bytes, ranks, link)
+    return DataParallelStep(ranks, link, forward_s, backward_s, update_s, t)

@@ -7,6 +7,11 @@ without improvement, restoring them. It warns, naming the parameter, when a grad
 vanishes (< 1e-7) or explodes (> 1e3), once per parameter per epoch. A NaN or inf loss (a
 diverged run) and Ctrl-C stop the fit with the best weights restored; Ctrl-C lets the current
 step finish first, and a second Ctrl-C stops at once.
+
+Given a data-parallel optimizer (``gpunet.distributed.DistributedOptimizer``) over several
+ranks, the same code trains every rank alike: the losses, accuracies and row counts are
+summed over the ranks, and each step the ranks agree on a non-finite loss or a Ctrl-C, so
+every decision (early stopping, the best epoch, stopping) is taken identically everywhere.
 """
 
 from __future__ import annotations
@@ -68,8 +73,11 @@ def evaluate(
     model: Callable[[Tensor], Tensor],
     loss_fn: Callable[..., Tensor],
     batches: Iterable[tuple[Tensor, Tensor]],
+    comm: Any = None,
 ) -> tuple[float, float | None]:
-    """Mean loss (and accuracy, for labels) over the batches, under no_grad."""
+    """Mean loss (and accuracy, for labels) over the batches, under no_grad; with ``comm``
+    (data parallelism), over every rank's batches: the sums are all-reduced, so every rank
+    gets the same figures."""
     total, correct, n, classify = 0.0, 0.0, 0, True
     training = getattr(model, "training", None)
     if training is not None:
@@ -86,9 +94,19 @@ def evaluate(
     finally:
         if training:
             model.train()  # type: ignore[attr-defined]
+    if comm is not None:
+        total, correct, n, classify = _sum_over_ranks(comm, total, correct, n, classify)
     if n == 0:
         raise ValueError("evaluate: the batches hold no rows; there is nothing to evaluate")
     return (total / n, (correct / n) if classify else None)
+
+
+def _sum_over_ranks(
+    comm: Any, total: float, correct: float, n: int, classify: bool
+) -> tuple[float, float, int, bool]:
+    """(loss sum, correct, rows, every rank classifies) summed over the ranks: one all-reduce."""
+    sums = comm.host.all_reduce(np.array([total, correct, n, not classify], np.float64))
+    return float(sums[0]), float(sums[1]), int(sums[2]), not sums[3]
 
 
 def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
@@ -138,10 +156,12 @@ def fit(
         )
     history = History() if history is None else history
     history.interrupted = history.diverged = False  # they told how the previous fit ended
-    first, run = len(history.train_loss), _Run(history, best_state)
+    first, run = len(history.train_loss), _Run(history, best_state, _communicator(optimizer))
     if history.stopped_early:  # a finished history: nothing left to run
         first = epochs
-    bar = _progress(epochs, progress, first)
+    if run.comm is not None:
+        _check_shards(run.comm, train)
+    bar = _progress(epochs, progress and (run.comm is None or run.comm.rank == 0), first)
     step = _Step(model, loss_fn, optimizer, capture, run)
     with _DeferredInterrupt() as interrupt:
         try:
@@ -159,10 +179,12 @@ def fit(
                 if early_stopping is not None and run.waited >= early_stopping:
                     history.stopped_early = True
                     break
-                if interrupt.pending:
+                if interrupt.pending and run.comm is None:  # (ranks agree at the next step)
                     history.interrupted = True
                     break
         except KeyboardInterrupt:  # a second Ctrl-C, or one raised inside a step
+            if run.comm is not None:  # the other ranks wait in a collective: end them all
+                raise
             history.interrupted = True
         finally:
             bar.close()
@@ -170,11 +192,30 @@ def fit(
     return history
 
 
+def _communicator(optimizer: Any) -> Any:
+    """The communicator of a data-parallel optimizer with more than one rank, else None."""
+    comm = getattr(optimizer, "communicator", None)
+    return comm if comm is not None and comm.size > 1 else None
+
+
+def _check_shards(comm: Any, train: Any) -> None:
+    """Under data parallelism every rank must shuffle alike and take its own shard, else the
+    shards overlap silently: refuse on every rank (they all see the same gathered list)."""
+    mine = (getattr(train, "seed", None), getattr(train, "num_replicas", None))
+    every = comm.host.all_gather_object((*mine, getattr(train, "rank", None)))
+    if any(e[:2] != (every[0][0], comm.size) or e[2] != r for r, e in enumerate(every)):
+        raise ValueError(
+            f"fit: under data parallelism over {comm.size} ranks the training loader must be "
+            "DataLoader(..., seed=S, num_replicas=size, rank=rank) with the same S on every "
+            f"rank; the ranks have (seed, num_replicas, rank) = {every}"
+        )
+
+
 class _Run:
     """The best epoch so far (its monitored value and weights) and the epochs since."""
 
-    def __init__(self, history: History, best_state: dict[str, Any] | None) -> None:
-        self.history, self.best_state = history, best_state
+    def __init__(self, history: History, best_state: dict[str, Any] | None, comm: Any) -> None:
+        self.history, self.best_state, self.comm = history, best_state, comm
         h, b = history, history.best_epoch
         self.best = (h.val_loss or h.train_loss)[b] if b >= 0 else math.inf
         self.waited = len(h.train_loss) - 1 - b if b >= 0 else 0
@@ -188,7 +229,8 @@ class _Run:
 
     def warn(self, msg: str) -> None:
         self.history.warnings.append(msg)
-        log.warning("gpunet: %s", msg)
+        if self.comm is None or self.comm.rank == 0:  # every rank has the same to say
+            log.warning("gpunet: %s", msg)
 
     def finish(self, model: Any, early_stopping: bool) -> None:
         """Restore the best weights after early stopping, an interrupt or a divergence."""
@@ -211,6 +253,9 @@ class _Step:
         self, model: Any, loss_fn: Callable[..., Tensor], optimizer: Any, capture: bool, run: _Run
     ) -> None:
         self.model, self.loss_fn, self.optimizer, self.run = model, loss_fn, optimizer, run
+        # Data parallel: eager, so that every rank agrees on the loss and on Ctrl-C before
+        # any rank starts the update's all-reduce (a capture would replay past that point).
+        capture = capture and run.comm is None
         self.captured = capture_step(self._whole) if capture else None
 
     def _whole(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -221,27 +266,29 @@ class _Step:
         self.optimizer.step()
         return loss, out
 
-    def __call__(self, x: Tensor, y: Tensor) -> tuple[float, Tensor, bool]:
-        """(the loss, the model's output, whether the update was made)."""
+    def __call__(self, x: Tensor, y: Tensor, interrupted: bool) -> tuple[float, Tensor, bool]:
+        """(the loss, NaN where it is not finite on some rank; the model's output; whether to
+        stop after this step: Ctrl-C on this or, data parallel, any rank)."""
         if self.captured is not None:
             try:
                 loss, out = self.captured(x, y)
-                return loss.item(), out, True
+                return loss.item(), out, interrupted
             except CaptureError as e:
                 self.captured = None
                 self.run.warn(f"the training step runs eagerly: it cannot be captured ({e})")
                 if e.result is not None:  # the step ran to its end: its eager result
                     loss, out = e.result
-                    return loss.item(), out, True
+                    return loss.item(), out, interrupted
         out = self.model(x)
         loss = self.loss_fn(out, y)
-        value = loss.item()
-        if not math.isfinite(value):
-            return value, out, False
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return value, out, True
+        value, stop = loss.item(), interrupted
+        if self.run.comm is not None:  # every rank decides alike: one small all-reduce
+            value, stop = _agree(self.run.comm, value, interrupted)
+        if math.isfinite(value):
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        return value, out, stop
 
 
 def _train_epoch(
@@ -257,8 +304,9 @@ def _train_epoch(
     if hasattr(model, "train"):
         model.train()
     start, seen, total, correct, classify = time.perf_counter(), 0, 0.0, 0.0, True
+    comm = run.comm
     for x, y in train:
-        value, out, _ = step(x, y)
+        value, out, stop = step(x, y, interrupt.pending)
         if not math.isfinite(value):
             run.history.diverged = True
             run.warn(f"epoch {epoch + 1}: the training loss became {value}; stopping")
@@ -268,9 +316,11 @@ def _train_epoch(
         classify = classify and acc is not None
         correct += (acc or 0.0) * len(y)
         seen += len(y)
-        if interrupt.pending:  # the step is done; stop before the next one
+        if stop:  # the step is done; stop now
             run.history.interrupted = True
             return False
+    if comm is not None:
+        total, correct, seen, classify = _sum_over_ranks(comm, total, correct, seen, classify)
     if seen == 0:
         raise ValueError("fit: the training loader gave no batches")
     raise_pending_faults()  # a bad label a GPU kernel recorded (backend/faults.py)
@@ -299,10 +349,18 @@ def _end_epoch(
     history.lr.append(float(optimizer.param_groups[0]["lr"]))
     if val is None:
         return history.train_loss[-1]
-    vloss, vacc = evaluate(model, loss_fn, val)
+    vloss, vacc = evaluate(model, loss_fn, val, run.comm)
     history.val_loss.append(vloss)
     history.val_accuracy.append(vacc if vacc is not None else float("nan"))
     return vloss
+
+
+def _agree(comm: Any, value: float, pending: bool) -> tuple[float, bool]:
+    """(this rank's loss, or NaN when any rank's loss is not finite; whether any rank was
+    interrupted): the same decisions on every rank, so no rank waits for one that stopped."""
+    flags = np.array([math.isfinite(value), not pending], np.float64)
+    flags = comm.host.all_reduce(flags, "min")  # 0 where any rank's loss or Ctrl-C says stop
+    return (value if flags[0] else math.nan), not flags[1]
 
 
 class _DeferredInterrupt:

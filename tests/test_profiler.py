@@ -295,3 +295,26 @@ def test_primitive_costs(name: str, data: st.DataObject) -> None:
             assert c == Cost(), r
         elif r.out_shape is not None and np.prod(r.out_shape) > 0:
             assert c.launches >= 1 and c.bytes_written > 0, r
+
+
+def test_the_ring_all_reduce_model_by_hand() -> None:
+    """t = 2 (n - 1) / n x bytes / bandwidth: 100 MB over 8 NVLink GPUs (450 GB/s each way)."""
+    from gpunet.roofline import LINKS, data_parallel_step, ring_all_reduce_s
+
+    nvlink = LINKS["nvlink"]
+    assert ring_all_reduce_s(1e8, 1, nvlink) == 0.0
+    assert ring_all_reduce_s(1e8, 8, nvlink) == pytest.approx(2 * 7 / 8 * 1e8 / 450e9)
+    d = data_parallel_step(1e-3, 2e-3, 0.5e-3, 1e8, 2, LINKS["pcie"])  # 1.5625 ms on PCIe
+    assert d.all_reduce_s == pytest.approx(1e8 / 64e9)
+    assert d.serial_s == pytest.approx(3.5e-3 + 1e8 / 64e9)
+    assert d.overlapped_s == pytest.approx(3.5e-3) and d.hidden
+    with pytest.raises(ValueError, match="ranks must be >= 1"):
+        ring_all_reduce_s(1.0, 0, nvlink)
+
+
+def test_the_data_parallel_report_models_the_phases_of_a_step() -> None:
+    from gpunet.profiler import data_parallel_report
+
+    text = data_parallel_report((8, 16, 4), 32, ranks=(1, 2))
+    assert "8-16-4, batch 32 per GPU, 212 parameters" in text
+    assert text.count("\n| 2 |") == 3  # one row per link

@@ -4,7 +4,9 @@ under 8 minutes, and write one report.
 Stages, each in its own process with its own time limit (a hung stage is killed and marked
 ``timeout``; the next still runs, inside the overall budget):
 
-1. ``gpu tests``: ``pytest -m gpu`` over the suite but the kernel goldens;
+1. ``gpu tests``: ``pytest -m gpu`` over the suite but the kernel goldens (among them NCCL
+   through CuPy on a world of one GPU, ``tests/distributed/test_comm.py``: it skips, saying
+   so, where the ``nvidia-nccl-cu12`` wheel of the ``cuda12`` extra is not installed);
 2. ``kernels``: ``tests/kernels/test_kernels_gpu.py``, every fused kernel (float16/32/64)
    against the golden float64 outputs in ``tests/kernels/golden/kernels.npz``;
 3. ``cublas gemm``: ``matmul_into`` with alpha and beta through cuBLAS against float64 NumPy,

@@ -1,0 +1,264 @@
+"""Run under ``mpiexec -n 2`` by test_data_parallel.py: each check computes, on every rank, the
+data-parallel result and the one-process reference on the concatenated batch, and rank 0
+writes {check: [ok, detail]} as JSON to argv[2]. ``argv[1]`` picks the scenario: ``checks``
+(the numerical checks), ``raise`` (rank 1 raises), ``hang`` (rank 1 skips a collective)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import sys
+import traceback
+from collections.abc import Callable
+
+import numpy as np
+
+import gpunet
+import gpunet.distributed as dist
+import gpunet.nn.functional as F
+from gpunet import nn, optim
+from gpunet.data import DataLoader, Dataset
+
+COMM = dist.init()
+R, N = COMM.rank, COMM.size
+RESULTS: dict[str, list] = {}
+CHECKS: list[Callable[[], str]] = []
+
+
+def check(fn: Callable[[], str]) -> Callable[[], str]:
+    CHECKS.append(fn)
+    return fn
+
+
+def run(fn: Callable[[], str]) -> None:
+    """Record fn's detail (ok) or its exception (failed), agreed over the ranks."""
+    try:
+        detail, ok = fn(), True
+    except Exception:
+        detail, ok = traceback.format_exc(), False
+    every = COMM.all_gather_object((ok, detail))
+    RESULTS[fn.__name__] = [all(o for o, _ in every), [d for _, d in every]]
+
+
+def batch(dtype: str, rows: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, 6)).astype(dtype), rng.integers(0, 3, rows)
+
+
+def model_and_opt(dtype: str, opt: str, seed: int = 1) -> tuple[nn.Module, optim.Optimizer]:
+    gpunet.manual_seed(seed + 100 * R)  # different on each rank: the wrap must broadcast
+    model = nn.MLP([6, 8, 3], activation="tanh", dtype=dtype)
+    kinds = {
+        "sgd": lambda p: optim.SGD(p, lr=0.1),
+        "momentum": lambda p: optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+        "adam": lambda p: optim.Adam(p, lr=1e-2),
+    }
+    return model, kinds[opt](model.parameters())
+
+
+def params(model: nn.Module) -> list[np.ndarray]:
+    return [p.numpy().copy() for p in model.parameters()]
+
+
+def digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(np.ascontiguousarray(p.numpy()).tobytes())
+    return h.hexdigest()
+
+
+def train(dtype: str, opt: str, steps: int, parallel: bool) -> tuple[list, list[str]]:
+    """``steps`` steps on 16-row batches: this rank's half (parallel) or all 16 rows."""
+    model, o = model_and_opt(dtype, opt)
+    if parallel:
+        o = dist.DistributedOptimizer(o)
+    else:  # the reference starts from rank 0's weights too
+        gpunet.manual_seed(1)
+        ref = nn.MLP([6, 8, 3], activation="tanh", dtype=dtype)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            p.data[...] = q.data
+    hashes = []
+    for step in range(steps):
+        x, y = batch(dtype, seed=step)
+        if parallel:
+            x, y = x[R * 8 : (R + 1) * 8], y[R * 8 : (R + 1) * 8]
+        o.zero_grad()
+        F.cross_entropy(model(gpunet.tensor(x)), gpunet.tensor(y)).backward()
+        o.step()
+        hashes.append(digest(model))
+    return params(model), hashes
+
+
+def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(x.astype(np.float64) - y))) for x, y in zip(a, b))
+
+
+def close(dtype: str, opt: str, steps: int, tol: float) -> str:
+    mine, hashes = train(dtype, opt, steps, parallel=True)
+    ref, _ = train(dtype, opt, steps, parallel=False)
+    diff = max_diff(mine, ref)
+    every = COMM.all_gather_object(hashes)
+    assert all(h == every[0] for h in every), "the ranks' parameters differ after some step"
+    assert diff <= tol, f"{dtype} {opt} x{steps}: max |dp - single| = {diff:.3g} > {tol}"
+    return f"{dtype} {opt} x{steps}: max diff {diff:.3g}, bit-identical on {N} ranks every step"
+
+
+# (dtype, optimizer, steps, tolerance against the one-process run on the whole batch)
+CLOSE = {
+    "one_step_float64": ("float64", "sgd", 1, 1e-12),
+    "one_step_float32": ("float32", "sgd", 1, 1e-6),
+    "momentum_100_steps_float32": ("float32", "momentum", 100, 1e-6),
+    "adam_100_steps_float32": ("float32", "adam", 100, 1e-6),
+}
+for _name, _case in CLOSE.items():
+    _fn = functools.partial(close, *_case)
+    _fn.__name__ = _name  # type: ignore[attr-defined]
+    check(_fn)  # type: ignore[arg-type]
+
+
+@check
+def two_runs_bit_identical() -> str:
+    a, _ = train("float32", "adam", 20, parallel=True)
+    b, _ = train("float32", "adam", 20, parallel=True)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)), "two runs differ"
+    return "20 Adam steps twice: identical bits"
+
+
+@check
+def no_sync_accumulates_like_the_larger_batch() -> str:
+    model, o = model_and_opt("float64", "momentum")
+    o = dist.DistributedOptimizer(o)
+    x, y = batch("float64", rows=32, seed=7)
+    halves = [slice(R * 8, (R + 1) * 8), slice(16 + R * 8, 16 + (R + 1) * 8)]
+    o.zero_grad()
+    with o.no_sync():  # micro-batch 1: local only
+        (
+            F.cross_entropy(model(gpunet.tensor(x[halves[0]])), gpunet.tensor(y[halves[0]])) / 2
+        ).backward()
+        try:
+            o.step()
+            raise AssertionError("step() inside no_sync() did not raise")
+        except RuntimeError as e:
+            assert "drift apart" in str(e)
+    (
+        F.cross_entropy(model(gpunet.tensor(x[halves[1]])), gpunet.tensor(y[halves[1]])) / 2
+    ).backward()
+    o.step()
+    ref, ro = model_and_opt("float64", "momentum")
+    gpunet.manual_seed(1)
+    for p, q in zip(
+        ref.parameters(), nn.MLP([6, 8, 3], activation="tanh", dtype="float64").parameters()
+    ):
+        p.data[...] = q.data
+    ro.zero_grad()
+    F.cross_entropy(ref(gpunet.tensor(x)), gpunet.tensor(y)).backward()
+    ro.step()
+    diff = max_diff(params(model), params(ref))
+    assert diff <= 1e-12, f"no_sync accumulation differs from the 32-row batch by {diff:.3g}"
+    return f"2 micro-batches x {N} ranks = one 32-row batch: max diff {diff:.3g}"
+
+
+@check
+def sampler_covers_every_example_once() -> str:
+    n = 37
+    data = Dataset(np.arange(n, dtype=np.float32)[:, None], np.arange(n))
+    loader = DataLoader(data, 4, shuffle=True, seed=3, num_replicas=N, rank=R)
+    orders = []
+    for _ in range(3):
+        mine = np.concatenate([y.numpy() for _, y in loader]).tolist()
+        every = COMM.all_gather_object(mine)
+        assert len({len(e) for e in every}) == 1, f"uneven steps: {[len(e) for e in every]}"
+        flat = sorted(i for e in every for i in e)
+        padded = -(-n // N) * N
+        assert len(flat) == padded and sorted(set(flat)) == list(range(n)), flat
+        orders.append(every[0])
+    assert orders[0] != orders[1], "the second epoch was not reshuffled"
+    return f"{n} rows over {N} ranks: each once (+{-(-n // N) * N - n} padded), reshuffled"
+
+
+@check
+def mismatched_models_are_refused_at_wrap() -> str:
+    model = nn.MLP([6, 8 + R, 3])  # rank 1 has a different hidden size
+    try:
+        dist.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.1))
+    except ValueError as e:
+        assert "rank 1 has" in str(e) and "(6, 9)" in str(e), e
+        return str(e)[:120]
+    raise AssertionError("a different model on rank 1 was accepted")
+
+
+@check
+def sgd_in_backward_is_refused() -> str:
+    model = nn.MLP([6, 8, 3])
+    try:
+        dist.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.1, in_backward=True))
+    except ValueError as e:
+        assert "in_backward" in str(e) and "drift apart" in str(e), e
+        return str(e)[:80]
+    raise AssertionError("SGD(in_backward=True) was accepted")
+
+
+@check
+def collectives_on_tensors() -> str:
+    t = gpunet.tensor([float(R), 10.0 * R])
+    dist.all_reduce(t, "sum")
+    assert t.tolist() == [sum(range(N)), 10.0 * sum(range(N))], t.tolist()
+    b = gpunet.tensor([float(R + 5)])
+    dist.broadcast(b, root=N - 1)
+    assert b.tolist() == [float(N - 1 + 5)], b.tolist()
+    m = np.array([R + 1.0])
+    COMM.all_reduce(m, "max")
+    assert m.tolist() == [float(N)]
+    return "all_reduce(sum, max) and broadcast from the last rank"
+
+
+@check
+def broadcast_parameters_gives_rank_0s_model() -> str:
+    gpunet.manual_seed(R)  # a different initialisation on each rank
+    model = nn.MLP([6, 8, 3])
+    dist.broadcast_parameters(model)
+    every = COMM.all_gather_object(digest(model))
+    assert all(d == every[0] for d in every), "the ranks' parameters differ"
+    return "every rank holds rank 0's parameters"
+
+
+@check
+def fit_refuses_an_unsharded_loader() -> str:
+    from gpunet.train import fit
+
+    model, o = model_and_opt("float32", "sgd")
+    o = dist.DistributedOptimizer(o)
+    x, y = batch("float32", rows=16)
+    loader = DataLoader(Dataset(x, y), 4, shuffle=True, seed=R)  # unsharded, seeds differ
+    try:
+        fit(model, F.cross_entropy, o, loader, epochs=1, progress=False)
+    except ValueError as e:
+        assert "num_replicas=size" in str(e), e
+        return str(e)[:100]
+    raise AssertionError("an unsharded loader was accepted under data parallelism")
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], sys.argv[2]
+    if scenario == "raise":
+        if R == 1:
+            raise RuntimeError("rank one broke on purpose")
+        COMM.barrier()  # rank 0 waits here; the excepthook on rank 1 must end it
+    elif scenario == "hang":
+        if R == 0:
+            COMM.all_reduce(np.zeros(3, np.float32))  # rank 1 never joins
+        else:
+            import time
+
+            time.sleep(60)
+    else:
+        for fn in CHECKS:
+            run(fn)
+    if R == 0:
+        with open(out, "w") as f:
+            json.dump(RESULTS, f)
+
+
+if __name__ == "__main__":
+    main()
