@@ -42,6 +42,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # recording every backend call (``gpunet.capture``)
 GRAD, ANOMALY, FORWARD, OBSERVE, TANGENTS, BACKWARD, FUSED_VJP = 1, 2, 4, 8, 16, 32, 64
 CAPTURE = _CAPTURE  # (defined beside Tensor, whose host reads test it)
+WATCHED = ANOMALY | OBSERVE | CAPTURE  # apply's one test for all three (one global, not five)
 
 
 class _State(threading.local):
@@ -185,7 +186,7 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
     out = _new_tensor(Tensor)
     out.data, out._backend, out._requires_grad, out._node = data, backend, False, None
     out.grad = None
-    if flags & (ANOMALY | OBSERVE | CAPTURE):
+    if flags & WATCHED:
         if flags & ANOMALY:
             _check_forward(prim, args, out)
         if flags & OBSERVE:
