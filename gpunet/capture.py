@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -259,14 +261,23 @@ def _show(key: Any) -> str:
 class _Program:
     """The second recording as one generated Python function: a launch list."""
 
-    def __init__(self, rec: _Recorder, n_inputs: int, outputs: Any, backend: Any) -> None:
+    def __init__(
+        self, rec: _Recorder, n_inputs: int, outputs: Any, backend: Any, keep: Sequence[int] = ()
+    ) -> None:
         self.rec = rec
         self.backend = backend
         self.n_inputs = n_inputs
         self.inputs = rec.arrays[:n_inputs]
         self.outputs = outputs
+        written = {e.ins[0][1] for e in rec.entries if e.kind == "into" and e.ins[0][0] == "a"}
+        for e in rec.entries:
+            if e.name in _PURE and e.out[1] not in written and all(r[0] == "c" for r in e.ins):
+                e.kind = "const"  # zeros, ones, a fill that nothing writes: made once
+        self.fused = _fuse_cross_entropy(rec.entries, rec.arrays)
         self.counts = collections.Counter(e.kind for e in rec.entries)
         self.on_gpu = any(not isinstance(a, np.ndarray) for a in rec.arrays)
+        # (the step's outputs outlive a replay: never shared)
+        self.reused, self.spare = _reuse_buffers(rec, self.fused, set(keep))
         self.replay = self._generate()
 
     def _generate(self) -> Callable[..., None]:
@@ -285,8 +296,7 @@ class _Program:
             env[f"c{i}_{j}"] = r[1]
             return f"c{i}_{j}"
 
-        written = {e.ins[0][1] for e in rec.entries if e.kind == "into" and e.ins[0][0] == "a"}
-        fused = _fuse_cross_entropy(rec.entries, rec.arrays)
+        fused = self.fused
         for i, e in enumerate(rec.entries):
             if i in fused:
                 first, out = fused[i]
@@ -299,16 +309,13 @@ class _Program:
                 env[f"cef{i}"], env[f"cer{i}"] = first, rec.entries[i].params["reduction"]
                 lines.append(f"    cef{i}({', '.join(names)}, reduction=cer{i})")
                 continue
-            if e.kind == "view":
-                continue  # the recorded view of a buffer that never moves
-            if e.name in _PURE and e.out[1] not in written and all(r[0] == "c" for r in e.ins):
-                e.kind = "const"  # zeros, ones, a fill that nothing writes: made once
-                continue
+            if e.kind in ("view", "const"):
+                continue  # the recorded view of a buffer that never moves; a constant
             if e.kind == "segment":
                 env[f"s{i}"] = _segment_runner(e, rec)
                 lines.append(f"    s{i}()")
                 continue
-            fast = _numpy_in_place(e, rec.arrays, env, i)
+            fast = _numpy_in_place(e, rec.arrays, env, i, self.spare)
             if fast is not None:  # the same NumPy calls, writing the capture's buffer
                 lines += [f"    {line}" for line in fast]
                 continue
@@ -373,7 +380,9 @@ class _Program:
             autodiff.observe(e.name, ins[1:] if writes else ins, params, out)
 
 
-def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> list[str] | None:
+def _numpy_in_place(
+    e: _Entry, arrays: list[Any], env: dict[str, Any], i: int, spare: Sequence[tuple] = ()
+) -> list[str] | None:
     """Lines that make the NumPy calls the backend method ``e.fn`` makes, writing straight
     into the recorded output (no temporary, no copy, no Python frame of the backend's), for
     the hot methods of a training step; None for any other call. Inputs are the capture's
@@ -387,7 +396,7 @@ def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -
         return None
     p = e.params
     if e.fn.__name__ == "sgd_update":
-        return _plain_sgd(e, arrays, env, i)
+        return _plain_sgd(e, arrays, env, i, spare)
     if any(isinstance(v, _CHANGING) for v in p.values()) or any(r[0] != "a" for r in e.ins):
         return None
     ins = [arrays[r[1]] for r in e.ins]
@@ -430,11 +439,15 @@ def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -
     return None
 
 
-def _plain_sgd(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> list[str] | None:
+def _plain_sgd(
+    e: _Entry, arrays: list[Any], env: dict[str, Any], i: int, spare: Sequence[tuple] = ()
+) -> list[str] | None:
     """NumPy's ``sgd_update`` with no momentum and no weight decay, p -= lr g, as its two
     ufunc calls (the backend's: g * lr in the state's precision into a scratch row, then
     subtracted) for the lr of the moment; the backend's method when the group has momentum
-    or decay by then. Only for a float32/float64 flat range without a momentum buffer."""
+    or decay by then. Only for a float32/float64 flat range without a momentum buffer. Its
+    scratch row is the largest intermediate's buffer free by then (``spare``: (last reader,
+    buffer) pairs), else a new one."""
     hyper, first = e.params.get("hyper"), e.params.get("first_step", False)
     if (
         len(e.ins) != 3
@@ -452,22 +465,39 @@ def _plain_sgd(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> lis
         or not isinstance(param, np.ndarray)
     ):
         return None
+    from .backend.numpy_fused import CHUNK
+
+    # the backend's pieces: cache-sized rows of a long flat buffer through one scratch row
+    # (a parameter-sized scratch would hold as much again as the parameters)
+    free = [b for last, b in spare if last < i and b.dtype == param.dtype and b.size >= 4096]
+    row = max(free, key=lambda b: b.size).reshape(-1)[:CHUNK] if free else None
+    contiguous = param.flags.c_contiguous and grad.flags.c_contiguous
+    if not contiguous or (param.size < 2 * CHUNK and (row is None or row.size < param.size)):
+        pieces = [(param, grad, np.empty_like(param))]
+    else:
+        row = np.empty(CHUNK, param.dtype) if row is None else row
+        p, g, n = param.reshape(-1), grad.reshape(-1), row.size
+        pieces = [
+            (p[k : k + n], g[k : k + n], row[: min(n, p.size - k)]) for k in range(0, p.size, n)
+        ]
     env.update(
         {
             f"sg{i}_h": hyper,
-            f"sg{i}_p": param,
-            f"sg{i}_g": grad,
-            f"sg{i}_t": np.empty_like(param),
+            f"sg{i}_pieces": pieces,
             f"sg{i}_dt": param.dtype.type,
             f"sg{i}_mul": np.multiply,
             f"sg{i}_sub": np.subtract,
             f"sg{i}_f": e.fn,
+            f"sg{i}_p": param,
+            f"sg{i}_g": grad,
         }
     )
     return [
         f"h{i} = sg{i}_h.fn()",
         f"if h{i}.momentum == 0.0 and h{i}.weight_decay == 0.0:",
-        f"    sg{i}_sub(sg{i}_p, sg{i}_mul(sg{i}_g, sg{i}_dt(h{i}.lr), out=sg{i}_t), out=sg{i}_p)",
+        f"    lr{i} = sg{i}_dt(h{i}.lr)",
+        f"    for p, g, t in sg{i}_pieces:",
+        f"        sg{i}_sub(p, sg{i}_mul(g, lr{i}, out=t), out=p)",
         "else:",
         f"    sg{i}_f(sg{i}_p, sg{i}_g, None, h{i}, first_step=False)",
     ]
@@ -514,6 +544,122 @@ def _fuse_cross_entropy(entries: list[_Entry], arrays: list[Any]) -> dict[int, t
 
 
 _PURE = frozenset({"zeros", "ones", "full"})  # calls whose result depends on their params only
+
+
+def _reuse_buffers(
+    rec: _Recorder, fused: dict[int, tuple], keep: set[int]
+) -> tuple[int, list[tuple[int, Any]]]:
+    """Plan the step's intermediates by liveness, in place in ``rec.arrays``: an array the
+    replay makes (with its views) takes the buffer of an earlier one of the same size and
+    dtype whose last reader has run, as the eager step's allocator would. Inputs, outputs
+    (``keep``), constants, external arrays, a segment's result and arrays passed as keyword
+    parameters keep their own. Returns the bytes saved and, for each buffer, the position of
+    its last reader with the buffer (a scratch row for a later call)."""
+    arrays, origin = rec.arrays, rec.origin
+    root = list(range(len(arrays)))  # a view's root: the made array whose memory it shares
+    pinned = set(keep)
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+
+    def find(k: int) -> int:
+        while root[k] != k:
+            k = root[k]
+        return k
+
+    def use(k: int, at: int) -> None:
+        k = find(k)
+        first.setdefault(k, at)
+        last[k] = at
+
+    for at, e in enumerate(rec.entries):
+        if e.kind == "view":  # (grouped with the input whose memory it shares)
+            xp = _xp_of(arrays[e.out[1]])
+            base = next(
+                (
+                    r[1]
+                    for r in e.ins
+                    if r[0] == "a" and xp.may_share_memory(arrays[r[1]], arrays[e.out[1]])
+                ),
+                None,
+            )
+            if base is None or not isinstance(origin[base], str):
+                pinned.add(e.out[1])
+            root[e.out[1]] = find(base) if base is not None else e.out[1]
+        for v in e.params.values():  # (an array in a parameter is bound as it is: keep it)
+            v = getattr(v, "data", v) if isinstance(v, Tensor) else v
+            if _is_array(v) and id(v) in rec.slot:
+                pinned.add(find(rec.slot[id(v)]))
+        if e.kind in ("const", "segment") and e.out is not None:
+            pinned.add(find(e.out[1]))
+        if at in fused:
+            _, slots = fused[at]
+            for k in slots:
+                if origin[k] in ("made", "view"):
+                    use(k, at)
+            continue
+        if e.kind == "segment":  # (its Python may read any array made so far)
+            for k in list(first):
+                last[k] = at
+            continue
+        for r in [*e.ins, e.out]:
+            if r is not None and r[0] == "a" and origin[r[1]] in ("made", "view"):
+                use(r[1], at)
+    for k in keep:
+        pinned.add(find(k))
+    # an array something outside the recording still holds (``p.grad`` of a parameter with
+    # no flat buffer, a module's cache) is read after the replay: keep it too
+    gc.collect()  # (the recording's graph, if a cycle still holds it)
+    bases = collections.Counter(id(b.base) for b in arrays if getattr(b, "base", None) is not None)
+    for k in range(len(arrays)):
+        if origin[k] in ("made", "view") and sys.getrefcount(arrays[k]) > 2 + bases[id(arrays[k])]:
+            pinned.add(find(k))  # (2: the list, the argument)
+    members: dict[int, list[int]] = collections.defaultdict(list)
+    for k in range(len(arrays)):
+        if origin[k] in ("made", "view"):
+            members[find(k)].append(k)
+    free: dict[tuple, list[Any]] = collections.defaultdict(list)
+    ending: list[tuple[int, Any, tuple]] = []  # (last use, buffer, key), of groups using one
+    saved = 0
+    for k in sorted(first, key=first.__getitem__):
+        a = arrays[k]
+        if k in pinned or origin[k] != "made" or not a.flags.c_contiguous:
+            continue
+        # (an elementwise call may write over an input it is that input's last reader)
+        same_call = _in_place_ok(rec.entries[first[k]], first[k], fused, arrays)
+        for end in [x for x in ending if x[0] < first[k] or (same_call and x[0] == first[k])]:
+            ending.remove(end)
+            free[end[2]].append(end[1])
+        key = (type(a), a.dtype, a.size)
+        if free[key]:
+            buffer = free[key].pop()
+            start = _address(a)
+            for m in members[k]:  # the group's arrays, at their offsets in the reused buffer
+                arrays[m] = _view_at(buffer, arrays[m], _address(arrays[m]) - start)
+            saved += a.nbytes
+        else:
+            buffer = a
+        ending.append((last[k], buffer, key))
+    spare = [(last, buffer) for last, buffer, _ in ending]  # (free after their last reader)
+    spare += [(-1, buffer) for buffers in free.values() for buffer in buffers]
+    return saved, spare
+
+
+def _in_place_ok(e: _Entry, at: int, fused: dict[int, tuple], arrays: list[Any]) -> bool:
+    """May this call's result take the buffer of an input it reads last? Yes for an
+    activation's backward (elementwise, its f' made apart) and for any call the replay runs
+    as the backend's method and copies in; not for the NumPy calls writing with ``out=``."""
+    if at in fused or e.kind != "made":
+        return False
+    return e.name == "activation_backward" or _numpy_in_place(e, arrays, {}, at) is None
+
+
+def _view_at(buffer: Any, like: Any, offset: int) -> Any:
+    """An array laid out as ``like`` at byte ``offset`` into ``buffer`` (a contiguous array)."""
+    if isinstance(buffer, np.ndarray):
+        return np.ndarray(like.shape, like.dtype, buffer, offset, like.strides)
+    import cupy
+
+    return cupy.ndarray(like.shape, like.dtype, buffer.data + offset, like.strides)
 
 
 def _segment_runner(e: _Entry, rec: _Recorder) -> Callable[[], None]:
@@ -692,7 +838,8 @@ class CapturedStep:
                 rec._add(t.data, "made")
             owned.append(Tensor._wrap(t.data, t._backend))
         backend = tensors[0]._backend if tensors else None
-        program = _Program(rec, len(buffers), out_spec, backend)
+        keep = [rec.slot[id(t.data)] for t in out_tensors]
+        program = _Program(rec, len(buffers), out_spec, backend, keep)
         if len(self._captures) >= self.max_captures:
             self._captures.popitem(last=False)  # the oldest signature goes (as jit's cache)
         self._captures[key] = _Capture(program, out_spec, owned)
