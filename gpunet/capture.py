@@ -31,6 +31,12 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
   ``bool``, ``float``, ``int``, ``tolist``, printing a tensor) or makes a shape from values
   (boolean-mask indexing) raises ``CaptureError`` naming the op and the user's line.
 
+Before it is generated, the recording's intermediates are planned by liveness: one whose
+last reader has run gives its buffer to a later one of the same size and dtype, so a replay
+holds no more than the eager step's peak. ``capture(step, fold_sgd=True)`` also folds plain
+SGD's update into the GEMMs and sums that make its gradient (``SGD(in_backward=True)``'s
+arithmetic; ``p.grad`` of those parameters then reads NaN).
+
 On the CPU the replay is a generated straight-line function over the recorded calls (a
 launch list). On CuPy it is the same list of launches; a CUDA graph needs every call to be
 capturable, which CuPy's cuBLAS wrappers are not (they raise under stream capture), nor a
