@@ -8,6 +8,12 @@ update folded into the weight GEMMs). The summary prints each median as a ratio 
 step's. ``test_captured_steps_match`` (not timed) holds the captured steps to the eager one's
 weights, bit for bit.
 
+The medium 784-1024-1024-10 at batch 256 and the large 2048-4096x3-10 at batch 512, plain SGD
+with ``backward(); step()``, eager and captured (with and without ``fold_sgd``: the update
+folded into the weight GEMMs), against the GEMMs-only floor (``gemm_floor``): compare each
+median with the floor's (the large size: three rounds; under ``--benchmark-disable`` a
+sixteenth of its widths, once).
+
 Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE pytest benchmarks/bench_capture.py
 --benchmark-only``.
 """
@@ -21,8 +27,10 @@ import pytest
 
 from gpunet.bench.workloads import (
     MLP_SIZES,
+    gemm_floor,
     gpunet_step,
     gpunet_step_captured,
+    gpunet_step_captured_folded,
     gpunet_step_captured_in_backward,
     gpunet_step_in_backward,
     mlp_state,
@@ -71,3 +79,34 @@ CASES = [
 def test_step(bench: Any, size: str, impl: str) -> None:
     out = bench(IMPLS[impl](_state(size)).step)
     assert np.isfinite(out.numpy() if hasattr(out, "numpy") else np.asarray(out)).all()
+
+
+FLOOR_IMPLS = {
+    "gemm floor": gemm_floor,
+    "gpunet eager": gpunet_step,
+    "gpunet captured": gpunet_step_captured,
+    "gpunet captured, SGD folded": gpunet_step_captured_folded,
+}
+FLOOR_CASES = [
+    pytest.param(
+        size,
+        impl,
+        marks=pytest.mark.benchmark(group=f"{size} step against the GEMM floor"),
+        id=f"{size}-{impl}",
+    )
+    for size in ("medium", "large")
+    for impl in FLOOR_IMPLS
+]
+
+
+@pytest.mark.parametrize("size, impl", FLOOR_CASES)
+def test_step_against_the_gemm_floor(benchmark: Any, size: str, impl: str) -> None:
+    sizes, batch = MLP_SIZES[size]
+    if benchmark.disabled and size == "large":  # (seconds a step: not in make test)
+        sizes, batch = [n // 16 for n in sizes[:-1]] + [sizes[-1]], batch // 16
+    work = FLOOR_IMPLS[impl](mlp_state(sizes, batch))
+    for _ in range(3):  # a captured step's first two calls record it
+        work.step()
+    benchmark.pedantic(work.step, rounds=3 if size == "large" else 20, warmup_rounds=0)
+    if impl != "gemm floor":
+        assert all(np.isfinite(w).all() for w in work.weights())  # type: ignore[misc]

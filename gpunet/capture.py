@@ -31,6 +31,12 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
   ``bool``, ``float``, ``int``, ``tolist``, printing a tensor) or makes a shape from values
   (boolean-mask indexing) raises ``CaptureError`` naming the op and the user's line.
 
+Before it is generated, the recording's intermediates are planned by liveness: one whose
+last reader has run gives its buffer to a later one of the same size and dtype, so a replay
+holds no more than the eager step's peak. ``capture(step, fold_sgd=True)`` also folds plain
+SGD's update into the GEMMs and sums that make its gradient (``SGD(in_backward=True)``'s
+arithmetic; ``p.grad`` of those parameters then reads NaN).
+
 On the CPU the replay is a generated straight-line function over the recorded calls (a
 launch list). On CuPy it is the same list of launches; a CUDA graph needs every call to be
 capturable, which CuPy's cuBLAS wrappers are not (they raise under stream capture), nor a
@@ -42,6 +48,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -259,17 +267,53 @@ def _show(key: Any) -> str:
 class _Program:
     """The second recording as one generated Python function: a launch list."""
 
-    def __init__(self, rec: _Recorder, n_inputs: int, outputs: Any, backend: Any) -> None:
+    def __init__(
+        self,
+        rec: _Recorder,
+        n_inputs: int,
+        outputs: Any,
+        backend: Any,
+        keep: Sequence[int] = (),
+        fold_sgd: bool = False,
+    ) -> None:
         self.rec = rec
         self.backend = backend
         self.n_inputs = n_inputs
         self.inputs = rec.arrays[:n_inputs]
         self.outputs = outputs
+        written = {e.ins[0][1] for e in rec.entries if e.kind == "into" and e.ins[0][0] == "a"}
+        for e in rec.entries:
+            if e.name in _PURE and e.out[1] not in written and all(r[0] == "c" for r in e.ins):
+                e.kind = "const"  # zeros, ones, a fill that nothing writes: made once
+        self.fused = _fuse_cross_entropy(rec.entries, rec.arrays)
         self.counts = collections.Counter(e.kind for e in rec.entries)
         self.on_gpu = any(not isinstance(a, np.ndarray) for a in rec.arrays)
-        self.replay = self._generate()
+        # (the step's outputs outlive a replay: never shared)
+        self.reused, self.spare = _reuse_buffers(rec, self.fused, set(keep))
+        self.replay, self.source = self._generate(rec.entries)
+        folds, self.hypers = _fold_sgd(rec, set(keep)) if fold_sgd else ({}, [])
+        self.folded = sum(e.kind == "into" for e in folds.values())  # GEMMs and sums folded
+        self.folded_entries = [folds.get(i, e) for i, e in enumerate(rec.entries)]
+        if folds:
+            plain = self.replay
+            folded, self.source = self._generate(self.folded_entries)
 
-    def _generate(self) -> Callable[..., None]:
+            def replay(xs: list[Any]) -> None:
+                (folded if self.may_fold() else plain)(xs)
+
+            self.replay = replay
+
+    def may_fold(self) -> bool:
+        """Is every folded SGD group still plain (no momentum, no weight decay set since)?
+        If not, a replay runs the recorded update, unfolded."""
+        for h in self.hypers:
+            now = h.fn()
+            if now.momentum != 0.0 or now.weight_decay != 0.0:
+                return False
+        return bool(self.hypers)
+
+    def _generate(self, entries: list[_Entry]) -> tuple[Callable[..., None], str]:
+        """The replay function of ``entries`` and its source."""
         rec = self.rec
         env: dict[str, Any] = {}
         lines = ["def replay(xs):"]
@@ -285,9 +329,8 @@ class _Program:
             env[f"c{i}_{j}"] = r[1]
             return f"c{i}_{j}"
 
-        written = {e.ins[0][1] for e in rec.entries if e.kind == "into" and e.ins[0][0] == "a"}
-        fused = _fuse_cross_entropy(rec.entries, rec.arrays)
-        for i, e in enumerate(rec.entries):
+        fused = self.fused
+        for i, e in enumerate(entries):
             if i in fused:
                 first, out = fused[i]
                 if first is None:
@@ -296,19 +339,16 @@ class _Program:
                 for k, a in enumerate(out):
                     env[f"ce{i}_{k}"] = rec.arrays[a]
                     names.append(f"ce{i}_{k}")
-                env[f"cef{i}"], env[f"cer{i}"] = first, rec.entries[i].params["reduction"]
+                env[f"cef{i}"], env[f"cer{i}"] = first, entries[i].params["reduction"]
                 lines.append(f"    cef{i}({', '.join(names)}, reduction=cer{i})")
                 continue
-            if e.kind == "view":
-                continue  # the recorded view of a buffer that never moves
-            if e.name in _PURE and e.out[1] not in written and all(r[0] == "c" for r in e.ins):
-                e.kind = "const"  # zeros, ones, a fill that nothing writes: made once
-                continue
+            if e.kind in ("view", "const", "folded"):
+                continue  # a view of a buffer that never moves; a constant; a folded update
             if e.kind == "segment":
                 env[f"s{i}"] = _segment_runner(e, rec)
                 lines.append(f"    s{i}()")
                 continue
-            fast = _numpy_in_place(e, rec.arrays, env, i)
+            fast = _numpy_in_place(e, rec.arrays, env, i, self.spare)
             if fast is not None:  # the same NumPy calls, writing the capture's buffer
                 lines += [f"    {line}" for line in fast]
                 continue
@@ -330,12 +370,11 @@ class _Program:
         if len(lines) == 1:
             lines.append("    pass")
         exec(compile("\n".join(lines), "<gpunet.capture replay>", "exec"), env)
-        self.source = "\n".join(lines)
-        return env["replay"]
+        return env["replay"], "\n".join(lines)
 
     def graph_blockers(self) -> list[str]:
         """What keeps this recording from replaying as one CUDA graph."""
-        live = [e for e in self.rec.entries if e.kind not in ("view", "const")]
+        live = [e for e in self.rec.entries if e.kind not in ("view", "const", "folded")]
         gemms = sum(
             e.kind != "segment" and ("matmul" in e.name or "linear" in e.name) for e in live
         )
@@ -356,7 +395,9 @@ class _Program:
         arrays = self.rec.arrays
         for k in range(self.n_inputs):
             _xp_of(arrays[k]).copyto(arrays[k], xs[k])
-        for e in self.rec.entries:
+        for e in self.folded_entries if self.may_fold() else self.rec.entries:
+            if e.kind == "folded":
+                continue
             if e.kind == "segment":
                 _segment_runner(e, self.rec)()
                 continue
@@ -373,7 +414,9 @@ class _Program:
             autodiff.observe(e.name, ins[1:] if writes else ins, params, out)
 
 
-def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> list[str] | None:
+def _numpy_in_place(
+    e: _Entry, arrays: list[Any], env: dict[str, Any], i: int, spare: Sequence[tuple] = ()
+) -> list[str] | None:
     """Lines that make the NumPy calls the backend method ``e.fn`` makes, writing straight
     into the recorded output (no temporary, no copy, no Python frame of the backend's), for
     the hot methods of a training step; None for any other call. Inputs are the capture's
@@ -387,7 +430,7 @@ def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -
         return None
     p = e.params
     if e.fn.__name__ == "sgd_update":
-        return _plain_sgd(e, arrays, env, i)
+        return _plain_sgd(e, arrays, env, i, spare)
     if any(isinstance(v, _CHANGING) for v in p.values()) or any(r[0] != "a" for r in e.ins):
         return None
     ins = [arrays[r[1]] for r in e.ins]
@@ -424,17 +467,27 @@ def _numpy_in_place(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -
             lines.append(f"{name(np.maximum, 'max')}({o}, 0, out={o})")
         return lines
     if method == "activation_backward" and "out" not in p:
+        if p["name"] == "relu" and not np.may_share_memory(out, ins[0]):
+            # f' = (s > 0) written into out (which may be s itself), then g multiplied in:
+            # the backend's expression, with no f'-sized temporary (1.6x at 256 x 1024)
+            gt, mul = name(np.greater, "gt"), name(np.multiply, "mul")
+            g, saved = name(ins[0], "g"), name(ins[1], "s")
+            return [f"{mul}({gt}({saved}, 0, out={o}), {g}, out={o})"]
         env[f"f{i}"] = e.fn
         keywords = "".join(f", {k}={name(v, k)}" for k, v in p.items())
         return [f"f{i}({name(ins[0], 'g')}, {name(ins[1], 's')}{keywords}, out={o})"]
     return None
 
 
-def _plain_sgd(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> list[str] | None:
+def _plain_sgd(
+    e: _Entry, arrays: list[Any], env: dict[str, Any], i: int, spare: Sequence[tuple] = ()
+) -> list[str] | None:
     """NumPy's ``sgd_update`` with no momentum and no weight decay, p -= lr g, as its two
     ufunc calls (the backend's: g * lr in the state's precision into a scratch row, then
     subtracted) for the lr of the moment; the backend's method when the group has momentum
-    or decay by then. Only for a float32/float64 flat range without a momentum buffer."""
+    or decay by then. Only for a float32/float64 flat range without a momentum buffer. Its
+    scratch row is the largest intermediate's buffer free by then (``spare``: (last reader,
+    buffer) pairs), else a new one."""
     hyper, first = e.params.get("hyper"), e.params.get("first_step", False)
     if (
         len(e.ins) != 3
@@ -452,22 +505,39 @@ def _plain_sgd(e: _Entry, arrays: list[Any], env: dict[str, Any], i: int) -> lis
         or not isinstance(param, np.ndarray)
     ):
         return None
+    from .backend.numpy_fused import CHUNK
+
+    # the backend's pieces: cache-sized rows of a long flat buffer through one scratch row
+    # (a parameter-sized scratch would hold as much again as the parameters)
+    free = [b for last, b in spare if last < i and b.dtype == param.dtype and b.size >= 4096]
+    row = max(free, key=lambda b: b.size).reshape(-1)[:CHUNK] if free else None
+    contiguous = param.flags.c_contiguous and grad.flags.c_contiguous
+    if not contiguous or (param.size < 2 * CHUNK and (row is None or row.size < param.size)):
+        pieces = [(param, grad, np.empty_like(param))]
+    else:
+        row = np.empty(CHUNK, param.dtype) if row is None else row
+        p, g, n = param.reshape(-1), grad.reshape(-1), row.size
+        pieces = [
+            (p[k : k + n], g[k : k + n], row[: min(n, p.size - k)]) for k in range(0, p.size, n)
+        ]
     env.update(
         {
             f"sg{i}_h": hyper,
-            f"sg{i}_p": param,
-            f"sg{i}_g": grad,
-            f"sg{i}_t": np.empty_like(param),
+            f"sg{i}_pieces": pieces,
             f"sg{i}_dt": param.dtype.type,
             f"sg{i}_mul": np.multiply,
             f"sg{i}_sub": np.subtract,
             f"sg{i}_f": e.fn,
+            f"sg{i}_p": param,
+            f"sg{i}_g": grad,
         }
     )
     return [
         f"h{i} = sg{i}_h.fn()",
         f"if h{i}.momentum == 0.0 and h{i}.weight_decay == 0.0:",
-        f"    sg{i}_sub(sg{i}_p, sg{i}_mul(sg{i}_g, sg{i}_dt(h{i}.lr), out=sg{i}_t), out=sg{i}_p)",
+        f"    lr{i} = sg{i}_dt(h{i}.lr)",
+        f"    for p, g, t in sg{i}_pieces:",
+        f"        sg{i}_sub(p, sg{i}_mul(g, lr{i}, out=t), out=p)",
         "else:",
         f"    sg{i}_f(sg{i}_p, sg{i}_g, None, h{i}, first_step=False)",
     ]
@@ -514,6 +584,227 @@ def _fuse_cross_entropy(entries: list[_Entry], arrays: list[Any]) -> dict[int, t
 
 
 _PURE = frozenset({"zeros", "ones", "full"})  # calls whose result depends on their params only
+
+
+def _reuse_buffers(
+    rec: _Recorder, fused: dict[int, tuple], keep: set[int]
+) -> tuple[int, list[tuple[int, Any]]]:
+    """Plan the step's intermediates by liveness, in place in ``rec.arrays``: an array the
+    replay makes (with its views) takes the buffer of an earlier one of the same size and
+    dtype whose last reader has run, as the eager step's allocator would. Inputs, outputs
+    (``keep``), constants, external arrays, a segment's result and arrays passed as keyword
+    parameters keep their own. Returns the bytes saved and, for each buffer, the position of
+    its last reader with the buffer (a scratch row for a later call)."""
+    arrays, origin = rec.arrays, rec.origin
+    root = list(range(len(arrays)))  # a view's root: the made array whose memory it shares
+    pinned = set(keep)
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+
+    def find(k: int) -> int:
+        while root[k] != k:
+            k = root[k]
+        return k
+
+    def use(k: int, at: int) -> None:
+        k = find(k)
+        first.setdefault(k, at)
+        last[k] = at
+
+    for at, e in enumerate(rec.entries):
+        if e.kind == "view":  # (grouped with the input whose memory it shares)
+            xp = _xp_of(arrays[e.out[1]])
+            base = next(
+                (
+                    r[1]
+                    for r in e.ins
+                    if r[0] == "a" and xp.may_share_memory(arrays[r[1]], arrays[e.out[1]])
+                ),
+                None,
+            )
+            if base is None or not isinstance(origin[base], str):
+                pinned.add(e.out[1])
+            root[e.out[1]] = find(base) if base is not None else e.out[1]
+        for v in e.params.values():  # (an array in a parameter is bound as it is: keep it)
+            v = getattr(v, "data", v) if isinstance(v, Tensor) else v
+            if _is_array(v) and id(v) in rec.slot:
+                pinned.add(find(rec.slot[id(v)]))
+        if e.kind in ("const", "segment") and e.out is not None:
+            pinned.add(find(e.out[1]))
+        if at in fused:
+            _, slots = fused[at]
+            for k in slots:
+                if origin[k] in ("made", "view"):
+                    use(k, at)
+            continue
+        if e.kind == "segment":  # (its Python may read any array made so far)
+            for k in list(first):
+                last[k] = at
+            continue
+        for r in [*e.ins, e.out]:
+            if r is not None and r[0] == "a" and origin[r[1]] in ("made", "view"):
+                use(r[1], at)
+    for k in keep:
+        pinned.add(find(k))
+    # an array something outside the recording still holds (``p.grad`` of a parameter with
+    # no flat buffer, a module's cache) is read after the replay: keep it too
+    gc.collect()  # (the recording's graph, if a cycle still holds it)
+    bases = collections.Counter(id(b.base) for b in arrays if getattr(b, "base", None) is not None)
+    for k in range(len(arrays)):
+        if origin[k] in ("made", "view") and sys.getrefcount(arrays[k]) > 2 + bases[id(arrays[k])]:
+            pinned.add(find(k))  # (2: the list, the argument)
+    members: dict[int, list[int]] = collections.defaultdict(list)
+    for k in range(len(arrays)):
+        if origin[k] in ("made", "view"):
+            members[find(k)].append(k)
+    free: dict[tuple, list[Any]] = collections.defaultdict(list)
+    ending: list[tuple[int, Any, tuple]] = []  # (last use, buffer, key), of groups using one
+    buffer_of: dict[int, Any] = {}
+    saved = 0
+    for k in sorted(first, key=first.__getitem__):
+        a = arrays[k]
+        if k in pinned or origin[k] != "made" or not a.flags.c_contiguous:
+            continue
+        # (an elementwise call may write over an input it is that input's last reader)
+        same_call = _in_place_ok(rec.entries[first[k]], first[k], fused, arrays)
+        for end in [x for x in ending if x[0] < first[k] or (same_call and x[0] == first[k])]:
+            ending.remove(end)
+            free[end[2]].append(end[1])
+        key = (type(a), a.dtype, a.size)
+        e = rec.entries[first[k]]
+        if _relu_backward(e) and e.ins[1][0] == "a":  # (its fast form writes f' over s, not g)
+            prefer = buffer_of.get(find(e.ins[1][1]))
+            if any(b is prefer for b in free[key]):
+                free[key] = [b for b in free[key] if b is not prefer] + [prefer]
+        if free[key]:
+            buffer = free[key].pop()
+            start = _address(a)
+            for m in members[k]:  # the group's arrays, at their offsets in the reused buffer
+                arrays[m] = _view_at(buffer, arrays[m], _address(arrays[m]) - start)
+            saved += a.nbytes
+        else:
+            buffer = a
+        buffer_of[k] = buffer
+        ending.append((last[k], buffer, key))
+    spare = [(last, buffer) for last, buffer, _ in ending]  # (free after their last reader)
+    spare += [(-1, buffer) for buffers in free.values() for buffer in buffers]
+    return saved, spare
+
+
+def _in_place_ok(e: _Entry, at: int, fused: dict[int, tuple], arrays: list[Any]) -> bool:
+    """May this call's result take the buffer of an input it reads last? Yes for an
+    activation's backward (elementwise, its f' made apart) and for any call the replay runs
+    as the backend's method and copies in; not for the NumPy calls writing with ``out=``."""
+    if at in fused or e.kind != "made":
+        return False
+    return e.name == "activation_backward" or _numpy_in_place(e, arrays, {}, at) is None
+
+
+def _fold_sgd(rec: _Recorder, keep: set[int]) -> tuple[dict[int, _Entry], list[Any]]:
+    """Plain SGD folded into the GEMMs and sums that write its gradient: each one that writes
+    a range of the flat gradient G (alpha 1, beta 0) writes instead the parameter's range of
+    the flat P, W <- W - lr op(X) op(Y) (BLAS's alpha = -lr, beta = 1), at its place in the
+    sweep, as ``SGD(in_backward=True)`` does eagerly; the update itself goes. Only where
+    nothing else reads G (no segment before the update, no output over it), the writes cover
+    G once, and nothing reads a parameter's range between its write and the update. Returns
+    {entry index: its replacement} and the hyperparameters of the groups folded."""
+    arrays, entries = rec.arrays, rec.entries
+    folds: dict[int, _Entry] = {}
+    hypers = []
+    for at, e in enumerate(entries):
+        hyper = e.params.get("hyper")
+        if (
+            e.name != "sgd_update"
+            or e.kind != "into"
+            or len(e.ins) != 3
+            or e.ins[2] != ("c", None)
+            or any(r[0] != "a" for r in e.ins[:2])
+            or not isinstance(hyper, autodiff.Dynamic)
+        ):
+            continue
+        flat_p, flat_g = arrays[e.ins[0][1]], arrays[e.ins[1][1]]
+        xp = _xp_of(flat_g)
+        if not (
+            flat_p.flags.c_contiguous
+            and flat_g.flags.c_contiguous
+            and flat_p.shape == flat_g.shape
+            and flat_p.dtype == flat_g.dtype
+            and flat_p.dtype.char in "fd"
+        ):
+            continue
+        over_g = [
+            j
+            for j, x in enumerate(entries)
+            if j != at
+            and any(r[0] == "a" and xp.may_share_memory(arrays[r[1]], flat_g) for r in x.ins)
+        ]
+        writes = {}  # offset in G -> (entry index, size)
+        for j in over_g:
+            w = entries[j]
+            target = arrays[w.ins[0][1]] if w.ins[0][0] == "a" else None
+            reads_g = any(
+                r[0] == "a" and xp.may_share_memory(arrays[r[1]], flat_g) for r in w.ins[1:]
+            )
+            if (
+                j > at
+                or w.kind != "into"
+                or w.name not in ("matmul", "sum")
+                or reads_g
+                or target is None
+                or not target.flags.c_contiguous
+                or isinstance(w.params.get("alpha"), _CHANGING)
+                or isinstance(w.params.get("beta"), _CHANGING)
+                or w.params.get("alpha", 1.0) != 1.0
+                or w.params.get("beta", 0.0) != 0.0
+            ):
+                writes = None
+                break
+            writes[(_address(target) - _address(flat_g)) // flat_g.itemsize] = (j, target.size)
+        covered = 0
+        for offset in sorted(writes or {}):
+            covered = covered + writes[offset][1] if offset == covered else -1
+        segment_before = any(x.kind == "segment" for x in entries[:at])
+        outputs = any(xp.may_share_memory(arrays[k], flat_g) for k in keep)
+        if not writes or covered != flat_g.size or segment_before or outputs:
+            continue
+        p_flat = flat_p.reshape(-1)
+        alpha = autodiff.Live(-float(hyper.fn().lr), lambda h=hyper: -float(h.fn().lr))
+        replaced = {}
+        for offset, (j, size) in writes.items():
+            w = entries[j]
+            param = p_flat[offset : offset + size].reshape(arrays[w.ins[0][1]].shape)
+            if any(  # (read or written before the update: its value would be the new one)
+                r[0] == "a" and xp.may_share_memory(arrays[r[1]], param)
+                for x in entries[j + 1 : at]
+                for r in x.ins
+            ):
+                replaced = None
+                break
+            slot = rec._add(param, ("external", _describe(param)))
+            step = _Entry("into", w.name, w.fn, [("a", slot), *w.ins[1:]], dict(w.params), None)
+            step.params.update(alpha=alpha, beta=1.0)
+            step.site = w.site
+            replaced[j] = step
+        if not replaced:
+            continue
+        folds.update(replaced)
+        folds[at] = _Entry("folded", e.name, e.fn, e.ins, e.params, None)
+        hypers.append(hyper)
+        flat_g[...] = np.nan  # (``p.grad`` is not written by a folded replay: loud if read)
+    return folds, hypers
+
+
+def _relu_backward(e: _Entry) -> bool:
+    return e.name == "activation_backward" and e.params.get("name") == "relu" and e.kind == "made"
+
+
+def _view_at(buffer: Any, like: Any, offset: int) -> Any:
+    """An array laid out as ``like`` at byte ``offset`` into ``buffer`` (a contiguous array)."""
+    if isinstance(buffer, np.ndarray):
+        return np.ndarray(like.shape, like.dtype, buffer, offset, like.strides)
+    import cupy
+
+    return cupy.ndarray(like.shape, like.dtype, buffer.data + offset, like.strides)
 
 
 def _segment_runner(e: _Entry, rec: _Recorder) -> Callable[[], None]:
@@ -577,6 +868,7 @@ class CapturedStep:
         *,
         on_new_signature: str = "recapture",
         max_captures: int = 8,
+        fold_sgd: bool = False,
     ) -> None:
         if on_new_signature not in ("recapture", "raise"):
             raise ValueError(
@@ -589,6 +881,7 @@ class CapturedStep:
         self.fn = fn
         self.on_new_signature = on_new_signature
         self.max_captures = max_captures
+        self.fold_sgd = fold_sgd
         self._captures: collections.OrderedDict[tuple, _Capture] = collections.OrderedDict()
         self._pending: dict[tuple, tuple[_Recorder, list[Any], int]] = {}  # first recordings
         self.calls = 0
@@ -692,7 +985,8 @@ class CapturedStep:
                 rec._add(t.data, "made")
             owned.append(Tensor._wrap(t.data, t._backend))
         backend = tensors[0]._backend if tensors else None
-        program = _Program(rec, len(buffers), out_spec, backend)
+        keep = [rec.slot[id(t.data)] for t in out_tensors]
+        program = _Program(rec, len(buffers), out_spec, backend, keep, self.fold_sgd)
         if len(self._captures) >= self.max_captures:
             self._captures.popitem(last=False)  # the oldest signature goes (as jit's cache)
         self._captures[key] = _Capture(program, out_spec, owned)
@@ -709,6 +1003,8 @@ class CapturedStep:
                 how = "a launch list (CUDA graph blockers: " + ", ".join(blockers) + ")"
             else:
                 how = f"a launch list ({graph_support(None)[1]})"
+            if prog.folded:
+                how += f", plain SGD folded into {prog.folded} GEMMs and sums"
             parts.append(f"{_show_key(key)}: {calls} calls, replayed as {how}")
         body = "; ".join(parts) if parts else "not captured yet (the first two calls record)"
         return f"<captured step {self.name}: {body}>"
@@ -728,12 +1024,15 @@ def capture(
     *,
     on_new_signature: str = "recapture",
     max_captures: int = 8,
+    fold_sgd: bool = False,
 ) -> Any:
     """Record ``fn`` (a training step) on its first two calls per input signature, replay it
     after: ``step = gpunet.capture(step)`` or ``@gpunet.capture``. ``on_new_signature``:
-    'recapture' (record again, keeping up to ``max_captures`` signatures) or 'raise'."""
+    'recapture' (record again, keeping up to ``max_captures`` signatures) or 'raise'.
+    ``fold_sgd``: plain SGD's update folded into the GEMMs and sums that make its gradient,
+    W <- W - lr X^T G as one GEMM (the rounding of ``SGD(in_backward=True)``, not of
+    ``step()``); ``p.grad`` of those parameters is then not written (it reads NaN)."""
+    options = dict(on_new_signature=on_new_signature, max_captures=max_captures, fold_sgd=fold_sgd)
     if fn is None:
-        return functools.partial(
-            capture, on_new_signature=on_new_signature, max_captures=max_captures
-        )
-    return CapturedStep(fn, on_new_signature=on_new_signature, max_captures=max_captures)
+        return functools.partial(capture, **options)
+    return CapturedStep(fn, **options)

@@ -33,6 +33,7 @@ from .formatting import seconds
 from .formatting import table as text_table
 from .roofline import (
     DEFAULT_LAUNCH_OVERHEAD_US,
+    GRAPH_NODE_OVERHEAD_US,
     LINKS,
     GPUSpec,
     OpTime,
@@ -191,6 +192,13 @@ class Estimate:
     unfused_launches: int
     unfused_total_s: float
     rows: list[PrimitiveTime]
+    graph_node_us: float = GRAPH_NODE_OVERHEAD_US
+
+    @property
+    def graph_s(self) -> float:
+        """The same kernels replayed as one CUDA graph (a captured step): each launch priced
+        as a graph node, ``graph_node_us`` instead of ``launch_overhead_us``."""
+        return self.total_s - self.launch_s + self.launches * self.graph_node_us * 1e-6
 
     @property
     def launch_share(self) -> float:
@@ -215,6 +223,8 @@ class Estimate:
             f"{seconds(self.compute_s)}, bytes at bandwidth {seconds(self.memory_s)}), launches "
             f"{self.launches} x {self.launch_overhead_us:g} us = {seconds(self.launch_s)} "
             f"({self.launch_share:.0%} of the step)",
+            f"  captured, as one CUDA graph ({self.graph_node_us:g} us per node): "
+            f"{seconds(self.graph_s)}",
             f"  as gpunet's CuPy backend runs it today: {self.cupy_launches} launches, "
             f"{seconds(self.cupy_total_s)}",
             f"  unfused: {self.unfused_launches} launches, {seconds(self.unfused_total_s)} "
@@ -405,6 +415,7 @@ class StepRow:
     params: int
     summary: Summary
     estimate: Estimate
+    captured: Estimate  # the same step captured (``gpunet.capture``), profiled at a replay
 
     @property
     def label(self) -> str:
@@ -417,10 +428,12 @@ def profile_mlp_step(
     activation: str = "relu",
     optimizer: str = "sgd",
     dtype: Any = None,
+    capture: bool = False,
 ) -> tuple[Profile, int]:
     """Profile one steady-state training step (forward, cross-entropy, backward, update;
     SGD with momentum 0.9 or Adam) of ``nn.MLP(sizes)``; returns the profile and the
-    parameter count. One unprofiled step runs first, so buffers exist as in training."""
+    parameter count. One unprofiled step runs first, so buffers exist as in training; with
+    ``capture`` the step is ``gpunet.capture``d and the profile hears a replay's calls."""
     from . import nn, optim, random
     from .creation import tensor
     from .nn import functional as F
@@ -441,6 +454,11 @@ def profile_mlp_step(
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
+    if capture:
+        from .capture import capture as record
+
+        step = record(step)
+        step()  # (the first two calls record it)
     step()
     with profile() as p:
         step()
@@ -466,19 +484,23 @@ def mlp_step_report(
     for sizes, batch in configs:
         p, n = profile_mlp_step(sizes, batch, activation, optimizer)
         est = p.roofline(device, launch_overhead_us, tf32)
-        rows.append(StepRow(tuple(sizes), batch, n, p.summary(), est))
+        replay, _ = profile_mlp_step(sizes, batch, activation, optimizer, capture=True)
+        captured = replay.roofline(device, launch_overhead_us, tf32)
+        rows.append(StepRow(tuple(sizes), batch, n, p.summary(), est, captured))
     return rows
 
 
 def format_report(rows: Sequence[StepRow]) -> str:
     """The rows of ``mlp_step_report`` as a Markdown table: launches and modelled step time
-    fused (every card's kernel), as gpunet's CuPy backend runs it today, and unfused."""
+    fused (every card's kernel), as gpunet's CuPy backend runs it today, and unfused; and the
+    step captured, its replay's launches priced as the nodes of one CUDA graph."""
     head = [
         "MLP, batch",
         "GFLOP",
         "MB moved",
         "launches: fused / CuPy today / unfused",
         "modelled step: fused / CuPy today / unfused",
+        "captured as a CUDA graph: launches, step",
         "launch share (fused)",
         "fusion saves",
     ]
@@ -492,6 +514,7 @@ def format_report(rows: Sequence[StepRow]) -> str:
                 _num(s.bytes / 1e6),
                 f"{e.launches} / {e.cupy_launches} / {e.unfused_launches}",
                 f"{seconds(e.total_s)} / {seconds(e.cupy_total_s)} / {seconds(e.unfused_total_s)}",
+                f"{r.captured.launches}, {seconds(r.captured.graph_s)}",
                 f"{e.launch_share:.1%}",
                 f"{seconds(e.fusion_saving_s)} ({e.fusion_speedup:.2f}x)",
             ]

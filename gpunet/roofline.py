@@ -25,6 +25,11 @@ from .costs import Cost
 # NVIDIA's "Getting Started with CUDA Graphs" blog shows the same order on V100). 5 us is the
 # middle of that range; pass launch_overhead_us to change it (CUDA Graphs bring it near 1 us).
 DEFAULT_LAUNCH_OVERHEAD_US = 5.0
+# One kernel node of a CUDA graph replayed with cudaGraphLaunch: the host launches the graph
+# once and the GPU walks its nodes, at about 1 us a node (NVIDIA's "Getting Started with CUDA
+# Graphs" blog; PyTorch's CUDA-graph notes give the same order): what a captured step pays per
+# kernel once it replays as a graph (``gpunet.capture``).
+GRAPH_NODE_OVERHEAD_US = 1.0
 
 
 @dataclass(frozen=True)

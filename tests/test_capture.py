@@ -325,6 +325,153 @@ def test_memory_is_flat_over_1000_replays() -> None:
     assert late - early < 20_000, (early, late)
 
 
+def _replay_peak(work: Any, warm: int) -> float:
+    """Bytes traced (held and transient) at the peak of one step after ``warm`` steps."""
+    tracemalloc.start()
+    try:
+        for _ in range(warm):
+            work.step()
+        tracemalloc.reset_peak()
+        work.step()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_a_replay_peaks_at_or_below_the_eager_step_s_memory(size: str) -> None:
+    """Intermediates share buffers by liveness and SGD's scratch row is a dead one's."""
+    from gpunet.bench.workloads import MLP_SIZES, gpunet_step, gpunet_step_captured, mlp_state
+
+    state = mlp_state(*MLP_SIZES[size])
+    gpunet_step(state).step()  # (imports and caches, outside the measure)
+    gc.collect()
+    eager = _replay_peak(gpunet_step(state), warm=2)
+    gc.collect()
+    captured = gpunet_step_captured(state)
+    assert _replay_peak(captured, warm=3) <= eager
+    assert captured.step.replays == 2
+    (cap,) = captured.step._captures.values()
+    if size == "medium":  # three of its six (256, 1024) intermediates take a dead one's buffer
+        assert cap.program.reused == 3 * 256 * 1024 * 4
+
+
+def test_shared_buffers_keep_every_output_and_every_array_held_outside() -> None:
+    """A step with no optimizer: the gradients it leaves in ``p.grad`` (arrays the sweep made)
+    and an output that is a view of an intermediate stay right after each replay."""
+
+    def setup() -> tuple[Any, Callable]:
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 16, 16, 5])
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor) -> Any:
+            model.zero_grad()
+            hidden = model[0](x)
+            loss = F.cross_entropy(model[1:](hidden), y)
+            loss.backward()
+            return loss, hidden.detach().reshape(-1)[:20]
+
+        return model, step
+
+    (m1, eager), (m2, step) = setup(), setup()
+    run = gpunet.capture(step)
+    for x, y in _batches():
+        a, b = eager(x, y), run(x, y)
+        for u, v in zip(a, b):
+            assert np.array_equal(u.numpy(), v.numpy())
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert np.array_equal(p.grad.numpy(), q.grad.numpy())
+    (cap,) = run._captures.values()
+    assert cap.program.reused > 0  # (and yet nothing anyone reads was overwritten)
+
+
+def _sgd_run(fold: bool, steps: int = STEPS, change_at: int | None = None) -> tuple[Any, list, Any]:
+    """Plain SGD, ``backward(); step()``, captured with ``fold_sgd`` (or eagerly, with the
+    folded replays' rounding: SGD in backward from the 3rd step, the first two being the
+    recordings); at ``change_at`` the group gets weight decay (no longer foldable)."""
+    gpunet.manual_seed(0)
+    model = nn.MLP([12, 16, 16, 5])
+    opt = optim.SGD(model.parameters(), lr=0.1)
+
+    def step(x: gpunet.Tensor, y: gpunet.Tensor) -> Any:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    run = gpunet.capture(step, fold_sgd=True) if fold else step
+    losses = []
+    for i, (x, y) in enumerate(_batches(steps)):
+        if not fold and i == 2:  # the eager twin of a folded replay
+            opt = optim.SGD(model.parameters(), lr=0.1, in_backward=True)
+        if i == change_at:
+            if not fold:  # (the twin's update goes back to step())
+                opt = optim.SGD(model.parameters(), lr=0.1)
+            opt.param_groups[0]["weight_decay"] = 0.05
+        losses.append(run(x, y).numpy().copy())
+    return run, [losses, [p.numpy().copy() for p in model.parameters()]], model
+
+
+def test_folded_sgd_replays_equal_eager_sgd_in_backward_bit_for_bit() -> None:
+    run, folded, model = _sgd_run(fold=True)
+    _, eager, _ = _sgd_run(fold=False)
+    for a, b in zip(folded[0], eager[0]):
+        assert np.array_equal(a, b)
+    for u, v in zip(folded[1], eager[1]):
+        assert np.array_equal(u, v)
+    (cap,) = run._captures.values()
+    assert cap.program.folded == 6  # 3 weight GEMMs, 3 bias sums
+    assert "plain SGD folded into 6 GEMMs and sums" in repr(run)
+    assert "sgd_update" not in cap.program.source
+    # the gradients are not written by a folded replay: p.grad reads NaN, not stale values
+    assert all(np.isnan(p.grad.numpy()).all() for p in model.parameters())
+    _, _, step = _setup("sgd")
+    unfolded_twin = gpunet.capture(step)  # (without fold_sgd: the recorded update, as before)
+    for x, y in _batches()[:3]:
+        unfolded_twin(x, y)
+    assert next(iter(unfolded_twin._captures.values())).program.folded == 0
+
+
+def test_a_folded_step_whose_group_gets_weight_decay_runs_the_update_unfolded() -> None:
+    run, folded, _ = _sgd_run(fold=True, change_at=4)
+    _, eager, _ = _sgd_run(fold=False, change_at=4)
+    for u, v in zip(folded[1], eager[1]):
+        assert np.array_equal(u, v)
+    (cap,) = run._captures.values()
+    assert cap.program.folded and not cap.program.may_fold()
+
+
+def test_sgd_is_not_folded_where_the_step_reads_its_gradients() -> None:
+    gpunet.manual_seed(0)
+    model = nn.MLP([12, 16, 5])
+    opt = optim.SGD(model.parameters(), lr=0.1)
+
+    def step(x: gpunet.Tensor, y: gpunet.Tensor) -> Any:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        norm = optim.clip_grad_norm_(model.parameters(), 1.0)  # (a segment reading p.grad)
+        opt.step()
+        return loss, norm
+
+    run = gpunet.capture(step, fold_sgd=True)
+    for x, y in _batches()[:3]:
+        run(x, y)
+    (cap,) = run._captures.values()
+    assert cap.program.folded == 0 and "SGD folded" not in repr(run)
+    assert all(np.isfinite(p.grad.numpy()).all() for p in model.parameters())
+
+
+def test_profile_hears_a_folded_replay_s_calls() -> None:
+    run, _, _ = _sgd_run(fold=True, steps=3)
+    x, y = _batches(1)[0]
+    with gpunet.profile() as prof:
+        run(x, y)
+    names = [r.name for r in prof.records]
+    assert "sgd_update" not in names and names.count("matmul") == 5  # 3 dW (folded), 2 dX
+
+
 # ---------------------------------------------------------------------- where users meet it
 def _fit(capture: bool, dropout: float = 0.2) -> tuple[Any, list]:
     from gpunet.data import DataLoader, Dataset

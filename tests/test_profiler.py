@@ -13,6 +13,7 @@ import gpunet
 from gpunet import costs, optim
 from gpunet import primitives as P
 from gpunet.costs import Cost, chain
+from gpunet.formatting import seconds
 from gpunet.profiler import OpRecord, Profile, format_report, mlp_step_report, profile_mlp_step
 from gpunet.roofline import DEFAULT_LAUNCH_OVERHEAD_US, GPUS, GPUSpec
 
@@ -253,6 +254,21 @@ def test_fusion_saves_launches_and_bytes_in_an_mlp_step() -> None:
     table = format_report([small, large]).splitlines()
     assert len(table) == 4 and table[2].startswith("| 64-32-10, batch 32 |")
     assert f"{small.estimate.launches} / {small.estimate.cupy_launches} /" in table[2]
+
+
+def test_a_captured_step_is_counted_at_its_replay_and_priced_as_a_cuda_graph() -> None:
+    small, large = mlp_step_report([((64, 32, 10), 32), ((784, 1024, 1024, 10), 256)])
+    for row in (small, large):
+        e, c = row.estimate, row.captured
+        assert c.launches == e.launches  # a replay makes the eager step's calls
+        assert c.graph_s == pytest.approx(c.total_s - c.launch_s + c.launches * 1e-6)
+        assert c.graph_s < e.total_s
+    # the tiny step is all launches: a graph node at 1 us against a launch at 5 us
+    assert small.estimate.total_s / small.captured.graph_s > 4.5
+    assert large.estimate.total_s / large.captured.graph_s < 3.0  # (its GEMMs stay)
+    row = format_report([small]).splitlines()[2]
+    assert f"| {small.captured.launches}, {seconds(small.captured.graph_s)} |" in row
+    assert "captured, as one CUDA graph (1 us per node)" in str(small.captured)
 
 
 def test_table_lists_every_primitive_once() -> None:

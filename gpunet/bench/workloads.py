@@ -218,10 +218,12 @@ def gpunet_step(
     lr: float = LR,
     in_backward: bool = False,
     capture: bool = False,
+    fold_sgd: bool = False,
 ) -> Workload:
     """``nn.MLP`` + ``F.cross_entropy`` + ``optim.SGD`` (flat parameter buffer); with
     ``in_backward``, SGD's step taken inside backward (folded into the weight GEMMs); with
-    ``capture``, the step recorded once and replayed (``gpunet.capture``)."""
+    ``capture``, the step recorded once and replayed (``gpunet.capture``), with ``fold_sgd``
+    its update folded into the weight GEMMs."""
     import gpunet
     import gpunet.nn.functional as F
     from gpunet import nn, optim
@@ -247,7 +249,7 @@ def gpunet_step(
         return [p.numpy() for lin in linears for p in (lin.weight, lin.bias)]
 
     if capture:
-        captured = gpunet.capture(step)
+        captured = gpunet.capture(step, fold_sgd=fold_sgd)
         return Workload(captured, weights)
     return Workload(step, weights)
 
@@ -403,6 +405,12 @@ def gpunet_step_captured(s: MlpState, device: str = "cpu", lr: float = LR) -> Wo
 def gpunet_step_captured_in_backward(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
     """``gpunet_step`` captured, with SGD's step folded into the weight GEMMs."""
     return gpunet_step(s, device, lr, in_backward=True, capture=True)
+
+
+def gpunet_step_captured_folded(s: MlpState, device: str = "cpu", lr: float = LR) -> Workload:
+    """``gpunet_step`` captured with ``fold_sgd``: ``backward(); step()`` written as usual,
+    replayed with the update folded into the weight GEMMs (as in backward)."""
+    return gpunet_step(s, device, lr, capture=True, fold_sgd=True)
 
 
 # gpunet's other ways to run the same step, timed beside "gpunet" (the default way)
