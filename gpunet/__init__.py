@@ -32,7 +32,7 @@ from .creation import (
     zeros,
     zeros_like,
 )
-from .dtypes import bool_, float16, float32, float64, int32, int64
+from .dtypes import bfloat16, bool_, float16, float32, float64, int32, int64
 from .ops import (
     abs,
     argmax,
@@ -100,6 +100,7 @@ __all__ = [
     "exp",
     "eye",
     "flatten",
+    "bfloat16",
     "float16",
     "float32",
     "float64",

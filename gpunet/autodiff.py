@@ -469,7 +469,7 @@ def user_site() -> str:
 
 
 def _finite(t: Tensor) -> bool:
-    return t.dtype.kind != "f" or t._backend.all_finite(t.data)
+    return not gpunet.dtypes.is_floating(t.dtype) or t._backend.all_finite(t.data)
 
 
 def _check_forward(prim: Primitive, args: Sequence[Tensor], out: Tensor) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .faults import fault_error
@@ -74,6 +75,8 @@ class CupyBackend(ArrayBackend):
 
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         rng = generator.device_rng(self)
+        if np.dtype(dtype) == ml_dtypes.bfloat16:  # (cuRAND draws float32 or float64 only)
+            return self.random(generator, kind, shape, np.dtype(np.float32)).astype(dtype)
         with self._cuda_device:
             if kind == "normal":
                 return rng.standard_normal(shape, dtype=dtype)

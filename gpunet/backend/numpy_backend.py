@@ -7,8 +7,10 @@ or has a dedicated routine (``np.add.at`` for scatter-add). Inputs are never wri
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from . import blas
@@ -34,9 +36,12 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
 
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         rng = generator.host_rng
+        dt = np.dtype(dtype)
+        if dt == BF16:  # (NumPy's generators draw float32 or float64 only)
+            return self.random(generator, kind, shape, F32).astype(BF16)
         if kind == "normal":
-            return rng.standard_normal(shape, dtype=np.dtype(dtype))
-        return rng.random(shape, dtype=np.dtype(dtype))
+            return rng.standard_normal(shape, dtype=dt)
+        return rng.random(shape, dtype=dt)
 
     def logsumexp(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
         """The generic formula with one temporary, updated in place."""
@@ -184,3 +189,63 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
 
     def copy(self, x: Array) -> Array:
         return x.copy()
+
+
+# ---------------------------------------------------------------------- bfloat16
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F32 = np.dtype(np.float32)
+
+
+def _up(a: Any) -> Any:
+    return a.astype(F32) if type(a) is np.ndarray and a.dtype is BF16 else a
+
+
+def _down(r: Any) -> Any:
+    if type(r) is tuple:
+        return tuple(_down(x) for x in r)
+    if isinstance(r, (np.ndarray, np.float32)) and r.dtype is F32:  # (0-d reductions: scalars)
+        return np.asarray(r).astype(BF16)
+    return r
+
+
+def _through_float32(method: Any, into: bool) -> Any:
+    """``method`` on bfloat16 arrays computed in float32 and rounded once (to nearest even,
+    ml_dtypes' cast): NumPy has no bfloat16 BLAS, and ml_dtypes' own loops round after every
+    ufunc and accumulate sums in bfloat16. Other dtypes pass straight through (one test).
+    ``into``: the method writes its first array, which is rounded back into it at the end."""
+
+    @functools.wraps(method)
+    def run(self: NumpyBackend, first: Any, *rest: Any, **params: Any) -> Any:
+        if first.dtype is not BF16 and not (rest and getattr(rest[0], "dtype", None) is BF16):
+            return method(self, first, *rest, **params)
+        up = [_up(a) for a in rest]
+        if not into:
+            return _down(method(self, _up(first), *up, **params))
+        out = first.astype(F32)  # (beta may read it)
+        result = method(self, out, *up, **params)
+        first[...] = out.astype(BF16)
+        return result
+
+    return run
+
+
+# Every method whose arithmetic is more than one ufunc (or a BLAS call, or a reduction);
+# one-ufunc elementwise methods and data movement run in ml_dtypes' loops, which compute each
+# element in float32 and round once already.
+for _name, _into in [
+    ("matmul", False),
+    ("linear_activation", False),
+    ("sum", False),
+    ("logsumexp", False),
+    ("cross_entropy", False),
+    ("cross_entropy_backward", False),
+    ("scatter_add", False),
+    ("activation", False),
+    ("activation_backward", False),
+    ("erf", False),
+    ("pow", False),
+    ("sum_into", True),
+    ("matmul_into", True),
+    ("axpby_into", True),
+]:
+    setattr(NumpyBackend, _name, _through_float32(getattr(NumpyBackend, _name), _into))
