@@ -7,7 +7,7 @@ devices and random numbers.
 
 __version__ = "0.1.0"
 
-from . import nn, optim, primitives
+from . import backends, nn, optim, primitives
 from .activations import elu, erf, gelu, leaky_relu, silu, softplus
 from .autodiff import (
     detect_anomaly,
@@ -17,6 +17,7 @@ from .autodiff import (
     set_grad_enabled,
 )
 from .backend import Device, default_device, device, get_backend, info, use_device, warmup
+from .backends import get_float32_matmul_precision, set_float32_matmul_precision
 from .capture import CaptureError, capture
 from .checkpoint import load, save
 from .creation import (
@@ -146,6 +147,9 @@ __all__ = [
     "reshape",
     "save",
     "set_grad_enabled",
+    "set_float32_matmul_precision",
+    "get_float32_matmul_precision",
+    "backends",
     "sigmoid",
     "silu",
     "softmax",
