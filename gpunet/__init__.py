@@ -7,8 +7,9 @@ devices and random numbers.
 
 __version__ = "0.1.0"
 
-from . import backends, nn, optim, primitives
+from . import amp, backends, nn, optim, primitives
 from .activations import elu, erf, gelu, leaky_relu, silu, softplus
+from .amp import autocast
 from .autodiff import (
     detect_anomaly,
     enable_grad,
@@ -150,6 +151,8 @@ __all__ = [
     "set_float32_matmul_precision",
     "get_float32_matmul_precision",
     "backends",
+    "amp",
+    "autocast",
     "sigmoid",
     "silu",
     "softmax",

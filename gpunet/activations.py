@@ -36,7 +36,7 @@ def tanh(x: Tensor) -> Tensor:
 def _float_tensor(x: Any, op: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"gpunet.{op}: expected a Tensor, got {type(x).__name__}")
-    if not dtypes.is_floating(x.dtype):
+    if x.dtype.kind != "f" and x.dtype != dtypes.bfloat16:  # (inline: every activation)
         raise TypeError(f"gpunet.{op}: expected a floating tensor, got {x.dtype}")
     return x
 

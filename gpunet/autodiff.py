@@ -39,9 +39,12 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # next op (level > 0); observers listen; forward-mode interpreters exist (jvp_stack non-empty);
 # a reverse sweep is running; and, set by that sweep, nothing will differentiate what its VJP
 # rules compute, so they may call fused, non-differentiable kernels; and a step capture is
-# recording every backend call (``gpunet.capture``)
+# recording every backend call (``gpunet.capture``); an autocast policy applies
+# (``gpunet.autocast``)
 GRAD, ANOMALY, FORWARD, OBSERVE, TANGENTS, BACKWARD, FUSED_VJP = 1, 2, 4, 8, 16, 32, 64
 CAPTURE = _CAPTURE  # (defined beside Tensor, whose host reads test it)
+AUTOCAST = 256
+DETOUR = FORWARD | AUTOCAST  # apply's one test for both (off: the same bytecodes as before)
 
 
 class _State(threading.local):
@@ -55,6 +58,7 @@ class _State(threading.local):
         self.backward_node: Node | None = None  # whose VJP rule is running (anomaly messages)
         self.observers: list[Callable[[str, tuple, dict, Any], None]] = []  # see ``observing``
         self.recorder: Any = None  # the capture recording now (``gpunet.capture``), or None
+        self.autocast: Any = None  # autocast's low-precision dtype while AUTOCAST is set
 
     def _set(self, bit: int, on: bool) -> None:
         self.flags = (self.flags | bit) if on else (self.flags & ~bit)
@@ -148,8 +152,10 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
     op than the general loop; three: nn.Linear's card, 84 bytecodes fewer a call, 3% of the
     tiny nn.MLP step) and nothing is looked up twice."""
     flags = STATE.flags
-    if flags & FORWARD:
-        return STATE.jvp_stack[STATE._level - 1].process(prim, args, params)
+    if flags & DETOUR:
+        if flags & FORWARD:
+            return STATE.jvp_stack[STATE._level - 1].process(prim, args, params)
+        return gpunet.amp.dispatch(prim, args, params)
     x = args[0]
     backend = x._backend
     impl = backend.impls.get(prim.name) or backend.impl(prim.name)

@@ -269,7 +269,7 @@ def mul(x: Any, y: Any) -> Tensor:
 
 def div(x: Any, y: Any) -> Tensor:
     x, y = _operands("div", x, y)
-    if not dtypes.is_floating(x.dtype):  # true division of integers gives floats, as in Python
+    if x.dtype.kind != "f" and x.dtype != dtypes.bfloat16:  # int / int gives floats, as in Python
         x, y = cast(x, dtypes.DEFAULT_FLOAT), cast(y, dtypes.DEFAULT_FLOAT)
     return bind(P.div, x, y)
 
@@ -324,7 +324,7 @@ def cast(x: Tensor, dtype: Any) -> Tensor:
     dt = dtypes.as_dtype(dtype)
     if x.dtype == dt:
         return x
-    if not dtypes.is_floating(dt) or not dtypes.is_floating(x.dtype):
+    if (dt.kind != "f" and dt != dtypes.bfloat16) or not dtypes.is_floating(x.dtype):
         x = stop_gradient(x)
     return bind(P.cast, x, dtype=dt)
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from . import blas
 from .faults import check_labels
 from .generic import Array, ArrayBackend, Axes, Shape
-from .numpy_fused import NumpyFusedOps
+from .numpy_fused import BF16, F32, NumpyFusedOps, through_float32
 
 
 class NumpyBackend(NumpyFusedOps, ArrayBackend):
@@ -45,6 +44,8 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
 
     def logsumexp(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
         """The generic formula with one temporary, updated in place."""
+        if x.dtype is BF16:
+            return through_float32(self.logsumexp, x, axis=axis, keepdims=keepdims)
         m = np.maximum.reduce(x, axis=axis, keepdims=True)
         m[~np.isfinite(m)] = 0
         t = np.subtract(x, m)
@@ -74,11 +75,17 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         return out
 
     def matmul(self, x: Array, y: Array, *, tx: bool, ty: bool) -> Array:
+        if x.dtype is BF16:
+            return through_float32(self.matmul, x, y, tx=tx, ty=ty)
         return np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y)
 
     def linear_activation(
         self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
     ) -> Array:
+        if x.dtype is BF16:
+            return through_float32(
+                self.linear_activation, x, w, b, activation=activation, alpha=alpha
+            )
         out = np.matmul(x, w)
         out += b  # in place on the GEMM's fresh output: one array
         if activation is None:
@@ -90,12 +97,16 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def sum_into(
         self, out: Array, x: Array, *, axis: tuple[int, ...], alpha: float = 1.0, beta: float = 0.0
     ) -> None:
+        if out.dtype is BF16:  # (the gradient buffer: its inputs share its dtype)
+            return through_float32(self.sum_into, out, x, axis=axis, alpha=alpha, beta=beta)
         if alpha == 1.0 and beta == 0.0:
             np.add.reduce(x, axis=axis, out=out)  # no temporary
         else:
             super().sum_into(out, x, axis=axis, alpha=alpha, beta=beta)
 
     def _matmul_out(self, out: Array, x: Array, y: Array, tx: bool, ty: bool) -> None:
+        if out.dtype is BF16:  # (the gradient buffer: its inputs share its dtype)
+            return through_float32(self._matmul_out, out, x, y, tx, ty)
         np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y, out=out)
 
     def _gemm(
@@ -106,6 +117,8 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         return blas.gemm(out, x, y, tx, ty, alpha, beta)
 
     def sum(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
+        if x.dtype is BF16:
+            return through_float32(self.sum, x, axis=axis, keepdims=keepdims)
         return np.add.reduce(x, axis=axis, keepdims=keepdims)  # np.sum's wrapper costs 3 us
 
     def max(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
@@ -122,6 +135,8 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def cross_entropy(self, logits: Array, labels: Array, *, reduction: str) -> Array:
         """logsumexp(z) - z[y] per row with one (n, c) temporary, updated in place. (An
         infinite logit gives inf or NaN either way, so the max needs no finiteness guard.)"""
+        if logits.dtype is BF16:
+            return through_float32(self.cross_entropy, logits, labels, reduction=reduction)
         check_labels(labels, logits.shape[1], "cross_entropy")
         n = logits.shape[0]
         m = np.maximum.reduce(logits, axis=1, keepdims=True)
@@ -141,6 +156,10 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     ) -> Array:
         """softmax(z) * scale - scale at the label: one (n, c) temporary, in place. (A mean's
         or sum's scale is a Python float: g / n rounds to the same float either way.)"""
+        if logits.dtype is BF16:
+            return through_float32(
+                self.cross_entropy_backward, g, logits, labels, reduction=reduction
+            )
         n = logits.shape[0]
         p = np.subtract(logits, np.maximum.reduce(logits, axis=1, keepdims=True))
         np.exp(p, out=p)
@@ -191,61 +210,22 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         return x.copy()
 
 
-# ---------------------------------------------------------------------- bfloat16
-BF16 = np.dtype(ml_dtypes.bfloat16)
-F32 = np.dtype(np.float32)
-
-
-def _up(a: Any) -> Any:
-    return a.astype(F32) if type(a) is np.ndarray and a.dtype is BF16 else a
-
-
-def _down(r: Any) -> Any:
-    if type(r) is tuple:
-        return tuple(_down(x) for x in r)
-    if isinstance(r, (np.ndarray, np.float32)) and r.dtype is F32:  # (0-d reductions: scalars)
-        return np.asarray(r).astype(BF16)
-    return r
-
-
-def _through_float32(method: Any, into: bool) -> Any:
-    """``method`` on bfloat16 arrays computed in float32 and rounded once (to nearest even,
-    ml_dtypes' cast): NumPy has no bfloat16 BLAS, and ml_dtypes' own loops round after every
-    ufunc and accumulate sums in bfloat16. Other dtypes pass straight through (one test).
-    ``into``: the method writes its first array, which is rounded back into it at the end."""
+def _checked(method: Any) -> Any:
+    """``method`` with the bfloat16 test in front (the methods no training step calls)."""
 
     @functools.wraps(method)
     def run(self: NumpyBackend, first: Any, *rest: Any, **params: Any) -> Any:
-        if first.dtype is not BF16 and not (rest and getattr(rest[0], "dtype", None) is BF16):
-            return method(self, first, *rest, **params)
-        up = [_up(a) for a in rest]
-        if not into:
-            return _down(method(self, _up(first), *up, **params))
-        out = first.astype(F32)  # (beta may read it)
-        result = method(self, out, *up, **params)
-        first[...] = out.astype(BF16)
-        return result
+        if first.dtype is BF16 or (rest and getattr(rest[0], "dtype", None) is BF16):
+            return through_float32(functools.partial(method, self), first, *rest, **params)
+        return method(self, first, *rest, **params)
 
     return run
 
 
-# Every method whose arithmetic is more than one ufunc (or a BLAS call, or a reduction);
-# one-ufunc elementwise methods and data movement run in ml_dtypes' loops, which compute each
-# element in float32 and round once already.
-for _name, _into in [
-    ("matmul", False),
-    ("linear_activation", False),
-    ("sum", False),
-    ("logsumexp", False),
-    ("cross_entropy", False),
-    ("cross_entropy_backward", False),
-    ("scatter_add", False),
-    ("activation", False),
-    ("activation_backward", False),
-    ("erf", False),
-    ("pow", False),
-    ("sum_into", True),
-    ("matmul_into", True),
-    ("axpby_into", True),
-]:
-    setattr(NumpyBackend, _name, _through_float32(getattr(NumpyBackend, _name), _into))
+# Every method whose arithmetic is more than one ufunc (or a BLAS call, or a reduction) goes
+# through float32 for bfloat16: the hot ones test the dtype in their first line (a wrapper
+# would add 25 bytecodes a call to every float32 step), these few through ``_checked``.
+# One-ufunc elementwise methods and data movement run in ml_dtypes' loops, which compute
+# each element in float32 and round once already.
+for _name in ("erf", "pow", "scatter_add", "axpby_into"):
+    setattr(NumpyBackend, _name, _checked(getattr(NumpyBackend, _name)))

@@ -58,11 +58,14 @@ class AdamHyper:
         return l2, decay, lr / (1.0 - self.beta1**step), math.sqrt(1.0 - self.beta2**step)
 
 
+_HALF = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
 def state_dtype(dtype: Any) -> np.dtype:
     """The dtype of an optimizer's state (momentum, Adam's moments) and of its arithmetic for
     parameters of ``dtype``: float32 for float16 and bfloat16 (array-api-strict has
     neither), else the parameters' own."""
-    half = isinstance(dtype, np.dtype) and (dtype == np.float16 or dtype == ml_dtypes.bfloat16)
+    half = isinstance(dtype, np.dtype) and dtype in _HALF
     return np.dtype(np.float32) if half else dtype
 
 
