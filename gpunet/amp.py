@@ -181,3 +181,155 @@ def _widest(floats: set) -> Any:
     if dtypes.float32 in floats or len(floats) > 1:
         return dtypes.float32
     return next(iter(floats))
+
+
+# ---------------------------------------------------------------------- loss scaling
+class GradScaler:
+    """Dynamic loss scaling for float16 (PyTorch's ``torch.amp.GradScaler``, its defaults).
+
+    ``scaler.scale(loss).backward()``, then ``scaler.step(opt)`` (unscale the gradients by
+    1/scale, look for inf/NaN, skip the step when found) and ``scaler.update()``: on a found
+    inf the scale halves (``backoff_factor``) and the count of clean steps restarts; after
+    ``growth_interval`` clean steps in a row it doubles (``growth_factor``).
+
+    The scale, the clean-step count and the found-inf flag are arrays on the loss's device
+    (device arrays on CUDA): ``scale`` and ``update`` never read them on the host. ``step``
+    reads the flag once to skip the optimizer, as PyTorch's non-fused optimizers do (folding
+    the skip into the fused update kernel, which would remove that read, is not done yet).
+    bfloat16 has float32's range and needs no scaler.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        enabled: bool = True,
+    ) -> None:
+        if not (init_scale > 0 and growth_factor > 1.0 and 0.0 < backoff_factor < 1.0):
+            raise ValueError(
+                f"GradScaler: need init_scale > 0, growth_factor > 1 and 0 < backoff_factor < "
+                f"1, got {init_scale}, {growth_factor}, {backoff_factor}"
+            )
+        if not (isinstance(growth_interval, int) and growth_interval >= 1):
+            raise ValueError(
+                f"GradScaler: growth_interval must be an int >= 1, got {growth_interval!r}"
+            )
+        self.enabled = enabled
+        self._init_scale, self._growth, self._backoff = init_scale, growth_factor, backoff_factor
+        self._interval = growth_interval
+        self._scale: Any = None  # float32 (): made on the loss's device by the first scale()
+        self._tracker: Any = None  # int32 (): clean steps in a row
+        self._found: Any = None  # float32 (): 1 when this step's gradients held inf or NaN
+        self._backend: Any = None
+        self._unscaled: set[int] = set()  # ids of the optimizers unscaled since update()
+        self._tracker_init = 0  # (a loaded state's count, before the arrays exist)
+
+    def _lazy(self, backend: Any) -> None:
+        if self._scale is None:
+            self._backend = backend
+            self._scale = backend.full((), self._init_scale, dtypes.float32)
+            self._tracker = backend.full((), self._tracker_init, dtypes.int32)
+            self._found = backend.zeros((), dtypes.float32)
+
+    def scale(self, outputs: Tensor) -> Tensor:
+        """outputs * scale (a tensor: differentiable, so backward carries the scale)."""
+        if not self.enabled:
+            return outputs
+        self._lazy(outputs._backend)
+        s = self._scale if outputs.dtype == dtypes.float32 else self._scale.astype(outputs.dtype)
+        return outputs * Tensor._wrap(s, outputs._backend)
+
+    def unscale_(self, optimizer: Any) -> None:
+        """Divide ``optimizer``'s gradients by the scale in place and note any inf/NaN."""
+        if not self.enabled:
+            return
+        if id(optimizer) in self._unscaled:
+            raise RuntimeError(
+                "GradScaler.unscale_: already called on this optimizer since the last update()"
+            )
+        if self._scale is None:
+            raise RuntimeError("GradScaler.unscale_: call scale(loss) (and backward) first")
+        xp = self._backend.xp
+        inv = xp.reciprocal(self._scale.astype(dtypes.float64)).astype(dtypes.float32)
+        for p in optimizer._all_params():
+            g = p.grad
+            if g is None:
+                continue
+            data = g.data * inv.astype(g.dtype)
+            # found |= any(!isfinite(g)): an array maximum, never a host read
+            bad = xp.any(xp.logical_not(xp.isfinite(data))).astype(dtypes.float32)
+            self._found = xp.maximum(self._found, bad)
+            p.grad = Tensor._wrap(data, g._backend)
+        self._unscaled.add(id(optimizer))
+
+    def step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        """Unscale (unless ``unscale_`` ran), then ``optimizer.step()`` unless a gradient held
+        inf or NaN (then the parameters and the optimizer's state stay as they were)."""
+        if not self.enabled:
+            return optimizer.step(*args, **kwargs)
+        if id(optimizer) not in self._unscaled:
+            self.unscale_(optimizer)
+        if float(self._found) != 0.0:  # (the one host read: see the class docstring)
+            return None
+        return optimizer.step(*args, **kwargs)
+
+    def update(self, new_scale: float | None = None) -> None:
+        """The scale for the next step: backoff on a found inf, growth after
+        ``growth_interval`` clean steps in a row (PyTorch's ``_amp_update_scale_``)."""
+        if not self.enabled or self._scale is None:
+            return
+        xp = self._backend.xp
+        if new_scale is not None:
+            self._scale = self._backend.full((), float(new_scale), dtypes.float32)
+        else:
+            found = self._found > 0
+            clean = xp.where(found, 0, self._tracker + 1).astype(dtypes.int32)
+            grow = clean >= self._interval
+            grown = (self._scale * self._growth).astype(dtypes.float32)
+            grow = xp.logical_and(grow, xp.isfinite(grown))
+            scale = xp.where(grow, grown, self._scale)
+            self._scale = xp.where(found, self._scale * self._backoff, scale).astype(dtypes.float32)
+            self._tracker = xp.where(grow, 0, clean).astype(dtypes.int32)
+        self._found = self._backend.zeros((), dtypes.float32)
+        self._unscaled.clear()
+
+    def get_scale(self) -> float:
+        """The current scale (a host read), or the initial one before the first ``scale``."""
+        if not self.enabled:
+            return 1.0
+        return self._init_scale if self._scale is None else float(self._scale)
+
+    def get_growth_tracker(self) -> int:
+        return 0 if self._tracker is None else int(self._tracker)
+
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+    def state_dict(self) -> dict[str, Any]:
+        """PyTorch's keys: scale, growth_factor, backoff_factor, growth_interval,
+        _growth_tracker (empty when disabled)."""
+        if not self.enabled:
+            return {}
+        return {
+            "scale": self.get_scale(),
+            "growth_factor": self._growth,
+            "backoff_factor": self._backoff,
+            "growth_interval": self._interval,
+            "_growth_tracker": self.get_growth_tracker(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if not state:
+            raise RuntimeError("GradScaler.load_state_dict: the state is empty (saved disabled)")
+        self._init_scale = float(state["scale"])
+        self._growth = float(state["growth_factor"])
+        self._backoff = float(state["backoff_factor"])
+        self._interval = int(state["growth_interval"])
+        self._tracker_init = int(state["_growth_tracker"])
+        if self._scale is not None:
+            self._scale = self._backend.full((), self._init_scale, dtypes.float32)
+            self._tracker = self._backend.full((), self._tracker_init, dtypes.int32)
