@@ -24,7 +24,7 @@ from typing import Any
 
 from . import dtypes
 from . import primitives as P
-from .autodiff import AUTOCAST, BACKWARD, STATE, apply
+from .autodiff import AUTOCAST, BACKWARD, CAPTURE, STATE, apply, refuse
 from .primitives import Primitive
 from .tensor import Tensor
 
@@ -237,6 +237,8 @@ class GradScaler:
         """outputs * scale (a tensor: differentiable, so backward carries the scale)."""
         if not self.enabled:
             return outputs
+        if STATE.flags & CAPTURE:  # (its scale array is replaced by each update)
+            refuse("GradScaler.scale", "rescales on the host between steps")
         self._lazy(outputs._backend)
         s = self._scale if outputs.dtype == dtypes.float32 else self._scale.astype(outputs.dtype)
         return outputs * Tensor._wrap(s, outputs._backend)
@@ -269,6 +271,8 @@ class GradScaler:
         inf or NaN (then the parameters and the optimizer's state stay as they were)."""
         if not self.enabled:
             return optimizer.step(*args, **kwargs)
+        if STATE.flags & CAPTURE:
+            refuse("GradScaler.step", "decides on the host whether to step")
         if id(optimizer) not in self._unscaled:
             self.unscale_(optimizer)
         if float(self._found) != 0.0:  # (the one host read: see the class docstring)

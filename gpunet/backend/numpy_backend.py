@@ -75,14 +75,14 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         return out
 
     def matmul(self, x: Array, y: Array, *, tx: bool, ty: bool) -> Array:
-        if x.dtype is BF16:
+        if x.dtype.char in "eE":  # bfloat16, float16: through float32 BLAS
             return through_float32(self.matmul, x, y, tx=tx, ty=ty)
         return np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y)
 
     def linear_activation(
         self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
     ) -> Array:
-        if x.dtype is BF16:
+        if x.dtype.char in "eE":
             return through_float32(
                 self.linear_activation, x, w, b, activation=activation, alpha=alpha
             )
@@ -105,7 +105,7 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
             super().sum_into(out, x, axis=axis, alpha=alpha, beta=beta)
 
     def _matmul_out(self, out: Array, x: Array, y: Array, tx: bool, ty: bool) -> None:
-        if out.dtype is BF16:  # (the gradient buffer: its inputs share its dtype)
+        if out.dtype.char in "eE":  # (the gradient buffer: its inputs share its dtype)
             return through_float32(self._matmul_out, out, x, y, tx, ty)
         np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y, out=out)
 

@@ -400,25 +400,27 @@ F32 = np.dtype(np.float32)
 
 
 def _up(a: Any) -> Any:
-    return a.astype(F32) if type(a) is np.ndarray and a.dtype is BF16 else a
+    return a.astype(F32) if type(a) is np.ndarray and a.dtype.char in "eE" else a
 
 
-def _down(r: Any) -> Any:
+def _down(r: Any, low: np.dtype) -> Any:
     if type(r) is tuple:
-        return tuple(_down(x) for x in r)
+        return tuple(_down(x, low) for x in r)
     if isinstance(r, (np.ndarray, np.float32)) and r.dtype is F32:  # (0-d reductions: scalars)
-        return np.asarray(r).astype(BF16)
+        return np.asarray(r).astype(low)
     return r
 
 
 def through_float32(method: Any, first: Any, *rest: Any, **params: Any) -> Any:
-    """``method(first, *rest, **params)`` for bfloat16 arrays, computed in float32 and rounded
-    once to nearest even (ml_dtypes' cast): NumPy has no bfloat16 BLAS, and ml_dtypes' own
-    loops round after every ufunc and sum in bfloat16. A method returning None writes
-    ``first``, which is computed in float32 and rounded back into it."""
+    """``method(first, *rest, **params)`` for bfloat16 (or float16) arrays, computed in float32
+    and rounded once to nearest even: NumPy has no bfloat16 or float16 BLAS (its float16
+    matmul is a plain loop, 240 times slower), and ml_dtypes' own loops round after every
+    ufunc and sum in bfloat16. A method returning None writes ``first``, which is computed
+    in float32 and rounded back into it."""
+    low = next(a.dtype for a in (first, *rest) if getattr(a, "dtype", F32).char in "eE")
     out = _up(first)
     result = method(out, *[_up(a) for a in rest], **params)
     if result is None and out is not first:
-        first[...] = out.astype(BF16)
+        first[...] = out.astype(low)
         return None
-    return _down(result)
+    return _down(result, low)
