@@ -125,3 +125,39 @@ def test_composes_with_no_grad_and_nests_with_enabled_false() -> None:
 def test_only_low_precision_dtypes_are_accepted() -> None:
     with pytest.raises(ValueError, match=r"bfloat16 or gpunet\.float16, got float32"):
         gpunet.autocast(dtype=F32)
+
+
+def test_a_captured_step_under_autocast_replays_what_eager_computes() -> None:
+    def make() -> tuple[Any, Any]:
+        gpunet.manual_seed(3)
+        model = gpunet.nn.MLP([6, 16, 4])
+        return model, gpunet.optim.SGD(model.parameters(), lr=0.1)
+
+    rng = np.random.default_rng(4)
+    batches = [
+        (
+            gpunet.tensor(rng.standard_normal((8, 6)).astype(np.float32)),
+            gpunet.tensor(rng.integers(0, 4, 8)),
+        )
+        for _ in range(4)
+    ]
+    results = []
+    for captured in (False, True):
+        model, opt = make()
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor, model=model, opt=opt) -> gpunet.Tensor:  # type: ignore[no-untyped-def]
+            opt.zero_grad()
+            with gpunet.autocast(dtype=BF16):
+                loss = gpunet.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        run = gpunet.capture(step) if captured else step
+        losses = [float(run(x, y).item()) for x, y in batches]
+        results.append((losses, [p.numpy().copy() for p in model.parameters()]))
+        if captured:
+            assert run.replays >= 2  # (recorded, then replayed: not an eager fallback)
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_array_equal(a, b)

@@ -125,3 +125,41 @@ def test_mixing_bfloat16_and_float32_is_an_error_naming_both() -> None:
     x = gpunet.ones(3, dtype=gpunet.bfloat16)
     with pytest.raises(TypeError, match=r"gpunet.add: .*bfloat16.*float32"):
         _ = x + gpunet.ones(3)
+
+
+def test_cupy_draws_bfloat16_through_float32() -> None:
+    """CuPy's generators draw float32 or float64 only (a stand-in backend over NumPy)."""
+    import contextlib
+
+    from gpunet.backend.cupy_backend import CupyBackend
+
+    b = object.__new__(CupyBackend)
+    b._cuda_device = contextlib.nullcontext()
+
+    class Gen:
+        def device_rng(self, backend: object) -> np.random.Generator:
+            return np.random.default_rng(0)
+
+    got = b.random(Gen(), "normal", (5,), BF16)
+    want = np.random.default_rng(0).standard_normal((5,), dtype=np.float32).astype(BF16)
+    assert got.dtype == BF16
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+@pytest.mark.gpu
+def test_a_bfloat16_mlp_step_on_cuda_matches_the_cpu() -> None:
+    rng = np.random.default_rng(8)
+    xs = rng.standard_normal((32, 8)).astype(BF16)
+    ws = (rng.standard_normal((8, 4)) * 0.3).astype(BF16)
+    labels = rng.integers(0, 4, 32)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        x = gpunet.tensor(xs, device=dev)
+        w = gpunet.tensor(ws, device=dev, requires_grad=True)
+        loss = gpunet.nn.functional.cross_entropy(
+            gpunet.nn.functional.gelu(x @ w), gpunet.tensor(labels, device=dev)
+        )
+        loss.backward()
+        assert w.grad.dtype == gpunet.bfloat16
+        grads.append(w.grad.to(gpunet.float32).numpy())
+    np.testing.assert_allclose(grads[1], grads[0], rtol=0, atol=4 * 2**-8 * np.abs(grads[0]).max())
