@@ -7,6 +7,7 @@ CuPy is imported here and only here, and only when a CUDA device is first used, 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import ml_dtypes
@@ -28,10 +29,11 @@ class CupyBackend(ArrayBackend):
 
         self.cupy = cupy
         self._cuda_device = cupy.cuda.Device(device.index)
-        self._tf32_applied: bool | None = None  # the compute type cupy.matmul was last given
         super().__init__(cupy, device, cupy.ndarray)
 
     # ---------------------------------------------------------------- TF32
+    _tf32_applied: bool | None = None  # the setting cupy.matmul's compute type was last given
+
     def _tf32(self) -> bool:
         """Apply ``gpunet.backends.allow_tf32`` to CuPy's GEMMs; True when it is on.
 
@@ -54,11 +56,17 @@ class CupyBackend(ArrayBackend):
         return _routines_linalg
 
     def _math_mode(self, tf32: bool) -> None:
-        """The cuBLAS handle's math mode for ``cublasSgemm``: TF32 tensor ops or the default."""
+        """The cuBLAS handle's math mode for ``cublasSgemm``: TF32 tensor ops or the default,
+        set when it changes (a handle is per thread, so is the record of its mode)."""
+        modes = self.__dict__.setdefault("_sgemm_tf32", {})
+        thread = threading.get_ident()
+        if modes.get(thread, False) is tf32:
+            return
         from cupy_backends.cuda.libs import cublas
 
         mode = cublas.CUBLAS_TF32_TENSOR_OP_MATH if tf32 else cublas.CUBLAS_DEFAULT_MATH
         cublas.setMathMode(self.cupy.cuda.device.get_cublas_handle(), mode)
+        modes[thread] = tf32
 
     def matmul(self, x: Array, y: Array, *, tx: bool, ty: bool) -> Array:
         self._tf32()

@@ -99,3 +99,26 @@ def test_tf32_changes_float32_gemms_on_a_gpu() -> None:
     err_off = np.abs(off - exact).max() / np.abs(exact).max()
     err_on = np.abs(on - exact).max() / np.abs(exact).max()
     assert err_off < 1e-5 < err_on < 1e-2  # TF32 keeps 10 mantissa bits
+
+
+def test_the_sgemm_math_mode_is_set_when_it_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cublasSgemm`` reads the handle's math mode (stand-ins for CuPy's cuBLAS module)."""
+    import types
+
+    import cupy_backends.cuda.libs as libs
+
+    calls: list[tuple[int, int]] = []
+    fake = types.SimpleNamespace(
+        CUBLAS_DEFAULT_MATH=0,
+        CUBLAS_TF32_TENSOR_OP_MATH=3,
+        setMathMode=lambda handle, mode: calls.append((handle, mode)),
+    )
+    monkeypatch.setitem(vars(libs), "cublas", fake)  # (getattr would load the library)
+    b = object.__new__(CupyBackend)
+    handle = types.SimpleNamespace(get_cublas_handle=lambda: 42)
+    b.cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(device=handle))
+    b._math_mode(False)  # the default: nothing to set
+    b._math_mode(True)
+    b._math_mode(True)
+    b._math_mode(False)
+    assert calls == [(42, 3), (42, 0)]
