@@ -163,3 +163,34 @@ def test_a_bfloat16_mlp_step_on_cuda_matches_the_cpu() -> None:
         assert w.grad.dtype == gpunet.bfloat16
         grads.append(w.grad.to(gpunet.float32).numpy())
     np.testing.assert_allclose(grads[1], grads[0], rtol=0, atol=4 * 2**-8 * np.abs(grads[0]).max())
+
+
+@pytest.mark.parametrize(
+    ("make", "cfg"),
+    [
+        (gpunet.optim.Adam, {"lr": 1e-3}),
+        (gpunet.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+        (gpunet.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}),
+    ],
+)
+def test_a_bfloat16_step_is_the_float32_step_rounded_once(make, cfg) -> None:  # type: ignore[no-untyped-def]
+    """bfloat16 parameters are updated in float32 (float32 state) and rounded once: within
+    one bfloat16 ulp of the float32 step, and never inf (gradients down to 1e-30)."""
+    rng = np.random.default_rng(9)
+    init = (rng.standard_normal((3, 50)) * 0.5).astype(BF16)
+    p16 = gpunet.tensor(init, requires_grad=True)
+    p32 = gpunet.tensor(init.astype(np.float32), requires_grad=True)
+    opt16, opt32 = make([p16], **cfg), make([p32], **cfg)
+    for step in range(3):
+        g = (rng.standard_normal((3, 50)) * np.array([[1e-30], [1e-3], [1.0]])).astype(BF16)
+        p32.data[...] = p16.numpy().astype(np.float32)
+        p16.grad, p32.grad = gpunet.tensor(g), gpunet.tensor(g.astype(np.float32))
+        opt16.step()
+        opt32.step()
+        got, want = p16.numpy(), p32.numpy().astype(BF16)
+        assert got.dtype == BF16 and np.isfinite(got.astype(np.float32)).all()
+        ulps = np.abs(_bits(got).astype(np.int32) - _bits(want).astype(np.int32))
+        assert ulps.max() <= 1, step
+    assert all(
+        v.dtype == np.float32 for st in opt16.state.values() for k, v in st.items() if k != "step"
+    )
