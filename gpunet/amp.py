@@ -253,6 +253,11 @@ class GradScaler:
             )
         if self._scale is None:
             raise RuntimeError("GradScaler.unscale_: call scale(loss) (and backward) first")
+        if getattr(optimizer, "defaults", {}).get("in_backward"):
+            raise ValueError(
+                "GradScaler: SGD(in_backward=True) steps inside backward(), on the scaled "
+                "gradients and before any inf check; use SGD() (in_backward=False) with a scaler"
+            )
         xp = self._backend.xp
         inv = xp.reciprocal(self._scale.astype(dtypes.float64)).astype(dtypes.float32)
         for p in optimizer._all_params():

@@ -120,6 +120,9 @@ def test_misuse_is_an_error() -> None:
     scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match="already called"):
         scaler.unscale_(opt)
+    sgd = gpunet.optim.SGD([gpunet.ones(2, requires_grad=True)], lr=0.1, in_backward=True)
+    with pytest.raises(ValueError, match=r"in_backward=True"):
+        scaler.step(sgd)
     with pytest.raises(ValueError, match="backoff_factor"):
         GradScaler(backoff_factor=2.0)
 
