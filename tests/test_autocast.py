@@ -161,3 +161,25 @@ def test_a_captured_step_under_autocast_replays_what_eager_computes() -> None:
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1], results[1][1]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_float32_weight_gradients_are_written_into_the_optimizer_buffer_as_cast_back() -> None:
+    """Master weights: the gradient of a float32 weight that autocast cast to bfloat16 is cast
+    back straight into the optimizer's float32 flat buffer (no copy in afterwards)."""
+    gpunet.manual_seed(0)
+    model = gpunet.nn.MLP([6, 16, 4])
+    opt = gpunet.optim.SGD(model.parameters(), lr=0.1)
+    x, y = gpunet.randn(8, 6), gpunet.tensor(np.arange(8) % 4)
+    with gpunet.autocast(dtype=BF16):
+        loss = gpunet.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    (flat,) = opt._flats
+    for p in model.parameters():
+        assert p.dtype == F32 and p.grad.dtype == F32
+        assert np.shares_memory(p.grad.numpy(), flat.grad)
+    gpunet.manual_seed(0)
+    plain = gpunet.nn.MLP([6, 16, 4])  # the same weights, no optimizer: .grad accumulated
+    with gpunet.autocast(dtype=BF16):
+        gpunet.nn.functional.cross_entropy(plain(x), y).backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        np.testing.assert_array_equal(p.grad.numpy(), q.grad.numpy())
