@@ -7,8 +7,9 @@ devices and random numbers.
 
 __version__ = "0.1.0"
 
-from . import nn, optim, primitives
+from . import amp, backends, nn, optim, primitives
 from .activations import elu, erf, gelu, leaky_relu, silu, softplus
+from .amp import autocast
 from .autodiff import (
     detect_anomaly,
     enable_grad,
@@ -17,6 +18,7 @@ from .autodiff import (
     set_grad_enabled,
 )
 from .backend import Device, default_device, device, get_backend, info, use_device, warmup
+from .backends import get_float32_matmul_precision, set_float32_matmul_precision
 from .capture import CaptureError, capture
 from .checkpoint import load, save
 from .creation import (
@@ -32,7 +34,7 @@ from .creation import (
     zeros,
     zeros_like,
 )
-from .dtypes import bool_, float16, float32, float64, int32, int64
+from .dtypes import bfloat16, bool_, float16, float32, float64, int32, int64
 from .ops import (
     abs,
     argmax,
@@ -100,6 +102,7 @@ __all__ = [
     "exp",
     "eye",
     "flatten",
+    "bfloat16",
     "float16",
     "float32",
     "float64",
@@ -145,6 +148,11 @@ __all__ = [
     "reshape",
     "save",
     "set_grad_enabled",
+    "set_float32_matmul_precision",
+    "get_float32_matmul_precision",
+    "backends",
+    "amp",
+    "autocast",
     "sigmoid",
     "silu",
     "softmax",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import dtypes
 from . import primitives as P
 from .autodiff import apply, bind
 from .backend.fused import gelu_name
@@ -35,7 +36,7 @@ def tanh(x: Tensor) -> Tensor:
 def _float_tensor(x: Any, op: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"gpunet.{op}: expected a Tensor, got {type(x).__name__}")
-    if x.dtype.kind != "f":
+    if x.dtype.kind != "f" and x.dtype != dtypes.bfloat16:  # (inline: every activation)
         raise TypeError(f"gpunet.{op}: expected a floating tensor, got {x.dtype}")
     return x
 

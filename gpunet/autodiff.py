@@ -39,10 +39,13 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # next op (level > 0); observers listen; forward-mode interpreters exist (jvp_stack non-empty);
 # a reverse sweep is running; and, set by that sweep, nothing will differentiate what its VJP
 # rules compute, so they may call fused, non-differentiable kernels; and a step capture is
-# recording every backend call (``gpunet.capture``)
+# recording every backend call (``gpunet.capture``); an autocast policy applies
+# (``gpunet.autocast``)
 GRAD, ANOMALY, FORWARD, OBSERVE, TANGENTS, BACKWARD, FUSED_VJP = 1, 2, 4, 8, 16, 32, 64
 CAPTURE = _CAPTURE  # (defined beside Tensor, whose host reads test it)
 WATCHED = ANOMALY | OBSERVE | CAPTURE  # apply's one test for all three (one global, not five)
+AUTOCAST = 256
+DETOUR = FORWARD | AUTOCAST  # apply's one test for both (off: the same bytecodes as before)
 
 
 class _State(threading.local):
@@ -56,6 +59,7 @@ class _State(threading.local):
         self.backward_node: Node | None = None  # whose VJP rule is running (anomaly messages)
         self.observers: list[Callable[[str, tuple, dict, Any], None]] = []  # see ``observing``
         self.recorder: Any = None  # the capture recording now (``gpunet.capture``), or None
+        self.autocast: Any = None  # autocast's low-precision dtype while AUTOCAST is set
 
     def _set(self, bit: int, on: bool) -> None:
         self.flags = (self.flags | bit) if on else (self.flags & ~bit)
@@ -149,8 +153,10 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
     op than the general loop; three: nn.Linear's card, 84 bytecodes fewer a call, 3% of the
     tiny nn.MLP step) and nothing is looked up twice."""
     flags = STATE.flags
-    if flags & FORWARD:
-        return STATE.jvp_stack[STATE._level - 1].process(prim, args, params)
+    if flags & DETOUR:
+        if flags & FORWARD:
+            return STATE.jvp_stack[STATE._level - 1].process(prim, args, params)
+        return gpunet.amp.dispatch(prim, args, params)
     x = args[0]
     backend = x._backend
     impl = backend.impls.get(prim.name) or backend.impl(prim.name)
@@ -470,7 +476,7 @@ def user_site() -> str:
 
 
 def _finite(t: Tensor) -> bool:
-    return t.dtype.kind != "f" or t._backend.all_finite(t.data)
+    return not gpunet.dtypes.is_floating(t.dtype) or t._backend.all_finite(t.data)
 
 
 def _check_forward(prim: Primitive, args: Sequence[Tensor], out: Tensor) -> None:

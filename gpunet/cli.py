@@ -271,6 +271,13 @@ def _train_parser(sub: Any) -> None:
         help="early stopping: epochs without validation improvement (default 10)",
     )
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the best)")
+    t.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "tf32", "bf16", "fp16"],
+        help="fp32 (default); tf32: float32 GEMMs on CUDA tensor cores; bf16/fp16: autocast "
+        "with float32 master weights (fp16 with a loss scaler)",
+    )
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--out", default="runs", help="where runs are saved (default runs/)")
     t.add_argument(

@@ -53,7 +53,7 @@ def tensor(
             host = host.astype(dtypes.DEFAULT_FLOAT)
         elif host.dtype.kind in "iu":
             host = host.astype(dtypes.DEFAULT_INT)
-    if host.dtype.kind not in "biuf":
+    if dtypes.kind(dtypes.as_dtype(host.dtype)) not in "biuf":
         raise TypeError(
             f"gpunet.tensor: cannot make a tensor of dtype {host.dtype} from {type(data).__name__}"
         )

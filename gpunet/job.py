@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, distributed, nn, optim
+from . import __version__, amp, backends, distributed, dtypes, nn, optim
 from .backend import default_device
 from .backend import device as find_device
 from .checkpoint import load, save
@@ -44,6 +44,7 @@ _SAVED_ARGS = ["data", "target", "task", "hidden", "activation", "dropout", "lab
     "patience",
     "seed",
     "device",
+    "precision",
 ]
 
 
@@ -244,6 +245,22 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
     return saved
 
 
+def _precision(name: str, device: Any, lead: bool) -> dict[str, Any]:
+    """fit's ``autocast`` and ``scaler`` for ``--precision``, TF32 set, and a line saying
+    what the CPU does with it (it computes in float32 whatever the precision)."""
+    backends.allow_tf32 = name == "tf32"
+    low = {"bf16": dtypes.bfloat16, "fp16": dtypes.float16}.get(name)
+    if lead and name != "fp32" and device.type == "cpu":
+        what = (
+            "TF32 is for CUDA GEMMs; the CPU computes in float32"
+            if name == "tf32"
+            else f"GEMMs round to {low} and run through float32 arithmetic on the CPU (NumPy "
+            "has no low-precision BLAS): this checks accuracy, it is not faster"
+        )
+        print(f"gpunet: --precision {name}: {what}")
+    return {"autocast": low, "scaler": amp.GradScaler() if name == "fp16" else None}
+
+
 def train(args: argparse.Namespace) -> int:
     """Train an MLP on the user's data, report the test figures, save the run. Under
     ``mpiexec -n N`` it trains data-parallel: every rank prepares the same data, takes its
@@ -295,6 +312,7 @@ def train(args: argparse.Namespace) -> int:
         else _mse
     )
     start = time.perf_counter()
+    tf32 = backends.allow_tf32
     history = fit(
         model,
         loss,
@@ -308,7 +326,9 @@ def train(args: argparse.Namespace) -> int:
         history=history,
         best_state=best,
         capture=not getattr(args, "no_capture", False),
+        **_precision(getattr(args, "precision", "fp32"), device, lead),
     )
+    backends.allow_tf32 = tf32
     seconds = time.perf_counter() - start
     checkpoints.write(history)
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}

@@ -75,9 +75,9 @@ def _constant(value: Any, like: Tensor) -> tuple[Tensor, Tensor]:
     """
     if type(value) is float:  # the common case: a float tensor, no promotion, cached
         dt = like.data.dtype
-        if isinstance(dt, np.dtype) and dt.kind == "f":
+        if isinstance(dt, np.dtype) and (dt.kind == "f" or dt == dtypes.bfloat16):
             return like, _scalar(value, like)
-    kind = like.dtype.kind
+    kind = dtypes.kind(like.dtype)
     if isinstance(value, (bool, int, float)):
         vkind = "b" if isinstance(value, bool) else "i" if isinstance(value, int) else "f"
     else:
@@ -269,7 +269,7 @@ def mul(x: Any, y: Any) -> Tensor:
 
 def div(x: Any, y: Any) -> Tensor:
     x, y = _operands("div", x, y)
-    if x.dtype.kind != "f":  # true division of integers gives floats, as in Python
+    if x.dtype.kind != "f" and x.dtype != dtypes.bfloat16:  # int / int gives floats, as in Python
         x, y = cast(x, dtypes.DEFAULT_FLOAT), cast(y, dtypes.DEFAULT_FLOAT)
     return bind(P.div, x, y)
 
@@ -324,7 +324,7 @@ def cast(x: Tensor, dtype: Any) -> Tensor:
     dt = dtypes.as_dtype(dtype)
     if x.dtype == dt:
         return x
-    if dt.kind != "f" or x.dtype.kind != "f":
+    if (dt.kind != "f" and dt != dtypes.bfloat16) or not dtypes.is_floating(x.dtype):
         x = stop_gradient(x)
     return bind(P.cast, x, dtype=dt)
 

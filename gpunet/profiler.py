@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import autodiff
+from . import amp, autodiff, dtypes
 from .costs import Cost, Operand, composed_on_cupy, cost_of
 from .formatting import seconds
 from .formatting import table as text_table
@@ -429,11 +429,13 @@ def profile_mlp_step(
     optimizer: str = "sgd",
     dtype: Any = None,
     capture: bool = False,
+    autocast: Any = None,
 ) -> tuple[Profile, int]:
     """Profile one steady-state training step (forward, cross-entropy, backward, update;
     SGD with momentum 0.9 or Adam) of ``nn.MLP(sizes)``; returns the profile and the
     parameter count. One unprofiled step runs first, so buffers exist as in training; with
-    ``capture`` the step is ``gpunet.capture``d and the profile hears a replay's calls."""
+    ``capture`` the step is ``gpunet.capture``d and the profile hears a replay's calls.
+    ``autocast``: gpunet.bfloat16 or float16 to run forward and loss under autocast."""
     from . import nn, optim, random
     from .creation import tensor
     from .nn import functional as F
@@ -449,9 +451,13 @@ def profile_mlp_step(
     x = random.randn(batch, sizes[0], dtype=dtype)
     y = tensor(np.random.default_rng(0).integers(0, sizes[-1], batch))
 
+    precision = amp.autocast(autocast or dtypes.bfloat16, enabled=autocast is not None)
+
     def step() -> None:
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        with precision:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     if capture:
@@ -488,6 +494,29 @@ def mlp_step_report(
         captured = replay.roofline(device, launch_overhead_us, tf32)
         rows.append(StepRow(tuple(sizes), batch, n, p.summary(), est, captured))
     return rows
+
+
+def precision_report(
+    configs: Sequence[tuple[Sequence[int], int]] | None = None,
+    device: str | GPUSpec = "H100",
+    launch_overhead_us: float = DEFAULT_LAUNCH_OVERHEAD_US,
+) -> str:
+    """A Markdown table: one SGD step of each MLP modelled on ``device`` in fp32, tf32 and
+    bf16 (autocast: its GEMMs and their casts profiled as they run, priced at the tensor-core
+    peaks; fp16 prices as bf16), fused kernels as in ``mlp_step_report``."""
+    from .bench.workloads import MLP_SIZES  # at call time: import gpunet loads no bench
+
+    head = ["MLP, batch", "fp32", "tf32", "bf16 (autocast)", "bf16 / fp32"]
+    body = []
+    for sizes, batch in configs or list(MLP_SIZES.values()):
+        p32, _ = profile_mlp_step(sizes, batch)
+        p16, _ = profile_mlp_step(sizes, batch, autocast=dtypes.bfloat16)
+        fp32 = p32.roofline(device, launch_overhead_us).total_s
+        tf32 = p32.roofline(device, launch_overhead_us, tf32=True).total_s
+        bf16 = p16.roofline(device, launch_overhead_us).total_s
+        label = f"{'-'.join(map(str, sizes))}, batch {batch}"
+        body.append([label, seconds(fp32), seconds(tf32), seconds(bf16), f"{bf16 / fp32:.2f}"])
+    return text_table(head, body, markdown=True)
 
 
 def format_report(rows: Sequence[StepRow]) -> str:
@@ -590,7 +619,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="the large MLP on 1, 2, 4, 8 GPUs over NVLink, PCIe and InfiniBand instead",
     )
+    ap.add_argument(
+        "--precisions", action="store_true", help="each MLP's step in fp32, tf32 and bf16"
+    )
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.precisions:
+        print(precision_report(device=args.device, launch_overhead_us=args.launch_overhead_us))
+        return
     if args.data_parallel:
         print(data_parallel_report(device=args.device, tf32=args.tf32))
         return
@@ -629,7 +664,7 @@ def _device(a: Any) -> str:
 def _dtype(out: Any, ins: list[Any]) -> str:
     """The dtype an op computes in: its output's if floating, else its first float input's."""
     for a in [out, *ins]:
-        if a is not None and np.dtype(str(a.dtype)).kind == "f":
+        if a is not None and dtypes.is_floating(np.dtype(str(a.dtype))):
             return dtype_name(a.dtype)
     return dtype_name((out if out is not None else ins[0]).dtype)
 

@@ -80,7 +80,7 @@ def _draw(
     if len(shape) == 1 and not isinstance(shape[0], int):
         shape = tuple(shape[0])
     dt = dtypes.DEFAULT_FLOAT if dtype is None else dtypes.as_dtype(dtype)
-    if dt.kind != "f":
+    if not dtypes.is_floating(dt):
         raise TypeError(
             f"gpunet.{'randn' if kind == 'normal' else 'rand'}: dtype must be floating, got {dt}"
         )

@@ -52,7 +52,12 @@ class GPUSpec:
         """FLOP/s of a kernel on ``dtype`` data: a GEMM's on the matrix units, else FP32's."""
         tflops = self.fp32_tflops
         if gemm:
-            pick = {"float16": self.fp16_tflops, "float64": self.fp64_tflops}.get(dtype)
+            # (bfloat16 GEMMs run at float16's tensor-core peak on A100/H100/H200)
+            pick = {
+                "float16": self.fp16_tflops,
+                "bfloat16": self.fp16_tflops,
+                "float64": self.fp64_tflops,
+            }.get(dtype)
             if dtype == "float32" and tf32:
                 pick = self.tf32_tflops
             tflops = pick or tflops

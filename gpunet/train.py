@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from . import amp, dtypes
 from .autodiff import CaptureError, no_grad
 from .backend import raise_pending_faults
 from .capture import capture as capture_step
@@ -139,12 +140,16 @@ def fit(
     history: History | None = None,
     best_state: dict[str, Any] | None = None,
     capture: bool = False,
+    autocast: Any = None,
+    scaler: Any = None,
 ) -> History:
     """Train ``model`` for ``epochs`` in all and return its ``History`` (see the module
     docstring). To continue a run, pass its ``history`` and the weights of its best epoch
     (``best_state``): the epochs already in the history are not run again. ``capture``:
     record the training step once per batch shape and replay it (``gpunet.capture``); a
-    step that cannot be captured warns and runs eagerly."""
+    step that cannot be captured warns and runs eagerly. ``autocast``: gpunet.bfloat16 or
+    gpunet.float16 to run forward and loss under ``gpunet.autocast`` (the parameters stay
+    float32); ``scaler``: a ``gpunet.amp.GradScaler`` for float16 (its step runs eagerly)."""
     if epochs < 1 or (early_stopping is not None and early_stopping < 1):
         raise ValueError(
             f"fit: epochs ({epochs}) and early_stopping ({early_stopping}) must be >= 1"
@@ -162,7 +167,7 @@ def fit(
     if run.comm is not None:
         _check_shards(run.comm, train)
     bar = _progress(epochs, progress and (run.comm is None or run.comm.rank == 0), first)
-    step = _Step(model, loss_fn, optimizer, capture, run)
+    step = _Step(model, loss_fn, optimizer, capture, run, autocast, scaler)
     with _DeferredInterrupt() as interrupt:
         try:
             for epoch in range(first, epochs):
@@ -250,18 +255,29 @@ class _Step:
     replayed, the loss read after; the best weights are restored either way)."""
 
     def __init__(
-        self, model: Any, loss_fn: Callable[..., Tensor], optimizer: Any, capture: bool, run: _Run
+        self,
+        model: Any,
+        loss_fn: Callable[..., Tensor],
+        optimizer: Any,
+        capture: bool,
+        run: _Run,
+        autocast: Any = None,
+        scaler: Any = None,
     ) -> None:
         self.model, self.loss_fn, self.optimizer, self.run = model, loss_fn, optimizer, run
+        self.precision = amp.autocast(autocast or dtypes.bfloat16, enabled=autocast is not None)
+        self.scaler = scaler
         # Data parallel: eager, so that every rank agrees on the loss and on Ctrl-C before
         # any rank starts the update's all-reduce (a capture would replay past that point).
-        capture = capture and run.comm is None
+        # A loss scaler decides on the host whether to step: eager too.
+        capture = capture and run.comm is None and scaler is None
         self.captured = capture_step(self._whole) if capture else None
 
     def _whole(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.optimizer.zero_grad()
-        out = self.model(x)
-        loss = self.loss_fn(out, y)
+        with self.precision:
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
         loss.backward()
         self.optimizer.step()
         return loss, out
@@ -279,15 +295,21 @@ class _Step:
                 if e.result is not None:  # the step ran to its end: its eager result
                     loss, out = e.result
                     return loss.item(), out, interrupted
-        out = self.model(x)
-        loss = self.loss_fn(out, y)
+        with self.precision:
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
         value, stop = loss.item(), interrupted
         if self.run.comm is not None:  # every rank decides alike: one small all-reduce
             value, stop = _agree(self.run.comm, value, interrupted)
         if math.isfinite(value):
             self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
+            if self.scaler is None:
+                loss.backward()
+                self.optimizer.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         return value, out, stop
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import dtypes
 from . import primitives as P
 from .autodiff import backprop, bind, enable_grad, forward_mode
 from .creation import as_tensor
@@ -21,7 +22,7 @@ def _track(p: Any, what: str) -> Tensor:
     """A fresh handle on a primal for one transform: an alias recorded on the tape (so outer
     transforms still see its dependence on ``p``), marked as requiring grad."""
     p = as_tensor(p)
-    if p.dtype.kind != "f":
+    if not dtypes.is_floating(p.dtype):
         raise TypeError(
             f"gpunet.{what}: can only differentiate with respect to floating "
             f"inputs, got {p.dtype} (shape {p.shape})"

@@ -79,10 +79,39 @@ __host__ __device__ __forceinline__ gn_half gn_float_to_half(float value) {
     return (gn_half)(out | (sign >> 16));
 }
 
+// bfloat16 as its 16 bits: float's sign, 8 exponent bits and top 7 mantissa bits (bare NVRTC
+// has no cuda_bf16.h either). A struct, so that its loads and stores overload apart from
+// gn_half's (both are 16-bit integers).
+struct gn_bf16 {
+    unsigned short bits;
+};
+
+__host__ __device__ __forceinline__ float gn_bf16_to_float(gn_bf16 h) {
+    gn_bits32 out;
+    out.u = (unsigned int)h.bits << 16;
+    return out.f;
+}
+
+// Round to nearest even, as ml_dtypes (and NumPy's gpunet.bfloat16) does; NaN becomes the
+// quiet NaN of its sign.
+__host__ __device__ __forceinline__ gn_bf16 gn_float_to_bf16(float value) {
+    gn_bits32 f;
+    f.f = value;
+    gn_bf16 out;
+    if ((f.u & 0x7fffffffu) > 0x7f800000u) {
+        out.bits = (f.u & 0x80000000u) ? 0xffc0u : 0x7fc0u;
+    } else {
+        out.bits = (unsigned short)((f.u + 0x7fffu + ((f.u >> 16) & 1u)) >> 16);
+    }
+    return out;
+}
+
 __host__ __device__ __forceinline__ float gn_load(gn_half v) { return gn_half_to_float(v); }
+__host__ __device__ __forceinline__ float gn_load(gn_bf16 v) { return gn_bf16_to_float(v); }
 __host__ __device__ __forceinline__ float gn_load(float v) { return v; }
 __host__ __device__ __forceinline__ double gn_load(double v) { return v; }
 __host__ __device__ __forceinline__ void gn_store(gn_half* p, float v) { *p = gn_float_to_half(v); }
+__host__ __device__ __forceinline__ void gn_store(gn_bf16* p, float v) { *p = gn_float_to_bf16(v); }
 __host__ __device__ __forceinline__ void gn_store(float* p, float v) { *p = v; }
 __host__ __device__ __forceinline__ void gn_store(double* p, double v) { *p = v; }
 

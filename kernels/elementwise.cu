@@ -97,6 +97,26 @@ GN_ACTIVATION(gelu, gn_gelu, f16, gn_half, float)
 // gelu_tanh_fwd_f16 gelu_tanh_bwd_f16 bias_gelu_tanh_fwd_f16
 GN_ACTIVATION(gelu_tanh, gn_gelu_tanh, f16, gn_half, float)
 
+// ---- bf16: gn_bf16 storage, float arithmetic
+// relu_fwd_bf16 relu_bwd_bf16 bias_relu_fwd_bf16 relu_bwd_from_y_bf16
+GN_ACTIVATION_WITH_Y(relu, gn_relu, bf16, gn_bf16, float)
+// leaky_relu_fwd_bf16 leaky_relu_bwd_bf16 bias_leaky_relu_fwd_bf16 leaky_relu_bwd_from_y_bf16
+GN_ACTIVATION_WITH_Y(leaky_relu, gn_leaky_relu, bf16, gn_bf16, float)
+// elu_fwd_bf16 elu_bwd_bf16 bias_elu_fwd_bf16 elu_bwd_from_y_bf16
+GN_ACTIVATION_WITH_Y(elu, gn_elu, bf16, gn_bf16, float)
+// sigmoid_fwd_bf16 sigmoid_bwd_bf16 bias_sigmoid_fwd_bf16 sigmoid_bwd_from_y_bf16
+GN_ACTIVATION_WITH_Y(sigmoid, gn_sigmoid, bf16, gn_bf16, float)
+// tanh_fwd_bf16 tanh_bwd_bf16 bias_tanh_fwd_bf16 tanh_bwd_from_y_bf16
+GN_ACTIVATION_WITH_Y(tanh, gn_tanh_act, bf16, gn_bf16, float)
+// softplus_fwd_bf16 softplus_bwd_bf16 bias_softplus_fwd_bf16 softplus_bwd_from_y_bf16
+GN_ACTIVATION_WITH_Y(softplus, gn_softplus, bf16, gn_bf16, float)
+// silu_fwd_bf16 silu_bwd_bf16 bias_silu_fwd_bf16
+GN_ACTIVATION(silu, gn_silu, bf16, gn_bf16, float)
+// gelu_fwd_bf16 gelu_bwd_bf16 bias_gelu_fwd_bf16
+GN_ACTIVATION(gelu, gn_gelu, bf16, gn_bf16, float)
+// gelu_tanh_fwd_bf16 gelu_tanh_bwd_bf16 bias_gelu_tanh_fwd_bf16
+GN_ACTIVATION(gelu_tanh, gn_gelu_tanh, bf16, gn_bf16, float)
+
 // ---- f32: float storage, float arithmetic
 // relu_fwd_f32 relu_bwd_f32 bias_relu_fwd_f32 relu_bwd_from_y_f32
 GN_ACTIVATION_WITH_Y(relu, gn_relu, f32, float, float)

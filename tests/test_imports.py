@@ -31,7 +31,7 @@ CALL_TIME = ("gpunet.tensor", "gpunet.autodiff", "gpunet.primitives")
 def layer(module: str) -> int:
     if module == "gpunet":
         return USER + 1
-    if module.startswith(("gpunet.backend", "gpunet.dtypes")):
+    if module == "gpunet.backend" or module.startswith(("gpunet.backend.", "gpunet.dtypes")):
         return 0
     if module.startswith("gpunet.primitives"):
         return 1

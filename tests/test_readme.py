@@ -44,13 +44,13 @@ GIVEN: dict[int, Callable[[dict], dict]] = {
     # the model is float64 after the previous block's model.to(gpunet.float64)
     5: lambda ns: {"loader": _loader(64, gpunet.float64)},
     6: lambda ns: {"sched": gpunet.optim.lr_scheduler.LinearLR(ns["opt"], 0.5, total_iters=2)},
-    10: lambda ns: {"x": gpunet.randn(8, 784), "y": _labels(8)},
+    11: lambda ns: {"x": gpunet.randn(8, 784), "y": _labels(8)},
 }
 
 
 def test_the_readme_has_the_examples_this_test_knows() -> None:
     """A new example needs its reader-supplied names here (or none)."""
-    assert len(BLOCKS) == 11, "README's Python examples changed: update GIVEN in this test"
+    assert len(BLOCKS) == 12, "README's Python examples changed: update GIVEN in this test"
     assert CUDA_LINE in BLOCKS[3]
 
 

@@ -267,6 +267,15 @@ def replay_mode(device: Device | None) -> tuple[str, str]:
     )
 
 
+def tf32_state(cuda: bool) -> str:
+    """What ``gpunet.backends.allow_tf32`` does here, in words."""
+    from .precision import MATMUL
+
+    on = "on" if MATMUL.allow_tf32 else "off (gpunet.backends.allow_tf32 = True turns it on)"
+    where = "float32 GEMMs on CUDA" if cuda else "no-op on the CPU (float32 GEMMs stay float32)"
+    return f"{on}: {where}"
+
+
 def info() -> dict[str, Any]:
     """Versions, the devices found, and why the GPU is or is not used."""
     import platform
@@ -291,5 +300,6 @@ def info() -> dict[str, Any]:
         "why": found.reason,
         "default_device": str(default_device()),
         "capture": "replays as {} ({})".format(*replay_mode(default_device())),
+        "tf32": tf32_state(found.available),
         "GPUNET_DEVICE": os.environ.get("GPUNET_DEVICE"),
     }

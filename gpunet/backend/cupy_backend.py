@@ -7,12 +7,15 @@ CuPy is imported here and only here, and only when a CUDA device is first used, 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .faults import fault_error
 from .generic import Array, ArrayBackend, Shape
+from .precision import MATMUL
 from .updates import AdamHyper, SGDHyper
 
 log = logging.getLogger("gpunet")
@@ -27,6 +30,48 @@ class CupyBackend(ArrayBackend):
         self.cupy = cupy
         self._cuda_device = cupy.cuda.Device(device.index)
         super().__init__(cupy, device, cupy.ndarray)
+
+    # ---------------------------------------------------------------- TF32
+    _tf32_applied: bool | None = None  # the setting cupy.matmul's compute type was last given
+
+    def _tf32(self) -> bool:
+        """Apply ``gpunet.backends.allow_tf32`` to CuPy's GEMMs; True when it is on.
+
+        CuPy reads ``CUPY_TF32`` once, at its first GEMM; ``set_compute_type`` is its route
+        for a program: cupy.matmul asks cuBLAS for ``CUBLAS_COMPUTE_32F_FAST_TF32`` for float32
+        from then on (set again only when the setting changed). ``cupy.cublas.gemm`` (the
+        scaled GEMM below) calls ``cublasSgemm``, which reads the handle's math mode instead."""
+        on = MATMUL.allow_tf32
+        if on is not self._tf32_applied:
+            linalg = self._linalg
+            kind = linalg.COMPUTE_TYPE_TF32 if on else linalg.COMPUTE_TYPE_DEFAULT
+            linalg.set_compute_type(np.dtype(np.float32), kind)
+            self._tf32_applied = on
+        return on
+
+    @property
+    def _linalg(self) -> Any:
+        from cupy._core import _routines_linalg
+
+        return _routines_linalg
+
+    def _math_mode(self, tf32: bool) -> None:
+        """The cuBLAS handle's math mode for ``cublasSgemm``: TF32 tensor ops or the default,
+        set when it changes (a handle is per thread, so is the record of its mode)."""
+        modes = self.__dict__.setdefault("_sgemm_tf32", {})
+        thread = threading.get_ident()
+        if modes.get(thread, False) is tf32:
+            return
+        from cupy_backends.cuda.libs import cublas
+
+        mode = cublas.CUBLAS_TF32_TENSOR_OP_MATH if tf32 else cublas.CUBLAS_DEFAULT_MATH
+        cublas.setMathMode(self.cupy.cuda.device.get_cublas_handle(), mode)
+        modes[thread] = tf32
+
+    def matmul(self, x: Array, y: Array, *, tx: bool, ty: bool) -> Array:
+        self._tf32()
+        with self._cuda_device:
+            return super().matmul(x, y, tx=tx, ty=ty)
 
     def as_dtype(self, dtype: np.dtype) -> np.dtype:
         return np.dtype(dtype)
@@ -74,6 +119,8 @@ class CupyBackend(ArrayBackend):
 
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         rng = generator.device_rng(self)
+        if np.dtype(dtype) == ml_dtypes.bfloat16:  # (cuRAND draws float32 or float64 only)
+            return self.random(generator, kind, shape, np.dtype(np.float32)).astype(dtype)
         with self._cuda_device:
             if kind == "normal":
                 return rng.standard_normal(shape, dtype=dtype)
@@ -107,6 +154,7 @@ class CupyBackend(ArrayBackend):
     def linear_activation(
         self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
     ) -> Array:
+        self._tf32()
         with self._cuda_device:
             z = self.cupy.matmul(x, w)
             if activation is None:
@@ -124,6 +172,7 @@ class CupyBackend(ArrayBackend):
                 super().sum_into(out, x, axis=axis, alpha=alpha, beta=beta)
 
     def _matmul_out(self, out: Array, x: Array, y: Array, tx: bool, ty: bool) -> None:
+        self._tf32()
         with self._cuda_device:
             a, b = (x.swapaxes(-1, -2) if tx else x), (y.swapaxes(-1, -2) if ty else y)
             self.cupy.matmul(a, b, out=out)  # cuBLAS writes out directly
@@ -140,7 +189,9 @@ class CupyBackend(ArrayBackend):
         ):
             return False
         op = {False: "N", True: "T"}
+        tf32 = self._tf32() and out.dtype.char == "f"
         with self._cuda_device:
+            self._math_mode(tf32)
             self.cublas.gemm(op[tx], op[ty], x, y, out=out, alpha=alpha, beta=beta)
         return True
 

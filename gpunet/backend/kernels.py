@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .faults import FAULT_CODES
@@ -41,6 +42,7 @@ CUPY_NVRTC_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 # kernel suffix -> (storage dtype, C storage type, C scalar type)
 DTYPES = {
     "f16": (np.dtype(np.float16), "gn_half", "float"),
+    "bf16": (np.dtype(ml_dtypes.bfloat16), "gn_bf16", "float"),
     "f32": (np.dtype(np.float32), "float", "float"),
     "f64": (np.dtype(np.float64), "double", "double"),
 }
@@ -89,6 +91,35 @@ ACTIVATION_KERNELS: dict[tuple[str, str], ActivationKernels] = {
     ("gelu", "f16"): ActivationKernels("gelu_fwd_f16", "gelu_bwd_f16", "bias_gelu_fwd_f16"),
     ("gelu_tanh", "f16"): ActivationKernels(
         "gelu_tanh_fwd_f16", "gelu_tanh_bwd_f16", "bias_gelu_tanh_fwd_f16"
+    ),
+    ("relu", "bf16"): ActivationKernels(
+        "relu_fwd_bf16", "relu_bwd_bf16", "bias_relu_fwd_bf16", "relu_bwd_from_y_bf16"
+    ),
+    ("leaky_relu", "bf16"): ActivationKernels(
+        "leaky_relu_fwd_bf16",
+        "leaky_relu_bwd_bf16",
+        "bias_leaky_relu_fwd_bf16",
+        "leaky_relu_bwd_from_y_bf16",
+    ),
+    ("elu", "bf16"): ActivationKernels(
+        "elu_fwd_bf16", "elu_bwd_bf16", "bias_elu_fwd_bf16", "elu_bwd_from_y_bf16"
+    ),
+    ("sigmoid", "bf16"): ActivationKernels(
+        "sigmoid_fwd_bf16", "sigmoid_bwd_bf16", "bias_sigmoid_fwd_bf16", "sigmoid_bwd_from_y_bf16"
+    ),
+    ("tanh", "bf16"): ActivationKernels(
+        "tanh_fwd_bf16", "tanh_bwd_bf16", "bias_tanh_fwd_bf16", "tanh_bwd_from_y_bf16"
+    ),
+    ("softplus", "bf16"): ActivationKernels(
+        "softplus_fwd_bf16",
+        "softplus_bwd_bf16",
+        "bias_softplus_fwd_bf16",
+        "softplus_bwd_from_y_bf16",
+    ),
+    ("silu", "bf16"): ActivationKernels("silu_fwd_bf16", "silu_bwd_bf16", "bias_silu_fwd_bf16"),
+    ("gelu", "bf16"): ActivationKernels("gelu_fwd_bf16", "gelu_bwd_bf16", "bias_gelu_fwd_bf16"),
+    ("gelu_tanh", "bf16"): ActivationKernels(
+        "gelu_tanh_fwd_bf16", "gelu_tanh_bwd_bf16", "bias_gelu_tanh_fwd_bf16"
     ),
     ("relu", "f32"): ActivationKernels(
         "relu_fwd_f32", "relu_bwd_f32", "bias_relu_fwd_f32", "relu_bwd_from_y_f32"

@@ -7,6 +7,7 @@ or has a dedicated routine (``np.add.at`` for scatter-add). Inputs are never wri
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from . import blas
 from .faults import check_labels
 from .generic import Array, ArrayBackend, Axes, Shape
-from .numpy_fused import NumpyFusedOps
+from .numpy_fused import BF16, F32, NumpyFusedOps, through_float32
 
 
 class NumpyBackend(NumpyFusedOps, ArrayBackend):
@@ -34,12 +35,17 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
 
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         rng = generator.host_rng
+        dt = np.dtype(dtype)
+        if dt == BF16:  # (NumPy's generators draw float32 or float64 only)
+            return self.random(generator, kind, shape, F32).astype(BF16)
         if kind == "normal":
-            return rng.standard_normal(shape, dtype=np.dtype(dtype))
-        return rng.random(shape, dtype=np.dtype(dtype))
+            return rng.standard_normal(shape, dtype=dt)
+        return rng.random(shape, dtype=dt)
 
     def logsumexp(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
         """The generic formula with one temporary, updated in place."""
+        if x.dtype is BF16:
+            return through_float32(self.logsumexp, x, axis=axis, keepdims=keepdims)
         m = np.maximum.reduce(x, axis=axis, keepdims=True)
         m[~np.isfinite(m)] = 0
         t = np.subtract(x, m)
@@ -69,11 +75,17 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         return out
 
     def matmul(self, x: Array, y: Array, *, tx: bool, ty: bool) -> Array:
+        if x.dtype.char in "eE":  # bfloat16, float16: through float32 BLAS
+            return through_float32(self.matmul, x, y, tx=tx, ty=ty)
         return np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y)
 
     def linear_activation(
         self, x: Array, w: Array, b: Array, *, activation: str | None, alpha: float
     ) -> Array:
+        if x.dtype.char in "eE":
+            return through_float32(
+                self.linear_activation, x, w, b, activation=activation, alpha=alpha
+            )
         out = np.matmul(x, w)
         out += b  # in place on the GEMM's fresh output: one array
         if activation is None:
@@ -85,12 +97,16 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def sum_into(
         self, out: Array, x: Array, *, axis: tuple[int, ...], alpha: float = 1.0, beta: float = 0.0
     ) -> None:
+        if out.dtype is BF16:  # (the gradient buffer: its inputs share its dtype)
+            return through_float32(self.sum_into, out, x, axis=axis, alpha=alpha, beta=beta)
         if alpha == 1.0 and beta == 0.0:
             np.add.reduce(x, axis=axis, out=out)  # no temporary
         else:
             super().sum_into(out, x, axis=axis, alpha=alpha, beta=beta)
 
     def _matmul_out(self, out: Array, x: Array, y: Array, tx: bool, ty: bool) -> None:
+        if out.dtype.char in "eE":  # (the gradient buffer: its inputs share its dtype)
+            return through_float32(self._matmul_out, out, x, y, tx, ty)
         np.matmul(x.swapaxes(-1, -2) if tx else x, y.swapaxes(-1, -2) if ty else y, out=out)
 
     def _gemm(
@@ -101,6 +117,8 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         return blas.gemm(out, x, y, tx, ty, alpha, beta)
 
     def sum(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
+        if x.dtype is BF16:
+            return through_float32(self.sum, x, axis=axis, keepdims=keepdims)
         return np.add.reduce(x, axis=axis, keepdims=keepdims)  # np.sum's wrapper costs 3 us
 
     def max(self, x: Array, *, axis: Axes, keepdims: bool) -> Array:
@@ -117,6 +135,8 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def cross_entropy(self, logits: Array, labels: Array, *, reduction: str) -> Array:
         """logsumexp(z) - z[y] per row with one (n, c) temporary, updated in place. (An
         infinite logit gives inf or NaN either way, so the max needs no finiteness guard.)"""
+        if logits.dtype is BF16:
+            return through_float32(self.cross_entropy, logits, labels, reduction=reduction)
         check_labels(labels, logits.shape[1], "cross_entropy")
         n = logits.shape[0]
         m = np.maximum.reduce(logits, axis=1, keepdims=True)
@@ -136,6 +156,10 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     ) -> Array:
         """softmax(z) * scale - scale at the label: one (n, c) temporary, in place. (A mean's
         or sum's scale is a Python float: g / n rounds to the same float either way.)"""
+        if logits.dtype is BF16:
+            return through_float32(
+                self.cross_entropy_backward, g, logits, labels, reduction=reduction
+            )
         n = logits.shape[0]
         p = np.subtract(logits, np.maximum.reduce(logits, axis=1, keepdims=True))
         np.exp(p, out=p)
@@ -184,3 +208,24 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
 
     def copy(self, x: Array) -> Array:
         return x.copy()
+
+
+def _checked(method: Any) -> Any:
+    """``method`` with the bfloat16 test in front (the methods no training step calls)."""
+
+    @functools.wraps(method)
+    def run(self: NumpyBackend, first: Any, *rest: Any, **params: Any) -> Any:
+        if first.dtype is BF16 or (rest and getattr(rest[0], "dtype", None) is BF16):
+            return through_float32(functools.partial(method, self), first, *rest, **params)
+        return method(self, first, *rest, **params)
+
+    return run
+
+
+# Every method whose arithmetic is more than one ufunc (or a BLAS call, or a reduction) goes
+# through float32 for bfloat16: the hot ones test the dtype in their first line (a wrapper
+# would add 25 bytecodes a call to every float32 step), these few through ``_checked``.
+# One-ufunc elementwise methods and data movement run in ml_dtypes' loops, which compute
+# each element in float32 and round once already.
+for _name in ("erf", "pow", "scatter_add", "axpby_into"):
+    setattr(NumpyBackend, _name, _checked(getattr(NumpyBackend, _name)))

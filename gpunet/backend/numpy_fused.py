@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+import ml_dtypes
 import numpy as np
 import scipy.special
 
@@ -98,6 +99,8 @@ class NumpyFusedOps(FusedOps):
     def activation(self, x: Array, name: str, alpha: float = 0.0) -> Array:
         # the lookup inline, ``formulas`` only for the error: one Python frame fewer on every
         # activation (relu at 10^3 elements costs as much in Python as in NumPy)
+        if x.dtype is BF16:
+            return through_float32(self.activation, x, name, alpha)
         f = (self.FORMULAS.get(name) or self.formulas(name)).f
         if name not in LONG or x.size < 2 * CHUNK or not x.flags.c_contiguous:
             return f(self, x, alpha)
@@ -116,6 +119,14 @@ class NumpyFusedOps(FusedOps):
         from_output: bool = False,
         out: Array | None = None,
     ) -> Array:
+        if g.dtype is BF16:
+            dx = through_float32(
+                self.activation_backward, g, saved, name=name, alpha=alpha, from_output=from_output
+            )
+            if out is None:
+                return dx
+            out[...] = dx
+            return out
         df = self.derivative(name, from_output)
         contiguous = g.flags.c_contiguous and saved.flags.c_contiguous
         long = name in LONG and not from_output and g.size >= 2 * CHUNK
@@ -381,3 +392,35 @@ class NumpyFusedOps(FusedOps):
         "gelu": Formulas(f=_f_gelu, df=_df_gelu),
         "gelu_tanh": Formulas(f=_f_gelu_tanh, df=_df_gelu_tanh),
     }
+
+
+# ---------------------------------------------------------------------- bfloat16
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F32 = np.dtype(np.float32)
+
+
+def _up(a: Any) -> Any:
+    return a.astype(F32) if type(a) is np.ndarray and a.dtype.char in "eE" else a
+
+
+def _down(r: Any, low: np.dtype) -> Any:
+    if type(r) is tuple:
+        return tuple(_down(x, low) for x in r)
+    if isinstance(r, (np.ndarray, np.float32)) and r.dtype is F32:  # (0-d reductions: scalars)
+        return np.asarray(r).astype(low)
+    return r
+
+
+def through_float32(method: Any, first: Any, *rest: Any, **params: Any) -> Any:
+    """``method(first, *rest, **params)`` for bfloat16 (or float16) arrays, computed in float32
+    and rounded once to nearest even: NumPy has no bfloat16 or float16 BLAS (its float16
+    matmul is a plain loop, 240 times slower), and ml_dtypes' own loops round after every
+    ufunc and sum in bfloat16. A method returning None writes ``first``, which is computed
+    in float32 and rounded back into it."""
+    low = next(a.dtype for a in (first, *rest) if getattr(a, "dtype", F32).char in "eE")
+    out = _up(first)
+    result = method(out, *[_up(a) for a in rest], **params)
+    if result is None and out is not first:
+        first[...] = out.astype(low)
+        return None
+    return _down(result, low)

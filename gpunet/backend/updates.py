@@ -5,7 +5,8 @@ scalars Adam derives from them per step, and the precision of the state buffers.
 float16 parameters keep their optimizer state in float32 and are updated in float32, then
 rounded once to float16: in float16 Adam's ``eps = 1e-8`` is 0 (the smallest float16 is
 6e-8) and ``v = g^2`` underflows for |g| < 2.4e-4, so p -= m / (sqrt(v) + eps) divides by
-zero. The CUDA kernels compute in float32 for float32 and float16 storage alike.
+zero; bfloat16 parameters are updated the same way. The CUDA kernels compute in float32 for
+float32 and float16 storage alike.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 Array = Any
@@ -56,10 +58,14 @@ class AdamHyper:
         return l2, decay, lr / (1.0 - self.beta1**step), math.sqrt(1.0 - self.beta2**step)
 
 
+_HALF = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
 def state_dtype(dtype: Any) -> np.dtype:
     """The dtype of an optimizer's state (momentum, Adam's moments) and of its arithmetic for
-    parameters of ``dtype``: float32 for float16, else the parameters' own."""
-    half = isinstance(dtype, np.dtype) and dtype == np.float16  # (array-api-strict: no half)
+    parameters of ``dtype``: float32 for float16 and bfloat16 (array-api-strict has
+    neither), else the parameters' own."""
+    half = isinstance(dtype, np.dtype) and dtype in _HALF
     return np.dtype(np.float32) if half else dtype
 
 

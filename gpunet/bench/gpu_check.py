@@ -117,13 +117,17 @@ def stages(python: str, free_bytes: float, bench_out: Path) -> list[Stage]:
     kernels = tests / "kernels" / "test_kernels_gpu.py"
     pytest = [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
     pytest += ["--benchmark-disable"]
-    sizes = ",".join([*mlp_sizes_that_fit(free_bytes), "1e3", "1e5", "1e7"])
+    fit = mlp_sizes_that_fit(free_bytes)
+    sizes = ",".join([*fit, "1e3", "1e5", "1e7"])
     bench = [python, "-m", "gpunet.cli", "bench", "--device", "cuda", "--suite", "all"]
     bench += ["--sizes", sizes, "--repeats", "5", "--no-progress", "--markdown"]
     argv = {
         "gpu tests": [*pytest, "-m", "gpu", str(tests), f"--ignore={kernels}"],
         "kernels": [*pytest, str(kernels)],
-        "cublas gemm": [python, "-m", "gpunet.bench.gpu_check", "--gemm-only"],
+        "cublas gemm": [
+            *[python, "-m", "gpunet.bench.gpu_check", "--gemm-only"],
+            *["--precisions", ",".join(s for s in fit if s in ("medium", "large"))],
+        ],
         "bench": [*bench, "--out", str(bench_out)],
     }
     return [Stage(name, argv[name], LIMITS_S[name]) for name in LIMITS_S]
@@ -204,6 +208,80 @@ def check_gemm() -> str:
     )
 
 
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+def time_precisions(names: Sequence[str], steps: int = 10) -> str:
+    """One training step (``nn.MLP``, SGD with momentum 0.9, cross-entropy) of each named
+    MLP size on CUDA in fp32, tf32, bf16 and fp16 (autocast; fp16 with ``GradScaler``): the
+    median of ``steps`` synchronized steps after 3 warm-up steps, as a Markdown table. A
+    precision that fails is named in its cell, and the call raises after the table."""
+    import statistics
+
+    import cupy
+    import numpy as np
+
+    import gpunet
+    from gpunet import amp, backends
+
+    from ..formatting import seconds
+    from .workloads import MLP_SIZES
+
+    lines = ["| MLP, batch | " + " | ".join(PRECISIONS) + " |", "| --- |" + " ---: |" * 4]
+    errors = []
+    for name in names:
+        sizes, batch = MLP_SIZES[name]
+        cells = []
+        for precision in PRECISIONS:
+            gpunet.manual_seed(0)
+            model = gpunet.nn.MLP(list(sizes), device="cuda")
+            opt = gpunet.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            x = gpunet.randn(batch, sizes[0], device="cuda")
+            labels = np.random.default_rng(0).integers(0, sizes[-1], batch)
+            y = gpunet.tensor(labels, device="cuda")
+            low = {"bf16": gpunet.bfloat16, "fp16": gpunet.float16}.get(precision)
+            scaler = amp.GradScaler() if precision == "fp16" else None
+            context = amp.autocast(low or gpunet.bfloat16, enabled=low is not None)
+            backends.allow_tf32 = precision == "tf32"
+
+            samples = []
+            try:
+                for i in range(3 + steps):
+                    cupy.cuda.Device().synchronize()
+                    start = time.perf_counter()
+                    _step(model, opt, x, y, context, scaler)
+                    cupy.cuda.Device().synchronize()
+                    if i >= 3:
+                        samples.append(time.perf_counter() - start)
+                cells.append(seconds(statistics.median(samples)))
+            except Exception as e:  # (named in the table, raised after it)
+                cells.append(f"error: {type(e).__name__}")
+                errors.append(f"{name} {precision}: {type(e).__name__}: {e}")
+            finally:
+                backends.allow_tf32 = False
+        lines.append(f"| {'-'.join(map(str, sizes))}, batch {batch} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    if errors:
+        raise RuntimeError(table + "\n\n" + "\n".join(errors))
+    return table
+
+
+def _step(model: Any, opt: Any, x: Any, y: Any, context: Any, scaler: Any) -> None:
+    """One training step under ``context`` (autocast or not), through ``scaler`` if any."""
+    from gpunet.nn import functional as F
+
+    opt.zero_grad()
+    with context:
+        loss = F.cross_entropy(model(x), y)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
 # ---------------------------------------------------------------------- the report
 def write_report(report: Report, path: Path, budget_s: float, wall_s: float) -> None:
     lines = [f"# gpu-check {time.strftime('%Y-%m-%d %H:%M:%S')}", ""]
@@ -257,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default="runs", help="folder for the report (default runs)")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all stages")
     ap.add_argument("--gemm-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--precisions", default="", help=argparse.SUPPRESS)  # (with --gemm-only)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     from ..backend import probe_cuda
 
@@ -265,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu-check: no CUDA device, nothing checked: {probe.reason}", file=sys.stderr)
         return 1
     if args.gemm_only:
+        names = [n for n in args.precisions.split(",") if n]
+        if names:
+            print(time_precisions(names), flush=True)
         print(check_gemm())
         return 0
     start = time.perf_counter()
@@ -282,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_stage(stage, env)
             if stage.name == "bench":
                 result.figures = _bench_figures(Path(tmp))
+            elif stage.name == "cublas gemm":  # the precisions' step times
+                result.figures = "\n".join(
+                    ln for ln in result.output.splitlines() if ln.startswith("|")
+                )
             report.results.append(result)
             print(f"gpu-check: {stage.name}: {result.status} ({result.seconds:.0f} s)", flush=True)
     write_report(report, path, args.budget, time.perf_counter() - start)

@@ -338,7 +338,7 @@ class Module:
 def _move_(t: Tensor, dt: np.dtype | None, backend: Any) -> None:
     """Change a tensor's dtype and device in place (the object stays; its array is replaced)."""
     layout_changed()
-    if dt is not None and t.dtype != dt and t.dtype.kind == "f":
+    if dt is not None and t.dtype != dt and dtypes.is_floating(t.dtype):
         t.data = ops.cast(t.detach(), dt).data
     if backend is not None and backend is not t._backend:
         moved = t.detach().to(backend.device)

@@ -137,12 +137,30 @@ where = primitive(
     jvp=LINEAR,
 )
 
+
 # ---------------------------------------------------------------------- casts and copies
+def _cast_vjp_into(out, alpha: float, beta: float, g, src, dtype) -> None:  # type: ignore[no-untyped-def]
+    """out <- alpha cast(g, src) + beta out: autocast's float32 weight's gradient written into
+    its optimizer buffer as it is cast back (one pass; no gradient array to copy in after)."""
+    call = gpunet.autodiff.call
+    if alpha == 1.0 and beta == 0.0:
+        call("cast", _cast_into, out, g.data)  # (assignment casts: one pass)
+    else:
+        g32 = g.data.astype(out.dtype)
+        call("axpby", g._backend.axpby_into, out, g32, alpha=alpha, beta=beta)
+
+
+def _cast_into(out, x) -> None:  # type: ignore[no-untyped-def]
+    """out <- x in out's dtype, in place (a backend call, so a step capture records it)."""
+    out[...] = x
+
+
 cast = primitive(
     "cast",
     "x converted to another floating dtype; the gradient is cast back",
     save=lambda out, x, dtype: (x.dtype,),
     vjp=(lambda g, src, dtype: gpunet.ops.cast(g, src),),
+    vjp_into=(_cast_vjp_into,),
     jvp=LINEAR,
 )
 

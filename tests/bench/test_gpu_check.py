@@ -105,6 +105,7 @@ def test_the_real_stages_fit_the_budget_and_run_what_needs_a_gpu():
     assert "-m gpu" in argv["gpu tests"] and "--ignore" in argv["gpu tests"]
     assert argv["kernels"].endswith("test_kernels_gpu.py")
     assert "--gemm-only" in argv["cublas gemm"]
+    assert "--precisions medium,large" in argv["cublas gemm"]
     assert "--device cuda" in argv["bench"] and "tiny,small,medium,large" in argv["bench"]
 
 
@@ -114,6 +115,12 @@ def test_the_real_stages_fit_the_budget_and_run_what_needs_a_gpu():
 )
 def test_mlp_sizes_that_fit(free_gib: float, want: list[str]):
     assert gpu_check.mlp_sizes_that_fit(free_gib * 2**30) == want
+
+
+@pytest.mark.gpu
+def test_each_precision_times_a_training_step():
+    table = gpu_check.time_precisions(["small"], steps=2)
+    assert table.startswith("| MLP, batch | fp32 | tf32 | bf16 | fp16 |") and "error" not in table
 
 
 @pytest.mark.gpu

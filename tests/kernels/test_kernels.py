@@ -25,6 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 from kernel_tools import (
@@ -207,6 +208,9 @@ def test_grid_size_rule() -> None:
     assert K.grid_size(10**9, 132) == 32 * 132
 
 
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
 # ---------------------------------------------------------------------- host emulation
 @pytest.fixture(scope="module")
 def emu() -> EmulatedKernels:
@@ -232,7 +236,7 @@ def inputs(n: int, dtype: Any, seed: int, scale: float = 1e4) -> np.ndarray:
 
 def _kernel_op(name: str) -> tuple[str, str, str]:
     """'bias_elu_fwd_f32' -> ('bias', 'elu', 'f32'); 'relu_bwd_from_y_f16' -> ('bwd_y', ...)."""
-    m = re.fullmatch(r"(bias_)?(\w+?)_(fwd|bwd_from_y|bwd)_(f16|f32|f64)", name)
+    m = re.fullmatch(r"(bias_)?(\w+?)_(fwd|bwd_from_y|bwd)_(bf16|f16|f32|f64)", name)
     assert m, name
     op = "bias" if m.group(1) else {"fwd": "fwd", "bwd": "bwd", "bwd_from_y": "bwd_y"}[m.group(3)]
     return op, m.group(2), m.group(4)
@@ -256,8 +260,10 @@ def assert_matches(got: np.ndarray, want: np.ndarray, scale: Any, exact: bool, w
         bad = np.flatnonzero(g.view(bits) != w.view(bits))
         assert bad.size == 0, f"{what}: bits differ at {bad[:5]}: {g[bad[:5]]} vs {w[bad[:5]]}"
         return
-    rtol = {np.float16: 2.0**-10, np.float32: 1e-6, np.float64: 1e-13}[got.dtype.type]
-    tiny = float(np.finfo(got.dtype).tiny)  # denormals: the CPU keeps them, formulas differ
+    rtol = {np.float16: 2.0**-10, BF16.type: 2.0**-7, np.float32: 1e-6, np.float64: 1e-13}[
+        got.dtype.type
+    ]
+    tiny = float(ml_dtypes.finfo(got.dtype).tiny)  # denormals: the CPU keeps them, formulas differ
     wide, wwide = g.astype(np.float64), w.astype(np.float64)
     both_inf = np.isinf(wide) & (wide == wwide)
     s = np.broadcast_to(np.asarray(scale, np.float64), want.shape)[~nan]
@@ -280,7 +286,8 @@ def test_kernel_matches_numpy_backend(cuda_on_cpu: CupyBackend, name: str) -> No
     gpu, emu = cuda_on_cpu, cuda_on_cpu._kernels
     op, act, sfx = _kernel_op(name)
     dtype = K.DTYPES[sfx][0]
-    ref_dtype = np.float32 if dtype == np.float16 else dtype  # half: computed in float
+    half = dtype in (np.float16, BF16)
+    ref_dtype = np.float32 if half else dtype  # half, bfloat16: computed in float
     shapes = [(n,) for n in SIZES] if op != "bias" else [(0, 3), (1, 1), (5, 51), (257, 1)]
     if op == "bias":
         shapes += [(1, 255), (97, 1031)]
@@ -289,7 +296,7 @@ def test_kernel_matches_numpy_backend(cuda_on_cpu: CupyBackend, name: str) -> No
         n = int(np.prod(shape))
         x = inputs(n, dtype, seed).reshape(shape)
         x_ref = x.astype(ref_dtype)
-        exact = _exact(op, act) and dtype != np.float16
+        exact = _exact(op, act) and not half
         g = inputs(n, dtype, seed + 50, scale=100.0)
         saved = gpu.activation(x, name=act, alpha=alpha) if op == "bwd_y" else x
         emu.launches.clear()
@@ -355,6 +362,28 @@ def test_half_conversions_round_to_nearest_even(emu: EmulatedKernels) -> None:
         want = (x.astype(np.float32) + b.astype(np.float32)).astype(np.float16)
     want[want.view(np.uint16) == 0x8000] = 0  # -0 sums: +0 through max + min, as above
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_bfloat16_conversions_match_ml_dtypes_bit_for_bit(emu: EmulatedKernels) -> None:
+    """The same for bfloat16 storage (``gn_bf16``): exact loads of every value, and x + b
+    computed in float and rounded once to nearest even, as ml_dtypes casts the float32 sum
+    (overflow to infinity included; a NaN sum is NaN)."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(BF16)
+    got = emu.activation(every, "leaky_relu", 1.0)
+    finite = np.isfinite(every.astype(np.float32))
+    same = finite & (every.view(np.uint16) != 0x8000)
+    np.testing.assert_array_equal(got[same].view(np.uint16), every[same].view(np.uint16))
+    assert np.isnan(got[~finite & np.isnan(every.astype(np.float32))].astype(np.float32)).all()
+    r = np.random.default_rng(4)
+    x = r.choice(every[finite], (4096, 16))
+    b = r.choice(every[finite], 16)
+    got, _ = emu.bias_activation(x, b, "leaky_relu", 1.0, False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = (x.astype(np.float32) + b.astype(np.float32)).astype(BF16)
+    want[want.view(np.uint16) == 0x8000] = 0  # -0 sums: +0 through max + min, as above
+    nan = np.isnan(want.astype(np.float32))
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    assert np.isnan(got.astype(np.float32)[nan]).all()
 
 
 def test_denormals_are_kept_on_the_cpu(emu: EmulatedKernels) -> None:

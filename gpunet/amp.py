@@ -1,0 +1,344 @@
+"""Automatic mixed precision: ``autocast`` (a dtype policy per primitive, applied at the
+dispatch point) and ``GradScaler`` (dynamic loss scaling for float16).
+
+Under ``autocast(dtype=gpunet.bfloat16)`` (or ``gpunet.float16``) each op's floating inputs
+are cast by its primitive's policy in ``POLICY`` before it runs, as PyTorch's autocast does
+(``aten/src/ATen/autocast_mode.h``'s lists are the reference):
+
+- ``LOWER``: GEMMs (``matmul``, ``linear_activation``) run in the low precision;
+- ``FLOAT32``: reductions, ``exp``/``log``, ``logsumexp`` (so softmax), ``pow``, the losses
+  (and LayerNorm's statistics, which are sums) run in float32;
+- ``PROMOTE``: ops of several floating inputs run in the widest of their dtypes (a
+  bfloat16 GEMM's output plus a float32 tensor is float32);
+- ``FOLLOW``: the rest run in their input's dtype.
+
+The casts are ``cast`` primitives, so backward follows the forward's dtypes: each cast's VJP
+casts the gradient back, and parameters (float32) get float32 gradients. Inside a backward
+sweep no policy applies. float64 inputs are never lowered (as in PyTorch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from . import dtypes
+from . import primitives as P
+from .autodiff import AUTOCAST, BACKWARD, CAPTURE, STATE, apply, refuse
+from .primitives import Primitive
+from .tensor import Tensor
+
+LOWER, FLOAT32, PROMOTE, FOLLOW = "lower", "float32", "promote", "follow"
+
+# The one table: every primitive in ``gpunet.primitives.REGISTRY`` has a policy here (a test
+# walks the registry, so a new primitive without one fails).
+POLICY: dict[str, str] = {
+    # GEMMs: PyTorch's lower_precision_fp list (mm, matmul, linear, addmm)
+    "matmul": LOWER,
+    "linear_activation": LOWER,
+    # PyTorch's fp32 list: exp, log, log1p, pow, sum, softmax/log_softmax, softplus, the losses
+    "exp": FLOAT32,
+    "log": FLOAT32,
+    "log1p": FLOAT32,
+    "pow": FLOAT32,
+    "sum": FLOAT32,
+    "logsumexp": FLOAT32,
+    "softplus": FLOAT32,
+    "cross_entropy": FLOAT32,
+    "cross_entropy_backward": FLOAT32,
+    # several floating inputs: the widest dtype (PyTorch's promote list: cat, stack, index_put)
+    "add": PROMOTE,
+    "sub": PROMOTE,
+    "mul": PROMOTE,
+    "div": PROMOTE,
+    "maximum": PROMOTE,
+    "minimum": PROMOTE,
+    "where": PROMOTE,
+    "compare": PROMOTE,
+    "concatenate": PROMOTE,
+    "scatter_add": PROMOTE,
+    # the input's dtype
+    "neg": FOLLOW,
+    "sqrt": FOLLOW,
+    "abs": FOLLOW,
+    "sign": FOLLOW,
+    "relu": FOLLOW,
+    "leaky_relu": FOLLOW,
+    "elu": FOLLOW,
+    "sigmoid": FOLLOW,
+    "tanh": FOLLOW,
+    "silu": FOLLOW,
+    "gelu": FOLLOW,
+    "erf": FOLLOW,
+    "max": FOLLOW,
+    "isfinite": FOLLOW,
+    "argmax": FOLLOW,
+    "cast": FOLLOW,
+    "copy": FOLLOW,
+    "device_put": FOLLOW,
+    "stop_gradient": FOLLOW,
+    "broadcast_to": FOLLOW,
+    "reshape": FOLLOW,
+    "transpose": FOLLOW,
+    "slice": FOLLOW,
+    "slice_transpose": FOLLOW,
+    "take": FOLLOW,
+}
+
+_LOW = (dtypes.float16, dtypes.bfloat16)
+
+
+class autocast(contextlib.ContextDecorator):
+    """Run ops inside in mixed precision: ``with gpunet.autocast(dtype=gpunet.bfloat16):``.
+
+    ``dtype``: bfloat16 (no loss scaling needed: float32's range) or float16 (use
+    ``GradScaler``). ``enabled=False`` turns an outer autocast off inside. Per thread, as in
+    PyTorch. Run ``loss.backward()`` inside or after it: backward follows the forward's dtypes.
+    """
+
+    def __init__(self, dtype: Any = dtypes.bfloat16, enabled: bool = True) -> None:
+        dt = dtypes.as_dtype(dtype)
+        if dt not in _LOW:
+            raise ValueError(
+                f"gpunet.autocast: dtype must be gpunet.bfloat16 or gpunet.float16, got {dt} "
+                "(float32 GEMMs on tensor cores: gpunet.backends.allow_tf32 = True)"
+            )
+        self.dtype, self.enabled = dt, bool(enabled)
+        self._saved: list[tuple[Any, int]] = []
+
+    def __enter__(self) -> autocast:
+        state = STATE
+        self._saved.append((state.autocast, state.flags & AUTOCAST))
+        state.autocast = self.dtype if self.enabled else None
+        state._set(AUTOCAST, self.enabled)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        state = STATE
+        state.autocast, bit = self._saved.pop()
+        state._set(AUTOCAST, bool(bit))
+
+
+def is_autocast_enabled() -> bool:
+    return bool(STATE.flags & AUTOCAST)
+
+
+def dispatch(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> Tensor:
+    """``apply`` under autocast: cast the inputs by ``prim``'s policy, then run the op (and
+    the casts) with the policy off, so they take the ordinary path."""
+    state = STATE
+    flags = state.flags
+    state.flags = flags & ~AUTOCAST
+    try:
+        if not flags & BACKWARD:  # (a sweep's rules follow the forward's dtypes)
+            policy = POLICY.get(prim.name)
+            if policy is None:
+                raise NotImplementedError(
+                    f"gpunet.autocast: primitive {prim.name!r} has no autocast policy; add it "
+                    "to gpunet.amp.POLICY"
+                )
+            if policy is not FOLLOW:
+                args = _cast_inputs(policy, prim, args, state.autocast)
+        return apply(prim, args, params)
+    finally:
+        state.flags |= flags & AUTOCAST
+
+
+def _cast_inputs(policy: str, prim: Primitive, args: tuple[Tensor, ...], low: Any) -> tuple:
+    """The inputs cast by ``policy`` (non-differentiable inputs, masks and indices, stay)."""
+    skip = prim.nondiff
+    if policy is LOWER:
+        want = {i: low for i, a in enumerate(args) if a.dtype != low and _lowerable(a.dtype)}
+    elif policy is FLOAT32:
+        want = {i: dtypes.float32 for i, a in enumerate(args) if a.dtype in _LOW}
+    else:  # PROMOTE
+        floats = {a.dtype for i, a in enumerate(args) if i not in skip and _floating(a.dtype)}
+        if len(floats) < 2:
+            return args
+        wide = _widest(floats)
+        want = {i: wide for i, a in enumerate(args) if a.dtype in floats and a.dtype != wide}
+    want = {i: dt for i, dt in want.items() if i not in skip}
+    if not want:
+        return args
+    return tuple(
+        apply(P.cast, (a,), {"dtype": want[i]}) if i in want else a for i, a in enumerate(args)
+    )
+
+
+def _floating(dt: Any) -> bool:
+    return dtypes.is_floating(dt)
+
+
+def _lowerable(dt: Any) -> bool:
+    """float32 and the other low precision are lowered; float64 never (as in PyTorch)."""
+    return dt == dtypes.float32 or dt in _LOW
+
+
+def _widest(floats: set) -> Any:
+    """float64 > float32 > the low precisions; float16 with bfloat16 meet at float32."""
+    if dtypes.float64 in floats:
+        return dtypes.float64
+    if dtypes.float32 in floats or len(floats) > 1:
+        return dtypes.float32
+    return next(iter(floats))
+
+
+# ---------------------------------------------------------------------- loss scaling
+class GradScaler:
+    """Dynamic loss scaling for float16 (PyTorch's ``torch.amp.GradScaler``, its defaults).
+
+    ``scaler.scale(loss).backward()``, then ``scaler.step(opt)`` (unscale the gradients by
+    1/scale, look for inf/NaN, skip the step when found) and ``scaler.update()``: on a found
+    inf the scale halves (``backoff_factor``) and the count of clean steps restarts; after
+    ``growth_interval`` clean steps in a row it doubles (``growth_factor``).
+
+    The scale, the clean-step count and the found-inf flag are arrays on the loss's device
+    (device arrays on CUDA): ``scale`` and ``update`` never read them on the host. ``step``
+    reads the flag once to skip the optimizer, as PyTorch's non-fused optimizers do (folding
+    the skip into the fused update kernel, which would remove that read, is not done yet).
+    bfloat16 has float32's range and needs no scaler.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        enabled: bool = True,
+    ) -> None:
+        if not (init_scale > 0 and growth_factor > 1.0 and 0.0 < backoff_factor < 1.0):
+            raise ValueError(
+                f"GradScaler: need init_scale > 0, growth_factor > 1 and 0 < backoff_factor < "
+                f"1, got {init_scale}, {growth_factor}, {backoff_factor}"
+            )
+        if not (isinstance(growth_interval, int) and growth_interval >= 1):
+            raise ValueError(
+                f"GradScaler: growth_interval must be an int >= 1, got {growth_interval!r}"
+            )
+        self.enabled = enabled
+        self._init_scale, self._growth, self._backoff = init_scale, growth_factor, backoff_factor
+        self._interval = growth_interval
+        self._scale: Any = None  # float32 (): made on the loss's device by the first scale()
+        self._tracker: Any = None  # int32 (): clean steps in a row
+        self._found: Any = None  # float32 (): 1 when this step's gradients held inf or NaN
+        self._backend: Any = None
+        self._unscaled: set[int] = set()  # ids of the optimizers unscaled since update()
+        self._tracker_init = 0  # (a loaded state's count, before the arrays exist)
+
+    def _lazy(self, backend: Any) -> None:
+        if self._scale is None:
+            self._backend = backend
+            self._scale = backend.full((), self._init_scale, dtypes.float32)
+            self._tracker = backend.full((), self._tracker_init, dtypes.int32)
+            self._found = backend.zeros((), dtypes.float32)
+
+    def scale(self, outputs: Tensor) -> Tensor:
+        """outputs * scale (a tensor: differentiable, so backward carries the scale)."""
+        if not self.enabled:
+            return outputs
+        if STATE.flags & CAPTURE:  # (its scale array is replaced by each update)
+            refuse("GradScaler.scale", "rescales on the host between steps")
+        self._lazy(outputs._backend)
+        s = self._scale if outputs.dtype == dtypes.float32 else self._scale.astype(outputs.dtype)
+        return outputs * Tensor._wrap(s, outputs._backend)
+
+    def unscale_(self, optimizer: Any) -> None:
+        """Divide ``optimizer``'s gradients by the scale in place and note any inf/NaN."""
+        if not self.enabled:
+            return
+        if id(optimizer) in self._unscaled:
+            raise RuntimeError(
+                "GradScaler.unscale_: already called on this optimizer since the last update()"
+            )
+        if self._scale is None:
+            raise RuntimeError("GradScaler.unscale_: call scale(loss) (and backward) first")
+        if getattr(optimizer, "defaults", {}).get("in_backward"):
+            raise ValueError(
+                "GradScaler: SGD(in_backward=True) steps inside backward(), on the scaled "
+                "gradients and before any inf check; use SGD() (in_backward=False) with a scaler"
+            )
+        xp = self._backend.xp
+        inv = xp.reciprocal(self._scale.astype(dtypes.float64)).astype(dtypes.float32)
+        for p in optimizer._all_params():
+            g = p.grad
+            if g is None:
+                continue
+            data = g.data * inv.astype(g.dtype)
+            # found |= any(!isfinite(g)): an array maximum, never a host read
+            bad = xp.any(xp.logical_not(xp.isfinite(data))).astype(dtypes.float32)
+            self._found = xp.maximum(self._found, bad)
+            p.grad = Tensor._wrap(data, g._backend)
+        self._unscaled.add(id(optimizer))
+
+    def step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        """Unscale (unless ``unscale_`` ran), then ``optimizer.step()`` unless a gradient held
+        inf or NaN (then the parameters and the optimizer's state stay as they were)."""
+        if not self.enabled:
+            return optimizer.step(*args, **kwargs)
+        if STATE.flags & CAPTURE:
+            refuse("GradScaler.step", "decides on the host whether to step")
+        if id(optimizer) not in self._unscaled:
+            self.unscale_(optimizer)
+        if float(self._found) != 0.0:  # (the one host read: see the class docstring)
+            return None
+        return optimizer.step(*args, **kwargs)
+
+    def update(self, new_scale: float | None = None) -> None:
+        """The scale for the next step: backoff on a found inf, growth after
+        ``growth_interval`` clean steps in a row (PyTorch's ``_amp_update_scale_``)."""
+        if not self.enabled or self._scale is None:
+            return
+        xp = self._backend.xp
+        if new_scale is not None:
+            self._scale = self._backend.full((), float(new_scale), dtypes.float32)
+        else:
+            found = self._found > 0
+            clean = xp.where(found, 0, self._tracker + 1).astype(dtypes.int32)
+            grow = clean >= self._interval
+            grown = (self._scale * self._growth).astype(dtypes.float32)
+            grow = xp.logical_and(grow, xp.isfinite(grown))
+            scale = xp.where(grow, grown, self._scale)
+            self._scale = xp.where(found, self._scale * self._backoff, scale).astype(dtypes.float32)
+            self._tracker = xp.where(grow, 0, clean).astype(dtypes.int32)
+        self._found = self._backend.zeros((), dtypes.float32)
+        self._unscaled.clear()
+
+    def get_scale(self) -> float:
+        """The current scale (a host read), or the initial one before the first ``scale``."""
+        if not self.enabled:
+            return 1.0
+        return self._init_scale if self._scale is None else float(self._scale)
+
+    def get_growth_tracker(self) -> int:
+        return 0 if self._tracker is None else int(self._tracker)
+
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+    def state_dict(self) -> dict[str, Any]:
+        """PyTorch's keys: scale, growth_factor, backoff_factor, growth_interval,
+        _growth_tracker (empty when disabled)."""
+        if not self.enabled:
+            return {}
+        return {
+            "scale": self.get_scale(),
+            "growth_factor": self._growth,
+            "backoff_factor": self._backoff,
+            "growth_interval": self._interval,
+            "_growth_tracker": self.get_growth_tracker(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if not state:
+            raise RuntimeError("GradScaler.load_state_dict: the state is empty (saved disabled)")
+        self._init_scale = float(state["scale"])
+        self._growth = float(state["growth_factor"])
+        self._backoff = float(state["backoff_factor"])
+        self._interval = int(state["growth_interval"])
+        self._tracker_init = int(state["_growth_tracker"])
+        if self._scale is not None:
+            self._scale = self._backend.full((), self._init_scale, dtypes.float32)
+            self._tracker = self._backend.full((), self._tracker_init, dtypes.int32)

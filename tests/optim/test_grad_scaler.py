@@ -1,0 +1,165 @@
+"""gpunet.amp.GradScaler: PyTorch's dynamic loss scaling, its defaults and its sequence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpunet
+from gpunet.amp import GradScaler
+
+# (overflow at this step?) for 14 steps: growth after 2 clean steps, backoff, repeated infs
+PATTERN = [
+    False,
+    False,
+    True,
+    False,
+    False,
+    False,
+    True,
+    True,
+    False,
+    False,
+    False,
+    False,
+    True,
+    False,
+]
+
+
+def _run(scaler: GradScaler, pattern: list[bool]) -> tuple[list[float], list[bool], gpunet.Tensor]:
+    """Train w on (w x).sum() with x = inf on the overflow steps; the scale after each
+    update, and whether w moved."""
+    w = gpunet.tensor(np.ones(3, np.float32), requires_grad=True)
+    opt = gpunet.optim.SGD([w], lr=0.1)
+    scales, moved = [], []
+    for bad in pattern:
+        x = gpunet.tensor(np.float32([1.0, np.inf if bad else 2.0, 3.0]))
+        before = w.numpy().copy()
+        opt.zero_grad()
+        scaler.scale((w * x).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        moved.append(not np.array_equal(before, w.numpy()))
+    return scales, moved, w
+
+
+def test_defaults_are_pytorchs() -> None:
+    s = GradScaler()
+    assert s.get_scale() == 2.0**16
+    assert s.state_dict() == {
+        "scale": 65536.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2000,
+        "_growth_tracker": 0,
+    }
+
+
+def test_the_scale_sequence_over_injected_overflows_is_the_hand_computed_one() -> None:
+    scales, moved, w = _run(GradScaler(init_scale=8.0, growth_interval=2), PATTERN)
+    # by hand: x2 after two clean steps in a row, x0.5 on each overflow (the count restarts)
+    assert scales == [8, 16, 8, 8, 16, 16, 8, 4, 4, 8, 8, 16, 8, 8]
+    assert moved == [not bad for bad in PATTERN]  # skipped exactly on the overflows
+    clean = PATTERN.count(False)
+    # every clean step is the unscaled one: w -= 0.1 x, exactly (the scales are powers of 2)
+    want = np.float32(1.0)
+    for _ in range(clean):
+        want = np.float32(want - np.float32(0.1) * np.float32(1.0))
+    assert w.numpy()[0] == want
+
+
+def test_the_scale_sequence_equals_torchs() -> None:
+    torch = pytest.importorskip("torch", reason="torch (the bench extra) is not installed")
+    w = torch.ones(3, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    ref = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=2)
+    want = []
+    for bad in PATTERN:
+        x = torch.tensor([1.0, float("inf") if bad else 2.0, 3.0])
+        opt.zero_grad()
+        ref.scale((w * x).sum()).backward()
+        ref.step(opt)
+        ref.update()
+        want.append(ref.get_scale())
+    scales, _, ours = _run(GradScaler(init_scale=8.0, growth_interval=2), PATTERN)
+    assert scales == want
+    # the same steps skipped (SGD's own rounding differs by an ulp: torch's alpha is a double)
+    np.testing.assert_allclose(ours.numpy(), w.detach().numpy(), rtol=1e-6)
+
+
+def test_a_skipped_step_leaves_parameters_and_adam_state_alone() -> None:
+    w = gpunet.tensor(np.ones(4, np.float32), requires_grad=True)
+    opt = gpunet.optim.Adam([w], lr=0.1)
+    scaler = GradScaler()
+    scaler.scale((w * 2.0).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    params, state = (
+        w.numpy().copy(),
+        {k: np.array(v) for k, v in opt.state_dict()["state"][0].items()},
+    )
+    opt.zero_grad()
+    scaler.scale((w * float("nan")).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    np.testing.assert_array_equal(w.numpy(), params)
+    after = opt.state_dict()["state"][0]
+    assert all(np.array_equal(np.array(after[k]), v) for k, v in state.items())
+    assert scaler.get_scale() == 2.0**15
+
+
+def test_misuse_is_an_error() -> None:
+    w = gpunet.tensor(np.ones(2, np.float32), requires_grad=True)
+    opt = gpunet.optim.SGD([w], lr=0.1)
+    scaler = GradScaler()
+    with pytest.raises(RuntimeError, match="scale"):
+        scaler.unscale_(opt)
+    scaler.scale(w.sum()).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="already called"):
+        scaler.unscale_(opt)
+    sgd = gpunet.optim.SGD([gpunet.ones(2, requires_grad=True)], lr=0.1, in_backward=True)
+    with pytest.raises(ValueError, match=r"in_backward=True"):
+        scaler.step(sgd)
+    with pytest.raises(ValueError, match="backoff_factor"):
+        GradScaler(backoff_factor=2.0)
+
+
+def test_state_dict_round_trips_and_disabled_is_a_pass_through() -> None:
+    s = GradScaler(init_scale=8.0, growth_interval=2)
+    _run(s, PATTERN[:5])
+    t = GradScaler()
+    t.load_state_dict(s.state_dict())
+    assert (
+        t.state_dict()
+        == s.state_dict()
+        == {
+            "scale": 16.0,
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2,
+            "_growth_tracker": 0,
+        }
+    )
+    off = GradScaler(enabled=False)
+    loss = gpunet.ones(2).sum()
+    assert off.scale(loss) is loss and off.state_dict() == {} and off.get_scale() == 1.0
+
+
+def test_a_captured_step_refuses_the_scaler() -> None:
+    w = gpunet.tensor(np.ones(2, np.float32), requires_grad=True)
+    opt = gpunet.optim.SGD([w], lr=0.1)
+    scaler = GradScaler()
+
+    @gpunet.capture
+    def step(x: gpunet.Tensor) -> gpunet.Tensor:
+        opt.zero_grad()
+        loss = (w * x).sum()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        return loss
+
+    with pytest.raises(gpunet.autodiff.CaptureError, match=r"GradScaler\.scale"):
+        step(gpunet.ones(2))
