@@ -28,6 +28,7 @@ from .checkpoint import load, save
 from .cli import UsageError
 from .creation import zeros
 from .data import DIGITS_SCALE, DataError, DataLoader, Dataset, infer_task, load_digits, split
+from .formatting import seconds as format_seconds
 from .nn import functional as F
 from .predict import Preprocess, outputs
 from .random import default_generator, manual_seed
@@ -438,7 +439,9 @@ def finish(
         return INTERRUPTED
     if history.diverged:
         print(f"warning: the training loss diverged in epoch {n + 1}; restored the {best} weights")
-    print(f"{_summary(figures)} after {n} epochs ({best}) in {seconds:.1f} s; saved {run}/")
+    print(
+        f"{_summary(figures)} after {n} epochs ({best}) in {format_seconds(seconds)}; saved {run}/"
+    )
     return 0
 
 
