@@ -596,7 +596,54 @@ def _reuse_buffers(
     parameters keep their own. Returns the bytes saved and, for each buffer, the position of
     its last reader with the buffer (a scratch row for a later call)."""
     arrays, origin = rec.arrays, rec.origin
-    root = list(range(len(arrays)))  # a view's root: the made array whose memory it shares
+    root, first, last, pinned = _liveness(rec, fused, keep)
+    members: dict[int, list[int]] = collections.defaultdict(list)
+    for k in range(len(arrays)):
+        if origin[k] in ("made", "view"):
+            members[root[k]].append(k)
+    free: dict[tuple, list[Any]] = collections.defaultdict(list)
+    ending: list[tuple[int, Any, tuple]] = []  # (last use, buffer, key), of groups using one
+    buffer_of: dict[int, Any] = {}
+    saved = 0
+    for k in sorted(first, key=first.__getitem__):
+        a = arrays[k]
+        if k in pinned or origin[k] != "made" or not a.flags.c_contiguous:
+            continue
+        # (an elementwise call may write over an input it is that input's last reader)
+        same_call = _in_place_ok(rec.entries[first[k]], first[k], fused, arrays)
+        for end in [x for x in ending if x[0] < first[k] or (same_call and x[0] == first[k])]:
+            ending.remove(end)
+            free[end[2]].append(end[1])
+        key = (type(a), a.dtype, a.size)
+        e = rec.entries[first[k]]
+        if _relu_backward(e) and e.ins[1][0] == "a":  # (its fast form writes f' over s, not g)
+            prefer = buffer_of.get(root[e.ins[1][1]])
+            if any(b is prefer for b in free[key]):
+                free[key] = [b for b in free[key] if b is not prefer] + [prefer]
+        if free[key]:
+            buffer = free[key].pop()
+            start = _address(a)
+            for m in members[k]:  # the group's arrays, at their offsets in the reused buffer
+                arrays[m] = _view_at(buffer, arrays[m], _address(arrays[m]) - start)
+            saved += a.nbytes
+        else:
+            buffer = a
+        buffer_of[k] = buffer
+        ending.append((last[k], buffer, key))
+    spare = [(last, buffer) for last, buffer, _ in ending]  # (free after their last reader)
+    spare += [(-1, buffer) for buffers in free.values() for buffer in buffers]
+    return saved, spare
+
+
+def _liveness(
+    rec: _Recorder, fused: dict[int, tuple], keep: set[int]
+) -> tuple[list[int], dict[int, int], dict[int, int], set[int]]:
+    """For the arrays the replay makes: each one's root (the made array whose memory a view
+    shares), each root's first and last use (positions in the recording), and the roots
+    that must keep their own buffer (outputs, constants, segment results, keyword
+    parameters, views of something not made here, and anything held outside the recording)."""
+    arrays, origin = rec.arrays, rec.origin
+    root = list(range(len(arrays)))
     pinned = set(keep)
     first: dict[int, int] = {}
     last: dict[int, int] = {}
@@ -653,42 +700,7 @@ def _reuse_buffers(
     for k in range(len(arrays)):
         if origin[k] in ("made", "view") and sys.getrefcount(arrays[k]) > 2 + bases[id(arrays[k])]:
             pinned.add(find(k))  # (2: the list, the argument)
-    members: dict[int, list[int]] = collections.defaultdict(list)
-    for k in range(len(arrays)):
-        if origin[k] in ("made", "view"):
-            members[find(k)].append(k)
-    free: dict[tuple, list[Any]] = collections.defaultdict(list)
-    ending: list[tuple[int, Any, tuple]] = []  # (last use, buffer, key), of groups using one
-    buffer_of: dict[int, Any] = {}
-    saved = 0
-    for k in sorted(first, key=first.__getitem__):
-        a = arrays[k]
-        if k in pinned or origin[k] != "made" or not a.flags.c_contiguous:
-            continue
-        # (an elementwise call may write over an input it is that input's last reader)
-        same_call = _in_place_ok(rec.entries[first[k]], first[k], fused, arrays)
-        for end in [x for x in ending if x[0] < first[k] or (same_call and x[0] == first[k])]:
-            ending.remove(end)
-            free[end[2]].append(end[1])
-        key = (type(a), a.dtype, a.size)
-        e = rec.entries[first[k]]
-        if _relu_backward(e) and e.ins[1][0] == "a":  # (its fast form writes f' over s, not g)
-            prefer = buffer_of.get(find(e.ins[1][1]))
-            if any(b is prefer for b in free[key]):
-                free[key] = [b for b in free[key] if b is not prefer] + [prefer]
-        if free[key]:
-            buffer = free[key].pop()
-            start = _address(a)
-            for m in members[k]:  # the group's arrays, at their offsets in the reused buffer
-                arrays[m] = _view_at(buffer, arrays[m], _address(arrays[m]) - start)
-            saved += a.nbytes
-        else:
-            buffer = a
-        buffer_of[k] = buffer
-        ending.append((last[k], buffer, key))
-    spare = [(last, buffer) for last, buffer, _ in ending]  # (free after their last reader)
-    spare += [(-1, buffer) for buffers in free.values() for buffer in buffers]
-    return saved, spare
+    return [find(k) for k in range(len(arrays))], first, last, pinned
 
 
 def _in_place_ok(e: _Entry, at: int, fused: dict[int, tuple], arrays: list[Any]) -> bool:
@@ -712,79 +724,17 @@ def _fold_sgd(rec: _Recorder, keep: set[int]) -> tuple[dict[int, _Entry], list[A
     folds: dict[int, _Entry] = {}
     hypers = []
     for at, e in enumerate(entries):
-        hyper = e.params.get("hyper")
-        if (
-            e.name != "sgd_update"
-            or e.kind != "into"
-            or len(e.ins) != 3
-            or e.ins[2] != ("c", None)
-            or any(r[0] != "a" for r in e.ins[:2])
-            or not isinstance(hyper, autodiff.Dynamic)
-        ):
+        flats = _sgd_flats(e, arrays)
+        if flats is None:
             continue
-        flat_p, flat_g = arrays[e.ins[0][1]], arrays[e.ins[1][1]]
-        xp = _xp_of(flat_g)
-        if not (
-            flat_p.flags.c_contiguous
-            and flat_g.flags.c_contiguous
-            and flat_p.shape == flat_g.shape
-            and flat_p.dtype == flat_g.dtype
-            and flat_p.dtype.char in "fd"
-        ):
-            continue
-        over_g = [
-            j
-            for j, x in enumerate(entries)
-            if j != at
-            and any(r[0] == "a" and xp.may_share_memory(arrays[r[1]], flat_g) for r in x.ins)
-        ]
-        writes = {}  # offset in G -> (entry index, size)
-        for j in over_g:
-            w = entries[j]
-            target = arrays[w.ins[0][1]] if w.ins[0][0] == "a" else None
-            reads_g = any(
-                r[0] == "a" and xp.may_share_memory(arrays[r[1]], flat_g) for r in w.ins[1:]
-            )
-            if (
-                j > at
-                or w.kind != "into"
-                or w.name not in ("matmul", "sum")
-                or reads_g
-                or target is None
-                or not target.flags.c_contiguous
-                or isinstance(w.params.get("alpha"), _CHANGING)
-                or isinstance(w.params.get("beta"), _CHANGING)
-                or w.params.get("alpha", 1.0) != 1.0
-                or w.params.get("beta", 0.0) != 0.0
-            ):
-                writes = None
-                break
-            writes[(_address(target) - _address(flat_g)) // flat_g.itemsize] = (j, target.size)
-        covered = 0
-        for offset in sorted(writes or {}):
-            covered = covered + writes[offset][1] if offset == covered else -1
+        flat_p, flat_g = flats
+        writes = _gradient_writes(entries, arrays, at, flat_g)
         segment_before = any(x.kind == "segment" for x in entries[:at])
-        outputs = any(xp.may_share_memory(arrays[k], flat_g) for k in keep)
-        if not writes or covered != flat_g.size or segment_before or outputs:
+        outputs = any(_xp_of(flat_g).may_share_memory(arrays[k], flat_g) for k in keep)
+        if writes is None or segment_before or outputs:
             continue
-        p_flat = flat_p.reshape(-1)
-        alpha = autodiff.Live(-float(hyper.fn().lr), lambda h=hyper: -float(h.fn().lr))
-        replaced = {}
-        for offset, (j, size) in writes.items():
-            w = entries[j]
-            param = p_flat[offset : offset + size].reshape(arrays[w.ins[0][1]].shape)
-            if any(  # (read or written before the update: its value would be the new one)
-                r[0] == "a" and xp.may_share_memory(arrays[r[1]], param)
-                for x in entries[j + 1 : at]
-                for r in x.ins
-            ):
-                replaced = None
-                break
-            slot = rec._add(param, ("external", _describe(param)))
-            step = _Entry("into", w.name, w.fn, [("a", slot), *w.ins[1:]], dict(w.params), None)
-            step.params.update(alpha=alpha, beta=1.0)
-            step.site = w.site
-            replaced[j] = step
+        hyper = e.params["hyper"]
+        replaced = _steps_in_place(rec, writes, at, flat_p, hyper)
         if not replaced:
             continue
         folds.update(replaced)
@@ -792,6 +742,94 @@ def _fold_sgd(rec: _Recorder, keep: set[int]) -> tuple[dict[int, _Entry], list[A
         hypers.append(hyper)
         flat_g[...] = np.nan  # (``p.grad`` is not written by a folded replay: loud if read)
     return folds, hypers
+
+
+def _sgd_flats(e: _Entry, arrays: list[Any]) -> tuple[Any, Any] | None:
+    """(flat P, flat G) of a recorded plain-SGD update (no momentum buffer, hyperparameters
+    read at each replay) over contiguous float buffers; None for any other entry."""
+    if (
+        e.name != "sgd_update"
+        or e.kind != "into"
+        or len(e.ins) != 3
+        or e.ins[2] != ("c", None)
+        or any(r[0] != "a" for r in e.ins[:2])
+        or not isinstance(e.params.get("hyper"), autodiff.Dynamic)
+    ):
+        return None
+    flat_p, flat_g = arrays[e.ins[0][1]], arrays[e.ins[1][1]]
+    if (
+        flat_p.flags.c_contiguous
+        and flat_g.flags.c_contiguous
+        and flat_p.shape == flat_g.shape
+        and flat_p.dtype == flat_g.dtype
+        and flat_p.dtype.char in "fd"
+    ):
+        return flat_p, flat_g
+    return None
+
+
+def _gradient_writes(
+    entries: list[_Entry], arrays: list[Any], at: int, flat_g: Any
+) -> dict[int, tuple[int, int]] | None:
+    """{offset in G: (entry index, size)} of the plain GEMMs and sums (alpha 1, beta 0) that
+    write G before the update at ``at``, when they are all that touch G and cover it once;
+    else None."""
+    xp = _xp_of(flat_g)
+
+    def reads(r: tuple) -> bool:
+        return r[0] == "a" and xp.may_share_memory(arrays[r[1]], flat_g)
+
+    writes = {}
+    for j, w in enumerate(entries):
+        if j == at or not any(reads(r) for r in w.ins):
+            continue
+        target = arrays[w.ins[0][1]] if w.ins[0][0] == "a" else None
+        if (
+            j > at
+            or w.kind != "into"
+            or w.name not in ("matmul", "sum")
+            or any(reads(r) for r in w.ins[1:])
+            or target is None
+            or not target.flags.c_contiguous
+            or isinstance(w.params.get("alpha"), _CHANGING)
+            or isinstance(w.params.get("beta"), _CHANGING)
+            or w.params.get("alpha", 1.0) != 1.0
+            or w.params.get("beta", 0.0) != 0.0
+        ):
+            return None
+        writes[(_address(target) - _address(flat_g)) // flat_g.itemsize] = (j, target.size)
+    covered = 0
+    for offset in sorted(writes):
+        covered = covered + writes[offset][1] if offset == covered else -1
+    return writes if writes and covered == flat_g.size else None
+
+
+def _steps_in_place(
+    rec: _Recorder, writes: dict[int, tuple[int, int]], at: int, flat_p: Any, hyper: Any
+) -> dict[int, _Entry] | None:
+    """Each gradient write of ``writes`` turned into the step of its parameter's range of P
+    (alpha = -lr, read at each replay; beta = 1); None if something reads or writes a
+    parameter between its write and the update (it would see the new value)."""
+    arrays, entries = rec.arrays, rec.entries
+    xp = _xp_of(flat_p)
+    p_flat = flat_p.reshape(-1)
+    alpha = autodiff.Live(-float(hyper.fn().lr), lambda h=hyper: -float(h.fn().lr))
+    replaced = {}
+    for offset, (j, size) in writes.items():
+        w = entries[j]
+        param = p_flat[offset : offset + size].reshape(arrays[w.ins[0][1]].shape)
+        if any(
+            r[0] == "a" and xp.may_share_memory(arrays[r[1]], param)
+            for x in entries[j + 1 : at]
+            for r in x.ins
+        ):
+            return None
+        slot = rec._add(param, ("external", _describe(param)))
+        step = _Entry("into", w.name, w.fn, [("a", slot), *w.ins[1:]], dict(w.params), None)
+        step.params.update(alpha=alpha, beta=1.0)
+        step.site = w.site
+        replaced[j] = step
+    return replaced
 
 
 def _relu_backward(e: _Entry) -> bool:
