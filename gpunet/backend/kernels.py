@@ -64,116 +64,63 @@ class ActivationKernels:
     bwd_from_y: str | None = None
 
 
-# (activation, dtype suffix) -> its kernels: every name written out, so grep finds the launch
-ACTIVATION_KERNELS: dict[tuple[str, str], ActivationKernels] = {
-    ("relu", "f16"): ActivationKernels(
-        "relu_fwd_f16", "relu_bwd_f16", "bias_relu_fwd_f16", "relu_bwd_from_y_f16"
-    ),
-    ("leaky_relu", "f16"): ActivationKernels(
-        "leaky_relu_fwd_f16",
-        "leaky_relu_bwd_f16",
-        "bias_leaky_relu_fwd_f16",
-        "leaky_relu_bwd_from_y_f16",
-    ),
-    ("elu", "f16"): ActivationKernels(
-        "elu_fwd_f16", "elu_bwd_f16", "bias_elu_fwd_f16", "elu_bwd_from_y_f16"
-    ),
-    ("sigmoid", "f16"): ActivationKernels(
-        "sigmoid_fwd_f16", "sigmoid_bwd_f16", "bias_sigmoid_fwd_f16", "sigmoid_bwd_from_y_f16"
-    ),
-    ("tanh", "f16"): ActivationKernels(
-        "tanh_fwd_f16", "tanh_bwd_f16", "bias_tanh_fwd_f16", "tanh_bwd_from_y_f16"
-    ),
-    ("softplus", "f16"): ActivationKernels(
-        "softplus_fwd_f16", "softplus_bwd_f16", "bias_softplus_fwd_f16", "softplus_bwd_from_y_f16"
-    ),
-    ("silu", "f16"): ActivationKernels("silu_fwd_f16", "silu_bwd_f16", "bias_silu_fwd_f16"),
-    ("gelu", "f16"): ActivationKernels("gelu_fwd_f16", "gelu_bwd_f16", "bias_gelu_fwd_f16"),
-    ("gelu_tanh", "f16"): ActivationKernels(
-        "gelu_tanh_fwd_f16", "gelu_tanh_bwd_f16", "bias_gelu_tanh_fwd_f16"
-    ),
-    ("relu", "bf16"): ActivationKernels(
-        "relu_fwd_bf16", "relu_bwd_bf16", "bias_relu_fwd_bf16", "relu_bwd_from_y_bf16"
-    ),
-    ("leaky_relu", "bf16"): ActivationKernels(
-        "leaky_relu_fwd_bf16",
-        "leaky_relu_bwd_bf16",
-        "bias_leaky_relu_fwd_bf16",
-        "leaky_relu_bwd_from_y_bf16",
-    ),
-    ("elu", "bf16"): ActivationKernels(
-        "elu_fwd_bf16", "elu_bwd_bf16", "bias_elu_fwd_bf16", "elu_bwd_from_y_bf16"
-    ),
-    ("sigmoid", "bf16"): ActivationKernels(
-        "sigmoid_fwd_bf16", "sigmoid_bwd_bf16", "bias_sigmoid_fwd_bf16", "sigmoid_bwd_from_y_bf16"
-    ),
-    ("tanh", "bf16"): ActivationKernels(
-        "tanh_fwd_bf16", "tanh_bwd_bf16", "bias_tanh_fwd_bf16", "tanh_bwd_from_y_bf16"
-    ),
-    ("softplus", "bf16"): ActivationKernels(
-        "softplus_fwd_bf16",
-        "softplus_bwd_bf16",
-        "bias_softplus_fwd_bf16",
-        "softplus_bwd_from_y_bf16",
-    ),
-    ("silu", "bf16"): ActivationKernels("silu_fwd_bf16", "silu_bwd_bf16", "bias_silu_fwd_bf16"),
-    ("gelu", "bf16"): ActivationKernels("gelu_fwd_bf16", "gelu_bwd_bf16", "bias_gelu_fwd_bf16"),
-    ("gelu_tanh", "bf16"): ActivationKernels(
-        "gelu_tanh_fwd_bf16", "gelu_tanh_bwd_bf16", "bias_gelu_tanh_fwd_bf16"
-    ),
-    ("relu", "f32"): ActivationKernels(
-        "relu_fwd_f32", "relu_bwd_f32", "bias_relu_fwd_f32", "relu_bwd_from_y_f32"
-    ),
-    ("leaky_relu", "f32"): ActivationKernels(
-        "leaky_relu_fwd_f32",
-        "leaky_relu_bwd_f32",
-        "bias_leaky_relu_fwd_f32",
-        "leaky_relu_bwd_from_y_f32",
-    ),
-    ("elu", "f32"): ActivationKernels(
-        "elu_fwd_f32", "elu_bwd_f32", "bias_elu_fwd_f32", "elu_bwd_from_y_f32"
-    ),
-    ("sigmoid", "f32"): ActivationKernels(
-        "sigmoid_fwd_f32", "sigmoid_bwd_f32", "bias_sigmoid_fwd_f32", "sigmoid_bwd_from_y_f32"
-    ),
-    ("tanh", "f32"): ActivationKernels(
-        "tanh_fwd_f32", "tanh_bwd_f32", "bias_tanh_fwd_f32", "tanh_bwd_from_y_f32"
-    ),
-    ("softplus", "f32"): ActivationKernels(
-        "softplus_fwd_f32", "softplus_bwd_f32", "bias_softplus_fwd_f32", "softplus_bwd_from_y_f32"
-    ),
-    ("silu", "f32"): ActivationKernels("silu_fwd_f32", "silu_bwd_f32", "bias_silu_fwd_f32"),
-    ("gelu", "f32"): ActivationKernels("gelu_fwd_f32", "gelu_bwd_f32", "bias_gelu_fwd_f32"),
-    ("gelu_tanh", "f32"): ActivationKernels(
-        "gelu_tanh_fwd_f32", "gelu_tanh_bwd_f32", "bias_gelu_tanh_fwd_f32"
-    ),
-    ("relu", "f64"): ActivationKernels(
-        "relu_fwd_f64", "relu_bwd_f64", "bias_relu_fwd_f64", "relu_bwd_from_y_f64"
-    ),
-    ("leaky_relu", "f64"): ActivationKernels(
-        "leaky_relu_fwd_f64",
-        "leaky_relu_bwd_f64",
-        "bias_leaky_relu_fwd_f64",
-        "leaky_relu_bwd_from_y_f64",
-    ),
-    ("elu", "f64"): ActivationKernels(
-        "elu_fwd_f64", "elu_bwd_f64", "bias_elu_fwd_f64", "elu_bwd_from_y_f64"
-    ),
-    ("sigmoid", "f64"): ActivationKernels(
-        "sigmoid_fwd_f64", "sigmoid_bwd_f64", "bias_sigmoid_fwd_f64", "sigmoid_bwd_from_y_f64"
-    ),
-    ("tanh", "f64"): ActivationKernels(
-        "tanh_fwd_f64", "tanh_bwd_f64", "bias_tanh_fwd_f64", "tanh_bwd_from_y_f64"
-    ),
-    ("softplus", "f64"): ActivationKernels(
-        "softplus_fwd_f64", "softplus_bwd_f64", "bias_softplus_fwd_f64", "softplus_bwd_from_y_f64"
-    ),
-    ("silu", "f64"): ActivationKernels("silu_fwd_f64", "silu_bwd_f64", "bias_silu_fwd_f64"),
-    ("gelu", "f64"): ActivationKernels("gelu_fwd_f64", "gelu_bwd_f64", "bias_gelu_fwd_f64"),
-    ("gelu_tanh", "f64"): ActivationKernels(
-        "gelu_tanh_fwd_f64", "gelu_tanh_bwd_f64", "bias_gelu_tanh_fwd_f64"
-    ),
-}
+# Every activation kernel by name, one line per activation and dtype, as elementwise.cu lists
+# them above the macro line that defines them: the forward, the backward from the input, bias
+# + forward, and the backward from the output where f' has a form in it ("-" where not).
+# Written out so that grep finds each launch; the key is read from the forward's name.
+_ACTIVATION_KERNEL_NAMES = """
+relu_fwd_f16         relu_bwd_f16         bias_relu_fwd_f16         relu_bwd_from_y_f16
+leaky_relu_fwd_f16   leaky_relu_bwd_f16   bias_leaky_relu_fwd_f16   leaky_relu_bwd_from_y_f16
+elu_fwd_f16          elu_bwd_f16          bias_elu_fwd_f16          elu_bwd_from_y_f16
+sigmoid_fwd_f16      sigmoid_bwd_f16      bias_sigmoid_fwd_f16      sigmoid_bwd_from_y_f16
+tanh_fwd_f16         tanh_bwd_f16         bias_tanh_fwd_f16         tanh_bwd_from_y_f16
+softplus_fwd_f16     softplus_bwd_f16     bias_softplus_fwd_f16     softplus_bwd_from_y_f16
+silu_fwd_f16         silu_bwd_f16         bias_silu_fwd_f16         -
+gelu_fwd_f16         gelu_bwd_f16         bias_gelu_fwd_f16         -
+gelu_tanh_fwd_f16    gelu_tanh_bwd_f16    bias_gelu_tanh_fwd_f16    -
+relu_fwd_bf16        relu_bwd_bf16        bias_relu_fwd_bf16        relu_bwd_from_y_bf16
+leaky_relu_fwd_bf16  leaky_relu_bwd_bf16  bias_leaky_relu_fwd_bf16  leaky_relu_bwd_from_y_bf16
+elu_fwd_bf16         elu_bwd_bf16         bias_elu_fwd_bf16         elu_bwd_from_y_bf16
+sigmoid_fwd_bf16     sigmoid_bwd_bf16     bias_sigmoid_fwd_bf16     sigmoid_bwd_from_y_bf16
+tanh_fwd_bf16        tanh_bwd_bf16        bias_tanh_fwd_bf16        tanh_bwd_from_y_bf16
+softplus_fwd_bf16    softplus_bwd_bf16    bias_softplus_fwd_bf16    softplus_bwd_from_y_bf16
+silu_fwd_bf16        silu_bwd_bf16        bias_silu_fwd_bf16        -
+gelu_fwd_bf16        gelu_bwd_bf16        bias_gelu_fwd_bf16        -
+gelu_tanh_fwd_bf16   gelu_tanh_bwd_bf16   bias_gelu_tanh_fwd_bf16   -
+relu_fwd_f32         relu_bwd_f32         bias_relu_fwd_f32         relu_bwd_from_y_f32
+leaky_relu_fwd_f32   leaky_relu_bwd_f32   bias_leaky_relu_fwd_f32   leaky_relu_bwd_from_y_f32
+elu_fwd_f32          elu_bwd_f32          bias_elu_fwd_f32          elu_bwd_from_y_f32
+sigmoid_fwd_f32      sigmoid_bwd_f32      bias_sigmoid_fwd_f32      sigmoid_bwd_from_y_f32
+tanh_fwd_f32         tanh_bwd_f32         bias_tanh_fwd_f32         tanh_bwd_from_y_f32
+softplus_fwd_f32     softplus_bwd_f32     bias_softplus_fwd_f32     softplus_bwd_from_y_f32
+silu_fwd_f32         silu_bwd_f32         bias_silu_fwd_f32         -
+gelu_fwd_f32         gelu_bwd_f32         bias_gelu_fwd_f32         -
+gelu_tanh_fwd_f32    gelu_tanh_bwd_f32    bias_gelu_tanh_fwd_f32    -
+relu_fwd_f64         relu_bwd_f64         bias_relu_fwd_f64         relu_bwd_from_y_f64
+leaky_relu_fwd_f64   leaky_relu_bwd_f64   bias_leaky_relu_fwd_f64   leaky_relu_bwd_from_y_f64
+elu_fwd_f64          elu_bwd_f64          bias_elu_fwd_f64          elu_bwd_from_y_f64
+sigmoid_fwd_f64      sigmoid_bwd_f64      bias_sigmoid_fwd_f64      sigmoid_bwd_from_y_f64
+tanh_fwd_f64         tanh_bwd_f64         bias_tanh_fwd_f64         tanh_bwd_from_y_f64
+softplus_fwd_f64     softplus_bwd_f64     bias_softplus_fwd_f64     softplus_bwd_from_y_f64
+silu_fwd_f64         silu_bwd_f64         bias_silu_fwd_f64         -
+gelu_fwd_f64         gelu_bwd_f64         bias_gelu_fwd_f64         -
+gelu_tanh_fwd_f64    gelu_tanh_bwd_f64    bias_gelu_tanh_fwd_f64    -
+"""
+
+
+def _activation_kernels(names: str) -> dict[tuple[str, str], ActivationKernels]:
+    """(activation, dtype suffix) -> its kernels, from the lines above (relu_fwd_f32: relu)."""
+    kernels = {}
+    for line in names.strip().splitlines():
+        fwd, bwd, bias_fwd, from_y = line.split()
+        activation, sfx = fwd.rsplit("_fwd_", 1)
+        kernels[activation, sfx] = ActivationKernels(
+            fwd, bwd, bias_fwd, None if from_y == "-" else from_y
+        )
+    return kernels
+
+
+ACTIVATION_KERNELS = _activation_kernels(_ACTIVATION_KERNEL_NAMES)
 
 # dtype suffix -> the cross-entropy row kernels of losses.cu: (forward, backward)
 CROSS_ENTROPY_KERNELS = {
