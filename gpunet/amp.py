@@ -24,7 +24,7 @@ from typing import Any
 
 from . import dtypes
 from . import primitives as P
-from .autodiff import AUTOCAST, BACKWARD, CAPTURE, STATE, apply, refuse
+from .autodiff import AUTOCAST, BACKWARD, CAPTURE, STATE, apply, call, refuse
 from .primitives import Primitive
 from .tensor import Tensor
 
@@ -193,9 +193,12 @@ class GradScaler:
     ``growth_interval`` clean steps in a row it doubles (``growth_factor``).
 
     The scale, the clean-step count and the found-inf flag are arrays on the loss's device
-    (device arrays on CUDA): ``scale`` and ``update`` never read them on the host. ``step``
-    reads the flag once to skip the optimizer, as PyTorch's non-fused optimizers do (folding
-    the skip into the fused update kernel, which would remove that read, is not done yet).
+    (device arrays on CUDA), read and written only by backend calls: ``step`` passes the
+    inverse scale and the flag to the optimizer's fused update (PyTorch's fused optimizers'
+    ``grad_scale`` and ``found_inf``), which multiplies each gradient by 1/scale and does
+    nothing when the flag is set, so a scaled step needs no host sync and can be captured
+    (``gpunet.capture``). Adam reads the flag once on the host to keep its step count (the
+    bias corrections are host scalars; a skipped step does not count, as in PyTorch).
     bfloat16 has float32's range and needs no scaler.
     """
 
@@ -222,6 +225,7 @@ class GradScaler:
         self._scale: Any = None  # float32 (): made on the loss's device by the first scale()
         self._tracker: Any = None  # int32 (): clean steps in a row
         self._found: Any = None  # float32 (): 1 when this step's gradients held inf or NaN
+        self._inv: Any = None  # float32 (): 1/scale, for the fused update
         self._backend: Any = None
         self._unscaled: set[int] = set()  # ids of the optimizers unscaled since update()
         self._tracker_init = 0  # (a loaded state's count, before the arrays exist)
@@ -232,32 +236,25 @@ class GradScaler:
             self._scale = backend.full((), self._init_scale, dtypes.float32)
             self._tracker = backend.full((), self._tracker_init, dtypes.int32)
             self._found = backend.zeros((), dtypes.float32)
+            self._inv = backend.zeros((), dtypes.float32)
 
     def scale(self, outputs: Tensor) -> Tensor:
         """outputs * scale (a tensor: differentiable, so backward carries the scale)."""
         if not self.enabled:
             return outputs
-        if STATE.flags & CAPTURE:  # (its scale array is replaced by each update)
-            refuse("GradScaler.scale", "rescales on the host between steps")
         self._lazy(outputs._backend)
-        s = self._scale if outputs.dtype == dtypes.float32 else self._scale.astype(outputs.dtype)
-        return outputs * Tensor._wrap(s, outputs._backend)
+        s = Tensor._wrap(self._scale, outputs._backend)  # (read in place: update writes it)
+        if outputs.dtype != dtypes.float32:
+            s = apply(P.cast, (s,), {"dtype": outputs.dtype})
+        return outputs * s
 
     def unscale_(self, optimizer: Any) -> None:
         """Divide ``optimizer``'s gradients by the scale in place and note any inf/NaN."""
         if not self.enabled:
             return
-        if id(optimizer) in self._unscaled:
-            raise RuntimeError(
-                "GradScaler.unscale_: already called on this optimizer since the last update()"
-            )
-        if self._scale is None:
-            raise RuntimeError("GradScaler.unscale_: call scale(loss) (and backward) first")
-        if getattr(optimizer, "defaults", {}).get("in_backward"):
-            raise ValueError(
-                "GradScaler: SGD(in_backward=True) steps inside backward(), on the scaled "
-                "gradients and before any inf check; use SGD() (in_backward=False) with a scaler"
-            )
+        if STATE.flags & CAPTURE:  # (it replaces the gradients outside backend calls)
+            refuse("GradScaler.unscale_", "is not capturable; scaler.step(opt) alone is")
+        self._check(optimizer, "unscale_")
         xp = self._backend.xp
         inv = xp.reciprocal(self._scale.astype(dtypes.float64)).astype(dtypes.float32)
         for p in optimizer._all_params():
@@ -265,43 +262,71 @@ class GradScaler:
             if g is None:
                 continue
             data = g.data * inv.astype(g.dtype)
-            # found |= any(!isfinite(g)): an array maximum, never a host read
-            bad = xp.any(xp.logical_not(xp.isfinite(data))).astype(dtypes.float32)
-            self._found = xp.maximum(self._found, bad)
+            call("amp_found_inf", _found_inf_into, self._found, data, xp=xp)
             p.grad = Tensor._wrap(data, g._backend)
         self._unscaled.add(id(optimizer))
 
+    def _check(self, optimizer: Any, op: str) -> None:
+        if id(optimizer) in self._unscaled:
+            raise RuntimeError(
+                f"GradScaler.{op}: already called on this optimizer since the last update()"
+            )
+        if self._scale is None:
+            raise RuntimeError(f"GradScaler.{op}: call scale(loss) (and backward) first")
+        if getattr(optimizer, "defaults", {}).get("in_backward"):
+            raise ValueError(
+                "GradScaler: SGD(in_backward=True) steps inside backward(), on the scaled "
+                "gradients and before any inf check; use SGD() (in_backward=False) with a scaler"
+            )
+
     def step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-        """Unscale (unless ``unscale_`` ran), then ``optimizer.step()`` unless a gradient held
-        inf or NaN (then the parameters and the optimizer's state stay as they were)."""
+        """``optimizer.step()`` on the gradients times 1/scale, skipped (parameters and state
+        as they were) when a gradient held inf or NaN: both in the optimizer's fused update
+        (after ``unscale_``, the flag only). An optimizer without one is unscaled and skipped
+        on the host."""
         if not self.enabled:
             return optimizer.step(*args, **kwargs)
-        if STATE.flags & CAPTURE:
-            refuse("GradScaler.step", "decides on the host whether to step")
-        if id(optimizer) not in self._unscaled:
-            self.unscale_(optimizer)
-        if float(self._found) != 0.0:  # (the one host read: see the class docstring)
-            return None
-        return optimizer.step(*args, **kwargs)
+        unscaled = id(optimizer) in self._unscaled
+        if not optimizer._fused_scaling:
+            if STATE.flags & CAPTURE:
+                refuse("GradScaler.step", f"decides on the host whether {optimizer} steps")
+            if not unscaled:
+                self.unscale_(optimizer)
+            return None if float(self._found) != 0.0 else optimizer.step(*args, **kwargs)
+        scaling: dict[str, Any] = {"found_inf": self._found}
+        xp = self._backend.xp
+        if not unscaled:
+            self._check(optimizer, "step")
+            call("amp_inverse_scale", _reciprocal_into, self._inv, self._scale)
+            for p in optimizer._all_params():
+                if p.grad is not None:  # (an inf in g is one in g / scale: PyTorch checks g)
+                    call("amp_found_inf", _found_inf_into, self._found, p.grad.data, xp=xp)
+            scaling["grad_scale"] = self._inv
+            self._unscaled.add(id(optimizer))
+        optimizer._loss_scaling = scaling
+        try:
+            return optimizer.step(*args, **kwargs)
+        finally:
+            optimizer._loss_scaling = None
 
     def update(self, new_scale: float | None = None) -> None:
         """The scale for the next step: backoff on a found inf, growth after
-        ``growth_interval`` clean steps in a row (PyTorch's ``_amp_update_scale_``)."""
+        ``growth_interval`` clean steps in a row (PyTorch's ``_amp_update_scale_``), in place."""
         if not self.enabled or self._scale is None:
             return
-        xp = self._backend.xp
         if new_scale is not None:
-            self._scale = self._backend.full((), float(new_scale), dtypes.float32)
+            call("fill", _fill, self._scale, value=float(new_scale))
         else:
-            found = self._found > 0
-            clean = xp.where(found, 0, self._tracker + 1).astype(dtypes.int32)
-            grow = clean >= self._interval
-            grown = (self._scale * self._growth).astype(dtypes.float32)
-            grow = xp.logical_and(grow, xp.isfinite(grown))
-            scale = xp.where(grow, grown, self._scale)
-            self._scale = xp.where(found, self._scale * self._backoff, scale).astype(dtypes.float32)
-            self._tracker = xp.where(grow, 0, clean).astype(dtypes.int32)
-        self._found = self._backend.zeros((), dtypes.float32)
+            call(
+                "amp_update_scale",
+                _update_scale_into,
+                *(self._scale, self._tracker, self._found),
+                growth=self._growth,
+                backoff=self._backoff,
+                interval=self._interval,
+                xp=self._backend.xp,
+            )
+        call("fill", _fill, self._found, value=0.0)
         self._unscaled.clear()
 
     def get_scale(self) -> float:
@@ -339,6 +364,45 @@ class GradScaler:
         self._backoff = float(state["backoff_factor"])
         self._interval = int(state["growth_interval"])
         self._tracker_init = int(state["_growth_tracker"])
-        if self._scale is not None:
-            self._scale = self._backend.full((), self._init_scale, dtypes.float32)
-            self._tracker = self._backend.full((), self._tracker_init, dtypes.int32)
+        if self._scale is not None:  # (in place: a capture reads these arrays)
+            self._scale[...] = self._init_scale
+            self._tracker[...] = self._tracker_init
+
+
+# The scaler's backend calls (``autodiff.call``: a step capture replays them), each writing
+# its first array in place, so the scaler's arrays keep their addresses.
+def _reciprocal_into(out: Any, scale: Any) -> None:
+    """out = 1/scale, in float64 and rounded once to float32 (as PyTorch's inverse scale)."""
+    out[...] = (1.0 / scale.astype(dtypes.float64)).astype(dtypes.float32)
+
+
+def _found_inf_into(found: Any, g: Any, *, xp: Any) -> None:
+    """found = max(found, any(!isfinite(g))): an array maximum, never a host read."""
+    bad = xp.any(xp.logical_not(xp.isfinite(g))).astype(dtypes.float32)
+    found[...] = xp.maximum(found, bad)
+
+
+def _update_scale_into(
+    scale: Any,
+    tracker: Any,
+    found: Any,
+    *,
+    growth: float,
+    backoff: float,
+    interval: int,
+    xp: Any,
+) -> None:
+    """PyTorch's ``_amp_update_scale_``: on a found inf scale *= backoff and the count of clean
+    steps restarts; after ``interval`` clean steps scale *= growth (if finite), count 0."""
+    bad = found > 0
+    clean = xp.where(bad, 0, tracker + 1).astype(dtypes.int32)
+    grown = (scale * growth).astype(dtypes.float32)
+    grow = xp.logical_and(clean >= interval, xp.isfinite(grown))
+    kept = xp.where(grow, grown, scale)
+    new = xp.where(bad, scale * backoff, kept).astype(dtypes.float32)
+    tracker[...] = xp.where(grow, 0, clean).astype(dtypes.int32)
+    scale[...] = new
+
+
+def _fill(out: Any, *, value: float) -> None:
+    out[...] = value

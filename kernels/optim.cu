@@ -5,6 +5,11 @@
 // the NumPy backend performs the same float32 operations in the same order. Scalars that
 // depend only on the step (Adam's bias corrections) are computed once on the host, in double,
 // and passed in as float.
+//
+// Both updates take a gradient scale and a found-inf flag as device pointers (PyTorch's fused
+// optimizers' grad_scale and found_inf), read by the kernel so a loss-scaled step needs no
+// host sync; null means absent. A nonzero flag makes the update do nothing; otherwise each
+// gradient element is multiplied by the scale (in float32) before the usual arithmetic.
 #include "activations.cuh"
 
 #define GN_GRID_STRIDE_LOOP(i, n)                                                             \
@@ -12,6 +17,20 @@
          i += (long long)blockDim.x * gridDim.x)
 
 #define GN_BLOCK 256  // the launch block size; the reductions' shared arrays are this long
+
+// g[i] in float32, times *grad_scale when given (without it, g[i] exactly: the same bits). The
+// product is rounded on its own (__fmul_rn is never fused into an FMA), as NumPy rounds it.
+template <typename S>
+__device__ __forceinline__ float gn_scaled_grad(const S* g, long long i,
+                                                const float* grad_scale) {
+    float d = gn_load(g[i]);
+    return grad_scale ? __fmul_rn(d, *grad_scale) : d;
+}
+
+// A nonzero *found_inf (an overflow in the loss-scaled gradients) skips the whole update.
+__device__ __forceinline__ bool gn_skip(const float* found_inf) {
+    return found_inf && *found_inf != 0.0f;
+}
 
 // The updates keep their state (buf, m, v) in float32 and compute in float32 for float32 and
 // float16 (gn_half) parameters alike: in half precision Adam's eps = 1e-8 would be 0. A half
@@ -23,10 +42,12 @@
 template <typename S>
 __device__ __forceinline__ void gn_sgd_update(S* p, const S* g, float* buf, long long n,
                                               float lr, float momentum, float dampening,
-                                              float weight_decay, int nesterov, int first_step) {
+                                              float weight_decay, int nesterov, int first_step,
+                                              const float* grad_scale, const float* found_inf) {
+    if (gn_skip(found_inf)) return;
     GN_GRID_STRIDE_LOOP(i, n) {
         float pi = gn_load(p[i]);
-        float d = gn_load(g[i]);
+        float d = gn_scaled_grad(g, i, grad_scale);
         if (weight_decay != 0.0f) d = d + weight_decay * pi;
         if (momentum != 0.0f) {
             float b = first_step ? d : momentum * buf[i] + (1.0f - dampening) * d;
@@ -46,10 +67,12 @@ template <typename S>
 __device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float* v,
                                                long long n, float beta1, float beta2, float eps,
                                                float weight_decay, float decay,
-                                               float step_size, float bc2_sqrt) {
+                                               float step_size, float bc2_sqrt,
+                                               const float* grad_scale, const float* found_inf) {
+    if (gn_skip(found_inf)) return;
     GN_GRID_STRIDE_LOOP(i, n) {
         float pi = gn_load(p[i]);
-        float gi = gn_load(g[i]);
+        float gi = gn_scaled_grad(g, i, grad_scale);
         if (weight_decay != 0.0f) gi = gi + weight_decay * pi;
         if (decay != 1.0f) pi = pi * decay;
         float mi = beta1 * m[i] + (1.0f - beta1) * gi;
@@ -68,16 +91,19 @@ __device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float
     extern "C" __global__ void sgd_update_##SFX(S* p, const S* g, float* buf, long long n,    \
                                                 float lr, float momentum, float dampening,    \
                                                 float weight_decay, int nesterov,             \
-                                                int first_step) {                             \
+                                                int first_step, const float* grad_scale,      \
+                                                const float* found_inf) {                     \
         gn_sgd_update(p, g, buf, n, lr, momentum, dampening, weight_decay, nesterov,          \
-                      first_step);                                                            \
+                      first_step, grad_scale, found_inf);                                     \
     }                                                                                         \
     extern "C" __global__ void adam_update_##SFX(S* p, const S* g, float* m, float* v,        \
                                                  long long n, float beta1, float beta2,       \
                                                  float eps, float weight_decay, float decay,  \
-                                                 float step_size, float bc2_sqrt) {           \
+                                                 float step_size, float bc2_sqrt,             \
+                                                 const float* grad_scale,                     \
+                                                 const float* found_inf) {                    \
         gn_adam_update(p, g, m, v, n, beta1, beta2, eps, weight_decay, decay, step_size,      \
-                       bc2_sqrt);                                                             \
+                       bc2_sqrt, grad_scale, found_inf);                                      \
     }
 
 // sgd_update_f32 adam_update_f32

@@ -300,20 +300,35 @@ class CupyBackend(ArrayBackend):
         hyper: SGDHyper,
         *,
         first_step: bool = False,
+        grad_scale: Array | None = None,
+        found_inf: Array | None = None,
     ) -> None:
+        scaling = {"grad_scale": grad_scale, "found_inf": found_inf}
         if not self.kernels.supports_update(param):
-            return super().sgd_update(param, grad, momentum_buf, hyper, first_step=first_step)
+            return super().sgd_update(
+                param, grad, momentum_buf, hyper, first_step=first_step, **scaling
+            )
         with self._cuda_device:
-            self.kernels.sgd_update(param, grad, momentum_buf, hyper, first_step)
+            self.kernels.sgd_update(param, grad, momentum_buf, hyper, first_step, **scaling)
         return None
 
     def adam_update(
-        self, param: Array, grad: Array, m: Array, v: Array, hyper: AdamHyper, *, step: int
+        self,
+        param: Array,
+        grad: Array,
+        m: Array,
+        v: Array,
+        hyper: AdamHyper,
+        *,
+        step: int,
+        grad_scale: Array | None = None,
+        found_inf: Array | None = None,
     ) -> None:
+        scaling = {"grad_scale": grad_scale, "found_inf": found_inf}
         if not self.kernels.supports_update(param):
-            return super().adam_update(param, grad, m, v, hyper, step=step)
+            return super().adam_update(param, grad, m, v, hyper, step=step, **scaling)
         with self._cuda_device:
-            self.kernels.adam_update(param, grad, m, v, hyper, step)
+            self.kernels.adam_update(param, grad, m, v, hyper, step, **scaling)
         return None
 
     def grad_norm(self, x: Array) -> Array:

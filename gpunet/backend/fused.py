@@ -16,12 +16,13 @@ negative slope of leaky_relu, ELU's alpha, softplus's beta; the others ignore it
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .updates import AdamHyper, SGDHyper, check_flat, state_dtype
+from .updates import AdamHyper, SGDHyper, check_flat, check_scaling, state_dtype
 
 Array = Any
 
@@ -173,62 +174,79 @@ class FusedOps:
         hyper: SGDHyper,
         *,
         first_step: bool = False,
+        grad_scale: Array | None = None,
+        found_inf: Array | None = None,
     ) -> None:
         """One SGD step in place, as torch.optim.SGD (``SGDHyper`` has the math);
         ``momentum_buf`` may be None without momentum. In ``state_dtype``; one kernel over
-        the flat buffers on CUDA (float16 and float32)."""
+        the flat buffers on CUDA (float16 and float32). ``grad_scale`` multiplies g first
+        and a nonzero ``found_inf`` skips the step (``_scaled`` says how)."""
         check_flat("sgd_update", param, grad, momentum_buf)
+        check_scaling("sgd_update", param, grad_scale, found_inf)
         h = hyper
         if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
-        p, g = self._in_state_dtype(param), self._in_state_dtype(grad)
-        s = self._scalars(p)
-        d = g
-        if h.weight_decay != 0.0:
-            d = p * s(h.weight_decay)
-            d += g
-        if h.momentum != 0.0:
-            if first_step:
-                momentum_buf[...] = d
-            else:
-                momentum_buf *= s(h.momentum)
-                momentum_buf += (s(1.0) - s(h.dampening)) * d
-            d = d + s(h.momentum) * momentum_buf if h.nesterov else momentum_buf
-        p -= s(h.lr) * d
-        if p is not param:
-            param[...] = self.xp.astype(p, param.dtype)
+        with self._scaled(found_inf, param, momentum_buf):
+            p, g = self._in_state_dtype(param), self._scale_grad(grad, grad_scale)
+            s = self._scalars(p)
+            d = g
+            if h.weight_decay != 0.0:
+                d = p * s(h.weight_decay)
+                d += g
+            if h.momentum != 0.0:
+                if first_step:
+                    momentum_buf[...] = d
+                else:
+                    momentum_buf *= s(h.momentum)
+                    momentum_buf += (s(1.0) - s(h.dampening)) * d
+                d = d + s(h.momentum) * momentum_buf if h.nesterov else momentum_buf
+            p -= s(h.lr) * d
+            if p is not param:
+                param[...] = self.xp.astype(p, param.dtype)
 
     def adam_update(
-        self, param: Array, grad: Array, m: Array, v: Array, hyper: AdamHyper, *, step: int
+        self,
+        param: Array,
+        grad: Array,
+        m: Array,
+        v: Array,
+        hyper: AdamHyper,
+        *,
+        step: int,
+        grad_scale: Array | None = None,
+        found_inf: Array | None = None,
     ) -> None:
         """One Adam (L2 added to the gradient) or AdamW (``hyper.decoupled``) step in place,
         as torch.optim (``AdamHyper`` has the math), at step ``step`` (from 1). In
-        ``state_dtype``; one kernel over the flat buffers on CUDA (float16 and float32)."""
+        ``state_dtype``; one kernel over the flat buffers on CUDA (float16 and float32).
+        ``grad_scale`` multiplies g first and a nonzero ``found_inf`` skips the step."""
         check_flat("adam_update", param, grad, m, v)
+        check_scaling("adam_update", param, grad_scale, found_inf)
         l2, decay, step_size, bc2_sqrt = hyper.scalars(step)
-        p, g = self._in_state_dtype(param), self._in_state_dtype(grad)
-        s = self._scalars(p)
-        one, b1, b2 = s(1.0), s(hyper.beta1), s(hyper.beta2)
-        gi = g
-        if l2 != 0.0:
-            gi = p * s(l2)
-            gi += g
-        if decay != 1.0:
-            p *= s(decay)
-        m *= b1
-        m += (one - b1) * gi
-        t = (one - b2) * gi
-        t *= gi
-        v *= b2
-        v += t
-        denom = self.xp.sqrt(v)
-        denom /= s(bc2_sqrt)
-        denom += s(hyper.eps)
-        t = m / denom
-        t *= s(step_size)
-        p -= t
-        if p is not param:
-            param[...] = self.xp.astype(p, param.dtype)
+        with self._scaled(found_inf, param, m, v):
+            p, g = self._in_state_dtype(param), self._scale_grad(grad, grad_scale)
+            s = self._scalars(p)
+            one, b1, b2 = s(1.0), s(hyper.beta1), s(hyper.beta2)
+            gi = g
+            if l2 != 0.0:
+                gi = p * s(l2)
+                gi += g
+            if decay != 1.0:
+                p *= s(decay)
+            m *= b1
+            m += (one - b1) * gi
+            t = (one - b2) * gi
+            t *= gi
+            v *= b2
+            v += t
+            denom = self.xp.sqrt(v)
+            denom /= s(bc2_sqrt)
+            denom += s(hyper.eps)
+            t = m / denom
+            t *= s(step_size)
+            p -= t
+            if p is not param:
+                param[...] = self.xp.astype(p, param.dtype)
 
     def grad_norm(self, x: Array) -> Array:
         """The global L2 norm of a flat buffer, a 0-d array of its dtype (summed in float64;
@@ -262,6 +280,28 @@ class FusedOps:
         expressions (1 - beta1, ...) in the buffer's precision, and so must we."""
         xp, dtype = self.xp, like.dtype
         return lambda value: xp.asarray(value, dtype=dtype)
+
+    def _scale_grad(self, grad: Array, grad_scale: Array | None) -> Array:
+        """The gradient in ``state_dtype``, times ``grad_scale`` (a fresh array) when given."""
+        g = self._in_state_dtype(grad)
+        if grad_scale is None:
+            return g
+        xp = self.xp
+        return g * xp.astype(xp.reshape(grad_scale, ()), g.dtype)
+
+    @contextlib.contextmanager
+    def _scaled(self, found_inf: Array | None, *buffers: Array | None) -> Iterator[None]:
+        """Run an update on ``buffers`` in place, then put them back where ``found_inf`` is
+        nonzero: a select on the device, never a host read (the kernels skip instead)."""
+        if found_inf is None:
+            yield
+            return
+        xp = self.xp
+        kept = [(b, xp.asarray(b, copy=True)) for b in buffers if b is not None]
+        yield
+        skip = xp.reshape(found_inf, ()) != 0
+        for b, before in kept:
+            b[...] = xp.where(skip, before, b)
 
     def _in_state_dtype(self, x: Array) -> Array:
         """x itself, or (float16) a copy in ``state_dtype``: the precision of the update."""

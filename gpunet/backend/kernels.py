@@ -28,7 +28,7 @@ import numpy as np
 
 from .faults import FAULT_CODES
 from .fused import check_activation
-from .updates import AdamHyper, SGDHyper, check_flat
+from .updates import AdamHyper, SGDHyper, check_flat, check_scaling
 
 BLOCK = 256
 BLOCKS_PER_SM = 32
@@ -262,14 +262,15 @@ def _build_table() -> dict[str, KernelSpec]:
             sgd,
             "optim.cu",
             f"{s}* p, const {s}* g, float* buf, long long n, float lr, float momentum, "
-            "float dampening, float weight_decay, int nesterov, int first_step",
+            "float dampening, float weight_decay, int nesterov, int first_step, "
+            "const float* grad_scale, const float* found_inf",
         )
         add(
             adam,
             "optim.cu",
             f"{s}* p, const {s}* g, float* m, float* v, long long n, float beta1, "
             "float beta2, float eps, float weight_decay, float decay, float step_size, "
-            "float bc2_sqrt",
+            "float bc2_sqrt, const float* grad_scale, const float* found_inf",
         )
     add(
         "grad_norm_partial_f32",
@@ -435,9 +436,17 @@ class Kernels:
                 raise ValueError(f"{op}: the flat buffers must be C-contiguous")
 
     def sgd_update(
-        self, param: Any, grad: Any, momentum_buf: Any, hyper: SGDHyper, first_step: bool
+        self,
+        param: Any,
+        grad: Any,
+        momentum_buf: Any,
+        hyper: SGDHyper,
+        first_step: bool,
+        grad_scale: Any = None,
+        found_inf: Any = None,
     ) -> None:
         check_flat("sgd_update", param, grad, momentum_buf)
+        check_scaling("sgd_update", param, grad_scale, found_inf)
         h = hyper
         if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
@@ -448,13 +457,22 @@ class Kernels:
             UPDATE_KERNELS[SUFFIX[param.dtype]][0],
             n,
             *(param, grad, buf, n, h.lr, h.momentum, h.dampening, h.weight_decay),
-            *(h.nesterov, first_step),
+            *(h.nesterov, first_step, grad_scale, found_inf),
         )
 
     def adam_update(
-        self, param: Any, grad: Any, m: Any, v: Any, hyper: AdamHyper, step: int
+        self,
+        param: Any,
+        grad: Any,
+        m: Any,
+        v: Any,
+        hyper: AdamHyper,
+        step: int,
+        grad_scale: Any = None,
+        found_inf: Any = None,
     ) -> None:
         check_flat("adam_update", param, grad, m, v)
+        check_scaling("adam_update", param, grad_scale, found_inf)
         self._check_inplace("adam_update", param, grad, m, v)
         l2, decay, step_size, bc2_sqrt = hyper.scalars(step)
         n = param.size
@@ -462,7 +480,7 @@ class Kernels:
             UPDATE_KERNELS[SUFFIX[param.dtype]][1],
             n,
             *(param, grad, m, v, n, hyper.beta1, hyper.beta2, hyper.eps),
-            *(l2, decay, step_size, bc2_sqrt),
+            *(l2, decay, step_size, bc2_sqrt, grad_scale, found_inf),
         )
 
     def grad_norm(self, x: Any) -> Any:

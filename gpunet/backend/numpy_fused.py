@@ -29,7 +29,7 @@ from .fused import (
     Formulas,
     FusedOps,
 )
-from .updates import AdamHyper, SGDHyper, check_flat, state_dtype
+from .updates import AdamHyper, SGDHyper, check_flat, check_scaling, state_dtype
 
 Array = Any
 # Large arrays go through the longer formulas CHUNK elements at a time, so that their
@@ -59,7 +59,7 @@ def _pieces(*arrays: Array | None) -> Any:
         yield [None if f is None else f[start : start + CHUNK] for f in flats]
 
 
-def _chunks(*buffers: Array | None) -> Any:
+def _chunks(*buffers: Array | None, grad_scale: Array | None = None) -> Any:
     """Optimizer buffers (the parameter, its gradient, its state) CHUNK elements at a time
     when all are long and contiguous: the ten or so passes of an Adam update then stay in
     cache (1.5x at 10^6 float32), as a flat buffer holding a whole model would otherwise
@@ -67,27 +67,40 @@ def _chunks(*buffers: Array | None) -> Any:
     shape, ``(t, u, *pieces)``, cut from one allocation as long as the longest piece, for the
     update's temporaries. A float16 parameter and gradient come as float32 copies (the update
     computes in ``state_dtype``), and the parameter's piece is rounded back when the caller
-    asks for the next one."""
+    asks for the next one. With ``grad_scale``, the gradient comes multiplied by it (in
+    ``state_dtype``, into a scratch row: the caller's gradient is never written)."""
     first = buffers[0]
     dtype = state_dtype(first.dtype)
     half = dtype is not first.dtype  # float16: two more rows, for the float32 p and g
+    scale = None if grad_scale is None else dtype.type(grad_scale.reshape(-1)[0])
     whole = first.size < 2 * CHUNK or not all(
         b is None or (b.flags.c_contiguous and b.shape == first.shape) for b in buffers
     )
-    scratch = np.empty((4 if half else 2, first.size if whole else CHUNK), dtype)
+    rows = 4 if half or scale is not None else 2
+    scratch = np.empty((rows, first.size if whole else CHUNK), dtype)
     for pieces in [buffers] if whole else _pieces(*buffers):
         k = pieces[0].size
         t, u = scratch[0, :k], scratch[1, :k]
         if whole:
             t, u = t.reshape(first.shape), u.reshape(first.shape)
-        if not half:
+        if not half and scale is None:
             yield t, u, *pieces
             continue
-        p, g = scratch[2, :k].reshape(t.shape), scratch[3, :k].reshape(t.shape)
-        np.copyto(p, pieces[0])
+        p = scratch[2, :k].reshape(t.shape) if half else pieces[0]
+        g = scratch[3, :k].reshape(t.shape)
+        if half:
+            np.copyto(p, pieces[0])
         np.copyto(g, pieces[1])
+        if scale is not None:
+            g *= scale
         yield t, u, p, g, *pieces[2:]
-        np.copyto(pieces[0], p)  # the one rounding to float16
+        if half:
+            np.copyto(pieces[0], p)  # the one rounding to float16
+
+
+def _found(found_inf: Array | None) -> bool:
+    """Is a loss scaler's found-inf flag set? (Host memory here: reading it costs no sync.)"""
+    return found_inf is not None and bool(found_inf.reshape(-1)[0] != 0)
 
 
 class NumpyFusedOps(FusedOps):
@@ -146,14 +159,19 @@ class NumpyFusedOps(FusedOps):
         hyper: SGDHyper,
         *,
         first_step: bool = False,
+        grad_scale: Array | None = None,
+        found_inf: Array | None = None,
     ) -> None:
         check_flat("sgd_update", param, grad, momentum_buf)
+        check_scaling("sgd_update", param, grad_scale, found_inf)
         h = hyper
         if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
+        if _found(found_inf):
+            return
         dt = state_dtype(param.dtype).type  # the scalars in the update's precision, as CUDA's
         lr, wd, mu, keep = dt(h.lr), dt(h.weight_decay), dt(h.momentum), dt(1) - dt(h.dampening)
-        for t, u, p, g, buf in _chunks(param, grad, momentum_buf):
+        for t, u, p, g, buf in _chunks(param, grad, momentum_buf, grad_scale=grad_scale):
             # FusedOps.sgd_update's expression, operation for operation (the same bits), on
             # two cache-sized scratch rows instead of fresh temporaries
             d = g
@@ -170,15 +188,27 @@ class NumpyFusedOps(FusedOps):
             p -= np.multiply(d, lr, out=t)
 
     def adam_update(
-        self, param: Array, grad: Array, m: Array, v: Array, hyper: AdamHyper, *, step: int
+        self,
+        param: Array,
+        grad: Array,
+        m: Array,
+        v: Array,
+        hyper: AdamHyper,
+        *,
+        step: int,
+        grad_scale: Array | None = None,
+        found_inf: Array | None = None,
     ) -> None:
         check_flat("adam_update", param, grad, m, v)
+        check_scaling("adam_update", param, grad_scale, found_inf)
         l2, decay, step_size, bc2_sqrt = hyper.scalars(step)
+        if _found(found_inf):
+            return
         dt = state_dtype(param.dtype).type  # the scalars in the update's precision, as CUDA's
         b1, b2, one = dt(hyper.beta1), dt(hyper.beta2), dt(1.0)
         c1, c2 = one - b1, one - b2
         l2_, decay_, ss, bc2, eps = dt(l2), dt(decay), dt(step_size), dt(bc2_sqrt), dt(hyper.eps)
-        for t, u, p, g, m_, v_ in _chunks(param, grad, m, v):
+        for t, u, p, g, m_, v_ in _chunks(param, grad, m, v, grad_scale=grad_scale):
             # FusedOps.adam_update's expression, operation for operation (the same bits),
             # on two cache-sized scratch rows instead of fresh temporaries
             gi = g

@@ -80,6 +80,25 @@ def check_flat(op: str, param: Array, grad: Array, *state: Array | None) -> None
             _mismatch(op, param, s, "state", want)
 
 
+def check_scaling(op: str, param: Array, grad_scale: Array | None, found_inf: Array | None) -> None:
+    """A loss scaler's arrays for a fused update: float32 with one element each, on the
+    parameter's device (the kernel reads them; the host never does)."""
+    for what, a in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if a is None:
+            continue
+        dtype = str(getattr(a, "dtype", "")).rpartition(".")[2]  # (array-api-strict's too)
+        if dtype != "float32" or getattr(a, "size", 0) != 1:
+            raise ValueError(
+                f"{op}: {what} must be a float32 array of one element (0-d or (1,)), got "
+                f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}"
+            )
+        if type(a) is not type(param):
+            raise ValueError(
+                f"{op}: {what} must live with the parameters ({type(param).__name__}), got a "
+                f"{type(a).__name__}; make it with the parameters' backend"
+            )
+
+
 def _mismatch(op: str, param: Array, buf: Array, what: str, dtype: Any) -> None:
     raise ValueError(
         f"{op}: every {what} buffer must match the parameter ({param.dtype} {param.shape}): "

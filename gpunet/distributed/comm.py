@@ -53,6 +53,7 @@ class Communicator:
 
     name = "local"
     rank, size = 0, 1
+    native_mean = True  # does all_reduce(mean) average inside the reduction (no pass of its own)?
 
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         """array <- op over ranks of array (``mean``: the sum / size), in place; returns it."""
@@ -143,6 +144,7 @@ class MPIComm(Communicator):
     """MPI through mpi4py: host (NumPy) arrays, one MPI call per collective."""
 
     name = "mpi"
+    native_mean = False  # (MPI sums; the mean is a scaling pass after it)
 
     def __init__(self, comm: Any = None, timeout: float | None = None) -> None:
         from mpi4py import MPI

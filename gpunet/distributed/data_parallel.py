@@ -4,7 +4,10 @@
 compared before anything else moves), broadcasts rank 0's parameters (one ``broadcast`` per
 flat parameter buffer: one call for a float32 model), and from then on each ``step()`` first
 averages the flat gradient buffer over the ranks (one ``all_reduce(mean)`` per buffer), then
-runs the optimizer's own fused update. Every rank then applies the same update to the same
+runs the optimizer's own fused update. Over MPI, whose mean is a scaling pass after the sum,
+the step reduces with ``sum`` and passes 1/world to the fused update as its gradient scale
+(PyTorch's fused ``grad_scale``): one pass over the gradients fewer, the same bits for float32.
+Every rank then applies the same update to the same
 weights, so their parameters stay bit-identical with no further broadcast.
 
 Why no buckets overlapping the backward (PyTorch DDP's): on a CPU with one core per rank MPI
@@ -19,11 +22,14 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
 from ..autodiff import CAPTURE, STATE, call, enable_grad, refuse
 from ..tensor import Tensor
 from .comm import Communicator
 
 _CLASSES: dict[type, type] = {}
+_FOLDABLE = (np.dtype(np.float32), np.dtype(np.float16))  # (the update kernels' dtypes)
 
 
 def signature(optimizer: Any) -> list[str]:
@@ -101,6 +107,8 @@ class _DataParallel:
     accumulation; ``synchronize()`` to average before clipping."""
 
     communicator: Communicator
+    _fused_scaling: bool
+    _loss_scaling: dict[str, Any] | None
     _no_sync: int
     _synced: bool
     _flats: list[Any]
@@ -116,10 +124,11 @@ class _DataParallel:
         finally:
             self._no_sync -= 1
 
-    def synchronize(self) -> None:
+    def synchronize(self, op: str = "mean") -> None:
         """Average the gradients over the ranks now (to clip or read them before ``step()``,
         which then does not average again). A parameter without a gradient on this rank counts
-        as a zero gradient, so every rank reduces the same buffer."""
+        as a zero gradient, so every rank reduces the same buffer. (``step`` may reduce with
+        ``op="sum"`` and fold the 1/world into its fused update.)"""
         if STATE.flags & CAPTURE:  # (its Python decides per step which gradients exist)
             refuse("DistributedOptimizer.step", "is not capturable yet")
         if self._no_sync:
@@ -136,16 +145,33 @@ class _DataParallel:
                     views[i][...] = 0
                     p.grad = Tensor._wrap(views[i], flat.backend)
             flat.gather_grads(range(len(flat.params)))
-            call("all_reduce", self.communicator.all_reduce, flat.grad, op="mean")
+            call("all_reduce", self.communicator.all_reduce, flat.grad, op=op)
         self._synced = True
+
+    def _folded_mean(self) -> dict[str, Any] | None:
+        """The fused updates' ``grad_scale`` = 1/world when the mean would be a pass of its own
+        (MPI sums; NCCL averages in the reduction): float32 and float16 buffers of an
+        optimizer whose update takes it, outside a loss scaler's step (which passes its own)."""
+        comm = self.communicator
+        if comm.native_mean or not self._fused_scaling or self._loss_scaling is not None:
+            return None
+        if any(flat.data.dtype not in _FOLDABLE for flat in self._flats):
+            return None
+        return {"grad_scale": np.asarray(1.0 / comm.size, np.float32)}
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with enable_grad():
                 loss = closure()
+        folded = None if self._synced else self._folded_mean()
         if not self._synced:
-            self.synchronize()
+            self.synchronize("mean" if folded is None else "sum")
         self._synced = False
-        super().step()  # type: ignore[misc]
+        self._loss_scaling = folded or self._loss_scaling
+        try:
+            super().step()  # type: ignore[misc]
+        finally:
+            if folded is not None:
+                self._loss_scaling = None
         return loss

@@ -19,6 +19,7 @@ class Adam(Optimizer):
 
     decoupled = False
     _capturable = True
+    _fused_scaling = True
 
     def __init__(
         self,
@@ -41,13 +42,15 @@ class Adam(Optimizer):
 
     def _update(self, group: dict[str, Any], flat: FlatBuffer, indices: list[int]) -> None:
         m, v = flat.buffer("exp_avg"), flat.buffer("exp_avg_sq")
+        scaling = self._scaling()
+        found = scaling.get("found_inf")
         states = []
         for i in indices:
             st = self.state.setdefault(flat.params[i], {})
             if not st:
                 st.update(step=0, exp_avg=flat.view(m, i), exp_avg_sq=flat.view(v, i))
-            st["step"] += 1
             states.append(st)
+        _advance(states, found)
 
         hyper: Any = _hyper(group, self.decoupled)
         capturing = STATE.flags & CAPTURE
@@ -57,11 +60,18 @@ class Adam(Optimizer):
         # Neighbours at the same step count share one fused update.
         for start, stop, step in flat.spans(indices, [st["step"] for st in states]):
             arrays = (flat.data[start:stop], flat.grad[start:stop], m[start:stop], v[start:stop])
-            count: Any = step
+            count: Any = max(step, 1)  # (a first step skipped by the scaler: the kernel skips)
             if capturing:
                 span = [st for i, st in zip(indices, states) if start <= flat.offsets[i] < stop]
-                count = Dynamic(step, functools.partial(_advance, span))
-            call("adam_update", flat.backend.adam_update, *arrays, hyper=hyper, step=count)
+                count = Dynamic(count, functools.partial(_advance, span, found))
+            call(
+                "adam_update",
+                flat.backend.adam_update,
+                *arrays,
+                hyper=hyper,
+                step=count,
+                **scaling,
+            )
 
 
 def _hyper(group: dict[str, Any], decoupled: bool) -> AdamHyper:
@@ -70,11 +80,14 @@ def _hyper(group: dict[str, Any], decoupled: bool) -> AdamHyper:
     return AdamHyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], decoupled)
 
 
-def _advance(states: list[dict[str, Any]]) -> int:
-    """One more step for each of ``states`` (a span sharing one count): the new count."""
-    for st in states:
-        st["step"] += 1
-    return states[0]["step"]
+def _advance(states: list[dict[str, Any]], found_inf: Any = None) -> int:
+    """One more step for each of ``states`` (a span sharing one count) unless a loss scaler's
+    ``found_inf`` is set (a skipped step, as PyTorch's): the count to update with (from 1).
+    The one host read of the flag: the bias corrections are computed on the host."""
+    if found_inf is None or not float(found_inf.reshape(-1)[0]):
+        for st in states:
+            st["step"] += 1
+    return max(states[0]["step"], 1)
 
 
 class AdamW(Adam):

@@ -131,6 +131,15 @@ class Optimizer:
     # between steps as ``Dynamic`` (``_capturable``); otherwise it runs the step again as
     # Python at each replay.
     _capturable = False
+    # The ``grad_scale`` and ``found_inf`` arrays of the fused updates, set around ``step()``
+    # by ``GradScaler.step`` (1/scale, the overflow flag) and ``DistributedOptimizer`` (1/world)
+    # where the subclass passes them to its update (``_fused_scaling``).
+    _fused_scaling = False
+    _loss_scaling: dict[str, Any] | None = None
+
+    def _scaling(self) -> dict[str, Any]:
+        """The ``grad_scale`` and ``found_inf`` keywords of this step's fused updates."""
+        return self._loss_scaling or {}
 
     @segment(
         lambda self, closure=None: self._all_params(),

@@ -82,6 +82,7 @@ class SGD(Optimizer):
         ]
 
     _capturable = True
+    _fused_scaling = True
 
     def _grad_buffers(self) -> bool:
         return not self.defaults["in_backward"]
@@ -108,7 +109,14 @@ class SGD(Optimizer):
                 None if buf is None else buf[start:stop],
             )
             first_step = Dynamic(first, _false) if capturing else first
-            call("sgd_update", flat.backend.sgd_update, *arrays, hyper=hyper, first_step=first_step)
+            call(
+                "sgd_update",
+                flat.backend.sgd_update,
+                *arrays,
+                hyper=hyper,
+                first_step=first_step,
+                **self._scaling(),
+            )
         for i, st in zip(indices, states):
             st["momentum_buffer"] = None if buf is None else flat.view(buf, i)
 

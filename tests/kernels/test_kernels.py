@@ -192,13 +192,15 @@ def test_the_table_names_every_activation_op_and_dtype() -> None:
 def test_arguments_are_cast_to_their_c_types() -> None:
     spec = K.TABLE["sgd_update_f32"]
     p = np.zeros(3, np.float32)
-    args = spec.cast((p, p, None, 3, 0.1, 0.9, 0.0, 0.0, True, False))
-    assert [type(a) for a in args[3:]] == [np.int64] + [np.float32] * 4 + [np.int32] * 2
+    args = spec.cast((p, p, None, 3, 0.1, 0.9, 0.0, 0.0, True, False, None, None))
+    assert [type(a) for a in args[3:10]] == [np.int64] + [np.float32] * 4 + [np.int32] * 2
     with pytest.raises(TypeError, match="float32"):
-        spec.cast((p.astype(np.float64), p, None, 3, 0.1, 0.9, 0.0, 0.0, 1, 0))
+        spec.cast((p.astype(np.float64), p, None, 3, 0.1, 0.9, 0.0, 0.0, 1, 0, None, None))
     with pytest.raises(TypeError, match="C-contiguous"):
-        spec.cast((np.zeros(6, np.float32)[::2], p, None, 3, 0.1, 0.9, 0.0, 0.0, 1, 0))
-    with pytest.raises(TypeError, match="takes 10 arguments"):
+        spec.cast((np.zeros(6, np.float32)[::2], p, None, 3, 0.1, 0.9, 0.0, 0.0, 1, 0, p, p))
+    with pytest.raises(TypeError, match="found_inf must be a C-contiguous float32"):
+        spec.cast((p, p, None, 3, 0.1, 0.9, 0.0, 0.0, 1, 0, None, np.zeros(1, np.float64)))
+    with pytest.raises(TypeError, match="takes 12 arguments"):
         spec.cast((p,))
 
 
@@ -455,6 +457,65 @@ def test_float16_optimizer_kernels_match_numpy(
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{kind} {cfg}: state")
     want = "sgd_update_f16" if kind == "sgd" else "adam_update_f16"
     assert {name for name, _, _ in cuda_on_cpu._kernels.launches} == {want}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize(("kind", "cfg"), OPTIMIZERS)
+def test_optimizer_kernels_scale_the_gradient_and_skip_on_found_inf(
+    cuda_on_cpu: CupyBackend, kind: str, cfg: dict, dtype: Any
+) -> None:
+    """grad_scale s: the kernel's update equals its update of g * s computed first (in float32,
+    exactly representable here in the storage dtype as s is a power of two), bit for bit; a
+    set found_inf leaves p and the state untouched. Both read through device pointers."""
+    n, r = 3001, np.random.default_rng(5)
+    p0, g = r.standard_normal(n).astype(dtype), r.standard_normal(n).astype(dtype)
+    s = np.asarray(0.25, np.float32)
+
+    def update(p: np.ndarray, grad: np.ndarray, state: list, **scaling: Any) -> None:
+        if kind == "sgd":
+            buf = state[0] if cfg.get("momentum") else None
+            cuda_on_cpu.sgd_update(p, grad, buf, SGDHyper(**cfg), first_step=True, **scaling)
+        else:
+            hyper = AdamHyper(**cfg, decoupled=kind == "adamw")
+            cuda_on_cpu.adam_update(p, grad, *state, hyper, step=1, **scaling)
+
+    fresh = [np.full(n, 0.5, np.float32), np.full(n, 0.25, np.float32)]
+    scaled, scaled_state = p0.copy(), [a.copy() for a in fresh]
+    update(scaled, g, scaled_state, grad_scale=s)
+    plain, plain_state = p0.copy(), [a.copy() for a in fresh]
+    update(plain, (g * dtype(0.25)).astype(dtype), plain_state)
+    np.testing.assert_array_equal(scaled, plain)
+    for a, b in zip(scaled_state, plain_state):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(scaled, p0)
+    skipped, skipped_state = p0.copy(), [a.copy() for a in fresh]
+    update(skipped, g, skipped_state, grad_scale=s, found_inf=np.ones(1, np.float32))
+    np.testing.assert_array_equal(skipped, p0)
+    for a, b in zip(skipped_state, fresh):
+        np.testing.assert_array_equal(a, b)
+    assert len(cuda_on_cpu._kernels.launches) == 3  # the skip happens in the kernel
+
+
+@pytest.mark.parametrize(("kind", "cfg"), OPTIMIZERS)
+def test_scaled_optimizer_kernels_match_numpy(
+    cuda_on_cpu: CupyBackend, kind: str, cfg: dict
+) -> None:
+    """A non-power-of-two scale: the kernel and NumPy round g * s alike."""
+    n, r = 10007, np.random.default_rng(6)
+    s = np.asarray(1.0 / 3.0, np.float32)
+    p0, g = r.standard_normal(n).astype(np.float32), r.standard_normal(n).astype(np.float32)
+    outs = []
+    for ops in (cuda_on_cpu, REF):
+        p, state = p0.copy(), [np.zeros(n, np.float32), np.zeros(n, np.float32)]
+        if kind == "sgd":
+            buf = state[0] if cfg.get("momentum") else None
+            ops.sgd_update(p, g, buf, SGDHyper(**cfg), first_step=True, grad_scale=s)
+        else:
+            hyper = AdamHyper(**cfg, decoupled=kind == "adamw")
+            ops.adam_update(p, g, *state, hyper, step=1, grad_scale=s)
+        outs.append([p, *state])
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("n", SIZES)

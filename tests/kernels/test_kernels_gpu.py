@@ -194,6 +194,37 @@ class TestOnGPU:
             grads[dev] = x.grad.numpy()
         np.testing.assert_allclose(grads["cuda"], grads["cpu"], rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.parametrize("dtype", [np.float32, np.float16])
+    def test_scaled_updates_read_the_scale_and_flag_on_the_device(self, dtype: Any) -> None:
+        """grad_scale and found_inf as device arrays: the kernel's scaled Adam step matches
+        NumPy's, and a set flag leaves p and the state untouched (no host read)."""
+        rng = np.random.default_rng(2)
+        p0, g = (rng.standard_normal(4099).astype(dtype) for _ in range(2))
+        hyper = AdamHyper(1e-2, 0.9, 0.999, 1e-8)
+        cpu, gpu = NumpyBackend(None), gpunet.get_backend("cuda")
+        scale = np.asarray(1.0 / 3.0, np.float32)
+        want = [p0.copy(), np.zeros(4099, np.float32), np.zeros(4099, np.float32)]
+        cpu.adam_update(want[0], g, want[1], want[2], hyper, step=1, grad_scale=scale)
+        got = [gpu.asarray(a) for a in (p0, np.zeros(4099, np.float32), np.zeros(4099, np.float32))]
+        flag = gpu.asarray(np.zeros(1, np.float32))
+        gpu.adam_update(
+            got[0],
+            gpu.asarray(g),
+            got[1],
+            got[2],
+            hyper,
+            step=1,
+            grad_scale=gpu.asarray(scale),
+            found_inf=flag,
+        )
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(gpu.to_numpy(a).astype(np.float32), b, rtol=1e-3, atol=1e-6)
+        before = [gpu.to_numpy(a).copy() for a in got]
+        flag[...] = 1.0
+        gpu.adam_update(got[0], gpu.asarray(g), got[1], got[2], hyper, step=2, found_inf=flag)
+        for a, b in zip(got, before):
+            np.testing.assert_array_equal(gpu.to_numpy(a), b)
+
 
 if __name__ == "__main__":
     arrays = golden_inputs()
