@@ -429,6 +429,11 @@ def _numpy_in_place(
     ):
         return None
     p = e.params
+    # float16 and bfloat16 compute through float32 in the backend: its own method, not these
+    # lines (NumPy's float16 loops would round each GEMM and sum differently from eager)
+    first = arrays[e.ins[0][1]] if e.ins and e.ins[0][0] == "a" else None
+    if getattr(first, "dtype", None) is None or first.dtype.char not in "fd":
+        return None
     if e.fn.__name__ == "sgd_update":
         return _plain_sgd(e, arrays, env, i, spare)
     if any(isinstance(v, _CHANGING) for v in p.values()) or any(r[0] != "a" for r in e.ins):
@@ -438,7 +443,7 @@ def _numpy_in_place(
         out = arrays[e.out[1]]
     else:
         out, ins = ins[0], ins[1:]
-    if not isinstance(out, np.ndarray) or out.dtype.kind != "f":
+    if not isinstance(out, np.ndarray) or out.dtype.char not in "fd":
         return None
     method = e.fn.__name__
 

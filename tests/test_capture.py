@@ -603,3 +603,33 @@ def test_a_captured_step_on_a_gpu_replays_as_launches_equal_to_eager() -> None:
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert np.array_equal(p.numpy(), q.numpy())
     assert run.replays == STEPS - 2 and "CUDA graph blockers: 5 GEMMs" in repr(run)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_low_and_double_precision_steps_replay_bit_for_bit(dtype: str, opt: str) -> None:
+    """float16 and bfloat16 compute through float32 in the backend; a replay must too (it
+    once wrote NumPy's float16 GEMM straight into the output and drifted from eager)."""
+
+    def run(captured: bool) -> list[np.ndarray]:
+        gpunet.manual_seed(0)
+        model = nn.MLP([8, 16, 4]).to(getattr(gpunet, dtype))
+        params = model.parameters()
+        o = optim.Adam(params, lr=1e-2) if opt == "adam" else optim.SGD(params, lr=1e-2)
+        x = gpunet.randn(5, 8).to(getattr(gpunet, dtype))
+
+        def step(x: gpunet.Tensor) -> gpunet.Tensor:
+            o.zero_grad()
+            y = model(x)
+            loss = (y * y).sum()
+            loss.backward()
+            o.step()
+            return loss
+
+        f = gpunet.capture(step) if captured else step
+        for _ in range(4):
+            f(x)
+        return [p.numpy().astype(np.float64) for p in model.parameters()]
+
+    for eager, replayed in zip(run(False), run(True)):
+        np.testing.assert_array_equal(replayed, eager)
