@@ -255,6 +255,7 @@ class GradScaler:
         if STATE.flags & CAPTURE:  # (it replaces the gradients outside backend calls)
             refuse("GradScaler.unscale_", "is not capturable; scaler.step(opt) alone is")
         self._check(optimizer, "unscale_")
+        _average_over_ranks(optimizer)
         xp = self._backend.xp
         inv = xp.reciprocal(self._scale.astype(dtypes.float64)).astype(dtypes.float32)
         for p in optimizer._all_params():
@@ -297,6 +298,7 @@ class GradScaler:
         xp = self._backend.xp
         if not unscaled:
             self._check(optimizer, "step")
+            _average_over_ranks(optimizer)
             call("amp_inverse_scale", _reciprocal_into, self._inv, self._scale)
             for p in optimizer._all_params():
                 if p.grad is not None:  # (an inf in g is one in g / scale: PyTorch checks g)
@@ -406,3 +408,12 @@ def _update_scale_into(
 
 def _fill(out: Any, *, value: float) -> None:
     out[...] = value
+
+
+def _average_over_ranks(optimizer: Any) -> None:
+    """A data-parallel optimizer's gradients averaged before the inf/NaN check, so that every
+    rank sees the same gradients and skips, or takes, the same step (an inf on one rank is
+    one in the sum everywhere)."""
+    synchronize = getattr(optimizer, "synchronize", None)
+    if synchronize is not None and not getattr(optimizer, "_synced", True):
+        synchronize()

@@ -148,6 +148,32 @@ def mpi_sum_with_the_scale_folded_into_the_update_equals_the_mean() -> str:
 
 
 @check
+def a_scaled_step_skips_on_every_rank_when_one_rank_overflows() -> str:
+    """GradScaler over a DistributedOptimizer: the gradients are averaged before the inf/NaN
+    check, so an overflow on rank 1 alone skips the step on both ranks (each deciding from
+    its own gradients, rank 0 would step and the ranks' weights would part)."""
+    model, o = model_and_opt("float32", "adam")
+    o = dist.DistributedOptimizer(o)
+    scaler = gpunet.amp.GradScaler()
+    before = params(model)
+    for step in range(3):
+        x, y = batch("float32", seed=step)
+        x = x[R * 8 : (R + 1) * 8]
+        if step == 0 and R == 1:
+            x[0, 0] = np.inf  # this rank's loss and gradients overflow
+        o.zero_grad()
+        loss = F.cross_entropy(model(gpunet.tensor(x)), gpunet.tensor(y[R * 8 : (R + 1) * 8]))
+        scaler.scale(loss).backward()
+        scaler.step(o)
+        scaler.update()
+        if step == 0:
+            assert all(np.array_equal(a, b) for a, b in zip(params(model), before)), "stepped"
+    every = COMM.all_gather_object(digest(model))
+    assert len(set(every)) == 1, every
+    return "rank 1's inf skipped the step on both ranks; then both stepped alike"
+
+
+@check
 def no_sync_accumulates_like_the_larger_batch() -> str:
     model, o = model_and_opt("float64", "momentum")
     o = dist.DistributedOptimizer(o)
