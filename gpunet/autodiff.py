@@ -808,14 +808,18 @@ class LeafPlan:
             self.pending.append((into, leaf.data, coef))
             return True
         buf = getattr(leaf, "_grad_buffer", None)  # (the slots, not the properties: hot path)
-        if buf is None or id(leaf) in self.grads or getattr(leaf, "_hooks", None):
+        if buf is None:
+            return False
+        key = id(leaf)
+        if key in self.grads or getattr(leaf, "_hooks", None):
             return False  # only the first contribution, and none that a hook must see first
-        if leaf.grad is not None and leaf.grad.data is not buf:
+        grad = leaf.grad
+        if grad is not None and grad.data is not buf:
             return False  # .grad holds another array: summed there at the end
-        beta = 0.0 if leaf.grad is None else 1.0  # write, or sum into (the buffer is .grad)
+        beta = 0.0 if grad is None else 1.0  # write, or sum into (the buffer is .grad)
         into(buf, 1.0, beta, g, *saved, **params)
-        self.leaves[id(leaf)], self.buffers[id(leaf)] = leaf, buf
-        self.grads[id(leaf)] = Tensor._wrap(buf, g._backend)
+        self.leaves[key], self.buffers[key] = leaf, buf
+        self.grads[key] = Tensor._wrap(buf, g._backend)
         return True
 
     def take_steps(self, g: Tensor, saved: tuple, params: dict) -> None:

@@ -83,6 +83,8 @@ def check_flat(op: str, param: Array, grad: Array, *state: Array | None) -> None
 def check_scaling(op: str, param: Array, grad_scale: Array | None, found_inf: Array | None) -> None:
     """A loss scaler's arrays for a fused update: float32 with one element each, on the
     parameter's device (the kernel reads them; the host never does)."""
+    if grad_scale is None and found_inf is None:  # (every unscaled step: no loop to build)
+        return
     for what, a in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if a is None:
             continue
