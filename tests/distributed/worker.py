@@ -174,6 +174,26 @@ def a_scaled_step_skips_on_every_rank_when_one_rank_overflows() -> str:
 
 
 @check
+def autocast_steps_stay_identical_across_ranks() -> str:
+    """bfloat16 autocast under a DistributedOptimizer: float32 master weights and gradients,
+    so the one all-reduce and the update keep the ranks bit-identical."""
+    model, o = model_and_opt("float32", "adam")
+    o = dist.DistributedOptimizer(o)
+    for step in range(5):
+        x, y = batch("float32", seed=step)
+        o.zero_grad()
+        with gpunet.autocast(dtype=gpunet.bfloat16):
+            out = model(gpunet.tensor(x[R * 8 : (R + 1) * 8]))
+            loss = F.cross_entropy(out, gpunet.tensor(y[R * 8 : (R + 1) * 8]))
+        loss.backward()
+        o.step()
+        every = COMM.all_gather_object(digest(model))
+        assert len(set(every)) == 1, (step, every)
+    assert all(p.dtype == gpunet.float32 for p in model.parameters())
+    return "5 Adam steps under bfloat16 autocast: the ranks' weights identical after each"
+
+
+@check
 def no_sync_accumulates_like_the_larger_batch() -> str:
     model, o = model_and_opt("float64", "momentum")
     o = dist.DistributedOptimizer(o)
