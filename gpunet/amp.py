@@ -257,12 +257,12 @@ class GradScaler:
         self._check(optimizer, "unscale_")
         _average_over_ranks(optimizer)
         xp = self._backend.xp
-        inv = xp.reciprocal(self._scale.astype(dtypes.float64)).astype(dtypes.float32)
+        call("amp_inverse_scale", _reciprocal_into, self._inv, self._scale)
         for p in optimizer._all_params():
             g = p.grad
             if g is None:
                 continue
-            data = g.data * inv.astype(g.dtype)
+            data = g.data * self._inv.astype(g.dtype)
             call("amp_found_inf", _found_inf_into, self._found, data, xp=xp)
             p.grad = Tensor._wrap(data, g._backend)
         self._unscaled.add(id(optimizer))
