@@ -230,9 +230,17 @@ def call(name: str, method: Callable[..., Any], /, *arrays: Any, **params: Any) 
         return _record_call(name, method, arrays, params, flags)
     result = method(*arrays, **params)
     if flags & OBSERVE:
-        ins = arrays[1:] if result is None and method.__name__.endswith("_into") else arrays
-        observe(name, ins, params, arrays[0] if result is None else result)
+        _observe_call(name, method, arrays, params, result)
     return result
+
+
+def _observe_call(
+    name: str, method: Callable[..., Any], arrays: tuple, params: dict, out: Any
+) -> None:
+    """Tell the observers of a ``call``: a method that returns nothing wrote its first array
+    (``*_into``: out, inputs...), so that array is the output and the rest the inputs."""
+    ins = arrays[1:] if out is None and method.__name__.endswith("_into") else arrays
+    observe(name, ins, params, arrays[0] if out is None else out)
 
 
 def _record_call(
@@ -247,8 +255,7 @@ def _record_call(
     }
     result = method(*arrays, **plain)
     if flags & OBSERVE:
-        ins = arrays[1:] if result is None and method.__name__.endswith("_into") else arrays
-        observe(name, ins, plain, arrays[0] if result is None else result)
+        _observe_call(name, method, arrays, plain, result)
     STATE.recorder.record(name, method, arrays, params, result)
     return result
 
