@@ -269,7 +269,8 @@ class _Step:
         self.scaler = scaler
         # Data parallel: eager, so that every rank agrees on the loss and on Ctrl-C before
         # any rank starts the update's all-reduce (a capture would replay past that point).
-        # A loss scaler decides on the host whether to step: eager too.
+        # A loss-scaled step stays eager too: _whole does not scale (gpunet.capture can
+        # replay a scaled step; fit does not use that yet).
         capture = capture and run.comm is None and scaler is None
         self.captured = capture_step(self._whole) if capture else None
 
