@@ -70,7 +70,7 @@ def save(
         header[_OPTIM_KEY] = json.dumps(
             {"type": type(optimizer).__name__, "param_groups": sd["param_groups"], "state": scalars}
         )
-    _write_atomically(Path(path), safetensors.numpy.save(tensors, metadata=header))
+    write_atomically(Path(path), safetensors.numpy.save(tensors, metadata=header))
 
 
 def load(
@@ -260,7 +260,7 @@ def _host(value: Any) -> np.ndarray:
     return np.ascontiguousarray(value)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``: a
     reader sees the old file or the new one, never half of one; a failure leaves no temp."""
     directory = path.parent if str(path.parent) else Path(".")

@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__, amp, backends, distributed, dtypes, nn, optim
 from .backend import default_device
 from .backend import device as find_device
-from .checkpoint import load, save
+from .checkpoint import load, save, write_atomically
 from .cli import UsageError
 from .creation import zeros
 from .data import DIGITS_SCALE, DataError, DataLoader, Dataset, infer_task, load_digits, split
@@ -468,10 +468,8 @@ def strict(value: Any) -> Any:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Strict JSON (NaN written as null), written to a temporary file and renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(strict(value), indent=2, allow_nan=False))
-    tmp.replace(path)
+    """Strict JSON (NaN written as null), written atomically."""
+    write_atomically(path, json.dumps(strict(value), indent=2, allow_nan=False).encode())
 
 
 def plot_run(history: History, prep: Preprocess, figures: dict[str, float], path: Path) -> None:

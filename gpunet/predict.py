@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import tempfile
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .checkpoint import write_atomically
 from .data import DataError, Dataset, check_finite, csv_header, normalize_targets, read_csv
 
 
@@ -137,29 +137,24 @@ def _csv_features(path: Path, prep: Preprocess, n: int) -> tuple[np.ndarray, np.
 def write_predictions(
     out: str | Path, predictions: np.ndarray, probabilities: np.ndarray | None, prep: Preprocess
 ) -> None:
-    """A CSV with ``prediction`` and, for classes, ``p(<label>)`` per class; written to a
-    temporary file beside ``out`` and renamed, so a failure leaves no half file."""
+    """A CSV with ``prediction`` and, for classes, ``p(<label>)`` per class, written
+    atomically (``checkpoint.write_atomically``): a failure leaves no half file."""
     out = Path(out)
     header = ["prediction"]
     if probabilities is not None:
         header += [f"p({c})" for c in prep.classes or []]
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    for i, value in enumerate(predictions):
+        row = [repr(float(value)) if prep.task == "regress" else value]
+        if probabilities is not None:
+            row += [f"{p:.6g}" for p in probabilities[i]]
+        w.writerow(row)
     try:
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        write_atomically(out, text.getvalue().encode())
     except OSError as e:
         raise DataError(f"--out {out}: cannot write there ({e.strerror})") from e
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            for i, value in enumerate(predictions):
-                row = [repr(float(value)) if prep.task == "regress" else value]
-                if probabilities is not None:
-                    row += [f"{p:.6g}" for p in probabilities[i]]
-                w.writerow(row)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -60,6 +60,8 @@ def test_labels_come_back_in_their_own_values_with_probabilities(
     p = np.array([[float(r["p(-1)"]), float(r["p(1)"])] for r in rows])
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
     assert np.all((p[:, 1] > 0.5) == (predicted == 1))
+    assert out.stat().st_mode & 0o777 == 0o644  # an ordinary file, not mkstemp's private one
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []  # no temp left
 
 
 def test_new_rows_without_the_target_in_another_column_order(tmp_path: Path) -> None:
