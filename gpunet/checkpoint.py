@@ -30,7 +30,7 @@ from . import random
 
 FORMAT = "gpunet-checkpoint-1"
 _FORMAT_KEY, _OPTIM_KEY, _RNG_KEY = "gpunet.format", "gpunet.optimizer", "gpunet.rng"
-_RNG_PREFIX = "rng."
+_RNG_PREFIX, _RANKS_PREFIX = "rng.", "rng_ranks."
 
 
 class CheckpointError(ValueError):
@@ -43,17 +43,24 @@ def save(
     optimizer: Any = None,
     *,
     rng_state: dict[str, Any] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
     **metadata: Any,
 ) -> None:
     """Write ``model`` (anything with ``state_dict()``), optionally ``optimizer``, the state of
     ``gpunet``'s default random generator (``rng_state``, one taken earlier with
-    ``default_generator.get_state()``, or the current one), and JSON-serializable
-    ``metadata`` to ``path`` atomically."""
+    ``default_generator.get_state()``, or the current one), every data-parallel rank's
+    generator state (``rng_ranks``, in rank order: ``load`` returns it as ``rng_ranks``), and
+    JSON-serializable ``metadata`` to ``path`` atomically."""
     tensors = {f"model.{k}": _host(v) for k, v in model.state_dict().items()}
     rng = dict(random.default_generator.get_state() if rng_state is None else rng_state)
     for dev, state in rng.pop("devices").items():
         tensors[_RNG_PREFIX + dev] = state
     header = {_FORMAT_KEY: FORMAT, _RNG_KEY: json.dumps(rng)}
+    if rng_ranks is not None:  # host streams in the header, device streams as tensors
+        metadata["rng_ranks"] = [{k: v for k, v in r.items() if k != "devices"} for r in rng_ranks]
+        for r, state in enumerate(rng_ranks):
+            for dev, array in state.get("devices", {}).items():
+                tensors[f"{_RANKS_PREFIX}{r}.{dev}"] = array
     for key, value in metadata.items():
         if key.startswith("gpunet."):
             raise ValueError(f"metadata keys starting with 'gpunet.' are reserved, got {key!r}")
@@ -111,7 +118,33 @@ def load(
             k[len(_RNG_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_RNG_PREFIX)
         }
         random.default_generator.set_state({**saved_rng, "devices": devices})
+    for name, array in tensors.items():  # each rank's device streams beside its host stream
+        if name.startswith(_RANKS_PREFIX) and metadata.get("rng_ranks"):
+            r, dev = name[len(_RANKS_PREFIX) :].split(".", 1)
+            metadata["rng_ranks"][int(r)].setdefault("devices", {})[dev] = array
     return metadata
+
+
+# ---------------------------------------------------------------- ranks' generators
+def rank_rng_state(saved: list[dict[str, Any]], rank: int, size: int) -> dict[str, Any]:
+    """The generator state rank ``rank`` of ``size`` resumes from, given every saved rank's
+    state (``saved[r]``, host streams): its own where the world size is the one saved; under
+    another size a new stream, seeded by SeedSequence(entropy = every saved seed and PCG64
+    word, spawn_key = (size, rank)): distinct across ranks, the same on every run."""
+    if not 0 <= rank < size:
+        raise ValueError(f"rank_rng_state: need 0 <= rank < size, got rank {rank}, size {size}")
+    if not saved:
+        raise ValueError("rank_rng_state: no saved generator state to resume from")
+    if len(saved) == size:
+        return saved[rank]
+    entropy = []
+    for state in saved:  # (SeedSequence takes non-negative integers of any size)
+        host = state["host"]
+        entropy += [int(state["seed"]) % 2**128, host["state"]["state"], host["state"]["inc"]]
+        entropy += [int(host.get("has_uint32", 0)), int(host.get("uinteger", 0))]
+    words = np.random.SeedSequence(entropy, spawn_key=(size, rank)).generate_state(4, np.uint32)
+    seed = int.from_bytes(words.astype("<u4").tobytes(), "little")
+    return {"seed": seed, "host": np.random.PCG64(seed).state}
 
 
 # ---------------------------------------------------------------- reading

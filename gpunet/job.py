@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__, amp, backends, distributed, dtypes, nn, optim
 from .backend import default_device
 from .backend import device as find_device
-from .checkpoint import load, save, write_atomically
+from .checkpoint import load, rank_rng_state, save, write_atomically
 from .cli import UsageError
 from .creation import zeros
 from .data import DIGITS_SCALE, DataError, DataLoader, Dataset, infer_task, load_digits, split
@@ -183,8 +183,8 @@ class _Checkpoints:
         if history.best_epoch == epoch:
             self.best = model
         extra = {"history": copy.deepcopy(history.as_dict()), "loader": self.loader.state_dict()}
-        if ranks is not None:  # (host streams only: device states are the lead's alone)
-            extra["rng_ranks"] = [{k: v for k, v in r.items() if k != "devices"} for r in ranks]
+        if ranks is not None:  # every rank's streams, the device ones included
+            extra["rng_ranks"] = ranks
         self.pending = (model, self.opt.state_dict(), extra, rng)
         if time.monotonic() - self.last_write >= self.every:
             self.write()
@@ -212,10 +212,15 @@ class _Checkpoints:
             load(self.run / "best.safetensors", self.model)
             best = {k: np.array(v.numpy()) for k, v in self.model.state_dict().items()}
         meta = load(self.run / "checkpoint.safetensors", self.model, self.opt)
-        self.loader.load_state_dict(meta["loader"])  # (load restored the lead's generator)
-        ranks = meta.get("rng_ranks") or []
-        if len(ranks) == self.comm.size > 1:  # (another world size: the lead's state)
-            default_generator.set_state(ranks[self.comm.rank])
+        self.loader.load_state_dict(meta["loader"])  # the epochs' permutations, as saved
+        # load restored the lead's generator, its device streams too: rank 0 of the same world
+        # size keeps it; every other rank takes its own saved stream, or under another world
+        # size a new one derived from them all (distinct per rank, the same on every run)
+        lead = {k: v for k, v in default_generator.get_state().items() if k != "devices"}
+        saved = meta.get("rng_ranks") or [lead]
+        rank, size = self.comm.rank, self.comm.size
+        if len(saved) != size or rank != 0:
+            default_generator.set_state(rank_rng_state(saved, rank, size))
         return History.from_dict(meta["history"]), best
 
 
@@ -336,7 +341,21 @@ def train(args: argparse.Namespace) -> int:
     if not lead:  # every rank holds the same weights: rank 0 tests, saves and reports them
         # (and the others do not wait for it: a long test pass would trip their time limit)
         return INTERRUPTED if history.interrupted else 1 if not history.train_loss else 0
-    return finish(run, model, history, prep, test, test_set, meta, seconds, source, device, saved)
+    ranks = ranks_record(comm, args.batch_size)
+    return finish(
+        run, model, history, prep, test, test_set, meta, seconds, source, device, saved, ranks
+    )
+
+
+def ranks_record(comm: Any, batch_size: int) -> dict[str, Any]:
+    """metrics.json's ``ranks``: how many processes trained, over which engine, and the rows
+    each took a step (a step saw ``world_size`` x ``samples_per_step_per_rank``)."""
+    return {
+        "world_size": comm.size,
+        "engine": comm.name,  # "local" (one process), "mpi" or "nccl"
+        "samples_per_step_per_rank": batch_size,
+        "samples_per_step": batch_size * comm.size,
+    }
 
 
 def _backend_for(device: str | None) -> str | None:
@@ -401,8 +420,10 @@ def finish(
     source: str,
     device: Any,
     args: dict[str, Any],
+    ranks: dict[str, Any] | None = None,
 ) -> int:
-    """Evaluate the best weights, save model, metrics and curves, and say what happened."""
+    """Evaluate the best weights, save model, metrics and curves, and say what happened;
+    ``ranks``: the data-parallel world (``ranks_record``), a world of one by default."""
     n = len(history.train_loss)
     if n == 0:
         why = "interrupted" if history.interrupted else "diverged (loss not finite)"
@@ -421,6 +442,7 @@ def finish(
         "diverged": history.diverged,
         "seconds": seconds,
         "device": str(device),
+        "ranks": ranks or ranks_record(distributed.LocalComm(), args["batch_size"]),
         "sizes": meta["sizes"],
         "data": source,
         "args": args,

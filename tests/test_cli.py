@@ -42,6 +42,8 @@ def test_train_on_the_digits_saves_a_run(tmp_path: Path, capsys: pytest.CaptureF
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.85 and metrics["epochs"] == 5
     assert len(metrics["history"]["val_loss"]) == 5
+    want = {"world_size": 1, "engine": "local", "samples_per_step_per_rank": 64}
+    assert metrics["ranks"] == {**want, "samples_per_step": 64}  # (mpiexec: test_data_parallel)
     assert (run / "model.safetensors").stat().st_size > 0
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
 

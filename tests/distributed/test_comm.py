@@ -157,6 +157,29 @@ def test_info_lists_the_engines(capsys: pytest.CaptureFixture[str]) -> None:
     assert "mpi: mpi4py " in out.replace("  ", "") and "nccl:" in out
 
 
+def test_engines_names_what_is_missing_and_the_versions_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.metadata as md
+
+    found = {"mpi4py": "4.1.2", "mpich": "5.0.2", "nvidia-nccl-cu12": "2.27.3"}
+
+    def version(name: str) -> str:
+        if name not in found:
+            raise md.PackageNotFoundError(name)
+        return found[name]
+
+    monkeypatch.setattr(md, "version", version)
+    every = dist.engines()
+    assert every["mpi"].startswith("mpi4py 4.1.2, mpich 5.0.2; mpiexec: ")
+    assert every["nccl"] == "nvidia-nccl-cu12 2.27.3"
+    found.clear()
+    assert dist.engines() == {
+        "mpi": "not installed (pip install 'gpunet[mpi]')",
+        "nccl": "no nvidia-nccl-cu12/-cu13 wheel (CuPy's NCCL)",
+    }
+
+
 def test_nproc_under_mpiexec_is_refused(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

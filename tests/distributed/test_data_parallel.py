@@ -37,6 +37,7 @@ CHECKS = [
     "collectives_on_tensors",
     "broadcast_parameters_gives_rank_0s_model",
     "fit_refuses_an_unsharded_loader",
+    "fit_reduces_validation_and_every_rank_stops_alike",
 ]
 
 
@@ -128,6 +129,8 @@ def test_gpunet_train_on_two_ranks_reaches_the_one_process_accuracy(tmp_path: Pa
     (run,) = tmp_path.iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.95, metrics["test_accuracy"]
+    want = {"world_size": 2, "engine": "mpi", "samples_per_step_per_rank": 64}
+    assert metrics["ranks"] == {**want, "samples_per_step": 128}
     model = nn.MLP([64, 256, 128, 10])
     opt = optim.Adam(model.parameters())
     meta = gpunet.load(run / "checkpoint.safetensors", model, opt)  # a world of one

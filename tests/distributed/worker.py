@@ -5,8 +5,10 @@ writes {check: [ok, detail]} as JSON to argv[2]. ``argv[1]`` picks the scenario:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import sys
 import traceback
@@ -305,6 +307,39 @@ def fit_refuses_an_unsharded_loader() -> str:
         assert "num_replicas=size" in str(e), e
         return str(e)[:100]
     raise AssertionError("an unsharded loader was accepted under data parallelism")
+
+
+AGREED = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "best_epoch")
+
+
+@check
+def fit_reduces_validation_and_every_rank_stops_alike() -> str:
+    """fit on 2 ranks with a validation set of 13 rows (shards of 7 and 6): each epoch's
+    validation loss is the one-process loss over all 13 rows, every rank records the same
+    history and stops early at the same epoch (noise labels: it overfits), and only rank 0
+    draws a progress bar."""
+    from gpunet.train import evaluate, fit
+
+    gpunet.manual_seed(3 + R)  # (the wrap gives every rank rank 0's weights)
+    model = nn.MLP([6, 32, 3], activation="tanh")  # (float32: the loaders' dtype)
+    o = dist.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.3, momentum=0.9))
+    x, y = batch("float32", rows=32, seed=5)
+    vx, vy = batch("float32", rows=13, seed=6)
+    shard = {"num_replicas": N, "rank": R}
+    loader = DataLoader(Dataset(x, y), 4, shuffle=True, seed=0, **shard)
+    val = DataLoader(Dataset(vx, vy), 5, pad=False, **shard)
+    bar = io.StringIO()
+    with contextlib.redirect_stderr(bar):
+        h = fit(model, F.cross_entropy, o, loader, val, epochs=40, early_stopping=2)
+    loss, acc = evaluate(model, F.cross_entropy, DataLoader(Dataset(vx, vy), 13))  # best weights
+    assert abs(loss - h.val_loss[h.best_epoch]) <= 1e-6 * loss, (loss, h.val_loss)
+    assert acc == h.val_accuracy[h.best_epoch], (acc, h.val_accuracy)
+    mine = ({k: getattr(h, k) for k in AGREED}, h.stopped_early, len(h.train_loss))
+    every = COMM.all_gather_object((mine, bool(bar.getvalue())))
+    assert all(e[0] == every[0][0] for e in every), "the ranks' histories differ"
+    assert h.stopped_early and len(h.train_loss) < 40, "it did not stop early"
+    assert [drew for _, drew in every] == [True] + [False] * (N - 1), "progress bars"
+    return f"stopped after epoch {len(h.train_loss)} (best {h.best_epoch + 1}) on every rank"
 
 
 def main() -> None:
