@@ -216,6 +216,9 @@ def _bench(args: argparse.Namespace) -> int:
     data = report.write(results, out, command.strip())
     print(f"{command.strip()}: {report.machine_line(data['machine'], data['blas'])}")
     print(report.format_table(results, markdown=args.markdown))
+    precisions = report.precision_table(results, markdown=args.markdown)
+    if precisions:  # (the MLP suite ran)
+        print(precisions)
     for line in report.notes(results):
         print(line)
     print(f"saved {out}/results.json, results.md, bench.png")

@@ -462,6 +462,32 @@ def _adam_update(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     return fused, chain(p.size, p.itemsize, ops)
 
 
+# ---------------------------------------------------------------------- the loss scaler
+@rule("fill")
+def _fill(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
+    """out <- a constant: one kernel writing it (the scaler's found-inf flag, a new scale)."""
+    return _same(kernel([], out.nbytes if out is not None else ins[0].nbytes))
+
+
+@rule("amp_inverse_scale", "amp_update_scale")
+def _scalar_update(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
+    """The scaler's scalar arithmetic on the device (1/scale; the scale's growth or backoff
+    from the found-inf flag): one small kernel, a FLOP or so per element."""
+    reads, written = _io(ins, out)
+    return _same(kernel(reads, written, out.size if out is not None else 1))
+
+
+@rule("amp_found_inf")
+def _found_inf(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
+    """found = max(found, any(!isfinite(g))): fused, one reduction reading g; unfused, as the
+    backends run it: isfinite (g -> bool), not, any (to one byte), the cast and the max."""
+    g, found = ins[0], out
+    fused = kernel([g.nbytes, found.nbytes], found.nbytes, g.size)
+    unfused = chain(g.size, g.itemsize, ["f>b", "b>b"]) + kernel([g.size], 1, g.size)
+    unfused += kernel([1], found.nbytes) + kernel([found.nbytes] * 2, found.nbytes, 1)
+    return fused, unfused
+
+
 def cost_of(name: str, ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     """(fused, unfused) cost of one call of ``name``; a clear error for an unknown name."""
     rule_ = RULES.get(name)

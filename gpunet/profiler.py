@@ -44,7 +44,10 @@ from .roofline import (
 )
 from .tensor import Tensor
 
-OPTIMIZER_OPS = frozenset({"sgd_update", "adam_update", "all_reduce"})
+OPTIMIZER_OPS = frozenset(
+    {"sgd_update", "adam_update", "all_reduce", "amp_inverse_scale", "amp_found_inf"}
+    | {"amp_update_scale"}
+)
 GEMMS = frozenset({"matmul", "linear_activation"})
 
 
@@ -422,6 +425,23 @@ class StepRow:
         return "-".join(map(str, self.sizes)) + f", batch {self.batch}"
 
 
+def training_step(model: Any, opt: Any, x: Any, y: Any, context: Any, scaler: Any) -> None:
+    """One cross-entropy training step, forward and loss under ``context`` (autocast or a
+    null context), through ``scaler`` (an ``amp.GradScaler``) when it is not None."""
+    from .nn import functional as F
+
+    opt.zero_grad()
+    with context:
+        loss = F.cross_entropy(model(x), y)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
 def profile_mlp_step(
     sizes: Sequence[int],
     batch: int,
@@ -430,15 +450,16 @@ def profile_mlp_step(
     dtype: Any = None,
     capture: bool = False,
     autocast: Any = None,
+    scaler: bool = False,
 ) -> tuple[Profile, int]:
     """Profile one steady-state training step (forward, cross-entropy, backward, update;
     SGD with momentum 0.9 or Adam) of ``nn.MLP(sizes)``; returns the profile and the
     parameter count. One unprofiled step runs first, so buffers exist as in training; with
     ``capture`` the step is ``gpunet.capture``d and the profile hears a replay's calls.
-    ``autocast``: gpunet.bfloat16 or float16 to run forward and loss under autocast."""
+    ``autocast``: gpunet.bfloat16 or float16 to run forward and loss under autocast;
+    ``scaler``: the step through ``amp.GradScaler`` (scale, backward, unscaling step, update)."""
     from . import nn, optim, random
     from .creation import tensor
-    from .nn import functional as F
 
     random.manual_seed(0)
     model = nn.MLP(list(sizes), activation=activation, dtype=dtype)
@@ -452,13 +473,10 @@ def profile_mlp_step(
     y = tensor(np.random.default_rng(0).integers(0, sizes[-1], batch))
 
     precision = amp.autocast(autocast or dtypes.bfloat16, enabled=autocast is not None)
+    scaling = amp.GradScaler() if scaler else None
 
     def step() -> None:
-        opt.zero_grad()
-        with precision:
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        training_step(model, opt, x, y, precision, scaling)
 
     if capture:
         from .capture import capture as record
@@ -471,6 +489,21 @@ def profile_mlp_step(
     return p, sum(q.numel() for q in params)
 
 
+# ``gpunet train --precision``'s names -> how a step runs in each: (autocast dtype, scaler, TF32)
+PRECISIONS: dict[str, tuple[Any, bool, bool]] = {
+    "fp32": (None, False, False),
+    "tf32": (None, False, True),
+    "bf16": (dtypes.bfloat16, False, False),
+    "fp16": (dtypes.float16, True, False),
+}
+
+
+def _precision(name: str) -> tuple[Any, bool, bool]:
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    return PRECISIONS[name]
+
+
 def mlp_step_report(
     configs: Sequence[tuple[Sequence[int], int]] | None = None,
     device: str | GPUSpec = "H100",
@@ -478,22 +511,48 @@ def mlp_step_report(
     tf32: bool = False,
     activation: str = "relu",
     optimizer: str = "sgd",
+    precision: str = "fp32",
 ) -> list[StepRow]:
     """For each (sizes, batch): one MLP training step profiled (on whatever device runs it)
     and modelled on ``device``: its time, launch share, and fused against unfused. By
-    default the four MLP sizes of the benchmarks (``gpunet.bench.workloads.MLP_SIZES``)."""
+    default the four MLP sizes of the benchmarks (``gpunet.bench.workloads.MLP_SIZES``).
+    ``precision`` ('fp32', 'tf32', 'bf16', 'fp16'): the step as ``gpunet train --precision``
+    runs it (autocast's casts, fp16's loss scaler), priced at that precision's peaks."""
+    low, scaler, on_tensor_cores = _precision(precision)
+    tf32 = tf32 or on_tensor_cores
     if configs is None:
         from .bench.workloads import MLP_SIZES  # at call time: import gpunet loads no bench
 
         configs = list(MLP_SIZES.values())
     rows = []
     for sizes, batch in configs:
-        p, n = profile_mlp_step(sizes, batch, activation, optimizer)
+        how = {"autocast": low, "scaler": scaler}
+        p, n = profile_mlp_step(sizes, batch, activation, optimizer, **how)
         est = p.roofline(device, launch_overhead_us, tf32)
-        replay, _ = profile_mlp_step(sizes, batch, activation, optimizer, capture=True)
+        replay, _ = profile_mlp_step(sizes, batch, activation, optimizer, capture=True, **how)
         captured = replay.roofline(device, launch_overhead_us, tf32)
         rows.append(StepRow(tuple(sizes), batch, n, p.summary(), est, captured))
     return rows
+
+
+def precision_times(
+    sizes: Sequence[int],
+    batch: int,
+    device: str | GPUSpec = "H100",
+    launch_overhead_us: float = DEFAULT_LAUNCH_OVERHEAD_US,
+) -> dict[str, float]:
+    """One SGD step of ``nn.MLP(sizes)`` modelled on ``device`` in each precision, seconds:
+    fp32 and tf32 price one float32 profile (tf32: its float32 GEMMs at the TF32 peak); bf16
+    and fp16 profile the step under autocast as it runs (its casts; fp16 with the scaler's
+    scale, unscaling step and update), its GEMMs at the half-precision tensor-core peak."""
+    out: dict[str, float] = {}
+    profiles: dict[tuple[Any, bool], Profile] = {}
+    for name, (low, scaler, tf32) in PRECISIONS.items():
+        key = (low, scaler)
+        if key not in profiles:
+            profiles[key] = profile_mlp_step(sizes, batch, autocast=low, scaler=scaler)[0]
+        out[name] = profiles[key].roofline(device, launch_overhead_us, tf32).total_s
+    return out
 
 
 def precision_report(
@@ -501,21 +560,17 @@ def precision_report(
     device: str | GPUSpec = "H100",
     launch_overhead_us: float = DEFAULT_LAUNCH_OVERHEAD_US,
 ) -> str:
-    """A Markdown table: one SGD step of each MLP modelled on ``device`` in fp32, tf32 and
-    bf16 (autocast: its GEMMs and their casts profiled as they run, priced at the tensor-core
-    peaks; fp16 prices as bf16), fused kernels as in ``mlp_step_report``."""
+    """A Markdown table: one SGD step of each MLP modelled on ``device`` in each precision
+    (``precision_times``), fused kernels as in ``mlp_step_report``."""
     from .bench.workloads import MLP_SIZES  # at call time: import gpunet loads no bench
 
-    head = ["MLP, batch", "fp32", "tf32", "bf16 (autocast)", "bf16 / fp32"]
+    head = ["MLP, batch", "fp32", "tf32", "bf16 (autocast)", "fp16 (autocast, scaler)"]
+    head.append("bf16 / fp32")
     body = []
     for sizes, batch in configs or list(MLP_SIZES.values()):
-        p32, _ = profile_mlp_step(sizes, batch)
-        p16, _ = profile_mlp_step(sizes, batch, autocast=dtypes.bfloat16)
-        fp32 = p32.roofline(device, launch_overhead_us).total_s
-        tf32 = p32.roofline(device, launch_overhead_us, tf32=True).total_s
-        bf16 = p16.roofline(device, launch_overhead_us).total_s
+        t = precision_times(sizes, batch, device, launch_overhead_us)
         label = f"{'-'.join(map(str, sizes))}, batch {batch}"
-        body.append([label, seconds(fp32), seconds(tf32), seconds(bf16), f"{bf16 / fp32:.2f}"])
+        body.append([label, *(seconds(v) for v in t.values()), f"{t['bf16'] / t['fp32']:.2f}"])
     return text_table(head, body, markdown=True)
 
 
@@ -620,7 +675,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the large MLP on 1, 2, 4, 8 GPUs over NVLink, PCIe and InfiniBand instead",
     )
     ap.add_argument(
-        "--precisions", action="store_true", help="each MLP's step in fp32, tf32 and bf16"
+        "--precisions", action="store_true", help="each MLP's step in fp32, tf32, bf16, fp16"
+    )
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=list(PRECISIONS),
+        help="the step as gpunet train --precision runs it, priced at that precision",
     )
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.precisions:
@@ -635,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tf32=args.tf32,
         activation=args.activation,
         optimizer=args.optimizer,
+        precision=args.precision,
     )
     print(format_report(rows))
 

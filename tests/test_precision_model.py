@@ -3,8 +3,20 @@ priced as they run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 import gpunet
-from gpunet.profiler import precision_report, profile_mlp_step
+from gpunet.bench.workloads import MLP_SIZES
+from gpunet.profiler import (
+    PRECISIONS,
+    main,
+    mlp_step_report,
+    precision_report,
+    precision_times,
+    profile_mlp_step,
+)
 from gpunet.roofline import gpu
 
 
@@ -22,4 +34,34 @@ def test_an_autocast_step_profiles_bfloat16_gemms_and_the_casts() -> None:
     assert any(r.name == "cast" for r in p.records)
     assert {r.dtype for r in p.records if r.name == "cross_entropy"} == {"float32"}
     table = precision_report([([8, 16, 4], 4)])
-    assert "| 8-16-4, batch 4 |" in table and "bf16 (autocast)" in table
+    assert "| 8-16-4, batch 4 |" in table and "fp16 (autocast, scaler)" in table
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_the_readme_precision_table_is_the_models() -> None:
+    """README, Mixed precision: the table `main(['--precisions'])` prints, row for row (the
+    large MLP's profile included: about 10 s on a 2-core VM)."""
+    text = README.read_text()
+    head = "| MLP, batch | fp32 | tf32 | bf16 (autocast) | fp16 (autocast, scaler) | bf16 / fp32 |"
+    start = text.index(head)
+    table = text[start:].split("\n\n", 1)[0]
+    assert len(table.splitlines()) == 2 + len(MLP_SIZES)
+    assert precision_report() == table
+
+
+def test_the_profilers_report_prices_a_step_at_a_chosen_precision(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = [([8, 16, 4], 4)]
+    rows = {p: mlp_step_report(config, precision=p)[0] for p in PRECISIONS}
+    times = {p: r.estimate.total_s for p, r in rows.items()}
+    assert times == precision_times([8, 16, 4], 4)  # the table's numbers, one report each
+    assert rows["fp16"].estimate.launches == rows["bf16"].estimate.launches + 9  # the scaler
+    assert rows["tf32"].summary.flops == rows["fp32"].summary.flops
+    with pytest.raises(SystemExit):  # (argparse's choices: a valid one runs every MLP size)
+        main(["--precision", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="precision must be one of fp32, tf32, bf16, fp16"):
+        mlp_step_report(config, precision="int8")

@@ -267,19 +267,11 @@ def time_precisions(names: Sequence[str], steps: int = 10) -> str:
 
 
 def _step(model: Any, opt: Any, x: Any, y: Any, context: Any, scaler: Any) -> None:
-    """One training step under ``context`` (autocast or not), through ``scaler`` if any."""
-    from gpunet.nn import functional as F
+    """One training step under ``context`` (autocast or not), through ``scaler`` if any: the
+    step the profiler models (``gpunet.profiler.training_step``)."""
+    from gpunet.profiler import training_step
 
-    opt.zero_grad()
-    with context:
-        loss = F.cross_entropy(model(x), y)
-    if scaler is None:
-        loss.backward()
-        opt.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    training_step(model, opt, x, y, context, scaler)
 
 
 # ---------------------------------------------------------------------- the report

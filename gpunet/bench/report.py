@@ -20,6 +20,7 @@ from typing import Any
 
 from ..formatting import seconds
 from ..formatting import table as text_table
+from ..profiler import PRECISIONS
 from .run import MODEL_GPU, Results, Row
 
 FLOORS = {"mlp": "gemm-floor", "ops": "numpy"}
@@ -216,6 +217,46 @@ def summary_table(results: Results, suite: str, device: str = "cpu") -> str:
     return "\n".join(lines)
 
 
+def precision_table(results: Results, markdown: bool = False) -> str:
+    """gpunet's measured MLP steps (float32, on each device run) beside the same step modelled
+    on MODEL_GPU in each precision ("" without MLP rows)."""
+    if not results.precisions:
+        return ""
+    devices = results.config.devices
+    head = ["workload", "size", *(f"gpunet {d} (measured)" for d in devices)]
+    head += [f"{MODEL_GPU} {p} (model)" for p in PRECISIONS]
+    measured = {
+        (r.workload, r.device): r
+        for r in results.rows
+        if r.framework == "gpunet" and r.workload in results.precisions
+    }
+    body = []
+    for workload, model in results.precisions.items():
+        rows = [measured.get((workload, d)) for d in devices]
+        size = next((r.size for r in rows if r is not None), "")
+        cells = [workload, size, *(seconds(r.timing.median_s) if r else "-" for r in rows)]
+        body.append(cells + [seconds(model[p]) if p in model else "-" for p in PRECISIONS])
+    return text_table(head, body, markdown=markdown, right=set(range(2, len(head))), group=2)
+
+
+def precision_note(results: Results) -> str | None:
+    """The one line that says what the precision columns are."""
+    if not results.precisions:
+        return None
+    failed = [f"{w}: {m['error']}" for w, m in results.precisions.items() if "error" in m]
+    if failed:
+        return f"the precision model failed for {'; '.join(failed)}"
+    if "cuda" in results.config.devices:
+        return (
+            f"the {MODEL_GPU} precision columns are gpunet.profiler's roofline model; the "
+            "measured cuda column is float32 (make gpu-check times bf16 and fp16 on the GPU)"
+        )
+    return (
+        f"precision columns are modelled only ({MODEL_GPU} roofline, gpunet.profiler): this "
+        "run measured float32 on the CPU; a CUDA device measures them (make gpu-check)"
+    )
+
+
 def notes(results: Results) -> list[str]:
     """Lines under the table: skipped implementations, failed checks, the crossover."""
     out = []
@@ -232,6 +273,9 @@ def notes(results: Results) -> list[str]:
             f"note: {len(pools)} thread pools of several threads each are loaded ({names}); "
             "interleaved, they contend for the cores: --threads 1 gives steadier medians"
         )
+    line = precision_note(results)
+    if line is not None:
+        out.append(line)
     c = results.crossover
     if c is not None:
         where = f"from batch {c['batch']}" if c["batch"] else "at none of the batches measured"
@@ -280,6 +324,7 @@ def to_dict(results: Results, command: str) -> dict[str, Any]:
         "rows": rows,
         "skipped": results.skipped,
         "crossover": results.crossover,
+        f"modelled_{MODEL_GPU}_precisions_s": results.precisions,
     }
 
 
@@ -292,6 +337,10 @@ def markdown(data: dict[str, Any], results: Results) -> str:
             table = summary_table(results, suite, device)
             if table:
                 parts += [f"{SUITE_TITLES[suite]}, {device} (medians):", "", table, ""]
+    precisions = precision_table(results, markdown=True)
+    if precisions:
+        parts += [f"MLP steps, measured and modelled on an {MODEL_GPU} by precision:", ""]
+        parts += [precisions, ""]
     parts += [*(f"- {n}" for n in notes(results)), "", "All rows:", ""]
     parts.append(format_table(results, markdown=True))
     return "\n".join(parts)

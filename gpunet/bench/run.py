@@ -92,6 +92,9 @@ class Results:
     skipped: list[dict[str, str]] = field(default_factory=list)
     crossover: dict[str, Any] | None = None
     blas: list[dict[str, Any]] = field(default_factory=list)  # as it ran (thread limits on)
+    # "mlp small" -> {"fp32": s, "tf32": s, "bf16": s, "fp16": s}: the step modelled on
+    # MODEL_GPU in each precision (gpunet.profiler.precision_times), or {"error": why}
+    precisions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -210,6 +213,24 @@ def modelled_time(step: Callable[[], Any], gpu: str = MODEL_GPU) -> float | None
         return float(p.roofline(gpu).total_s)
     except Exception:  # the profiler is optional here; the measured figures stand without it
         return None
+
+
+def modelled_precisions(config: Config) -> dict[str, dict[str, Any]]:
+    """Each MLP size's step modelled on ``MODEL_GPU`` in fp32, tf32, bf16 and fp16 (profiled
+    on the CPU: the counts do not depend on the device). A model that fails is recorded with
+    its reason, in the place of its figures, and the measured rows stand."""
+    if "mlp" not in config.suites:
+        return {}
+    from ..profiler import precision_times
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in config.mlp_sizes:
+        sizes, batch = W.MLP_SIZES[name]
+        try:
+            out[f"mlp {name}"] = precision_times(sizes, batch, MODEL_GPU)
+        except Exception as e:  # (reported beside the table; the timings are still valid)
+            out[f"mlp {name}"] = {"error": f"{type(e).__name__}: {e}"}
+    return out
 
 
 def run_group(
@@ -360,4 +381,5 @@ def _run(config: Config, progress: bool | None) -> Results:
         if crossing:
             bar.set_postfix_str("GPU/CPU crossover", refresh=False)
             results.crossover = run_crossover(config, timers, bar.update)
+    results.precisions = modelled_precisions(config)  # (after the timings: no noise in them)
     return results

@@ -60,6 +60,15 @@ def test_quick_run_prints_the_table_and_writes_json_md_png(
 
     md = (out / "results.md").read_text()
     assert "| workload | size |" in md and "gpunet bench --quick" in md
+    # the step in each precision, modelled (the same numbers as the profiler's, exactly)
+    from gpunet.profiler import precision_times
+
+    assert text.count("precision columns are modelled only") == 1 and "H100 bf16 (model)" in text
+    model = data["modelled_H100_precisions_s"]
+    assert list(model) == ["mlp tiny", "mlp small"]
+    assert model["mlp tiny"] == precision_times(*W.MLP_SIZES["tiny"], "H100")
+    assert model["mlp tiny"]["fp16"] > model["mlp tiny"]["fp32"] > 0  # (launch-bound: casts)
+    assert "| gpunet cpu (measured) | H100 fp32 (model) | H100 tf32 (model) |" in md
     png = (out / "bench.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 10_000
 
@@ -330,6 +339,28 @@ def test_summary_table_puts_implementations_side_by_side() -> None:
     assert b == "| mlp b | s | - | - | 5 s | - | - | - | - |"
     assert rule.count("---") == 9
     assert report.summary_table(run.Results(run.Config(), rows=rows), "ops") == ""
+
+
+def test_the_precision_table_sits_beside_the_measured_rows_on_each_device() -> None:
+    rows = [_row("mlp a", "gpunet", 3.0), _row("mlp a", "gpunet", 0.5, "cuda")]
+    rows += [_row("mlp a", "torch", 9.0), _row("relu fwd", "gpunet", 1.0)]
+    model = {"fp32": 2e-3, "tf32": 1e-3, "bf16": 5e-4, "fp16": 6e-4}
+    results = run.Results(run.Config(devices=("cpu", "cuda")), rows=rows)
+    results.precisions = {"mlp a": model, "mlp b": {"error": "ValueError: no"}}
+    head, _, a, b = report.precision_table(results, markdown=True).splitlines()
+    assert head == (
+        "| workload | size | gpunet cpu (measured) | gpunet cuda (measured) | H100 fp32 (model) "
+        "| H100 tf32 (model) | H100 bf16 (model) | H100 fp16 (model) |"
+    )
+    assert a == "| mlp a | s | 3 s | 500 ms | 2 ms | 1 ms | 500 us | 600 us |"
+    assert b == "| mlp b |  | - | - | - | - | - | - |"
+    assert report.precision_note(results) == "the precision model failed for mlp b: ValueError: no"
+    results.precisions.pop("mlp b")
+    assert "measured cuda column is float32" in "\n".join(report.notes(results))
+    results.config = run.Config(devices=("cpu",))
+    assert report.precision_note(results).startswith("precision columns are modelled only")
+    results.precisions = {}
+    assert report.precision_table(results) == "" and report.precision_note(results) is None
 
 
 def test_crossover_sweep_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
