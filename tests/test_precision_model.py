@@ -65,3 +65,23 @@ def test_the_profilers_report_prices_a_step_at_a_chosen_precision(
     assert "invalid choice: 'int8'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="precision must be one of fp32, tf32, bf16, fp16"):
         mlp_step_report(config, precision="int8")
+
+
+def test_the_loss_scalers_kernels_by_hand() -> None:
+    """The inf/NaN check reads the gradient once (fused) and writes the 4-byte flag; the
+    scale's arithmetic and a fill are one small kernel each."""
+    from gpunet import costs
+
+    g, flag = costs.Operand((1000,), 4, 4000), costs.Operand((), 4, 4)
+    fused, unfused = costs.cost_of("amp_found_inf", [g], flag, {})
+    assert (fused.flops, fused.bytes_read, fused.bytes_written, fused.launches) == (
+        1000,
+        4004,
+        4,
+        1,
+    )
+    assert unfused.launches == 5 and unfused.bytes_read > fused.bytes_read
+    fill, _ = costs.cost_of("fill", [flag], None, {})
+    assert (fill.bytes_read, fill.bytes_written, fill.launches) == (0, 4, 1)
+    inverse, _ = costs.cost_of("amp_inverse_scale", [flag], flag, {})
+    assert (inverse.bytes_read, inverse.bytes_written, inverse.launches) == (4, 4, 1)
