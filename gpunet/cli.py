@@ -218,7 +218,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(report.format_table(results, markdown=args.markdown))
     precisions = report.precision_table(results, markdown=args.markdown)
     if precisions:  # (the MLP suite ran)
-        print(precisions)
+        print(f"\n{precisions}")
     for line in report.notes(results):
         print(line)
     print(f"saved {out}/results.json, results.md, bench.png")
