@@ -52,8 +52,9 @@ def test_quick_run_prints_the_table_and_writes_json_md_png(
     assert all(
         r["modelled_H100_s"] is None for r in rows if not r["framework"].startswith("gpunet")
     )
-    inbwd = [r["modelled_H100_s"] for r in rows if r["framework"] == "gpunet-in-backward"]
-    assert inbwd and all(m and m > 0 for m in inbwd)
+    for way in ("gpunet-in-backward", "gpunet-captured"):  # (captured: priced at a replay)
+        ms = [r["modelled_H100_s"] for r in rows if r["framework"] == way]
+        assert ms and all(m and m > 0 for m in ms), (way, ms)
     step = next(r for r in rows if r["workload"] == "mlp tiny" and r["framework"] == "gpunet")
     floor = next(r for r in rows if r["workload"] == "mlp tiny" and r["framework"] == "gemm-floor")
     assert step["ratios"]["x_floor"] == pytest.approx(step["median_s"] / floor["median_s"])
