@@ -349,7 +349,8 @@ def train(args: argparse.Namespace) -> int:
 
 def ranks_record(comm: Any, batch_size: int) -> dict[str, Any]:
     """metrics.json's ``ranks``: how many processes trained, over which engine, and the rows
-    each took a step (a step saw ``world_size`` x ``samples_per_step_per_rank``)."""
+    each took a step (a step saw ``world_size`` x ``samples_per_step_per_rank``; an epoch's
+    last batch may hold fewer)."""
     return {
         "world_size": comm.size,
         "engine": comm.name,  # "local" (one process), "mpi" or "nccl"
