@@ -108,6 +108,7 @@ def load(
         tensors = safetensors.numpy.load_file(str(path))
     except Exception as e:  # safetensors' own error type; anything it refuses is unreadable
         raise CheckpointError(f"{path}: unreadable safetensors data ({e})") from e
+    _attach_rank_devices(path, metadata, tensors)
     if model is not None:
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(state)
@@ -118,11 +119,23 @@ def load(
             k[len(_RNG_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_RNG_PREFIX)
         }
         random.default_generator.set_state({**saved_rng, "devices": devices})
-    for name, array in tensors.items():  # each rank's device streams beside its host stream
-        if name.startswith(_RANKS_PREFIX) and metadata.get("rng_ranks"):
-            r, dev = name[len(_RANKS_PREFIX) :].split(".", 1)
-            metadata["rng_ranks"][int(r)].setdefault("devices", {})[dev] = array
     return metadata
+
+
+def _attach_rank_devices(path: Path, metadata: dict[str, Any], tensors: dict) -> None:
+    """Each rank's device streams (``rng_ranks.<r>.<device>`` tensors) into its entry of the
+    metadata's ``rng_ranks``, or a CheckpointError where a tensor names no saved rank."""
+    ranks = metadata.get("rng_ranks") or []
+    for name, array in tensors.items():
+        if not name.startswith(_RANKS_PREFIX):
+            continue
+        r, _, dev = name[len(_RANKS_PREFIX) :].partition(".")
+        if not (r.isdigit() and int(r) < len(ranks) and dev):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} holds a device stream of no saved rank (the header's "
+                f"rng_ranks has {len(ranks)}): a corrupt checkpoint"
+            )
+        ranks[int(r)].setdefault("devices", {})[dev] = array
 
 
 # ---------------------------------------------------------------- ranks' generators

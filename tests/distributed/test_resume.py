@@ -9,6 +9,7 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,22 @@ from test_data_parallel import mpiexec  # (its folder is on the path: pytest's r
 import gpunet
 import gpunet.nn.functional as F
 from gpunet import distributed, job
-from gpunet.checkpoint import rank_rng_state
+from gpunet.checkpoint import CheckpointError, rank_rng_state
 from gpunet.cli import main
 from gpunet.data import DataLoader, Dataset
 from gpunet.random import Generator, default_generator
 from gpunet.train import History
 
 RESUME = ["--epochs", "4", "--hidden", "32", "--no-progress", "--device", "cpu", "--dropout", "0.2"]
+
+
+@pytest.fixture(autouse=True)
+def _default_generator_kept() -> Iterator[None]:
+    """These tests restore states into the default generator (stand-in device streams among
+    them): give the tests after them the generator as it was."""
+    state = default_generator.get_state()
+    yield
+    default_generator.set_state(state)
 
 
 def _states(seeds: list[int], draws: int = 3) -> list[dict]:
@@ -151,3 +161,20 @@ def test_each_ranks_device_streams_are_saved_and_resumed_under_the_same_world_si
     state = default_generator.get_state()
     assert state["host"] == ranks[1]["host"] and state["seed"] == 11
     np.testing.assert_array_equal(state["devices"]["cuda:0"], devices[1])
+
+
+def test_a_device_stream_of_no_saved_rank_is_a_checkpoint_error(tmp_path: Path) -> None:
+    model = gpunet.nn.Linear(3, 2)
+    ranks = _states([1])
+    ranks[0]["devices"] = {"cuda:0": np.zeros(4, np.uint8)}
+    gpunet.save(tmp_path / "c.safetensors", model, rng_ranks=ranks)
+    tensors = safetensors.numpy.load_file(str(tmp_path / "c.safetensors"))
+    tensors["rng_ranks.3.cuda:0"] = np.zeros(4, np.uint8)  # rank 3 of a world of one
+    header = safetensors.safe_open(str(tmp_path / "c.safetensors"), "np").metadata()
+    safetensors.numpy.save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=header)
+    target = gpunet.nn.Linear(3, 2)
+    before = [p.numpy().copy() for p in target.parameters()]
+    with pytest.raises(CheckpointError, match=r"'rng_ranks\.3\.cuda:0' holds a device stream"):
+        gpunet.load(tmp_path / "bad.safetensors", target)
+    assert all(np.array_equal(p.numpy(), b) for p, b in zip(target.parameters(), before))
+    assert gpunet.load(tmp_path / "c.safetensors")["rng_ranks"][0]["devices"]["cuda:0"].size == 4
