@@ -261,9 +261,10 @@ def replay_mode(device: Device | None) -> tuple[str, str]:
     if device is None or device.type == "cpu":
         return "a launch list", "on the CPU there is no graph to launch"
     return (
-        "a launch list",
-        "CuPy's cuBLAS wrappers raise NotImplementedError under stream capture, so a step "
-        "with a GEMM cannot become one CUDA graph",
+        "a CUDA graph or a launch list",
+        "a CUDA graph where every call captures (GEMMs through cuBLAS on the capturing "
+        "stream) and its first replay matches the launch list bit for bit; a launch list, "
+        "with a warning, otherwise; the step's repr says which and why (never run on a GPU)",
     )
 
 
