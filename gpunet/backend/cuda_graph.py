@@ -45,6 +45,7 @@ import numpy as np
 
 log = logging.getLogger("gpunet")
 
+enabled = True  # False: captured steps on CuPy stay launch lists (set before capturing)
 GEMM_METHODS = frozenset({"matmul", "matmul_into", "linear_activation"})  # backend methods
 _SKIPPED = ("view", "const", "folded")  # recorded entries a replay does not run
 
@@ -421,7 +422,8 @@ class GraphReplay:
         self.why = "CUDA graph blockers: " + ", ".join(found) if found else ""
         self.mode = "list" if found else "pending"
         self.graph: Any = None
-        self.owned: tuple = ()  # what the graph's nodes address: its pool, workspace, stream
+        self.pool: Any = None  # the graph's temporaries (made at the first replay)
+        self.owned: tuple = ()  # what else the graph's nodes address: its workspace, stream
         live = [e for e in program.rec.entries if e.kind not in _SKIPPED]
         self.hooks = [v.fn for e in live for v in _changing(e, changing)]  # (device-pure)
         if not found:
@@ -477,7 +479,9 @@ class GraphReplay:
         """None when the graph is kept; else why not, with the state the list left."""
         cp, state = self.cupy, _state_arrays(self.program)
         saved = [a.copy() for a in state]
-        pool = cp.cuda.MemoryPool()  # the graph's own: nothing else allocates from it
+        # the graph's own pool: nothing else allocates from it, and it lives as long as this
+        # replay does, graph or not (a block something kept from the sizing run stays valid)
+        pool = self.pool = cp.cuda.MemoryPool()
         with cp.cuda.using_allocator(pool.malloc):  # (sizes it, on the capturing stream)
             self.plain(self.program.inputs)  # the reference: this replay, as a list
         expected = [a.copy() for a in state]
@@ -493,7 +497,7 @@ class GraphReplay:
         if bad is not None:
             _restore(cp, state, expected)
             return f"its graph's first replay differed from the launch list in {bad}"
-        self.graph, self.owned = graph, (pool, workspace, stream)
+        self.graph, self.owned = graph, (workspace, stream)
         return None
 
     def _capture(self, stream: Any, pool: Any) -> tuple[Any, Any]:
@@ -516,7 +520,9 @@ class GraphReplay:
                     stream.end_capture()  # (leaves the stream usable; the graph is dropped)
                 raise
             graph = stream.end_capture()
-        if (shared.used_bytes(), shared.total_bytes()) != before:
+        # (a block taken shows as more bytes used or held; one taken and given back within
+        # the capture does not, which is why every allocation is routed to ``pool`` first)
+        if shared.used_bytes() > before[0] or shared.total_bytes() > before[1]:
             raise RuntimeError(
                 "a call allocated from CuPy's shared memory pool during capture (the block "
                 "would be handed out again and overwritten by each replay)"
@@ -594,7 +600,7 @@ def attach(program: Any, changing: tuple, run_segment: Callable) -> GraphReplay 
     """Called by ``gpunet.capture`` once a recording's launch list is built: on CuPy its
     replays go through a ``GraphReplay``; on the CPU nothing changes (None)."""
     backend = program.backend
-    if not program.on_gpu or backend is None or not hasattr(backend, "cupy"):
+    if not (enabled and program.on_gpu) or backend is None or not hasattr(backend, "cupy"):
         return None
     return GraphReplay(program, changing, run_segment)
 
@@ -604,4 +610,6 @@ def describe(program: Any) -> str:
     graph = getattr(program, "graph", None)
     if graph is not None:
         return graph.describe()
-    return "a launch list (not on a CuPy device)"
+    if not program.on_gpu:
+        return "a launch list (not on a CuPy device)"
+    return "a launch list (gpunet.backend.cuda_graph.enabled was False at its capture)"

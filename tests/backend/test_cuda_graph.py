@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import warnings
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -20,10 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpunet import autodiff
+import gpunet
+from gpunet import autodiff, nn, optim
 from gpunet.backend import cuda_graph
 from gpunet.backend.cuda_graph import GemmCall, plan_gemm, plan_matmul
 from gpunet.capture import _CHANGING, _Entry, _segment_runner
+from gpunet.nn import functional as F
 
 rng = np.random.default_rng(0)
 
@@ -419,7 +422,7 @@ def test_a_recording_replays_as_one_graph_equal_to_its_launch_list(stand_in) -> 
     (_, set_stream), (_, workspace), (_, mode) = world.lib.calls[:3]
     capture_stream = world.streams[-1]
     assert set_stream == [77, capture_stream.ptr] and mode == [77, 0]
-    assert workspace[2] == 32 * 2**20 and graph.owned[1].nbytes == 32 * 2**20  # (Hopper's)
+    assert workspace[2] == 32 * 2**20 and graph.owned[0].nbytes == 32 * 2**20  # (Hopper's)
     gemm_ex = world.lib.calls[3][1]
     assert gemm_ex[1:6] == [0, 0, 3, 6, 4]  # h^T = W^T x^T: (m, n, k) = (3, 6, 4)
     assert gemm_ex[6] == 1.0 and gemm_ex[13] == 0.0 and gemm_ex[-2:] == [70, 99]
@@ -434,7 +437,7 @@ def test_buffers_keep_their_addresses_and_temporaries_come_from_the_graph_s_pool
     graph = cuda_graph.attach(prog, _CHANGING, _segment_runner)
     _steps(world, prog, 3)
     assert [a.__array_interface__["data"][0] for a in prog.rec.arrays] == addresses
-    pool = graph.owned[0]
+    pool = graph.pool
     assert pool.mallocs == 2 * 2  # h and r: once sizing the pool, once while capturing
     assert world.shared.used == 0  # nothing from the shared pool
 
@@ -548,3 +551,112 @@ def test_the_route_reports_a_failed_cublas_call(stand_in) -> None:
     x = np.ones((2, 2))
     with pytest.raises(RuntimeError, match="cuBLAS cublasGemmEx returned status 13"):
         route.run(plan_matmul(np.empty((2, 2)), x, x))
+
+
+def test_a_forward_backward_step_records_nothing_that_blocks_a_graph() -> None:
+    """(On the CPU, the same recording a CuPy step makes: its GEMMs, kernels and sums.)"""
+    _, step = _mlp_step((12, 16, 5), device="cpu")
+    run = gpunet.capture(step)
+    x, y = _batches(1, (12, 16, 5), 8, "cpu")[0]
+    for _ in range(3):
+        run(x, y)
+    (cap,) = run._captures.values()
+    assert cap.program.graph_blockers() == [] and cap.program.graph is None  # (CPU: no graph)
+
+
+# ---------------------------------------------------------------------- on a GPU
+def _mlp_step(sizes: tuple, device: str = "cuda") -> tuple[Any, Callable]:
+    """An MLP's forward and backward (no update: an optimizer's lr is a host scalar today)."""
+    gpunet.manual_seed(0)
+    model = nn.MLP(list(sizes), device=device)
+    opt = optim.SGD(model.parameters(), lr=0.1)  # (its zero_grad only)
+
+    def step(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return model, step
+
+
+def _batches(n: int, sizes: tuple, batch: int, device: str = "cuda") -> list[tuple]:
+    gen = np.random.default_rng(0)
+    return [
+        (
+            gpunet.tensor(gen.standard_normal((batch, sizes[0])).astype(np.float32), device=device),
+            gpunet.tensor(gen.integers(0, sizes[-1], batch), device=device),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sizes,batch", [((64, 32, 10), 32), ((784, 1024, 1024, 10), 256)])
+def test_a_captured_step_replays_as_a_cuda_graph_equal_to_eager_bit_for_bit(sizes, batch):
+    (m1, eager), (m2, step) = _mlp_step(sizes), _mlp_step(sizes)
+    run = gpunet.capture(step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (a fallback fails the test, saying why)
+        for x, y in _batches(12, sizes, batch):
+            assert np.array_equal(eager(x, y).numpy(), run(x, y).numpy())
+            for p, q in zip(m1.parameters(), m2.parameters()):
+                assert np.array_equal(p.grad.numpy(), q.grad.numpy())
+    assert run.replays == 10 and "replayed as a CUDA graph" in repr(run), repr(run)
+
+
+@pytest.mark.gpu
+def test_graph_replays_keep_their_buffers_and_memory_flat() -> None:
+    import cupy
+
+    _, step = _mlp_step((64, 32, 10))
+    run = gpunet.capture(step)
+    x, y = _batches(1, (64, 32, 10), 32)[0]
+    for _ in range(3):
+        loss = run(x, y)
+    cupy.cuda.Device().synchronize()
+    pool, address = cupy.get_default_memory_pool(), loss.data.data.ptr
+    used, held = pool.used_bytes(), pool.total_bytes()
+    for _ in range(1000):
+        loss = run(x, y)
+    cupy.cuda.Device().synchronize()
+    assert loss.data.data.ptr == address and (pool.used_bytes(), pool.total_bytes()) == (used, held)
+    assert "a CUDA graph" in repr(run), repr(run)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_cublas_route_under_capture_equals_cupy_s_own_gemms_bit_for_bit(dtype) -> None:
+    """Each GEMM the backend makes (plain into out, scaled, and a fresh product), captured
+    through the route, against the same call made eagerly through CuPy."""
+    import cupy
+
+    backend = gpunet.get_backend("cuda")
+    gen = np.random.default_rng(0)
+    capability = int(cupy.cuda.Device().compute_capability)
+    for m, k, n in ((64, 48, 32), (257, 129, 65)):
+        for tx, ty, alpha, beta in [(a, b, *s) for a in (0, 1) for b in (0, 1)
+                                    for s in ((1.0, 0.0), (-0.1, 0.99))]:  # fmt: skip
+            x = cupy.asarray(gen.standard_normal((k, m) if tx else (m, k)), dtype=dtype)
+            y = cupy.asarray(gen.standard_normal((n, k) if ty else (k, n)), dtype=dtype)
+            out0 = cupy.asarray(gen.standard_normal((m, n)), dtype=dtype)
+            want, got = out0.copy(), out0.copy()
+            backend.matmul_into(want, x, y, tx=bool(tx), ty=bool(ty), alpha=alpha, beta=beta)
+            fresh = backend.matmul(x, y, tx=bool(tx), ty=bool(ty))
+            stream = cupy.cuda.Stream(non_blocking=True)
+            workspace = cupy.empty(cuda_graph.workspace_bytes(capability), cupy.uint8)
+            route = cuda_graph.CublasRoute(
+                cuda_graph._cublas_library(), cuda_graph.cupy_enums(cupy),
+                cupy.cuda.device.get_cublas_handle(), stream.ptr, workspace,
+            )  # fmt: skip
+            route.begin()
+            with stream, cuda_graph._gemms_through(backend, route):
+                stream.begin_capture()
+                backend.matmul_into(got, x, y, tx=bool(tx), ty=bool(ty), alpha=alpha, beta=beta)
+                again = backend.matmul(x, y, tx=bool(tx), ty=bool(ty))
+                graph = stream.end_capture()
+            graph.launch(stream=stream)
+            stream.synchronize()
+            where = f"{np.dtype(dtype)} {(m, k, n)} tx={tx} ty={ty} alpha={alpha} beta={beta}"
+            assert bool((got.view(cupy.uint8) == want.view(cupy.uint8)).all()), where
+            assert bool((again.view(cupy.uint8) == fresh.view(cupy.uint8)).all()), where
