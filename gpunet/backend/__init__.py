@@ -261,10 +261,10 @@ def replay_mode(device: Device | None) -> tuple[str, str]:
     if device is None or device.type == "cpu":
         return "a launch list", "on the CPU there is no graph to launch"
     return (
-        "a CUDA graph or a launch list",
-        "a CUDA graph where every call captures (GEMMs through cuBLAS on the capturing "
-        "stream) and its first replay matches the launch list bit for bit; a launch list, "
-        "with a warning, otherwise; the step's repr says which and why (never run on a GPU)",
+        "a CUDA graph where it can",
+        "a captured step becomes one CUDA graph at its first replay, kept if it matches its "
+        "launch list bit for bit, else it stays a launch list; its repr says which and why. "
+        "Never yet run on a GPU",
     )
 
 

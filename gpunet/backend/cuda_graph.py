@@ -213,6 +213,12 @@ class CublasRoute:
         self._check("cublasSetWorkspace_v2", lib.cublasSetWorkspace_v2(h, ws, size))
         self._check("cublasSetPointerMode_v2", lib.cublasSetPointerMode_v2(h, 0))  # host
 
+    def end(self) -> None:
+        """cuBLAS's own workspace back on the handle (a stream set resets it): the graph's is
+        addressed by the graph only."""
+        status = self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(self.stream))
+        self._check("cublasSetStream_v2", status)
+
     def run(self, call: GemmCall) -> None:
         """Enqueue ``call``: cublasGemmEx with CuPy's compute type and algorithm, or
         cublas<S|D>gemm_v2 (which reads the handle's math mode, as CuPy's does)."""
@@ -511,15 +517,11 @@ class GraphReplay:
         shared = cp.get_default_memory_pool()
         before = (shared.used_bytes(), shared.total_bytes())
         route.begin()
-        with _gemms_through(self.program.backend, route), cp.cuda.using_allocator(pool.malloc):
-            stream.begin_capture()
-            try:
-                self._body()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    stream.end_capture()  # (leaves the stream usable; the graph is dropped)
-                raise
-            graph = stream.end_capture()
+        try:
+            with _gemms_through(self.program.backend, route), cp.cuda.using_allocator(pool.malloc):
+                graph = _captured(stream, self._body)
+        finally:
+            route.end()
         # (a block taken shows as more bytes used or held; one taken and given back within
         # the capture does not, which is why every allocation is routed to ``pool`` first)
         if shared.used_bytes() > before[0] or shared.total_bytes() > before[1]:
@@ -545,6 +547,19 @@ class GraphReplay:
             result = e.fn(*ins, **params)
             if e.kind == "made":
                 cp.copyto(arrays[e.out[1]], result)
+
+
+def _captured(stream: Any, body: Callable[[], None]) -> Any:
+    """The graph of what ``body`` enqueues on ``stream``; on an error the capture is ended
+    (leaving the stream usable, the graph dropped) and the error raised."""
+    stream.begin_capture()
+    try:
+        body()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            stream.end_capture()
+        raise
+    return stream.end_capture()
 
 
 def _first_line(e: Exception) -> str:

@@ -418,7 +418,11 @@ def test_a_recording_replays_as_one_graph_equal_to_its_launch_list(stand_in) -> 
     calls = [name for name, _ in world.lib.calls]
     # before the capture: the handle on the capturing stream, then the workspace (a stream
     # resets it), host scalars; then the two plain GEMMs by GemmEx, the scaled one by Dgemm
-    assert calls == ["setStream", "setWorkspace", "setPointerMode", "gemmEx", "gemmEx", "dgemm"]
+    # and the stream set again after, which gives cuBLAS its own workspace back
+    assert calls == [
+        *("setStream", "setWorkspace", "setPointerMode", "gemmEx", "gemmEx", "dgemm"),
+        "setStream",
+    ]
     (_, set_stream), (_, workspace), (_, mode) = world.lib.calls[:3]
     capture_stream = world.streams[-1]
     assert set_stream == [77, capture_stream.ptr] and mode == [77, 0]
@@ -660,3 +664,11 @@ def test_the_cublas_route_under_capture_equals_cupy_s_own_gemms_bit_for_bit(dtyp
             where = f"{np.dtype(dtype)} {(m, k, n)} tx={tx} ty={ty} alpha={alpha} beta={beta}"
             assert bool((got.view(cupy.uint8) == want.view(cupy.uint8)).all()), where
             assert bool((again.view(cupy.uint8) == fresh.view(cupy.uint8)).all()), where
+
+
+def test_gpunet_info_says_how_captured_steps_replay() -> None:
+    from gpunet.backend import device, replay_mode
+
+    assert replay_mode(device("cpu")) == ("a launch list", "on the CPU there is no graph to launch")
+    mode, why = replay_mode(device("cuda"))
+    assert mode == "a CUDA graph where it can" and "bit for bit" in why and "Never yet run" in why
