@@ -18,13 +18,15 @@ per kernel. Two facts of CuPy shape it:
   uses and that lives as long as it does. An allocation from CuPy's shared pool during the
   capture is detected and the graph dropped.
 
-Never a silent wrong result: at the first replay the launch list runs once and the graph
-once, from the same saved state, and every array they write must agree bit for bit; else the
-step stays a launch list and a one-line warning says why. Host scalars that change between
-steps (an lr, Adam's step count) would be frozen into a graph, as would a Python segment's
-values: such a recording stays a launch list (``blockers`` says why) unless each one is
-*device-pure* (its ``device_pure`` attribute is true: what changes lives in device arrays
-the kernels read; its ``fn()`` still runs once per replay, before the launch).
+Never a silent wrong result: at each of the first two replays the launch list runs once and
+the graph once, from the same saved state, and every array they write must agree bit for
+bit (twice, so that a value frozen into the graph which happened to equal the first step's
+is caught on the second); else the step stays a launch list and a one-line warning says why.
+Host scalars that change between steps (an lr, Adam's step count) would be frozen into a
+graph, as would a Python segment's values: such a recording stays a launch list
+(``blockers`` says why) unless each one is *device-pure* (its ``device_pure`` attribute is
+true: what changes lives in device arrays the kernels read; its ``fn()`` still runs once per
+replay, before the launch).
 
 (This path has never run on a GPU: it is checked here with stand-ins of CuPy and cuBLAS and
 by the gpu-marked tests in tests/backend/test_cuda_graph.py, which ``make gpu-check`` runs.)
@@ -406,7 +408,10 @@ def blockers(program: Any, changing: tuple) -> list[str]:
     why = [f"{n} {what}" for what, n in counts.items() if n]
     if getattr(program, "folded", 0):
         why.append("plain SGD folded into its GEMMs with the lr read on the host (alpha = -lr)")
-    device = getattr(program.backend, "array_type", None) if program.on_gpu else None
+    backend = getattr(program, "backend", None)
+    device = (
+        getattr(backend, "array_type", None) if getattr(backend, "name", "") == "cupy" else None
+    )
     if device is not None and any(not isinstance(a, device) for a in rec.arrays):
         why.append("host arrays among its arrays")
     return why
@@ -415,9 +420,9 @@ def blockers(program: Any, changing: tuple) -> list[str]:
 # ---------------------------------------------------------------------- the graph replay
 class GraphReplay:
     """One recording's replay on CuPy: its launch list until the first replay, then one CUDA
-    graph where the capture succeeds and matches the list bit for bit, else the list for
-    good (with a one-line warning saying why). ``run_segment(entry, rec)``: capture's runner
-    of a (device-pure) segment."""
+    graph where the capture succeeds and matches the list bit for bit on the first two
+    replays, else the list for good (with a one-line warning saying why).
+    ``run_segment(entry, rec)``: capture's runner of a (device-pure) segment."""
 
     def __init__(self, program: Any, changing: tuple, run_segment: Callable) -> None:
         self.program, self.changing, self.run_segment = program, changing, run_segment
@@ -440,9 +445,11 @@ class GraphReplay:
             return "a CUDA graph"
         if self.mode == "pending":
             return (
-                "a launch list until its first replay, then a CUDA graph if its capture "
-                "matches the list bit for bit"
+                "a launch list until its first replay, then a CUDA graph if it captures and "
+                "matches the list bit for bit on its first two replays"
             )
+        if self.mode == "checking":
+            return "a CUDA graph (its next replay is checked against the launch list once more)"
         return f"a launch list ({self.why})"
 
     def launch(self, xs: list[Any]) -> None:
@@ -459,51 +466,66 @@ class GraphReplay:
     def first_replay(self, xs: list[Any]) -> None:
         """This replay through the launch list, then the graph captured and run from the
         same state and compared; the graph kept only where they agree bit for bit."""
+        self._checked(xs, first=True)
+
+    def second_replay(self, xs: list[Any]) -> None:
+        """The check once more, on the next step's values: a value frozen into the graph
+        that happened to equal the first step's is caught here."""
+        self._checked(xs, first=False)
+
+    def _checked(self, xs: list[Any], first: bool) -> None:
         cp = self.cupy
         with self.device:
             for a, x in zip(self.program.inputs, xs):
                 cp.copyto(a, x)
             caller = cp.cuda.get_current_stream()
-            stream = cp.cuda.Stream(non_blocking=True)  # (captures only on a stream of its own)
+            # (captured and checked on a stream of its own, ordered after the caller's work)
+            stream = cp.cuda.Stream(non_blocking=True) if first else self.owned[1]
             stream.wait_event(caller.record())
             with stream:
-                why = self._capture_and_check(stream)
+                why = self._check(stream, first)
             caller.wait_event(stream.record())
         if why is None:
-            self.mode, self.program.replay = "graph", self.launch
+            self.mode = "checking" if first else "graph"
+            self.program.replay = self.second_replay if first else self.launch
             return
         self.mode, self.why, self.program.replay = "list", why, self.plain
+        self.graph, self.owned = None, ()
         import warnings
 
         warnings.warn(
             f"gpunet.capture: a captured step replays as a launch list, not a CUDA graph: {why}",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
-    def _capture_and_check(self, stream: Any) -> str | None:
-        """None when the graph is kept; else why not, with the state the list left."""
+    def _check(self, stream: Any, first: bool) -> str | None:
+        """None when the graph is kept; else why not, with the state the list left. The
+        first time, the graph is captured (its pool sized by the list's run)."""
         cp, state = self.cupy, _state_arrays(self.program)
         saved = [a.copy() for a in state]
-        # the graph's own pool: nothing else allocates from it, and it lives as long as this
-        # replay does, graph or not (a block something kept from the sizing run stays valid)
-        pool = self.pool = cp.cuda.MemoryPool()
-        with cp.cuda.using_allocator(pool.malloc):  # (sizes it, on the capturing stream)
+        if first:  # the graph's own pool: nothing else allocates from it; it lives as long
+            # as this replay does, graph or not (a block something kept stays valid)
+            self.pool = cp.cuda.MemoryPool()
+        with cp.cuda.using_allocator(self.pool.malloc) if first else contextlib.nullcontext():
             self.plain(self.program.inputs)  # the reference: this replay, as a list
         expected = [a.copy() for a in state]
         _restore(cp, state, saved)
         del saved
         try:
-            graph, workspace = self._capture(stream, pool)
-            graph.launch(stream=stream)
+            if first:
+                self.graph, workspace = self._capture(stream, self.pool)
+                self.owned = (workspace, stream)
+            self.graph.launch(stream=stream)
             bad = _first_difference(cp, state, expected)
         except Exception as e:  # (CaptureError, cuBLAS, an unsupported GEMM, an allocation)
             _restore(cp, state, expected)
-            return f"its capture failed: {type(e).__name__}: {_first_line(e)}"
+            what = "its capture" if first else "its graph's second replay"
+            return f"{what} failed: {type(e).__name__}: {_first_line(e)}"
         if bad is not None:
             _restore(cp, state, expected)
-            return f"its graph's first replay differed from the launch list in {bad}"
-        self.graph, self.owned = graph, (workspace, stream)
+            which = "first" if first else "second"
+            return f"its graph's {which} replay differed from the launch list in {bad}"
         return None
 
     def _capture(self, stream: Any, pool: Any) -> tuple[Any, Any]:
@@ -615,7 +637,7 @@ def attach(program: Any, changing: tuple, run_segment: Callable) -> GraphReplay 
     """Called by ``gpunet.capture`` once a recording's launch list is built: on CuPy its
     replays go through a ``GraphReplay``; on the CPU nothing changes (None)."""
     backend = program.backend
-    if not (enabled and program.on_gpu) or backend is None or not hasattr(backend, "cupy"):
+    if not enabled or getattr(backend, "name", None) != "cupy":
         return None
     return GraphReplay(program, changing, run_segment)
 
@@ -625,6 +647,6 @@ def describe(program: Any) -> str:
     graph = getattr(program, "graph", None)
     if graph is not None:
         return graph.describe()
-    if not program.on_gpu:
+    if getattr(program.backend, "name", None) != "cupy":
         return "a launch list (not on a CuPy device)"
     return "a launch list (gpunet.backend.cuda_graph.enabled was False at its capture)"

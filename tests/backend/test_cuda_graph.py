@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -309,7 +310,7 @@ class FakeBackend:
 
     def __init__(self, world: World) -> None:
         self.world, self.cupy, self.xp, self._cublas = world, world.cupy, world.cupy, world.cublas
-        self.array_type = np.ndarray  # (the stand-in's device arrays)
+        self.name, self.array_type = "cupy", np.ndarray  # (the stand-in's device arrays)
 
     @property
     def cublas(self) -> Any:
@@ -331,6 +332,14 @@ class FakeBackend:
 
     def scale_into(self, out: Any, *, by: Any) -> None:
         self.world.enqueue(lambda: np.multiply(out, by, out=out))
+
+    def counted_into(self, out: Any) -> None:
+        """Fills ``out`` with a host count of the eager calls, read when the call is made: a
+        value a graph would freeze, equal to the first checked step's by coincidence."""
+        if self.world.capturing is None:
+            self.calls = getattr(self, "calls", 0) + 1
+        value = float(getattr(self, "calls", 0))
+        self.world.enqueue(lambda: out.fill(value))
 
     def host_read(self, x: Any) -> None:
         if self.world.capturing is not None:
@@ -414,7 +423,7 @@ def test_a_recording_replays_as_one_graph_equal_to_its_launch_list(stand_in) -> 
         assert all(np.array_equal(a, b) for a, b in zip(g, w))
     assert graph.mode == "graph" and graph.describe() == "a CUDA graph"
     assert world.log == ["begin_capture", "end_capture"]  # captured once
-    assert world.launches == 5  # the self-check's launch, then one per later replay
+    assert world.launches == 5  # the two checks' launches, then one per later replay
     calls = [name for name, _ in world.lib.calls]
     # before the capture: the handle on the capturing stream, then the workspace (a stream
     # resets it), host scalars; then the two plain GEMMs by GemmEx, the scaled one by Dgemm
@@ -463,6 +472,12 @@ def test_a_capture_error_falls_back_to_the_launch_list(stand_in) -> None:
     _, graph, _, _ = _fallback(stand_in, extra=[("into", "read", "host_read", [4], {})])
     assert graph.why.startswith("its capture failed: RuntimeError: operation not permitted")
     assert graph.describe().startswith("a launch list (its capture failed")
+
+
+def test_a_frozen_value_that_matched_the_first_check_is_caught_by_the_second(stand_in):
+    world, graph, _, _ = _fallback(stand_in, extra=[("into", "count", "counted_into", [4], {})])
+    assert graph.why.startswith("its graph's second replay differed from the launch list in")
+    assert world.launches == 2 and graph.graph is None  # (the graph is dropped)
 
 
 def test_an_allocation_from_the_shared_pool_during_capture_falls_back(stand_in) -> None:
@@ -543,7 +558,7 @@ def test_segments_random_draws_unsupported_gemms_and_folds_are_blockers(stand_in
 
 
 def test_the_cpu_replay_is_left_alone() -> None:
-    prog = SimpleNamespace(on_gpu=False, backend=None, replay=print)
+    prog = SimpleNamespace(on_gpu=False, backend=gpunet.get_backend("cpu"), replay=print)
     assert cuda_graph.attach(prog, _CHANGING, _segment_runner) is None and prog.replay is print
     assert cuda_graph.describe(prog) == "a launch list (not on a CuPy device)"
 
@@ -616,7 +631,7 @@ def test_graph_replays_keep_their_buffers_and_memory_flat() -> None:
     _, step = _mlp_step((64, 32, 10))
     run = gpunet.capture(step)
     x, y = _batches(1, (64, 32, 10), 32)[0]
-    for _ in range(3):
+    for _ in range(4):  # two recordings, then the two checked replays
         loss = run(x, y)
     cupy.cuda.Device().synchronize()
     pool, address = cupy.get_default_memory_pool(), loss.data.data.ptr
@@ -672,3 +687,124 @@ def test_gpunet_info_says_how_captured_steps_replay() -> None:
     assert replay_mode(device("cpu")) == ("a launch list", "on the CPU there is no graph to launch")
     mode, why = replay_mode(device("cuda"))
     assert mode == "a CUDA graph where it can" and "bit for bit" in why and "Never yet run" in why
+
+
+# ---------------------------------------------------------------------- the whole path, emulated
+class Deferred(np.ndarray):
+    """A "device" array of the emulated CUDA backend: while a stand-in stream captures, a
+    ufunc on it (an operator, ``+=``, ``.sum()``) is recorded to run at each launch, as
+    CuPy's kernels are; a new result is made now (its buffer) and refilled at each launch."""
+
+    world: World | None = None
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        args = [x.view(np.ndarray) if isinstance(x, Deferred) else x for x in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(
+                o.view(np.ndarray) if isinstance(o, Deferred) else o for o in kwargs["out"]
+            )
+        return _deferred(getattr(ufunc, method), args, kwargs)
+
+
+def _deferred(f: Callable, args: Any, kwargs: dict) -> Any:
+    """``f(*args, **kwargs)`` now, or, while capturing, at each launch (see Deferred)."""
+    world = Deferred.world
+    out = kwargs.get("out")
+    if world is None or world.capturing is None:
+        return _wrap(f(*args, **kwargs))
+    if out is not None:
+        world.enqueue(lambda: f(*args, **kwargs))
+        return _wrap(out[0] if isinstance(out, tuple) and len(out) == 1 else out)
+    result = f(*args, **kwargs)  # (the buffer; its values are made at each launch)
+    if isinstance(result, np.generic):  # (a reduction to a scalar: CuPy's is a 0-d array)
+        result = np.asarray(result)
+    if isinstance(result, np.ndarray) and result.size:
+        world.enqueue(lambda: np.copyto(result, f(*args, **kwargs)))
+    return _wrap(result)
+
+
+def _wrap(x: Any) -> Any:
+    return x.view(Deferred) if type(x) is np.ndarray else x
+
+
+class LazyNumpy:
+    """NumPy under CuPy's names, its calls deferred while a stand-in stream captures;
+    ``matmul`` refuses a capturing stream, as CuPy's cuBLAS wrappers do."""
+
+    def __init__(self, world: World) -> None:
+        self.world, self.cuda = world, world.cupy.cuda
+        self.get_default_memory_pool = world.cupy.get_default_memory_pool
+        self.asnumpy = lambda x: np.asarray(x).view(np.ndarray).copy()
+
+    def matmul(self, a: Any, b: Any, out: Any = None) -> Any:
+        if self.world.capturing is not None:
+            raise NotImplementedError("calling cuBLAS API during stream capture")
+        return _deferred(np.matmul, (a, b), {} if out is None else {"out": (out,)})
+
+    def copyto(self, dst: Any, src: Any) -> None:
+        self.world.enqueue(lambda: np.copyto(dst, src))
+
+    def __getattr__(self, name: str) -> Any:
+        f = getattr(np, name)
+        if isinstance(f, type) or not callable(f):
+            return f
+        return lambda *args, **kwargs: _deferred(f, args, kwargs)
+
+
+class _GemmOnNumpy:
+    """``cupy.cublas.gemm`` on the emulated backend (refusing a capturing stream)."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def gemm(self, ta: str, tb: str, x: Any, y: Any, out: Any, alpha: float, beta: float) -> Any:
+        if self.world.capturing is not None:
+            raise NotImplementedError("calling cuBLAS API during stream capture")
+        a, b = (x.T if ta == "T" else x), (y.T if tb == "T" else y)
+        product = a @ b
+        out[...] = alpha * product + beta * out if beta else alpha * product
+        return out
+
+
+@pytest.fixture
+def emulated_cuda(stand_in, monkeypatch: pytest.MonkeyPatch) -> tuple[World, Any]:
+    """gpunet's CuPy backend over the g++ build of its kernels, its arrays Deferred: the
+    device "cuda" of this test, its launches recorded by a stand-in stream while it captures."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "kernels"))
+    from kernel_tools import emulated_cupy_backend, emulated_kernels
+
+    from gpunet.backend import _backends, device
+    from gpunet.backend.cupy_backend import CupyBackend
+
+    world = stand_in()
+    monkeypatch.setattr(Deferred, "world", world)
+    emu = emulated_kernels()
+    run = emu._run
+    monkeypatch.setattr(emu, "_run", lambda *a: world.enqueue(lambda: run(*a)))
+    backend = emulated_cupy_backend(emu)
+    lazy = LazyNumpy(world)
+    emu.xp = backend.cupy = backend.xp = lazy  # (CuPy's backend: xp and cupy are one module)
+    backend._cublas, backend._tf32_applied = _GemmOnNumpy(world), False
+    monkeypatch.setattr(CupyBackend, "_linalg", SimpleNamespace(set_compute_type=print))
+    monkeypatch.setitem(_backends, device("cuda"), backend)
+    return world, backend
+
+
+def test_a_captured_mlp_step_on_the_emulated_cupy_backend_replays_as_a_graph(emulated_cuda):
+    """The real recording (capture.py), the CuPy backend's own methods and kernels (g++
+    build), its GEMMs through the route into the stand-in libcublas: the graph's replays
+    equal the eager step's bit for bit."""
+    world, _ = emulated_cuda
+    (m1, eager), (m2, step) = _mlp_step((12, 16, 5)), _mlp_step((12, 16, 5))
+    run = gpunet.capture(step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (a fallback fails, saying why)
+        for x, y in _batches(6, (12, 16, 5), 8):
+            assert np.array_equal(eager(x, y).numpy(), run(x, y).numpy())
+            for p, q in zip(m1.parameters(), m2.parameters()):
+                assert np.array_equal(p.grad.numpy(), q.grad.numpy())
+    (cap,) = run._captures.values()
+    assert cap.program.graph.mode == "graph", cap.program.graph.describe()
+    assert world.log == ["begin_capture", "end_capture"] and world.launches == 4
+    names = [n for n, _ in world.lib.calls]
+    assert names.count("gemmEx") == 5  # 2 forward, 2 dW, 1 dX, all by cuBLAS's GemmEx
