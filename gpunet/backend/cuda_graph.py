@@ -24,9 +24,11 @@ bit (twice, so that a value frozen into the graph which happened to equal the fi
 is caught on the second); else the step stays a launch list and a one-line warning says why.
 Host scalars that change between steps (an lr, Adam's step count) would be frozen into a
 graph, as would a Python segment's values: such a recording stays a launch list
-(``blockers`` says why) unless each one is *device-pure* (its ``device_pure`` attribute is
-true: what changes lives in device arrays the kernels read; its ``fn()`` still runs once per
-replay, before the launch).
+(``blockers`` says why) unless each one is *device-pure* (its ``device_pure`` attribute, or
+its value's, is true: what changes lives in device arrays the kernels read). A device-pure
+``fn()`` must not advance state: each replay reads it before the launch, and a host value
+that differs from the capture's (a momentum, an eps; a device array elsewhere) sends the
+step back to its launch list for good, which reads it again.
 
 (This path has never run on a GPU: it is checked here with stand-ins of CuPy and cuBLAS and
 by the gpu-marked tests in tests/backend/test_cuda_graph.py, which ``make gpu-check`` runs.)
@@ -364,7 +366,32 @@ def _changing(e: Any, changing: tuple) -> list[Any]:
 
 
 def _pure(x: Any) -> bool:
-    return bool(getattr(x, "device_pure", False))
+    """Does a changing parameter (or, for a ``Dynamic``, its value) say that what changes
+    between steps lives in device arrays?"""
+    value = getattr(x, "value", None)  # (a Dynamic's)
+    return bool(getattr(x, "device_pure", False) or getattr(value, "device_pure", False))
+
+
+def _recorded_value(v: Any) -> Any:
+    return v.value if hasattr(v, "value") else float(v)  # (Dynamic's value; Live is a float)
+
+
+def _same_host_values(a: Any, b: Any) -> bool:
+    """Would a graph captured with ``b`` compute what ``a`` asks? Host values equal, device
+    arrays the same memory (the graph addresses them), field by field."""
+    if a is b:
+        return True
+    if _is_array(a) or _is_array(b):
+        return _is_array(a) and _is_array(b) and _pointer(a) == _pointer(b) and a.shape == b.shape
+    if dataclasses.is_dataclass(a) and type(a) is type(b):
+        names = [f.name for f in dataclasses.fields(a)]
+        return all(_same_host_values(getattr(a, n), getattr(b, n)) for n in names)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_host_values(x, y) for x, y in zip(a, b))
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # (no plain ==: only the same object would do)
+        return False
 
 
 def _gemm_operands(e: Any, arrays: list[Any]) -> bool:
@@ -436,7 +463,8 @@ class GraphReplay:
         self.pool: Any = None  # the graph's temporaries (made at the first replay)
         self.owned: tuple = ()  # what else the graph's nodes address: its workspace, stream
         live = [e for e in program.rec.entries if e.kind not in _SKIPPED]
-        self.hooks = [v.fn for e in live for v in _changing(e, changing)]  # (device-pure)
+        # (device-pure parameters: read at each replay, their host values held to the capture's)
+        self.hooks = [(v.fn, _recorded_value(v)) for e in live for v in _changing(e, changing)]
         if not found:
             program.replay = self.first_replay
 
@@ -453,14 +481,18 @@ class GraphReplay:
         return f"a launch list ({self.why})"
 
     def launch(self, xs: list[Any]) -> None:
-        """A replay: the arguments copied in, device-pure scalars updated, one launch, all
-        on the caller's current stream (so it is ordered with the caller's own work)."""
+        """A replay: device-pure parameters read (a host value changed since the capture,
+        a momentum or an eps, sends the step back to its launch list for good), the
+        arguments copied in, one launch, on the caller's current stream (so it is ordered
+        with the caller's own work)."""
+        for fn, recorded in self.hooks:
+            if not _same_host_values(fn(), recorded):
+                self._fall_back("a per-step value the graph holds as a constant changed since")
+                return self.plain(xs)
         cp = self.cupy
         with self.device:
             for a, x in zip(self.program.inputs, xs):
                 cp.copyto(a, x)
-            for fn in self.hooks:
-                fn()
             self.graph.launch(stream=cp.cuda.get_current_stream())
 
     def first_replay(self, xs: list[Any]) -> None:
@@ -488,7 +520,11 @@ class GraphReplay:
         if why is None:
             self.mode = "checking" if first else "graph"
             self.program.replay = self.second_replay if first else self.launch
-            return
+        else:
+            self._fall_back(why)
+
+    def _fall_back(self, why: str) -> None:
+        """The launch list for good, saying why once."""
         self.mode, self.why, self.program.replay = "list", why, self.plain
         self.graph, self.owned = None, ()
         import warnings
@@ -496,7 +532,7 @@ class GraphReplay:
         warnings.warn(
             f"gpunet.capture: a captured step replays as a launch list, not a CUDA graph: {why}",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=6,
         )
 
     def _check(self, stream: Any, first: bool) -> str | None:
@@ -590,9 +626,7 @@ def _first_line(e: Exception) -> str:
 
 
 def _recorded(v: Any, changing: tuple) -> Any:
-    if not isinstance(v, changing):
-        return v
-    return v.value if hasattr(v, "value") else float(v)  # (Dynamic's value; Live is a float)
+    return _recorded_value(v) if isinstance(v, changing) else v
 
 
 def _is_array(x: Any) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -533,6 +534,41 @@ def test_device_pure_scalars_are_captured_and_their_fn_runs_once_per_replay(stan
     graph = cuda_graph.attach(prog, _CHANGING, _segment_runner)
     _steps(world, prog, 4)
     assert graph.mode == "graph" and len(seen) == 4
+
+
+@pytest.mark.parametrize("on", ["parameter", "value"])
+def test_a_device_pure_value_that_changes_on_the_host_sends_the_step_back_to_its_list(
+    stand_in, on: str
+) -> None:
+    """(A momentum or an eps set between steps: the graph holds the old one as a constant;
+    the lr, a device array, may change: the graph reads it.)"""
+
+    @dataclasses.dataclass
+    class Hyper:
+        scale: float
+        lr: Any
+        device_pure: bool = on == "value"
+
+    def run(world: World, scales: list[float], views: bool) -> np.ndarray:
+        lr = np.ones(1)
+        now = {"hyper": Hyper(1.0, lr)}
+        pure = type("P", (autodiff.Dynamic,), {"device_pure": on == "parameter"})
+        prog = _program(world, scale=pure(now["hyper"], lambda: now["hyper"]))
+        prog.rec.entries[4].fn = lambda out, *, by: world.enqueue(
+            lambda value=by.scale: np.multiply(out, value, out=out)
+        )
+        graph = cuda_graph.attach(prog, _CHANGING, _segment_runner) if views else None
+        for i, scale in enumerate(scales):  # (a view of the same lr: the same memory)
+            now["hyper"] = Hyper(scale, lr.view() if views and i % 2 else lr)
+            prog.replay([np.full((6, 4), float(i % 3 - 1))])
+        assert graph is None or graph.mode == "list"
+        return prog.rec.arrays[1]
+
+    world = stand_in()
+    with pytest.warns(RuntimeWarning, match="a per-step value the graph holds as a constant"):
+        got = run(world, [1.0] * 4 + [0.5, 0.5], views=True)
+    assert world.launches == 4  # (replays 1-4; the 5th went back to the list)
+    assert np.array_equal(got, run(World(), [1.0] * 4 + [0.5, 0.5], views=False))
 
 
 def test_segments_random_draws_unsupported_gemms_and_folds_are_blockers(stand_in) -> None:
