@@ -39,7 +39,7 @@ arithmetic; ``p.grad`` of those parameters then reads NaN).
 
 On the CPU the replay is a generated straight-line function over the recorded calls (a
 launch list). On CuPy it is the same list of launches until the first replay, which captures
-it as one CUDA graph and keeps the graph only if it matches the list bit for bit
+it as one CUDA graph, kept only if it matches the list bit for bit on its first two replays
 (``backend/cuda_graph.py``); a call whose host scalars change per step, a Python segment or
 a random draw keeps it a launch list. The ``repr`` says which and why.
 """
@@ -1029,7 +1029,7 @@ class CapturedStep:
             prog = cap.program
             c = prog.counts
             calls = sum(c.values()) - c["view"] - c["const"]
-            if prog.on_gpu:
+            if prog.on_gpu or prog.graph is not None:
                 how = cuda_graph.describe(prog)
             else:
                 how = f"a launch list ({graph_support(None)[1]})"
