@@ -302,7 +302,7 @@ class _Program:
                 (folded if self.may_fold() else plain)(xs)
 
             self.replay = replay
-        self.graph = cuda_graph.attach(self, _CHANGING, _segment_runner)  # (on CuPy)
+        self.graph = cuda_graph.attach(self, _CHANGING)  # (on CuPy)
 
     def may_fold(self) -> bool:
         """Is every folded SGD group still plain (no momentum, no weight decay set since)?

@@ -448,11 +448,11 @@ def blockers(program: Any, changing: tuple) -> list[str]:
 class GraphReplay:
     """One recording's replay on CuPy: its launch list until the first replay, then one CUDA
     graph where the capture succeeds and matches the list bit for bit on the first two
-    replays, else the list for good (with a one-line warning saying why).
-    ``run_segment(entry, rec)``: capture's runner of a (device-pure) segment."""
+    replays, else the list for good (with a one-line warning saying why). What the graph
+    holds is the launch list itself, captured as it runs: the same calls by construction."""
 
-    def __init__(self, program: Any, changing: tuple, run_segment: Callable) -> None:
-        self.program, self.changing, self.run_segment = program, changing, run_segment
+    def __init__(self, program: Any, changing: tuple) -> None:
+        self.program, self.changing = program, changing
         self.cupy = program.backend.cupy
         self.device = getattr(program.backend, "_cuda_device", None) or contextlib.nullcontext()
         self.plain = program.replay  # the launch list
@@ -577,7 +577,8 @@ class GraphReplay:
         route.begin()
         try:
             with _gemms_through(self.program.backend, route), cp.cuda.using_allocator(pool.malloc):
-                graph = _captured(stream, self._body)
+                # (the list's own input copies become copies of each buffer onto itself)
+                graph = _captured(stream, lambda: self.plain(self.program.inputs))
         finally:
             route.end()
         # (a block taken shows as more bytes used or held; one taken and given back within
@@ -588,23 +589,6 @@ class GraphReplay:
                 "would be handed out again and overwritten by each replay)"
             )
         return graph, workspace
-
-    def _body(self) -> None:
-        """The recording's calls, once, as the launch list makes them (a changing parameter
-        passes the value it was recorded with: only device-pure ones get here)."""
-        rec, cp = self.program.rec, self.cupy
-        arrays = rec.arrays
-        for e in rec.entries:
-            if e.kind in _SKIPPED:
-                continue
-            if e.kind == "segment":
-                self.run_segment(e, rec)()
-                continue
-            ins = [arrays[r[1]] if r[0] == "a" else r[1] for r in e.ins]
-            params = {k: _recorded(v, self.changing) for k, v in e.params.items()}
-            result = e.fn(*ins, **params)
-            if e.kind == "made":
-                cp.copyto(arrays[e.out[1]], result)
 
 
 def _captured(stream: Any, body: Callable[[], None]) -> Any:
@@ -623,10 +607,6 @@ def _captured(stream: Any, body: Callable[[], None]) -> Any:
 def _first_line(e: Exception) -> str:
     lines = str(e).splitlines()
     return lines[0] if lines else ""
-
-
-def _recorded(v: Any, changing: tuple) -> Any:
-    return _recorded_value(v) if isinstance(v, changing) else v
 
 
 def _is_array(x: Any) -> bool:
@@ -667,13 +647,13 @@ def _first_difference(cp: Any, state: list[Any], expected: list[Any]) -> str | N
 
 
 # ---------------------------------------------------------------------- capture's hooks
-def attach(program: Any, changing: tuple, run_segment: Callable) -> GraphReplay | None:
+def attach(program: Any, changing: tuple) -> GraphReplay | None:
     """Called by ``gpunet.capture`` once a recording's launch list is built: on CuPy its
     replays go through a ``GraphReplay``; on the CPU nothing changes (None)."""
     backend = program.backend
     if not enabled or getattr(backend, "name", None) != "cupy":
         return None
-    return GraphReplay(program, changing, run_segment)
+    return GraphReplay(program, changing)
 
 
 def describe(program: Any) -> str:

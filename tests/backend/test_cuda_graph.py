@@ -27,7 +27,7 @@ import gpunet
 from gpunet import autodiff, nn, optim
 from gpunet.backend import cuda_graph
 from gpunet.backend.cuda_graph import GemmCall, plan_gemm, plan_matmul
-from gpunet.capture import _CHANGING, _Entry, _segment_runner
+from gpunet.capture import _CHANGING, _Entry
 from gpunet.nn import functional as F
 
 rng = np.random.default_rng(0)
@@ -417,7 +417,7 @@ def _steps(world: World, prog: Any, n: int) -> list[list[np.ndarray]]:
 def test_a_recording_replays_as_one_graph_equal_to_its_launch_list(stand_in) -> None:
     world, twin = stand_in(), World()  # (the twin runs the launch list only)
     prog, plain = _program(world), _program(twin)
-    graph = cuda_graph.attach(prog, _CHANGING, _segment_runner)
+    graph = cuda_graph.attach(prog, _CHANGING)
     assert "until its first replay" in graph.describe()
     got, want = _steps(world, prog, 5), _steps(twin, plain, 5)
     for g, w in zip(got, want):
@@ -448,7 +448,7 @@ def test_buffers_keep_their_addresses_and_temporaries_come_from_the_graph_s_pool
     world = stand_in()
     prog = _program(world)
     addresses = [a.__array_interface__["data"][0] for a in prog.rec.arrays]
-    graph = cuda_graph.attach(prog, _CHANGING, _segment_runner)
+    graph = cuda_graph.attach(prog, _CHANGING)
     _steps(world, prog, 3)
     assert [a.__array_interface__["data"][0] for a in prog.rec.arrays] == addresses
     pool = graph.pool
@@ -460,7 +460,7 @@ def _fallback(stand_in, **kw: Any) -> tuple[World, Any, list, list]:
     world, twin = stand_in(kw.pop("wrong_gemms", False)), World()
     prog, plain = _program(world, **kw), _program(twin, **kw)
     with pytest.warns(RuntimeWarning, match="replays as a launch list, not a CUDA graph") as w:
-        graph = cuda_graph.attach(prog, _CHANGING, _segment_runner)
+        graph = cuda_graph.attach(prog, _CHANGING)
         got = _steps(world, prog, 3)
     want = _steps(twin, plain, 3)
     for g, v in zip(got, want):  # the launch list's result, the first replay's too
@@ -499,7 +499,7 @@ def test_a_gemm_the_route_cannot_take_under_capture_falls_back(stand_in) -> None
                                    {"tx": True, "ty": False})])  # fmt: skip
     prog.rec.entries[-1].fn = lambda out, x, y, **kw: prog.backend.cupy.matmul(x[:, ::2].T, y)
     with pytest.warns(RuntimeWarning, match="_Unsupported: cupy.matmul of"):
-        cuda_graph.attach(prog, _CHANGING, _segment_runner)
+        cuda_graph.attach(prog, _CHANGING)
         _steps(world, prog, 1)
 
 
@@ -518,7 +518,7 @@ def _dynamic(pure: bool, seen: list) -> autodiff.Dynamic:
 def test_per_step_host_scalars_keep_a_launch_list_and_say_so(stand_in) -> None:
     world, seen = stand_in(), []
     prog = _program(world, scale=_dynamic(False, seen))
-    graph = cuda_graph.attach(prog, _CHANGING, _segment_runner)
+    graph = cuda_graph.attach(prog, _CHANGING)
     assert graph.mode == "list" and prog.replay == graph.plain
     assert graph.describe() == (
         "a launch list (CUDA graph blockers: 1 calls with per-step host scalars (lr, step "
@@ -528,12 +528,12 @@ def test_per_step_host_scalars_keep_a_launch_list_and_say_so(stand_in) -> None:
     assert world.log == [] and len(seen) == 2  # never captured; the scalar read per replay
 
 
-def test_device_pure_scalars_are_captured_and_their_fn_runs_once_per_replay(stand_in) -> None:
+def test_device_pure_scalars_are_captured_and_read_at_each_replay(stand_in) -> None:
     world, seen = stand_in(), []
     prog = _program(world, scale=_dynamic(True, seen))
-    graph = cuda_graph.attach(prog, _CHANGING, _segment_runner)
+    graph = cuda_graph.attach(prog, _CHANGING)
     _steps(world, prog, 4)
-    assert graph.mode == "graph" and len(seen) == 4
+    assert graph.mode == "graph" and len(seen) == 5  # (4 replays, and the capture's run)
 
 
 @pytest.mark.parametrize("on", ["parameter", "value"])
@@ -557,7 +557,7 @@ def test_a_device_pure_value_that_changes_on_the_host_sends_the_step_back_to_its
         prog.rec.entries[4].fn = lambda out, *, by: world.enqueue(
             lambda value=by.scale: np.multiply(out, value, out=out)
         )
-        graph = cuda_graph.attach(prog, _CHANGING, _segment_runner) if views else None
+        graph = cuda_graph.attach(prog, _CHANGING) if views else None
         for i, scale in enumerate(scales):  # (a view of the same lr: the same memory)
             now["hyper"] = Hyper(scale, lr.view() if views and i % 2 else lr)
             prog.replay([np.full((6, 4), float(i % 3 - 1))])
@@ -595,7 +595,7 @@ def test_segments_random_draws_unsupported_gemms_and_folds_are_blockers(stand_in
 
 def test_the_cpu_replay_is_left_alone() -> None:
     prog = SimpleNamespace(on_gpu=False, backend=gpunet.get_backend("cpu"), replay=print)
-    assert cuda_graph.attach(prog, _CHANGING, _segment_runner) is None and prog.replay is print
+    assert cuda_graph.attach(prog, _CHANGING) is None and prog.replay is print
     assert cuda_graph.describe(prog) == "a launch list (not on a CuPy device)"
 
 
@@ -740,6 +740,13 @@ class Deferred(np.ndarray):
                 o.view(np.ndarray) if isinstance(o, Deferred) else o for o in kwargs["out"]
             )
         return _deferred(getattr(ufunc, method), args, kwargs)
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: dict) -> Any:
+        args = [x.view(np.ndarray) if isinstance(x, Deferred) else x for x in args]
+        impl = getattr(func, "_implementation", func)  # (no second dispatch to this method)
+        if func is np.copyto and Deferred.world is not None:  # (writes its first argument)
+            return Deferred.world.enqueue(lambda: impl(*args, **kwargs))
+        return _deferred(impl, args, kwargs)
 
 
 def _deferred(f: Callable, args: Any, kwargs: dict) -> Any:
