@@ -452,7 +452,7 @@ class GraphReplay:
     holds is the launch list itself, captured as it runs: the same calls by construction."""
 
     def __init__(self, program: Any, changing: tuple) -> None:
-        self.program, self.changing = program, changing
+        self.program = program
         self.cupy = program.backend.cupy
         self.device = getattr(program.backend, "_cuda_device", None) or contextlib.nullcontext()
         self.plain = program.replay  # the launch list
