@@ -38,10 +38,10 @@ SGD's update into the GEMMs and sums that make its gradient (``SGD(in_backward=T
 arithmetic; ``p.grad`` of those parameters then reads NaN).
 
 On the CPU the replay is a generated straight-line function over the recorded calls (a
-launch list). On CuPy it is the same list of launches; a CUDA graph needs every call to be
-capturable, which CuPy's cuBLAS wrappers are not (they raise under stream capture), nor a
-call whose host scalars change per step, so the ``repr`` lists each recording's blockers and
-``gpunet info`` says how replays run. (Graph replay itself is not built.)
+launch list). On CuPy it is the same list of launches until the first replay, which captures
+it as one CUDA graph, kept only if it matches the list bit for bit on its first two replays
+(``backend/cuda_graph.py``); a call whose host scalars change per step, a Python segment or
+a random draw keeps it a launch list. The ``repr`` says which and why.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import numpy as np
 
 from . import autodiff
 from .autodiff import CAPTURE, STATE, CaptureError, refuse, user_site
-from .backend import replay_mode
+from .backend import cuda_graph, replay_mode
 from .tensor import Tensor
 
 __all__ = ["CaptureError", "CapturedStep", "capture", "graph_support", "refuse"]
@@ -302,6 +302,7 @@ class _Program:
                 (folded if self.may_fold() else plain)(xs)
 
             self.replay = replay
+        self.graph = cuda_graph.attach(self, _CHANGING)  # (on CuPy)
 
     def may_fold(self) -> bool:
         """Is every folded SGD group still plain (no momentum, no weight decay set since)?
@@ -374,20 +375,7 @@ class _Program:
 
     def graph_blockers(self) -> list[str]:
         """What keeps this recording from replaying as one CUDA graph."""
-        live = [e for e in self.rec.entries if e.kind not in ("view", "const", "folded")]
-        gemms = sum(
-            e.kind != "segment" and ("matmul" in e.name or "linear" in e.name) for e in live
-        )
-        changing = sum(any(isinstance(v, _CHANGING) for v in e.params.values()) for e in live)
-        segments = sum(e.kind == "segment" for e in live)
-        why = []
-        if gemms:
-            why.append(f"{gemms} GEMMs (CuPy's cuBLAS wrappers raise under stream capture)")
-        if changing:
-            why.append(f"{changing} calls with per-step host scalars (lr, step counts)")
-        if segments:
-            why.append(f"{segments} Python segments (clipping, schedules)")
-        return why
+        return cuda_graph.blockers(self, _CHANGING)
 
     def run_observed(self, xs: list[Any]) -> None:
         """The replay, one entry at a time, telling observers (``gpunet.profile``) of each
@@ -1041,9 +1029,8 @@ class CapturedStep:
             prog = cap.program
             c = prog.counts
             calls = sum(c.values()) - c["view"] - c["const"]
-            if prog.on_gpu:  # (a graph replay is not built yet: the list says why it could not)
-                blockers = prog.graph_blockers() or ["none found; graph replay is not built yet"]
-                how = "a launch list (CUDA graph blockers: " + ", ".join(blockers) + ")"
+            if prog.on_gpu or prog.graph is not None:
+                how = cuda_graph.describe(prog)
             else:
                 how = f"a launch list ({graph_support(None)[1]})"
             if prog.folded:

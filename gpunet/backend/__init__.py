@@ -261,9 +261,10 @@ def replay_mode(device: Device | None) -> tuple[str, str]:
     if device is None or device.type == "cpu":
         return "a launch list", "on the CPU there is no graph to launch"
     return (
-        "a launch list",
-        "CuPy's cuBLAS wrappers raise NotImplementedError under stream capture, so a step "
-        "with a GEMM cannot become one CUDA graph",
+        "a CUDA graph where it can",
+        "a captured step becomes one CUDA graph at its first replay, kept if it matches its "
+        "launch list bit for bit, else it stays a launch list; its repr says which and why. "
+        "Never yet run on a GPU",
     )
 
 

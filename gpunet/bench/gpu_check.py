@@ -11,7 +11,11 @@ Stages, each in its own process with its own time limit (a hung stage is killed 
    against the golden float64 outputs in ``tests/kernels/golden/kernels.npz``;
 3. ``cublas gemm``: ``matmul_into`` with alpha and beta through cuBLAS against float64 NumPy,
    and the time of one large scaled GEMM;
-4. ``bench``: ``gpunet bench --device cuda`` at the MLP sizes whose training state fits a
+4. ``cuda graph``: ``tests/backend/test_cuda_graph.py``'s gpu tests (a captured step replayed
+   as one CUDA graph equals eager bit for bit; buffers and memory stay put; the cuBLAS route
+   under capture equals CuPy's GEMMs bit for bit), then the time of a captured forward and
+   backward step of the tiny and medium MLPs replayed as a CUDA graph and as a launch list;
+5. ``bench``: ``gpunet bench --device cuda`` at the MLP sizes whose training state fits a
    quarter of the free device memory, and the single ops.
 
 The report, ``runs/gpu-check-<timestamp>.md``, names the device, the driver, CUDA runtime
@@ -39,7 +43,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: tests/ and kernels/ live here
 BUDGET_S = 480.0  # everything, stages and their start-up included: under 8 minutes
 # Each stage's own limit; a stage gets the smaller of this and what is left of the budget.
-LIMITS_S = {"gpu tests": 150.0, "kernels": 90.0, "cublas gemm": 60.0, "bench": 150.0}
+LIMITS_S = {
+    "gpu tests": 140.0,
+    "kernels": 90.0,
+    "cublas gemm": 60.0,
+    "cuda graph": 50.0,
+    "bench": 130.0,
+}
+GRAPH_TESTS = "tests/backend/test_cuda_graph.py"  # (the cuda graph stage runs them)
 GEMM_SHAPES = ((64, 48, 32), (257, 129, 65))  # (m, k, n): small, and not multiples of 32
 GEMM_SCALES = ((1.0, 0.0), (1.0, 1.0), (-0.1, 0.99), (2.0, 0.5))  # (alpha, beta)
 
@@ -122,12 +133,14 @@ def stages(python: str, free_bytes: float, bench_out: Path) -> list[Stage]:
     bench = [python, "-m", "gpunet.cli", "bench", "--device", "cuda", "--suite", "all"]
     bench += ["--sizes", sizes, "--repeats", "5", "--no-progress", "--markdown"]
     argv = {
-        "gpu tests": [*pytest, "-m", "gpu", str(tests), f"--ignore={kernels}"],
+        "gpu tests": [*pytest, "-m", "gpu", str(tests), f"--ignore={kernels}"]
+        + [f"--ignore={ROOT / GRAPH_TESTS}"],
         "kernels": [*pytest, str(kernels)],
         "cublas gemm": [
             *[python, "-m", "gpunet.bench.gpu_check", "--gemm-only"],
             *["--precisions", ",".join(s for s in fit if s in ("medium", "large"))],
         ],
+        "cuda graph": [python, "-m", "gpunet.bench.gpu_check", "--graph-only"],
         "bench": [*bench, "--out", str(bench_out)],
     }
     return [Stage(name, argv[name], LIMITS_S[name]) for name in LIMITS_S]
@@ -274,6 +287,87 @@ def _step(model: Any, opt: Any, x: Any, y: Any, context: Any, scaler: Any) -> No
     training_step(model, opt, x, y, context, scaler)
 
 
+def check_graph(names: Sequence[str] = ("tiny", "medium"), replays: int = 200) -> str:
+    """The gpu tests of the CUDA-graph replay, then a captured forward and backward step of
+    each named MLP size replayed ``replays`` times as a CUDA graph and as a launch list
+    (wall time per replay, the host's included: launches are what a graph saves), as a
+    Markdown table. Raises where a test fails or the graph path fell back."""
+    import pytest
+
+    code = pytest.main(
+        ["-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / GRAPH_TESTS)]
+    )
+    lines = ["| MLP, batch | CUDA graph | launch list | list / graph |", "| --- |" + " ---: |" * 3]
+    for name in names:
+        per = [_time_replays(name, graph, replays) for graph in (True, False)]
+        sizes, batch = _mlp(name)
+        lines.append(
+            f"| {'-'.join(map(str, sizes))}, batch {batch} | "
+            + " | ".join(_seconds(t) for t in per)
+            + f" | {per[1] / per[0]:.2f}x |"
+        )
+    table = "\n".join(lines)
+    if code != 0:
+        raise RuntimeError(table + f"\n\nthe CUDA-graph gpu tests failed (pytest exit {code})")
+    return table
+
+
+def _mlp(name: str) -> tuple[tuple[int, ...], int]:
+    from .workloads import MLP_SIZES
+
+    return MLP_SIZES[name]
+
+
+def _seconds(s: float) -> str:
+    from ..formatting import seconds
+
+    return seconds(s)
+
+
+def _time_replays(name: str, graph: bool, replays: int) -> float:
+    """Seconds per replay of the captured step, as a graph or (``graph`` False) a list."""
+    import warnings
+
+    import cupy
+    import numpy as np
+
+    import gpunet
+    from gpunet.backend import cuda_graph
+    from gpunet.nn import functional as F
+
+    sizes, batch = _mlp(name)
+    cuda_graph.enabled = graph
+    try:
+        gpunet.manual_seed(0)
+        model = gpunet.nn.MLP(list(sizes), device="cuda")
+        opt = gpunet.optim.SGD(model.parameters(), lr=0.01)
+
+        def step(x: Any, y: Any) -> Any:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        run = gpunet.capture(step)
+        x = gpunet.randn(batch, sizes[0], device="cuda")
+        labels = np.random.default_rng(0).integers(0, sizes[-1], batch)
+        y = gpunet.tensor(labels, device="cuda")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # (a fallback is an error here)
+            for _ in range(5):  # two recordings, the first replay (the graph's check), two more
+                run(x, y)
+        if graph and "a CUDA graph" not in repr(run):
+            raise RuntimeError(f"{name}: the captured step did not become a graph: {run!r}")
+        cupy.cuda.Device().synchronize()
+        start = time.perf_counter()
+        for _ in range(replays):
+            run(x, y)
+        cupy.cuda.Device().synchronize()
+        return (time.perf_counter() - start) / replays
+    finally:
+        cuda_graph.enabled = True
+
+
 # ---------------------------------------------------------------------- the report
 def write_report(report: Report, path: Path, budget_s: float, wall_s: float) -> None:
     lines = [f"# gpu-check {time.strftime('%Y-%m-%d %H:%M:%S')}", ""]
@@ -328,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all stages")
     ap.add_argument("--gemm-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--precisions", default="", help=argparse.SUPPRESS)  # (with --gemm-only)
+    ap.add_argument("--graph-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     from ..backend import probe_cuda
 
@@ -335,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not probe.available:
         print(f"gpu-check: no CUDA device, nothing checked: {probe.reason}", file=sys.stderr)
         return 1
+    if args.graph_only:
+        print(check_graph(), flush=True)
+        return 0
     if args.gemm_only:
         names = [n for n in args.precisions.split(",") if n]
         if names:
@@ -356,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_stage(stage, env)
             if stage.name == "bench":
                 result.figures = _bench_figures(Path(tmp))
-            elif stage.name == "cublas gemm":  # the precisions' step times
+            elif stage.name in ("cublas gemm", "cuda graph"):  # their tables
                 result.figures = "\n".join(
                     ln for ln in result.output.splitlines() if ln.startswith("|")
                 )

@@ -99,13 +99,15 @@ def test_the_budget_bounds_the_whole_run(monkeypatch, tmp_path):
 
 def test_the_real_stages_fit_the_budget_and_run_what_needs_a_gpu():
     stages = gpu_check.stages(sys.executable, 8 * 2**30, Path("out"))
-    assert [s.name for s in stages] == ["gpu tests", "kernels", "cublas gemm", "bench"]
+    names = ["gpu tests", "kernels", "cublas gemm", "cuda graph", "bench"]
+    assert [s.name for s in stages] == names
     assert sum(s.limit_s for s in stages) <= gpu_check.BUDGET_S <= 8 * 60
     argv = {s.name: " ".join(s.argv) for s in stages}
     assert "-m gpu" in argv["gpu tests"] and "--ignore" in argv["gpu tests"]
     assert argv["kernels"].endswith("test_kernels_gpu.py")
     assert "--gemm-only" in argv["cublas gemm"]
     assert "--precisions medium,large" in argv["cublas gemm"]
+    assert "--graph-only" in argv["cuda graph"] and "test_cuda_graph.py" in argv["gpu tests"]
     assert "--device cuda" in argv["bench"] and "tiny,small,medium,large" in argv["bench"]
 
 
