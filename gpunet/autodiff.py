@@ -360,12 +360,11 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
         saved = tuple(args)
     else:
         saved = prim.save(out, *args, **params)
-        if not flags & TANGENTS:  # (forward mode needs the output object itself)
-            for s in saved:
-                if s is out:  # kept as a bare array: node -> output would be a cycle
-                    saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
-                    out_data = out.data
-                    break
+        # A card saves its output last (a test holds them to it): kept as a bare array, since
+        # node -> output would be a cycle (forward mode needs the output object itself).
+        if saved and saved[-1] is out and not flags & TANGENTS:
+            saved = (*saved[:-1], SAVED_OUTPUT)
+            out_data = out.data
     node = _new_node(Node)
     node.prim, node.parents, node.saved, node.params = prim, parents, saved, params
     node.out_data, node._hooks, node.seq = out_data, None, _next_seq()
@@ -709,7 +708,7 @@ def saved_values(node: Node, backend: Any) -> tuple:
         return saved  # type: ignore[return-value]
     me = Tensor._wrap(node.out_data, backend)
     me._requires_grad, me._node = True, node
-    return tuple(me if s is SAVED_OUTPUT else s for s in saved)
+    return (*saved[:-1], me)  # (the output is saved last)
 
 
 def _depends_on_others(nodes: set[Node], inputs: Sequence[Tensor]) -> bool:

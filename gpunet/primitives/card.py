@@ -3,7 +3,8 @@
 A primitive is declared once, with everything autodiff needs side by side:
 
 - its forward: the backend method of the same name, on raw arrays;
-- what it keeps for backward (``save``: only what the rule needs, staged at forward time);
+- what it keeps for backward (``save``: only what the rule needs, staged at forward time;
+  the output, where kept, last);
 - its VJP rule per input: ``vjp[i](g, *saved, **params)`` -> cotangent of input ``i``,
   after ``vjp_pre(g, *saved, **params)`` if the card has one: a map of g shared by every
   input's rule, run once per node (a fused activation's dZ = g f'(y));
