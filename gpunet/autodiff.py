@@ -177,7 +177,7 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
             y._backend is not backend
             or z._backend is not backend
             or y.data.dtype != dx
-            or z.data.dtype != dx
+            or (z.data.dtype != dx and 2 not in prim.nondiff)  # (fused CE's labels)
         ):
             check_compatible(prim, args)
         data = impl(x.data, y.data, z.data, **params)
@@ -332,13 +332,7 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
     """Make ``out``'s node: its parents (a Node, a leaf Tensor, or None per input) and what
     the primitive's VJP rules keep. (Every recorded op runs this: the one- to three-input
     cases are spelled out, as in ``apply``; the generator costs 40 bytecodes more.)"""
-    nondiff = prim.nondiff
-    if nondiff:
-        parents = tuple(
-            (a._node or a) if a._requires_grad and i not in nondiff else None
-            for i, a in enumerate(args)
-        )
-    elif len(args) == 1:
+    if len(args) == 1:
         parents = (args[0]._node or args[0],)  # (the one input requires grad)
     elif len(args) == 2:
         x, y = args
@@ -355,6 +349,12 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
         )
     else:
         parents = tuple((a._node or a) if a._requires_grad else None for a in args)
+    nondiff = prim.nondiff  # (labels, indices, masks: integers, so hardly ever tracked)
+    if nondiff:
+        for i in nondiff:
+            if args[i]._requires_grad:  # no gradient flows to it all the same
+                parents = tuple(None if j in nondiff else p for j, p in enumerate(parents))
+                break
     out_data = None
     if prim.save is None:
         saved = tuple(args)

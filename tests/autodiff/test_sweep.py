@@ -169,6 +169,21 @@ def test_nondiff_is_read_from_the_vjp_tuples_markers() -> None:
             assert {i for i, r in enumerate(prim.vjp) if r is P.NONDIFF} <= prim.nondiff
 
 
+def test_a_tracked_nondiff_input_gets_no_edge() -> None:
+    """A float mask that requires grad, bound straight to ``where``: its node has no edge to
+    the mask (position 0 is nondiff), and backward leaves its .grad None."""
+    from gpunet import primitives as P
+    from gpunet.autodiff import bind
+
+    cond = gpunet.tensor([1.0, 0.0], requires_grad=True)
+    x, y = gpunet.tensor([2.0, 3.0], requires_grad=True), gpunet.tensor([4.0, 5.0])
+    out = bind(P.where, cond, x, y)
+    assert out._node.parents == (None, x, None)
+    out.sum().backward()
+    assert cond.grad is None
+    np.testing.assert_array_equal(x.grad.numpy(), [1.0, 0.0])
+
+
 def test_an_output_the_node_kept_changed_in_place_makes_backward_raise() -> None:
     x = gpunet.tensor([0.5, 1.0], requires_grad=True)
     y = x.exp()  # exp keeps its output for the gradient
