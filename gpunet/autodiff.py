@@ -816,9 +816,10 @@ class LeafPlan:
             if coef is not None and (prim.vjp_into_independent or not self.pending):
                 self.pending.append((into, leaf.data, coef))
                 return True
-        buf = getattr(leaf, "_grad_buffer", None)  # (the slots, not the properties: hot path)
-        if buf is None or leaf in self.grads or getattr(leaf, "_hooks", None):
+        entry = getattr(leaf, "_grad_buffer", None)  # (buffer, a tensor over it); None: unset
+        if entry is None or leaf in self.grads or getattr(leaf, "_hooks", None):
             return False  # only the first contribution, and none that a hook must see first
+        buf, over = entry
         grad = leaf.grad
         if grad is None:
             into(buf, 1.0, 0.0, g, *saved, **params)  # beta 0: the buffer is written
@@ -827,7 +828,8 @@ class LeafPlan:
         else:
             return False  # .grad holds another array: summed there at the end
         self.buffers[leaf] = buf
-        self.grads[leaf] = Tensor._wrap(buf, g._backend)
+        # (the tensor over it, unless its array was replaced since: a module moved its grad)
+        self.grads[leaf] = over if over.data is buf else Tensor._wrap(buf, g._backend)
         return True
 
     def take_steps(self, g: Tensor, saved: tuple, params: dict) -> None:

@@ -86,7 +86,8 @@ class Tensor:
         weight gradient's GEMM writes there and the step needs no copy (nor the page faults
         of a fresh allocation each step). None (the default): a new array each backward.
         """
-        return getattr(self, "_grad_buffer", None)  # unset on most tensors
+        entry = getattr(self, "_grad_buffer", None)  # unset on most tensors
+        return None if entry is None else entry[0]
 
     @grad_buffer.setter
     def grad_buffer(self, array: Any) -> None:
@@ -97,7 +98,9 @@ class Tensor:
                 f"grad_buffer: a {self.dtype} {self.shape} leaf needs a buffer of its dtype and "
                 f"shape, got {array.dtype} {tuple(array.shape)}"
             )
-        self._grad_buffer = array
+        # Kept with a tensor over it, made once: backward hands that tensor to .grad rather
+        # than wrapping the buffer anew (25 bytecodes a parameter a step).
+        self._grad_buffer = None if array is None else (array, Tensor._wrap(array, self._backend))
 
     @property
     def in_backward(self) -> Any:

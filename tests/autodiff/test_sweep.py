@@ -47,6 +47,24 @@ def test_the_three_routes_give_the_same_update() -> None:
     np.testing.assert_allclose(w.numpy(), want, rtol=1e-12)
 
 
+def test_the_buffer_route_hands_grad_the_buffers_own_tensor() -> None:
+    """Each backward that writes a grad_buffer sets .grad to the one tensor kept over it; where
+    that tensor's array was replaced since (a module moved its grad), a new one over the buffer."""
+    x, w, b = _linear_leaves()
+    buf = np.zeros(w.shape)
+    w.grad_buffer = buf
+    _loss(x, w, b).backward()
+    first = w.grad
+    w.grad = None
+    _loss(x, w, b).backward()
+    assert w.grad is first and first.data is buf
+    first.data = first.data.copy()  # what Module.to does to a grad it moves
+    w.grad = None
+    _loss(x, w, b).backward()
+    assert w.grad is not first and w.grad.data is buf
+    np.testing.assert_array_equal(buf, first.numpy())  # the same gradient, written in buf
+
+
 def test_a_leaf_used_twice_takes_its_step_from_the_whole_gradient() -> None:
     x, w, b = _linear_leaves()
     (_loss(x, w, b) + (w * w).sum()).backward()
