@@ -66,22 +66,6 @@ class _State(threading.local):
         self.flags = (self.flags | bit) if on else (self.flags & ~bit)
 
     @property
-    def grad_enabled(self) -> bool:
-        return bool(self.flags & GRAD)
-
-    @grad_enabled.setter
-    def grad_enabled(self, on: bool) -> None:
-        self._set(GRAD, on)
-
-    @property
-    def anomaly(self) -> bool:
-        return bool(self.flags & ANOMALY)
-
-    @anomaly.setter
-    def anomaly(self, on: bool) -> None:
-        self._set(ANOMALY, on)
-
-    @property
     def level(self) -> int:
         return self._level
 
@@ -423,7 +407,7 @@ def check_compatible(prim: Primitive, args: Sequence[Tensor]) -> None:
 
 # ---------------------------------------------------------------------- grad mode
 def is_grad_enabled() -> bool:
-    return STATE.grad_enabled
+    return bool(STATE.flags & GRAD)
 
 
 class set_grad_enabled(contextlib.ContextDecorator):
@@ -433,8 +417,7 @@ class set_grad_enabled(contextlib.ContextDecorator):
         self.mode = mode
         self._prev: list[int] = []  # the GRAD bit before each (possibly nested) entry
 
-    # These run around every optimizer step: one read and one write of the thread-local
-    # flags each, rather than the ``grad_enabled`` property's calls.
+    # These run around every optimizer step: one read and one write of the thread-local flags.
     def __enter__(self) -> None:
         state = STATE
         flags = state.flags
@@ -465,12 +448,12 @@ class enable_grad(set_grad_enabled):
 def detect_anomaly() -> Iterator[None]:
     """Raise at the first NaN or infinity a primitive produces, forward or backward, naming
     the primitive, its input shapes and the user's line that created it."""
-    prev = STATE.anomaly
-    STATE.anomaly = True
+    prev = STATE.flags & ANOMALY
+    STATE._set(ANOMALY, True)
     try:
         yield
     finally:
-        STATE.anomaly = prev
+        STATE._set(ANOMALY, bool(prev))
 
 
 def user_site() -> str:
@@ -570,7 +553,7 @@ def backprop(
     grads, queue = _seed(outputs, cotangents, inputs is not None, plan)
     if create_graph is None:
         reached = _reachable([n for _, n in queue], stop)
-        create_graph = STATE.grad_enabled and _depends_on_others(reached, inputs or ())
+        create_graph = is_grad_enabled() and _depends_on_others(reached, inputs or ())
     if not create_graph and inputs is None:  # rules may write into leaves' arrays
         plan.allow_writes(queue, stop)
     input_grads = _sweep(grads, queue, stop, plan, retain_graph or create_graph, create_graph)
