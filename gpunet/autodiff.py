@@ -46,6 +46,7 @@ CAPTURE = _CAPTURE  # (defined beside Tensor, whose host reads test it)
 WATCHED = ANOMALY | OBSERVE | CAPTURE  # apply's one test for all three (one global, not five)
 AUTOCAST = 256
 DETOUR = FORWARD | AUTOCAST  # apply's one test for both (off: the same bytecodes as before)
+HEARD = OBSERVE | CAPTURE  # call's one test for both
 
 
 class _State(threading.local):
@@ -63,22 +64,6 @@ class _State(threading.local):
 
     def _set(self, bit: int, on: bool) -> None:
         self.flags = (self.flags | bit) if on else (self.flags & ~bit)
-
-    @property
-    def grad_enabled(self) -> bool:
-        return bool(self.flags & GRAD)
-
-    @grad_enabled.setter
-    def grad_enabled(self, on: bool) -> None:
-        self._set(GRAD, on)
-
-    @property
-    def anomaly(self) -> bool:
-        return bool(self.flags & ANOMALY)
-
-    @anomaly.setter
-    def anomaly(self, on: bool) -> None:
-        self._set(ANOMALY, on)
 
     @property
     def level(self) -> int:
@@ -176,7 +161,7 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
             y._backend is not backend
             or z._backend is not backend
             or y.data.dtype != dx
-            or z.data.dtype != dx
+            or (z.data.dtype != dx and 2 not in prim.nondiff)  # (fused CE's labels)
         ):
             check_compatible(prim, args)
         data = impl(x.data, y.data, z.data, **params)
@@ -226,12 +211,13 @@ def call(name: str, method: Callable[..., Any], /, *arrays: Any, **params: Any) 
     observers (``gpunet.profile``) hear of it as ``name``. A method that returns nothing
     writes its first array: ``*_into`` methods (out, inputs...) report the rest as inputs."""
     flags = STATE.flags
-    if flags & CAPTURE:
-        return _record_call(name, method, arrays, params, flags)
-    result = method(*arrays, **params)
-    if flags & OBSERVE:
+    if flags & HEARD:  # (one test: a call nobody hears is the method and one word read)
+        if flags & CAPTURE:
+            return _record_call(name, method, arrays, params, flags)
+        result = method(*arrays, **params)
         _observe_call(name, method, arrays, params, result)
-    return result
+        return result
+    return method(*arrays, **params)
 
 
 def _observe_call(
@@ -330,13 +316,7 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
     """Make ``out``'s node: its parents (a Node, a leaf Tensor, or None per input) and what
     the primitive's VJP rules keep. (Every recorded op runs this: the one- to three-input
     cases are spelled out, as in ``apply``; the generator costs 40 bytecodes more.)"""
-    nondiff = prim.nondiff
-    if nondiff:
-        parents = tuple(
-            (a._node or a) if a._requires_grad and i not in nondiff else None
-            for i, a in enumerate(args)
-        )
-    elif len(args) == 1:
+    if len(args) == 1:
         parents = (args[0]._node or args[0],)  # (the one input requires grad)
     elif len(args) == 2:
         x, y = args
@@ -353,17 +333,22 @@ def _record(prim: Primitive, args: Sequence[Tensor], params: dict, out: Tensor, 
         )
     else:
         parents = tuple((a._node or a) if a._requires_grad else None for a in args)
+    nondiff = prim.nondiff  # (labels, indices, masks: integers, so hardly ever tracked)
+    if nondiff:
+        for i in nondiff:
+            if args[i]._requires_grad:  # no gradient flows to it all the same
+                parents = tuple(None if j in nondiff else p for j, p in enumerate(parents))
+                break
     out_data = None
     if prim.save is None:
         saved = tuple(args)
     else:
         saved = prim.save(out, *args, **params)
-        if not flags & TANGENTS:  # (forward mode needs the output object itself)
-            for s in saved:
-                if s is out:  # kept as a bare array: node -> output would be a cycle
-                    saved = tuple(SAVED_OUTPUT if s is out else s for s in saved)
-                    out_data = out.data
-                    break
+        # A card saves its output last (a test holds them to it): kept as a bare array, since
+        # node -> output would be a cycle (forward mode needs the output object itself).
+        if saved and saved[-1] is out and not flags & TANGENTS:
+            saved = (*saved[:-1], SAVED_OUTPUT)
+            out_data = out.data
     node = _new_node(Node)
     node.prim, node.parents, node.saved, node.params = prim, parents, saved, params
     node.out_data, node._hooks, node.seq = out_data, None, _next_seq()
@@ -422,7 +407,7 @@ def check_compatible(prim: Primitive, args: Sequence[Tensor]) -> None:
 
 # ---------------------------------------------------------------------- grad mode
 def is_grad_enabled() -> bool:
-    return STATE.grad_enabled
+    return bool(STATE.flags & GRAD)
 
 
 class set_grad_enabled(contextlib.ContextDecorator):
@@ -432,8 +417,7 @@ class set_grad_enabled(contextlib.ContextDecorator):
         self.mode = mode
         self._prev: list[int] = []  # the GRAD bit before each (possibly nested) entry
 
-    # These run around every optimizer step: one read and one write of the thread-local
-    # flags each, rather than the ``grad_enabled`` property's calls.
+    # These run around every optimizer step: one read and one write of the thread-local flags.
     def __enter__(self) -> None:
         state = STATE
         flags = state.flags
@@ -464,12 +448,12 @@ class enable_grad(set_grad_enabled):
 def detect_anomaly() -> Iterator[None]:
     """Raise at the first NaN or infinity a primitive produces, forward or backward, naming
     the primitive, its input shapes and the user's line that created it."""
-    prev = STATE.anomaly
-    STATE.anomaly = True
+    prev = STATE.flags & ANOMALY
+    STATE._set(ANOMALY, True)
     try:
         yield
     finally:
-        STATE.anomaly = prev
+        STATE._set(ANOMALY, bool(prev))
 
 
 def user_site() -> str:
@@ -569,7 +553,7 @@ def backprop(
     grads, queue = _seed(outputs, cotangents, inputs is not None, plan)
     if create_graph is None:
         reached = _reachable([n for _, n in queue], stop)
-        create_graph = STATE.grad_enabled and _depends_on_others(reached, inputs or ())
+        create_graph = is_grad_enabled() and _depends_on_others(reached, inputs or ())
     if not create_graph and inputs is None:  # rules may write into leaves' arrays
         plan.allow_writes(queue, stop)
     input_grads = _sweep(grads, queue, stop, plan, retain_graph or create_graph, create_graph)
@@ -578,7 +562,7 @@ def backprop(
         return None
     result = []
     for x in inputs:
-        g = input_grads.get(x._node) if x._node is not None else plan.grads.get(id(x))
+        g = input_grads.get(x._node) if x._node is not None else plan.grads.get(x)
         result.append(gpunet.ops.zeros_like(x) if g is None else g)
     return result
 
@@ -630,7 +614,7 @@ def _sweep(
     flags = (flags | GRAD) if create_graph else (flags & ~GRAD)
     state.flags = ((flags | FUSED_VJP) if fused else (flags & ~FUSED_VJP)) | BACKWARD
     changed = _last_inplace  # nodes older than the latest in-place write check their inputs
-    pop, push = heapq.heappop, heapq.heappush
+    pop, push, writes = heapq.heappop, heapq.heappush, plan.writes
     input_grads: dict[Node, Tensor] = {}
     try:
         # Reverse topological order without sorting the graph first: a node is created after
@@ -656,13 +640,12 @@ def _sweep(
             prim, params = node.prim, node.params
             if prim.vjp_pre is not None:
                 g = prim.vjp_pre(g, *saved, **params)
-            into = prim.vjp_into if plan.writes else None
+            rules, into = prim.rules, prim.vjp_into if writes else None
             for i, parent in enumerate(node.parents):
                 if parent is None:
                     continue
-                rule = prim.vjp_rule(i) if prim.variadic else prim.vjp[i]  # type: ignore[index]
                 if type(parent) is Node:
-                    gi = rule(g, *saved, **params)
+                    gi = rules[i](g, *saved, **params)
                     prev = grads.get(parent)
                     if prev is None:
                         grads[parent] = gi
@@ -677,7 +660,7 @@ def _sweep(
                     or into[i] is None
                     or not plan.write(prim, into[i], parent, g, saved, params)
                 ):
-                    plan.add(parent, rule(g, *saved, **params))
+                    plan.add(parent, rules[i](g, *saved, **params))
             if plan.pending:  # after every rule above has read the leaves' old values
                 plan.take_steps(g, saved, params)
             if not retain_graph:
@@ -708,7 +691,7 @@ def saved_values(node: Node, backend: Any) -> tuple:
         return saved  # type: ignore[return-value]
     me = Tensor._wrap(node.out_data, backend)
     me._requires_grad, me._node = True, node
-    return tuple(me if s is SAVED_OUTPUT else s for s in saved)
+    return (*saved[:-1], me)  # (the output is saved last)
 
 
 def _depends_on_others(nodes: set[Node], inputs: Sequence[Tensor]) -> bool:
@@ -763,17 +746,18 @@ class LeafPlan:
       ``.grad``; or, for a leaf with an in-backward step, applied as one step then).
 
     The first two need a card with ``vjp_into`` rules and a sweep that is not recorded.
+    Leaves key the dicts themselves: a tensor hashes by identity, and no two live tensors
+    share a hash, so a lookup never calls its elementwise ``==``.
     """
 
-    __slots__ = ("buffers", "grads", "held", "in_backward", "leaves", "pending", "writes")
+    __slots__ = ("buffers", "grads", "held", "in_backward", "pending", "writes")
 
     def __init__(self) -> None:
-        self.leaves: dict[int, Tensor] = {}  # id(leaf) -> leaf, for every leaf reached
-        self.grads: dict[int, Tensor] = {}  # id(leaf) -> its gradient so far
-        self.buffers: dict[int, Any] = {}  # id(leaf) -> the grad_buffer written
+        self.grads: dict[Tensor, Tensor] = {}  # every leaf reached -> its gradient so far
+        self.buffers: dict[Tensor, Any] = {}  # leaf -> the grad_buffer its gradient went to
         # Leaves stepped in backward by their one use -> (alpha, beta); empty unless some
         # live leaf has an in-backward step (then one walk over the graph counts uses).
-        self.in_backward: dict[int, tuple[float, float]] = {}
+        self.in_backward: dict[Tensor, tuple[float, float]] = {}
         self.pending: list = []  # in-backward steps of the running node, taken at its end
         self.writes = False  # may rules write into leaves' arrays (not recorded, no inputs)
         # Arrays that must not become a leaf's .grad uncopied, by id; held, so that no new
@@ -785,48 +769,50 @@ class LeafPlan:
         self.writes = True
         if not IN_BACKWARD:  # (no live leaf has one: no walk)
             return
-        uses: dict[int, int] = {}
-        leaves = list(self.leaves.values())  # (a leaf output counts as a use)
+        uses: dict[Tensor, int] = {}
+        leaves = list(self.grads)  # (a leaf output counts as a use)
         for n in _reachable([n for _, n in queue], stop):
             leaves += [p for p in n.parents if p is not None and type(p) is not Node]
         for p in leaves:
             if getattr(p, "_in_backward", None) is not None and not p.hooks:
-                uses[id(p)] = uses.get(id(p), 0) + 1
+                uses[p] = uses.get(p, 0) + 1
         live = STATE.flags & CAPTURE
         for p in leaves:
-            if uses.get(id(p)) != 1:
+            if uses.get(p) != 1:
                 coef = None
             else:
                 coef = _live(p._in_backward) if live else p._in_backward.alpha_beta()
             if coef is not None:  # its one use: that use's rule writes the update
-                self.in_backward[id(p)] = coef
+                self.in_backward[p] = coef
 
     def write(
         self, prim: Primitive, into: Any, leaf: Tensor, g: Tensor, saved: tuple, params: dict
     ) -> bool:
         """Take the in-backward or the buffer route for a leaf edge whose card has an in-place
         rule ``into``, where the leaf may; False: the accumulate route (the caller adds)."""
-        coef = self.in_backward.get(id(leaf)) if self.in_backward else None
-        # One step per node, unless the card's in-place rules read none of the inputs they
-        # write (linear: dW reads x, db nothing; matmul: dX reads W and dW reads X, so
-        # stepping both would feed one the other's new value); further ones take the
-        # accumulate route and are stepped from the whole gradient at the end.
-        if coef is not None and (prim.vjp_into_independent or not self.pending):
-            self.pending.append((into, leaf.data, coef))
-            return True
-        buf = getattr(leaf, "_grad_buffer", None)  # (the slots, not the properties: hot path)
-        if buf is None:
-            return False
-        key = id(leaf)
-        if key in self.grads or getattr(leaf, "_hooks", None):
+        if self.in_backward:
+            coef = self.in_backward.get(leaf)
+            # One step per node, unless the card's in-place rules read none of the inputs they
+            # write (linear: dW reads x, db nothing; matmul: dX reads W and dW reads X, so
+            # stepping both would feed one the other's new value); further ones take the
+            # accumulate route and are stepped from the whole gradient at the end.
+            if coef is not None and (prim.vjp_into_independent or not self.pending):
+                self.pending.append((into, leaf.data, coef))
+                return True
+        entry = getattr(leaf, "_grad_buffer", None)  # (buffer, a tensor over it); None: unset
+        if entry is None or leaf in self.grads or getattr(leaf, "_hooks", None):
             return False  # only the first contribution, and none that a hook must see first
+        buf, over = entry
         grad = leaf.grad
-        if grad is not None and grad.data is not buf:
+        if grad is None:
+            into(buf, 1.0, 0.0, g, *saved, **params)  # beta 0: the buffer is written
+        elif grad.data is buf:
+            into(buf, 1.0, 1.0, g, *saved, **params)  # the buffer is .grad: summed into
+        else:
             return False  # .grad holds another array: summed there at the end
-        beta = 0.0 if grad is None else 1.0  # write, or sum into (the buffer is .grad)
-        into(buf, 1.0, beta, g, *saved, **params)
-        self.leaves[key], self.buffers[key] = leaf, buf
-        self.grads[key] = Tensor._wrap(buf, g._backend)
+        self.buffers[leaf] = buf
+        # (the tensor over it, unless its array was replaced since: a module moved its grad)
+        self.grads[leaf] = over if over.data is buf else Tensor._wrap(buf, g._backend)
         return True
 
     def take_steps(self, g: Tensor, saved: tuple, params: dict) -> None:
@@ -837,35 +823,27 @@ class LeafPlan:
 
     def add(self, leaf: Tensor, g: Tensor) -> None:
         """Sum one more contribution into the leaf's gradient."""
-        key = id(leaf)
-        prev = self.grads.get(key)
-        if prev is None:
-            self.leaves[key], self.grads[key] = leaf, g
-        else:
-            self.grads[key] = gpunet.ops.add(prev, g)
+        prev = self.grads.get(leaf)
+        self.grads[leaf] = g if prev is None else gpunet.ops.add(prev, g)
 
     def store(self, create_graph: bool) -> None:
         """Each reached leaf's gradient to its place: the buffer, an in-backward step from the
         whole gradient, or ``.grad`` (accumulated, never aliasing an array held elsewhere)."""
-        buffers, leaves, held = self.buffers, self.leaves, self.held
-        for key, g in self.grads.items():
-            leaf = leaves[key]
-            if buffers and key in buffers:  # written into the grad_buffer (or summed there)
-                buf = buffers[key]
-                if g.data is not buf:  # another use of the leaf added to it since
-                    call("copy", _assign, buf, g.data)
-                    g = Tensor._wrap(buf, g._backend)
-                if leaf.grad is None:
-                    leaf.grad = g  # (the sweep's own tensor over the buffer)
-                continue
+        grads, held = self.grads, self.held
+        for leaf, buf in self.buffers.items():  # written into the grad_buffer (or summed there)
+            g = grads.pop(leaf)
+            if g.data is not buf:  # another use of the leaf added to it since
+                call("copy", _assign, buf, g.data)
+                g = Tensor._wrap(buf, g._backend)
+            if leaf.grad is None:
+                leaf.grad = g  # (the sweep's own tensor over the buffer)
+        live = STATE.flags & CAPTURE
+        for leaf, g in grads.items():
             hooks = getattr(leaf, "_hooks", None)
             if hooks:
                 g = _run_hooks(hooks, g)
             step = getattr(leaf, "_in_backward", None)
-            if step is None:
-                coef = None
-            else:
-                coef = _live(step) if STATE.flags & CAPTURE else step.alpha_beta()
+            coef = None if step is None else _live(step) if live else step.alpha_beta()
             if coef is not None:  # the leaf's update in backward, from its whole gradient
                 alpha, beta = coef
                 call("axpby", leaf._backend.axpby_into, leaf.data, g.data, alpha=alpha, beta=beta)

@@ -18,11 +18,17 @@ import gpunet  # the layer above (gpunet.ops, gpunet.autodiff), read at call tim
 from . import dtypes
 from .backend import ArrayBackend, Device, backend_of
 
-# id -> every live leaf with an ``in_backward`` step (weak: a leaf that is gone leaves it; by
-# id, since a WeakSet would compare tensors with ``==``, which is elementwise).
 _CAPTURE = 128  # autodiff.CAPTURE: a step capture is recording (host reads raise)
 
+# id -> every live leaf with an ``in_backward`` step (weak: a leaf that is gone leaves it; by
+# id, since a WeakSet would compare tensors with ``==``, which is elementwise).
 IN_BACKWARD: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+
+
+def _host_read(what: str) -> None:
+    """Refuse ``what``, a read of values to the host, while a step capture records."""
+    if gpunet.autodiff.STATE.flags & _CAPTURE:
+        gpunet.autodiff.refuse(what)
 
 
 class RemovableHandle:
@@ -86,7 +92,8 @@ class Tensor:
         weight gradient's GEMM writes there and the step needs no copy (nor the page faults
         of a fresh allocation each step). None (the default): a new array each backward.
         """
-        return getattr(self, "_grad_buffer", None)  # unset on most tensors
+        entry = getattr(self, "_grad_buffer", None)  # unset on most tensors
+        return None if entry is None else entry[0]
 
     @grad_buffer.setter
     def grad_buffer(self, array: Any) -> None:
@@ -97,7 +104,9 @@ class Tensor:
                 f"grad_buffer: a {self.dtype} {self.shape} leaf needs a buffer of its dtype and "
                 f"shape, got {array.dtype} {tuple(array.shape)}"
             )
-        self._grad_buffer = array
+        # Kept with a tensor over it, made once: backward hands that tensor to .grad rather
+        # than wrapping the buffer anew (25 bytecodes a parameter a step).
+        self._grad_buffer = None if array is None else (array, Tensor._wrap(array, self._backend))
 
     @property
     def in_backward(self) -> Any:
@@ -198,13 +207,11 @@ class Tensor:
     # ------------------------------------------------------------------ conversion
     def numpy(self) -> np.ndarray:
         """The values as a NumPy array: shares memory on the CPU, copies from a GPU."""
-        if gpunet.autodiff.STATE.flags & _CAPTURE:
-            gpunet.autodiff.refuse("Tensor.numpy()")
+        _host_read("Tensor.numpy()")
         return self._backend.to_numpy(self.data)
 
     def item(self) -> float | int | bool:
-        if gpunet.autodiff.STATE.flags & _CAPTURE:
-            gpunet.autodiff.refuse("Tensor.item()")
+        _host_read("Tensor.item()")
         if self.numel() != 1:
             raise ValueError(
                 f"item() needs a tensor with one element, this one has shape {self.shape}"
@@ -212,13 +219,11 @@ class Tensor:
         return self.numpy().reshape(()).item()
 
     def tolist(self) -> Any:
-        if gpunet.autodiff.STATE.flags & _CAPTURE:
-            gpunet.autodiff.refuse("Tensor.tolist()")
+        _host_read("Tensor.tolist()")
         return self.numpy().tolist()
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        if gpunet.autodiff.STATE.flags & _CAPTURE:
-            gpunet.autodiff.refuse("np.asarray(tensor)")
+        _host_read("np.asarray(tensor)")
         if self.device.type != "cpu":
             raise TypeError(
                 f"a tensor on {self.device} cannot become a NumPy array implicitly; "
@@ -297,8 +302,7 @@ class Tensor:
 
     # ------------------------------------------------------------------ Python protocol
     def __repr__(self) -> str:
-        if gpunet.autodiff.STATE.flags & _CAPTURE:
-            gpunet.autodiff.refuse("printing a tensor")
+        _host_read("printing a tensor")
         body = np.array2string(self.numpy(), separator=", ", prefix="tensor(", threshold=200)
         extras = []
         if self.device.type != "cpu":
@@ -321,18 +325,15 @@ class Tensor:
             yield self[i]
 
     def __bool__(self) -> bool:
-        if gpunet.autodiff.STATE.flags & _CAPTURE:
-            gpunet.autodiff.refuse("bool(tensor)")
+        _host_read("bool(tensor)")
         return bool(self.item())
 
     def __float__(self) -> float:
-        if gpunet.autodiff.STATE.flags & _CAPTURE:
-            gpunet.autodiff.refuse("float(tensor)")
+        _host_read("float(tensor)")
         return float(self.item())
 
     def __int__(self) -> int:
-        if gpunet.autodiff.STATE.flags & _CAPTURE:
-            gpunet.autodiff.refuse("int(tensor)")
+        _host_read("int(tensor)")
         return int(self.item())
 
     __hash__ = object.__hash__

@@ -210,10 +210,6 @@ def default_device() -> Device:
     return stack[-1] if stack else _auto_device()
 
 
-def default_backend() -> ArrayBackend:
-    return get_backend(default_device())
-
-
 @contextlib.contextmanager
 def use_device(dev: str | Device) -> Iterator[Device]:
     """Within the block, new tensors are created on ``dev``: ``with gpunet.use_device("cpu"):``."""

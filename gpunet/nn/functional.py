@@ -46,7 +46,7 @@ def _same_shape(input: Tensor, target: Any, op: str) -> Tensor:
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """input @ weight + bias, one GEMM. NB: ``weight`` is (in_features, out_features), the
     transpose of PyTorch's layout (PyTorch computes input @ weight.T)."""
-    if bias is not None and input.ndim == 2 and weight.ndim == 2 and bias.ndim == 1:
+    if bias is not None and input.data.ndim == 2 and weight.data.ndim == 2 and bias.data.ndim == 1:
         return linear_activation(input, weight, bias, None)
     out = input @ weight
     return out if bias is None else out + bias
@@ -60,12 +60,13 @@ def linear_activation(
     dZ = g f'(y) once. For input (n, in), weight (in, out), bias (out,); ``activation`` is
     None or one whose derivative has a form in its output (relu, leaky_relu, elu, sigmoid,
     tanh, softplus; ``alpha`` its parameter: negative slope, alpha, beta)."""
-    if input.ndim != 2 or weight.ndim != 2 or bias.ndim != 1:
+    xs, ws, bs = input.data.shape, weight.data.shape, bias.data.shape  # (not the properties)
+    if len(xs) != 2 or len(ws) != 2 or len(bs) != 1:
         raise ValueError(
             f"linear: input {input.shape}, weight {weight.shape}, bias {bias.shape}: need "
             "input (n, in), weight (in, out), bias (out,)"
         )
-    if input.shape[1] != weight.shape[0] or bias.shape[0] != weight.shape[1]:
+    if xs[1] != ws[0] or bs[0] != ws[1]:
         raise ValueError(
             f"linear: input {input.shape} @ weight {weight.shape} + bias {bias.shape} do "
             "not fit: need input (n, in), weight (in, out), bias (out,)"

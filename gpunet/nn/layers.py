@@ -93,7 +93,7 @@ class Sequential(Module):
                 and type(m) is Linear
                 and m.bias is not None
                 and isinstance(input, Tensor)
-                and input.ndim == 2
+                and input.data.ndim == 2
             ):
                 input = F.linear_activation(input, m.weight, m.bias, *act)
                 i += 2

@@ -3,7 +3,8 @@
 A primitive is declared once, with everything autodiff needs side by side:
 
 - its forward: the backend method of the same name, on raw arrays;
-- what it keeps for backward (``save``: only what the rule needs, staged at forward time);
+- what it keeps for backward (``save``: only what the rule needs, staged at forward time;
+  the output, where kept, last);
 - its VJP rule per input: ``vjp[i](g, *saved, **params)`` -> cotangent of input ``i``,
   after ``vjp_pre(g, *saved, **params)`` if the card has one: a map of g shared by every
   input's rule, run once per node (a fused activation's dZ = g f'(y));
@@ -22,6 +23,7 @@ Rules are written with gpunet ops, so the backward pass is itself differentiable
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,15 +61,25 @@ class Primitive:
     nondiff: frozenset[int] = field(default_factory=frozenset)
     transfers: bool = False  # output lives on params["device"], not on the inputs' device
 
+    # ``rules[i]``: the cotangent rule for input ``i`` (``vjp``, or for a variadic card its
+    # one rule bound to ``i``), so the sweep indexes every card the same way
+    rules: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rules = _Positional(self.vjp) if self.variadic else self.vjp
+
     def __repr__(self) -> str:
         return f"<primitive {self.name}>"
 
-    def vjp_rule(self, i: int) -> Callable[..., Any]:
-        """The cotangent rule for input ``i`` (variadic rules are bound to ``i``)."""
-        if self.variadic:
-            rule = self.vjp
-            return lambda g, *saved, **params: rule(i, g, *saved, **params)  # type: ignore[misc]
-        return self.vjp[i]  # type: ignore[index]
+
+class _Positional:
+    """A variadic card's rules: ``rules[i]`` is its one rule with input ``i``'s position."""
+
+    def __init__(self, rule: Callable[..., Any]) -> None:
+        self.rule = rule
+
+    def __getitem__(self, i: int) -> Callable[..., Any]:
+        return functools.partial(self.rule, i)
 
 
 def primitive(name: str, doc: str, **card: Any) -> Primitive:

@@ -84,18 +84,18 @@ mul = primitive(
 div = primitive(
     "div",
     "x / y; d/dx = 1 / y, d/dy = -out / y",
-    save=lambda out, x, y: (out, y),
-    vjp=(lambda g, out, y: g / y, lambda g, out, y: -g * out / y),
+    save=lambda out, x, y: (y, out),
+    vjp=(lambda g, y, out: g / y, lambda g, y, out: -g * out / y),
     jvp=(lambda t, out, x, y: t / y, lambda t, out, x, y: -t * out / y),
 )
 
 pow = primitive(
     "pow",
     "x ** y; d/dx = y x^(y-1), d/dy = out log(x)",
-    save=lambda out, x, y: (out, x, y),
+    save=lambda out, x, y: (x, y, out),
     vjp=(
-        lambda g, out, x, y: g * y * x ** (y - 1.0),
-        lambda g, out, x, y: g * out * gpunet.ops.log(x),
+        lambda g, x, y, out: g * y * x ** (y - 1.0),
+        lambda g, x, y, out: g * out * gpunet.ops.log(x),
     ),
     jvp=(
         lambda t, out, x, y: t * y * x ** (y - 1.0),

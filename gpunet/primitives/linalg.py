@@ -76,13 +76,13 @@ def _dz(g, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
     return g if activation is None else fused_grad(activation, g, y[0], alpha, True)
 
 
-# dX = dZ W^T and dW = X^T dZ: matmul's rules for z = x @ W
+# dX = dZ W^T and dW = X^T dZ: matmul's rules for z = x @ W (neither operand transposed)
 def _linear_vjp_x(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
-    return _gemm(*_dx_gemm(dz, x, w, False, False))
+    return _gemm(dz, w, False, True)
 
 
 def _linear_vjp_w(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
-    return _gemm(*_dy_gemm(dz, x, w, False, False))
+    return _gemm(x, dz, True, False)
 
 
 def _linear_vjp_b(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
@@ -90,7 +90,7 @@ def _linear_vjp_b(dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-d
 
 
 def _linear_vjp_w_into(out, a, b, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]
-    _gemm_into(out, a, b, *_dy_gemm(dz, x, w, False, False))
+    _gemm_into(out, a, b, x, dz, True, False)
 
 
 def _linear_vjp_b_into(out, a, b, dz, x, w, *y, activation, alpha):  # type: ignore[no-untyped-def]

@@ -47,6 +47,24 @@ def test_the_three_routes_give_the_same_update() -> None:
     np.testing.assert_allclose(w.numpy(), want, rtol=1e-12)
 
 
+def test_the_buffer_route_hands_grad_the_buffers_own_tensor() -> None:
+    """Each backward that writes a grad_buffer sets .grad to the one tensor kept over it; where
+    that tensor's array was replaced since (a module moved its grad), a new one over the buffer."""
+    x, w, b = _linear_leaves()
+    buf = np.zeros(w.shape)
+    w.grad_buffer = buf
+    _loss(x, w, b).backward()
+    first = w.grad
+    w.grad = None
+    _loss(x, w, b).backward()
+    assert w.grad is first and first.data is buf
+    first.data = first.data.copy()  # what Module.to does to a grad it moves
+    w.grad = None
+    _loss(x, w, b).backward()
+    assert w.grad is not first and w.grad.data is buf
+    np.testing.assert_array_equal(buf, first.numpy())  # the same gradient, written in buf
+
+
 def test_a_leaf_used_twice_takes_its_step_from_the_whole_gradient() -> None:
     x, w, b = _linear_leaves()
     (_loss(x, w, b) + (w * w).sum()).backward()
@@ -167,6 +185,21 @@ def test_nondiff_is_read_from_the_vjp_tuples_markers() -> None:
     for prim in P.REGISTRY.values():
         if isinstance(prim.vjp, tuple):
             assert {i for i, r in enumerate(prim.vjp) if r is P.NONDIFF} <= prim.nondiff
+
+
+def test_a_tracked_nondiff_input_gets_no_edge() -> None:
+    """A float mask that requires grad, bound straight to ``where``: its node has no edge to
+    the mask (position 0 is nondiff), and backward leaves its .grad None."""
+    from gpunet import primitives as P
+    from gpunet.autodiff import bind
+
+    cond = gpunet.tensor([1.0, 0.0], requires_grad=True)
+    x, y = gpunet.tensor([2.0, 3.0], requires_grad=True), gpunet.tensor([4.0, 5.0])
+    out = bind(P.where, cond, x, y)
+    assert out._node.parents == (None, x, None)
+    out.sum().backward()
+    assert cond.grad is None
+    np.testing.assert_array_equal(x.grad.numpy(), [1.0, 0.0])
 
 
 def test_an_output_the_node_kept_changed_in_place_makes_backward_raise() -> None:

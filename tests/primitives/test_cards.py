@@ -88,6 +88,17 @@ def test_primitive(name: str, data: st.DataObject) -> None:
     _unchanged(before, xs)
 
 
+@pytest.mark.parametrize("name", sorted(n for n, p in P.REGISTRY.items() if p.save is not None))
+@given(data=st.data())
+def test_a_node_never_holds_its_own_output(name: str, data: st.DataObject) -> None:
+    """A card that saves its output saves it last, where the tape keeps a bare array in its
+    place: node -> output -> node would be a cycle (freed only by the garbage collector)."""
+    case = SPECS[name](data.draw)
+    out = case.fn(*[x.requires_grad_() for x in _tensors(case.args)])
+    if out._node is not None:
+        assert not any(s is out for s in out._node.saved), name
+
+
 def test_cast_to_float32_and_back() -> None:
     x = gpunet.tensor(np.array([1.5, -2.25]), requires_grad=True)
     y = x.to(gpunet.float32)
