@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,11 +111,13 @@ def test_a_rank_that_never_joins_ends_the_run_after_the_timeout(tmp_path: Path) 
         str(HERE / "worker.py"),
         "hang",
         str(tmp_path / "r.json"),
-        timeout=30,
+        timeout=90,  # (the limit for a stuck job, not the expected time: about 3 s when quiet)
         GPUNET_DIST_TIMEOUT="1",
     )
     assert done.returncode != 0
-    assert "rank 0 of 2 waited 1 s for all_reduce(sum) of 3 float32" in done.stderr, done.stderr
+    # (under load the wait overshoots the 1 s limit by a poll or more: any whole seconds)
+    said = re.search(r"rank 0 of 2 waited (\d+) s for all_reduce\(sum\) of 3 float32", done.stderr)
+    assert said and 1 <= int(said[1]) <= 30, done.stderr
 
 
 def test_gpunet_train_on_two_ranks_reaches_the_one_process_accuracy(tmp_path: Path) -> None:
