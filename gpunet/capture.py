@@ -18,10 +18,10 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
   effects of the step (appending to a list, printing) happen only on the recorded calls, and
   Python state it reads (``model.training``, a flag) is frozen at the recording.
 - The optimizers' updates (SGD, Adam, AdamW) are recorded with what changes between steps
-  passed as ``autodiff.Dynamic`` (the group's lr and hyperparameters, Adam's step count,
-  advanced once per replay), an in-backward step's lr as ``autodiff.Live``: computed afresh
-  at each replay, never frozen. Schedules, gradient clipping and another optimizer's step
-  are *segments* (``autodiff.segment``): they run again as Python at each replay, with the
+  passed as ``autodiff.Dynamic`` (the group's lr and hyperparameters), an in-backward step's
+  lr as ``autodiff.Live``: computed afresh at each replay, never frozen. Step counts (Adam's,
+  momentum SGD's) are device arrays that the recorded update advances itself. Schedules,
+  gradient clipping and another optimizer's step are *segments* (``autodiff.segment``): they run again as Python at each replay, with the
   gradients they saw put back. Dropout's draws are backend calls replayed from the same
   generator: fresh masks every replay, the same ones eager would draw.
 - Replacing the arrays a capture recorded (an optimizer packing its buffers again,
@@ -78,6 +78,12 @@ def _describe(a: Any) -> tuple:
 
 
 _CHANGING = (autodiff.Live, autodiff.Dynamic)  # parameters computed afresh at each replay
+
+
+def _host_scalars(x: Any) -> bool:
+    """Does a recorded parameter carry a host scalar that changes per step? An optimizer's
+    hyperparameters do unless their lr is a device array (``capturable=True``)."""
+    return isinstance(x, _CHANGING) and not getattr(x.value, "lr_on_device", False)
 
 
 def _same_param(x: Any, y: Any) -> bool:
@@ -378,7 +384,7 @@ class _Program:
         gemms = sum(
             e.kind != "segment" and ("matmul" in e.name or "linear" in e.name) for e in live
         )
-        changing = sum(any(isinstance(v, _CHANGING) for v in e.params.values()) for e in live)
+        changing = sum(any(_host_scalars(v) for v in e.params.values()) for e in live)
         segments = sum(e.kind == "segment" for e in live)
         why = []
         if gemms:

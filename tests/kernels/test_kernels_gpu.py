@@ -76,13 +76,14 @@ def compute(backend: Any, dtype: Any, arrays: dict[str, np.ndarray]) -> dict[str
     for key, (kind, cfg) in OPTIMIZERS.items():
         p = put(arrays["p"])
         state = [backend.asarray(zeros.copy()), backend.asarray(zeros.copy())]
+        count = backend.asarray(np.zeros(1, np.int64))  # (each update advances it)
         for step in range(1, STEPS + 1):
             grad = put(host(p).astype(np.float64) - arrays["target"] + arrays["noise"][step - 1])
             if kind == "sgd":
-                backend.sgd_update(p, grad, state[0], SGDHyper(**cfg), first_step=step == 1)
+                backend.sgd_update(p, grad, state[0], SGDHyper(**cfg), step=count)
             else:
                 hyper = AdamHyper(**cfg, decoupled=kind == "adamw")
-                backend.adam_update(p, grad, *state, hyper, step=step)
+                backend.adam_update(p, grad, *state, hyper, step=count)
         out[f"{key}/param"] = host(p)
     out["grad_norm"] = host(backend.grad_norm(put(arrays["p"])))
     return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
@@ -204,7 +205,9 @@ class TestOnGPU:
         cpu, gpu = NumpyBackend(None), gpunet.get_backend("cuda")
         scale = np.asarray(1.0 / 3.0, np.float32)
         want = [p0.copy(), np.zeros(4099, np.float32), np.zeros(4099, np.float32)]
-        cpu.adam_update(want[0], g, want[1], want[2], hyper, step=1, grad_scale=scale)
+        count = np.zeros(1, np.int64)
+        cpu.adam_update(want[0], g, want[1], want[2], hyper, step=count, grad_scale=scale)
+        count = gpu.asarray(np.zeros(1, np.int64))
         got = [gpu.asarray(a) for a in (p0, np.zeros(4099, np.float32), np.zeros(4099, np.float32))]
         flag = gpu.asarray(np.zeros(1, np.float32))
         gpu.adam_update(
@@ -213,7 +216,7 @@ class TestOnGPU:
             got[1],
             got[2],
             hyper,
-            step=1,
+            step=count,
             grad_scale=gpu.asarray(scale),
             found_inf=flag,
         )
@@ -221,9 +224,10 @@ class TestOnGPU:
             np.testing.assert_allclose(gpu.to_numpy(a).astype(np.float32), b, rtol=1e-3, atol=1e-6)
         before = [gpu.to_numpy(a).copy() for a in got]
         flag[...] = 1.0
-        gpu.adam_update(got[0], gpu.asarray(g), got[1], got[2], hyper, step=2, found_inf=flag)
+        gpu.adam_update(got[0], gpu.asarray(g), got[1], got[2], hyper, step=count, found_inf=flag)
         for a, b in zip(got, before):
             np.testing.assert_array_equal(gpu.to_numpy(a), b)
+        assert int(gpu.to_numpy(count)[0]) == 1  # (the skipped step did not count)
 
 
 if __name__ == "__main__":
