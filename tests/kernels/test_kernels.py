@@ -497,7 +497,7 @@ def test_optimizer_kernels_scale_the_gradient_and_skip_on_found_inf(
         count = np.zeros(1, np.int64)
         _update(cuda_on_cpu, kind, cfg, p, grad, state, count, **scaling)
         skipped = scaling.get("found_inf") is not None
-        assert count[0] == (0 if skipped or kind == "sgd" and not cfg.get("momentum") else 1)
+        assert count[0] == (0 if skipped or (kind == "sgd" and not cfg.get("momentum")) else 1)
 
     fresh = [np.full(n, 0.5, np.float32), np.full(n, 0.25, np.float32)]
     scaled, scaled_state = p0.copy(), [a.copy() for a in fresh]
