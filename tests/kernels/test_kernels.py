@@ -534,6 +534,88 @@ def test_scaled_optimizer_kernels_match_numpy(
         np.testing.assert_array_equal(a, b)
 
 
+# Step counts across the range a run meets: the first 300, round and odd ones, and counts past
+# 2^31 (an int64 in the kernel) where beta2^t has long underflowed to 0.
+COUNTS = [*range(1, 301), 1000, 4096, 12345, 99999, 10**6, 2**31 + 5]
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_adam_kernel_bias_corrections_equal_the_host_s_at_every_count(
+    cuda_on_cpu: CupyBackend, decoupled: bool
+) -> None:
+    """The kernel computes step_size and sqrt(1 - beta2^t) from the count on the device, in
+    double as AdamHyper.scalars does on the host (which the NumPy path uses): at every count
+    the update is NumPy's, bit for bit, and the launch advances the count first. The lr as a
+    float64 device array (lr_ptr) gives the float's bits."""
+    n, r = 300, np.random.default_rng(8)
+    p0, g = r.standard_normal(n).astype(np.float32), r.standard_normal(n).astype(np.float32)
+    m0 = r.standard_normal(n).astype(np.float32) * np.float32(0.1)
+    v0 = np.abs(r.standard_normal(n)).astype(np.float32) * np.float32(0.01)
+    cfg = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.05}
+    for lr in (1e-3, np.asarray(1e-3)):
+        hyper = AdamHyper(lr, decoupled=decoupled, **cfg)
+        for t in COUNTS:
+            outs = []
+            for ops in (cuda_on_cpu, REF):
+                p, m, v, count = p0.copy(), m0.copy(), v0.copy(), np.full(3, t - 1, np.int64)
+                ops.adam_update(p, g, m, v, hyper, step=count)
+                np.testing.assert_array_equal(count, t)
+                outs.append((p, m, v))
+            for a, b in zip(*outs):
+                np.testing.assert_array_equal(a, b, err_msg=f"t = {t}, lr {type(lr).__name__}")
+    launches = [name for name, _, _ in cuda_on_cpu._kernels.launches]
+    assert launches[:2] == [K.COUNT_KERNEL, "adam_update_f32"]
+
+
+def test_a_count_below_one_updates_nothing_in_the_kernel(cuda_on_cpu: CupyBackend) -> None:
+    """A count the caller did not advance (-1 becomes 0): no step, nothing divided by 0."""
+    p, m, v = np.ones(7, np.float32), np.zeros(7, np.float32), np.zeros(7, np.float32)
+    count = np.full(1, -1, np.int64)
+    cuda_on_cpu.adam_update(p, np.ones(7, np.float32), m, v, AdamHyper(0.1), step=count)
+    assert count[0] == 0
+    np.testing.assert_array_equal(p, 1.0)
+    np.testing.assert_array_equal(m, 0.0)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_skipped_first_step_leaves_the_next_one_first_in_the_kernels(
+    cuda_on_cpu: CupyBackend, kind: str
+) -> None:
+    """found_inf on the first step: the count stays 0, nothing changes; the next (clean) step is
+    the first (SGD with dampening: buf = d; Adam: t = 1), as in NumPy, bit for bit. The lr read
+    through lr_ptr."""
+    n, r = 1000, np.random.default_rng(9)
+    p0, g = r.standard_normal(n).astype(np.float32), r.standard_normal(n).astype(np.float32)
+    lr = np.asarray(0.05)
+    outs = []
+    for ops in (cuda_on_cpu, REF):
+        p, state, count = (
+            p0.copy(),
+            [np.zeros(n, np.float32), np.zeros(n, np.float32)],
+            np.zeros(2, np.int64),
+        )
+        for found in (1.0, 0.0, 0.0):
+            flag = np.full(1, found, np.float32)
+            if kind == "sgd":
+                hyper = SGDHyper(lr, momentum=0.9, dampening=0.5)
+                ops.sgd_update(p, g, state[0], hyper, step=count, found_inf=flag)
+            else:
+                ops.adam_update(p, g, *state, AdamHyper(lr), step=count, found_inf=flag)
+            if found:
+                np.testing.assert_array_equal(p, p0)
+                np.testing.assert_array_equal(count, 0)
+        np.testing.assert_array_equal(count, 2)
+        outs.append([p, *state])
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    if kind == "sgd":  # the first clean step was the first (buf = d), as first_step says
+        want, buf = p0.copy(), np.zeros(n, np.float32)
+        for first in (True, False):
+            hyper = SGDHyper(0.05, momentum=0.9, dampening=0.5)
+            REF.sgd_update(want, g, buf, hyper, first_step=first)
+        np.testing.assert_array_equal(outs[0][0], want)
+
+
 @pytest.mark.parametrize("n", SIZES)
 def test_grad_norm_two_stage_reduction(cuda_on_cpu: CupyBackend, n: int) -> None:
     emu = cuda_on_cpu._kernels
