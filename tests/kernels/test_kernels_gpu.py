@@ -195,6 +195,45 @@ class TestOnGPU:
             grads[dev] = x.grad.numpy()
         np.testing.assert_allclose(grads["cuda"], grads["cpu"], rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.parametrize("on_device", [False, True], ids=["lr", "lr_ptr"])
+    def test_adam_bias_corrections_from_the_device_count_equal_the_host_s(
+        self, on_device: bool
+    ) -> None:
+        """The kernel's step_size and sqrt(1 - beta2^t), computed from the count in double
+        (CUDA's pow), against the host's (glibc's) at counts 1-300 and up to 2^31: a first
+        step from zero state with g = 1 and eps = 0 makes p = -step_size * (1 - beta1) /
+        (sqrt(1 - beta2) / bc2_sqrt), whose every operation is exact or IEEE-rounded alike on
+        both sides (adding 0 to an FMA's product rounds it once), so equal bits here mean
+        equal scalars."""
+        cpu, gpu = NumpyBackend(None), gpunet.get_backend("cuda")
+        counts = [*range(1, 301), 1000, 4096, 12345, 99999, 10**6, 2**31 + 5]
+        for decoupled in (False, True):
+            lr = 3e-4
+            hyper = AdamHyper(lr, 0.9, 0.999, eps=0.0, decoupled=decoupled)
+            device_hyper = AdamHyper(
+                gpu.asarray(np.asarray(lr)) if on_device else lr, 0.9, 0.999, 0.0, 0.0, decoupled
+            )
+            want, got = [], []
+            for t in counts:
+                zeros = [np.zeros(8, np.float32) for _ in range(3)]
+                cpu.adam_update(
+                    zeros[0],
+                    np.ones(8, np.float32),
+                    zeros[1],
+                    zeros[2],
+                    hyper,
+                    step=np.full(1, t - 1, np.int64),
+                )
+                want.append(zeros[0][0])
+                p, m, v = (gpu.asarray(np.zeros(8, np.float32)) for _ in range(3))
+                count = gpu.asarray(np.full(1, t - 1, np.int64))
+                gpu.adam_update(
+                    p, gpu.asarray(np.ones(8, np.float32)), m, v, device_hyper, step=count
+                )
+                got.append(gpu.to_numpy(p)[0])
+                assert int(gpu.to_numpy(count)[0]) == t
+            np.testing.assert_array_equal(np.array(got), np.array(want))
+
     @pytest.mark.parametrize("dtype", [np.float32, np.float16])
     def test_scaled_updates_read_the_scale_and_flag_on_the_device(self, dtype: Any) -> None:
         """grad_scale and found_inf as device arrays: the kernel's scaled Adam step matches
