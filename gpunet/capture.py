@@ -391,7 +391,7 @@ class _Program:
         if gemms:
             why.append(f"{gemms} GEMMs (CuPy's cuBLAS wrappers raise under stream capture)")
         if changing:
-            why.append(f"{changing} calls with per-step host scalars (lr, step counts)")
+            why.append(f"{changing} calls with per-step host scalars (the lr: see capturable=True)")
         if segments:
             why.append(f"{segments} Python segments (clipping, schedules)")
         return why
