@@ -262,3 +262,32 @@ def test_without_capturable_the_recording_names_the_host_scalars() -> None:
     assert any(
         b.startswith("1 calls with per-step host scalars") for b in cap.program.graph_blockers()
     )
+
+
+class _DeviceOnly(np.ndarray):
+    """A flag the host must not read: what a GPU array is to a step without a sync."""
+
+    def _host_read(self, *args: Any) -> Any:
+        raise AssertionError("found_inf read on the host")
+
+    __float__ = __bool__ = __int__ = __index__ = item = __getitem__ = _host_read  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_optimizers_never_read_found_inf_on_the_host(kind: str, monkeypatch: Any) -> None:
+    """The optimizers' own code hands the flag to the update and reads it nowhere: with a flag
+    that raises on any host read (and the backend's update, which may read it on the CPU,
+    stubbed), a scaled step runs, passing the flag and the span's counts to one update."""
+    from gpunet.backend.numpy_backend import NumpyBackend
+
+    seen: list[dict[str, Any]] = []
+    name = "adam_update" if kind.startswith("adam") else "sgd_update"
+    monkeypatch.setattr(NumpyBackend, name, lambda self, *a, **kw: seen.append(kw))
+    ps = _params()
+    opt = KINDS[kind](ps)
+    scaler = amp.GradScaler()
+    scaler.scale(_loss(ps, _coefficients(1)[0])).backward()
+    scaler._found = np.zeros((), np.float32).view(_DeviceOnly)
+    scaler.step(opt)
+    (kw,) = seen
+    assert kw["found_inf"] is scaler._found and kw["step"].dtype == np.int64
