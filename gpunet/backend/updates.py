@@ -85,6 +85,7 @@ def lr_value(lr: float | Array) -> float:
     return float(lr.reshape(-1)[0])
 
 
+_INT64 = np.dtype(np.int64)
 _HALF = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
@@ -126,13 +127,17 @@ def check_step(
 ) -> None:
     """The span's step counts (int64, one or more elements, on the parameter's device; the
     update advances them) and, when it is an array, the lr (float64, one element, there too)."""
-    if step is None and required:
-        raise ValueError(f"{op}: step must be an int64 array of the span's step counts, got None")
-    if step is not None:
+    if step is None:
+        if required:
+            raise ValueError(
+                f"{op}: step must be an int64 array of the span's step counts, got None"
+            )
+    elif type(step) is not type(param) or step.dtype != _INT64 or not step.size:
+        # (the usual arrays pass the line above; the rest, array-api-strict's too, come here)
         _check_device_array(op, "step", param, step, "int64", "an int64 array of step counts")
         if getattr(step, "size", 0) < 1:
             raise ValueError(f"{op}: step must hold the span's step counts, got an empty array")
-    if not isinstance(lr, (int, float)):
+    if type(lr) is not float and not isinstance(lr, (int, float)):
         _check_device_array(op, "lr", param, lr, "float64", "a float or a float64 array")
         if getattr(lr, "size", 0) != 1:
             raise ValueError(f"{op}: an lr array must have one element, got shape {lr.shape}")

@@ -145,6 +145,10 @@ class FlatBuffer:
         ``counts`` (the same array object each time, so a capture sees one parameter), which
         the update advances. Each parameter's cohort key moves on with the step."""
         counts, keys = self.counts, self.cohorts
+        n = len(keys)
+        if len(indices) == n and keys.count(keys[0]) == n:  # (the usual step: one span)
+            self.cohorts = [next(_COHORTS)] * n
+            return [(0, self.size, self._count_slice(counts, 0, n - 1))]
         fresh: dict[Any, int] = {}
         for i in indices:
             keys[i] = fresh.setdefault(keys[i], next(_COHORTS))
@@ -154,13 +158,17 @@ class FlatBuffer:
                 runs[-1][1] = i
             else:
                 runs.append([i, i, keys[i]])
-        out = []
-        for first, last, _ in runs:
-            view = self._count_slices.get((first, last))
-            if view is None:
-                view = self._count_slices[first, last] = counts[first : last + 1]
-            out.append((self.offsets[first], self.offsets[last + 1], view))
-        return out
+        return [
+            (self.offsets[first], self.offsets[last + 1], self._count_slice(counts, first, last))
+            for first, last, _ in runs
+        ]
+
+    def _count_slice(self, counts: Array, first: int, last: int) -> Array:
+        """counts[first : last + 1], the same object each time it is asked for."""
+        view = self._count_slices.get((first, last))
+        if view is None:
+            view = self._count_slices[first, last] = counts[first : last + 1]
+        return view
 
     def sync_params(self) -> None:
         """Re-adopt parameters whose ``data`` was replaced (``p.data = ...``) since packing:
