@@ -132,7 +132,7 @@ def check_step(
             raise ValueError(
                 f"{op}: step must be an int64 array of the span's step counts, got None"
             )
-    elif type(step) is not type(param) or step.dtype != _INT64 or not step.size:
+    elif type(step) is not type(param) or step.dtype is not _INT64 or not step.size:
         # (the usual arrays pass the line above; the rest, array-api-strict's too, come here)
         _check_device_array(op, "step", param, step, "int64", "an int64 array of step counts")
         if getattr(step, "size", 0) < 1:
