@@ -57,12 +57,11 @@ def test_per_parameter(benchmark):
     params = [a.copy() for a in INIT]
     ms = [np.zeros_like(a) for a in INIT]
     vs = [np.zeros_like(a) for a in INIT]
-    state = {"t": 0}
+    counts = [np.zeros(1, np.int64) for _ in INIT]  # (each update advances its own)
 
     def step():
-        state["t"] += 1
-        for p, g, m, v in zip(params, GRADS, ms, vs):
-            backend.adam_update(p, g, m, v, HYPER, step=state["t"])
+        for p, g, m, v, t in zip(params, GRADS, ms, vs, counts):
+            backend.adam_update(p, g, m, v, HYPER, step=t)
 
     benchmark(step)
 

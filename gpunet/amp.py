@@ -197,8 +197,9 @@ class GradScaler:
     inverse scale and the flag to the optimizer's fused update (PyTorch's fused optimizers'
     ``grad_scale`` and ``found_inf``), which multiplies each gradient by 1/scale and does
     nothing when the flag is set, so a scaled step needs no host sync and can be captured
-    (``gpunet.capture``). Adam reads the flag once on the host to keep its step count (the
-    bias corrections are host scalars; a skipped step does not count, as in PyTorch).
+    (``gpunet.capture``). The update also advances the step counts on the device unless the
+    flag is set (a skipped step does not count, as in PyTorch), and Adam's bias corrections
+    come from the count there: no optimizer reads the flag on the host.
     bfloat16 has float32's range and needs no scaler.
     """
 

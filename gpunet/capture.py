@@ -18,12 +18,13 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
   effects of the step (appending to a list, printing) happen only on the recorded calls, and
   Python state it reads (``model.training``, a flag) is frozen at the recording.
 - The optimizers' updates (SGD, Adam, AdamW) are recorded with what changes between steps
-  passed as ``autodiff.Dynamic`` (the group's lr and hyperparameters, Adam's step count,
-  advanced once per replay), an in-backward step's lr as ``autodiff.Live``: computed afresh
-  at each replay, never frozen. Schedules, gradient clipping and another optimizer's step
-  are *segments* (``autodiff.segment``): they run again as Python at each replay, with the
-  gradients they saw put back. Dropout's draws are backend calls replayed from the same
-  generator: fresh masks every replay, the same ones eager would draw.
+  passed as ``autodiff.Dynamic`` (the group's lr and hyperparameters), an in-backward step's
+  lr as ``autodiff.Live``: computed afresh at each replay, never frozen. Step counts (Adam's,
+  momentum SGD's) are device arrays that the recorded update advances itself. Schedules,
+  gradient clipping and another optimizer's step are *segments* (``autodiff.segment``): they
+  run again as Python at each replay, with the gradients they saw put back. Dropout's draws
+  are backend calls replayed from the same generator: fresh masks every replay, the same
+  ones eager would draw.
 - Replacing the arrays a capture recorded (an optimizer packing its buffers again,
   ``Module.to``) makes the next call record again; replacing ``p.data`` by hand between
   replays is not seen (write into it instead). Tensor arguments must not require grad.

@@ -49,8 +49,9 @@ struct gn_emu_dim3 {
 
 inline gn_emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
-// CUDA's round-to-nearest product that is never contracted into an FMA (x86-64 has none).
+// CUDA's round-to-nearest products that are never contracted into an FMA (x86-64 has none).
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 namespace gn_emu {
 

@@ -422,7 +422,8 @@ def blockers(program: Any, changing: tuple) -> list[str]:
     counts = {
         "GEMMs the graph's cuBLAS route does not take (batched, half precision or copied "
         "operands)": sum(not _gemm_operands(e, rec.arrays) for e in gemms),
-        "calls with per-step host scalars (lr, step counts) not held on the device": sum(
+        "calls with per-step host scalars a graph would freeze (an optimizer's lr: make it "
+        "with capturable=True)": sum(
             any(not _pure(v) for v in _changing(e, changing)) for e in calls
         ),
         "Python segments (clipping, schedules)": sum(

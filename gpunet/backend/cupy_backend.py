@@ -300,10 +300,11 @@ class CupyBackend(ArrayBackend):
         hyper: SGDHyper,
         *,
         first_step: bool = False,
+        step: Array | None = None,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
     ) -> None:
-        scaling = {"grad_scale": grad_scale, "found_inf": found_inf}
+        scaling = {"step": step, "grad_scale": grad_scale, "found_inf": found_inf}
         if not self.kernels.supports_update(param):
             return super().sgd_update(
                 param, grad, momentum_buf, hyper, first_step=first_step, **scaling
@@ -320,15 +321,15 @@ class CupyBackend(ArrayBackend):
         v: Array,
         hyper: AdamHyper,
         *,
-        step: int,
+        step: Array,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
     ) -> None:
-        scaling = {"grad_scale": grad_scale, "found_inf": found_inf}
+        scaling = {"step": step, "grad_scale": grad_scale, "found_inf": found_inf}
         if not self.kernels.supports_update(param):
-            return super().adam_update(param, grad, m, v, hyper, step=step, **scaling)
+            return super().adam_update(param, grad, m, v, hyper, **scaling)
         with self._cuda_device:
-            self.kernels.adam_update(param, grad, m, v, hyper, step, **scaling)
+            self.kernels.adam_update(param, grad, m, v, hyper, **scaling)
         return None
 
     def grad_norm(self, x: Array) -> Array:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .updates import AdamHyper, SGDHyper, check_flat, check_scaling, state_dtype
+from .updates import AdamHyper, SGDHyper, check_flat, check_scaling, check_step, state_dtype
 
 Array = Any
 
@@ -174,18 +174,23 @@ class FusedOps:
         hyper: SGDHyper,
         *,
         first_step: bool = False,
+        step: Array | None = None,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
     ) -> None:
         """One SGD step in place, as torch.optim.SGD (``SGDHyper`` has the math);
         ``momentum_buf`` may be None without momentum. In ``state_dtype``; one kernel over
         the flat buffers on CUDA (float16 and float32). ``grad_scale`` multiplies g first
-        and a nonzero ``found_inf`` skips the step (``_scaled`` says how)."""
+        and a nonzero ``found_inf`` skips the step (``_scaled`` says how). With ``step``
+        (the span's step counts, advanced here unless skipped), the first step is the one
+        whose count becomes 1, a fact of the device; else ``first_step`` says."""
         check_flat("sgd_update", param, grad, momentum_buf)
         check_scaling("sgd_update", param, grad_scale, found_inf)
         h = hyper
+        check_step("sgd_update", param, step, h.lr)
         if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
+        count = self._advance(step, found_inf)
         with self._scaled(found_inf, param, momentum_buf):
             p, g = self._in_state_dtype(param), self._scale_grad(grad, grad_scale)
             s = self._scalars(p)
@@ -194,13 +199,13 @@ class FusedOps:
                 d = p * s(h.weight_decay)
                 d += g
             if h.momentum != 0.0:
-                if first_step:
-                    momentum_buf[...] = d
+                later = momentum_buf * s(h.momentum) + (s(1.0) - s(h.dampening)) * d
+                if count is not None:  # (a select on the device: no host read of the count)
+                    momentum_buf[...] = self.xp.where(count == 1, d, later)
                 else:
-                    momentum_buf *= s(h.momentum)
-                    momentum_buf += (s(1.0) - s(h.dampening)) * d
+                    momentum_buf[...] = d if first_step else later
                 d = d + s(h.momentum) * momentum_buf if h.nesterov else momentum_buf
-            p -= s(h.lr) * d
+            p -= self._lr_scalar(h.lr, p) * d
             if p is not param:
                 param[...] = self.xp.astype(p, param.dtype)
 
@@ -212,27 +217,31 @@ class FusedOps:
         v: Array,
         hyper: AdamHyper,
         *,
-        step: int,
+        step: Array,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
     ) -> None:
         """One Adam (L2 added to the gradient) or AdamW (``hyper.decoupled``) step in place,
-        as torch.optim (``AdamHyper`` has the math), at step ``step`` (from 1). In
-        ``state_dtype``; one kernel over the flat buffers on CUDA (float16 and float32).
-        ``grad_scale`` multiplies g first and a nonzero ``found_inf`` skips the step."""
+        as torch.optim (``AdamHyper`` has the math), at the span's step counts ``step``
+        (advanced here unless skipped). In ``state_dtype``; one kernel over the flat buffers
+        on CUDA (float16 and float32). ``grad_scale`` multiplies g first and a nonzero
+        ``found_inf`` skips the step. The bias corrections come from the count on the device,
+        in float64 (``_adam_scalars``)."""
         check_flat("adam_update", param, grad, m, v)
         check_scaling("adam_update", param, grad_scale, found_inf)
-        l2, decay, step_size, bc2_sqrt = hyper.scalars(step)
+        check_step("adam_update", param, step, hyper.lr, required=True)
+        count = self._advance(step, found_inf)
         with self._scaled(found_inf, param, m, v):
             p, g = self._in_state_dtype(param), self._scale_grad(grad, grad_scale)
             s = self._scalars(p)
+            l2, decay, step_size, bc2_sqrt = self._adam_scalars(hyper, count, p.dtype)
             one, b1, b2 = s(1.0), s(hyper.beta1), s(hyper.beta2)
             gi = g
-            if l2 != 0.0:
-                gi = p * s(l2)
+            if hyper.weight_decay != 0.0 and not hyper.decoupled:
+                gi = p * l2
                 gi += g
-            if decay != 1.0:
-                p *= s(decay)
+            if hyper.weight_decay != 0.0 and hyper.decoupled:
+                p *= decay
             m *= b1
             m += (one - b1) * gi
             t = (one - b2) * gi
@@ -240,10 +249,10 @@ class FusedOps:
             v *= b2
             v += t
             denom = self.xp.sqrt(v)
-            denom /= s(bc2_sqrt)
+            denom /= bc2_sqrt
             denom += s(hyper.eps)
             t = m / denom
-            t *= s(step_size)
+            t *= step_size
             p -= t
             if p is not param:
                 param[...] = self.xp.astype(p, param.dtype)
@@ -280,6 +289,39 @@ class FusedOps:
         expressions (1 - beta1, ...) in the buffer's precision, and so must we."""
         xp, dtype = self.xp, like.dtype
         return lambda value: xp.asarray(value, dtype=dtype)
+
+    def _advance(self, step: Array | None, found_inf: Array | None) -> Array | None:
+        """Add one to the step counts unless ``found_inf`` is set (on the device); the
+        count the update uses, a 0-d int64 array (None without counts)."""
+        if step is None:
+            return None
+        xp = self.xp
+        inc = 1 if found_inf is None else xp.astype(xp.reshape(found_inf, ()) == 0, step.dtype)
+        step[...] = step + inc
+        return xp.reshape(step, (-1,))[0]
+
+    def _lr_scalar(self, lr: float | Array, like: Array) -> Array:
+        """The lr as a 0-d array of ``like``'s dtype: a float, or a device array's element
+        rounded on the device (never read on the host)."""
+        if isinstance(lr, (int, float)):
+            return self._scalars(like)(lr)
+        return self.xp.astype(self.xp.reshape(lr, ()), like.dtype)
+
+    def _adam_scalars(self, hyper: AdamHyper, count: Array, dtype: Any) -> tuple[Array, ...]:
+        """``AdamHyper.scalars`` on the device from the advanced count (t < 1 only on a
+        skipped first step, which is undone: taken as 1 so nothing divides by 0): (l2, decay,
+        step_size, bc2_sqrt) computed in float64 and rounded to ``dtype``."""
+        xp = self.xp
+        f64 = xp.float64
+        t = xp.astype(xp.maximum(count, xp.ones_like(count)), f64)
+        lr = xp.astype(xp.reshape(xp.asarray(hyper.lr, dtype=f64), ()), f64)
+        wd = xp.asarray(hyper.weight_decay, dtype=f64)
+        one = xp.asarray(1.0, dtype=f64)
+        step_size = lr / (one - xp.asarray(hyper.beta1, dtype=f64) ** t)
+        bc2_sqrt = xp.sqrt(one - xp.asarray(hyper.beta2, dtype=f64) ** t)
+        decay = one - lr * wd if hyper.decoupled else one
+        l2 = xp.zeros((), dtype=f64) if hyper.decoupled else wd
+        return tuple(xp.astype(x, dtype) for x in (l2, decay, step_size, bc2_sqrt))
 
     def _scale_grad(self, grad: Array, grad_scale: Array | None) -> Array:
         """The gradient in ``state_dtype``, times ``grad_scale`` (a fresh array) when given."""

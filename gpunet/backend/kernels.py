@@ -28,7 +28,7 @@ import numpy as np
 
 from .faults import FAULT_CODES
 from .fused import check_activation
-from .updates import AdamHyper, SGDHyper, check_flat, check_scaling
+from .updates import AdamHyper, SGDHyper, check_flat, check_scaling, check_step
 
 BLOCK = 256
 BLOCKS_PER_SM = 32
@@ -129,11 +129,13 @@ CROSS_ENTROPY_KERNELS = {
 }
 
 # parameter dtype suffix -> the optimizer-update kernels of optim.cu: (SGD, Adam). float16
-# parameters keep float32 state and compute in float32 (updates.state_dtype).
+# parameters keep float32 state and compute in float32 (updates.state_dtype). Before an update
+# with step counts, ``COUNT_KERNEL`` advances them (unless found_inf is set).
 UPDATE_KERNELS = {
     "f16": ("sgd_update_f16", "adam_update_f16"),
     "f32": ("sgd_update_f32", "adam_update_f32"),
 }
+COUNT_KERNEL = "count_steps"
 
 
 # ---------------------------------------------------------------------- sources
@@ -261,17 +263,19 @@ def _build_table() -> dict[str, KernelSpec]:
         add(
             sgd,
             "optim.cu",
-            f"{s}* p, const {s}* g, float* buf, long long n, float lr, float momentum, "
-            "float dampening, float weight_decay, int nesterov, int first_step, "
-            "const float* grad_scale, const float* found_inf",
+            f"{s}* p, const {s}* g, float* buf, long long n, double lr, const double* lr_ptr, "
+            "float momentum, float dampening, float weight_decay, int nesterov, int first_step, "
+            "const long long* step, const float* grad_scale, const float* found_inf",
         )
         add(
             adam,
             "optim.cu",
-            f"{s}* p, const {s}* g, float* m, float* v, long long n, float beta1, "
-            "float beta2, float eps, float weight_decay, float decay, float step_size, "
-            "float bc2_sqrt, const float* grad_scale, const float* found_inf",
+            f"{s}* p, const {s}* g, float* m, float* v, long long n, double lr, "
+            "const double* lr_ptr, double beta1, double beta2, float eps, double weight_decay, "
+            "int decoupled, const long long* step, const float* grad_scale, "
+            "const float* found_inf",
         )
+    add(COUNT_KERNEL, "optim.cu", "long long* steps, long long n, const float* found_inf")
     add(
         "grad_norm_partial_f32",
         "optim.cu",
@@ -294,6 +298,12 @@ def grid_size(n: int, sm_count: int) -> int:
     """Blocks for n elements: enough to cover n once, at most 32 per SM (the grid-stride
     loops cover the rest)."""
     return min(-(-n // BLOCK), BLOCKS_PER_SM * sm_count)
+
+
+def _lr_args(lr: Any) -> tuple[float, Any]:
+    """(lr, lr_ptr) for an update kernel: a float as itself and a null pointer, or a device
+    array (read by the kernel) and 0.0."""
+    return (float(lr), None) if isinstance(lr, (int, float)) else (0.0, lr)
 
 
 # ---------------------------------------------------------------------- launching
@@ -442,22 +452,26 @@ class Kernels:
         momentum_buf: Any,
         hyper: SGDHyper,
         first_step: bool,
+        step: Any = None,
         grad_scale: Any = None,
         found_inf: Any = None,
     ) -> None:
         check_flat("sgd_update", param, grad, momentum_buf)
         check_scaling("sgd_update", param, grad_scale, found_inf)
         h = hyper
+        check_step("sgd_update", param, step, h.lr)
         if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
-        self._check_inplace("sgd_update", param, grad, momentum_buf)
+        self._check_inplace("sgd_update", param, grad, momentum_buf, step)
         buf = momentum_buf if h.momentum != 0.0 else None
+        lr, lr_ptr = _lr_args(h.lr)
+        self._count_steps(step, found_inf)
         n = param.size
         self.launch(
             UPDATE_KERNELS[SUFFIX[param.dtype]][0],
             n,
-            *(param, grad, buf, n, h.lr, h.momentum, h.dampening, h.weight_decay),
-            *(h.nesterov, first_step, grad_scale, found_inf),
+            *(param, grad, buf, n, lr, lr_ptr, h.momentum, h.dampening, h.weight_decay),
+            *(h.nesterov, first_step, step, grad_scale, found_inf),
         )
 
     def adam_update(
@@ -467,21 +481,30 @@ class Kernels:
         m: Any,
         v: Any,
         hyper: AdamHyper,
-        step: int,
+        step: Any,
         grad_scale: Any = None,
         found_inf: Any = None,
     ) -> None:
         check_flat("adam_update", param, grad, m, v)
         check_scaling("adam_update", param, grad_scale, found_inf)
-        self._check_inplace("adam_update", param, grad, m, v)
-        l2, decay, step_size, bc2_sqrt = hyper.scalars(step)
+        check_step("adam_update", param, step, hyper.lr, required=True)
+        self._check_inplace("adam_update", param, grad, m, v, step)
+        lr, lr_ptr = _lr_args(hyper.lr)
+        self._count_steps(step, found_inf)
         n = param.size
+        h = hyper
         self.launch(
             UPDATE_KERNELS[SUFFIX[param.dtype]][1],
             n,
-            *(param, grad, m, v, n, hyper.beta1, hyper.beta2, hyper.eps),
-            *(l2, decay, step_size, bc2_sqrt, grad_scale, found_inf),
+            *(param, grad, m, v, n, lr, lr_ptr, h.beta1, h.beta2, h.eps, h.weight_decay),
+            *(h.decoupled, step, grad_scale, found_inf),
         )
+
+    def _count_steps(self, step: Any, found_inf: Any) -> None:
+        """The span's step counts one further unless ``found_inf`` is set: the launch before
+        an update that reads them."""
+        if step is not None:
+            self.launch(COUNT_KERNEL, step.size, step, step.size, found_inf)
 
     def grad_norm(self, x: Any) -> Any:
         """Stage 1: one partial sum of squares per block; stage 2: one block adds them up."""

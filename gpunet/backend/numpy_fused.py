@@ -29,7 +29,15 @@ from .fused import (
     Formulas,
     FusedOps,
 )
-from .updates import AdamHyper, SGDHyper, check_flat, check_scaling, state_dtype
+from .updates import (
+    AdamHyper,
+    SGDHyper,
+    check_flat,
+    check_scaling,
+    check_step,
+    lr_value,
+    state_dtype,
+)
 
 Array = Any
 # Large arrays go through the longer formulas CHUNK elements at a time, so that their
@@ -103,6 +111,20 @@ def _found(found_inf: Array | None) -> bool:
     return found_inf is not None and bool(found_inf.reshape(-1)[0] != 0)
 
 
+def _advance(op: str, step: Array | None, found: bool) -> int:
+    """The step counts one further unless the step is skipped; the count the update uses
+    (read on the host: free here). 0 without counts."""
+    if step is None:
+        return 0
+    count = int(step.reshape(-1)[0])
+    if count < 0:
+        raise ValueError(f"{op}: step counts the steps taken (from 0), got {count}")
+    if found:
+        return count
+    step += 1
+    return count + 1
+
+
 class NumpyFusedOps(FusedOps):
     """NumPy overrides of the generic fused ops (mixed into NumpyBackend)."""
 
@@ -159,18 +181,24 @@ class NumpyFusedOps(FusedOps):
         hyper: SGDHyper,
         *,
         first_step: bool = False,
+        step: Array | None = None,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
     ) -> None:
         check_flat("sgd_update", param, grad, momentum_buf)
         check_scaling("sgd_update", param, grad_scale, found_inf)
         h = hyper
+        check_step("sgd_update", param, step, h.lr)
         if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
-        if _found(found_inf):
+        found = _found(found_inf)
+        count = _advance("sgd_update", step, found)
+        if found:
             return
+        first_step = count == 1 if step is not None else first_step
         dt = state_dtype(param.dtype).type  # the scalars in the update's precision, as CUDA's
-        lr, wd, mu, keep = dt(h.lr), dt(h.weight_decay), dt(h.momentum), dt(1) - dt(h.dampening)
+        lr, wd = dt(lr_value(h.lr)), dt(h.weight_decay)
+        mu, keep = dt(h.momentum), dt(1) - dt(h.dampening)
         for t, u, p, g, buf in _chunks(param, grad, momentum_buf, grad_scale=grad_scale):
             # FusedOps.sgd_update's expression, operation for operation (the same bits), on
             # two cache-sized scratch rows instead of fresh temporaries
@@ -195,15 +223,18 @@ class NumpyFusedOps(FusedOps):
         v: Array,
         hyper: AdamHyper,
         *,
-        step: int,
+        step: Array,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
     ) -> None:
         check_flat("adam_update", param, grad, m, v)
         check_scaling("adam_update", param, grad_scale, found_inf)
-        l2, decay, step_size, bc2_sqrt = hyper.scalars(step)
-        if _found(found_inf):
+        check_step("adam_update", param, step, hyper.lr, required=True)
+        found = _found(found_inf)
+        count = _advance("adam_update", step, found)
+        if found:
             return
+        l2, decay, step_size, bc2_sqrt = hyper.scalars(count)
         dt = state_dtype(param.dtype).type  # the scalars in the update's precision, as CUDA's
         b1, b2, one = dt(hyper.beta1), dt(hyper.beta2), dt(1.0)
         c1, c2 = one - b1, one - b2

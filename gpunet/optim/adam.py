@@ -15,7 +15,13 @@ from .optimizer import Optimizer
 
 class Adam(Optimizer):
     """m = beta1 m + (1 - beta1) g, v = beta2 v + (1 - beta2) g^2,
-    p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps); g += wd p first."""
+    p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps); g += wd p first.
+
+    Each parameter's step count t (``state[p]["step"]``) is a 0-d int64 array on its device,
+    advanced by the fused update itself unless a loss scaler skips the step, and the bias
+    corrections are computed from it there: a step reads nothing on the host. With
+    ``capturable=True`` the lr is a device array too (``Optimizer._lr``), so a captured step
+    can replay as a CUDA graph; ``state_dict()`` gives the counts as ints."""
 
     decoupled = False
     _capturable = True
@@ -28,6 +34,8 @@ class Adam(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        *,
+        capturable: bool = False,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
@@ -37,57 +45,43 @@ class Adam(Optimizer):
             raise ValueError(f"invalid betas: {betas}; each must be in [0, 1)")
         if weight_decay < 0.0:
             raise ValueError(f"invalid weight_decay: {weight_decay}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, capturable=capturable
+        )
         super().__init__(params, defaults)
 
     def _update(self, group: dict[str, Any], flat: FlatBuffer, indices: list[int]) -> None:
         m, v = flat.buffer("exp_avg"), flat.buffer("exp_avg_sq")
-        scaling = self._scaling()
-        found = scaling.get("found_inf")
-        states = []
         for i in indices:
             st = self.state.setdefault(flat.params[i], {})
             if not st:
-                st.update(step=0, exp_avg=flat.view(m, i), exp_avg_sq=flat.view(v, i))
-            states.append(st)
-        _advance(states, found)
-
-        hyper: Any = _hyper(group, self.decoupled)
-        capturing = STATE.flags & CAPTURE
-        if capturing:  # a capture replays these with the group's values of the moment, each
-            # replay advancing the step counts of the parameters in the span and using them
-            hyper = Dynamic(hyper, functools.partial(_hyper, group, self.decoupled))
-        # Neighbours at the same step count share one fused update.
-        for start, stop, step in flat.spans(indices, [st["step"] for st in states]):
-            arrays = (flat.data[start:stop], flat.grad[start:stop], m[start:stop], v[start:stop])
-            count: Any = max(step, 1)  # (a first step skipped by the scaler: the kernel skips)
-            if capturing:
-                span = [st for i, st in zip(indices, states) if start <= flat.offsets[i] < stop]
-                count = Dynamic(count, functools.partial(_advance, span, found))
+                st.update(
+                    step=flat.count_view(i), exp_avg=flat.view(m, i), exp_avg_sq=flat.view(v, i)
+                )
+        hyper: Any = _hyper(group, self.decoupled, self._lr(group, flat))
+        if STATE.flags & CAPTURE:  # a capture replays these with the group's values of the
+            # moment (the step counts are arrays that the update advances: nothing to redo)
+            hyper = Dynamic(hyper, functools.partial(self._hyper_now, group, flat))
+        # Neighbours that share a step count share one fused update, which advances the count
+        # (unless the loss scaler skips the step) and computes the bias corrections from it.
+        for start, stop, count in flat.step_spans(indices):
             call(
                 "adam_update",
                 flat.backend.adam_update,
-                *arrays,
+                *(flat.data[start:stop], flat.grad[start:stop], m[start:stop], v[start:stop]),
                 hyper=hyper,
                 step=count,
-                **scaling,
+                **self._scaling(),
             )
 
+    def _hyper_now(self, group: dict[str, Any], flat: FlatBuffer) -> AdamHyper:
+        return _hyper(group, self.decoupled, self._lr(group, flat))
 
-def _hyper(group: dict[str, Any], decoupled: bool) -> AdamHyper:
-    """The update's hyperparameters, from the group now."""
+
+def _hyper(group: dict[str, Any], decoupled: bool, lr: Any) -> AdamHyper:
+    """The update's hyperparameters, from the group now (``lr``: its float or device array)."""
     beta1, beta2 = group["betas"]
-    return AdamHyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], decoupled)
-
-
-def _advance(states: list[dict[str, Any]], found_inf: Any = None) -> int:
-    """One more step for each of ``states`` (a span sharing one count) unless a loss scaler's
-    ``found_inf`` is set (a skipped step, as PyTorch's): the count to update with (from 1).
-    The one host read of the flag: the bias corrections are computed on the host."""
-    if found_inf is None or not float(found_inf.reshape(-1)[0]):
-        for st in states:
-            st["step"] += 1
-    return max(states[0]["step"], 1)
+    return AdamHyper(lr, beta1, beta2, group["eps"], group["weight_decay"], decoupled)
 
 
 class AdamW(Adam):
@@ -102,5 +96,7 @@ class AdamW(Adam):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        *,
+        capturable: bool = False,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay)
+        super().__init__(params, lr, betas, eps, weight_decay, capturable=capturable)

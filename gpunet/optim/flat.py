@@ -9,19 +9,29 @@ writes it directly). A gradient made elsewhere (by a primitive with no in-place 
 by hand) is copied in by ``gather_grads``, which points ``p.grad`` at the view, so a second
 gather (clipping, then stepping) is free. The gradient array is made when first needed: for
 an optimizer that steps inside backward (``grad_buffers=False``), never.
+
+Step counts (Adam's, momentum SGD's) live on the device too, one int64 per parameter in
+``counts``, and the fused update advances them (unless a loss scaler skips the step), so the
+host never reads them in a step. Which parameters share a count the host knows without
+reading them: each has a cohort key, and the parameters that take part in a step get a new
+key made from their old one, so equal keys mean equal histories, hence equal counts.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import weakref
 from typing import Any
 
+from .. import dtypes
 from ..autodiff import call, layout_changed
 from ..backend.updates import state_dtype
 from ..tensor import Tensor
 
 Array = Any
+
+_COHORTS = itertools.count(1)  # fresh cohort keys (a count known on the host is ("n", count))
 
 # id(param) -> (weakref to param, weakref to its FlatBuffer, its index there): lets
 # clip_grad_norm_, which is handed only parameters, find their flat gradient array.
@@ -67,6 +77,10 @@ class FlatBuffer:
         self._grad: Array | None = None
         self._grad_views: list[Array] = []
         self.buffers: dict[str, Array] = {}
+        self._counts: Array | None = None
+        self._count_views: list[Array] = []
+        self._count_slices: dict[tuple[int, int], Array] = {}
+        self.cohorts: list[Any] = [("n", 0)] * len(params)
         for i, p in enumerate(params):
             self.views[i][...] = p.data
             p.data = self.views[i]
@@ -103,6 +117,58 @@ class FlatBuffer:
         if buf is None:
             buf = self.buffers[name] = self.backend.zeros((self.size,), state_dtype(self.dtype))
         return buf
+
+    @property
+    def counts(self) -> Array:
+        """The parameters' step counts, int64, one each, made (zeros) when first needed."""
+        if self._counts is None:
+            self._counts = self.backend.zeros((len(self.params),), dtypes.int64)
+            self._count_views = [
+                self.backend.xp.reshape(self._counts[i : i + 1], ())
+                for i in range(len(self.params))
+            ]
+        return self._counts
+
+    def count_view(self, i: int) -> Array:
+        """Parameter i's step count, a 0-d view of ``counts`` (its ``state["step"]``)."""
+        self.counts  # noqa: B018 (made on first use)
+        return self._count_views[i]
+
+    def set_count(self, i: int, count: int) -> None:
+        """Parameter i's step count from the host (a loaded state), with the key of its value."""
+        self.count_view(i)[...] = count
+        self.cohorts[i] = ("n", count)
+
+    def step_spans(self, indices: list[int]) -> list[tuple[int, int, Array]]:
+        """The contiguous flat ranges (start, stop, counts) of ascending parameter ``indices``
+        that share a step count, for a step they all take: ``counts`` is their slice of
+        ``counts`` (the same array object each time, so a capture sees one parameter), which
+        the update advances. Each parameter's cohort key moves on with the step."""
+        counts, keys = self.counts, self.cohorts
+        n = len(keys)
+        if len(indices) == n and keys.count(keys[0]) == n:  # (the usual step: one span)
+            self.cohorts = [next(_COHORTS)] * n
+            return [(0, self.size, self._count_slice(counts, 0, n - 1))]
+        fresh: dict[Any, int] = {}
+        for i in indices:
+            keys[i] = fresh.setdefault(keys[i], next(_COHORTS))
+        runs: list[list[Any]] = []  # [first, last, key]: parameters sharing one count
+        for i in indices:
+            if runs and runs[-1][1] == i - 1 and runs[-1][2] == keys[i]:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i, keys[i]])
+        return [
+            (self.offsets[first], self.offsets[last + 1], self._count_slice(counts, first, last))
+            for first, last, _ in runs
+        ]
+
+    def _count_slice(self, counts: Array, first: int, last: int) -> Array:
+        """counts[first : last + 1], the same object each time it is asked for."""
+        view = self._count_slices.get((first, last))
+        if view is None:
+            view = self._count_slices[first, last] = counts[first : last + 1]
+        return view
 
     def sync_params(self) -> None:
         """Re-adopt parameters whose ``data`` was replaced (``p.data = ...``) since packing:

@@ -17,6 +17,7 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .. import dtypes
 from ..autodiff import CAPTURE, STATE, call, enable_grad, segment
 from ..tensor import Tensor
 from .flat import FlatBuffer
@@ -92,10 +93,14 @@ class Optimizer:
         for p, st in self.state.items():  # buffers from an earlier packing: copy them over
             f, i = where[id(p)]
             for name, value in st.items():
-                if not isinstance(value, (int, float)) and value is not None:
+                if name == "step":  # (a host read of an old count: packing is not a step)
+                    f.set_count(i, int(value))
+                    st[name] = f.count_view(i)
+                elif not isinstance(value, (int, float)) and value is not None:
                     view = f.view(f.buffer(name), i)
                     view[...] = _on(f, value)
                     st[name] = view
+        self._lr_arrays: dict[tuple[int, int], list[Any]] = {}
 
     def group_problems(self, groups: list[dict[str, Any]], source: str) -> list[str]:
         """What in saved ``param_groups`` (from ``source``, for the message) this optimizer
@@ -141,6 +146,23 @@ class Optimizer:
         """The ``grad_scale`` and ``found_inf`` keywords of this step's fused updates."""
         return self._loss_scaling or {}
 
+    def _lr(self, group: dict[str, Any], flat: FlatBuffer) -> float | Array:
+        """The lr the group's update reads on ``flat``'s device: ``group["lr"]`` itself, or
+        with ``capturable`` its one-element float64 array there, written from the host when
+        the group's lr has changed since (by a schedule or by hand): one small write per
+        change, none per step, and nothing for a replay to read on the host."""
+        lr = group["lr"]
+        if not group.get("capturable"):
+            return lr
+        entry = self._lr_arrays.get((id(group), id(flat)))
+        if entry is None:
+            array = flat.backend.full((), float(lr), dtypes.float64)
+            entry = self._lr_arrays[id(group), id(flat)] = [array, lr]
+        elif entry[1] != lr:
+            entry[0][...] = float(lr)
+            entry[1] = lr
+        return entry[0]
+
     @segment(
         lambda self, closure=None: self._all_params(),
         records=lambda self, closure=None: closure is None and self._capturable,
@@ -171,7 +193,11 @@ class Optimizer:
         state = {}
         for p, st in self.state.items():
             state[index[id(p)]] = {
-                k: v if v is None or isinstance(v, (int, float)) else p._backend.copy(v)
+                k: int(v)  # (a step count: a host read, as saving is)
+                if k == "step"
+                else v
+                if v is None or isinstance(v, (int, float))
+                else p._backend.copy(v)
                 for k, v in st.items()
             }
         groups = []

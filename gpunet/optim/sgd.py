@@ -36,6 +36,7 @@ class SGD(Optimizer):
         weight_decay: float = 0.0,
         *,
         in_backward: bool = False,
+        capturable: bool = False,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
@@ -52,6 +53,7 @@ class SGD(Optimizer):
             nesterov=nesterov,
             weight_decay=weight_decay,
             in_backward=bool(in_backward),
+            capturable=bool(capturable),
         )
         super().__init__(params, defaults)
 
@@ -91,45 +93,51 @@ class SGD(Optimizer):
         return InBackward(self, index) if self.defaults["in_backward"] else None
 
     def _update(self, group: dict[str, Any], flat: FlatBuffer, indices: list[int]) -> None:
-        momentum = group["momentum"]
-        states = [self.state.setdefault(flat.params[i], {}) for i in indices]
-        # A parameter's first step with momentum starts its buffer: a run of its own.
-        firsts = [momentum != 0 and st.get("momentum_buffer") is None for st in states]
-        buf = flat.buffer("momentum_buffer") if momentum != 0 else None
-
-        hyper: Any = _hyper(group)
-        capturing = STATE.flags & CAPTURE
-        if capturing:  # a capture replays these with the group's values of the moment; every
-            # momentum buffer exists by then, so no step it replays is a first one
-            hyper = Dynamic(hyper, functools.partial(_hyper, group))
-        for start, stop, first in flat.spans(indices, firsts):
-            arrays = (
-                flat.data[start:stop],
-                flat.grad[start:stop],
-                None if buf is None else buf[start:stop],
-            )
-            first_step = Dynamic(first, _false) if capturing else first
+        hyper: Any = _hyper(group, self._lr(group, flat))
+        if STATE.flags & CAPTURE:  # a capture replays these with the group's values of the moment
+            hyper = Dynamic(hyper, functools.partial(self._hyper_now, group, flat))
+        if group["momentum"] == 0:
+            for start, stop, _ in flat.spans(indices, [None] * len(indices)):
+                call(
+                    "sgd_update",
+                    flat.backend.sgd_update,
+                    *(flat.data[start:stop], flat.grad[start:stop], None),
+                    hyper=hyper,
+                    first_step=False,
+                    **self._scaling(),
+                )
+            for i in indices:
+                self.state.setdefault(flat.params[i], {})["momentum_buffer"] = None
+            return
+        buf = flat.buffer("momentum_buffer")
+        for i in indices:
+            st = self.state.setdefault(flat.params[i], {})
+            if "step" not in st:  # (a state from before step counts: its buffer has begun)
+                flat.set_count(i, 0 if st.get("momentum_buffer") is None else 1)
+                st["step"] = flat.count_view(i)
+            st["momentum_buffer"] = flat.view(buf, i)
+        # The first step (buf = d) is the one whose count becomes 1, decided on the device:
+        # a first step skipped by the loss scaler leaves the next one first, as in PyTorch.
+        for start, stop, count in flat.step_spans(indices):
             call(
                 "sgd_update",
                 flat.backend.sgd_update,
-                *arrays,
+                *(flat.data[start:stop], flat.grad[start:stop], buf[start:stop]),
                 hyper=hyper,
-                first_step=first_step,
+                first_step=False,
+                step=count,
                 **self._scaling(),
             )
-        for i, st in zip(indices, states):
-            st["momentum_buffer"] = None if buf is None else flat.view(buf, i)
+
+    def _hyper_now(self, group: dict[str, Any], flat: FlatBuffer) -> SGDHyper:
+        return _hyper(group, self._lr(group, flat))
 
 
-def _hyper(group: dict[str, Any]) -> SGDHyper:
-    """The update's hyperparameters, from the group now."""
+def _hyper(group: dict[str, Any], lr: Any) -> SGDHyper:
+    """The update's hyperparameters, from the group now (``lr``: its float or device array)."""
     return SGDHyper(
-        group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"]
+        lr, group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"]
     )
-
-
-def _false() -> bool:
-    return False
 
 
 class InBackward:

@@ -521,8 +521,8 @@ def test_per_step_host_scalars_keep_a_launch_list_and_say_so(stand_in) -> None:
     graph = cuda_graph.attach(prog, _CHANGING)
     assert graph.mode == "list" and prog.replay == graph.plain
     assert graph.describe() == (
-        "a launch list (CUDA graph blockers: 1 calls with per-step host scalars (lr, step "
-        "counts) not held on the device)"
+        "a launch list (CUDA graph blockers: 1 calls with per-step host scalars a graph "
+        "would freeze (an optimizer's lr: make it with capturable=True))"
     )
     _steps(world, prog, 2)
     assert world.log == [] and len(seen) == 2  # never captured; the scalar read per replay

@@ -136,11 +136,18 @@ def _problem(n: int = 257, steps: int = 20) -> tuple[np.ndarray, list[np.ndarray
     ]
 
 
-def _ours_sgd(backend: Any, cfg: dict, p0: np.ndarray, grads: list) -> np.ndarray:
+def _ours_sgd(
+    backend: Any, cfg: dict, p0: np.ndarray, grads: list, counted: bool = False
+) -> np.ndarray:
+    """SGD's steps, the first one said by ``first_step`` or (``counted``) by a step count."""
     p, buf = backend.asarray(p0.copy()), backend.asarray(np.zeros_like(p0))
+    count = backend.asarray(np.zeros(1, np.int64)) if counted else None
     for i, g in enumerate(grads):
         momentum_buf = buf if cfg.get("momentum") else None
-        backend.sgd_update(p, backend.asarray(g), momentum_buf, SGDHyper(**cfg), first_step=i == 0)
+        first = i == 0 and not counted
+        backend.sgd_update(
+            p, backend.asarray(g), momentum_buf, SGDHyper(**cfg), first_step=first, step=count
+        )
     return host(p)
 
 
@@ -148,16 +155,22 @@ def _ours_adam(backend: Any, cfg: dict, decoupled: bool, p0: np.ndarray, grads: 
     p, m, v = (backend.asarray(a) for a in (p0.copy(), np.zeros_like(p0), np.zeros_like(p0)))
     kw = {k: val for k, val in cfg.items() if k != "betas"}
     hyper = AdamHyper(beta1=cfg["betas"][0], beta2=cfg["betas"][1], decoupled=decoupled, **kw)
-    for step, g in enumerate(grads, 1):
-        backend.adam_update(p, backend.asarray(g), m, v, hyper, step=step)
+    count = backend.asarray(np.zeros(1, np.int64))  # (each update advances it)
+    for g in grads:
+        backend.adam_update(p, backend.asarray(g), m, v, hyper, step=count)
+    assert int(host(count)[0]) == len(grads)
     return host(p)
 
 
 @pytest.mark.parametrize("n", UPDATE_SIZES)
 @pytest.mark.parametrize("cfg", SGD)
 def test_sgd_on_strict_matches_numpy(cfg: dict, n: int) -> None:
+    """Bit for bit, and a first step said by a step count is the one said by first_step."""
     p0, grads = _problem(n, steps=3)
-    np.testing.assert_array_equal(_ours_sgd(STRICT, cfg, p0, grads), _ours_sgd(NP, cfg, p0, grads))
+    want = _ours_sgd(NP, cfg, p0, grads)
+    np.testing.assert_array_equal(_ours_sgd(STRICT, cfg, p0, grads), want)
+    for backend in (NP, STRICT):
+        np.testing.assert_array_equal(_ours_sgd(backend, cfg, p0, grads, counted=True), want)
 
 
 @pytest.mark.parametrize("n", UPDATE_SIZES)
@@ -204,8 +217,22 @@ def test_update_arguments_are_checked() -> None:
         NP.sgd_update(p, p.copy(), None, SGDHyper(lr=0.1, momentum=0.9))
     with pytest.raises(ValueError, match="must match the parameter"):
         NP.sgd_update(p, np.zeros(5, np.float32), None, SGDHyper(lr=0.1))
-    with pytest.raises(ValueError, match="step counts from 1"):
-        NP.adam_update(p, p.copy(), p.copy(), p.copy(), AdamHyper(0.1, 0.9, 0.9), step=0)
+    hyper, state = AdamHyper(0.1, 0.9, 0.9), (p.copy(), p.copy(), p.copy())
+    with pytest.raises(ValueError, match="step must be an int64 array of step counts, got int"):
+        NP.adam_update(p, *state, hyper, step=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="step must be an int64 array of the span's step counts"):
+        NP.adam_update(p, *state, hyper, step=None)  # type: ignore[arg-type]
+    count = np.full(1, -1, np.int64)
+    with pytest.raises(ValueError, match=r"step counts the steps taken \(from 0\), got -1"):
+        NP.adam_update(p, *state, hyper, step=count)
+    assert count[0] == -1  # (refused before anything changed)
+    with pytest.raises(ValueError, match="step must live with the parameters"):
+        NP.adam_update(p, *state, hyper, step=STRICT.asarray(np.zeros(1, np.int64)))
+    with pytest.raises(ValueError, match="lr must be a float or a float64 array"):
+        NP.sgd_update(p, p.copy(), None, SGDHyper(lr=np.ones(1, np.float32)))
+    with pytest.raises(ValueError, match=r"an lr array must have one element, got shape \(2,\)"):
+        NP.sgd_update(p, p.copy(), None, SGDHyper(lr=np.ones(2)))
+    np.testing.assert_array_equal(p, 0.0)
 
 
 @pytest.mark.parametrize("n", [0, 1, 257, 100003])

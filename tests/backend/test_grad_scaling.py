@@ -32,15 +32,19 @@ def host(a: Any) -> np.ndarray:
 
 
 def run(backend: Any, kind: str, cfg: dict, bufs: list[Any], step: int, **scaling: Any) -> None:
-    """One update of ``bufs`` = [p, g, state 1, state 2] in place."""
+    """One update of ``bufs`` = [p, g, state 1, state 2] in place, as step ``step`` (a count of
+    step - 1 steps taken, which the update advances; momentum SGD's first step from it)."""
     p, g, s1, s2 = bufs
+    count = backend.asarray(np.full(1, step - 1, np.int64))
     if kind == "sgd":
         hyper = SGDHyper(**cfg)
         buf = s1 if hyper.momentum else None
-        backend.sgd_update(p, g, buf, hyper, first_step=step == 1, **scaling)
+        backend.sgd_update(p, g, buf, hyper, step=count if buf is not None else None, **scaling)
     else:
         hyper = AdamHyper(**cfg, decoupled=kind == "adamw")
-        backend.adam_update(p, g, s1, s2, hyper, step=step, **scaling)
+        backend.adam_update(p, g, s1, s2, hyper, step=count, **scaling)
+    skipped = "found_inf" in scaling and host(scaling["found_inf"]).reshape(-1)[0] != 0
+    assert int(host(count)[0]) == step - skipped or (kind == "sgd" and buf is None)
 
 
 def buffers(backend: Any, n: int, dtype: Any, seed: int) -> list[Any]:

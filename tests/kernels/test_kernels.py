@@ -192,15 +192,23 @@ def test_the_table_names_every_activation_op_and_dtype() -> None:
 def test_arguments_are_cast_to_their_c_types() -> None:
     spec = K.TABLE["sgd_update_f32"]
     p = np.zeros(3, np.float32)
-    args = spec.cast((p, p, None, 3, 0.1, 0.9, 0.0, 0.0, True, False, None, None))
-    assert [type(a) for a in args[3:10]] == [np.int64] + [np.float32] * 4 + [np.int32] * 2
+    scalars = (3, 0.1, None, 0.9, 0.0, 0.0, 1, 0)  # n, lr, lr_ptr, momentum, ..., first_step
+
+    def args(p: Any = p, step: Any = None, found_inf: Any = None) -> tuple:
+        return (p, p, None, *scalars, step, None, found_inf)
+
+    cast = spec.cast(args())
+    want = [np.int64, np.float64, type(None)] + [np.float32] * 3 + [np.int32] * 2
+    assert [type(a) for a in cast[3:11]] == want
     with pytest.raises(TypeError, match="float32"):
-        spec.cast((p.astype(np.float64), p, None, 3, 0.1, 0.9, 0.0, 0.0, 1, 0, None, None))
+        spec.cast(args(p.astype(np.float64)))
     with pytest.raises(TypeError, match="C-contiguous"):
-        spec.cast((np.zeros(6, np.float32)[::2], p, None, 3, 0.1, 0.9, 0.0, 0.0, 1, 0, p, p))
+        spec.cast(args(np.zeros(6, np.float32)[::2]))
+    with pytest.raises(TypeError, match="step must be a C-contiguous int64 array"):
+        spec.cast(args(step=np.zeros(1, np.int32)))
     with pytest.raises(TypeError, match="found_inf must be a C-contiguous float32"):
-        spec.cast((p, p, None, 3, 0.1, 0.9, 0.0, 0.0, 1, 0, None, np.zeros(1, np.float64)))
-    with pytest.raises(TypeError, match="takes 12 arguments"):
+        spec.cast(args(found_inf=np.zeros(1, np.float64)))
+    with pytest.raises(TypeError, match="takes 14 arguments"):
         spec.cast((p,))
 
 
@@ -418,14 +426,31 @@ def _run_optimizer(
     target = r.standard_normal(n).astype(dtype)
     p = r.standard_normal(n).astype(dtype)
     state = [np.zeros(n, np.float32), np.zeros(n, np.float32)]
-    for step in range(1, steps + 1):
+    count = np.zeros(1, np.int64)  # (advanced by each update, as the optimizers' counts)
+    for _ in range(steps):
         grad = (p - target) + r.standard_normal(n).astype(dtype) * dtype(0.1)
-        if kind == "sgd":
-            buf = state[0] if cfg.get("momentum") else None
-            ops.sgd_update(p, grad, buf, SGDHyper(**cfg), first_step=step == 1)
-        else:
-            ops.adam_update(p, grad, *state, AdamHyper(**cfg, decoupled=kind == "adamw"), step=step)
+        _update(ops, kind, cfg, p, grad, state, count)
+    assert count[0] == (0 if kind == "sgd" and not cfg.get("momentum") else steps)
     return [p, *state]
+
+
+def _update(
+    ops: Any, kind: str, cfg: dict, p: Any, grad: Any, state: list, count: Any, **scaling: Any
+) -> None:
+    """One update as the optimizers make it: Adam's and momentum SGD's with step counts."""
+    if kind == "sgd":
+        buf = state[0] if cfg.get("momentum") else None
+        step = count if buf is not None else None
+        ops.sgd_update(p, grad, buf, SGDHyper(**cfg), step=step, **scaling)
+    else:
+        hyper = AdamHyper(**cfg, decoupled=kind == "adamw")
+        ops.adam_update(p, grad, *state, hyper, step=count, **scaling)
+
+
+def _kernels(kind: str, cfg: dict, sfx: str = "f32") -> set[str]:
+    """The kernels an update launches: the count's before Adam's and momentum SGD's."""
+    counted = kind != "sgd" or bool(cfg.get("momentum"))
+    return {f"{kind.rstrip('w')}_update_{sfx}"} | ({K.COUNT_KERNEL} if counted else set())
 
 
 @pytest.mark.parametrize(("kind", "cfg"), OPTIMIZERS)
@@ -436,10 +461,8 @@ def test_optimizer_kernels_match_numpy_for_100_steps(
     got = _run_optimizer(cuda_on_cpu, kind, cfg, n, 100)
     want = _run_optimizer(REF, kind, cfg, n, 100)
     for a, b, what in zip(got, want, ("param", "state 1", "state 2")):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=f"{kind} {cfg}: {what}")
-    assert {name for name, _, _ in cuda_on_cpu._kernels.launches} == {
-        "sgd_update_f32" if kind == "sgd" else "adam_update_f32"
-    }
+        np.testing.assert_array_equal(a, b, err_msg=f"{kind} {cfg}: {what}")
+    assert {name for name, _, _ in cuda_on_cpu._kernels.launches} == _kernels(kind, cfg)
 
 
 @pytest.mark.parametrize(("kind", "cfg"), OPTIMIZERS)
@@ -455,8 +478,7 @@ def test_float16_optimizer_kernels_match_numpy(
     np.testing.assert_array_max_ulp(got[0], want[0], maxulp=1)
     for a, b in zip(got[1:], want[1:]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{kind} {cfg}: state")
-    want = "sgd_update_f16" if kind == "sgd" else "adam_update_f16"
-    assert {name for name, _, _ in cuda_on_cpu._kernels.launches} == {want}
+    assert {name for name, _, _ in cuda_on_cpu._kernels.launches} == _kernels(kind, cfg, "f16")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -472,12 +494,10 @@ def test_optimizer_kernels_scale_the_gradient_and_skip_on_found_inf(
     s = np.asarray(0.25, np.float32)
 
     def update(p: np.ndarray, grad: np.ndarray, state: list, **scaling: Any) -> None:
-        if kind == "sgd":
-            buf = state[0] if cfg.get("momentum") else None
-            cuda_on_cpu.sgd_update(p, grad, buf, SGDHyper(**cfg), first_step=True, **scaling)
-        else:
-            hyper = AdamHyper(**cfg, decoupled=kind == "adamw")
-            cuda_on_cpu.adam_update(p, grad, *state, hyper, step=1, **scaling)
+        count = np.zeros(1, np.int64)
+        _update(cuda_on_cpu, kind, cfg, p, grad, state, count, **scaling)
+        skipped = scaling.get("found_inf") is not None
+        assert count[0] == (0 if skipped or (kind == "sgd" and not cfg.get("momentum")) else 1)
 
     fresh = [np.full(n, 0.5, np.float32), np.full(n, 0.25, np.float32)]
     scaled, scaled_state = p0.copy(), [a.copy() for a in fresh]
@@ -493,7 +513,8 @@ def test_optimizer_kernels_scale_the_gradient_and_skip_on_found_inf(
     np.testing.assert_array_equal(skipped, p0)
     for a, b in zip(skipped_state, fresh):
         np.testing.assert_array_equal(a, b)
-    assert len(cuda_on_cpu._kernels.launches) == 3  # the skip happens in the kernel
+    # the skip happens in the kernels (and the count's)
+    assert len(cuda_on_cpu._kernels.launches) == 3 * len(_kernels(kind, cfg))
 
 
 @pytest.mark.parametrize(("kind", "cfg"), OPTIMIZERS)
@@ -507,15 +528,92 @@ def test_scaled_optimizer_kernels_match_numpy(
     outs = []
     for ops in (cuda_on_cpu, REF):
         p, state = p0.copy(), [np.zeros(n, np.float32), np.zeros(n, np.float32)]
-        if kind == "sgd":
-            buf = state[0] if cfg.get("momentum") else None
-            ops.sgd_update(p, g, buf, SGDHyper(**cfg), first_step=True, grad_scale=s)
-        else:
-            hyper = AdamHyper(**cfg, decoupled=kind == "adamw")
-            ops.adam_update(p, g, *state, hyper, step=1, grad_scale=s)
+        _update(ops, kind, cfg, p, g, state, np.zeros(1, np.int64), grad_scale=s)
         outs.append([p, *state])
     for a, b in zip(*outs):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(a, b)
+
+
+# Step counts across the range a run meets: the first 300, round and odd ones, and counts past
+# 2^31 (an int64 in the kernel) where beta2^t has long underflowed to 0.
+COUNTS = [*range(1, 301), 1000, 4096, 12345, 99999, 10**6, 2**31 + 5]
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_adam_kernel_bias_corrections_equal_the_host_s_at_every_count(
+    cuda_on_cpu: CupyBackend, decoupled: bool
+) -> None:
+    """The kernel computes step_size and sqrt(1 - beta2^t) from the count on the device, in
+    double as AdamHyper.scalars does on the host (which the NumPy path uses): at every count
+    the update is NumPy's, bit for bit, and the launch advances the count first. The lr as a
+    float64 device array (lr_ptr) gives the float's bits."""
+    n, r = 300, np.random.default_rng(8)
+    p0, g = r.standard_normal(n).astype(np.float32), r.standard_normal(n).astype(np.float32)
+    m0 = r.standard_normal(n).astype(np.float32) * np.float32(0.1)
+    v0 = np.abs(r.standard_normal(n)).astype(np.float32) * np.float32(0.01)
+    cfg = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.05}
+    for lr in (1e-3, np.asarray(1e-3)):
+        hyper = AdamHyper(lr, decoupled=decoupled, **cfg)
+        for t in COUNTS:
+            outs = []
+            for ops in (cuda_on_cpu, REF):
+                p, m, v, count = p0.copy(), m0.copy(), v0.copy(), np.full(3, t - 1, np.int64)
+                ops.adam_update(p, g, m, v, hyper, step=count)
+                np.testing.assert_array_equal(count, t)
+                outs.append((p, m, v))
+            for a, b in zip(*outs):
+                np.testing.assert_array_equal(a, b, err_msg=f"t = {t}, lr {type(lr).__name__}")
+    launches = [name for name, _, _ in cuda_on_cpu._kernels.launches]
+    assert launches[:2] == [K.COUNT_KERNEL, "adam_update_f32"]
+
+
+def test_a_count_below_one_updates_nothing_in_the_kernel(cuda_on_cpu: CupyBackend) -> None:
+    """A count the caller did not advance (-1 becomes 0): no step, nothing divided by 0."""
+    p, m, v = np.ones(7, np.float32), np.zeros(7, np.float32), np.zeros(7, np.float32)
+    count = np.full(1, -1, np.int64)
+    cuda_on_cpu.adam_update(p, np.ones(7, np.float32), m, v, AdamHyper(0.1), step=count)
+    assert count[0] == 0
+    np.testing.assert_array_equal(p, 1.0)
+    np.testing.assert_array_equal(m, 0.0)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_skipped_first_step_leaves_the_next_one_first_in_the_kernels(
+    cuda_on_cpu: CupyBackend, kind: str
+) -> None:
+    """found_inf on the first step: the count stays 0, nothing changes; the next (clean) step is
+    the first (SGD with dampening: buf = d; Adam: t = 1), as in NumPy, bit for bit. The lr read
+    through lr_ptr."""
+    n, r = 1000, np.random.default_rng(9)
+    p0, g = r.standard_normal(n).astype(np.float32), r.standard_normal(n).astype(np.float32)
+    lr = np.asarray(0.05)
+    outs = []
+    for ops in (cuda_on_cpu, REF):
+        p, state, count = (
+            p0.copy(),
+            [np.zeros(n, np.float32), np.zeros(n, np.float32)],
+            np.zeros(2, np.int64),
+        )
+        for found in (1.0, 0.0, 0.0):
+            flag = np.full(1, found, np.float32)
+            if kind == "sgd":
+                hyper = SGDHyper(lr, momentum=0.9, dampening=0.5)
+                ops.sgd_update(p, g, state[0], hyper, step=count, found_inf=flag)
+            else:
+                ops.adam_update(p, g, *state, AdamHyper(lr), step=count, found_inf=flag)
+            if found:
+                np.testing.assert_array_equal(p, p0)
+                np.testing.assert_array_equal(count, 0)
+        np.testing.assert_array_equal(count, 2)
+        outs.append([p, *state])
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    if kind == "sgd":  # the first clean step was the first (buf = d), as first_step says
+        want, buf = p0.copy(), np.zeros(n, np.float32)
+        for first in (True, False):
+            hyper = SGDHyper(0.05, momentum=0.9, dampening=0.5)
+            REF.sgd_update(want, g, buf, hyper, first_step=first)
+        np.testing.assert_array_equal(outs[0][0], want)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -579,8 +677,10 @@ def test_cupy_backend_falls_back_where_no_kernel_exists(cuda_on_cpu: CupyBackend
     cuda_on_cpu.sgd_update(p, np.ones(5), None, SGDHyper(lr=0.5))
     np.testing.assert_array_equal(p, 0.5)
     m, v = np.zeros(5), np.zeros(5)
-    cuda_on_cpu.adam_update(p, np.ones(5), m, v, AdamHyper(0.1, 0.9, 0.99, eps=0.0), step=1)
+    count = np.zeros(1, np.int64)
+    cuda_on_cpu.adam_update(p, np.ones(5), m, v, AdamHyper(0.1, 0.9, 0.99, eps=0.0), step=count)
     np.testing.assert_allclose(p, 0.4)
+    assert count[0] == 1
     assert cuda_on_cpu.grad_norm(np.full(4, 1.5)) == 3.0
     assert cuda_on_cpu._kernels.launches == []
 

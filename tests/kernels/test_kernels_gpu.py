@@ -76,13 +76,14 @@ def compute(backend: Any, dtype: Any, arrays: dict[str, np.ndarray]) -> dict[str
     for key, (kind, cfg) in OPTIMIZERS.items():
         p = put(arrays["p"])
         state = [backend.asarray(zeros.copy()), backend.asarray(zeros.copy())]
+        count = backend.asarray(np.zeros(1, np.int64))  # (each update advances it)
         for step in range(1, STEPS + 1):
             grad = put(host(p).astype(np.float64) - arrays["target"] + arrays["noise"][step - 1])
             if kind == "sgd":
-                backend.sgd_update(p, grad, state[0], SGDHyper(**cfg), first_step=step == 1)
+                backend.sgd_update(p, grad, state[0], SGDHyper(**cfg), step=count)
             else:
                 hyper = AdamHyper(**cfg, decoupled=kind == "adamw")
-                backend.adam_update(p, grad, *state, hyper, step=step)
+                backend.adam_update(p, grad, *state, hyper, step=count)
         out[f"{key}/param"] = host(p)
     out["grad_norm"] = host(backend.grad_norm(put(arrays["p"])))
     return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
@@ -194,6 +195,45 @@ class TestOnGPU:
             grads[dev] = x.grad.numpy()
         np.testing.assert_allclose(grads["cuda"], grads["cpu"], rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.parametrize("on_device", [False, True], ids=["lr", "lr_ptr"])
+    def test_adam_bias_corrections_from_the_device_count_equal_the_host_s(
+        self, on_device: bool
+    ) -> None:
+        """The kernel's step_size and sqrt(1 - beta2^t), computed from the count in double
+        (CUDA's pow), against the host's (glibc's) at counts 1-300 and up to 2^31: a first
+        step from zero state with g = 1 and eps = 0 makes p = -step_size * (1 - beta1) /
+        (sqrt(1 - beta2) / bc2_sqrt), whose every operation is exact or IEEE-rounded alike on
+        both sides (adding 0 to an FMA's product rounds it once), so equal bits here mean
+        equal scalars."""
+        cpu, gpu = NumpyBackend(None), gpunet.get_backend("cuda")
+        counts = [*range(1, 301), 1000, 4096, 12345, 99999, 10**6, 2**31 + 5]
+        for decoupled in (False, True):
+            lr = 3e-4
+            hyper = AdamHyper(lr, 0.9, 0.999, eps=0.0, decoupled=decoupled)
+            device_hyper = AdamHyper(
+                gpu.asarray(np.asarray(lr)) if on_device else lr, 0.9, 0.999, 0.0, 0.0, decoupled
+            )
+            want, got = [], []
+            for t in counts:
+                zeros = [np.zeros(8, np.float32) for _ in range(3)]
+                cpu.adam_update(
+                    zeros[0],
+                    np.ones(8, np.float32),
+                    zeros[1],
+                    zeros[2],
+                    hyper,
+                    step=np.full(1, t - 1, np.int64),
+                )
+                want.append(zeros[0][0])
+                p, m, v = (gpu.asarray(np.zeros(8, np.float32)) for _ in range(3))
+                count = gpu.asarray(np.full(1, t - 1, np.int64))
+                gpu.adam_update(
+                    p, gpu.asarray(np.ones(8, np.float32)), m, v, device_hyper, step=count
+                )
+                got.append(gpu.to_numpy(p)[0])
+                assert int(gpu.to_numpy(count)[0]) == t
+            np.testing.assert_array_equal(np.array(got), np.array(want))
+
     @pytest.mark.parametrize("dtype", [np.float32, np.float16])
     def test_scaled_updates_read_the_scale_and_flag_on_the_device(self, dtype: Any) -> None:
         """grad_scale and found_inf as device arrays: the kernel's scaled Adam step matches
@@ -204,7 +244,9 @@ class TestOnGPU:
         cpu, gpu = NumpyBackend(None), gpunet.get_backend("cuda")
         scale = np.asarray(1.0 / 3.0, np.float32)
         want = [p0.copy(), np.zeros(4099, np.float32), np.zeros(4099, np.float32)]
-        cpu.adam_update(want[0], g, want[1], want[2], hyper, step=1, grad_scale=scale)
+        count = np.zeros(1, np.int64)
+        cpu.adam_update(want[0], g, want[1], want[2], hyper, step=count, grad_scale=scale)
+        count = gpu.asarray(np.zeros(1, np.int64))
         got = [gpu.asarray(a) for a in (p0, np.zeros(4099, np.float32), np.zeros(4099, np.float32))]
         flag = gpu.asarray(np.zeros(1, np.float32))
         gpu.adam_update(
@@ -213,7 +255,7 @@ class TestOnGPU:
             got[1],
             got[2],
             hyper,
-            step=1,
+            step=count,
             grad_scale=gpu.asarray(scale),
             found_inf=flag,
         )
@@ -221,9 +263,10 @@ class TestOnGPU:
             np.testing.assert_allclose(gpu.to_numpy(a).astype(np.float32), b, rtol=1e-3, atol=1e-6)
         before = [gpu.to_numpy(a).copy() for a in got]
         flag[...] = 1.0
-        gpu.adam_update(got[0], gpu.asarray(g), got[1], got[2], hyper, step=2, found_inf=flag)
+        gpu.adam_update(got[0], gpu.asarray(g), got[1], got[2], hyper, step=count, found_inf=flag)
         for a, b in zip(got, before):
             np.testing.assert_array_equal(gpu.to_numpy(a), b)
+        assert int(gpu.to_numpy(count)[0]) == 1  # (the skipped step did not count)
 
 
 if __name__ == "__main__":

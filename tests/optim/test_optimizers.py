@@ -309,15 +309,17 @@ def test_numpy_chunked_updates_match_the_whole_buffer_update(op):
     bufs = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
     bufs[3] = np.abs(bufs[3])  # Adam's v
     ours, whole = [b.copy() for b in bufs], [b.copy() for b in bufs]
+    counts = [np.zeros(1, np.int64), np.zeros(1, np.int64)]  # (each update advances its own)
     for step in (1, 2):
         if op == "sgd":
-            hyper = SGDHyper(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
-            backend.sgd_update(*ours[:3], hyper, first_step=step == 1)
+            hyper = SGDHyper(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.1)
+            backend.sgd_update(*ours[:3], hyper, step=counts[0])
             FusedOps.sgd_update(backend, *whole[:3], hyper, first_step=step == 1)
         else:
             hyper = AdamHyper(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
-            backend.adam_update(*ours, hyper, step=step)
-            FusedOps.adam_update(backend, *whole, hyper, step=step)
+            backend.adam_update(*ours, hyper, step=counts[0])
+            FusedOps.adam_update(backend, *whole, hyper, step=counts[1])
+    assert counts[0][0] == 2
     for a, b in zip(ours, whole):
         np.testing.assert_array_equal(a, b)
 
