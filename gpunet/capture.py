@@ -720,9 +720,6 @@ def _in_place_ok(e: _Entry, at: int, fused: dict[int, tuple], arrays: list[Any])
 
 
 # ---------------------------------------------------------------------- fills written over
-_SIGNED_ZERO = "signed_zero"  # the entry after a sum that now overwrites: out <- out + 0
-
-
 def _plus_zero(out: Any) -> None:
     """out <- out + 0, in place: -0.0 becomes +0.0, every other value (NaN too) stays."""
     _xp_of(out).add(out, 0.0, out=out)
@@ -852,7 +849,7 @@ def _overwriting(w: _Entry, arrays: list[Any]) -> list[_Entry] | None:
     if any(r[0] != "a" for r in w.ins):
         return None
     over = _Entry("into", w.name, w.fn, w.ins, {**w.params, "beta": 0.0}, None)
-    plus = _Entry("into", _SIGNED_ZERO, _plus_zero, w.ins[:1], {}, None)
+    plus = _Entry("into", "add", _plus_zero, w.ins[:1], {}, None)  # (priced as an add)
     over.site = plus.site = w.site
     out = arrays[w.ins[0][1]]
     ops = [np.array(arrays[r[1]], order="K") for r in w.ins[1:]]
@@ -897,9 +894,7 @@ def _fold_sgd(rec: _Recorder, keep: set[int]) -> tuple[dict[int, _Entry], list[A
             continue
         folds.update(replaced)
         for j, x in enumerate(entries):
-            if x.name == _SIGNED_ZERO and _xp_of(flat_g).may_share_memory(
-                arrays[x.ins[0][1]], flat_g
-            ):
+            if x.fn is _plus_zero and _xp_of(flat_g).may_share_memory(arrays[x.ins[0][1]], flat_g):
                 folds[j] = _Entry("folded", x.name, x.fn, x.ins, x.params, None)
         folds[at] = _Entry("folded", e.name, e.fn, e.ins, e.params, None)
         hypers.append(hyper)
@@ -944,7 +939,7 @@ def _gradient_writes(
 
     writes = {}
     for j, w in enumerate(entries):
-        if j == at or w.name == _SIGNED_ZERO or not any(reads(r) for r in w.ins):
+        if j == at or w.fn is _plus_zero or not any(reads(r) for r in w.ins):
             continue  # (a +0 after a sum into G: G goes unwritten when folded)
         target = arrays[w.ins[0][1]] if w.ins[0][0] == "a" else None
         if (

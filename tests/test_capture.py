@@ -565,7 +565,7 @@ def test_an_overwrite_that_would_leave_minus_zero_is_not_made(
     (cap,) = run._captures.values()
     if method == "sum_into":
         assert (cap.program.dropped, cap.program.overwritten) == (1, 4)
-        assert sum(e.name == "signed_zero" for e in cap.program.rec.entries) == 2
+        assert sum(e.fn.__name__ == "_plus_zero" for e in cap.program.rec.entries) == 2
     else:
         assert (cap.program.dropped, cap.program.overwritten) == (0, 0)
 
