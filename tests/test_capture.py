@@ -570,6 +570,37 @@ def test_an_overwrite_that_would_leave_minus_zero_is_not_made(
         assert (cap.program.dropped, cap.program.overwritten) == (0, 0)
 
 
+def test_a_second_backward_into_the_written_gradients_still_adds() -> None:
+    """Two backward passes in one step (gradient accumulation): the first one's writes
+    overwrite where the fill went, the second's still add to them, as eager's do."""
+
+    def run(captured: bool) -> tuple[list, Any]:
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 5])
+        opt = optim.SGD(model.parameters(), lr=0.1)
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor) -> Any:
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x[:4]), y[:4]).backward()
+            F.cross_entropy(model(x[4:]), y[4:]).backward()
+            opt.step()
+            return next(iter(model.parameters())).grad
+
+        batches = _batches(STEPS + 1)
+        step(*batches[0])
+        go = gpunet.capture(step) if captured else step
+        seen = [go(x, y).numpy().copy() for x, y in batches[1:]]
+        return seen + [p.numpy().copy() for p in model.parameters()], go
+
+    captured, go = run(True)
+    eager, _ = run(False)
+    for a, b in zip(captured, eager):
+        assert np.array_equal(_bits(a), _bits(b))
+    (cap,) = go._captures.values()
+    assert (cap.program.dropped, cap.program.overwritten) == (1, 4)
+    assert sum(e.params.get("beta") == 1.0 for e in cap.program.rec.entries) == 4  # (the 2nd)
+
+
 def _read_fill_run(case: str, captured: bool) -> tuple[list, Any]:
     """A zero-fill the step reads: ``before`` reads a gradient before backward writes it;
     ``unused``, a parameter with no gradient, whose zeros the update reads (its gradient
