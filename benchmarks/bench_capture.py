@@ -153,3 +153,32 @@ def test_a_replay_s_calls_and_bytes(capsys: Any) -> None:
     assert seen["folded"]["calls"] == seen["captured"]["calls"] - 1
     assert seen["folded"]["update bytes"] == 0
     assert seen["captured"]["update bytes"] == 3 * 4 * parameter_count(sizes)  # (p, g; p)
+
+
+def interleaved(size: str, rounds: int) -> dict[str, float]:
+    """Each implementation of FLOOR_IMPLS timed once per round, in turn (so a burst of load
+    falls on all of them): {name: median over rounds of its time / the floor's}."""
+    import time
+
+    works = {name: make(mlp_state(*MLP_SIZES[size])) for name, make in FLOOR_IMPLS.items()}
+    for work in works.values():
+        for _ in range(3):  # a captured step's first two calls record it
+            work.step()
+    times: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(rounds):
+        for name, work in works.items():
+            start = time.perf_counter()
+            work.step()
+            times[name].append(time.perf_counter() - start)
+    floor = np.array(times["gemm floor"])
+    return {name: float(np.median(np.array(t) / floor)) for name, t in times.items()}
+
+
+if __name__ == "__main__":  # python benchmarks/bench_capture.py medium 30
+    import sys
+
+    size, rounds = sys.argv[1], int(sys.argv[2])
+    ratios = interleaved(size, rounds)
+    print(f"{size}, {rounds} interleaved rounds, median ratio to the GEMM floor:")
+    for name, ratio in ratios.items():
+        print(f"  {name}: {ratio:.3f}x")
