@@ -33,7 +33,9 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
 
 Before it is generated, the recording's intermediates are planned by liveness: one whose
 last reader has run gives its buffer to a later one of the same size and dtype, so a replay
-holds no more than the eager step's peak. ``capture(step, fold_sgd=True)`` also folds plain
+holds no more than the eager step's peak; a fill the step writes over before anything reads
+it (``zero_grad(set_to_none=False)``) is dropped, the GEMMs and sums that added into its zeros
+overwriting instead where that gives the same bits. ``capture(step, fold_sgd=True)`` folds plain
 SGD's update into the GEMMs and sums that make its gradient (``SGD(in_backward=True)``'s
 arithmetic; ``p.grad`` of those parameters then reads NaN).
 
