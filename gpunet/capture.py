@@ -124,6 +124,7 @@ class _Recorder:
         self.origin: list[Any] = []  # per array: 'input', 'made', 'view', or an external key
         self.entries: list[_Entry] = []
         self.depth = 0  # inside a segment: its own calls are not recorded
+        self.dropped = (0, 0)  # (fills dropped, accumulations made overwrites): _drop_fills
         for a in inputs:
             self._add(a, "input")
 
@@ -283,8 +284,7 @@ class _Program:
         self.n_inputs = n_inputs
         self.inputs = rec.arrays[:n_inputs]
         self.outputs = outputs
-        # (first, on the recorded values: the overwrites are checked against them)
-        self.dropped, self.overwritten = _drop_fills(rec)
+        self.dropped, self.overwritten = rec.dropped  # (the fills went before the comparison)
         written = {e.ins[0][1] for e in rec.entries if e.kind == "into" and e.ins[0][0] == "a"}
         for e in rec.entries:
             if e.name in _PURE and e.out[1] not in written and all(r[0] == "c" for r in e.ins):
@@ -749,8 +749,8 @@ def _drop_fills(rec: _Recorder) -> tuple[int, int]:
         plan[f] = []
         plan.update(steps)  # type: ignore[arg-type]
     rec.entries = [x for i, e in enumerate(entries) for x in plan.get(i, [e])]
-    dropped = sum(not v for v in plan.values())
-    return dropped, sum(bool(v) for v in plan.values())
+    rec.dropped = (sum(not v for v in plan.values()), sum(bool(v) for v in plan.values()))
+    return rec.dropped
 
 
 def _filled(e: _Entry, arrays: list[Any]) -> Any:
@@ -1170,6 +1170,11 @@ class CapturedStep:
             self._pending[key] = (rec, buffers, autodiff.LAYOUT[0])
             return result
         del self._pending[key]
+        # both without the fills they write over (on the recorded values, which the overwrites
+        # are checked against): gradients still None at the first call are written there
+        # (zero_grad(set_to_none=False) fills the flat buffer) and added to at the second
+        _drop_fills(pending[0])
+        _drop_fills(rec)
         try:
             _compare(pending[0], rec, self.name)
         except CaptureError as e:
