@@ -122,6 +122,7 @@ class _Recorder:
         self.arrays: list[Any] = []  # every array met, held (so no id is reused)
         self.slot: dict[int, int] = {}  # id(array) -> index in arrays
         self.origin: list[Any] = []  # per array: 'input', 'made', 'view', or an external key
+        self.rank: dict[int, int] = {}  # slot -> its place among the step's own arrays
         self.entries: list[_Entry] = []
         self.depth = 0  # inside a segment: its own calls are not recorded
         self.dropped = (0, 0)  # (fills dropped, accumulations made overwrites): _drop_fills
@@ -133,6 +134,8 @@ class _Recorder:
         self.arrays.append(a)
         self.slot[id(a)] = k
         self.origin.append(origin)
+        if not isinstance(origin, tuple):  # (numbered apart from external arrays, so that
+            self.rank[k] = len(self.rank)  # a call reading one more of those shifts nothing)
         return k
 
     def ref(self, x: Any) -> Any:
@@ -191,7 +194,7 @@ class _Recorder:
             a = self.arrays[r[1]]
             if isinstance(origin, tuple):
                 return ("external", origin[1])
-            return (origin, r[1], tuple(a.shape), str(a.dtype))
+            return (origin, self.rank[r[1]], tuple(a.shape), str(a.dtype))
 
         return (e.kind, e.name, [key(r) for r in e.ins], key(e.out))
 

@@ -490,12 +490,13 @@ def test_profile_hears_a_folded_replay_s_calls() -> None:
 
 # ---------------------------------------------------------------------- fills written over
 def _dead_units_run(
-    kind: str, captured: bool, steps: int = STEPS, warm: bool = True
+    kind: str, captured: bool, steps: int = STEPS, warm: bool = True, by: str = "optimizer"
 ) -> tuple[list, Any]:
     """Two Linear layers, the second with 2 dead units under a loss whose cotangent is -1
     everywhere, so those units' gradients are sums of -0.0 (eager's 0 + (-0.0) is +0.0);
     ``zero_grad(set_to_none=False)``, with ``warm`` one eager step before the capture (the
-    gradients exist). Returns each step's (loss, every parameter, every gradient) and the run."""
+    gradients exist); ``by='module'``: ``model.zero_grad`` (a fill per gradient). Returns each
+    step's (loss, every parameter, every gradient) and the run."""
     gpunet.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5), nn.ReLU())
     with gpunet.no_grad():
@@ -507,7 +508,7 @@ def _dead_units_run(
     )
 
     def step(x: gpunet.Tensor, y: gpunet.Tensor) -> Any:
-        opt.zero_grad(set_to_none=False)
+        (model if by == "module" else opt).zero_grad(set_to_none=False)
         loss = (model(x) * -1.0).sum()
         loss.backward()
         opt.step()
@@ -543,15 +544,17 @@ def test_a_zero_fill_written_over_is_dropped_bit_for_bit_signed_zeros_too(kind: 
     assert "(1 fill written over dropped, 4 accumulations into zeros now write)" in repr(run)
 
 
-def test_zero_filled_gradients_captured_from_their_first_step_replay_bit_for_bit() -> None:
+@pytest.mark.parametrize("by", ["optimizer", "module"])
+def test_zero_filled_gradients_captured_from_their_first_step_replay_bit_for_bit(by: str) -> None:
     """Gradients still None at the first call are written there, added to at the second:
-    without the fill both recordings are the same calls, and the replays equal eager's."""
-    captured, run = _dead_units_run("sgd", captured=True, warm=False)
-    eager, _ = _dead_units_run("sgd", captured=False, warm=False)
+    without the fills both recordings are the same calls, and the replays equal eager's."""
+    captured, run = _dead_units_run("momentum", captured=True, warm=False, by=by)
+    eager, _ = _dead_units_run("momentum", captured=False, warm=False, by=by)
     for u, v in zip(captured, eager):
         for a, b in zip(u, v):
             assert np.array_equal(_bits(a), _bits(b))
-    assert run.replays == STEPS - 2 and "1 fill written over dropped" in repr(run)
+    fills = "1 fill" if by == "optimizer" else "4 fills"  # (the flat buffer; each gradient)
+    assert run.replays == STEPS - 2 and f"({fills} written over dropped" in repr(run)
 
 
 @pytest.mark.parametrize("method", ["_matmul_out", "sum_into"])
