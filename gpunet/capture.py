@@ -860,7 +860,8 @@ def _overwriting(w: _Entry, arrays: list[Any]) -> list[_Entry] | None:
     ops = [np.array(arrays[r[1]], order="K") for r in w.ins[1:]]
     np.abs(ops[0], out=ops[0])  # (|x| times -0.0 is -0.0, for every x)
     last = ops[-1].swapaxes(-1, -2) if w.params.get("ty") else ops[-1]
-    last[..., ::3] = -0.0
+    if last.ndim:
+        last[..., ::3] = -0.0
     eager, now = np.zeros_like(out), np.full_like(out, np.nan)
     w.fn(eager, *ops, **w.params)
     w.fn(now, *ops, **over.params)
