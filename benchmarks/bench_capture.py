@@ -14,6 +14,9 @@ folded into the weight GEMMs), against the GEMMs-only floor (``gemm_floor``): co
 median with the floor's (the large size: three rounds; under ``--benchmark-disable`` a
 sixteenth of its widths, once).
 
+``test_a_replay_s_calls_and_bytes`` (not timed) prints medium's replay as calls and modelled
+bytes, plain and folded: the deterministic side of those timings.
+
 Run: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE pytest benchmarks/bench_capture.py
 --benchmark-only``.
 """
@@ -35,6 +38,7 @@ from gpunet.bench.workloads import (
     gpunet_step_in_backward,
     mlp_state,
     numpy_step,
+    parameter_count,
 )
 
 SIZES = ["tiny", "small"]
@@ -110,3 +114,71 @@ def test_step_against_the_gemm_floor(benchmark: Any, size: str, impl: str) -> No
     benchmark.pedantic(work.step, rounds=3 if size == "large" else 20, warmup_rounds=0)
     if impl != "gemm floor":
         assert all(np.isfinite(w).all() for w in work.weights())  # type: ignore[misc]
+
+
+GEMMS = ("matmul", "linear_activation")  # (the forward's bias and relu ride in the latter)
+
+
+def replay_traffic(step: Any) -> dict[str, int]:
+    """A profiled replay of a captured step (``gpunet.profile``, modelled bytes): its calls,
+    and the calls and bytes of those that are not GEMMs (bias, relu, loss, update passes)."""
+    import gpunet
+
+    with gpunet.profile() as prof:
+        step()
+    others = [r for r in prof.records if r.name not in GEMMS and not r.is_view]
+    return {
+        "calls": sum(not r.is_view for r in prof.records),
+        "other calls": len(others),
+        "other bytes": sum(r.bytes for r in others),
+        "all bytes": sum(r.bytes for r in prof.records),
+        "update bytes": sum(r.bytes for r in prof.records if r.name == "sgd_update"),
+    }
+
+
+def test_a_replay_s_calls_and_bytes(capsys: Any) -> None:
+    """Deterministic (not timed): medium's replayed step, plain and with ``fold_sgd``, as
+    calls and modelled bytes; the fold takes the update's pass (p, g read, p written)."""
+    sizes, batch = MLP_SIZES["medium"]
+    seen = {}
+    for name, make in (("captured", gpunet_step_captured), ("folded", gpunet_step_captured_folded)):
+        work = make(mlp_state(sizes, batch))
+        for _ in range(3):
+            work.step()
+        seen[name] = replay_traffic(work.step)
+    with capsys.disabled():
+        for name, t in seen.items():
+            print(f"\nmedium {name}: {t['calls']} calls, {t['other calls']} not GEMMs moving "
+                  f"{t['other bytes'] / 1e6:.1f} MB of {t['all bytes'] / 1e6:.1f} MB")  # fmt: skip
+    assert seen["folded"]["calls"] == seen["captured"]["calls"] - 1
+    assert seen["folded"]["update bytes"] == 0
+    assert seen["captured"]["update bytes"] == 3 * 4 * parameter_count(sizes)  # (p, g; p)
+
+
+def interleaved(size: str, rounds: int) -> dict[str, float]:
+    """Each implementation of FLOOR_IMPLS timed once per round, in turn (so a burst of load
+    falls on all of them): {name: median over rounds of its time / the floor's}."""
+    import time
+
+    works = {name: make(mlp_state(*MLP_SIZES[size])) for name, make in FLOOR_IMPLS.items()}
+    for work in works.values():
+        for _ in range(3):  # a captured step's first two calls record it
+            work.step()
+    times: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(rounds):
+        for name, work in works.items():
+            start = time.perf_counter()
+            work.step()
+            times[name].append(time.perf_counter() - start)
+    floor = np.array(times["gemm floor"])
+    return {name: float(np.median(np.array(t) / floor)) for name, t in times.items()}
+
+
+if __name__ == "__main__":  # python benchmarks/bench_capture.py medium 30
+    import sys
+
+    size, rounds = sys.argv[1], int(sys.argv[2])
+    ratios = interleaved(size, rounds)
+    print(f"{size}, {rounds} interleaved rounds, median ratio to the GEMM floor:")
+    for name, ratio in ratios.items():
+        print(f"  {name}: {ratio:.3f}x")

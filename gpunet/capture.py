@@ -34,7 +34,9 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
 
 Before it is generated, the recording's intermediates are planned by liveness: one whose
 last reader has run gives its buffer to a later one of the same size and dtype, so a replay
-holds no more than the eager step's peak. ``capture(step, fold_sgd=True)`` also folds plain
+holds no more than the eager step's peak; a fill the step writes over before anything reads
+it (``zero_grad(set_to_none=False)``) is dropped, the GEMMs and sums that added into its zeros
+overwriting instead where that gives the same bits. ``capture(step, fold_sgd=True)`` folds plain
 SGD's update into the GEMMs and sums that make its gradient (``SGD(in_backward=True)``'s
 arithmetic; ``p.grad`` of those parameters then reads NaN).
 
@@ -121,8 +123,10 @@ class _Recorder:
         self.arrays: list[Any] = []  # every array met, held (so no id is reused)
         self.slot: dict[int, int] = {}  # id(array) -> index in arrays
         self.origin: list[Any] = []  # per array: 'input', 'made', 'view', or an external key
+        self.rank: dict[int, int] = {}  # slot -> its place among the step's own arrays
         self.entries: list[_Entry] = []
         self.depth = 0  # inside a segment: its own calls are not recorded
+        self.dropped = (0, 0)  # (fills dropped, accumulations made overwrites): _drop_fills
         for a in inputs:
             self._add(a, "input")
 
@@ -131,6 +135,8 @@ class _Recorder:
         self.arrays.append(a)
         self.slot[id(a)] = k
         self.origin.append(origin)
+        if not isinstance(origin, tuple):  # (numbered apart from external arrays, so that
+            self.rank[k] = len(self.rank)  # a call reading one more of those shifts nothing)
         return k
 
     def ref(self, x: Any) -> Any:
@@ -189,7 +195,7 @@ class _Recorder:
             a = self.arrays[r[1]]
             if isinstance(origin, tuple):
                 return ("external", origin[1])
-            return (origin, r[1], tuple(a.shape), str(a.dtype))
+            return (origin, self.rank[r[1]], tuple(a.shape), str(a.dtype))
 
         return (e.kind, e.name, [key(r) for r in e.ins], key(e.out))
 
@@ -282,6 +288,7 @@ class _Program:
         self.n_inputs = n_inputs
         self.inputs = rec.arrays[:n_inputs]
         self.outputs = outputs
+        self.dropped, self.overwritten = rec.dropped  # (the fills went before the comparison)
         written = {e.ins[0][1] for e in rec.entries if e.kind == "into" and e.ins[0][0] == "a"}
         for e in rec.entries:
             if e.name in _PURE and e.out[1] not in written and all(r[0] == "c" for r in e.ins):
@@ -706,6 +713,155 @@ def _in_place_ok(e: _Entry, at: int, fused: dict[int, tuple], arrays: list[Any])
     return e.name == "activation_backward" or _numpy_in_place(e, arrays, {}, at) is None
 
 
+# ---------------------------------------------------------------------- fills written over
+def _plus_zero(out: Any) -> None:
+    """out <- out + 0, in place: -0.0 becomes +0.0, every other value (NaN too) stays."""
+    _xp_of(out).add(out, 0.0, out=out)
+
+
+def _drop_fills(rec: _Recorder) -> tuple[int, int]:
+    """Drop each fill of a buffer whose every element the step writes over before anything
+    reads it (``zero_grad(set_to_none=False)`` then the sweep's gradient writes), in place in
+    ``rec.entries``. A GEMM or sum that accumulated into the zeros (beta = 1) then overwrites
+    (beta = 0) where that writes the same bits: 0 + x is x exactly but for x = -0.0 (eager
+    writes +0.0), so each is first run both ways on its recorded operands with signed zeros
+    in them (``_overwriting``). Returns (fills dropped, accumulations made overwrites)."""
+    entries, arrays = rec.entries, rec.arrays
+    plan: dict[int, list[_Entry]] = {}
+    for f, e in enumerate(entries):
+        target = _filled(e, arrays)
+        writes = None if target is None else _writes_over(entries, arrays, f, target)
+        if writes is None or any(j in plan for j, _ in writes):
+            continue
+        if any(acc for _, acc in writes) and not _writes_zeros(e, target):
+            continue  # (adding to a fill of another value is not an overwrite)
+        steps = {j: _overwriting(entries[j], arrays) for j, acc in writes if acc}
+        if any(s is None for s in steps.values()):
+            continue  # (a GEMM whose overwrite is not bit for bit its accumulation here)
+        plan[f] = []
+        plan.update(steps)  # type: ignore[arg-type]
+    rec.entries = [x for i, e in enumerate(entries) for x in plan.get(i, [e])]
+    rec.dropped = (sum(not v for v in plan.values()), sum(bool(v) for v in plan.values()))
+    return rec.dropped
+
+
+def _filled(e: _Entry, arrays: list[Any]) -> Any:
+    """The contiguous buffer a recorded fill writes (zero_grad's 'fill'), else None."""
+    if (
+        e.kind != "into"
+        or e.name != "fill"
+        or len(e.ins) != 1
+        or e.ins[0][0] != "a"
+        or any(isinstance(v, _CHANGING) or _is_array(v) for v in e.params.values())
+    ):
+        return None
+    target = arrays[e.ins[0][1]]
+    return target if target.flags.c_contiguous and target.size else None
+
+
+def _writes_zeros(e: _Entry, target: Any) -> bool:
+    """Does the fill write +0.0 (every bit clear)? Run once on a NaN-filled twin."""
+    probe = _xp_of(target).full(target.shape, np.nan, target.dtype)
+    e.fn(probe, **e.params)
+    return not probe.view(np.uint8).any()
+
+
+def _bounds(a: Any) -> tuple[int, int]:
+    """[first byte, past the last byte) that ``a`` may touch."""
+    lo = hi = _address(a)
+    for n, s in zip(a.shape, a.strides):
+        lo, hi = lo + min(0, s * (n - 1)), hi + max(0, s * (n - 1))
+    return lo, hi + a.itemsize
+
+
+def _writes_over(
+    entries: list[_Entry], arrays: list[Any], f: int, target: Any
+) -> list[tuple[int, bool]] | None:
+    """[(entry index, accumulates?)] of the GEMMs and sums after the fill at ``f`` that write
+    every byte of ``target`` once, each a contiguous range nothing has touched since the
+    fill, with no call between reading a range not yet written; None if there are none such
+    (a segment, a reader, any other writer of the unwritten part)."""
+    lo, hi = _bounds(target)
+    todo = [(lo, hi)]  # the unwritten ranges
+    writes: list[tuple[int, bool]] = []
+
+    def unwritten(a: Any) -> bool:
+        alo, ahi = _bounds(a)
+        return any(alo < b and c < ahi for c, b in todo)
+
+    for j in range(f + 1, len(entries)):
+        w = entries[j]
+        if w.kind in ("view", "const"):
+            continue  # (nothing runs: a view's later readers are seen where they read)
+        if w.kind == "segment":
+            return None
+        reads = [arrays[r[1]] for r in w.ins if r[0] == "a"]
+        reads += [v.data if isinstance(v, Tensor) else v for v in w.params.values()]
+        reads = [a for a in reads if _is_array(a)]
+        if w.kind == "into" and w.ins and w.ins[0][0] == "a" and unwritten(reads[0]):
+            out, reads = reads[0], reads[1:]
+            olo, ohi = _bounds(out)
+            accumulates = _accumulates(w, out)
+            inside = next((k for k, (c, b) in enumerate(todo) if c <= olo and ohi <= b), None)
+            if accumulates is None or inside is None or any(unwritten(a) for a in reads):
+                return None
+            c, b = todo.pop(inside)
+            todo[inside:inside] = [r for r in ((c, olo), (ohi, b)) if r[0] < r[1]]
+            writes.append((j, accumulates))
+            if not todo:
+                return writes
+            continue
+        if any(unwritten(a) for a in reads):
+            return None
+    return None
+
+
+def _accumulates(w: _Entry, out: Any) -> bool | None:
+    """For a GEMM or sum writing the contiguous ``out``: False if it overwrites (alpha 1,
+    beta 0), True if it adds to it (alpha 1, beta 1, a NumPy float32/float64 buffer), else
+    None."""
+    p = w.params
+    if (
+        w.fn.__name__ not in ("matmul_into", "sum_into")
+        or not out.flags.c_contiguous
+        or any(isinstance(v, _CHANGING) for v in p.values())
+        or p.get("alpha", 1.0) != 1.0
+    ):
+        return None
+    beta = p.get("beta", 0.0)
+    if beta == 0.0:
+        return False
+    floats = isinstance(out, np.ndarray) and out.dtype.char in "fd"
+    return True if beta == 1.0 and floats else None
+
+
+def _overwriting(w: _Entry, arrays: list[Any]) -> list[_Entry] | None:
+    """The entries that overwrite where ``w`` accumulated into zeros: itself with beta 0, if
+    both forms write the same bits on the recorded operands with a third of their columns
+    -0.0 (every product or term there -0.0, where 0 + (-0.0) and -0.0 part), else a sum
+    with +0 after it (equal to 0 + x, addition commuting); None if neither is."""
+    if any(r[0] != "a" for r in w.ins):
+        return None
+    over = _Entry("into", w.name, w.fn, w.ins, {**w.params, "beta": 0.0}, None)
+    plus = _Entry("into", "add", _plus_zero, w.ins[:1], {}, None)  # (priced as an add)
+    over.site = plus.site = w.site
+    out = arrays[w.ins[0][1]]
+    ops = [np.array(arrays[r[1]], order="K") for r in w.ins[1:]]
+    np.abs(ops[0], out=ops[0])  # (|x| times -0.0 is -0.0, for every x)
+    last = ops[-1].swapaxes(-1, -2) if w.params.get("ty") else ops[-1]
+    if last.ndim:
+        last[..., ::3] = -0.0
+    eager, now = np.zeros_like(out), np.full_like(out, np.nan)
+    w.fn(eager, *ops, **w.params)
+    w.fn(now, *ops, **over.params)
+    if np.array_equal(eager.view(np.uint8), now.view(np.uint8)):
+        return [over]
+    if w.fn.__name__ != "sum_into":
+        return None
+    _plus_zero(now)
+    return [over, plus] if np.array_equal(eager.view(np.uint8), now.view(np.uint8)) else None
+
+
 def _fold_sgd(rec: _Recorder, keep: set[int]) -> tuple[dict[int, _Entry], list[Any]]:
     """Plain SGD folded into the GEMMs and sums that write its gradient: each one that writes
     a range of the flat gradient G (alpha 1, beta 0) writes instead the parameter's range of
@@ -732,6 +888,9 @@ def _fold_sgd(rec: _Recorder, keep: set[int]) -> tuple[dict[int, _Entry], list[A
         if not replaced:
             continue
         folds.update(replaced)
+        for j, x in enumerate(entries):
+            if x.fn is _plus_zero and _xp_of(flat_g).may_share_memory(arrays[x.ins[0][1]], flat_g):
+                folds[j] = _Entry("folded", x.name, x.fn, x.ins, x.params, None)
         folds[at] = _Entry("folded", e.name, e.fn, e.ins, e.params, None)
         hypers.append(hyper)
         flat_g[...] = np.nan  # (``p.grad`` is not written by a folded replay: loud if read)
@@ -775,8 +934,8 @@ def _gradient_writes(
 
     writes = {}
     for j, w in enumerate(entries):
-        if j == at or not any(reads(r) for r in w.ins):
-            continue
+        if j == at or w.fn is _plus_zero or not any(reads(r) for r in w.ins):
+            continue  # (a +0 after a sum into G: G goes unwritten when folded)
         target = arrays[w.ins[0][1]] if w.ins[0][0] == "a" else None
         if (
             j > at
@@ -1004,6 +1163,11 @@ class CapturedStep:
             self._pending[key] = (rec, buffers, autodiff.LAYOUT[0])
             return result
         del self._pending[key]
+        # both without the fills they write over (on the recorded values, which the overwrites
+        # are checked against): gradients still None at the first call are written there
+        # (zero_grad(set_to_none=False) fills the flat buffer) and added to at the second
+        _drop_fills(pending[0])
+        _drop_fills(rec)
         try:
             _compare(pending[0], rec, self.name)
         except CaptureError as e:
@@ -1036,9 +1200,17 @@ class CapturedStep:
                 how = f"a launch list ({graph_support(None)[1]})"
             if prog.folded:
                 how += f", plain SGD folded into {prog.folded} GEMMs and sums"
-            parts.append(f"{_show_key(key)}: {calls} calls, replayed as {how}")
+            parts.append(f"{_show_key(key)}: {calls} calls{_dropped(prog)}, replayed as {how}")
         body = "; ".join(parts) if parts else "not captured yet (the first two calls record)"
         return f"<captured step {self.name}: {body}>"
+
+
+def _dropped(prog: _Program) -> str:
+    """What the optimiser pass took out of the recording, for the repr."""
+    if not prog.dropped:
+        return ""
+    fills = f"{prog.dropped} fill{'s' * (prog.dropped > 1)}"
+    return f" ({fills} written over dropped, {prog.overwritten} accumulations into zeros now write)"
 
 
 def _show_key(key: tuple) -> str:

@@ -385,21 +385,27 @@ def test_shared_buffers_keep_every_output_and_every_array_held_outside() -> None
     assert cap.program.reused > 0  # (and yet nothing anyone reads was overwritten)
 
 
-def _sgd_run(fold: bool, steps: int = STEPS, change_at: int | None = None) -> tuple[Any, list, Any]:
+def _sgd_run(
+    fold: bool, steps: int = STEPS, change_at: int | None = None, set_to_none: bool = True
+) -> tuple[Any, list, Any]:
     """Plain SGD, ``backward(); step()``, captured with ``fold_sgd`` (or eagerly, with the
     folded replays' rounding: SGD in backward from the 3rd step, the first two being the
-    recordings); at ``change_at`` the group gets weight decay (no longer foldable)."""
+    recordings); at ``change_at`` the group gets weight decay (no longer foldable). With
+    ``set_to_none=False`` the gradients are zero-filled each step (one eager step first, so
+    both recordings accumulate into them)."""
     gpunet.manual_seed(0)
     model = nn.MLP([12, 16, 16, 5])
     opt = optim.SGD(model.parameters(), lr=0.1)
 
     def step(x: gpunet.Tensor, y: gpunet.Tensor) -> Any:
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         return loss
 
+    if not set_to_none:
+        step(*_batches(1, rows=4)[0])
     run = gpunet.capture(step, fold_sgd=True) if fold else step
     losses = []
     for i, (x, y) in enumerate(_batches(steps)):
@@ -431,6 +437,16 @@ def test_folded_sgd_replays_equal_eager_sgd_in_backward_bit_for_bit() -> None:
     for x, y in _batches()[:3]:
         unfolded_twin(x, y)
     assert next(iter(unfolded_twin._captures.values())).program.folded == 0
+
+
+def test_zero_filled_gradients_no_longer_block_the_fold() -> None:
+    run, folded, _ = _sgd_run(fold=True, set_to_none=False)
+    _, eager, _ = _sgd_run(fold=False, set_to_none=False)
+    for a, b in zip(folded[0] + folded[1], eager[0] + eager[1]):
+        assert np.array_equal(a, b)
+    (cap,) = run._captures.values()
+    assert (cap.program.dropped, cap.program.overwritten, cap.program.folded) == (1, 6, 6)
+    assert "1 fill written over dropped" in repr(run) and "SGD folded into 6" in repr(run)
 
 
 def test_a_folded_step_whose_group_gets_weight_decay_runs_the_update_unfolded() -> None:
@@ -470,6 +486,181 @@ def test_profile_hears_a_folded_replay_s_calls() -> None:
         run(x, y)
     names = [r.name for r in prof.records]
     assert "sgd_update" not in names and names.count("matmul") == 5  # 3 dW (folded), 2 dX
+
+
+# ---------------------------------------------------------------------- fills written over
+def _dead_units_run(
+    kind: str, captured: bool, steps: int = STEPS, warm: bool = True, by: str = "optimizer"
+) -> tuple[list, Any]:
+    """Two Linear layers, the second with 2 dead units under a loss whose cotangent is -1
+    everywhere, so those units' gradients are sums of -0.0 (eager's 0 + (-0.0) is +0.0);
+    ``zero_grad(set_to_none=False)``, with ``warm`` one eager step before the capture (the
+    gradients exist); ``by='module'``: ``model.zero_grad`` (a fill per gradient). Returns each
+    step's (loss, every parameter, every gradient) and the run."""
+    gpunet.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5), nn.ReLU())
+    with gpunet.no_grad():
+        model[2].bias.data[:2] = -1e4
+    opt = (
+        optim.Adam(model.parameters(), lr=1e-2)
+        if kind == "adam"
+        else optim.SGD(model.parameters(), lr=0.1, momentum=0.9 if kind == "momentum" else 0.0)
+    )
+
+    def step(x: gpunet.Tensor, y: gpunet.Tensor) -> Any:
+        (model if by == "module" else opt).zero_grad(set_to_none=False)
+        loss = (model(x) * -1.0).sum()
+        loss.backward()
+        opt.step()
+        return loss
+
+    batches = _batches(steps + 1)
+    if warm:
+        step(*batches[0])
+    run = gpunet.capture(step) if captured else step
+    seen = []
+    for x, y in batches[1:]:
+        loss = run(x, y).numpy().copy()
+        seen.append([loss] + [t.numpy().copy() for p in model.parameters() for t in (p, p.grad)])
+    return seen, run
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.atleast_1d(a).view(np.uint8)  # (-0.0 and +0.0 differ here, not under ==)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adam"])
+def test_a_zero_fill_written_over_is_dropped_bit_for_bit_signed_zeros_too(kind: str) -> None:
+    captured, run = _dead_units_run(kind, captured=True)
+    eager, _ = _dead_units_run(kind, captured=False)
+    for step, (u, v) in enumerate(zip(captured, eager)):
+        for a, b in zip(u, v):
+            assert np.array_equal(_bits(a), _bits(b)), f"step {step} differs in a bit"
+    dead = eager[-1][8][:2]  # (the second layer's bias gradient)
+    assert (dead == 0).all() and not np.signbit(dead).any()
+    (cap,) = run._captures.values()
+    assert (cap.program.dropped, cap.program.overwritten) == (1, 4)  # 2 GEMMs, 2 bias sums
+    assert "fill" not in cap.program.source and "beta=1" not in cap.program.source
+    assert "(1 fill written over dropped, 4 accumulations into zeros now write)" in repr(run)
+
+
+@pytest.mark.parametrize("by", ["optimizer", "module"])
+def test_zero_filled_gradients_captured_from_their_first_step_replay_bit_for_bit(by: str) -> None:
+    """Gradients still None at the first call are written there, added to at the second:
+    without the fills both recordings are the same calls, and the replays equal eager's."""
+    captured, run = _dead_units_run("momentum", captured=True, warm=False, by=by)
+    eager, _ = _dead_units_run("momentum", captured=False, warm=False, by=by)
+    for u, v in zip(captured, eager):
+        for a, b in zip(u, v):
+            assert np.array_equal(_bits(a), _bits(b))
+    fills = "1 fill" if by == "optimizer" else "4 fills"  # (the flat buffer; each gradient)
+    assert run.replays == STEPS - 2 and f"({fills} written over dropped" in repr(run)
+
+
+@pytest.mark.parametrize("method", ["_matmul_out", "sum_into"])
+def test_an_overwrite_that_would_leave_minus_zero_is_not_made(
+    method: str, monkeypatch: Any
+) -> None:
+    """A BLAS or reduction that wrote -0.0 where eager's 0 + (-0.0) writes +0.0: the GEMM
+    keeps its accumulation (and the fill); the sum overwrites, then adds +0 (-0.0 to +0.0)."""
+    from gpunet.backend.numpy_backend import NumpyBackend
+
+    own = getattr(NumpyBackend, method)
+
+    def minus_zero(self: Any, out: Any, *args: Any, **kw: Any) -> None:
+        own(self, out, *args, **kw)
+        if kw.get("beta", 0.0) == 0.0:
+            out[out == 0] = -0.0
+
+    minus_zero.__name__ = method
+    monkeypatch.setattr(NumpyBackend, method, minus_zero)
+    captured, run = _dead_units_run("sgd", captured=True, steps=3)
+    eager, _ = _dead_units_run("sgd", captured=False, steps=3)
+    for u, v in zip(captured, eager):
+        for a, b in zip(u, v):
+            assert np.array_equal(_bits(a), _bits(b))
+    (cap,) = run._captures.values()
+    if method == "sum_into":
+        assert (cap.program.dropped, cap.program.overwritten) == (1, 4)
+        assert sum(e.fn.__name__ == "_plus_zero" for e in cap.program.rec.entries) == 2
+    else:
+        assert (cap.program.dropped, cap.program.overwritten) == (0, 0)
+
+
+def test_a_second_backward_into_the_written_gradients_still_adds() -> None:
+    """Two backward passes in one step (gradient accumulation): the first one's writes
+    overwrite where the fill went, the second's still add to them, as eager's do."""
+
+    def run(captured: bool) -> tuple[list, Any]:
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 5])
+        opt = optim.SGD(model.parameters(), lr=0.1)
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor) -> Any:
+            opt.zero_grad(set_to_none=False)
+            F.cross_entropy(model(x[:4]), y[:4]).backward()
+            F.cross_entropy(model(x[4:]), y[4:]).backward()
+            opt.step()
+            return next(iter(model.parameters())).grad
+
+        batches = _batches(STEPS + 1)
+        step(*batches[0])
+        go = gpunet.capture(step) if captured else step
+        seen = [go(x, y).numpy().copy() for x, y in batches[1:]]
+        return seen + [p.numpy().copy() for p in model.parameters()], go
+
+    captured, go = run(True)
+    eager, _ = run(False)
+    for a, b in zip(captured, eager):
+        assert np.array_equal(_bits(a), _bits(b))
+    (cap,) = go._captures.values()
+    assert (cap.program.dropped, cap.program.overwritten) == (1, 4)
+    assert sum(e.params.get("beta") == 1.0 for e in cap.program.rec.entries) == 4  # (the 2nd)
+
+
+def _read_fill_run(case: str, captured: bool) -> tuple[list, Any]:
+    """A zero-fill the step reads: ``before`` reads a gradient before backward writes it;
+    ``unused``, a parameter with no gradient, whose zeros the update reads (its gradient
+    made stale between steps, as a dropped fill would leave it)."""
+    gpunet.manual_seed(0)
+    model = nn.MLP([12, 16, 5])
+    spare = nn.Linear(3, 2)
+    opt = optim.SGD([*model.parameters(), *spare.parameters()], lr=0.1)
+    first = next(iter(model.parameters()))
+
+    def step(x: gpunet.Tensor, y: gpunet.Tensor) -> Any:
+        opt.zero_grad(set_to_none=False)
+        read = first.grad * 1.0 if case == "before" and first.grad is not None else None
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return (loss, read) if read is not None else (loss,)
+
+    batches = _batches(STEPS + 1)
+    step(*batches[0])
+    run = gpunet.capture(step) if captured else step
+    seen = []
+    for x, y in batches[1:]:
+        if case == "unused":
+            opt._flats[0].grad[...] = 7.0
+        out = run(x, y)
+        seen.append(
+            [t.numpy().copy() for t in out] + [p.numpy().copy() for p in spare.parameters()]
+        )
+    return seen, run
+
+
+@pytest.mark.parametrize("case", ["before", "unused"])
+def test_a_zero_fill_that_is_read_is_kept(case: str) -> None:
+    captured, run = _read_fill_run(case, captured=True)
+    eager, _ = _read_fill_run(case, captured=False)
+    for u, v in zip(captured, eager):
+        for a, b in zip(u, v):
+            assert np.array_equal(_bits(a), _bits(b))
+    if case == "before":
+        assert all((step[1] == 0).all() for step in captured)
+    (cap,) = run._captures.values()
+    assert cap.program.dropped == 0 and "written over dropped" not in repr(run)
 
 
 # ---------------------------------------------------------------------- where users meet it
