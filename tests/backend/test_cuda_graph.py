@@ -621,7 +621,7 @@ def test_a_forward_backward_step_records_nothing_that_blocks_a_graph() -> None:
 
 # ---------------------------------------------------------------------- on a GPU
 def _mlp_step(sizes: tuple, device: str = "cuda") -> tuple[Any, Callable]:
-    """An MLP's forward and backward (no update: an optimizer's lr is a host scalar today)."""
+    """An MLP's forward and backward (no update)."""
     gpunet.manual_seed(0)
     model = nn.MLP(list(sizes), device=device)
     opt = optim.SGD(model.parameters(), lr=0.1)  # (its zero_grad only)
@@ -633,6 +633,48 @@ def _mlp_step(sizes: tuple, device: str = "cuda") -> tuple[Any, Callable]:
         return loss
 
     return model, step
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda ps: optim.SGD(
+        ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-3, capturable=True
+    ),
+    "adam": lambda ps: optim.Adam(ps, lr=1e-2, capturable=True),
+    "adamw": lambda ps: optim.AdamW(ps, lr=1e-2, weight_decay=0.1, capturable=True),
+}
+
+
+def _training_step(sizes: tuple, kind: str, device: str = "cuda") -> tuple[Any, Callable, Any]:
+    """A whole training step (zero_grad, forward, backward, the update) with an optimizer
+    whose lr and step counts live on the device, and a schedule stepped between steps."""
+    gpunet.manual_seed(0)
+    model = nn.MLP(list(sizes), device=device)
+    opt = OPTIMIZERS[kind](model.parameters())
+    schedule = optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    def step(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return model, step, schedule
+
+
+def _same_training(sizes: tuple, kind: str, batches: list[tuple]) -> Any:
+    """Eager and captured runs of ``_training_step`` over ``batches``, parameters compared
+    bit for bit after every step; the captured step returned."""
+    (m1, eager, s1), (m2, step, s2) = _training_step(sizes, kind), _training_step(sizes, kind)
+    run = gpunet.capture(step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (a fallback fails, saying why)
+        for x, y in batches:
+            assert np.array_equal(eager(x, y).numpy(), run(x, y).numpy())
+            s1.step(), s2.step()
+            for p, q in zip(m1.parameters(), m2.parameters()):
+                assert np.array_equal(p.numpy(), q.numpy())
+    return run
 
 
 def _batches(n: int, sizes: tuple, batch: int, device: str = "cuda") -> list[tuple]:
@@ -657,6 +699,16 @@ def test_a_captured_step_replays_as_a_cuda_graph_equal_to_eager_bit_for_bit(size
             assert np.array_equal(eager(x, y).numpy(), run(x, y).numpy())
             for p, q in zip(m1.parameters(), m2.parameters()):
                 assert np.array_equal(p.grad.numpy(), q.grad.numpy())
+    assert run.replays == 10 and "replayed as a CUDA graph" in repr(run), repr(run)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_a_captured_training_step_with_a_capturable_optimizer_replays_as_a_graph(kind):
+    """The update in the graph: the lr (halved by the schedule every 2 steps) and the step
+    counts read from the device, each replay equal to eager bit for bit."""
+    sizes = (64, 32, 10)
+    run = _same_training(sizes, kind, _batches(12, sizes, 32))
     assert run.replays == 10 and "replayed as a CUDA graph" in repr(run), repr(run)
 
 
@@ -851,3 +903,18 @@ def test_a_captured_mlp_step_on_the_emulated_cupy_backend_replays_as_a_graph(emu
     assert world.log == ["begin_capture", "end_capture"] and world.launches == 4
     names = [n for n, _ in world.lib.calls]
     assert names.count("gemmEx") == 5  # 2 forward, 2 dW, 1 dX, all by cuBLAS's GemmEx
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_a_captured_training_step_on_the_emulated_cupy_backend_replays_as_a_graph(
+    emulated_cuda, kind: str
+) -> None:
+    """Forward, backward and the fused update of a ``capturable=True`` optimizer (its kernels
+    read the lr and the step counts from device arrays) captured into one graph; a schedule
+    halves the lr between replays and each replay still equals eager bit for bit."""
+    world, _ = emulated_cuda
+    sizes = (12, 16, 5)
+    run = _same_training(sizes, kind, _batches(7, sizes, 8))
+    (cap,) = run._captures.values()
+    assert cap.program.graph.mode == "graph" and "replayed as a CUDA graph" in repr(run)
+    assert world.log == ["begin_capture", "end_capture"] and world.launches == 5
