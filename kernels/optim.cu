@@ -50,6 +50,26 @@ __device__ __forceinline__ double gn_lr(double lr, const double* lr_ptr) {
     return lr_ptr ? *lr_ptr : lr;
 }
 
+// The low-precision copy of the master weights (backend/updates.py): under autocast the
+// update also stores round(p_new) (to nearest even) into low_f16 or low_bf16, whichever is not
+// null, in the same pass, so the GEMMs read it and no separate cast runs. A skipped update
+// stores the cast of the old p, so the copy is the parameter's cast after every launch.
+__device__ __forceinline__ void gn_store_low(gn_half* low_f16, gn_bf16* low_bf16, long long i,
+                                             float p) {
+    if (low_f16) {
+        gn_store(&low_f16[i], p);
+    } else if (low_bf16) {
+        gn_store(&low_bf16[i], p);
+    }
+}
+
+template <typename S>
+__device__ __forceinline__ void gn_copy_low(const S* p, long long n, gn_half* low_f16,
+                                            gn_bf16* low_bf16) {
+    if (!low_f16 && !low_bf16) return;
+    GN_GRID_STRIDE_LOOP(i, n) { gn_store_low(low_f16, low_bf16, i, gn_load(p[i])); }
+}
+
 // The updates keep their state (buf, m, v) in float32 and compute in float32 for float32 and
 // float16 (gn_half) parameters alike: in half precision Adam's eps = 1e-8 would be 0. A half
 // parameter and gradient are widened on load, and p is rounded to half once, on store.
@@ -63,8 +83,12 @@ __device__ __forceinline__ void gn_sgd_update(S* p, const S* g, float* buf, long
                                               double lr_d, const double* lr_ptr, float momentum,
                                               float dampening, float weight_decay, int nesterov,
                                               int first_step, const long long* step,
-                                              const float* grad_scale, const float* found_inf) {
-    if (gn_skip(found_inf)) return;
+                                              const float* grad_scale, const float* found_inf,
+                                              gn_half* low_f16, gn_bf16* low_bf16) {
+    if (gn_skip(found_inf)) {
+        gn_copy_low(p, n, low_f16, low_bf16);
+        return;
+    }
     float lr = (float)gn_lr(lr_d, lr_ptr);
     int first = step ? *step == 1 : first_step;
     GN_GRID_STRIDE_LOOP(i, n) {
@@ -76,7 +100,9 @@ __device__ __forceinline__ void gn_sgd_update(S* p, const S* g, float* buf, long
             buf[i] = b;
             d = nesterov ? d + momentum * b : b;
         }
-        gn_store(&p[i], pi - lr * d);
+        float pn = pi - lr * d;
+        gn_store(&p[i], pn);
+        gn_store_low(low_f16, low_bf16, i, pn);
     }
 }
 
@@ -109,8 +135,12 @@ __device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float
                                                double beta1_d, double beta2_d, float eps,
                                                double weight_decay, int decoupled,
                                                const long long* step, const float* grad_scale,
-                                               const float* found_inf) {
-    if (gn_skip(found_inf) || *step < 1) return;
+                                               const float* found_inf, gn_half* low_f16,
+                                               gn_bf16* low_bf16) {
+    if (gn_skip(found_inf) || *step < 1) {
+        gn_copy_low(p, n, low_f16, low_bf16);
+        return;
+    }
     GnAdamScalars s = gn_adam_scalars(gn_lr(lr, lr_ptr), beta1_d, beta2_d, weight_decay,
                                       decoupled, *step);
     float beta1 = (float)beta1_d, beta2 = (float)beta2_d;
@@ -124,7 +154,9 @@ __device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float
         m[i] = mi;
         v[i] = vi;
         float denom = gn_sqrt(vi) / s.bc2_sqrt + eps;
-        gn_store(&p[i], pi - s.step_size * (mi / denom));
+        float pn = pi - s.step_size * (mi / denom);
+        gn_store(&p[i], pn);
+        gn_store_low(low_f16, low_bf16, i, pn);
     }
 }
 
@@ -135,16 +167,18 @@ __device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float
     extern "C" __global__ void sgd_update_##SFX(                                              \
         S* p, const S* g, float* buf, long long n, double lr, const double* lr_ptr,           \
         float momentum, float dampening, float weight_decay, int nesterov, int first_step,    \
-        const long long* step, const float* grad_scale, const float* found_inf) {             \
+        const long long* step, const float* grad_scale, const float* found_inf,               \
+        gn_half* low_f16, gn_bf16* low_bf16) {                                                \
         gn_sgd_update(p, g, buf, n, lr, lr_ptr, momentum, dampening, weight_decay, nesterov,  \
-                      first_step, step, grad_scale, found_inf);                               \
+                      first_step, step, grad_scale, found_inf, low_f16, low_bf16);            \
     }                                                                                         \
     extern "C" __global__ void adam_update_##SFX(                                             \
         S* p, const S* g, float* m, float* v, long long n, double lr, const double* lr_ptr,   \
         double beta1, double beta2, float eps, double weight_decay, int decoupled,            \
-        const long long* step, const float* grad_scale, const float* found_inf) {             \
+        const long long* step, const float* grad_scale, const float* found_inf,               \
+        gn_half* low_f16, gn_bf16* low_bf16) {                                                \
         gn_adam_update(p, g, m, v, n, lr, lr_ptr, beta1, beta2, eps, weight_decay, decoupled, \
-                       step, grad_scale, found_inf);                                          \
+                       step, grad_scale, found_inf, low_f16, low_bf16);                       \
     }
 
 // sgd_update_f32 adam_update_f32

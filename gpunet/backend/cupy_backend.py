@@ -303,8 +303,9 @@ class CupyBackend(ArrayBackend):
         step: Array | None = None,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
+        lowp: Array | None = None,
     ) -> None:
-        scaling = {"step": step, "grad_scale": grad_scale, "found_inf": found_inf}
+        scaling = {"step": step, "grad_scale": grad_scale, "found_inf": found_inf, "lowp": lowp}
         if not self.kernels.supports_update(param):
             return super().sgd_update(
                 param, grad, momentum_buf, hyper, first_step=first_step, **scaling
@@ -324,8 +325,9 @@ class CupyBackend(ArrayBackend):
         step: Array,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
+        lowp: Array | None = None,
     ) -> None:
-        scaling = {"step": step, "grad_scale": grad_scale, "found_inf": found_inf}
+        scaling = {"step": step, "grad_scale": grad_scale, "found_inf": found_inf, "lowp": lowp}
         if not self.kernels.supports_update(param):
             return super().adam_update(param, grad, m, v, hyper, **scaling)
         with self._cuda_device:

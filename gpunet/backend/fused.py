@@ -22,7 +22,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .updates import AdamHyper, SGDHyper, check_flat, check_scaling, check_step, state_dtype
+from .updates import (
+    AdamHyper,
+    SGDHyper,
+    check_flat,
+    check_lowp,
+    check_scaling,
+    check_step,
+    state_dtype,
+)
 
 Array = Any
 
@@ -177,15 +185,18 @@ class FusedOps:
         step: Array | None = None,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
+        lowp: Array | None = None,
     ) -> None:
         """One SGD step in place, as torch.optim.SGD (``SGDHyper`` has the math);
         ``momentum_buf`` may be None without momentum. In ``state_dtype``; one kernel over
         the flat buffers on CUDA (float16 and float32). ``grad_scale`` multiplies g first
         and a nonzero ``found_inf`` skips the step (``_scaled`` says how). With ``step``
         (the span's step counts, advanced here unless skipped), the first step is the one
-        whose count becomes 1, a fact of the device; else ``first_step`` says."""
+        whose count becomes 1, a fact of the device; else ``first_step`` says. ``lowp``
+        (bfloat16 or float16) receives the updated p rounded (``updates``: master weights)."""
         check_flat("sgd_update", param, grad, momentum_buf)
         check_scaling("sgd_update", param, grad_scale, found_inf)
+        check_lowp("sgd_update", param, lowp)
         h = hyper
         check_step("sgd_update", param, step, h.lr)
         if h.momentum != 0.0 and momentum_buf is None:
@@ -208,6 +219,8 @@ class FusedOps:
             p -= self._lr_scalar(h.lr, p) * d
             if p is not param:
                 param[...] = self.xp.astype(p, param.dtype)
+        if lowp is not None:  # (after a skipped step's restore: the cast of the final p)
+            lowp[...] = self.xp.astype(param, lowp.dtype)
 
     def adam_update(
         self,
@@ -220,15 +233,17 @@ class FusedOps:
         step: Array,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
+        lowp: Array | None = None,
     ) -> None:
         """One Adam (L2 added to the gradient) or AdamW (``hyper.decoupled``) step in place,
         as torch.optim (``AdamHyper`` has the math), at the span's step counts ``step``
         (advanced here unless skipped). In ``state_dtype``; one kernel over the flat buffers
         on CUDA (float16 and float32). ``grad_scale`` multiplies g first and a nonzero
         ``found_inf`` skips the step. The bias corrections come from the count on the device,
-        in float64 (``_adam_scalars``)."""
+        in float64 (``_adam_scalars``). ``lowp`` receives the updated p rounded."""
         check_flat("adam_update", param, grad, m, v)
         check_scaling("adam_update", param, grad_scale, found_inf)
+        check_lowp("adam_update", param, lowp)
         check_step("adam_update", param, step, hyper.lr, required=True)
         count = self._advance(step, found_inf)
         with self._scaled(found_inf, param, m, v):
@@ -256,6 +271,8 @@ class FusedOps:
             p -= t
             if p is not param:
                 param[...] = self.xp.astype(p, param.dtype)
+        if lowp is not None:  # (after a skipped step's restore: the cast of the final p)
+            lowp[...] = self.xp.astype(param, lowp.dtype)
 
     def grad_norm(self, x: Array) -> Array:
         """The global L2 norm of a flat buffer, a 0-d array of its dtype (summed in float64;

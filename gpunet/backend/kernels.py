@@ -28,7 +28,7 @@ import numpy as np
 
 from .faults import FAULT_CODES
 from .fused import check_activation
-from .updates import AdamHyper, SGDHyper, check_flat, check_scaling, check_step
+from .updates import AdamHyper, SGDHyper, check_flat, check_lowp, check_scaling, check_step
 
 BLOCK = 256
 BLOCKS_PER_SM = 32
@@ -265,7 +265,8 @@ def _build_table() -> dict[str, KernelSpec]:
             "optim.cu",
             f"{s}* p, const {s}* g, float* buf, long long n, double lr, const double* lr_ptr, "
             "float momentum, float dampening, float weight_decay, int nesterov, int first_step, "
-            "const long long* step, const float* grad_scale, const float* found_inf",
+            "const long long* step, const float* grad_scale, const float* found_inf, "
+            "gn_half* low_f16, gn_bf16* low_bf16",
         )
         add(
             adam,
@@ -273,7 +274,7 @@ def _build_table() -> dict[str, KernelSpec]:
             f"{s}* p, const {s}* g, float* m, float* v, long long n, double lr, "
             "const double* lr_ptr, double beta1, double beta2, float eps, double weight_decay, "
             "int decoupled, const long long* step, const float* grad_scale, "
-            "const float* found_inf",
+            "const float* found_inf, gn_half* low_f16, gn_bf16* low_bf16",
         )
     add(COUNT_KERNEL, "optim.cu", "long long* steps, long long n, const float* found_inf")
     add(
@@ -304,6 +305,14 @@ def _lr_args(lr: Any) -> tuple[float, Any]:
     """(lr, lr_ptr) for an update kernel: a float as itself and a null pointer, or a device
     array (read by the kernel) and 0.0."""
     return (float(lr), None) if isinstance(lr, (int, float)) else (0.0, lr)
+
+
+def _low_args(lowp: Any) -> tuple[Any, Any]:
+    """(low_f16, low_bf16) for an update kernel: the low-precision copy in the slot of its
+    dtype, null in the other (both null: no copy)."""
+    if lowp is None:
+        return None, None
+    return (lowp, None) if lowp.dtype == np.float16 else (None, lowp)
 
 
 # ---------------------------------------------------------------------- launching
@@ -455,14 +464,16 @@ class Kernels:
         step: Any = None,
         grad_scale: Any = None,
         found_inf: Any = None,
+        lowp: Any = None,
     ) -> None:
         check_flat("sgd_update", param, grad, momentum_buf)
         check_scaling("sgd_update", param, grad_scale, found_inf)
+        check_lowp("sgd_update", param, lowp)
         h = hyper
         check_step("sgd_update", param, step, h.lr)
         if h.momentum != 0.0 and momentum_buf is None:
             raise ValueError("sgd_update: momentum needs a momentum buffer")
-        self._check_inplace("sgd_update", param, grad, momentum_buf, step)
+        self._check_inplace("sgd_update", param, grad, momentum_buf, step, lowp)
         buf = momentum_buf if h.momentum != 0.0 else None
         lr, lr_ptr = _lr_args(h.lr)
         self._count_steps(step, found_inf)
@@ -471,7 +482,7 @@ class Kernels:
             UPDATE_KERNELS[SUFFIX[param.dtype]][0],
             n,
             *(param, grad, buf, n, lr, lr_ptr, h.momentum, h.dampening, h.weight_decay),
-            *(h.nesterov, first_step, step, grad_scale, found_inf),
+            *(h.nesterov, first_step, step, grad_scale, found_inf, *_low_args(lowp)),
         )
 
     def adam_update(
@@ -484,11 +495,13 @@ class Kernels:
         step: Any,
         grad_scale: Any = None,
         found_inf: Any = None,
+        lowp: Any = None,
     ) -> None:
         check_flat("adam_update", param, grad, m, v)
         check_scaling("adam_update", param, grad_scale, found_inf)
+        check_lowp("adam_update", param, lowp)
         check_step("adam_update", param, step, hyper.lr, required=True)
-        self._check_inplace("adam_update", param, grad, m, v, step)
+        self._check_inplace("adam_update", param, grad, m, v, step, lowp)
         lr, lr_ptr = _lr_args(hyper.lr)
         self._count_steps(step, found_inf)
         n = param.size
@@ -497,7 +510,7 @@ class Kernels:
             UPDATE_KERNELS[SUFFIX[param.dtype]][1],
             n,
             *(param, grad, m, v, n, lr, lr_ptr, h.beta1, h.beta2, h.eps, h.weight_decay),
-            *(h.decoupled, step, grad_scale, found_inf),
+            *(h.decoupled, step, grad_scale, found_inf, *_low_args(lowp)),
         )
 
     def _count_steps(self, step: Any, found_inf: Any) -> None:

@@ -33,6 +33,7 @@ from .updates import (
     AdamHyper,
     SGDHyper,
     check_flat,
+    check_lowp,
     check_scaling,
     check_step,
     lr_value,
@@ -184,9 +185,12 @@ class NumpyFusedOps(FusedOps):
         step: Array | None = None,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
+        lowp: Array | None = None,
     ) -> None:
         check_flat("sgd_update", param, grad, momentum_buf)
         check_scaling("sgd_update", param, grad_scale, found_inf)
+        if lowp is not None:
+            check_lowp("sgd_update", param, lowp)
         h = hyper
         check_step("sgd_update", param, step, h.lr)
         if h.momentum != 0.0 and momentum_buf is None:
@@ -194,12 +198,15 @@ class NumpyFusedOps(FusedOps):
         found = _found(found_inf)
         count = _advance("sgd_update", step, found)
         if found:
+            if lowp is not None:  # (the cast of the old p: the copy is current after a skip)
+                np.copyto(lowp, param, casting="unsafe")
             return
         first_step = count == 1 if step is not None else first_step
         dt = state_dtype(param.dtype).type  # the scalars in the update's precision, as CUDA's
         lr, wd = dt(lr_value(h.lr)), dt(h.weight_decay)
         mu, keep = dt(h.momentum), dt(1) - dt(h.dampening)
-        for t, u, p, g, buf in _chunks(param, grad, momentum_buf, grad_scale=grad_scale):
+        chunks = _chunks(param, grad, momentum_buf, lowp, grad_scale=grad_scale)
+        for t, u, p, g, buf, low in chunks:
             # FusedOps.sgd_update's expression, operation for operation (the same bits), on
             # two cache-sized scratch rows instead of fresh temporaries
             d = g
@@ -214,6 +221,8 @@ class NumpyFusedOps(FusedOps):
                     buf += np.multiply(d, keep, out=u)
                 d = np.add(d, np.multiply(buf, mu, out=u), out=u) if h.nesterov else buf
             p -= np.multiply(d, lr, out=t)
+            if low is not None:  # (while the piece is in cache: the same pass)
+                np.copyto(low, p, casting="unsafe")
 
     def adam_update(
         self,
@@ -226,20 +235,25 @@ class NumpyFusedOps(FusedOps):
         step: Array,
         grad_scale: Array | None = None,
         found_inf: Array | None = None,
+        lowp: Array | None = None,
     ) -> None:
         check_flat("adam_update", param, grad, m, v)
         check_scaling("adam_update", param, grad_scale, found_inf)
+        if lowp is not None:
+            check_lowp("adam_update", param, lowp)
         check_step("adam_update", param, step, hyper.lr, required=True)
         found = _found(found_inf)
         count = _advance("adam_update", step, found)
         if found:
+            if lowp is not None:  # (the cast of the old p: the copy is current after a skip)
+                np.copyto(lowp, param, casting="unsafe")
             return
         l2, decay, step_size, bc2_sqrt = hyper.scalars(count)
         dt = state_dtype(param.dtype).type  # the scalars in the update's precision, as CUDA's
         b1, b2, one = dt(hyper.beta1), dt(hyper.beta2), dt(1.0)
         c1, c2 = one - b1, one - b2
         l2_, decay_, ss, bc2, eps = dt(l2), dt(decay), dt(step_size), dt(bc2_sqrt), dt(hyper.eps)
-        for t, u, p, g, m_, v_ in _chunks(param, grad, m, v, grad_scale=grad_scale):
+        for t, u, p, g, m_, v_, low in _chunks(param, grad, m, v, lowp, grad_scale=grad_scale):
             # FusedOps.adam_update's expression, operation for operation (the same bits),
             # on two cache-sized scratch rows instead of fresh temporaries
             gi = g
@@ -260,6 +274,8 @@ class NumpyFusedOps(FusedOps):
             q = np.divide(m_, q, out=u)
             q *= ss
             p -= q
+            if low is not None:  # (while the piece is in cache: the same pass)
+                np.copyto(low, p, casting="unsafe")
 
     def grad_norm(self, x: Array) -> Array:
         flat = x.reshape(-1)

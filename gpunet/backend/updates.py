@@ -10,6 +10,12 @@ and SGD's first momentum step come from the advanced count, on the device. The l
 float or a one-element float64 array on the parameters' device (``lr_value`` reads it on
 the host, for the CPU).
 
+With ``lowp=`` (a bfloat16 or float16 array of a float32 parameter's shape) an update also
+writes round(p_new) there, rounded to nearest even, in the same pass: the low-precision copy
+of the master weights that autocast's GEMMs read (apex's fused "master weights" optimizers are
+the model), so a step under autocast casts no weight. A skipped step (``found_inf``) writes
+the cast of the old p, so the copy is the cast of the parameter after every update.
+
 float16 parameters keep their optimizer state in float32 and are updated in float32, then
 rounded once to float16: in float16 Adam's ``eps = 1e-8`` is 0 (the smallest float16 is
 6e-8) and ``v = g^2`` underflows for |g| < 2.4e-4, so p -= m / (sqrt(v) + eps) divides by
@@ -112,6 +118,19 @@ def check_flat(op: str, param: Array, grad: Array, *state: Array | None) -> None
             _mismatch(op, param, s, "state", want)
 
 
+def check_lowp(op: str, param: Array, lowp: Array | None) -> None:
+    """The low-precision copy an update writes: bfloat16 or float16, the shape and array type
+    (device) of a float32 parameter (the master weights)."""
+    if lowp is None:
+        return
+    if param.dtype != np.float32 or lowp.dtype not in _HALF or lowp.shape != param.shape:
+        raise ValueError(
+            f"{op}: lowp must be a bfloat16 or float16 array of a float32 parameter's shape, "
+            f"got {lowp.dtype} {lowp.shape} for a {param.dtype} {param.shape} parameter"
+        )
+    _check_device(op, "lowp", param, lowp)
+
+
 def check_scaling(op: str, param: Array, grad_scale: Array | None, found_inf: Array | None) -> None:
     """A loss scaler's arrays for a fused update: float32 with one element each, on the
     parameter's device (the kernel reads them; the host never does)."""
@@ -155,6 +174,11 @@ def _check_device_array(op: str, what: str, param: Array, a: Any, dtype: str, wa
             f"{op}: {what} must be {want}, got {getattr(a, 'dtype', type(a).__name__)} "
             f"{getattr(a, 'shape', '')}"
         )
+    _check_device(op, what, param, a)
+
+
+def _check_device(op: str, what: str, param: Array, a: Any) -> None:
+    """``a`` is of the parameter's array type (its device)."""
     if type(a) is not type(param):
         raise ValueError(
             f"{op}: {what} must live with the parameters ({type(param).__name__}), got a "

@@ -243,3 +243,29 @@ def test_grad_norm_sums_in_float64(n: int) -> None:
         got = backend.grad_norm(backend.asarray(x))
         assert host(got).dtype == np.float32 and host(got).shape == ()
         np.testing.assert_allclose(host(got), want, rtol=1e-7)
+
+
+@pytest.mark.parametrize("low", [np.float16, "bfloat16"])
+@pytest.mark.parametrize("found", [False, True], ids=["taken", "skipped"])
+def test_the_generic_updates_write_the_low_precision_copy_as_numpy_does(
+    low: Any, found: bool
+) -> None:
+    """``lowp=`` on the generic path (an ArrayBackend over NumPy itself): the copy is NumPy's,
+    bit for bit, the cast of the new p (of the old one on a skipped step)."""
+    generic = ArrayBackend(np, gpunet.Device("cpu"), np.ndarray)
+    dtype = np.dtype(gpunet.bfloat16 if low == "bfloat16" else low)
+    p0, (g, *_) = _problem(300, 1)
+    flag = {"found_inf": np.ones(1, np.float32)} if found else {}
+    for update in ("sgd", "adam"):
+        outs = []
+        for backend in (NP, generic):
+            p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+            copy, count = np.zeros(p0.shape, dtype), np.zeros(1, np.int64)
+            if update == "sgd":
+                hyper = SGDHyper(lr=0.1, momentum=0.9)
+                backend.sgd_update(p, g, m, hyper, step=count, lowp=copy, **flag)
+            else:
+                backend.adam_update(p, g, m, v, AdamHyper(1e-2), step=count, lowp=copy, **flag)
+            outs.append((p, copy))
+        assert outs[0][1].tobytes() == outs[1][1].tobytes() == outs[0][0].astype(dtype).tobytes()
+        assert (outs[0][0].tobytes() == p0.tobytes()) == found

@@ -195,7 +195,7 @@ def test_arguments_are_cast_to_their_c_types() -> None:
     scalars = (3, 0.1, None, 0.9, 0.0, 0.0, 1, 0)  # n, lr, lr_ptr, momentum, ..., first_step
 
     def args(p: Any = p, step: Any = None, found_inf: Any = None) -> tuple:
-        return (p, p, None, *scalars, step, None, found_inf)
+        return (p, p, None, *scalars, step, None, found_inf, None, None)
 
     cast = spec.cast(args())
     want = [np.int64, np.float64, type(None)] + [np.float32] * 3 + [np.int32] * 2
@@ -208,7 +208,7 @@ def test_arguments_are_cast_to_their_c_types() -> None:
         spec.cast(args(step=np.zeros(1, np.int32)))
     with pytest.raises(TypeError, match="found_inf must be a C-contiguous float32"):
         spec.cast(args(found_inf=np.zeros(1, np.float64)))
-    with pytest.raises(TypeError, match="takes 14 arguments"):
+    with pytest.raises(TypeError, match="takes 16 arguments"):
         spec.cast((p,))
 
 
@@ -532,6 +532,42 @@ def test_scaled_optimizer_kernels_match_numpy(
         outs.append([p, *state])
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("low", [np.dtype(np.float16), BF16], ids=["f16", "bf16"])
+@pytest.mark.parametrize(("kind", "cfg"), OPTIMIZERS)
+def test_optimizer_kernels_write_the_low_precision_copy_in_the_same_pass(
+    cuda_on_cpu: CupyBackend, kind: str, cfg: dict, low: np.dtype
+) -> None:
+    """``lowp=``: the kernel's p, state and copy equal NumPy's bit for bit, the copy is the
+    round-to-nearest-even cast of the new p (ml_dtypes' for bfloat16), and no other kernel
+    runs; a skipped step (found_inf) leaves p and writes the old p's cast."""
+    n, r = 10007, np.random.default_rng(9)
+    p0, g = r.standard_normal(n).astype(np.float32), r.standard_normal(n).astype(np.float32)
+    for found in (None, np.ones(1, np.float32)):
+        outs = []
+        for ops in (cuda_on_cpu, REF):
+            p, state = p0.copy(), [np.zeros(n, np.float32), np.zeros(n, np.float32)]
+            copy = np.full(n, 7.0, low)
+            _update(ops, kind, cfg, p, g, state, np.zeros(1, np.int64), found_inf=found, lowp=copy)
+            outs.append([p, *state, copy])
+        for a, b in zip(*outs):
+            assert a.tobytes() == b.tobytes(), f"{kind} {cfg} {low}"
+        p, copy = outs[0][0], outs[0][-1]
+        assert copy.tobytes() == p.astype(low).tobytes()
+        assert (p.tobytes() == p0.tobytes()) == (found is not None)
+    assert {name for name, _, _ in cuda_on_cpu._kernels.launches} == _kernels(kind, cfg)
+
+
+def test_a_low_precision_copy_must_fit_a_float32_parameter(cuda_on_cpu: CupyBackend) -> None:
+    p, g = np.zeros(4, np.float32), np.zeros(4, np.float32)
+    for ops in (cuda_on_cpu, REF):
+        for bad in (np.zeros(5, BF16), np.zeros(4, np.float32)):
+            with pytest.raises(ValueError, match="lowp must be a bfloat16 or float16 array"):
+                ops.sgd_update(p, g, None, SGDHyper(0.1), lowp=bad)
+        half = np.zeros(4, np.float16)
+        with pytest.raises(ValueError, match="float16 \\(4,\\) parameter"):
+            ops.sgd_update(half, half, None, SGDHyper(0.1), lowp=np.zeros(4, BF16))
 
 
 # Step counts across the range a run meets: the first 300, round and odd ones, and counts past
