@@ -15,6 +15,15 @@ are cast by its primitive's policy in ``POLICY`` before it runs, as PyTorch's au
 The casts are ``cast`` primitives, so backward follows the forward's dtypes: each cast's VJP
 casts the gradient back, and parameters (float32) get float32 gradients. Inside a backward
 sweep no policy applies. float64 inputs are never lowered (as in PyTorch).
+
+Master weights: the parameters, their gradients and the optimizer state stay float32. The
+first time autocast lowers a parameter that an optimizer holds, the optimizer's flat buffer
+makes a low-precision copy of its weights, which every later fused update writes in the same
+pass as the parameters (``optim.flat``). From then on a lowered parameter's cast node takes
+its forward value from that copy, with no cast run (PyTorch's autocast weight-cast cache and
+apex's fused master-weight optimizers are the models); its VJP is the cast's as before. The
+copy is used only where it is proved current (the update wrote it and nothing has written the
+parameter since); else the weight is cast, so the values are the same bits either way.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from typing import Any
 
 from . import dtypes
 from . import primitives as P
-from .autodiff import AUTOCAST, BACKWARD, CAPTURE, STATE, apply, call, refuse
+from .autodiff import AUTOCAST, BACKWARD, CAPTURE, STATE, apply, apply_with, call, refuse
+from .optim.flat import flat_of
 from .primitives import Primitive
 from .tensor import Tensor
 
@@ -160,9 +170,20 @@ def _cast_inputs(policy: str, prim: Primitive, args: tuple[Tensor, ...], low: An
     want = {i: dt for i, dt in want.items() if i not in skip}
     if not want:
         return args
-    return tuple(
-        apply(P.cast, (a,), {"dtype": want[i]}) if i in want else a for i, a in enumerate(args)
-    )
+    return tuple(_cast(a, want[i]) if i in want else a for i, a in enumerate(args))
+
+
+def _cast(x: Tensor, dtype: Any) -> Tensor:
+    """x as ``dtype``: a float32 parameter lowered takes its optimizer's low-precision copy as
+    the cast's value when that copy is current (and asks for one when there is none)."""
+    params = {"dtype": dtype}
+    if x._node is None and dtype in _LOW and x.dtype == dtypes.float32:
+        entry = flat_of(x)
+        if entry is not None:
+            copy = entry[0].lowp_view(entry[1], dtype)
+            if copy is not None:
+                return apply_with(P.cast, (x,), params, copy)
+    return apply(P.cast, (x,), params)
 
 
 def _floating(dt: Any) -> bool:

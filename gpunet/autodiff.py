@@ -708,14 +708,32 @@ def _depends_on_others(nodes: set[Node], inputs: Sequence[Tensor]) -> bool:
 # have saved a tensor changed since. Recording costs nothing; the sweep compares one int per
 # node, and looks at a node's saved tensors only when an in-place write came after the node.
 _last_inplace = -1
+# Called with each tensor written in place: the optimizers' flat buffers mark a parameter's
+# low-precision copy stale (``optim.flat``; empty until autocast first asks for a copy).
+WRITE_HOOKS: list[Callable[[Tensor], None]] = []
 
 
 def bump_version(x: Tensor) -> None:
-    """Mark ``x`` as changed in place now (after every node recorded so far)."""
+    """Mark ``x`` as changed in place now (after every node recorded so far): the one place
+    that every write of a tensor's values outside the graph goes through."""
     global _last_inplace
     x._version = _last_inplace = _next_seq()
     if x._node is not None and x._node.out_data is not None:
         x._node._out_changed = True  # the node kept x's array as its own output
+    for hook in WRITE_HOOKS:
+        hook(x)
+
+
+def apply_with(prim: Primitive, args: tuple[Tensor, ...], params: dict, data: Any) -> Tensor:
+    """``apply`` whose output's value ``data`` was computed elsewhere (autocast's weight cast,
+    read from the optimizer's low-precision copy): the same node and VJP rules, no forward
+    run, and nothing recorded by a capture (the step's calls that read ``data`` refer to it
+    as an array made outside them, which the recorded update rewrites)."""
+    out = Tensor._wrap(data, args[0]._backend)
+    flags = STATE.flags
+    if flags & GRAD and prim.differentiable and any(a._requires_grad for a in args):
+        _record(prim, args, params, out, flags)
+    return out
 
 
 def _check_versions(node: Node) -> None:

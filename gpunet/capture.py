@@ -495,6 +495,7 @@ def _plain_sgd(
         or e.ins[2] != ("c", None)
         or any(r[0] != "a" for r in e.ins[:2])
         or not isinstance(hyper, autodiff.Dynamic)
+        or e.params.get("lowp") is not None  # (it writes autocast's copy too)
         or (first is not False and not isinstance(first, autodiff.Dynamic))
     ):
         return None
@@ -907,6 +908,7 @@ def _sgd_flats(e: _Entry, arrays: list[Any]) -> tuple[Any, Any] | None:
         or e.ins[2] != ("c", None)
         or any(r[0] != "a" for r in e.ins[:2])
         or not isinstance(e.params.get("hyper"), autodiff.Dynamic)
+        or e.params.get("lowp") is not None  # (it writes autocast's copy too: not a GEMM's job)
     ):
         return None
     flat_p, flat_g = arrays[e.ins[0][1]], arrays[e.ins[1][1]]
@@ -1149,6 +1151,7 @@ class CapturedStep:
         own = [Tensor._wrap(b, t._backend) for b, t in zip(buffers, tensors)]
         args, kwargs = _unflatten(spec, own)
         rec = _Recorder(buffers)
+        layout = autodiff.LAYOUT[0]  # (arrays replaced while recording: record again)
         prev_rec = STATE.recorder
         STATE.recorder = rec
         STATE.flags |= CAPTURE
@@ -1157,10 +1160,10 @@ class CapturedStep:
         finally:
             STATE.flags &= ~CAPTURE
             STATE.recorder = prev_rec
-        if pending is None:
+        if pending is None or autodiff.LAYOUT[0] != layout:  # (a first recording, or again)
             if len(self._pending) >= self.max_captures:  # (signatures that never came again)
                 del self._pending[next(iter(self._pending))]
-            self._pending[key] = (rec, buffers, autodiff.LAYOUT[0])
+            self._pending[key] = (rec, buffers, layout)
             return result
         del self._pending[key]
         # both without the fills they write over (on the recorded values, which the overwrites

@@ -139,7 +139,7 @@ def test_a_captured_step_under_autocast_replays_what_eager_computes() -> None:
             gpunet.tensor(rng.standard_normal((8, 6)).astype(np.float32)),
             gpunet.tensor(rng.integers(0, 4, 8)),
         )
-        for _ in range(4)
+        for _ in range(5)  # (the first step makes the weights' copy: recorded at 2 and 3)
     ]
     results = []
     for captured in (False, True):

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ..autodiff import bump_version
 from ..tensor import Tensor
 from .comm import Communicator, LocalComm, MPIComm, NCCLComm, default_timeout
 from .data_parallel import DistributedOptimizer, broadcast_parameters
@@ -130,13 +131,22 @@ def all_reduce(array: Any, op: str = "sum") -> Any:
     """``array`` (a Tensor or a raw array) <- op over the ranks, in place: 'sum', 'mean',
     'max', 'min'."""
     _world().all_reduce(array.data if isinstance(array, Tensor) else array, op)
+    _written(array)
     return array
 
 
 def broadcast(array: Any, root: int = 0) -> Any:
     """``array`` (a Tensor or a raw array) <- rank ``root``'s, in place."""
     _world().broadcast(array.data if isinstance(array, Tensor) else array, root)
+    _written(array)
     return array
+
+
+def _written(array: Any) -> None:
+    """A tensor written in place here bumps its version (a graph that saved it raises, and
+    autocast's low-precision copy of a parameter is stale)."""
+    if isinstance(array, Tensor):
+        bump_version(array)
 
 
 def fail(code: int) -> None:

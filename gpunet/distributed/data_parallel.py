@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..autodiff import CAPTURE, STATE, call, enable_grad, refuse
+from ..autodiff import CAPTURE, STATE, bump_version, call, enable_grad, refuse
 from ..tensor import Tensor
 from .comm import Communicator
 
@@ -65,6 +65,7 @@ def broadcast_parameters(model: Any, comm: Communicator | None = None, root: int
         comm.broadcast(data, root)
         if data is not p.data:
             p.data = data
+        bump_version(p)  # (written: autocast's low-precision copy of it is stale)
 
 
 def DistributedOptimizer(optimizer: Any, comm: Communicator | None = None) -> Any:
@@ -89,6 +90,8 @@ def DistributedOptimizer(optimizer: Any, comm: Communicator | None = None) -> An
     for flat in optimizer._flats:
         flat.sync_params()
         call("broadcast", comm.broadcast, flat.data, root=0)
+        for p in flat.params:  # (written: autocast's low-precision copies are stale)
+            bump_version(p)
     base = type(optimizer)
     cls = _CLASSES.get(base)
     if cls is None:

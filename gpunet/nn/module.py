@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import dtypes, ops
-from ..autodiff import CAPTURE, STATE, call, layout_changed
+from ..autodiff import CAPTURE, STATE, bump_version, call, layout_changed
 from ..backend import Device, get_backend
 from ..creation import tensor as _new_tensor
 from ..tensor import Tensor
@@ -303,6 +303,7 @@ class Module:
             if type(v) is not t._backend.array_type:  # NumPy, CuPy (.get()), torch, ...
                 v = t._backend.asarray(np.asarray(v.get() if hasattr(v, "get") else v), t.dtype)
             t.data[...] = v  # in place: views of the data (an optimizer's flat buffer) see it
+            bump_version(t)  # (written: autocast's low-precision copy of it is stale)
         return _IncompatibleKeys(missing, unexpected)
 
     # ------------------------------------------------------------------ copying

@@ -71,8 +71,10 @@ class Adam(Optimizer):
                 *(flat.data[start:stop], flat.grad[start:stop], m[start:stop], v[start:stop]),
                 hyper=hyper,
                 step=count,
-                **self._scaling(),
+                **self._fused_args(flat, start, stop),
             )
+        if flat.lowp is not None:
+            flat.lowp_written(indices)
 
     def _hyper_now(self, group: dict[str, Any], flat: FlatBuffer) -> AdamHyper:
         return _hyper(group, self.decoupled, self._lr(group, flat))

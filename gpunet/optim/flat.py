@@ -15,6 +15,17 @@ Step counts (Adam's, momentum SGD's) live on the device too, one int64 per param
 host never reads them in a step. Which parameters share a count the host knows without
 reading them: each has a cohort key, and the parameters that take part in a step get a new
 key made from their old one, so equal keys mean equal histories, hence equal counts.
+
+Under autocast a FlatBuffer also keeps a low-precision copy of ``data`` (``lowp``: bfloat16 or
+float16, made when autocast first asks, so float32 training pays nothing), which the fused
+update writes in the same pass as the parameters: autocast's GEMMs read a parameter's slice of
+it instead of casting the weight. A slice is used only when it is proved current: the update
+wrote it at the parameter's present version (``Tensor._version``) and ``p.data`` is still its
+view. Every write of a parameter's values outside the update goes through
+``autodiff.bump_version`` (in-place ops do; ``Module.load_state_dict``, ``gpunet.load`` and
+the data-parallel broadcasts call it), which also marks the copy stale here
+(``_param_written``) and makes a capture that read it record again; re-adopting a replaced
+``p.data`` (``sync_params``) marks it stale itself.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import itertools
 import weakref
 from typing import Any
 
-from .. import dtypes
+from .. import autodiff, dtypes
 from ..autodiff import call, layout_changed
 from ..backend.updates import state_dtype
 from ..tensor import Tensor
@@ -81,6 +92,10 @@ class FlatBuffer:
         self._count_views: list[Array] = []
         self._count_slices: dict[tuple[int, int], Array] = {}
         self.cohorts: list[Any] = [("n", 0)] * len(params)
+        self.lowp: Array | None = None  # autocast's low-precision copy of ``data``, made lazily
+        self._lowp_at: list[int | None] = []  # each one's version when the update wrote it
+        self._lowp_views: list[Array] = []
+        self._lowp_spans: dict[tuple[int, int], Array] = {}
         for i, p in enumerate(params):
             self.views[i][...] = p.data
             p.data = self.views[i]
@@ -170,6 +185,54 @@ class FlatBuffer:
             view = self._count_slices[first, last] = counts[first : last + 1]
         return view
 
+    # ------------------------------------------------------------ the low-precision copy
+    def lowp_view(self, i: int, dtype: Any) -> Array | None:
+        """Parameter i's copy in ``dtype`` when it is current (the update wrote it at the
+        parameter's present version, and ``p.data`` is still the flat view), else None. The
+        first ask for a dtype makes the copy (stale until the next update writes it). A
+        parameter that backward may update itself (``in_backward``) never reads it."""
+        lowp = self.lowp
+        if lowp is None or lowp.dtype != dtype:
+            self._make_lowp(dtype)
+            return None
+        at, p = self._lowp_at[i], self.params[i]
+        if at is None or at != getattr(p, "_version", -1) or p.data is not self.views[i]:
+            return None
+        return None if p.in_backward is not None else self._lowp_views[i]
+
+    def _make_lowp(self, dtype: Any) -> None:
+        """A fresh, stale copy in ``dtype`` (a second dtype replaces the first)."""
+        layout_changed()  # (a captured update writes one more array now: record again)
+        self.lowp = self.backend.zeros((self.size,), dtype)
+        self._lowp_views = [self.view(self.lowp, i) for i in range(len(self.params))]
+        self._lowp_at = [None] * len(self.params)
+        self._lowp_spans = {}
+        if _param_written not in autodiff.WRITE_HOOKS:
+            autodiff.WRITE_HOOKS.append(_param_written)
+
+    def lowp_span(self, start: int, stop: int) -> Array:
+        """lowp[start:stop] for an update to write, the same object each time (a capture
+        compares the update's keyword arrays by identity)."""
+        span = self._lowp_spans.get((start, stop))
+        if span is None:
+            span = self._lowp_spans[start, stop] = self.lowp[start:stop]  # type: ignore[index]
+        return span
+
+    def lowp_written(self, indices: list[int]) -> None:
+        """The update wrote the copies of parameters ``indices``: current at their versions."""
+        at, params, fresh = self._lowp_at, self.params, False
+        for i in indices:
+            fresh = fresh or at[i] is None
+            at[i] = getattr(params[i], "_version", -1)
+        if fresh:  # (a capture that cast these weights records again, reading the copy)
+            layout_changed()
+
+    def lowp_stale(self, i: int) -> None:
+        """Parameter i was written outside the update: its copy is stale until the next one."""
+        if self._lowp_at and self._lowp_at[i] is not None:
+            self._lowp_at[i] = None
+            layout_changed()  # (a capture reading the copy must cast again: record again)
+
     def sync_params(self) -> None:
         """Re-adopt parameters whose ``data`` was replaced (``p.data = ...``) since packing:
         their new values are copied into the flat array and ``p.data`` is its view again."""
@@ -187,6 +250,7 @@ class FlatBuffer:
                     )
                 self.views[i][...] = p.data
                 p.data = self.views[i]
+                self.lowp_stale(i)  # (new values, and p.data is the view again)
 
     def gather_grads(self, indices: list[int]) -> None:
         """Copy the gradients of parameters ``indices`` into the flat gradient array and make
@@ -210,6 +274,13 @@ class FlatBuffer:
                 out.append((self.offsets[i], self.offsets[i + 1], key))
             prev = i
         return out
+
+
+def _param_written(x: Tensor) -> None:
+    """``autodiff.bump_version``'s hook: a packed parameter's low-precision copy is stale."""
+    entry = flat_of(x)
+    if entry is not None:
+        entry[0].lowp_stale(entry[1])
 
 
 def _copy_into(out: Array, x: Array) -> None:

@@ -142,9 +142,14 @@ class Optimizer:
     _fused_scaling = False
     _loss_scaling: dict[str, Any] | None = None
 
-    def _scaling(self) -> dict[str, Any]:
-        """The ``grad_scale`` and ``found_inf`` keywords of this step's fused updates."""
-        return self._loss_scaling or {}
+    def _fused_args(self, flat: FlatBuffer, start: int, stop: int) -> dict[str, Any]:
+        """The keywords of this step's fused update of ``flat[start:stop]``: the loss
+        scaler's ``grad_scale`` and ``found_inf``, and ``lowp``, the span of the flat's
+        low-precision copy for the update to write, once autocast has asked for one."""
+        scaling = self._loss_scaling or {}
+        if flat.lowp is None:
+            return scaling
+        return {**scaling, "lowp": flat.lowp_span(start, stop)}
 
     def _lr(self, group: dict[str, Any], flat: FlatBuffer) -> float | Array:
         """The lr the group's update reads on ``flat``'s device: ``group["lr"]`` itself, or

@@ -104,8 +104,10 @@ class SGD(Optimizer):
                     *(flat.data[start:stop], flat.grad[start:stop], None),
                     hyper=hyper,
                     first_step=False,
-                    **self._scaling(),
+                    **self._fused_args(flat, start, stop),
                 )
+            if flat.lowp is not None:
+                flat.lowp_written(indices)
             for i in indices:
                 self.state.setdefault(flat.params[i], {})["momentum_buffer"] = None
             return
@@ -126,8 +128,10 @@ class SGD(Optimizer):
                 hyper=hyper,
                 first_step=False,
                 step=count,
-                **self._scaling(),
+                **self._fused_args(flat, start, stop),
             )
+        if flat.lowp is not None:
+            flat.lowp_written(indices)
 
     def _hyper_now(self, group: dict[str, Any], flat: FlatBuffer) -> SGDHyper:
         return _hyper(group, self._lr(group, flat))

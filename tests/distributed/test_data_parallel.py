@@ -31,6 +31,7 @@ CHECKS = [
     "mpi_sum_with_the_scale_folded_into_the_update_equals_the_mean",
     "a_scaled_step_skips_on_every_rank_when_one_rank_overflows",
     "autocast_steps_stay_identical_across_ranks",
+    "autocast_weight_copies_equal_casting_across_ranks",
     "no_sync_accumulates_like_the_larger_batch",
     "sampler_covers_every_example_once",
     "mismatched_models_are_refused_at_wrap",

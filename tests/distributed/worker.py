@@ -175,6 +175,17 @@ def a_scaled_step_skips_on_every_rank_when_one_rank_overflows() -> str:
     return "rank 1's inf skipped the step on both ranks; then both stepped alike"
 
 
+def autocast_step(model: nn.Module, o: optim.Optimizer, step: int) -> None:
+    """One bfloat16 autocast step on this rank's half of batch ``step``."""
+    x, y = batch("float32", seed=step)
+    o.zero_grad()
+    with gpunet.autocast(dtype=gpunet.bfloat16):
+        out = model(gpunet.tensor(x[R * 8 : (R + 1) * 8]))
+        loss = F.cross_entropy(out, gpunet.tensor(y[R * 8 : (R + 1) * 8]))
+    loss.backward()
+    o.step()
+
+
 @check
 def autocast_steps_stay_identical_across_ranks() -> str:
     """bfloat16 autocast under a DistributedOptimizer: float32 master weights and gradients,
@@ -182,17 +193,39 @@ def autocast_steps_stay_identical_across_ranks() -> str:
     model, o = model_and_opt("float32", "adam")
     o = dist.DistributedOptimizer(o)
     for step in range(5):
-        x, y = batch("float32", seed=step)
-        o.zero_grad()
-        with gpunet.autocast(dtype=gpunet.bfloat16):
-            out = model(gpunet.tensor(x[R * 8 : (R + 1) * 8]))
-            loss = F.cross_entropy(out, gpunet.tensor(y[R * 8 : (R + 1) * 8]))
-        loss.backward()
-        o.step()
+        autocast_step(model, o, step)
         every = COMM.all_gather_object(digest(model))
         assert len(set(every)) == 1, (step, every)
     assert all(p.dtype == gpunet.float32 for p in model.parameters())
     return "5 Adam steps under bfloat16 autocast: the ranks' weights identical after each"
+
+
+@check
+def autocast_weight_copies_equal_casting_across_ranks() -> str:
+    """The optimizer's bfloat16 weight copy under a DistributedOptimizer: one step before the
+    wrap makes it current on each rank's own weights, the wrap's broadcast of rank 0's makes
+    it stale, and the steps after equal, bit for bit, a run that casts every weight."""
+    from gpunet.optim.flat import FlatBuffer
+
+    def steps(copies: bool) -> str:  # (plain SGD: no state of the step before the wrap)
+        model, o = model_and_opt("float32", "sgd")
+        keep = FlatBuffer.lowp_view
+        if not copies:  # (the reference: no copy offered, every weight cast)
+            FlatBuffer.lowp_view = lambda self, i, dtype: None  # type: ignore[method-assign]
+        try:
+            for step in range(4):
+                if step == 1:
+                    o = dist.DistributedOptimizer(o)
+                autocast_step(model, o, step)
+        finally:
+            FlatBuffer.lowp_view = keep  # type: ignore[method-assign]
+        assert (o._flats[0].lowp is not None) == copies
+        return digest(model)
+
+    with_copies = steps(True)
+    assert with_copies == steps(False)
+    assert len(set(COMM.all_gather_object(with_copies))) == 1
+    return "3 SGD steps after the wrap, reading the weight copy: the casting run's bits"
 
 
 @check
