@@ -438,7 +438,21 @@ def _sgd_update(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     ops = sgd_ops(h.momentum, h.weight_decay, h.nesterov, first)
     reads = [p.nbytes, g.nbytes] + ([p.nbytes] if momentum and not first else [])
     written = p.nbytes * (2 if momentum else 1)
-    return one_pass(reads, written, p.size, ops), chain(p.size, p.itemsize, ops)
+    fused = one_pass(reads, written + _lowp_bytes(params), p.size, ops)
+    return fused, chain(p.size, p.itemsize, ops) + _lowp_cast(p, params)
+
+
+def _lowp_bytes(params: dict) -> int:
+    """The bytes of the low-precision weight copy an update writes in its pass (autocast's
+    master weights, ``lowp=``), 0 without one."""
+    low = params.get("lowp")
+    return 0 if low is None else int(low.nbytes)
+
+
+def _lowp_cast(p: Any, params: dict) -> Cost:
+    """Unfused, the copy is a cast kernel of its own after the update."""
+    low = _lowp_bytes(params)
+    return kernel([p.nbytes], low) if low else FREE
 
 
 def adam_ops(weight_decay: float, decoupled: bool, lr: float) -> list[str]:
@@ -458,8 +472,8 @@ def _adam_update(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     p = ins[0]
     h = params["hyper"]
     ops = adam_ops(h.weight_decay, h.decoupled, h.lr)
-    fused = one_pass([a.nbytes for a in ins], 3 * p.nbytes, p.size, ops)
-    return fused, chain(p.size, p.itemsize, ops)
+    fused = one_pass([a.nbytes for a in ins], 3 * p.nbytes + _lowp_bytes(params), p.size, ops)
+    return fused, chain(p.size, p.itemsize, ops) + _lowp_cast(p, params)
 
 
 # ---------------------------------------------------------------------- the loss scaler
