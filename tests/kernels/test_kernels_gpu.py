@@ -268,6 +268,28 @@ class TestOnGPU:
             np.testing.assert_array_equal(gpu.to_numpy(a), b)
         assert int(gpu.to_numpy(count)[0]) == 1  # (the skipped step did not count)
 
+    @pytest.mark.parametrize("low", ["float16", "bfloat16"])
+    def test_updates_write_the_low_precision_copy_as_the_cast_of_p(self, low: str) -> None:
+        """lowp= on the device: the copy is the round-to-nearest-even cast of the updated p,
+        bit for bit, for SGD with momentum and Adam; a skipped step writes the old p's cast."""
+        gpu, dtype = gpunet.get_backend("cuda"), np.dtype(getattr(gpunet, low))
+        rng = np.random.default_rng(3)
+        p0, g = (rng.standard_normal(4099).astype(np.float32) for _ in range(2))
+        for flag in (0.0, 1.0):
+            for update in ("sgd", "adam"):
+                zeros = np.zeros_like(p0)
+                p, m, v = (gpu.asarray(a.copy()) for a in (p0, zeros, zeros))
+                copy = gpu.asarray(np.zeros(4099, dtype))
+                count, found = gpu.asarray(np.zeros(1, np.int64)), gpu.asarray(np.full(1, flag))
+                kw = {"step": count, "found_inf": found.astype(np.float32), "lowp": copy}
+                if update == "sgd":
+                    gpu.sgd_update(p, gpu.asarray(g), m, SGDHyper(0.1, momentum=0.9), **kw)
+                else:
+                    gpu.adam_update(p, gpu.asarray(g), m, v, AdamHyper(1e-2), **kw)
+                host = gpu.to_numpy(p)
+                assert gpu.to_numpy(copy).tobytes() == host.astype(dtype).tobytes()
+                assert (host.tobytes() == p0.tobytes()) == (flag == 1.0)
+
 
 if __name__ == "__main__":
     arrays = golden_inputs()
