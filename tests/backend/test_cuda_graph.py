@@ -882,6 +882,8 @@ def emulated_cuda(stand_in, monkeypatch: pytest.MonkeyPatch) -> tuple[World, Any
     backend._cublas, backend._tf32_applied = _GemmOnNumpy(world), False
     monkeypatch.setattr(CupyBackend, "_linalg", SimpleNamespace(set_compute_type=print))
     monkeypatch.setitem(_backends, device("cuda"), backend)
+    # (the default generator's stream for "cuda" is this backend's: it goes with the test)
+    monkeypatch.setattr(gpunet.random.default_generator, "_device_rngs", {})
     return world, backend
 
 
