@@ -127,7 +127,8 @@ class _DataParallel:
     def synchronize(self, op: str = "mean") -> None:
         """Average the gradients over the ranks now (to clip or read them before ``step()``,
         which then does not average again). A parameter without a gradient on this rank counts
-        as a zero gradient, so every rank reduces the same buffer. (``step`` may reduce with
+        as a zero gradient, so every rank reduces the same buffer; one without a gradient on
+        any rank keeps none, as in one process (no decay, no state). (``step`` may reduce with
         ``op="sum"`` and fold the 1/world into its fused update.)"""
         if STATE.flags & CAPTURE:  # (its Python decides per step which gradients exist)
             refuse("DistributedOptimizer.step", "is not capturable yet")
@@ -137,16 +138,24 @@ class _DataParallel:
                 "each rank from its own gradient and the ranks' weights would drift apart; call "
                 "it after leaving no_sync()"
             )
-        for flat in self._flats:
+        anywhere = self._grads_anywhere()
+        for flat, there in zip(self._flats, anywhere):
             flat.sync_params()
             views = flat.grad_views
             for i, p in enumerate(flat.params):
-                if p.grad is None:
+                if p.grad is None and there[i]:
                     views[i][...] = 0
                     p.grad = Tensor._wrap(views[i], flat.backend)
-            flat.gather_grads(range(len(flat.params)))
+            flat.gather_grads([i for i, p in enumerate(flat.params) if p.grad is not None])
             call("all_reduce", self.communicator.all_reduce, flat.grad, op=op)
         self._synced = True
+
+    def _grads_anywhere(self) -> list[np.ndarray]:
+        """Per flat buffer, which parameters have a gradient on some rank: one small host
+        all-reduce (max) of flags, so that every rank leaves the same parameters alone."""
+        flags = np.array([p.grad is not None for f in self._flats for p in f.params], np.int32)
+        self.communicator.host.all_reduce(flags, "max")
+        return np.split(flags, np.cumsum([len(f.params) for f in self._flats])[:-1])
 
     def _folded_mean(self) -> dict[str, Any] | None:
         """The fused updates' ``grad_scale`` = 1/world when the mean would be a pass of its own

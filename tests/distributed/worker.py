@@ -145,7 +145,9 @@ def mpi_sum_with_the_scale_folded_into_the_update_equals_the_mean() -> str:
             assert all(np.array_equal(a, b) for a, b in zip(folded, mean)), f"{opt} differs"
     finally:
         del COMM.all_reduce
-    assert ops == (["sum"] * 10 + ["mean"] * 10) * 2, ops
+    grads = [op for op in ops if op != "max"]  # (max: which parameters have a gradient)
+    assert grads == (["sum"] * 10 + ["mean"] * 10) * 2, ops
+    assert ops.count("max") == 40, ops
     return "10 steps of momentum SGD and Adam: all_reduce(sum) + grad_scale 1/world, same bits"
 
 
@@ -227,6 +229,25 @@ def no_sync_accumulates_like_the_larger_batch() -> str:
     diff = max_diff(params(model), params(ref))
     assert diff <= 1e-12, f"no_sync accumulation differs from the 32-row batch by {diff:.3g}"
     return f"2 micro-batches x {N} ranks = one 32-row batch: max diff {diff:.3g}"
+
+
+@check
+def a_parameter_unused_on_every_rank_keeps_no_gradient() -> str:
+    gpunet.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 3), nn.Linear(2, 2))
+    o = dist.DistributedOptimizer(optim.Adam(model.parameters(), lr=0.1, weight_decay=0.1))
+    unused = list(model[1].parameters())
+    before = [p.numpy().copy() for p in unused]
+    x, y = batch("float32", rows=8, seed=R)
+    for _ in range(2):
+        o.zero_grad()
+        F.cross_entropy(model[0](gpunet.tensor(x)), gpunet.tensor(y)).backward()
+        o.step()
+    assert all(p.grad is None and not o.state.get(p) for p in unused), "given a gradient"
+    assert all(np.array_equal(p.numpy(), b) for p, b in zip(unused, before)), "moved"
+    every = COMM.all_gather_object(digest(model))
+    assert len(set(every)) == 1, "the ranks' weights differ"
+    return "unused on both ranks: no gradient, no Adam state, not decayed"
 
 
 @check
