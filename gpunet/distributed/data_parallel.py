@@ -131,7 +131,11 @@ class _DataParallel:
         any rank keeps none, as in one process (no decay, no state). (``step`` may reduce with
         ``op="sum"`` and fold the 1/world into its fused update.)"""
         if STATE.flags & CAPTURE:  # (its Python decides per step which gradients exist)
-            refuse("DistributedOptimizer.step", "is not capturable yet")
+            refuse(
+                "DistributedOptimizer.step",
+                "is not capturable yet",
+                "Run the data-parallel step without capture (fit and gpunet train do).",
+            )
         if self._no_sync:
             raise RuntimeError(
                 "DistributedOptimizer: step() or synchronize() inside no_sync() would update "
