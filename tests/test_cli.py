@@ -543,3 +543,18 @@ def test_precisions_reach_fp32s_accuracy_on_the_digits(
     with pytest.raises(SystemExit) as e:
         main(["train", "--precision", "fp8"])
     assert e.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_a_usage_error_from_the_job_is_one_line_under_python_m(tmp_path: Path) -> None:
+    """``python -m gpunet.cli`` (what ``--nproc`` starts on each rank) loads cli.py as
+    ``__main__``: a UsageError raised in job.py (an unusable --resume) was gpunet.cli's
+    class, not the one main catches, and came out as a traceback with exit 1."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gpunet.cli", "train", "--resume", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "GPUNET_DEVICE": "cpu"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "gpunet train: error: --resume" in done.stderr
