@@ -152,3 +152,31 @@ def test_autocast_takes_pytorchs_device_type_first() -> None:
         assert model(x).dtype == gpunet.bfloat16
     with gpunet.autocast(device_type="cpu", dtype=gpunet.bfloat16):
         assert model(x).dtype == gpunet.bfloat16
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="capture.py: gradient accumulation over calls of a captured micro-step is refused "
+    "with 'matmul has beta=0.0 then, beta=1.0 now ... a branch on a tensor or a counter', "
+    "which names neither the gradients nor the fix",
+)
+def test_micro_batches_summed_over_captured_calls_get_a_message_naming_it() -> None:
+    """A PyTorch user accumulates micro-batches: ``micro(x1); micro(x2); opt.step()``.
+    Expected: the message says the gradients were fresh at one call and accumulated at the
+    other, and to zero them inside the step or capture the whole accumulation as one step."""
+    gpunet.manual_seed(0)
+    model = nn.MLP([8, 16, 4])
+    opt = optim.SGD(model.parameters(), lr=0.1)
+
+    @gpunet.capture
+    def micro(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+        loss = F.cross_entropy(model(x), y) / 2
+        loss.backward()
+        return loss
+
+    with pytest.raises(gpunet.CaptureError, match="accumulat"):
+        for seed in range(4):
+            micro(*_batch(seed=seed))
+            micro(*_batch(seed=seed + 10))
+            opt.step()
+            opt.zero_grad()
