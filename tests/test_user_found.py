@@ -89,7 +89,7 @@ def test_a_python_number_that_changes_per_call_does_not_silently_stop_replays() 
     reason="capture.py: a NumPy array argument gets 'reads a different array from outside the "
     "recorded calls each time' at the model's line, not the argument and the fix",
 )
-def test_a_numpy_array_argument_is_named_in_the_error() -> None:
+def test_an_ndarray_passed_to_a_captured_step_is_refused_by_name() -> None:
     """JAX users pass NumPy arrays to jitted steps. Expected: taken as an input, or a
     CaptureError up front naming the argument and saying to pass gpunet tensors."""
     gpunet.manual_seed(0)
