@@ -203,3 +203,21 @@ def test_autocast_around_a_captured_call_is_part_of_its_signature() -> None:
         for _ in range(3):
             forward(x)
     assert forward(x).dtype == gpunet.float32
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="amp.py: autocast(dtype=None, enabled=False), PyTorch's way to switch it off by a "
+    "flag, raises 'dtype must be gpunet.bfloat16 or gpunet.float16, got float64' (None read "
+    "as NumPy's default dtype)",
+)
+def test_autocast_with_dtype_none_is_the_default_dtype() -> None:
+    """torch.autocast(dtype=None) means the device's default low dtype, and with
+    enabled=False nothing is cast at all."""
+    gpunet.manual_seed(0)
+    model = nn.MLP([8, 16, 4])
+    x, _ = _batch()
+    with gpunet.autocast(dtype=None, enabled=False):
+        assert model(x).dtype == gpunet.float32
+    with gpunet.autocast(dtype=None):
+        assert model(x).dtype == gpunet.bfloat16
