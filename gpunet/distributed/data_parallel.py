@@ -85,10 +85,7 @@ def DistributedOptimizer(optimizer: Any, comm: Communicator | None = None) -> An
             )
     if isinstance(optimizer, _DataParallel):
         raise ValueError("DistributedOptimizer: this optimizer is already data-parallel")
-    check_same_model(comm, signature(optimizer), "DistributedOptimizer")
-    for flat in optimizer._flats:
-        flat.sync_params()
-        call("broadcast", comm.broadcast, flat.data, root=0)
+    _take_rank_0(optimizer, comm, "DistributedOptimizer")
     base = type(optimizer)
     cls = _CLASSES.get(base)
     if cls is None:
@@ -102,6 +99,15 @@ def DistributedOptimizer(optimizer: Any, comm: Communicator | None = None) -> An
     return optimizer
 
 
+def _take_rank_0(optimizer: Any, comm: Communicator, what: str) -> None:
+    """Check that every rank holds the same model, then give it rank 0's parameters: one
+    broadcast per flat parameter buffer."""
+    check_same_model(comm, signature(optimizer), what)
+    for flat in optimizer._flats:
+        flat.sync_params()
+        call("broadcast", comm.broadcast, flat.data, root=0)
+
+
 class _DataParallel:
     """step() averages the flat gradients over the ranks first; ``no_sync()`` for
     accumulation; ``synchronize()`` to average before clipping."""
@@ -112,6 +118,12 @@ class _DataParallel:
     _no_sync: int
     _synced: bool
     _flats: list[Any]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """The optimizer's own, then the wrap's check and rank 0's parameters (every rank
+        calls it): a group added later would otherwise keep each rank's own initial values."""
+        super().add_param_group(param_group)  # type: ignore[misc]
+        _take_rank_0(self, self.communicator, "DistributedOptimizer.add_param_group")
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

@@ -33,6 +33,7 @@ CHECKS = [
     "autocast_steps_stay_identical_across_ranks",
     "no_sync_accumulates_like_the_larger_batch",
     "a_parameter_unused_on_every_rank_keeps_no_gradient",
+    "a_group_added_after_the_wrap_takes_rank_0s_parameters",
     "sampler_covers_every_example_once",
     "mismatched_models_are_refused_at_wrap",
     "sgd_in_backward_is_refused",

@@ -251,6 +251,22 @@ def a_parameter_unused_on_every_rank_keeps_no_gradient() -> str:
 
 
 @check
+def a_group_added_after_the_wrap_takes_rank_0s_parameters() -> str:
+    gpunet.manual_seed(10 + R)  # each rank its own initial weights, as gpunet train seeds them
+    body, head = nn.Linear(6, 4), nn.Linear(4, 3)
+    o = dist.DistributedOptimizer(optim.SGD(body.parameters(), lr=0.1))
+    o.add_param_group({"params": list(head.parameters()), "lr": 0.05})
+    x, y = batch("float32", rows=8, seed=R)
+    for _ in range(2):
+        o.zero_grad()
+        F.cross_entropy(head(body(gpunet.tensor(x))), gpunet.tensor(y)).backward()
+        o.step()
+    every = COMM.all_gather_object([digest(body), digest(head)])
+    assert all(e == every[0] for e in every), "the ranks' weights differ"
+    return "add_param_group after the wrap: rank 0's new parameters everywhere, in step"
+
+
+@check
 def sampler_covers_every_example_once() -> str:
     n = 37
     data = Dataset(np.arange(n, dtype=np.float32)[:, None], np.arange(n))
