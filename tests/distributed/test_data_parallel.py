@@ -38,6 +38,7 @@ CHECKS = [
     "mismatched_models_are_refused_at_wrap",
     "sgd_in_backward_is_refused",
     "collectives_on_tensors",
+    "integer_means_are_refused_and_bfloat16_reduces_through_float32",
     "broadcast_parameters_gives_rank_0s_model",
     "fit_refuses_an_unsharded_loader",
     "fit_reduces_validation_and_every_rank_stops_alike",

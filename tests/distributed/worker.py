@@ -321,6 +321,33 @@ def collectives_on_tensors() -> str:
 
 
 @check
+def integer_means_are_refused_and_bfloat16_reduces_through_float32() -> str:
+    try:
+        COMM.all_reduce(np.array([R + 1, 3]), "mean")
+        raise AssertionError("all_reduce(mean) of int64 was accepted")
+    except TypeError as e:
+        assert "'sum'" in str(e), e
+    t = gpunet.tensor([1.0 + R, 0.5]).to(gpunet.bfloat16)
+    dist.all_reduce(t, "mean")
+    want = np.array([np.mean([1.0 + r for r in range(N)]), 0.5], np.float32).astype(t.dtype)
+    assert t.dtype == gpunet.bfloat16 and np.array_equal(t.numpy(), want), t.numpy()
+    b = gpunet.tensor([3.0 + R]).to(gpunet.bfloat16)
+    dist.broadcast(b, root=0)
+    assert b.numpy().tolist() == [3.0], b.numpy()
+    gpunet.manual_seed(1 + R)
+    model = nn.MLP([6, 8, 3]).to(gpunet.bfloat16)
+    o = dist.DistributedOptimizer(optim.Adam(model.parameters(), lr=1e-2))
+    x, y = batch("float32", rows=8, seed=R)
+    for _ in range(2):
+        o.zero_grad()
+        F.cross_entropy(model(gpunet.tensor(x).to(gpunet.bfloat16)), gpunet.tensor(y)).backward()
+        o.step()
+    every = COMM.all_gather_object(digest(model))
+    assert len(set(every)) == 1, "the ranks' bfloat16 weights differ"
+    return "mean of int64 refused; bfloat16 all_reduce, broadcast and a bfloat16 model's steps"
+
+
+@check
 def broadcast_parameters_gives_rank_0s_model() -> str:
     gpunet.manual_seed(R)  # a different initialisation on each rank
     model = nn.MLP([6, 8, 3])
