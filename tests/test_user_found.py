@@ -245,3 +245,16 @@ def test_cupy_draws_float16_through_float32_like_numpy() -> None:
     got = backend.random(Gen(), "uniform", (1000,), np.dtype(np.float16))
     want = np.floor(np.random.default_rng(0).random(1000, dtype=np.float32) * 2048) / 2048
     np.testing.assert_array_equal(got, want.astype(np.float16))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="amp.py: GradScaler('cuda'), PyTorch 2's torch.amp.GradScaler(device, ...) spelling, "
+    "reads 'cuda' as init_scale: \"'>' not supported between instances of 'str' and 'int'\"",
+)
+def test_grad_scaler_takes_pytorchs_device_first() -> None:
+    """torch.amp.GradScaler("cuda", init_scale=...): the device first, then PyTorch's
+    defaults (the scale lives on the loss's device either way)."""
+    assert gpunet.amp.GradScaler("cpu").get_scale() == 2.0**16
+    assert gpunet.amp.GradScaler("cuda", init_scale=1024.0).get_scale() == 1024.0
+    assert gpunet.amp.GradScaler(device="cpu").get_scale() == 2.0**16
