@@ -184,7 +184,11 @@ def apply(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) -> 
             observe(prim.name, args, params, out)
         if flags & CAPTURE:
             if prim.transfers:
-                refuse(prim.name, "moves a tensor between devices")
+                refuse(
+                    prim.name,
+                    "moves a tensor between devices",
+                    "Pass the step its tensors on the model's device (.to() before the call).",
+                )
             STATE.recorder.record(prim.name, impl, [a.data for a in args], params, data)
     if flags & GRAD and prim.differentiable:
         for a in args:
@@ -265,12 +269,21 @@ class CaptureError(RuntimeError):
     result: Any = None
 
 
-def refuse(op: str, why: str = "takes a value to the host") -> None:
-    """Raise ``CaptureError`` for ``op`` at the user's line (called only while recording)."""
+HOST_READ = "takes a value to the host"
+
+
+def refuse(op: str, why: str = HOST_READ, fix: str = "") -> None:
+    """Raise ``CaptureError`` for ``op`` at the user's line (called only while recording),
+    with ``fix``, what to do instead (a host read's is to read the returned tensor)."""
+    if why == HOST_READ:
+        why += ", which a captured step cannot do (a replay runs none of the step's Python)"
+        fix = fix or (
+            "Return the tensor from the step and read it after the call, or run this step "
+            "without capture."
+        )
     raise CaptureError(
-        f"gpunet.capture: {op} {why}, which a captured step cannot do (a replay runs none of "
-        f"the step's Python), at {user_site()}. Return the tensor from the step and read it "
-        "after the call, or run this step without capture."
+        f"gpunet.capture: {op} {why}, at {user_site()}. "
+        f"{fix or 'Run this step without capture (call the function undecorated).'}"
     )
 
 

@@ -394,5 +394,9 @@ def _end_every_rank(code: int) -> None:
         sys.modules["gpunet.distributed"].fail(code)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # (python -m gpunet.cli, as --nproc starts each rank)
+    # The package's own module, not this __main__ copy: job.py raises gpunet.cli.UsageError,
+    # which a main() of __main__ would not catch (two classes of one name).
+    from gpunet.cli import main as package_main
+
+    sys.exit(package_main())

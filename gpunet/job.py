@@ -164,9 +164,17 @@ class _Checkpoints:
     fsynced write per epoch would cost as much as a digits epoch itself."""
 
     def __init__(
-        self, run: Path, model: Any, opt: Any, loader: DataLoader, meta: dict, comm: Any
+        self,
+        run: Path,
+        model: Any,
+        opt: Any,
+        loader: DataLoader,
+        meta: dict,
+        comm: Any,
+        scaler: Any = None,
     ) -> None:
         self.run, self.model, self.opt, self.loader, self.meta = run, model, opt, loader, meta
+        self.scaler = scaler  # fp16's GradScaler: its scale and clean-step count resume too
         self.every = float(os.environ.get("GPUNET_CHECKPOINT_SECONDS", "30"))
         self.last_write, self.pending = time.monotonic(), None
         self.best: dict[str, Any] | None = None
@@ -183,6 +191,8 @@ class _Checkpoints:
         if history.best_epoch == epoch:
             self.best = model
         extra = {"history": copy.deepcopy(history.as_dict()), "loader": self.loader.state_dict()}
+        if self.scaler is not None:
+            extra["scaler"] = self.scaler.state_dict()
         if ranks is not None:  # every rank's streams, the device ones included
             extra["rng_ranks"] = ranks
         self.pending = (model, self.opt.state_dict(), extra, rng)
@@ -213,6 +223,8 @@ class _Checkpoints:
             best = {k: np.array(v.numpy()) for k, v in self.model.state_dict().items()}
         meta = load(self.run / "checkpoint.safetensors", self.model, self.opt)
         self.loader.load_state_dict(meta["loader"])  # the epochs' permutations, as saved
+        if self.scaler is not None and "scaler" in meta:
+            self.scaler.load_state_dict(meta["scaler"])
         # load restored the lead's generator, its device streams too: rank 0 of the same world
         # size keeps it; every other rank takes its own saved stream, or under another world
         # size a new one derived from them all (distinct per rank, the same on every run)
@@ -251,20 +263,21 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
     return saved
 
 
-def _precision(name: str, device: Any, lead: bool) -> dict[str, Any]:
+def _precision(name: str, device: Any) -> tuple[dict[str, Any], str]:
     """fit's ``autocast`` and ``scaler`` for ``--precision``, TF32 set, and a line saying
-    what the CPU does with it (it computes in float32 whatever the precision)."""
+    what the CPU does with it (it computes in float32 whatever the precision), or ''."""
     backends.allow_tf32 = name == "tf32"
     low = {"bf16": dtypes.bfloat16, "fp16": dtypes.float16}.get(name)
-    if lead and name != "fp32" and device.type == "cpu":
+    note = ""
+    if name != "fp32" and device.type == "cpu":
         what = (
             "TF32 is for CUDA GEMMs; the CPU computes in float32"
             if name == "tf32"
             else f"GEMMs round to {low} and run through float32 arithmetic on the CPU (NumPy "
             "has no low-precision BLAS): this checks accuracy, it is not faster"
         )
-        print(f"gpunet: --precision {name}: {what}")
-    return {"autocast": low, "scaler": amp.GradScaler() if name == "fp16" else None}
+        note = f"gpunet: --precision {name}: {what}"
+    return {"autocast": low, "scaler": amp.GradScaler() if name == "fp16" else None}, note
 
 
 def train(args: argparse.Namespace) -> int:
@@ -301,7 +314,9 @@ def train(args: argparse.Namespace) -> int:
     if args.data is not None:  # so that --resume works from any directory
         saved["data"] = str(Path(args.data).expanduser().resolve())
     meta = {"args": saved, "data_sha256": _data_hash(args)}
-    checkpoints = _Checkpoints(run, model, optimizer, loader, meta, comm)
+    tf32 = backends.allow_tf32  # (restored after the run: the setting does not outlive it)
+    precision, note = _precision(getattr(args, "precision", "fp32"), device)
+    checkpoints = _Checkpoints(run, model, optimizer, loader, meta, comm, precision["scaler"])
     history, best = checkpoints.restore() if args.resume else (History(), None)
     what = "classes" if prep.task == "classify" else "regression"
     ranks = f" x {comm.size} ranks ({comm.name})" if comm.size > 1 else ""
@@ -312,13 +327,14 @@ def train(args: argparse.Namespace) -> int:
             f"{len(train_set)}/{len(val_set)}/{len(test_set)} train/val/test; run: {run}/"
             + (f" (resumed after epoch {len(history.train_loss)})" if args.resume else "")
         )
+        if note:
+            print(note)
     loss = (
         functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing)
         if prep.task == "classify"
         else _mse
     )
     start = time.perf_counter()
-    tf32 = backends.allow_tf32
     history = fit(
         model,
         loss,
@@ -332,7 +348,7 @@ def train(args: argparse.Namespace) -> int:
         history=history,
         best_state=best,
         capture=not getattr(args, "no_capture", False),
-        **_precision(getattr(args, "precision", "fp32"), device, lead),
+        **precision,
     )
     backends.allow_tf32 = tf32
     seconds = time.perf_counter() - start

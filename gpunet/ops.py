@@ -592,7 +592,12 @@ def getitem(x: Tensor, key: Any) -> Tensor:
                 f"shape {x.shape} at axis {first}"
             )
         if STATE.flags & CAPTURE:
-            refuse("gpunet.getitem with a boolean mask", "makes a shape from values")
+            refuse(
+                "gpunet.getitem with a boolean mask",
+                "makes a shape from values",
+                "Keep the shape: gpunet.where(mask, x, 0) (then sum or mean), or run this step "
+                "without capture.",
+            )
         flat = Tensor._wrap(x._backend.nonzero_flat(mask.data), x._backend)
         merged = x.shape[:first] + (-1,) + x.shape[first + mask.ndim :]
         return take(reshape(x, merged), flat, first)
@@ -623,7 +628,12 @@ def setitem_(x: Tensor, key: Any, value: Any) -> None:
     if _tracked(x):
         raise _inplace_error(x, "item assignment")
     if STATE.flags & CAPTURE:
-        refuse("x[key] = value", "writes outside the backend calls a capture records")
+        refuse(
+            "x[key] = value",
+            "writes outside the backend calls a capture records",
+            "Make a new tensor instead (gpunet.where, gpunet.concatenate), or run this step "
+            "without capture.",
+        )
     key = tuple(
         k.data if isinstance(k, Tensor) else k for k in (key if isinstance(key, tuple) else (key,))
     )

@@ -23,6 +23,12 @@ class Generator:
         self.manual_seed(seed)
 
     def manual_seed(self, seed: int | None) -> Generator:
+        if autodiff.STATE.flags & autodiff.CAPTURE:  # (a replay would draw on, unseeded)
+            autodiff.refuse(
+                "seeding a generator (manual_seed, Generator(seed))",
+                "would happen only while the step records, not at each replay",
+                "Seed before calling the captured step, or make the Generator outside it.",
+            )
         self.seed = int(np.random.SeedSequence().entropy) if seed is None else int(seed)
         self.host_rng = np.random.Generator(np.random.PCG64(self.seed))
         self._device_rngs: dict[Any, tuple[Any, Any]] = {}  # device -> (backend, rng)

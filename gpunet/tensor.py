@@ -315,6 +315,17 @@ class Tensor:
             extras.append("requires_grad=True")
         return "tensor(" + ", ".join([body, *extras]) + ")"
 
+    def __format__(self, spec: str) -> str:
+        """f"{loss:.4f}" formats a 0-d tensor's value (PyTorch's rule); "{}" is the repr."""
+        if not spec:
+            return repr(self)
+        if self.ndim == 0:
+            return format(self.item(), spec)
+        raise TypeError(
+            f"format spec {spec!r} given for a tensor of shape {self.shape}: only a 0-d tensor "
+            "formats as a number (pick one element, or .item() of a scalar, first)"
+        )
+
     def __len__(self) -> int:
         if self.ndim == 0:
             raise TypeError("len() of a 0-d tensor")

@@ -116,13 +116,14 @@ def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
     return [(f"param{i}", p) for i, p in enumerate(model.parameters())]
 
 
-def _grad_norms(params: list[tuple[str, Tensor]]) -> dict[str, float]:
+def _grad_norms(params: list[tuple[str, Tensor]], scale: float = 1.0) -> dict[str, float]:
+    """||g|| / scale per parameter with a gradient (a loss scaler's gradients, unscaled)."""
     out = {}
     for name, p in params:
         g = p.grad
         if g is not None:
             a = g.numpy()
-            out[name] = float(np.sqrt(np.vdot(a, a).real))
+            out[name] = float(np.sqrt(np.vdot(a, a).real)) / scale
     return out
 
 
@@ -267,6 +268,7 @@ class _Step:
         self.model, self.loss_fn, self.optimizer, self.run = model, loss_fn, optimizer, run
         self.precision = amp.autocast(autocast or dtypes.bfloat16, enabled=autocast is not None)
         self.scaler = scaler
+        self.grad_scale = 1.0  # what the last backward's gradients are multiplied by
         # Data parallel: eager, so that every rank agrees on the loss and on Ctrl-C before
         # any rank starts the update's all-reduce (a capture would replay past that point).
         # A loss-scaled step stays eager too: _whole does not scale (gpunet.capture can
@@ -307,7 +309,8 @@ class _Step:
             if self.scaler is None:
                 loss.backward()
                 self.optimizer.step()
-            else:
+            else:  # (the scale is read where the loss's read has already synchronized)
+                self.grad_scale = self.scaler.get_scale()
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -348,7 +351,7 @@ def _train_epoch(
         raise ValueError("fit: the training loader gave no batches")
     raise_pending_faults()  # a bad label a GPU kernel recorded (backend/faults.py)
     h = run.history
-    norms = _grad_norms(_named_parameters(model))
+    norms = _grad_norms(_named_parameters(model), step.grad_scale)
     for name, norm in norms.items():
         if norm < VANISHING or norm > EXPLODING:
             kind = "vanishing" if norm < VANISHING else "exploding"

@@ -543,3 +543,45 @@ def test_precisions_reach_fp32s_accuracy_on_the_digits(
     with pytest.raises(SystemExit) as e:
         main(["train", "--precision", "fp8"])
     assert e.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_a_usage_error_from_the_job_is_one_line_under_python_m(tmp_path: Path) -> None:
+    """``python -m gpunet.cli`` (what ``--nproc`` starts on each rank) loads cli.py as
+    ``__main__``: a UsageError raised in job.py (an unusable --resume) was gpunet.cli's
+    class, not the one main catches, and came out as a traceback with exit 1."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gpunet.cli", "train", "--resume", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "GPUNET_DEVICE": "cpu"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "gpunet train: error: --resume" in done.stderr
+
+
+def test_resume_of_an_fp16_run_continues_the_loss_scale_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--precision fp16: the GradScaler's scale and clean-step count are in the checkpoint, so
+    a resumed run skips and scales the steps an uninterrupted one does (a fresh scaler at
+    2**16 gave other weights). The scale grows every 7 clean steps here, so it moves."""
+    import functools
+
+    monkeypatch.setattr(
+        gpunet.amp, "GradScaler", functools.partial(gpunet.amp.GradScaler, growth_interval=7)
+    )
+    fp16 = [*RESUME, "--precision", "fp16"]
+    code, _, err = _run(["train", *fp16, "--out", str(tmp_path / "straight")], capsys)
+    assert code == 0, err
+    (straight,) = (tmp_path / "straight").iterdir()
+    with monkeypatch.context() as m:
+        _interrupt_at(m, step=20 * 2 + 5)
+        code, out, err = _run(["train", *fp16, "--out", str(tmp_path / "cut")], capsys)
+    assert code == 130, err
+    (cut,) = (tmp_path / "cut").iterdir()
+    code, out, err = _run(["train", "--resume", str(cut), "--no-progress"], capsys)
+    assert code == 0 and "resumed after epoch 2" in out, err
+    want, got = _weights(straight), _weights(cut)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -86,3 +86,17 @@ def test_the_readme_cuda_line_says_why_without_a_gpu() -> None:
         pytest.skip("a CUDA device answers: the examples test ran the line")
     with pytest.raises(RuntimeError, match="cuda"):
         gpunet.zeros(3).to("cuda")
+
+
+@pytest.mark.parametrize("marker", ["gpunet.amp.GradScaler()", "dist.DistributedOptimizer("])
+def test_the_readme_examples_that_import_run_on_their_own(
+    marker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Mixed precision and Data parallelism examples start with their imports, so a reader
+    copies them alone: they must not lean on names an earlier block defined."""
+    (code,) = [b for b in BLOCKS if marker in b]
+    real_fit = gpunet.train.fit
+    monkeypatch.setattr(
+        gpunet.train, "fit", lambda *a, **k: real_fit(*a, **{**k, "epochs": 1, "progress": False})
+    )
+    exec(compile(code, f"README.md block with {marker}", "exec"), {})

@@ -239,6 +239,16 @@ def test_repr() -> None:
     assert "dtype=int64" in repr(gpunet.tensor([1]))
 
 
+def test_format_spec_of_a_scalar_tensor_formats_its_value() -> None:
+    """f"{loss:.4f}", as in PyTorch's loops: a 0-d tensor formats its item; any other tensor
+    with a format spec raises naming its shape, and "{}" is its repr."""
+    assert f"{gpunet.tensor(1.23456):.3f}" == "1.235"
+    assert f"{gpunet.tensor(7):>3}" == "  7"
+    assert f"{gpunet.tensor([1.0, 2.0])}" == "tensor([1., 2.])"
+    with pytest.raises(TypeError, match=r"shape \(2,\).*\.item\(\)"):
+        f"{gpunet.tensor([1.0, 2.0]):.3f}"
+
+
 # ---------------------------------------------------------------------- operators
 def test_arithmetic_operators_against_numpy(rng) -> None:
     a, b = rng.standard_normal((3, 4)), rng.uniform(0.5, 2.0, (3, 4))

@@ -282,3 +282,29 @@ def test_fit_continues_a_history_exactly() -> None:
         assert resumed.train_loss == straight.train_loss
         assert resumed.best_epoch == straight.best_epoch and resumed.stopped_early
         np.testing.assert_array_equal(got, want)
+
+
+def test_gradient_norms_under_a_loss_scaler_are_the_unscaled_ones() -> None:
+    """fit with a GradScaler records and warns about the true gradient norms: the scaled
+    gradients' norms (x 2**16) were reported as exploding every epoch."""
+    runs = []
+    for scaled in (False, True):
+        model = gpunet.nn.Linear(2, 3)
+        for p, v in zip(model.parameters(), Softmax(2, 3).parameters()):
+            p.data[...] = v.data
+        scaler = gpunet.amp.GradScaler() if scaled else None
+        h = fit(
+            model,
+            F.cross_entropy,
+            gpunet.optim.SGD(model.parameters(), lr=0.0),
+            DataLoader(blobs(16), 16),
+            epochs=1,
+            progress=False,
+            autocast=gpunet.float16,
+            scaler=scaler,
+        )
+        runs.append(h)
+    plain, scaled_h = runs
+    assert not any("exploding" in w for w in scaled_h.warnings), scaled_h.warnings
+    for name, norm in plain.grad_norm[0].items():
+        assert scaled_h.grad_norm[0][name] == pytest.approx(norm, rel=1e-3), name

@@ -17,6 +17,10 @@ from .faults import check_labels
 from .generic import Array, ArrayBackend, Axes, Shape
 from .numpy_fused import BF16, F32, NumpyFusedOps, through_float32
 
+# 2**digits of the 2-byte floats, whose uniform draws are k / 2**digits, k < 2**digits (as
+# PyTorch draws them), so that none rounds up to 1.0
+_GRID = {np.dtype(np.float16): 2.0**11, BF16: 2.0**8}
+
 
 class NumpyBackend(NumpyFusedOps, ArrayBackend):
     name = "numpy"
@@ -36,8 +40,11 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         rng = generator.host_rng
         dt = np.dtype(dtype)
-        if dt == BF16:  # (NumPy's generators draw float32 or float64 only)
-            return self.random(generator, kind, shape, F32).astype(BF16)
+        if dt in _GRID:  # (NumPy's generators draw float32 or float64 only)
+            x = self.random(generator, kind, shape, F32)
+            if kind == "uniform":  # onto the dtype's grid, k / 2**digits: rounding gave 1.0
+                x = np.floor(x * _GRID[dt], out=x) * (1.0 / _GRID[dt])
+            return x.astype(dt)
         if kind == "normal":
             return rng.standard_normal(shape, dtype=dt)
         return rng.random(shape, dtype=dt)

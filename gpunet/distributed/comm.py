@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import dtypes
+
 Array = Any
 OPS = ("sum", "mean", "max", "min")
 DEFAULT_TIMEOUT = 300.0
@@ -57,7 +59,7 @@ class Communicator:
 
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         """array <- op over ranks of array (``mean``: the sum / size), in place; returns it."""
-        _check_op(op)
+        _check_op(op, array)
         return array
 
     def broadcast(self, array: Array, root: int = 0) -> Array:
@@ -98,9 +100,14 @@ def _contiguous(array: Array, what: str) -> Array:
     return array
 
 
-def _check_op(op: str) -> None:
+def _check_op(op: str, array: Array) -> None:
     if op not in OPS:
         raise ValueError(f"all_reduce: op must be one of {', '.join(OPS)}, got {op!r}")
+    if op == "mean" and np.dtype(array.dtype).kind not in "fcV":  # (V: bfloat16)
+        raise TypeError(
+            f"all_reduce: op 'mean' averages floating arrays, got {describe(array)}; reduce "
+            "with 'sum' and divide, or convert to a floating dtype first"
+        )
 
 
 class Watchdog:
@@ -174,9 +181,13 @@ class MPIComm(Communicator):
         return _contiguous(array, op)
 
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
-        _check_op(op)
+        _check_op(op, array)
         buf = self._host_array(array, "all_reduce")
         if self.size == 1:
+            return array
+        if buf.dtype == dtypes.bfloat16:  # (MPI has no bfloat16: reduced in float32, rounded once)
+            wide = buf.astype(np.float32)
+            buf[...] = self.all_reduce(wide, op).astype(buf.dtype)
             return array
         what = f"all_reduce({op}) of {describe(buf)}"
         self._guarded(what, self.comm.Allreduce, self.MPI.IN_PLACE, buf, self._ops[op])
@@ -186,6 +197,8 @@ class MPIComm(Communicator):
 
     def broadcast(self, array: Array, root: int = 0) -> Array:
         buf = self._host_array(array, "broadcast")
+        if buf.dtype == dtypes.bfloat16:  # (MPI has no bfloat16: its bits, as uint16)
+            buf = buf.view(np.uint16)
         if self.size > 1:
             what = f"broadcast from rank {root} of {describe(buf)}"
             self._guarded(what, self.comm.Bcast, buf, root)
@@ -296,7 +309,7 @@ class NCCLComm(Communicator):
         return code
 
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
-        _check_op(op)
+        _check_op(op, array)
         dtype = self._code(array, "all_reduce")
         code = self.ops.get(op, self.ops["sum"])  # mean without ncclAvg: sum, then scale
         ptr = array.data.ptr

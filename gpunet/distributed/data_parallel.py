@@ -86,12 +86,7 @@ def DistributedOptimizer(optimizer: Any, comm: Communicator | None = None) -> An
             )
     if isinstance(optimizer, _DataParallel):
         raise ValueError("DistributedOptimizer: this optimizer is already data-parallel")
-    check_same_model(comm, signature(optimizer), "DistributedOptimizer")
-    for flat in optimizer._flats:
-        flat.sync_params()
-        call("broadcast", comm.broadcast, flat.data, root=0)
-        for p in flat.params:  # (written: autocast's low-precision copies are stale)
-            bump_version(p)
+    _take_rank_0(optimizer, comm, "DistributedOptimizer")
     base = type(optimizer)
     cls = _CLASSES.get(base)
     if cls is None:
@@ -105,6 +100,17 @@ def DistributedOptimizer(optimizer: Any, comm: Communicator | None = None) -> An
     return optimizer
 
 
+def _take_rank_0(optimizer: Any, comm: Communicator, what: str) -> None:
+    """Check that every rank holds the same model, then give it rank 0's parameters: one
+    broadcast per flat parameter buffer."""
+    check_same_model(comm, signature(optimizer), what)
+    for flat in optimizer._flats:
+        flat.sync_params()
+        call("broadcast", comm.broadcast, flat.data, root=0)
+        for p in flat.params:  # (written: autocast's low-precision copies are stale)
+            bump_version(p)
+
+
 class _DataParallel:
     """step() averages the flat gradients over the ranks first; ``no_sync()`` for
     accumulation; ``synchronize()`` to average before clipping."""
@@ -115,6 +121,12 @@ class _DataParallel:
     _no_sync: int
     _synced: bool
     _flats: list[Any]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """The optimizer's own, then the wrap's check and rank 0's parameters (every rank
+        calls it): a group added later would otherwise keep each rank's own initial values."""
+        super().add_param_group(param_group)  # type: ignore[misc]
+        _take_rank_0(self, self.communicator, "DistributedOptimizer.add_param_group")
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -130,26 +142,39 @@ class _DataParallel:
     def synchronize(self, op: str = "mean") -> None:
         """Average the gradients over the ranks now (to clip or read them before ``step()``,
         which then does not average again). A parameter without a gradient on this rank counts
-        as a zero gradient, so every rank reduces the same buffer. (``step`` may reduce with
+        as a zero gradient, so every rank reduces the same buffer; one without a gradient on
+        any rank keeps none, as in one process (no decay, no state). (``step`` may reduce with
         ``op="sum"`` and fold the 1/world into its fused update.)"""
         if STATE.flags & CAPTURE:  # (its Python decides per step which gradients exist)
-            refuse("DistributedOptimizer.step", "is not capturable yet")
+            refuse(
+                "DistributedOptimizer.step",
+                "is not capturable yet",
+                "Run the data-parallel step without capture (fit and gpunet train do).",
+            )
         if self._no_sync:
             raise RuntimeError(
                 "DistributedOptimizer: step() or synchronize() inside no_sync() would update "
                 "each rank from its own gradient and the ranks' weights would drift apart; call "
                 "it after leaving no_sync()"
             )
-        for flat in self._flats:
+        anywhere = self._grads_anywhere()
+        for flat, there in zip(self._flats, anywhere):
             flat.sync_params()
             views = flat.grad_views
             for i, p in enumerate(flat.params):
-                if p.grad is None:
+                if p.grad is None and there[i]:
                     views[i][...] = 0
                     p.grad = Tensor._wrap(views[i], flat.backend)
-            flat.gather_grads(range(len(flat.params)))
+            flat.gather_grads([i for i, p in enumerate(flat.params) if p.grad is not None])
             call("all_reduce", self.communicator.all_reduce, flat.grad, op=op)
         self._synced = True
+
+    def _grads_anywhere(self) -> list[np.ndarray]:
+        """Per flat buffer, which parameters have a gradient on some rank: one small host
+        all-reduce (max) of flags, so that every rank leaves the same parameters alone."""
+        flags = np.array([p.grad is not None for f in self._flats for p in f.params], np.int32)
+        self.communicator.host.all_reduce(flags, "max")
+        return np.split(flags, np.cumsum([len(f.params) for f in self._flats])[:-1])
 
     def _folded_mean(self) -> dict[str, Any] | None:
         """The fused updates' ``grad_scale`` = 1/world when the mean would be a pass of its own

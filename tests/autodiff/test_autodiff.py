@@ -360,3 +360,23 @@ def test_two_layer_mlp_fits_a_regression_with_sgd() -> None:
                 p.grad = None
     last = loss_fn().item()
     assert last < first / 100, (first, last)
+
+
+@pytest.mark.parametrize(
+    ("step", "names", "advice"),
+    [
+        (lambda x: x.sum().item(), "Tensor.item", "read it after the call"),
+        (lambda x: x[x > 0].sum(), "boolean mask", "gpunet.where"),
+        (lambda x: x.__setitem__(0, 1.0), "x[key] = value", "gpunet.where"),
+    ],
+)
+def test_a_refused_op_in_a_captured_step_says_what_to_do_for_that_op(step, names, advice) -> None:
+    """Each refusal names the op and the user's line and gives advice that fits it: only a
+    host read is told to return the tensor and read it after the call."""
+    captured = gpunet.capture(step)
+    with pytest.raises(gpunet.CaptureError) as e:
+        captured(gpunet.tensor([1.0, -2.0, 3.0]))
+    message = str(e.value)
+    assert names in message and "test_autodiff.py" in message and advice in message, message
+    if advice != "read it after the call":
+        assert "read it after the call" not in message, message

@@ -449,3 +449,23 @@ class TestOnGPU:
         assert t.tolist() == [0.0, 4.0, 0.0]
         u = gpunet.from_dlpack(c)
         assert u.device == "cuda:0" and u.data.data.ptr == t.data.data.ptr
+
+
+@pytest.mark.parametrize("dtype", [gpunet.float16, gpunet.bfloat16])
+def test_low_precision_draws_on_numpy_come_from_float32_and_stay_below_one(dtype: Any) -> None:
+    """NumPy's generators draw float32 or float64 only: float16 raised 'Unsupported dtype'
+    (dropout under float16 autocast, `gpunet train --precision fp16 --dropout ...`). Uniform
+    draws keep [0, 1): the float32 draw floored onto the dtype's grid (rounding it would
+    give 1.0 for the top 2**-9 of bfloat16 draws)."""
+    digits = {gpunet.float16: 11, gpunet.bfloat16: 8}[dtype]
+    u = gpunet.rand(200_000, dtype=dtype, generator=gpunet.Generator(0)).numpy()
+    assert u.dtype == dtype and u.min() >= 0 and u.max() < 1
+    want = np.random.default_rng(0).random(200_000, dtype=np.float32)
+    want = np.floor(want * 2.0**digits) / 2.0**digits
+    np.testing.assert_array_equal(u.astype(np.float32), want)
+    z = gpunet.randn(1000, dtype=dtype, generator=gpunet.Generator(1)).numpy()
+    want_z = np.random.default_rng(1).standard_normal(1000, dtype=np.float32).astype(dtype)
+    np.testing.assert_array_equal(z.view(np.uint16), want_z.view(np.uint16))
+    kept = gpunet.nn.functional.dropout(gpunet.ones(4000, dtype=dtype), 0.25).numpy()
+    scale = float(np.array(4 / 3, dtype))  # 1 / (1 - p) in the dtype
+    assert kept.dtype == dtype and set(np.unique(kept.astype(np.float32))) == {0.0, scale}

@@ -244,3 +244,15 @@ def test_nproc_runs_the_same_command_under_the_venvs_mpiexec(
         "--no-progress",
     ]
     assert started["env"]["OPENBLAS_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 3))
+
+
+def test_a_mean_of_integers_is_refused_in_every_world() -> None:
+    """all_reduce(mean) of an integer array gave zeros over MPI (the sum times int(1/N));
+    NCCL's average takes floats only too. Refused everywhere, a world of one included, so a
+    script that runs alone does not break only under mpiexec."""
+    comm = dist.init()
+    with pytest.raises(TypeError, match=r"mean.*int64.*'sum'"):
+        comm.all_reduce(np.array([1, 3]), "mean")
+    with pytest.raises(TypeError, match=r"mean.*int64.*'sum'"):
+        dist.all_reduce(gpunet.tensor([1, 3]), "mean")
+    assert dist.all_reduce(gpunet.tensor([1, 3]), "sum").tolist() == [1, 3]

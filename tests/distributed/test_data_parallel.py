@@ -33,10 +33,13 @@ CHECKS = [
     "autocast_steps_stay_identical_across_ranks",
     "autocast_weight_copies_equal_casting_across_ranks",
     "no_sync_accumulates_like_the_larger_batch",
+    "a_parameter_unused_on_every_rank_keeps_no_gradient",
+    "a_group_added_after_the_wrap_takes_rank_0s_parameters",
     "sampler_covers_every_example_once",
     "mismatched_models_are_refused_at_wrap",
     "sgd_in_backward_is_refused",
     "collectives_on_tensors",
+    "integer_means_are_refused_and_bfloat16_reduces_through_float32",
     "broadcast_parameters_gives_rank_0s_model",
     "fit_refuses_an_unsharded_loader",
     "fit_reduces_validation_and_every_rank_stops_alike",
@@ -212,3 +215,38 @@ def test_a_bad_shard_is_refused(kwargs: dict, message: str) -> None:
     data = Dataset(np.zeros((4, 1), np.float32), np.zeros(4, np.int64))
     with pytest.raises(ValueError, match=message):
         DataLoader(data, 2, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd-momentum-decay"])
+def test_a_parameter_no_rank_differentiates_is_left_alone_as_without_the_wrap(kind: str) -> None:
+    """A parameter outside the loss on every rank keeps grad None, its optimizer state and its
+    value (as one process and PyTorch's DDP leave it); it was averaged as a zero gradient and
+    then moved by weight decay and given Adam state. A world of one shows it without MPI."""
+    import gpunet.distributed as dist
+    import gpunet.nn.functional as F
+
+    def make() -> tuple[nn.Module, optim.Optimizer]:
+        gpunet.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Linear(2, 2)).to(gpunet.float64)
+        params = model.parameters()
+        if kind == "adam":
+            return model, optim.Adam(params, lr=0.1, weight_decay=0.1)
+        return model, optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)
+
+    x = gpunet.tensor(np.linspace(-1, 1, 20).reshape(5, 4))
+    y = gpunet.tensor(np.array([0, 1, 2, 1, 0]))
+    runs = []
+    for wrap in (False, True):
+        model, opt = make()
+        if wrap:
+            opt = dist.DistributedOptimizer(opt, dist.Communicator())
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model[0](x), y).backward()
+            opt.step()
+        unused = list(model[1].parameters())
+        assert all(p.grad is None for p in unused)
+        assert all(len(opt.state.get(p, {})) == 0 for p in unused)
+        runs.append([p.numpy().copy() for p in model.parameters()])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)

@@ -145,7 +145,9 @@ def mpi_sum_with_the_scale_folded_into_the_update_equals_the_mean() -> str:
             assert all(np.array_equal(a, b) for a, b in zip(folded, mean)), f"{opt} differs"
     finally:
         del COMM.all_reduce
-    assert ops == (["sum"] * 10 + ["mean"] * 10) * 2, ops
+    grads = [op for op in ops if op != "max"]  # (max: which parameters have a gradient)
+    assert grads == (["sum"] * 10 + ["mean"] * 10) * 2, ops
+    assert ops.count("max") == 40, ops
     return "10 steps of momentum SGD and Adam: all_reduce(sum) + grad_scale 1/world, same bits"
 
 
@@ -263,6 +265,41 @@ def no_sync_accumulates_like_the_larger_batch() -> str:
 
 
 @check
+def a_parameter_unused_on_every_rank_keeps_no_gradient() -> str:
+    gpunet.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 3), nn.Linear(2, 2))
+    o = dist.DistributedOptimizer(optim.Adam(model.parameters(), lr=0.1, weight_decay=0.1))
+    unused = list(model[1].parameters())
+    before = [p.numpy().copy() for p in unused]
+    x, y = batch("float32", rows=8, seed=R)
+    for _ in range(2):
+        o.zero_grad()
+        F.cross_entropy(model[0](gpunet.tensor(x)), gpunet.tensor(y)).backward()
+        o.step()
+    assert all(p.grad is None and not o.state.get(p) for p in unused), "given a gradient"
+    assert all(np.array_equal(p.numpy(), b) for p, b in zip(unused, before)), "moved"
+    every = COMM.all_gather_object(digest(model))
+    assert len(set(every)) == 1, "the ranks' weights differ"
+    return "unused on both ranks: no gradient, no Adam state, not decayed"
+
+
+@check
+def a_group_added_after_the_wrap_takes_rank_0s_parameters() -> str:
+    gpunet.manual_seed(10 + R)  # each rank its own initial weights, as gpunet train seeds them
+    body, head = nn.Linear(6, 4), nn.Linear(4, 3)
+    o = dist.DistributedOptimizer(optim.SGD(body.parameters(), lr=0.1))
+    o.add_param_group({"params": list(head.parameters()), "lr": 0.05})
+    x, y = batch("float32", rows=8, seed=R)
+    for _ in range(2):
+        o.zero_grad()
+        F.cross_entropy(head(body(gpunet.tensor(x))), gpunet.tensor(y)).backward()
+        o.step()
+    every = COMM.all_gather_object([digest(body), digest(head)])
+    assert all(e == every[0] for e in every), "the ranks' weights differ"
+    return "add_param_group after the wrap: rank 0's new parameters everywhere, in step"
+
+
+@check
 def sampler_covers_every_example_once() -> str:
     n = 37
     data = Dataset(np.arange(n, dtype=np.float32)[:, None], np.arange(n))
@@ -314,6 +351,33 @@ def collectives_on_tensors() -> str:
     COMM.all_reduce(m, "max")
     assert m.tolist() == [float(N)]
     return "all_reduce(sum, max) and broadcast from the last rank"
+
+
+@check
+def integer_means_are_refused_and_bfloat16_reduces_through_float32() -> str:
+    try:
+        COMM.all_reduce(np.array([R + 1, 3]), "mean")
+        raise AssertionError("all_reduce(mean) of int64 was accepted")
+    except TypeError as e:
+        assert "'sum'" in str(e), e
+    t = gpunet.tensor([1.0 + R, 0.5]).to(gpunet.bfloat16)
+    dist.all_reduce(t, "mean")
+    want = np.array([np.mean([1.0 + r for r in range(N)]), 0.5], np.float32).astype(t.dtype)
+    assert t.dtype == gpunet.bfloat16 and np.array_equal(t.numpy(), want), t.numpy()
+    b = gpunet.tensor([3.0 + R]).to(gpunet.bfloat16)
+    dist.broadcast(b, root=0)
+    assert b.numpy().tolist() == [3.0], b.numpy()
+    gpunet.manual_seed(1 + R)
+    model = nn.MLP([6, 8, 3]).to(gpunet.bfloat16)
+    o = dist.DistributedOptimizer(optim.Adam(model.parameters(), lr=1e-2))
+    x, y = batch("float32", rows=8, seed=R)
+    for _ in range(2):
+        o.zero_grad()
+        F.cross_entropy(model(gpunet.tensor(x).to(gpunet.bfloat16)), gpunet.tensor(y)).backward()
+        o.step()
+    every = COMM.all_gather_object(digest(model))
+    assert len(set(every)) == 1, "the ranks' bfloat16 weights differ"
+    return "mean of int64 refused; bfloat16 all_reduce, broadcast and a bfloat16 model's steps"
 
 
 @check
