@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,23 @@ def _precision(name: str, device: Any) -> tuple[dict[str, Any], str]:
     return {"autocast": low, "scaler": amp.GradScaler() if name == "fp16" else None}, note
 
 
+def _run_folder(args: argparse.Namespace, comm: Any) -> Path:
+    """The run's folder, chosen (and for --resume checked writable) by rank 0, told to all."""
+    run = None
+    if comm.rank == 0:
+        run = Path(args.resume) if args.resume else new_run_folder(args.out)
+        if args.resume:
+            check_writable(run, f"--resume {run}")
+    return Path(comm.broadcast_object(str(run) if run else None))
+
+
+def _loss_fn(args: argparse.Namespace, task: str) -> Callable[..., Any]:
+    """Cross-entropy (with the run's label smoothing) for classification, MSE for regression."""
+    if task == "classify":
+        return functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing)
+    return _mse
+
+
 def train(args: argparse.Namespace) -> int:
     """Train an MLP on the user's data, report the test figures, save the run. Under
     ``mpiexec -n N`` it trains data-parallel: every rank prepares the same data, takes its
@@ -298,12 +316,7 @@ def train(args: argparse.Namespace) -> int:
     model, optimizer = build(args, sizes, device)
     if comm.size > 1:
         optimizer = distributed.DistributedOptimizer(optimizer, comm)
-    run = None
-    if lead:
-        run = Path(args.resume) if args.resume else new_run_folder(args.out)
-        if args.resume:
-            check_writable(run, f"--resume {run}")
-    run = Path(comm.broadcast_object(str(run) if run else None))
+    run = _run_folder(args, comm)
     shard = {"num_replicas": comm.size, "rank": comm.rank} if comm.size > 1 else {}
     loader = DataLoader(
         train_set, args.batch_size, shuffle=True, device=device, seed=args.seed, **shard
@@ -329,15 +342,10 @@ def train(args: argparse.Namespace) -> int:
         )
         if note:
             print(note)
-    loss = (
-        functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing)
-        if prep.task == "classify"
-        else _mse
-    )
     start = time.perf_counter()
     history = fit(
         model,
-        loss,
+        _loss_fn(args, prep.task),
         optimizer,
         loader,
         val,
