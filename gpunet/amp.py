@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from . import dtypes
+from . import backend, dtypes
 from . import primitives as P
 from .autodiff import AUTOCAST, BACKWARD, CAPTURE, STATE, apply, apply_with, call, refuse
 from .optim.flat import flat_of
@@ -96,36 +96,52 @@ POLICY: dict[str, str] = {
 }
 
 _LOW = (dtypes.float16, dtypes.bfloat16)
+# autocast(dtype=None)'s dtype per device type: PyTorch's defaults (torch.get_autocast_dtype)
+_DEFAULT_LOW = {"cuda": dtypes.float16, "cpu": dtypes.bfloat16, None: dtypes.bfloat16}
 
 
 class autocast(contextlib.ContextDecorator):
-    """Run ops inside in mixed precision: ``with gpunet.autocast(dtype=gpunet.bfloat16):``.
+    """Run ops inside in mixed precision: ``with gpunet.autocast(dtype=gpunet.bfloat16):``,
+    or in PyTorch's spelling ``gpunet.autocast("cuda", dtype=gpunet.float16)``.
 
-    ``dtype``: bfloat16 (no loss scaling needed: float32's range) or float16 (use
-    ``GradScaler``). ``enabled=False`` turns an outer autocast off inside. Per thread, as in
-    PyTorch. Run ``loss.backward()`` inside or after it: backward follows the forward's dtypes.
+    ``device_type``: ``"cpu"`` or ``"cuda"``: only ops whose tensors are on that device type
+    are cast, the others run as without autocast (as in PyTorch: autocast for "cuda" leaves
+    CPU ops alone); ``None`` (gpunet's default) casts on every device. ``dtype``: bfloat16 (no
+    loss scaling needed: float32's range) or float16 (use ``GradScaler``); ``None`` is the
+    device type's default, PyTorch's: float16 for "cuda", bfloat16 for "cpu" and for None.
+    ``enabled=False`` turns an outer autocast off inside. Per thread, as in PyTorch. Run
+    ``loss.backward()`` inside or after it: backward follows the forward's dtypes.
     """
 
-    def __init__(self, dtype: Any = dtypes.bfloat16, enabled: bool = True) -> None:
-        dt = dtypes.as_dtype(dtype)
+    def __init__(
+        self, device_type: str | None = None, dtype: Any = None, enabled: bool = True
+    ) -> None:
+        if device_type not in _DEFAULT_LOW:
+            raise ValueError(
+                f"gpunet.autocast: device_type must be 'cpu', 'cuda' or None (a device type, "
+                f"as torch.autocast's first argument), got {device_type!r}; pass the dtype by "
+                "name: autocast(dtype=gpunet.bfloat16)"
+            )
+        dt = _DEFAULT_LOW[device_type] if dtype is None else dtypes.as_dtype(dtype)
         if dt not in _LOW:
             raise ValueError(
                 f"gpunet.autocast: dtype must be gpunet.bfloat16 or gpunet.float16, got {dt} "
                 "(float32 GEMMs on tensor cores: gpunet.backends.allow_tf32 = True)"
             )
-        self.dtype, self.enabled = dt, bool(enabled)
-        self._saved: list[tuple[Any, int]] = []
+        self.device_type, self.dtype, self.enabled = device_type, dt, bool(enabled)
+        self._saved: list[tuple[Any, Any, int]] = []
 
     def __enter__(self) -> autocast:
         state = STATE
-        self._saved.append((state.autocast, state.flags & AUTOCAST))
+        self._saved.append((state.autocast, state.autocast_device, state.flags & AUTOCAST))
         state.autocast = self.dtype if self.enabled else None
+        state.autocast_device = self.device_type
         state._set(AUTOCAST, self.enabled)
         return self
 
     def __exit__(self, *exc: object) -> None:
         state = STATE
-        state.autocast, bit = self._saved.pop()
+        state.autocast, state.autocast_device, bit = self._saved.pop()
         state._set(AUTOCAST, bool(bit))
 
 
@@ -140,7 +156,10 @@ def dispatch(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) 
     flags = state.flags
     state.flags = flags & ~AUTOCAST
     try:
-        if not flags & BACKWARD:  # (a sweep's rules follow the forward's dtypes)
+        # (a sweep's rules follow the forward's dtypes; autocast for one device type leaves
+        # the other's ops alone)
+        on = state.autocast_device
+        if not flags & BACKWARD and (on is None or args[0]._backend.device.type == on):
             policy = POLICY.get(prim.name)
             if policy is None:
                 raise NotImplementedError(
@@ -205,6 +224,10 @@ def _widest(floats: set) -> Any:
 
 
 # ---------------------------------------------------------------------- loss scaling
+# An optimizer's stage between two GradScaler.update() calls (none yet: PyTorch's READY)
+UNSCALED, STEPPED = "unscaled", "stepped"
+
+
 class GradScaler:
     """Dynamic loss scaling for float16 (PyTorch's ``torch.amp.GradScaler``, its defaults).
 
@@ -222,16 +245,30 @@ class GradScaler:
     flag is set (a skipped step does not count, as in PyTorch), and Adam's bias corrections
     come from the count there: no optimizer reads the flag on the host.
     bfloat16 has float32's range and needs no scaler.
+
+    ``device`` first, as ``torch.amp.GradScaler("cuda", ...)``: ``"cpu"`` or ``"cuda"`` is
+    accepted and kept, but the arrays live on the loss's device whichever is named (as
+    PyTorch makes its scale on the outputs' device). Each optimizer moves through PyTorch's
+    stages between two ``update()`` calls: ready, unscaled (``unscale_``), stepped
+    (``step``); a second ``unscale_`` or ``step``, or ``unscale_`` after ``step``, raises
+    before anything changes (a second step would apply the scaled gradients again).
     """
 
     def __init__(
         self,
+        device: str = "cuda",
         init_scale: float = 2.0**16,
         growth_factor: float = 2.0,
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
         enabled: bool = True,
     ) -> None:
+        if not isinstance(device, str):
+            raise TypeError(
+                f"GradScaler: the first argument is the device ('cpu' or 'cuda', as in "
+                f"torch.amp.GradScaler), got {device!r}; pass init_scale={device!r} by name"
+            )
+        self.device = str(backend.device(device))
         if not (init_scale > 0 and growth_factor > 1.0 and 0.0 < backoff_factor < 1.0):
             raise ValueError(
                 f"GradScaler: need init_scale > 0, growth_factor > 1 and 0 < backoff_factor < "
@@ -249,7 +286,7 @@ class GradScaler:
         self._found: Any = None  # float32 (): 1 when this step's gradients held inf or NaN
         self._inv: Any = None  # float32 (): 1/scale, for the fused update
         self._backend: Any = None
-        self._unscaled: set[int] = set()  # ids of the optimizers unscaled since update()
+        self._stages: dict[int, str] = {}  # id(optimizer) -> UNSCALED | STEPPED since update()
         self._tracker_init = 0  # (a loaded state's count, before the arrays exist)
 
     def _lazy(self, backend: Any) -> None:
@@ -277,6 +314,9 @@ class GradScaler:
         if STATE.flags & CAPTURE:  # (it replaces the gradients outside backend calls)
             refuse("GradScaler.unscale_", "is not capturable; scaler.step(opt) alone is")
         self._check(optimizer, "unscale_")
+        self._unscale(optimizer)
+
+    def _unscale(self, optimizer: Any) -> None:
         _average_over_ranks(optimizer)
         xp = self._backend.xp
         call("amp_inverse_scale", _reciprocal_into, self._inv, self._scale)
@@ -287,15 +327,25 @@ class GradScaler:
             data = g.data * self._inv.astype(g.dtype)
             call("amp_found_inf", _found_inf_into, self._found, data, xp=xp)
             p.grad = Tensor._wrap(data, g._backend)
-        self._unscaled.add(id(optimizer))
+        self._stages[id(optimizer)] = UNSCALED
 
     def _check(self, optimizer: Any, op: str) -> None:
-        if id(optimizer) in self._unscaled:
+        """Refuse ``op`` where PyTorch does, before anything changes."""
+        stage = self._stages.get(id(optimizer))
+        if stage is STEPPED:
             raise RuntimeError(
-                f"GradScaler.{op}: already called on this optimizer since the last update()"
+                f"GradScaler.{op}: step() has already been called on this optimizer since the "
+                "last update(); call scaler.update() after each scaler.step(opt)"
+            )
+        if stage is UNSCALED and op == "unscale_":
+            raise RuntimeError(
+                "GradScaler.unscale_: already called on this optimizer since the last update()"
             )
         if self._scale is None:
-            raise RuntimeError(f"GradScaler.{op}: call scale(loss) (and backward) first")
+            raise RuntimeError(
+                f"GradScaler.{op}: no scale yet: call scaler.scale(loss).backward() first "
+                "(the gradients must be of the scaled loss)"
+            )
         if getattr(optimizer, "defaults", {}).get("in_backward"):
             raise ValueError(
                 "GradScaler: SGD(in_backward=True) steps inside backward(), on the scaled "
@@ -309,29 +359,32 @@ class GradScaler:
         on the host."""
         if not self.enabled:
             return optimizer.step(*args, **kwargs)
-        unscaled = id(optimizer) in self._unscaled
+        self._check(optimizer, "step")
+        unscaled = self._stages.get(id(optimizer)) is UNSCALED
         if not optimizer._fused_scaling:
             if STATE.flags & CAPTURE:
                 refuse("GradScaler.step", f"decides on the host whether {optimizer} steps")
             if not unscaled:
-                self.unscale_(optimizer)
-            return None if float(self._found) != 0.0 else optimizer.step(*args, **kwargs)
+                self._unscale(optimizer)
+            out = None if float(self._found) != 0.0 else optimizer.step(*args, **kwargs)
+            self._stages[id(optimizer)] = STEPPED  # (as in PyTorch, a skipped step counts)
+            return out
         scaling: dict[str, Any] = {"found_inf": self._found}
         xp = self._backend.xp
         if not unscaled:
-            self._check(optimizer, "step")
             _average_over_ranks(optimizer)
             call("amp_inverse_scale", _reciprocal_into, self._inv, self._scale)
             for p in optimizer._all_params():
                 if p.grad is not None:  # (an inf in g is one in g / scale: PyTorch checks g)
                     call("amp_found_inf", _found_inf_into, self._found, p.grad.data, xp=xp)
             scaling["grad_scale"] = self._inv
-            self._unscaled.add(id(optimizer))
         optimizer._loss_scaling = scaling
         try:
-            return optimizer.step(*args, **kwargs)
+            out = optimizer.step(*args, **kwargs)
         finally:
             optimizer._loss_scaling = None
+        self._stages[id(optimizer)] = STEPPED
+        return out
 
     def update(self, new_scale: float | None = None) -> None:
         """The scale for the next step: backoff on a found inf, growth after
@@ -351,7 +404,7 @@ class GradScaler:
                 xp=self._backend.xp,
             )
         call("fill", _fill, self._found, value=0.0)
-        self._unscaled.clear()
+        self._stages.clear()
 
     def get_scale(self) -> float:
         """The current scale (a host read), or the initial one before the first ``scale``."""

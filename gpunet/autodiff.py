@@ -61,6 +61,7 @@ class _State(threading.local):
         self.observers: list[Callable[[str, tuple, dict, Any], None]] = []  # see ``observing``
         self.recorder: Any = None  # the capture recording now (``gpunet.capture``), or None
         self.autocast: Any = None  # autocast's low-precision dtype while AUTOCAST is set
+        self.autocast_device: str | None = None  # the device type it casts on (None: all)
 
     def _set(self, bit: int, on: bool) -> None:
         self.flags = (self.flags | bit) if on else (self.flags & ~bit)

@@ -472,7 +472,7 @@ def profile_mlp_step(
     x = random.randn(batch, sizes[0], dtype=dtype)
     y = tensor(np.random.default_rng(0).integers(0, sizes[-1], batch))
 
-    precision = amp.autocast(autocast or dtypes.bfloat16, enabled=autocast is not None)
+    precision = amp.autocast(dtype=autocast or dtypes.bfloat16, enabled=autocast is not None)
     scaling = amp.GradScaler() if scaler else None
 
     def step() -> None:

@@ -266,7 +266,9 @@ class _Step:
         scaler: Any = None,
     ) -> None:
         self.model, self.loss_fn, self.optimizer, self.run = model, loss_fn, optimizer, run
-        self.precision = amp.autocast(autocast or dtypes.bfloat16, enabled=autocast is not None)
+        self.precision = amp.autocast(
+            dtype=autocast or dtypes.bfloat16, enabled=autocast is not None
+        )
         self.scaler = scaler
         self.grad_scale = 1.0  # what the last backward's gradients are multiplied by
         # Data parallel: eager, so that every rank agrees on the loss and on Ctrl-C before

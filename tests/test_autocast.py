@@ -127,6 +127,38 @@ def test_only_low_precision_dtypes_are_accepted() -> None:
         gpunet.autocast(dtype=F32)
 
 
+def test_takes_pytorchs_device_type_first_and_casts_only_that_devices_ops() -> None:
+    """torch.autocast(device_type, dtype=...): autocast for "cuda" leaves CPU ops alone, as
+    in PyTorch; None (gpunet's default) casts on every device."""
+    w, x = gpunet.randn(4, 3), gpunet.randn(2, 4)
+    with gpunet.autocast("cpu", dtype=BF16):
+        assert (x @ w).dtype == BF16
+    with gpunet.autocast(device_type="cpu", dtype=F16):
+        assert (x @ w).dtype == F16
+    with gpunet.autocast("cuda", dtype=BF16):
+        assert amp.is_autocast_enabled() and (x @ w).dtype == F32
+        with pytest.raises(TypeError, match="different dtypes"):  # (no promote: as if off)
+            _ = x.to(BF16) + x
+    with gpunet.autocast("cuda", dtype=BF16), gpunet.autocast("cpu"):
+        assert (x @ w).dtype == BF16  # (the inner one's device type, restored after)
+    for bad in ("cuda:0", "tpu", BF16):
+        with pytest.raises(ValueError, match=r"device_type must be 'cpu', 'cuda' or None"):
+            gpunet.autocast(bad)
+
+
+def test_dtype_none_is_the_device_types_default_as_in_pytorch() -> None:
+    """torch.autocast(dtype=None): the device type's default low dtype (float16 on "cuda",
+    bfloat16 on "cpu"; bfloat16 with no device type); enabled=False casts nothing."""
+    w, x = gpunet.randn(4, 3), gpunet.randn(2, 4)
+    with gpunet.autocast(dtype=None, enabled=False):
+        assert (x @ w).dtype == F32
+    with gpunet.autocast(dtype=None):
+        assert (x @ w).dtype == BF16
+    with gpunet.autocast("cpu", dtype=None):
+        assert (x @ w).dtype == BF16
+    assert gpunet.autocast("cuda").dtype == F16 and gpunet.autocast().dtype == BF16
+
+
 def test_a_captured_step_under_autocast_replays_what_eager_computes() -> None:
     def make() -> tuple[Any, Any]:
         gpunet.manual_seed(3)

@@ -10,11 +10,10 @@ import logging
 import threading
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from .faults import fault_error
-from .generic import Array, ArrayBackend, Shape
+from .generic import GRID, Array, ArrayBackend, Shape
 from .precision import MATMUL
 from .updates import AdamHyper, SGDHyper
 
@@ -118,10 +117,10 @@ class CupyBackend(ArrayBackend):
             raise fault_error(fault, self.device)
 
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
-        rng = generator.device_rng(self)
-        if np.dtype(dtype) == ml_dtypes.bfloat16:  # (cuRAND draws float32 or float64 only)
-            return self.random(generator, kind, shape, np.dtype(np.float32)).astype(dtype)
         with self._cuda_device:
+            if np.dtype(dtype) in GRID:  # (cuRAND draws float32 or float64 only)
+                return self.random_through_float32(generator, kind, shape, np.dtype(dtype))
+            rng = generator.device_rng(self)
             if kind == "normal":
                 return rng.standard_normal(shape, dtype=dtype)
             return rng.random(shape, dtype=dtype)

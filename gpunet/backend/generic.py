@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from . import faults
@@ -19,6 +20,10 @@ from .fused import FusedOps
 Array = Any
 Shape = tuple[int, ...]
 Axes = tuple[int, ...]
+
+# 2**digits of the 2-byte floats, whose uniform draws are k / 2**digits, k < 2**digits (as
+# PyTorch draws them), so that none rounds up to 1.0
+GRID = {np.dtype(np.float16): 2.0**11, np.dtype(ml_dtypes.bfloat16): 2.0**8}
 
 _COMPARE = {
     "lt": "less",
@@ -106,6 +111,18 @@ class ArrayBackend(FusedOps):
         rng = generator.host_rng
         host = rng.standard_normal(shape) if kind == "normal" else rng.random(shape)
         return self.asarray(host.astype(dtype, copy=False))
+
+    def random_through_float32(
+        self, generator: Any, kind: str, shape: Shape, dtype: np.dtype
+    ) -> Array:
+        """A float16/bfloat16 draw made in float32 (NumPy's and cuRAND's generators draw
+        float32 or float64 only): uniform floor(u 2**d) / 2**d, normal rounded to nearest."""
+        x = self.random(generator, kind, shape, np.dtype(np.float32))
+        if kind == "uniform":  # (exact: scaling by a power of two, then flooring)
+            x *= GRID[dtype]
+            x = self.xp.floor(x)
+            x *= 1.0 / GRID[dtype]
+        return x.astype(dtype)
 
     def all_finite(self, x: Array) -> bool:
         return bool(self.xp.all(self.xp.isfinite(x)))

@@ -14,12 +14,8 @@ import numpy as np
 
 from . import blas
 from .faults import check_labels
-from .generic import Array, ArrayBackend, Axes, Shape
-from .numpy_fused import BF16, F32, NumpyFusedOps, through_float32
-
-# 2**digits of the 2-byte floats, whose uniform draws are k / 2**digits, k < 2**digits (as
-# PyTorch draws them), so that none rounds up to 1.0
-_GRID = {np.dtype(np.float16): 2.0**11, BF16: 2.0**8}
+from .generic import GRID, Array, ArrayBackend, Axes, Shape
+from .numpy_fused import BF16, NumpyFusedOps, through_float32
 
 
 class NumpyBackend(NumpyFusedOps, ArrayBackend):
@@ -40,11 +36,8 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
     def random(self, generator: Any, kind: str, shape: Shape, dtype: np.dtype) -> Array:
         rng = generator.host_rng
         dt = np.dtype(dtype)
-        if dt in _GRID:  # (NumPy's generators draw float32 or float64 only)
-            x = self.random(generator, kind, shape, F32)
-            if kind == "uniform":  # onto the dtype's grid, k / 2**digits: rounding gave 1.0
-                x = np.floor(x * _GRID[dt], out=x) * (1.0 / _GRID[dt])
-            return x.astype(dt)
+        if dt in GRID:
+            return self.random_through_float32(generator, kind, shape, dt)
         if kind == "normal":
             return rng.standard_normal(shape, dtype=dt)
         return rng.random(shape, dtype=dt)

@@ -254,7 +254,7 @@ def time_precisions(names: Sequence[str], steps: int = 10) -> str:
             y = gpunet.tensor(labels, device="cuda")
             low = {"bf16": gpunet.bfloat16, "fp16": gpunet.float16}.get(precision)
             scaler = amp.GradScaler() if precision == "fp16" else None
-            context = amp.autocast(low or gpunet.bfloat16, enabled=low is not None)
+            context = amp.autocast(dtype=low or gpunet.bfloat16, enabled=low is not None)
             backends.allow_tf32 = precision == "tf32"
 
             samples = []

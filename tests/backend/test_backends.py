@@ -469,3 +469,31 @@ def test_low_precision_draws_on_numpy_come_from_float32_and_stay_below_one(dtype
     kept = gpunet.nn.functional.dropout(gpunet.ones(4000, dtype=dtype), 0.25).numpy()
     scale = float(np.array(4 / 3, dtype))  # 1 / (1 - p) in the dtype
     assert kept.dtype == dtype and set(np.unique(kept.astype(np.float32))) == {0.0, scale}
+
+
+@pytest.mark.parametrize("dtype", [gpunet.float16, gpunet.bfloat16])
+@pytest.mark.parametrize("kind", ["uniform", "normal"])
+def test_cupy_draws_two_byte_floats_through_float32_like_numpy(dtype: Any, kind: str) -> None:
+    """CuPy's generators draw float32 or float64 only, so float16 (dropout under float16
+    autocast on CUDA) raised there: a stand-in CupyBackend over NumPy's generator draws the
+    same bits as the NumPy backend, uniform draws floored onto the grid below 1."""
+    import contextlib
+
+    cupy_like = object.__new__(CupyBackend)
+    ArrayBackend.__init__(cupy_like, np, gb.Device("cuda", 0), np.ndarray)
+    cupy_like._cuda_device = contextlib.nullcontext()
+
+    class Gen:
+        def __init__(self) -> None:
+            self.host_rng = np.random.default_rng(0)
+
+        def device_rng(self, backend: object) -> np.random.Generator:
+            return self.host_rng
+
+    got = cupy_like.random(Gen(), kind, (1000,), np.dtype(dtype))
+    want = NumpyBackend(gb.CPU).random(Gen(), kind, (1000,), np.dtype(dtype))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    if kind == "uniform" and dtype == gpunet.float16:
+        f32 = np.random.default_rng(0).random(1000, dtype=np.float32)
+        np.testing.assert_array_equal(got, (np.floor(f32 * 2048) / 2048).astype(np.float16))

@@ -127,6 +127,70 @@ def test_misuse_is_an_error() -> None:
         GradScaler(backoff_factor=2.0)
 
 
+def _scaled_sgd() -> tuple[gpunet.Tensor, gpunet.optim.SGD, GradScaler, gpunet.Tensor]:
+    w = gpunet.tensor(np.float32([1.0, -2.0, 3.0]), requires_grad=True)
+    with gpunet.autocast(dtype=gpunet.float16):
+        loss = (w * gpunet.tensor(np.float32([0.5, 1.0, 2.0]))).sum()
+    return w, gpunet.optim.SGD([w], lr=0.1), GradScaler(), loss
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_second_step_before_update_raises_and_changes_nothing(
+    kind: str, unscale_first: bool
+) -> None:
+    """PyTorch: 'step() has already been called since the last update()'; here a second step
+    applied the scaled gradients (x 65536) again. unscale_ after step is refused too."""
+    w, opt, scaler, loss = _scaled_sgd()
+    if kind == "adam":
+        opt = gpunet.optim.Adam([w], lr=0.1)
+    scaler.scale(loss).backward()
+    if unscale_first:
+        scaler.unscale_(opt)
+    scaler.step(opt)
+    before = w.numpy().copy()
+    state = [np.array(v.numpy() if hasattr(v, "numpy") else v) for v in _state_values(opt)]
+    for again in (scaler.step, scaler.unscale_):
+        with pytest.raises(RuntimeError, match=r"step\(\) has already been called.*update\(\)"):
+            again(opt)
+    np.testing.assert_array_equal(w.numpy(), before)
+    for v, b in zip(_state_values(opt), state):
+        np.testing.assert_array_equal(np.array(v.numpy() if hasattr(v, "numpy") else v), b)
+    scaler.update()
+    scaler.step(opt)  # (after update() the optimizer is ready again)
+    assert not np.array_equal(w.numpy(), before)
+
+
+def _state_values(opt: gpunet.optim.Optimizer) -> list:
+    return [v for s in opt.state.values() for v in s.values()]
+
+
+def test_step_without_scale_says_to_call_scale_first() -> None:
+    """PyTorch: 'Attempted step but _scale is None'; here an AttributeError on NoneType."""
+    w, opt, scaler, loss = _scaled_sgd()
+    loss.backward()
+    before = w.numpy().copy()
+    with pytest.raises(RuntimeError, match=r"scaler\.scale\(loss\)\.backward\(\) first"):
+        scaler.step(opt)
+    np.testing.assert_array_equal(w.numpy(), before)
+
+
+def test_the_device_comes_first_as_in_torch_amp() -> None:
+    """torch.amp.GradScaler("cuda", init_scale=...): the device first, then PyTorch's
+    defaults; the scale lives on the loss's device whichever is named."""
+    assert GradScaler("cpu").get_scale() == 2.0**16
+    assert GradScaler("cuda", init_scale=1024.0).get_scale() == 1024.0
+    assert GradScaler(device="cpu").device == "cpu" and GradScaler().device == "cuda:0"
+    with pytest.raises(TypeError, match=r"first argument is the device.*init_scale=1024\.0"):
+        GradScaler(1024.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        GradScaler("tpu")
+    w, _, _, loss = _scaled_sgd()
+    scaler = GradScaler("cuda", init_scale=4.0)  # (a CPU loss: the scale follows it)
+    scaler.scale(loss).backward()
+    np.testing.assert_array_equal(w.grad.numpy(), np.float32([2.0, 4.0, 8.0]))
+
+
 def test_state_dict_round_trips_and_disabled_is_a_pass_through() -> None:
     s = GradScaler(init_scale=8.0, growth_interval=2)
     _run(s, PATTERN[:5])
