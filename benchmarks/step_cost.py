@@ -8,7 +8,8 @@ the same count) and lists the functions that run the most. ``ratio`` times the g
 and the hand-written NumPy step in turn in one process, ``--rounds`` times, and prints the
 median of gpunet / NumPy (both feel the same load, so the ratio drifts less than either).
 ``tensors`` is ``bench_overhead.py``'s raw-tensor step, ``mlp`` the ``nn.MLP`` + ``optim.SGD``
-one. For timings unset the variables that force a slow GEMM kernel:
+one, ``captured`` that one under ``gpunet.capture`` (a replay's cost). For timings unset the
+variables that force a slow GEMM kernel:
 ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OPENBLAS_NUM_THREADS=1 python ...``.
 """
 
@@ -24,7 +25,11 @@ from typing import Any
 
 from gpunet.bench import workloads as W
 
-STEPS = {"tensors": W.gpunet_tensors_step, "mlp": W.gpunet_step}
+STEPS = {
+    "tensors": W.gpunet_tensors_step,
+    "mlp": W.gpunet_step,
+    "captured": W.gpunet_step_captured,  # (the mlp step recorded once, replayed after)
+}
 
 
 def count_bytecodes(step: Callable[[], Any]) -> collections.Counter:

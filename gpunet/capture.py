@@ -4,8 +4,9 @@ makes and replays them, with no tape, Node or Tensor per op, on buffers the capt
 The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
 
 - The first two calls with a new input signature (shapes, dtypes, devices of the tensor
-  arguments, and the other arguments' values) run the step eagerly and record every backend
-  call it makes: the forward through ``autodiff.apply``, the sweep's rules and leaf writes,
+  arguments, the other arguments' values, autocast's state at the call, and the ``training``
+  mode of each module a recording read) run the step eagerly and record every backend call it
+  makes: the forward through ``autodiff.apply``, the sweep's rules and leaf writes,
   everything else through ``autodiff.call``. The two recordings must agree (the same calls on
   the same shapes with the same parameters, reading the same persistent arrays), or
   ``CaptureError`` names the first difference: Python control flow that depends on values is
@@ -15,8 +16,14 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
   written); every array the step made lives on in the capture and is rewritten in place, so
   it keeps its address. Tensors the step returns are the capture's own and are valid until
   the next replay: copy them (``t.clone()``) to keep a value; they are detached. Python side
-  effects of the step (appending to a list, printing) happen only on the recorded calls, and
-  Python state it reads (``model.training``, a flag) is frozen at the recording.
+  effects of the step (appending to a list, printing) happen only on the recorded calls.
+  ``module.training`` read while recording is a guard, as under torch.compile: a replay
+  checks it (a mode the step set itself is not one), and a change records again or raises,
+  as a new signature does. Other Python state the step reads (a flag, a global) is frozen
+  at the recording. A signature that comes once and never again (a Python number that
+  changes every call) makes the step record at every call: past ``max_captures`` such, one
+  warning names the argument (pass it as a tensor). NumPy arrays and scalars as arguments
+  are refused, naming them (pass tensors, Python numbers).
 - The optimizers' updates (SGD, Adam, AdamW) are recorded with what changes between steps
   passed as ``autodiff.Dynamic`` (the group's lr and hyperparameters), an in-backward step's
   lr as ``autodiff.Live``: computed afresh at each replay, never frozen. Step counts (Adam's,
@@ -52,7 +59,9 @@ from __future__ import annotations
 import collections
 import functools
 import gc
+import inspect
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,6 +136,9 @@ class _Recorder:
         self.entries: list[_Entry] = []
         self.depth = 0  # inside a segment: its own calls are not recorded
         self.dropped = (0, 0)  # (fills dropped, accumulations made overwrites): _drop_fills
+        # id(module) -> (module, ``training`` read): modes the step read before setting them
+        self.training: dict[int, tuple[Any, bool]] = {}
+        self.set_training: set[int] = set()  # modules whose mode the step set itself
         for a in inputs:
             self._add(a, "input")
 
@@ -138,6 +150,14 @@ class _Recorder:
         if not isinstance(origin, tuple):  # (numbered apart from external arrays, so that
             self.rank[k] = len(self.rank)  # a call reading one more of those shifts nothing)
         return k
+
+    def read_training(self, module: Any, value: bool) -> None:
+        """``module.training`` read (``Module.training`` tells): the replay guards on it."""
+        if id(module) not in self.set_training:
+            self.training.setdefault(id(module), (module, value))
+
+    def wrote_training(self, module: Any) -> None:
+        self.set_training.add(id(module))
 
     def ref(self, x: Any) -> Any:
         """An input of a call: ('a', slot) for an array, ('c', value) for anything else."""
@@ -213,6 +233,7 @@ def _compare(r1: _Recorder, r2: _Recorder, step_name: str) -> None:
     n = max(len(r1.entries), len(r2.entries))
     for i in range(n):
         if i >= len(r1.entries) or i >= len(r2.entries):
+            _refuse_accumulation(r1, r2, i, step_name)
             longer = r1 if i < len(r1.entries) else r2
             e = longer.entries[i]
             raise CaptureError(
@@ -231,6 +252,7 @@ def _compare(r1: _Recorder, r2: _Recorder, step_name: str) -> None:
             same_params = same_params and all(_same_param(a, b) for a, b in zip(e1.ins, e2.ins))
             s1 = s2
         if s1 != s2 or not same_params:
+            _refuse_accumulation(r1, r2, i, step_name)
             what = _difference(s1, s2, e1, e2)
             raise CaptureError(
                 f"gpunet.capture({step_name}): the first two calls differ at backend call "
@@ -239,6 +261,49 @@ def _compare(r1: _Recorder, r2: _Recorder, step_name: str) -> None:
                 "outside the calls the capture sees; a replay would freeze one of them. "
                 "Move that out of the step, or run it without capture."
             )
+
+
+def _refuse_accumulation(r1: _Recorder, r2: _Recorder, i: int, step_name: str) -> None:
+    """Raise ``CaptureError`` saying so where the recordings differ at call ``i`` because
+    the gradients accumulated from the step's first call into its second."""
+    carried = _accumulated(r1, r2, i)
+    if carried:
+        raise CaptureError(
+            f"gpunet.capture({step_name}): the gradients accumulated across calls: {carried}. "
+            "A replay would freeze one of the two. Zero the gradients inside the step "
+            "(opt.zero_grad() at its start), or capture the whole accumulation (every "
+            "micro-batch's backward, then opt.step()) as one step."
+        )
+
+
+def _accumulated(r1: _Recorder, r2: _Recorder, i: int) -> str:
+    """How call ``i`` of the two recordings shows gradients carried from one call of the
+    step to the next, if it does: a GEMM or sum writing a gradient fresh (beta 0) in one and
+    adding into it (beta 1) in the other (a gradient buffer), or only the second adding into
+    an array the first one made (a ``.grad`` of its own); else ''."""
+    e1 = r1.entries[i] if i < len(r1.entries) else None
+    e2 = r2.entries[i] if i < len(r2.entries) else None
+    if e2 is None:
+        return ""
+    if e1 is not None and e1.name == e2.name and e1.kind == e2.kind == "into":
+        betas = (e1.params.get("beta"), e2.params.get("beta"))
+        if e2.name in ("matmul", "sum") and betas in ((0.0, 1.0), (1.0, 0.0)):
+            fresh, added = ("first", "second") if betas[0] == 0.0 else ("second", "first")
+            return (
+                f"'{e2.name}' (backend call {i + 1}, at {e2.site}) wrote a gradient fresh "
+                f"(beta=0) on the step's {fresh} call and added into the one the call before "
+                f"had left (beta=1) on its {added}"
+            )
+    if (e1 is not None and e1.name == e2.name) or e2.name != "add":
+        return ""
+    for r in e2.ins:
+        k = r1.slot.get(id(r2.arrays[r[1]])) if r[0] == "a" else None
+        if k is not None and r1.origin[k] in ("made", "view"):
+            return (
+                f"'add' (backend call {i + 1}, at {e2.site}) added, on the step's second call, "
+                "into a gradient its first call made (the first had none to add to)"
+            )
+    return ""
 
 
 def _difference(s1: tuple, s2: tuple, e1: _Entry, e2: _Entry) -> str:
@@ -1076,7 +1141,10 @@ class CapturedStep:
         self.max_captures = max_captures
         self.fold_sgd = fold_sgd
         self._captures: collections.OrderedDict[tuple, _Capture] = collections.OrderedDict()
-        self._pending: dict[tuple, tuple[_Recorder, list[Any], int]] = {}  # first recordings
+        # first recordings: (recording, input buffers, layout, argument structure)
+        self._pending: dict[tuple, tuple[_Recorder, list[Any], int, Any]] = {}
+        self._watched: tuple[Any, ...] = ()  # modules whose ``training`` a recording read
+        self._churn_told = False  # (the warning that signatures never recur: once)
         self.calls = 0
         self.replays = 0
 
@@ -1086,8 +1154,11 @@ class CapturedStep:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
+        # the state outside the arguments that a recording depends on (torch.compile's guards):
+        # autocast's dtype (None: off), and the mode of each module whose ``training`` one read
+        context = STATE.autocast if not self._watched else self._context()
         if not kwargs and all(type(a) is Tensor for a in args):  # the common call: no flatten
-            key = (None, tuple((a.data.shape, a.data.dtype, a._backend) for a in args))
+            key = (None, tuple((a.data.shape, a.data.dtype, a._backend) for a in args), context)
             cap = self._captures.get(key)
             if cap is not None and cap.layout == autodiff.LAYOUT[0]:
                 return self._replay(cap, args)  # type: ignore[arg-type]
@@ -1096,21 +1167,70 @@ class CapturedStep:
         else:
             tensors = []
             spec = _flatten((args, kwargs), tensors)
-            key = (repr(spec), tuple((t.data.shape, t.data.dtype, t._backend) for t in tensors))
+            shapes = tuple((t.data.shape, t.data.dtype, t._backend) for t in tensors)
+            key = (repr(spec), shapes, context)
             cap = self._captures.get(key)
             if cap is not None and cap.layout == autodiff.LAYOUT[0]:
                 return self._replay(cap, tensors)
+            _refuse_arrays(spec, self.fn, self.name)
         if self._captures and self.on_new_signature == "raise" and key not in self._pending:
             known = next(iter(self._captures))
             raise CaptureError(
                 f"gpunet.capture({self.name}): called with a new input signature "
-                f"{_show_key(key)}; it was captured for {_show_key(known)}, and "
+                f"{self._show_key(key)}; it was captured for {self._show_key(known)}, and "
                 "on_new_signature='raise'. Pass inputs of the captured shapes (pad or drop "
                 "the last batch), or capture with on_new_signature='recapture'."
             )
         if cap is not None:  # parameters or optimizer buffers were replaced since
             del self._captures[key]
         return self._record(key, spec, tensors)
+
+    def _context(self) -> tuple:
+        """Autocast's dtype and the watched modules' modes, now (read where
+        ``Module.training`` keeps them: no descriptor call per module)."""
+        return (STATE.autocast, *[m.__dict__["training"] for m in self._watched])
+
+    def _watch(self, key: tuple, rec: _Recorder) -> tuple:
+        """The key of a recording that read the mode of modules not watched before: they are
+        watched from now on, and the key gains their modes at entry (the values read: the
+        step had not set them). Entries under shorter keys are dropped (none would match)."""
+        new = [(m, v) for m, v in rec.training.values() if all(m is not w for w in self._watched)]
+        if not new:
+            return key
+        before = key[2] if self._watched else (key[2],)
+        self._watched += tuple(m for m, _ in new)
+        self._captures.clear()
+        self._pending.clear()
+        return (*key[:2], (*before, *[v for _, v in new]))
+
+    def _show_key(self, key: tuple) -> str:
+        """A signature as a user reads it: devices, dtypes and shapes, then the context."""
+        shapes = ", ".join(f"{b.device} {dt} {tuple(s)}" for s, dt, b in key[1])
+        context = key[2] if self._watched else (key[2],)
+        said = [f"autocast {context[0]}"] if context[0] is not None else []
+        said += [f"{type(m).__name__}.training={v}" for m, v in zip(self._watched, context[1:])]
+        return f"({shapes})" + (f" [{', '.join(said)}]" if said else "")
+
+    def _tell_churn(self, key: tuple, spec: Any) -> None:
+        """Warn, once, that the oldest first recording goes unreplayed as a new signature
+        comes: the step records at every call. Says what changed between the two.
+
+        (A Python number is not made a 0-d input tensor, as jax.jit traces it: the step may
+        use it as a number, an lr put into ``param_groups``, a branch, a count, where a
+        tensor would fail or, float64 against a float32 loss, round differently. The user
+        who can pass a tensor is told to.)"""
+        if self._churn_told:
+            return
+        self._churn_told = True
+        old = next(iter(self._pending))
+        what, fix = _what_changed(self.fn, (old, self._pending[old][3]), (key, spec))
+        warnings.warn(
+            f"gpunet.capture({self.name}): {self.max_captures} input signatures were recorded "
+            "once and never came again, and a new one came: the step runs eagerly and records "
+            f"at every call, never replaying. {what}. {fix}",
+            RuntimeWarning,
+            stacklevel=4,  # (the user's call: here, _record, __call__, the caller)
+        )
 
     def _replay(self, cap: _Capture, tensors: Sequence[Tensor]) -> Any:
         prog = cap.program
@@ -1160,10 +1280,14 @@ class CapturedStep:
         finally:
             STATE.flags &= ~CAPTURE
             STATE.recorder = prev_rec
+        rekeyed = self._watch(key, rec)
+        if rekeyed is not key:  # (it read new modes: a first recording, under its new key)
+            key, pending = rekeyed, None
         if pending is None or autodiff.LAYOUT[0] != layout:  # (a first recording, or again)
             if len(self._pending) >= self.max_captures:  # (signatures that never came again)
+                self._tell_churn(key, spec)
                 del self._pending[next(iter(self._pending))]
-            self._pending[key] = (rec, buffers, layout)
+            self._pending[key] = (rec, buffers, layout, spec)
             return result
         del self._pending[key]
         # both without the fills they write over (on the recorded values, which the overwrites
@@ -1203,7 +1327,7 @@ class CapturedStep:
                 how = f"a launch list ({graph_support(None)[1]})"
             if prog.folded:
                 how += f", plain SGD folded into {prog.folded} GEMMs and sums"
-            parts.append(f"{_show_key(key)}: {calls} calls{_dropped(prog)}, replayed as {how}")
+            parts.append(f"{self._show_key(key)}: {calls} calls{_dropped(prog)}, replayed as {how}")
         body = "; ".join(parts) if parts else "not captured yet (the first two calls record)"
         return f"<captured step {self.name}: {body}>"
 
@@ -1216,8 +1340,77 @@ def _dropped(prog: _Program) -> str:
     return f" ({fills} written over dropped, {prog.overwritten} accumulations into zeros now write)"
 
 
-def _show_key(key: tuple) -> str:
-    return "(" + ", ".join(f"{b.device} {dt} {tuple(s)}" for s, dt, b in key[1]) + ")"
+def _arguments(fn: Callable, spec: Any) -> list[tuple[str, Any]]:
+    """(how a user names it, its structure) for each argument in a ``_flatten``ed call:
+    'argument 2 ('weight')', 'argument 'lr''."""
+    try:
+        names = [p.name for p in inspect.signature(fn).parameters.values()]
+    except (TypeError, ValueError):  # (a builtin or a callable without a signature)
+        names = []
+    (_, args), (_, kwargs) = spec[1]
+    said = [
+        (f"argument {i}" + (f" ('{names[i]}')" if i < len(names) else ""), s)
+        for i, s in enumerate(args)
+    ]
+    return said + [(f"argument '{k}'", s) for k, s in kwargs]
+
+
+def _leaves(spec: Any) -> list[tuple[str, Any]]:
+    """The leaves of a ``_flatten``ed structure: ('T', tensor index) or ('V', value)."""
+    tag, body = spec
+    if tag in ("T", "V"):
+        return [spec]
+    items = [v for _, v in body] if tag == "dict" else body
+    return [leaf for item in items for leaf in _leaves(item)]
+
+
+def _refuse_arrays(spec: Any, fn: Callable, name: str) -> None:
+    """Raise ``CaptureError`` naming the first argument that holds a NumPy or CuPy array or
+    a NumPy scalar: a replay would not read a new one (the step makes it an array outside
+    the recorded calls, a new one each call, which the second recording finds changed)."""
+    for where, s in _arguments(fn, spec):
+        for tag, a in _leaves(s):
+            if tag == "V" and isinstance(a, np.generic):
+                raise CaptureError(
+                    f"gpunet.capture({name}): {where} is a NumPy scalar (numpy."
+                    f"{type(a).__name__} {a!r}); a captured step takes numbers as Python "
+                    "numbers and arrays as gpunet tensors. Pass float(value) or int(value), "
+                    "or gpunet.tensor(value) for a value that changes at each call."
+                )
+            if tag == "V" and _is_array(a):
+                kind = f"{type(a).__module__.split('.')[0]}.{type(a).__name__}"
+                raise CaptureError(
+                    f"gpunet.capture({name}): {where} is a {kind} ({a.dtype}, shape "
+                    f"{tuple(a.shape)}); a captured step takes arrays as gpunet tensors, copied "
+                    "into its own input buffers at each call (an array the step makes into a "
+                    "tensor is read at the recording, and a replay would not see a new one). "
+                    "Pass gpunet.tensor(array) and use that tensor in the step."
+                )
+
+
+def _what_changed(fn: Callable, old: tuple, new: tuple) -> tuple[str, str]:
+    """(what differs between two signatures, each (key, argument structure), and what to do)."""
+    (old_key, old_spec), (key, spec) = old, new
+    for (where, a), (_, b) in zip(_arguments(fn, old_spec), _arguments(fn, spec)):
+        for (tag, x), (_, y) in zip(_leaves(a), _leaves(b)):
+            if tag == "V" and not _same_param(x, y):
+                return (
+                    f"Its {where} is a Python {type(y).__name__} that changes ({x!r} in the "
+                    f"oldest, {y!r} now)",
+                    "Pass it as a tensor (gpunet.tensor(value), copied into the capture's input "
+                    "buffer at each call: one recording serves every value), or keep it constant",
+                )
+            if tag == "T" and old_key[1][x][0] != key[1][y][0]:
+                return (
+                    f"The shape of its {where} changes ({tuple(old_key[1][x][0])} in the oldest, "
+                    f"{tuple(key[1][y][0])} now)",
+                    "Give it a few shapes at most (pad the batch, or drop the last one), or "
+                    "raise max_captures if a few shapes recur",
+                )
+    return (
+        "Its arguments' structure, dtypes, autocast or a module's training mode change",
+        "Call it the same way each time, or capture one step per variant",
+    )
 
 
 def graph_support(backend: Any) -> tuple[str, str]:

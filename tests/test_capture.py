@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -141,6 +142,101 @@ def test_dropout_draws_fresh_masks_each_replay_the_same_as_eager() -> None:
 
     outs = [forward(x).numpy().copy() for _ in range(4)]
     assert not np.array_equal(outs[2], outs[3])
+
+
+class _Scaled(nn.Module):
+    """Branches on ``training`` with no backend call either way but its own: x 2 or x 3."""
+
+    def forward(self, x: gpunet.Tensor) -> gpunet.Tensor:
+        return x * 2.0 if self.training else x * 3.0
+
+
+@pytest.mark.parametrize("model", ["dropout", "own branch"])
+def test_a_captured_forward_follows_eval_set_outside_the_step(model: str) -> None:
+    """torch.compile guards on ``module.training``: a mode a recording read and that has
+    changed since makes the step record again (a new signature), in either direction."""
+    gpunet.manual_seed(0)
+    net = nn.MLP([12, 16, 5], dropout=0.5) if model == "dropout" else _Scaled()
+    x, _ = _batches(1)[0]
+
+    @gpunet.capture
+    def predict(x: gpunet.Tensor) -> gpunet.Tensor:
+        with gpunet.no_grad():
+            return net(x)
+
+    for _ in range(3):
+        predict(x)
+    assert predict.replays == 1
+    net.eval()
+    with gpunet.no_grad():
+        expected = net(x).numpy()
+    for _ in range(3):  # recorded twice in eval mode, then replayed
+        np.testing.assert_array_equal(predict(x).numpy(), expected)
+    assert predict.replays == 2 and len(predict._captures) == 2
+    net.train()
+    predict(x)  # the training mode's capture again: replayed, with a fresh dropout mask
+    assert predict.replays == 3
+    if model == "own branch":
+        np.testing.assert_array_equal(predict(x).numpy(), x.numpy() * 2.0)
+
+
+def test_a_mode_the_step_sets_itself_is_not_a_guard() -> None:
+    """``model.train()`` inside the step decides the mode its reads see: a mode set outside
+    changes nothing, so the step keeps replaying (the reads follow the step's own write)."""
+    net = _Scaled()
+    x = gpunet.ones(3)
+
+    @gpunet.capture
+    def step(x: gpunet.Tensor) -> gpunet.Tensor:
+        net.train()
+        return net(x)
+
+    for i in range(4):
+        net.train(i % 2 == 0)
+        np.testing.assert_array_equal(step(x).numpy(), np.full(3, 2.0, np.float32))
+    assert step.replays == 2 and len(step._captures) == 1
+
+
+def test_autocast_around_a_captured_call_is_part_of_its_signature() -> None:
+    """torch.compile guards on the autocast state: a call outside the autocast the step was
+    recorded under records again (float32 output), and back under it replays again."""
+    gpunet.manual_seed(0)
+    model = nn.MLP([12, 16, 5])
+    x, _ = _batches(1)[0]
+
+    @gpunet.capture
+    def forward(x: gpunet.Tensor) -> gpunet.Tensor:
+        with gpunet.no_grad():
+            return model(x)
+
+    with gpunet.autocast(dtype=gpunet.bfloat16):
+        for _ in range(3):
+            assert forward(x).dtype == gpunet.bfloat16
+    with gpunet.no_grad():
+        expected = model(x).numpy()
+    for _ in range(3):
+        np.testing.assert_array_equal(forward(x).numpy(), expected)
+    with gpunet.autocast(dtype=gpunet.float16):
+        assert forward(x).dtype == gpunet.float16
+    assert forward.replays == 2 and len(forward._captures) == 2
+
+
+def test_a_changed_mode_or_autocast_raises_naming_it_when_asked() -> None:
+    model = nn.MLP([12, 16, 5], dropout=0.5)
+    x, _ = _batches(1)[0]
+    run = gpunet.capture(lambda x: model(x), on_new_signature="raise")
+    for _ in range(3):
+        run(x)
+    model.eval()
+    with pytest.raises(
+        CaptureError, match=r"\[Dropout.training=False\].*\[Dropout.training=True\]"
+    ):
+        run(x)
+    model.train()
+    with gpunet.autocast(dtype=gpunet.bfloat16), pytest.raises(CaptureError, match="autocast bf"):
+        run(x)
+    run(x)
+    assert run.replays == 2
 
 
 def test_the_schedule_and_the_first_momentum_step_are_not_frozen() -> None:
@@ -587,6 +683,32 @@ def test_an_overwrite_that_would_leave_minus_zero_is_not_made(
         assert (cap.program.dropped, cap.program.overwritten) == (0, 0)
 
 
+@pytest.mark.parametrize("grads", ["in a flat buffer", "own arrays"])
+def test_micro_batches_summed_over_captured_calls_get_a_message_naming_it(grads: str) -> None:
+    """A PyTorch user accumulates micro-batches: ``micro(x1); micro(x2); opt.step()``. The
+    message says the gradients accumulated across calls, and what to do."""
+    gpunet.manual_seed(0)
+    model = nn.MLP([12, 16, 5])
+    opt = optim.SGD(model.parameters(), lr=0.1) if grads == "in a flat buffer" else None
+
+    @gpunet.capture
+    def micro(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+        loss = F.cross_entropy(model(x), y) / 2
+        loss.backward()
+        return loss
+
+    (x1, y1), (x2, y2) = _batches(2)
+    micro(x1, y1)
+    with pytest.raises(CaptureError) as info:
+        micro(x2, y2)
+    message = str(info.value)
+    assert "the gradients accumulated across calls" in message
+    assert f"{__file__}:" in message and "in micro" in message  # the user's line
+    assert "Zero the gradients inside the step" in message and "as one step" in message
+    if opt is not None:
+        assert "'matmul' (backend call 9" in message and "(beta=1) on its second" in message
+
+
 def test_a_second_backward_into_the_written_gradients_still_adds() -> None:
     """Two backward passes in one step (gradient accumulation): the first one's writes
     overwrite where the fill went, the second's still add to them, as eager's do."""
@@ -762,11 +884,84 @@ def test_an_argument_requiring_grad_is_refused() -> None:
 
 def test_other_arguments_are_part_of_the_signature_and_first_recordings_are_bounded() -> None:
     run = gpunet.capture(lambda x, scale: x * scale, max_captures=2)
-    for i in range(10):  # a new value each call: recorded once each, never replayed
-        assert float(run(gpunet.ones(1), float(i)).sum()) == float(i)
+    with pytest.warns(RuntimeWarning, match="argument 1 .* changes"):
+        for i in range(10):  # a new value each call: recorded once each, never replayed
+            assert float(run(gpunet.ones(1), float(i)).sum()) == float(i)
     assert run.replays == 0 and len(run._pending) <= 2
     for _ in range(3):
         assert float(run(gpunet.ones(1), 2.0).sum()) == 2.0
+    assert run.replays == 1
+
+
+def _weighted_step() -> tuple[nn.Module, Callable]:
+    gpunet.manual_seed(0)
+    model = nn.MLP([12, 16, 5])
+    opt = optim.SGD(model.parameters(), lr=0.1)
+
+    def step(x: gpunet.Tensor, y: gpunet.Tensor, weight: Any) -> gpunet.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) * weight
+        loss.backward()
+        opt.step()
+        return loss
+
+    return model, step
+
+
+def test_a_python_number_that_changes_per_call_is_named_once_in_a_warning() -> None:
+    """torch.compile warns at its recompile limit: when first recordings churn (a new
+    signature each call past max_captures), one warning names the argument that changes and
+    the fix; passing it as a tensor then replays, bit for bit the eager step's."""
+    runs = {}
+    for captured in ("number", "tensor", "eager"):
+        model, step = _weighted_step()
+        run = step if captured == "eager" else gpunet.capture(step)
+        x, y = _batches(1)[0]
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            for i in range(20):
+                w = 1.0 + 0.01 * i
+                run(x, y, w if captured == "number" else gpunet.tensor(np.float32(w)))
+        told = [str(w.message) for w in said if issubclass(w.category, RuntimeWarning)]
+        if captured == "number":
+            assert run.replays == 0 and len(told) == 1, told
+            assert "argument 2 ('weight') is a Python float that changes" in told[0]
+            assert "Pass it as a tensor" in told[0] and said[0].filename == __file__
+        elif captured == "tensor":
+            assert run.replays == 18 and not told
+        runs[captured] = [p.numpy().copy() for p in model.parameters()]
+    for p, q in zip(runs["tensor"], runs["eager"]):
+        assert np.array_equal(p, q)
+
+
+def test_a_shape_that_changes_per_call_is_named_in_the_warning() -> None:
+    run = gpunet.capture(lambda x: x * 2.0, max_captures=2)
+    with pytest.warns(RuntimeWarning, match=r"shape of its argument 0 \('x'\) changes"):
+        for n in range(1, 5):
+            run(gpunet.ones(n))
+
+
+def test_an_ndarray_passed_to_a_captured_step_is_refused_by_name() -> None:
+    """JAX users pass NumPy arrays to jitted steps: refused up front, before anything is
+    recorded, naming the argument and saying to pass a gpunet tensor (a NumPy scalar: a
+    Python number)."""
+    model = nn.MLP([12, 16, 5])
+
+    @gpunet.capture
+    def forward(x: np.ndarray, scale: Any = 1.0) -> gpunet.Tensor:
+        return model(gpunet.tensor(x)) * scale
+
+    a = _batches(1)[0][0].numpy()
+    with pytest.raises(CaptureError, match=r"argument 0 \('x'\) is a numpy.ndarray \(float32, "):
+        forward(a)
+    assert not forward._pending and forward.calls == 1
+    run = gpunet.capture(lambda x, scale: x * scale)
+    with pytest.raises(CaptureError, match=r"argument 'scale' is a numpy.ndarray.*gpunet.tensor"):
+        run(gpunet.ones(2), scale=np.ones(2))
+    with pytest.raises(CaptureError, match=r"argument 1 \('scale'\) is a NumPy scalar.*float\(val"):
+        run(gpunet.ones(2), np.float32(2.0))
+    for _ in range(3):
+        assert run(gpunet.ones(2), scale=2.0).numpy().tolist() == [2.0, 2.0]
     assert run.replays == 1
 
 

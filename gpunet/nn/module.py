@@ -63,11 +63,35 @@ class _IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
+class _Training:
+    """``Module.training``, kept in the instance ``__dict__``; a read while a capture records
+    is told to the recording (``gpunet.capture`` guards its replays on the value read), as
+    is a write (a mode the step sets itself is not a guard)."""
+
+    def __get__(self, m: Module | None, owner: type | None = None) -> Any:
+        if m is None:
+            return self
+        try:
+            value = m.__dict__["training"]
+        except KeyError:  # (Module.__init__ not called: as a plain attribute would say)
+            raise AttributeError(
+                f"'{type(m).__name__}' object has no attribute 'training'"
+            ) from None
+        if STATE.flags & CAPTURE:
+            STATE.recorder.read_training(m, value)
+        return value
+
+    def __set__(self, m: Module, value: bool) -> None:
+        if STATE.flags & CAPTURE:
+            STATE.recorder.wrote_training(m)
+        m.__dict__["training"] = value
+
+
 class Module:
     """Base class of every layer: subclasses set parameters and children in ``__init__`` and
     compute in ``forward``; ``module(x)`` calls ``forward(x)``."""
 
-    training: bool
+    training = _Training()
 
     def __init__(self) -> None:
         object.__setattr__(self, "training", True)
