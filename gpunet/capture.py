@@ -1155,8 +1155,13 @@ class CapturedStep:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         # the state outside the arguments that a recording depends on (torch.compile's guards):
-        # autocast's dtype (None: off), and the mode of each module whose ``training`` one read
-        context = STATE.autocast if not self._watched else self._context()
+        # autocast's dtype (None: off; with its device type when it casts on one only), and
+        # the mode of each module whose ``training`` one read
+        context = (
+            (STATE.autocast if STATE.autocast_device is None else _autocast_key())
+            if not self._watched
+            else self._context()
+        )
         if not kwargs and all(type(a) is Tensor for a in args):  # the common call: no flatten
             key = (None, tuple((a.data.shape, a.data.dtype, a._backend) for a in args), context)
             cap = self._captures.get(key)
@@ -1188,7 +1193,8 @@ class CapturedStep:
     def _context(self) -> tuple:
         """Autocast's dtype and the watched modules' modes, now (read where
         ``Module.training`` keeps them: no descriptor call per module)."""
-        return (STATE.autocast, *[m.__dict__["training"] for m in self._watched])
+        ac = STATE.autocast if STATE.autocast_device is None else _autocast_key()
+        return (ac, *[m.__dict__["training"] for m in self._watched])
 
     def _watch(self, key: tuple, rec: _Recorder) -> tuple:
         """The key of a recording that read the mode of modules not watched before: they are
@@ -1330,6 +1336,12 @@ class CapturedStep:
             parts.append(f"{self._show_key(key)}: {calls} calls{_dropped(prog)}, replayed as {how}")
         body = "; ".join(parts) if parts else "not captured yet (the first two calls record)"
         return f"<captured step {self.name}: {body}>"
+
+
+def _autocast_key() -> tuple:
+    """Autocast's part of a signature when it casts on one device type only (``autocast(
+    "cuda", ...)``): the same dtype casts other ops than under ``autocast(dtype=...)``."""
+    return (STATE.autocast, STATE.autocast_device)
 
 
 def _dropped(prog: _Program) -> str:

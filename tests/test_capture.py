@@ -219,6 +219,11 @@ def test_autocast_around_a_captured_call_is_part_of_its_signature() -> None:
     with gpunet.autocast(dtype=gpunet.float16):
         assert forward(x).dtype == gpunet.float16
     assert forward.replays == 2 and len(forward._captures) == 2
+    # autocast("cuda") casts nothing on the CPU: a signature of its own, not bfloat16's
+    with gpunet.autocast("cuda", dtype=gpunet.bfloat16):
+        for _ in range(3):
+            np.testing.assert_array_equal(forward(x).numpy(), expected)
+    assert forward.replays == 3 and len(forward._captures) == 3
 
 
 def test_a_changed_mode_or_autocast_raises_naming_it_when_asked() -> None:
