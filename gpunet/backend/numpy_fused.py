@@ -69,6 +69,17 @@ def _pieces(*arrays: Array | None) -> Any:
 
 
 def _chunks(*buffers: Array | None, grad_scale: Array | None = None) -> Any:
+    """``_pieces_with_scratch``, with its common case for a small model first: one piece in
+    the buffers' own dtype, unscaled, handed over as a list (no generator: 1.35 -> 0.74 us a
+    step, about 1% of the tiny MLP's)."""
+    first = buffers[0]
+    if grad_scale is None and first.size < 2 * CHUNK and state_dtype(first.dtype) is first.dtype:
+        scratch = np.empty((2, *first.shape), first.dtype)
+        return [(scratch[0, ...], scratch[1, ...], *buffers)]  # (views, 0-d ones too)
+    return _pieces_with_scratch(*buffers, grad_scale=grad_scale)
+
+
+def _pieces_with_scratch(*buffers: Array | None, grad_scale: Array | None = None) -> Any:
     """Optimizer buffers (the parameter, its gradient, its state) CHUNK elements at a time
     when all are long and contiguous: the ten or so passes of an Adam update then stay in
     cache (1.5x at 10^6 float32), as a flat buffer holding a whole model would otherwise

