@@ -228,6 +228,33 @@ def _xp_of(a: Any) -> Any:
     return cupy
 
 
+def _compare_returns(first: Any, second: Any, step_name: str) -> None:
+    """Raise ``CaptureError`` when the two recordings returned different Python values (a
+    replay would return the second's forever: an lr read from param_groups, a counter)."""
+    old, new = _leaves(first), _leaves(second)
+    if len(old) == len(new) and all(_same_leaf(a, b) for a, b in zip(old, new)):
+        return
+    changed = next(((a[1], b[1]) for a, b in zip(old, new) if not _same_leaf(a, b)), (old, new))
+    raise CaptureError(
+        f"gpunet.capture({step_name}): the step returned {changed[0]!r} at its first call and "
+        f"{changed[1]!r} at its second; a replay returns only tensors afresh, so a Python "
+        "value would be frozen. Return it as a tensor, or compute it outside the step."
+    )
+
+
+def _same_leaf(a: tuple, b: tuple) -> bool:
+    """Two returned leaves alike: the same tensor position, or equal Python numbers, strings
+    or None (NaN equal to NaN); any other object, the same object."""
+    if a[0] != b[0] or a[0] == "T":
+        return a == b
+    x, y = a[1], b[1]
+    if x is y:
+        return True
+    if type(x) is not type(y) or not isinstance(x, (bool, int, float, complex, str)):
+        return False
+    return x == y or (x != x and y != y)
+
+
 def _compare(r1: _Recorder, r2: _Recorder, step_name: str) -> None:
     """Raise ``CaptureError`` at the first call where the two recordings differ."""
     n = max(len(r1.entries), len(r2.entries))
@@ -1142,7 +1169,7 @@ class CapturedStep:
         self.fold_sgd = fold_sgd
         self._captures: collections.OrderedDict[tuple, _Capture] = collections.OrderedDict()
         # first recordings: (recording, input buffers, layout, argument structure)
-        self._pending: dict[tuple, tuple[_Recorder, list[Any], int, Any]] = {}
+        self._pending: dict[tuple, tuple[_Recorder, list[Any], int, Any, Any]] = {}
         self._watched: tuple[Any, ...] = ()  # modules whose ``training`` a recording read
         self._churn_told = False  # (the warning that signatures never recur: once)
         self.calls = 0
@@ -1293,7 +1320,7 @@ class CapturedStep:
             if len(self._pending) >= self.max_captures:  # (signatures that never came again)
                 self._tell_churn(key, spec)
                 del self._pending[next(iter(self._pending))]
-            self._pending[key] = (rec, buffers, layout, spec)
+            self._pending[key] = (rec, buffers, layout, spec, result)
             return result
         del self._pending[key]
         # both without the fills they write over (on the recorded values, which the overwrites
@@ -1301,13 +1328,14 @@ class CapturedStep:
         # (zero_grad(set_to_none=False) fills the flat buffer) and added to at the second
         _drop_fills(pending[0])
         _drop_fills(rec)
+        out_tensors: list[Tensor] = []
+        out_spec = _flatten(result, out_tensors)
         try:
             _compare(pending[0], rec, self.name)
+            _compare_returns(_flatten(pending[4], []), out_spec, self.name)
         except CaptureError as e:
             e.result = result  # (the step ran eagerly to its end: its caller may use this)
             raise
-        out_tensors: list[Tensor] = []
-        out_spec = _flatten(result, out_tensors)
         owned = []
         for t in out_tensors:  # the capture's own tensors over the recorded arrays
             if id(t.data) not in rec.slot:

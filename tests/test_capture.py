@@ -1024,3 +1024,36 @@ def test_low_and_double_precision_steps_replay_bit_for_bit(dtype: str, opt: str)
 
     for eager, replayed in zip(run(False), run(True)):
         np.testing.assert_array_equal(replayed, eager)
+
+
+def test_a_python_value_the_step_returns_must_not_change_between_recordings() -> None:
+    """A replay returns its tensors afresh and any Python value as recorded: an lr read from
+    ``param_groups`` under a schedule would be frozen, so two recordings that return different
+    values raise, naming both; constant values (a NaN too) replay."""
+    gpunet.manual_seed(0)
+    model = nn.MLP([12, 16, 5])
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    sched = lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    batches = _batches(4)
+
+    def step(x: gpunet.Tensor, y: gpunet.Tensor) -> tuple:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss, opt.param_groups[0]["lr"]
+
+    run = gpunet.capture(step)
+    run(*batches[0])
+    sched.step()
+    with pytest.raises(CaptureError, match=r"returned 0\.1 at its first call and 0\.05 at"):
+        run(*batches[1])
+
+    @gpunet.capture
+    def constant(x: gpunet.Tensor, y: gpunet.Tensor) -> tuple:
+        return F.cross_entropy(model(x), y), "loss", float("nan"), None
+
+    for x, y in batches:
+        loss, name, nan, none = constant(x, y)
+        assert name == "loss" and nan != nan and none is None
+    assert constant.replays == 2
