@@ -122,7 +122,7 @@ def _grad_norms(params: list[tuple[str, Tensor]], scale: float = 1.0) -> dict[st
     for name, p in params:
         g = p.grad
         if g is not None:
-            a = g.numpy()
+            a = g.numpy().astype(np.float64)  # (a scaled gradient's squares overflow float32)
             out[name] = float(np.sqrt(np.vdot(a, a).real)) / scale
     return out
 
@@ -150,7 +150,7 @@ def fit(
     record the training step once per batch shape and replay it (``gpunet.capture``); a
     step that cannot be captured warns and runs eagerly. ``autocast``: gpunet.bfloat16 or
     gpunet.float16 to run forward and loss under ``gpunet.autocast`` (the parameters stay
-    float32); ``scaler``: a ``gpunet.amp.GradScaler`` for float16 (its step runs eagerly)."""
+    float32); ``scaler``: a ``gpunet.amp.GradScaler`` for float16."""
     if epochs < 1 or (early_stopping is not None and early_stopping < 1):
         raise ValueError(
             f"fit: epochs ({epochs}) and early_stopping ({early_stopping}) must be >= 1"
@@ -273,24 +273,34 @@ class _Step:
         self.grad_scale = 1.0  # what the last backward's gradients are multiplied by
         # Data parallel: eager, so that every rank agrees on the loss and on Ctrl-C before
         # any rank starts the update's all-reduce (a capture would replay past that point).
-        # A loss-scaled step stays eager too: _whole does not scale (gpunet.capture can
-        # replay a scaled step; fit does not use that yet).
-        capture = capture and run.comm is None and scaler is None
+        capture = capture and run.comm is None
         self.captured = capture_step(self._whole) if capture else None
 
     def _whole(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The whole step, to be captured: with a loss scaler, its scale, skip and update are
+        device arrays, so a scaled step replays too."""
         self.optimizer.zero_grad()
         with self.precision:
             out = self.model(x)
             loss = self.loss_fn(out, y)
-        loss.backward()
-        self.optimizer.step()
+        self._backward_and_update(loss)
         return loss, out
+
+    def _backward_and_update(self, loss: Tensor) -> None:
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
 
     def __call__(self, x: Tensor, y: Tensor, interrupted: bool) -> tuple[float, Tensor, bool]:
         """(the loss, NaN where it is not finite on some rank; the model's output; whether to
         stop after this step: Ctrl-C on this or, data parallel, any rank)."""
         if self.captured is not None:
+            if self.scaler is not None:  # (what this step's gradients are multiplied by)
+                self.grad_scale = self.scaler.get_scale()
             try:
                 loss, out = self.captured(x, y)
                 return loss.item(), out, interrupted
@@ -308,14 +318,9 @@ class _Step:
             value, stop = _agree(self.run.comm, value, interrupted)
         if math.isfinite(value):
             self.optimizer.zero_grad()
-            if self.scaler is None:
-                loss.backward()
-                self.optimizer.step()
-            else:  # (the scale is read where the loss's read has already synchronized)
+            if self.scaler is not None:  # (read where the loss's read has synchronized)
                 self.grad_scale = self.scaler.get_scale()
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            self._backward_and_update(loss)
         return value, out, stop
 
 
@@ -355,6 +360,8 @@ def _train_epoch(
     h = run.history
     norms = _grad_norms(_named_parameters(model), step.grad_scale)
     for name, norm in norms.items():
+        if step.scaler is not None and not math.isfinite(norm):
+            continue  # (the scaler skipped that step: an overflow is its to handle, not a warning)
         if norm < VANISHING or norm > EXPLODING:
             kind = "vanishing" if norm < VANISHING else "exploding"
             run.warn(f"epoch {epoch + 1}: {kind} gradient in {name} (norm {norm:.3g})")

@@ -308,3 +308,36 @@ def test_gradient_norms_under_a_loss_scaler_are_the_unscaled_ones() -> None:
     assert not any("exploding" in w for w in scaled_h.warnings), scaled_h.warnings
     for name, norm in plain.grad_norm[0].items():
         assert scaled_h.grad_norm[0][name] == pytest.approx(norm, rel=1e-3), name
+
+
+def test_a_loss_scaled_step_is_captured_and_equals_the_eager_one() -> None:
+    """fit(capture=True) with a GradScaler replays the scaled step (scale, skip and update on
+    the device); weights, history and the scaler's state equal the eager fit's bit for bit,
+    over a start scale that overflows float16 so that steps are skipped and the scale backs off."""
+    runs = []
+    for capture in (False, True):
+        gpunet.manual_seed(0)
+        model = gpunet.nn.MLP([2, 8, 3])
+        scaler = gpunet.amp.GradScaler(init_scale=2.0**24, growth_interval=3)
+        h = fit(
+            model,
+            F.cross_entropy,
+            gpunet.optim.Adam(model.parameters(), lr=1e-2),
+            DataLoader(blobs(64), 16),
+            epochs=4,
+            progress=False,
+            capture=capture,
+            autocast=gpunet.float16,
+            scaler=scaler,
+        )
+        assert not any("eagerly" in w for w in h.warnings), h.warnings
+        runs.append((model, h, scaler))
+    (m1, h1, s1), (m2, h2, s2) = runs
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert np.array_equal(p.numpy(), q.numpy())
+    assert h1.train_loss == h2.train_loss and h1.train_loss[-1] < h1.train_loss[0]
+    np.testing.assert_equal(h1.grad_norm, h2.grad_norm)  # (NaN equal to NaN)
+    assert h1.warnings == h2.warnings and not any("exploding" in w for w in h1.warnings)
+    assert (
+        s1.get_scale() == s2.get_scale() < 2.0**40
+    )  # (overflows were skipped, the scale backed off)
