@@ -298,6 +298,14 @@ class _Step:
     def __call__(self, x: Tensor, y: Tensor, interrupted: bool) -> tuple[float, Tensor, bool]:
         """(the loss, NaN where it is not finite on some rank; the model's output; whether to
         stop after this step: Ctrl-C on this or, data parallel, any rank)."""
+        if self.scaler is None:
+            return self._step(x, y, interrupted)
+        # float16 overflows are the scaler's to find and skip: NumPy's warnings about them
+        # (overflow in a cast, invalid values in a GEMM) would only be noise, as PyTorch has none
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._step(x, y, interrupted)
+
+    def _step(self, x: Tensor, y: Tensor, interrupted: bool) -> tuple[float, Tensor, bool]:
         if self.captured is not None:
             if self.scaler is not None:  # (what this step's gradients are multiplied by)
                 self.grad_scale = self.scaler.get_scale()

@@ -341,3 +341,24 @@ def test_a_loss_scaled_step_is_captured_and_equals_the_eager_one() -> None:
     assert (
         s1.get_scale() == s2.get_scale() < 2.0**40
     )  # (overflows were skipped, the scale backed off)
+
+
+def test_a_loss_scaled_fit_prints_no_numpy_overflow_warnings() -> None:
+    """float16 overflows are what the scaler finds and skips: fit keeps NumPy quiet about them
+    (a start scale of 2**24 overflows on the first steps)."""
+    import warnings
+
+    gpunet.manual_seed(0)
+    model = gpunet.nn.MLP([2, 8, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fit(
+            model,
+            F.cross_entropy,
+            gpunet.optim.Adam(model.parameters(), lr=1e-2),
+            DataLoader(blobs(64), 16),
+            epochs=2,
+            progress=False,
+            autocast=gpunet.float16,
+            scaler=gpunet.amp.GradScaler(init_scale=2.0**24),
+        )
