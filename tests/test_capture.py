@@ -1054,6 +1054,6 @@ def test_a_python_value_the_step_returns_must_not_change_between_recordings() ->
         return F.cross_entropy(model(x), y), "loss", float("nan"), None
 
     for x, y in batches:
-        loss, name, nan, none = constant(x, y)
+        _loss, name, nan, none = constant(x, y)
         assert name == "loss" and nan != nan and none is None
     assert constant.replays == 2

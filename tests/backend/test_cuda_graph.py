@@ -27,7 +27,7 @@ import gpunet
 from gpunet import autodiff, nn, optim
 from gpunet.backend import cuda_graph
 from gpunet.backend.cuda_graph import GemmCall, plan_gemm, plan_matmul
-from gpunet.capture import _CHANGING, _Entry
+from gpunet.capture.program import _CHANGING, _Entry
 from gpunet.nn import functional as F
 
 rng = np.random.default_rng(0)

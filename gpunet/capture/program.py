@@ -67,10 +67,10 @@ from typing import Any
 
 import numpy as np
 
-from . import autodiff
-from .autodiff import CAPTURE, STATE, CaptureError, refuse, user_site
-from .backend import cuda_graph, replay_mode
-from .tensor import Tensor
+from .. import autodiff
+from ..autodiff import CAPTURE, STATE, CaptureError, refuse, user_site
+from ..backend import cuda_graph, replay_mode
+from ..tensor import Tensor
 
 __all__ = ["CaptureError", "CapturedStep", "capture", "graph_support", "refuse"]
 
@@ -509,7 +509,7 @@ def _numpy_in_place(
     into the recorded output (no temporary, no copy, no Python frame of the backend's), for
     the hot methods of a training step; None for any other call. Inputs are the capture's
     own arrays, so a transposed operand is a view made here, once."""
-    from .backend.numpy_backend import NumpyBackend
+    from ..backend.numpy_backend import NumpyBackend
 
     if not isinstance(getattr(e.fn, "__self__", None), NumpyBackend) or e.kind not in (
         "made",
@@ -599,7 +599,7 @@ def _plain_sgd(
         or not isinstance(param, np.ndarray)
     ):
         return None
-    from .backend.numpy_fused import CHUNK
+    from ..backend.numpy_fused import CHUNK
 
     # the backend's pieces: cache-sized rows of a long flat buffer through one scratch row
     # (a parameter-sized scratch would hold as much again as the parameters)
@@ -642,7 +642,7 @@ def _fuse_cross_entropy(entries: list[_Entry], arrays: list[Any]) -> dict[int, t
     logits and labels, with nothing between that reads the loss or writes them, as one
     ``_cross_entropy_with_grad`` at the backward's place: {forward index: (None, ()), backward
     index: (method, (loss, grad, logits, labels, g) slots)}."""
-    from .backend.numpy_backend import NumpyBackend
+    from ..backend.numpy_backend import NumpyBackend
 
     out: dict[int, tuple] = {}
     for i, e in enumerate(entries):
