@@ -13,6 +13,9 @@ The exception: the tape and the rules call the layer above at call time. ``tenso
 ``gpunet.autodiff`` inside functions (rules, methods), never while the module loads. Layers
 above the tape reach the primitives as the package (``gpunet.primitives``: the cards), never
 a family module such as ``gpunet.primitives.linalg``.
+
+Inside a package its modules import each other freely, save ``gpunet.capture``, whose modules
+import one way, each only those before it: recording, passes, program, step, the package.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gpunet"
 TAPE = {"gpunet.tensor": 2, "gpunet.autodiff": 3, "gpunet.activations": 4, "gpunet.ops": 5}
 USER = 6  # nn, optim, train, cli, ...: everything above the tape
 CALL_TIME = ("gpunet.tensor", "gpunet.autodiff", "gpunet.primitives")
+CAPTURE = ("recording", "passes", "program", "step", "")  # gpunet.capture's, in import order
 
 
 def layer(module: str) -> int:
@@ -42,12 +46,20 @@ def _family(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
+def _capture_rank(module: str) -> int:
+    """Where a module of ``gpunet.capture`` stands in its import order (a new one: nowhere)."""
+    name = module.removeprefix("gpunet.capture").removeprefix(".")
+    return CAPTURE.index(name) if name in CAPTURE else -1
+
+
 def allowed(src: str, dst: str, names: tuple, in_function: bool) -> bool:
     """May module ``src`` import ``dst`` (``names`` from it, for ``from dst import ...``)?"""
     if dst == "gpunet":  # the root: the call-time exception, user-level code at call time
         if src.startswith(CALL_TIME) or set(names) <= {"__version__"}:
             return True  # (the version string is a constant)
         return in_function and layer(src) == USER
+    if _family(src) == _family(dst) == "gpunet.capture" and src != dst:
+        return 0 <= _capture_rank(dst) < _capture_rank(src)  # (one way: no cycle)
     if _family(src) == _family(dst) or src == dst:
         return True  # within one package (backend, primitives, nn, optim) or module
     if dst.startswith("gpunet.primitives.") and layer(src) >= USER:
@@ -164,6 +176,17 @@ def test_the_package_imports_only_down_the_layers() -> None:
         ),
         ("gpunet.nn.fake", "import gpunet\n", "gpunet.nn.fake -> gpunet"),
         ("gpunet.primitives.fake", "import gpunet\nadd = gpunet.ops.add\n", "while loading"),
+        (
+            "gpunet.capture.recording",
+            "from .step import capture\n",
+            "gpunet.capture.recording -> gpunet.capture.step",
+        ),
+        (
+            "gpunet.capture.passes",
+            "def f():\n    from .program import _Program\n",
+            "-> gpunet.capture.program",
+        ),
+        ("gpunet.capture.fake", "from .recording import _Entry\n", "-> gpunet.capture.recording"),
     ],
 )
 def test_a_new_forbidden_edge_is_found(module: str, source: str, edge: str) -> None:
@@ -184,5 +207,11 @@ def test_the_allowed_edges_pass() -> None:
         ),
         "gpunet.primitives.fake": ("import gpunet\nf = lambda g: gpunet.ops.neg(g)\n", False),
         "gpunet.backend.fake": ("def info():\n    from .. import __version__\n", False),
+        "gpunet.capture.step": (
+            "from ..autodiff import CaptureError\nfrom .program import _Program\n"
+            "from .recording import _Entry\n",
+            False,
+        ),
+        "gpunet.capture": ("from .step import capture\n", True),
     }
     assert violations(fine) == []

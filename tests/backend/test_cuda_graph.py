@@ -27,7 +27,7 @@ import gpunet
 from gpunet import autodiff, nn, optim
 from gpunet.backend import cuda_graph
 from gpunet.backend.cuda_graph import GemmCall, plan_gemm, plan_matmul
-from gpunet.capture import _CHANGING, _Entry
+from gpunet.capture.recording import _CHANGING, _Entry
 from gpunet.nn import functional as F
 
 rng = np.random.default_rng(0)
@@ -888,7 +888,7 @@ def emulated_cuda(stand_in, monkeypatch: pytest.MonkeyPatch) -> tuple[World, Any
 
 
 def test_a_captured_mlp_step_on_the_emulated_cupy_backend_replays_as_a_graph(emulated_cuda):
-    """The real recording (capture.py), the CuPy backend's own methods and kernels (g++
+    """The real recording (gpunet/capture/), the CuPy backend's own methods and kernels (g++
     build), its GEMMs through the route into the stand-in libcublas: the graph's replays
     equal the eager step's bit for bit."""
     world, _ = emulated_cuda
