@@ -80,21 +80,22 @@ def check_train_args(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .job import train
+    from .job import check_inputs, train
 
-    if args.nproc is not None:
-        return _launch(args)
     if args.resume is None:
         check_train_args(args)
     else:  # the run's own options are used: refuse others rather than ignore them
         defaults = vars(_parser().parse_args(["train"]))
         given = [k for k, v in vars(args).items() if k in defaults and v != defaults[k]]
-        how = ("resume", "no_progress", "no_capture")  # how to run, not what: allowed
+        how = ("resume", "no_progress", "no_capture", "nproc")  # how to run, not what: allowed
         given = [f"--{k.replace('_', '-')}" for k in given if k not in how]
         if given:
             raise UsageError(
                 f"--resume continues a run with its own options; drop {', '.join(given)}"
             )
+    if args.nproc is not None:  # (checked here once, not on every rank: one line, exit 2)
+        check_inputs(args)
+        return _launch(args)
     return train(args)
 
 

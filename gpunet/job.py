@@ -60,11 +60,22 @@ def resolve_device(spec: str | None) -> Any:
     return device
 
 
-def load_data(args: argparse.Namespace) -> tuple[Dataset, str]:
+def check_inputs(args: argparse.Namespace) -> None:
+    """What ``--nproc`` checks before it starts mpiexec, so that a misuse is one line from
+    one process: the run to resume, or the data file and target options."""
+    if args.resume is not None:
+        resume_args(args)
+    else:
+        data_path(args)
+
+
+def data_path(args: argparse.Namespace) -> Path | None:
+    """``--data`` as a readable .npz or .csv path (None: the bundled digits), with the
+    ``--target`` it allows; a usage error otherwise."""
     if args.data is None:
         if args.target != -1:
             raise UsageError("--target names a column of --data FILE.csv; no --data was given")
-        return load_digits(), "digits (bundled)"
+        return None
     path = Path(args.data).expanduser()
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".csv"):
@@ -73,9 +84,16 @@ def load_data(args: argparse.Namespace) -> tuple[Dataset, str]:
         raise UsageError(
             f"cannot read --data {path}: {'a folder' if path.is_dir() else 'no such file'}"
         )
-    if suffix == ".npz":
-        if args.target != -1:
-            raise UsageError("--target names a CSV column; a .npz gives its targets as array y")
+    if suffix == ".npz" and args.target != -1:
+        raise UsageError("--target names a CSV column; a .npz gives its targets as array y")
+    return path
+
+
+def load_data(args: argparse.Namespace) -> tuple[Dataset, str]:
+    path = data_path(args)
+    if path is None:
+        return load_digits(), "digits (bundled)"
+    if path.suffix.lower() == ".npz":
         return Dataset.from_npz(path), str(path)
     return Dataset.from_csv(path, target=args.target), str(path)
 

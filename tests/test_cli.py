@@ -585,3 +585,51 @@ def test_resume_of_an_fp16_run_continues_the_loss_scale_exactly(
     want, got = _weights(straight), _weights(cut)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--epochs", "0"], ["--epochs must be >= 1"]),
+        (["--data", "missing.csv"], ["cannot read --data", "no such file"]),
+        (["--data", "x.npz", "--target", "2"], ["--target names a CSV column"]),
+        (["--resume", "nowhere"], ["no checkpoint.safetensors"]),
+    ],
+)
+def test_nproc_refuses_a_misuse_before_it_starts_mpiexec(
+    args: list[str],
+    words: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--nproc 2`` with a bad option printed the error once per rank (and MPI_Abort's own
+    line); it is now checked before mpiexec starts: one line, exit 2, no process started."""
+    (tmp_path / "x.npz").write_bytes(b"")
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"started {a}"))
+    code, out, err = _run(["train", "--nproc", "2", *args], capsys)
+    _one_line_exit_2(code, out, err, *words)
+
+
+def test_resume_under_another_world_size_passes_nproc_to_mpiexec(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--resume RUN --nproc 2`` (a run of one process continued on two) is how to run, not
+    what: allowed, its checkpoint checked here, the ranks started with ``--resume RUN``."""
+    with monkeypatch.context() as m:
+        _interrupt_at(m, step=20 + 3)  # in epoch 2
+        code, _, err = _run(["train", *RESUME, "--no-capture", "--out", str(tmp_path)], capsys)
+    assert code == 130, err
+    (run,) = tmp_path.iterdir()
+    started: list[list[str]] = []
+
+    class Proc:
+        def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+            started.append(argv)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Proc)
+    assert main(["train", "--resume", str(run), "--nproc", "2"]) == 0
+    assert started[0][-2:] == ["--resume", str(run)]
