@@ -60,17 +60,19 @@ class Communicator:
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         """array <- op over ranks of array (``mean``: the sum / size), in place; returns it."""
         _check_op(op, array)
-        return array
+        return _contiguous(array, "all_reduce")
 
     def broadcast(self, array: Array, root: int = 0) -> Array:
         """array <- rank ``root``'s array, in place; returns it."""
-        return array
+        _check_root(root, self.size, "broadcast")
+        return _contiguous(array, "broadcast")
 
     def barrier(self) -> None:
         """Wait until every rank has called barrier()."""
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         """Rank ``root``'s ``value`` (a small picklable object), on every rank."""
+        _check_root(root, self.size, "broadcast_object")
         return value
 
     def all_gather_object(self, value: Any) -> list[Any]:
@@ -95,9 +97,21 @@ LocalComm = Communicator
 
 
 def _contiguous(array: Array, what: str) -> Array:
-    if not array.flags.c_contiguous:
-        raise ValueError(f"{what}: the array must be contiguous, got strides {array.strides}")
+    """The same refusals in every world, a world of one included (where nothing moves)."""
+    flags = getattr(array, "flags", None)
+    if flags is None:
+        raise TypeError(f"{what}: works in place on an array, got {type(array).__name__}")
+    if not flags.c_contiguous:
+        raise ValueError(
+            f"{what}: the array must be contiguous, got shape {array.shape} strides "
+            f"{array.strides}; pass a contiguous copy (t.contiguous()) and use the copy"
+        )
     return array
+
+
+def _check_root(root: int, size: int, what: str) -> None:
+    if not 0 <= root < size:
+        raise ValueError(f"{what}: root must be a rank in 0..{size - 1}, got {root}")
 
 
 def _check_op(op: str, array: Array) -> None:
@@ -196,6 +210,7 @@ class MPIComm(Communicator):
         return array
 
     def broadcast(self, array: Array, root: int = 0) -> Array:
+        _check_root(root, self.size, "broadcast")
         buf = self._host_array(array, "broadcast")
         if buf.dtype == dtypes.bfloat16:  # (MPI has no bfloat16: its bits, as uint16)
             buf = buf.view(np.uint16)
@@ -208,6 +223,7 @@ class MPIComm(Communicator):
         self._guarded("barrier", self.comm.Barrier)
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
+        _check_root(root, self.size, "broadcast_object")
         return self._guarded(f"broadcast_object from rank {root}", self.comm.bcast, value, root)
 
     def all_gather_object(self, value: Any) -> list[Any]:
@@ -320,6 +336,7 @@ class NCCLComm(Communicator):
         return array
 
     def broadcast(self, array: Array, root: int = 0) -> Array:
+        _check_root(root, self.size, "broadcast")
         dtype = self._code(array, "broadcast")
         self.comm.bcast(array.data.ptr, array.size, dtype, root, self.stream_ptr())
         return array

@@ -256,3 +256,18 @@ def test_a_mean_of_integers_is_refused_in_every_world() -> None:
     with pytest.raises(TypeError, match=r"mean.*int64.*'sum'"):
         dist.all_reduce(gpunet.tensor([1, 3]), "mean")
     assert dist.all_reduce(gpunet.tensor([1, 3]), "sum").tolist() == [1, 3]
+
+
+def test_a_world_of_one_refuses_what_mpi_refuses() -> None:
+    """A script that ran alone broke only under mpiexec: the world of one took a transposed
+    tensor, a root outside the world and a Python float, which every other world refuses."""
+    comm = dist.init()
+    with pytest.raises(ValueError, match=r"all_reduce: .*contiguous.*\.contiguous\(\)"):
+        dist.all_reduce(gpunet.ones(2, 3).T)
+    with pytest.raises(ValueError, match=r"broadcast: root must be a rank in 0\.\.0, got 1"):
+        dist.broadcast(np.zeros(2), root=1)
+    with pytest.raises(ValueError, match=r"broadcast_object: root must be a rank in 0\.\.0"):
+        comm.broadcast_object("x", root=-1)
+    with pytest.raises(TypeError, match=r"broadcast: .*an array, got float"):
+        comm.broadcast(3.0)
+    assert dist.all_reduce(gpunet.ones(2, 3)).tolist() == [[1.0] * 3] * 2

@@ -39,6 +39,7 @@ CHECKS = [
     "mismatched_models_are_refused_at_wrap",
     "sgd_in_backward_is_refused",
     "collectives_on_tensors",
+    "a_bad_root_or_a_strided_array_is_refused_by_name",
     "integer_means_are_refused_and_bfloat16_reduces_through_float32",
     "broadcast_parameters_gives_rank_0s_model",
     "fit_refuses_an_unsharded_loader",

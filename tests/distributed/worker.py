@@ -354,6 +354,23 @@ def collectives_on_tensors() -> str:
 
 
 @check
+def a_bad_root_or_a_strided_array_is_refused_by_name() -> str:
+    """A root outside the world was MPI's own error stack from inside Bcast; now the same
+    ValueError as in a world of one, raised on every rank before any collective."""
+    for call, want in [
+        (lambda: dist.broadcast(np.zeros(2), root=N), f"root must be a rank in 0..{N - 1}"),
+        (lambda: COMM.broadcast_object("x", root=-1), f"root must be a rank in 0..{N - 1}"),
+        (lambda: dist.all_reduce(gpunet.ones(2, 3).T), "contiguous"),
+    ]:
+        try:
+            call()
+            raise AssertionError(f"accepted; wanted {want}")
+        except ValueError as e:
+            assert want in str(e), e
+    return "root N, root -1 and a transposed tensor refused with ValueError"
+
+
+@check
 def integer_means_are_refused_and_bfloat16_reduces_through_float32() -> str:
     try:
         COMM.all_reduce(np.array([R + 1, 3]), "mean")
