@@ -104,6 +104,13 @@ def _take_rank_0(optimizer: Any, comm: Communicator, what: str) -> None:
     """Check that every rank holds the same model, then give it rank 0's parameters: one
     broadcast per flat parameter buffer."""
     check_same_model(comm, signature(optimizer), what)
+    # An optimizer that stepped before the wrap holds each rank's own moments (or momentum):
+    # rank 0's go to every rank with its weights, or the same averaged gradient would move
+    # the ranks' weights apart. One small gather when no rank has stepped.
+    if any(comm.all_gather_object(bool(optimizer.state))):
+        state = comm.broadcast_object(optimizer.state_dict() if comm.rank == 0 else None)
+        if comm.rank != 0:
+            optimizer.load_state_dict(state)
     for flat in optimizer._flats:
         flat.sync_params()
         call("broadcast", comm.broadcast, flat.data, root=0)

@@ -354,6 +354,24 @@ def collectives_on_tensors() -> str:
 
 
 @check
+def wrapping_after_a_step_takes_rank_0s_optimizer_state() -> str:
+    """An optimizer that stepped alone before the wrap kept each rank's own moments, so the
+    ranks' weights drifted apart silently after it; the wrap now gives every rank rank 0's."""
+    for kind in ("adam", "momentum"):
+        model, o = model_and_opt("float32", kind)
+        x, y = batch("float32", rows=8, seed=R)  # each rank its own data
+        for wrapped in (False, True):
+            o = dist.DistributedOptimizer(o) if wrapped else o
+            for _ in range(1 + 2 * wrapped):
+                o.zero_grad()
+                F.cross_entropy(model(gpunet.tensor(x)), gpunet.tensor(y)).backward()
+                o.step()
+        every = COMM.all_gather_object(digest(model))
+        assert len(set(every)) == 1, f"{kind}: the ranks' weights differ after the wrap"
+    return "Adam and SGD-momentum stepped before the wrap: bit-identical weights after it"
+
+
+@check
 def a_bad_root_or_a_strided_array_is_refused_by_name() -> str:
     """A root outside the world was MPI's own error stack from inside Bcast; now the same
     ValueError as in a world of one, raised on every rank before any collective."""
