@@ -206,7 +206,8 @@ def _communicator(optimizer: Any) -> Any:
 
 def _check_shards(comm: Any, train: Any) -> None:
     """Under data parallelism every rank must shuffle alike and take its own shard, else the
-    shards overlap silently: refuse on every rank (they all see the same gathered list)."""
+    shards overlap silently, and take the same number of steps, else one rank's all-reduce
+    meets another's end-of-epoch one: refuse on every rank (they all see the same list)."""
     mine = (getattr(train, "seed", None), getattr(train, "num_replicas", None))
     every = comm.host.all_gather_object((*mine, getattr(train, "rank", None)))
     if any(e[:2] != (every[0][0], comm.size) or e[2] != r for r, e in enumerate(every)):
@@ -214,6 +215,13 @@ def _check_shards(comm: Any, train: Any) -> None:
             f"fit: under data parallelism over {comm.size} ranks the training loader must be "
             "DataLoader(..., seed=S, num_replicas=size, rank=rank) with the same S on every "
             f"rank; the ranks have (seed, num_replicas, rank) = {every}"
+        )
+    steps = comm.host.all_gather_object(len(train) if hasattr(train, "__len__") else None)
+    if len(set(steps)) > 1:
+        raise ValueError(
+            f"fit: under data parallelism every rank must take the same number of steps per "
+            f"epoch; the ranks' training loaders have {steps} batches (pad=False shards "
+            "unevenly: keep the default pad=True for training, pad=False for evaluation)"
         )
 
 

@@ -44,6 +44,7 @@ CHECKS = [
     "integer_means_are_refused_and_bfloat16_reduces_through_float32",
     "broadcast_parameters_gives_rank_0s_model",
     "fit_refuses_an_unsharded_loader",
+    "fit_refuses_shards_of_unequal_steps",
     "fit_reduces_validation_and_every_rank_stops_alike",
 ]
 

@@ -445,6 +445,25 @@ AGREED = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "bes
 
 
 @check
+def fit_refuses_shards_of_unequal_steps() -> str:
+    """5 rows, pad=False: rank 0 took 3 steps, rank 1 two, and rank 0's step all-reduce met
+    rank 1's end-of-epoch one (MPI's 'Message truncated' from deep inside, or wrong sums when
+    the sizes matched); refused on every rank before the first step."""
+    from gpunet.train import fit
+
+    model, o = model_and_opt("float32", "sgd")
+    o = dist.DistributedOptimizer(o)
+    x, y = batch("float32", rows=5)
+    loader = DataLoader(Dataset(x, y), 1, shuffle=True, seed=0, num_replicas=N, rank=R, pad=False)
+    try:
+        fit(model, F.cross_entropy, o, loader, epochs=1, progress=False)
+        raise AssertionError("fit ran shards of unequal steps")
+    except ValueError as e:
+        assert "same number of steps" in str(e) and "[3, 2]" in str(e), e
+    return "refused on every rank, naming each rank's batch count"
+
+
+@check
 def fit_reduces_validation_and_every_rank_stops_alike() -> str:
     """fit on 2 ranks with a validation set of 13 rows (shards of 7 and 6): each epoch's
     validation loss is the one-process loss over all 13 rows, every rank records the same
