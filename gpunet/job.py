@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, amp, backends, distributed, dtypes, nn, optim
-from .backend import default_device
+from .backend import default_device, probe_cuda
 from .backend import device as find_device
 from .checkpoint import load, rank_rng_state, save, write_atomically
 from .cli import UsageError
@@ -62,11 +62,14 @@ def resolve_device(spec: str | None) -> Any:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """What ``--nproc`` checks before it starts mpiexec, so that a misuse is one line from
-    one process: the run to resume, or the data file and target options."""
+    one process: the run to resume, or the data file and target options, and a CUDA device
+    (counted, no context made) when the ranks are to train on one."""
     if args.resume is not None:
-        resume_args(args)
+        args = resume_args(args)
     else:
         data_path(args)
+    if (args.device or "").startswith("cuda") and not (found := probe_cuda()).available:
+        raise UsageError(f"--device {args.device}: no usable CUDA device ({found.reason})")
 
 
 def data_path(args: argparse.Namespace) -> Path | None:
@@ -322,7 +325,10 @@ def train(args: argparse.Namespace) -> int:
     shard of each epoch, and averages the gradients; rank 0 alone writes and prints."""
     if args.resume is not None:
         args = resume_args(args)
-    comm = distributed.init(backend=_backend_for(args.device))
+    try:  # (under mpiexec by hand: no GPU for NCCL, or no mpi4py, is the user's setup)
+        comm = distributed.init(backend=_backend_for(args.device))
+    except RuntimeError as e:
+        raise UsageError(str(e)) from e
     lead = comm.rank == 0
     manual_seed(args.seed + comm.rank)  # dropout masks differ by rank; the weights are rank 0's
     data, source = load_data(args)

@@ -633,3 +633,26 @@ def test_resume_under_another_world_size_passes_nproc_to_mpiexec(
     monkeypatch.setattr(subprocess, "Popen", Proc)
     assert main(["train", "--resume", str(run), "--nproc", "2"]) == 0
     assert started[0][-2:] == ["--resume", str(run)]
+
+
+def test_nproc_on_cuda_without_a_device_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--nproc 2 --device cuda`` without a usable GPU was a traceback from init on every
+    rank (exit 1), where one process says one line; now one line and exit 2 before mpiexec,
+    and under mpiexec by hand init's refusal is each rank's one line."""
+    import gpunet.distributed
+    import gpunet.job
+    from gpunet.backend import CudaProbe
+
+    monkeypatch.setattr(gpunet.job, "probe_cuda", lambda: CudaProbe(False, "no driver here"))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"started {a}"))
+    code, out, err = _run(["train", "--nproc", "2", "--device", "cuda"], capsys)
+    _one_line_exit_2(code, out, err, "--device cuda: no usable CUDA device (no driver here)")
+
+    def refuse(backend: str | None = None) -> None:
+        raise RuntimeError("init(backend='nccl'): no CUDA device (no driver here)")
+
+    monkeypatch.setattr(gpunet.distributed, "init", refuse)
+    code, out, err = _run(["train", "--device", "cuda", "--no-progress"], capsys)
+    _one_line_exit_2(code, out, err, "init(backend='nccl'): no CUDA device")
