@@ -29,6 +29,7 @@ from .checkpoint import load, rank_rng_state, save, write_atomically
 from .cli import UsageError
 from .creation import zeros
 from .data import DIGITS_SCALE, DataError, DataLoader, Dataset, infer_task, load_digits, split
+from .distributed.comm import default_timeout
 from .formatting import seconds as format_seconds
 from .nn import functional as F
 from .predict import Preprocess, outputs
@@ -64,6 +65,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     """What ``--nproc`` checks before it starts mpiexec, so that a misuse is one line from
     one process: the run to resume, or the data file and target options, and a CUDA device
     (counted, no context made) when the ranks are to train on one."""
+    check_environment()
     if args.resume is not None:
         args = resume_args(args)
     else:
@@ -197,7 +199,7 @@ class _Checkpoints:
     ) -> None:
         self.run, self.model, self.opt, self.loader, self.meta = run, model, opt, loader, meta
         self.scaler = scaler  # fp16's GradScaler: its scale and clean-step count resume too
-        self.every = float(os.environ.get("GPUNET_CHECKPOINT_SECONDS", "30"))
+        self.every = checkpoint_seconds()
         self.last_write, self.pending = time.monotonic(), None
         self.best: dict[str, Any] | None = None
         # Under data parallelism every rank holds the same weights and rank 0 alone writes;
@@ -256,6 +258,27 @@ class _Checkpoints:
         if len(saved) != size or rank != 0:
             default_generator.set_state(rank_rng_state(saved, rank, size))
         return History.from_dict(meta["history"]), best
+
+
+def checkpoint_seconds() -> float:
+    """``GPUNET_CHECKPOINT_SECONDS``: the least time between checkpoint writes (default 30)."""
+    text = os.environ.get("GPUNET_CHECKPOINT_SECONDS", "30")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise UsageError(f"GPUNET_CHECKPOINT_SECONDS must be seconds >= 0, got {text!r}")
+    return value
+
+
+def check_environment() -> None:
+    """The environment variables a run reads, checked before anything is made."""
+    checkpoint_seconds()
+    try:
+        default_timeout()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def resume_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -323,6 +346,7 @@ def train(args: argparse.Namespace) -> int:
     """Train an MLP on the user's data, report the test figures, save the run. Under
     ``mpiexec -n N`` it trains data-parallel: every rank prepares the same data, takes its
     shard of each epoch, and averages the gradients; rank 0 alone writes and prints."""
+    check_environment()
     if args.resume is not None:
         args = resume_args(args)
     try:  # (under mpiexec by hand: no GPU for NCCL, or no mpi4py, is the user's setup)

@@ -656,3 +656,30 @@ def test_nproc_on_cuda_without_a_device_is_one_line(
     monkeypatch.setattr(gpunet.distributed, "init", refuse)
     code, out, err = _run(["train", "--device", "cuda", "--no-progress"], capsys)
     _one_line_exit_2(code, out, err, "init(backend='nccl'): no CUDA device")
+
+
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        ("GPUNET_CHECKPOINT_SECONDS", "abc", ["GPUNET_CHECKPOINT_SECONDS", "'abc'"]),
+        ("GPUNET_CHECKPOINT_SECONDS", "-1", ["GPUNET_CHECKPOINT_SECONDS", "'-1'"]),
+        ("GPUNET_DIST_TIMEOUT", "abc", ["GPUNET_DIST_TIMEOUT", "'abc'"]),
+    ],
+)
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]])
+def test_a_bad_environment_variable_is_one_line_before_anything_is_made(
+    name: str,
+    value: str,
+    words: list[str],
+    nproc: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad GPUNET_CHECKPOINT_SECONDS was a float() traceback after the run folder was made
+    (left empty), a bad GPUNET_DIST_TIMEOUT a traceback on every rank."""
+    monkeypatch.setenv(name, value)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"started {a}"))
+    code, out, err = _run(["train", *nproc, "--out", str(tmp_path / "runs"), *FAST], capsys)
+    _one_line_exit_2(code, out, err, *words)
+    assert not (tmp_path / "runs").exists()
