@@ -6,7 +6,9 @@ flat parameter buffer: one call for a float32 model), and from then on each ``st
 averages the flat gradient buffer over the ranks (one ``all_reduce(mean)`` per buffer), then
 runs the optimizer's own fused update. Over MPI, whose mean is a scaling pass after the sum,
 the step reduces with ``sum`` and passes 1/world to the fused update as its gradient scale
-(PyTorch's fused ``grad_scale``): one pass over the gradients fewer, the same bits for float32.
+(PyTorch's fused ``grad_scale``), the same bits for float32; the gradients are scaled to the
+average after the update, so ``p.grad`` reads the average as in PyTorch (that pass is the one
+the fold moved, so the fold no longer saves a pass over the gradients).
 Every rank then applies the same update to the same
 weights, so their parameters stay bit-identical with no further broadcast.
 
@@ -209,4 +211,13 @@ class _DataParallel:
         finally:
             if folded is not None:
                 self._loss_scaling = None
+                self._average_grads()
         return loss
+
+    def _average_grads(self) -> None:
+        """After a folded step the flat gradients hold the ranks' sum; p.grad must read the
+        average, as after an unfolded step (the same pass, bit for bit) and in PyTorch, or
+        reading it, or a second step() without a backward, sees N times the gradient."""
+        scale = 1.0 / self.communicator.size
+        for flat in self._flats:
+            np.multiply(flat.grad, flat.grad.dtype.type(scale), out=flat.grad)

@@ -40,6 +40,7 @@ CHECKS = [
     "sgd_in_backward_is_refused",
     "collectives_on_tensors",
     "a_bad_root_or_a_strided_array_is_refused_by_name",
+    "the_gradients_after_a_step_are_the_average",
     "wrapping_after_a_step_takes_rank_0s_optimizer_state",
     "integer_means_are_refused_and_bfloat16_reduces_through_float32",
     "broadcast_parameters_gives_rank_0s_model",

@@ -372,6 +372,30 @@ def wrapping_after_a_step_takes_rank_0s_optimizer_state() -> str:
 
 
 @check
+def the_gradients_after_a_step_are_the_average() -> str:
+    """Over MPI the step folds 1/N into the update, and left p.grad holding the ranks' sum:
+    N times the average PyTorch leaves there (and fit's gradient norms N times too large), so
+    a second step() without a backward took an N times larger gradient."""
+    for kind in ("sgd", "adam"):
+        model, o = model_and_opt("float32", kind)
+        o = dist.DistributedOptimizer(o)
+        x, y = batch("float32", rows=8, seed=R)
+        o.zero_grad()
+        F.cross_entropy(model(gpunet.tensor(x)), gpunet.tensor(y)).backward()
+        local = [p.grad.numpy().copy() for p in model.parameters()]
+        every = COMM.all_gather_object(local)
+        o.step()
+        after = [p.grad.numpy().copy() for p in model.parameters()]
+        for i, got in enumerate(after):
+            want = np.sum([e[i] for e in every], axis=0) * np.float32(1.0 / N)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=f"{kind} {i}")
+        o.step()  # the same gradient again, as in one process
+        for a, p in zip(after, model.parameters()):
+            assert np.array_equal(p.grad.numpy(), a), f"{kind}: a second step changed p.grad"
+    return "p.grad after step() is the average over the ranks, and stays it over a second step"
+
+
+@check
 def a_bad_root_or_a_strided_array_is_refused_by_name() -> str:
     """A root outside the world was MPI's own error stack from inside Bcast; now the same
     ValueError as in a world of one, raised on every rank before any collective."""
