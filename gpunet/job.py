@@ -410,6 +410,7 @@ def train(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     checkpoints.write(history)
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
+    meta["dropout"] = args.dropout  # (its Dropout layers shift the Linear layers' names)
     if not lead:  # every rank holds the same weights: rank 0 tests, saves and reports them
         # (and the others do not wait for it: a long test pass would trip their time limit)
         return INTERRUPTED if history.interrupted else 1 if not history.train_loss else 0

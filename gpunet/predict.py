@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import write_atomically
+from .checkpoint import CheckpointError, write_atomically
 from .data import DataError, Dataset, check_finite, csv_header, normalize_targets, read_csv
 
 
@@ -82,8 +82,17 @@ def load_model(path: str | Path, device: Any = None) -> tuple[Any, Preprocess]:
     meta = gpunet.load(file)
     if "preprocess" not in meta or "sizes" not in meta:
         raise DataError(f"{file}: not a model saved by gpunet train (no preprocess metadata)")
-    model = nn.MLP(meta["sizes"], activation=meta["activation"], device=device)
-    gpunet.load(file, model)
+    # Dropout layers (identity in eval mode) sit between the Linear ones and shift their
+    # names; a run saved before its dropout was recorded may have them: try both layouts.
+    rates = [meta["dropout"]] if "dropout" in meta else [0.0, 0.5]
+    for rate in rates:
+        model = nn.MLP(meta["sizes"], activation=meta["activation"], dropout=rate, device=device)
+        try:
+            gpunet.load(file, model)
+            break
+        except CheckpointError:
+            if rate == rates[-1]:
+                raise
     return model, Preprocess.from_meta(meta["preprocess"])
 
 

@@ -176,3 +176,29 @@ def test_the_digits_model_predicts_the_bundled_files_raw_images(tmp_path: Path) 
     assert main(["predict", str(run), "--data", str(tmp_path / "new.npz"), "--out", str(out)]) == 0
     predicted = np.array([int(r["prediction"]) for r in _read(out)])
     assert np.mean(predicted == labels) > 0.9
+
+
+def test_a_model_trained_with_dropout_predicts_as_the_run_tested_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--dropout`` puts Dropout layers between the Linear ones, and predict built the MLP
+    without them: every such run failed to load ('missing from the checkpoint: model.2.weight').
+    Now the run saves its dropout and predict builds the same layers (identity in eval mode),
+    reproducing the run's own test accuracy."""
+    x, k = _blobs()
+    data = _table(tmp_path / "d.csv", ["a", "b", "c", "label"], [(*r, y) for r, y in zip(x, k)])
+    run = _train(tmp_path, data, "--dropout", "0.3", "--hidden", "16,8")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), "--data", str(data), "--out", str(out)]) == 0
+    predicted = np.array([int(r["prediction"]) for r in _read(out)])
+    assert np.mean(predicted == k) > 0.95
+    model, _ = load_model(run)
+    assert sum(type(m).__name__ == "Dropout" for m in model.modules()) == 2
+    import gpunet
+
+    meta = gpunet.load(run / "model.safetensors")
+    assert meta.pop("dropout") == 0.3
+    gpunet.save(run / "model.safetensors", model, **meta)  # as a run saved before the fix
+    older, _ = load_model(run)
+    for a, b in zip(model.parameters(), older.parameters()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
