@@ -63,13 +63,15 @@ def resolve_device(spec: str | None) -> Any:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """What ``--nproc`` checks before it starts mpiexec, so that a misuse is one line from
-    one process: the run to resume, or the data file and target options, and a CUDA device
+    one process: the run to resume, or --out and the data (read and prepared here too: a
+    second read of the file, so that what is wrong in it is one line), and a CUDA device
     (counted, no context made) when the ranks are to train on one."""
     check_environment()
     if args.resume is not None:
         args = resume_args(args)
     else:
-        data_path(args)
+        check_out(args.out)
+        prepare(load_data(args)[0], args.task, args.seed)
     if (args.device or "").startswith("cuda") and not (found := probe_cuda()).available:
         raise UsageError(f"--device {args.device}: no usable CUDA device ({found.reason})")
 
@@ -142,11 +144,17 @@ def _mse(out: Tensor, y: Tensor) -> Tensor:
     return F.mse_loss(out.reshape(-1), y)
 
 
-def new_run_folder(out: str) -> Path:
-    """A fresh ``out/<timestamp>`` folder, made and written to before any training."""
+def check_out(out: str) -> Path:
+    """``--out`` as a path that is not a file."""
     base = Path(out)
     if base.exists() and not base.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the runs")
+    return base
+
+
+def new_run_folder(out: str) -> Path:
+    """A fresh ``out/<timestamp>`` folder, made and written to before any training."""
+    base = check_out(out)
     stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), 0
     while True:
         run = base / (stamp if suffix == 0 else f"{stamp}_{suffix}")

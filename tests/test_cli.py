@@ -594,6 +594,8 @@ def test_resume_of_an_fp16_run_continues_the_loss_scale_exactly(
         (["--data", "missing.csv"], ["cannot read --data", "no such file"]),
         (["--data", "x.npz", "--target", "2"], ["--target names a CSV column"]),
         (["--resume", "nowhere"], ["no checkpoint.safetensors"]),
+        (["--out", "x.npz"], ["--out x.npz is a file"]),
+        (["--data", "one.csv"], ["one.csv has a header but no data rows"]),
     ],
 )
 def test_nproc_refuses_a_misuse_before_it_starts_mpiexec(
@@ -606,6 +608,7 @@ def test_nproc_refuses_a_misuse_before_it_starts_mpiexec(
     """``--nproc 2`` with a bad option printed the error once per rank (and MPI_Abort's own
     line); it is now checked before mpiexec starts: one line, exit 2, no process started."""
     (tmp_path / "x.npz").write_bytes(b"")
+    (tmp_path / "one.csv").write_text("a,b,label\n")
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"started {a}"))
     code, out, err = _run(["train", "--nproc", "2", *args], capsys)
     _one_line_exit_2(code, out, err, *words)
