@@ -209,6 +209,8 @@ class _Checkpoints:
         self.scaler = scaler  # fp16's GradScaler: its scale and clean-step count resume too
         self.every = checkpoint_seconds()
         self.last_write, self.pending = time.monotonic(), None
+        # training time: the earlier runs' (a resumed run's checkpoint) and this one's since
+        self.earlier, self.start = 0.0, time.perf_counter()
         self.best: dict[str, Any] | None = None
         # Under data parallelism every rank holds the same weights and rank 0 alone writes;
         # only the ranks' dropout generators differ, and travel as a list (rng_ranks).
@@ -223,6 +225,7 @@ class _Checkpoints:
         if history.best_epoch == epoch:
             self.best = model
         extra = {"history": copy.deepcopy(history.as_dict()), "loader": self.loader.state_dict()}
+        extra["seconds"] = self.seconds()
         if self.scaler is not None:
             extra["scaler"] = self.scaler.state_dict()
         if ranks is not None:  # every rank's streams, the device ones included
@@ -265,7 +268,12 @@ class _Checkpoints:
         rank, size = self.comm.rank, self.comm.size
         if len(saved) != size or rank != 0:
             default_generator.set_state(rank_rng_state(saved, rank, size))
+        self.earlier = float(meta.get("seconds", 0.0))
         return History.from_dict(meta["history"]), best
+
+    def seconds(self) -> float:
+        """Training time so far, the resumed runs' included."""
+        return self.earlier + time.perf_counter() - self.start
 
 
 def checkpoint_seconds() -> float:
@@ -398,7 +406,7 @@ def train(args: argparse.Namespace) -> int:
         )
         if note:
             print(note)
-    start = time.perf_counter()
+    checkpoints.start = time.perf_counter()
     history = fit(
         model,
         _loss_fn(args, prep.task),
@@ -415,7 +423,7 @@ def train(args: argparse.Namespace) -> int:
         **precision,
     )
     backends.allow_tf32 = tf32
-    seconds = time.perf_counter() - start
+    seconds = checkpoints.seconds()
     checkpoints.write(history)
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
     meta["dropout"] = args.dropout  # (its Dropout layers shift the Linear layers' names)

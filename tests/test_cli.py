@@ -686,3 +686,29 @@ def test_a_bad_environment_variable_is_one_line_before_anything_is_made(
     code, out, err = _run(["train", *nproc, "--out", str(tmp_path / "runs"), *FAST], capsys)
     _one_line_exit_2(code, out, err, *words)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_resumed_runs_seconds_count_the_epochs_before_the_cut(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed run said 'after 4 epochs ... in 3 s' and wrote that to metrics.json with the
+    time of its own epochs only; the checkpoint now carries the training time so far. (A
+    clock that advances 100 s per read makes the sums exact to check.)"""
+    import types
+
+    import gpunet.job as job
+
+    clock = iter(range(0, 10**6, 100))
+    fake = types.SimpleNamespace(**{k: getattr(job.time, k) for k in ("monotonic", "strftime")})
+    fake.perf_counter = lambda: float(next(clock))
+    monkeypatch.setattr(job, "time", fake)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, step=20 * 2 + 5)  # in epoch 3
+        code, _, err = _run(["train", *RESUME, "--no-capture", "--out", str(tmp_path)], capsys)
+    assert code == 130, err
+    (run,) = tmp_path.iterdir()
+    before = gpunet.load(run / "checkpoint.safetensors")["seconds"]
+    assert before >= 100
+    code, _, err = _run(["train", "--resume", str(run), "--no-progress"], capsys)
+    assert code == 0, err
+    assert _metrics(tmp_path)["seconds"] >= before + 100
