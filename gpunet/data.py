@@ -490,7 +490,8 @@ class DataLoader:
     wrapping around to a multiple of ``num_replicas`` (``pad``, so every rank takes the same
     number of steps; ``pad=False`` for evaluation, where uneven shards are fine) and takes
     every ``num_replicas``-th index from ``rank``. No ``set_epoch`` is needed: each epoch
-    reshuffles. With ``num_replicas=1`` the batches are those of an unsharded loader.
+    reshuffles; PyTorch's ``set_epoch(e)`` works too (the next pass is epoch e's). With
+    ``num_replicas=1`` the batches are those of an unsharded loader.
     """
 
     def __init__(
@@ -537,6 +538,7 @@ class DataLoader:
             seed = int(random.default_generator.host_rng.integers(2**63))
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self.epoch = 0  # the passes drawn so far: the next pass is this epoch's
 
     def _rows(self) -> int:
         """The rows this rank takes per epoch."""
@@ -552,6 +554,7 @@ class DataLoader:
         draws the epoch's permutation."""
         n, r = len(self.dataset), self.num_replicas
         order = self.rng.permutation(n) if self.shuffle else None
+        self.epoch += 1
         if r == 1:
             return order
         order = np.arange(n) if order is None else order
@@ -572,9 +575,24 @@ class DataLoader:
                 xs, ys = backend.take(self.x, idx, axis=0), backend.take(self.y, idx, axis=0)
             yield Tensor._wrap(xs, backend), Tensor._wrap(ys, backend)
 
+    def set_epoch(self, epoch: int) -> None:
+        """PyTorch's ``DistributedSampler.set_epoch``: the next pass draws epoch ``epoch``'s
+        permutation (the epoch-th draw from ``seed``), whatever passes came before; calling
+        it with the epochs in order, as a PyTorch loop does, changes nothing."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"DataLoader.set_epoch: epoch must be an int >= 0, got {epoch!r}")
+        if epoch == self.epoch:
+            return
+        self.rng, self.epoch = np.random.default_rng(self.seed), 0
+        for _ in range(epoch if self.shuffle else 0):  # (the draws before epoch's)
+            self.rng.permutation(len(self.dataset))
+        self.epoch = epoch
+
     def state_dict(self) -> dict[str, Any]:
-        """The shuffling generator's state (so a resumed run draws the same batches)."""
-        return {"rng": self.rng.bit_generator.state}
+        """The shuffling generator's state and the passes drawn (so a resumed run draws the
+        same batches)."""
+        return {"rng": self.rng.bit_generator.state, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
+        self.epoch = int(state.get("epoch", 0))  # (a state saved before it: unknown, 0)

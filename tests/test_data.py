@@ -246,3 +246,34 @@ def test_raw_labels_point_to_as_classes() -> None:
     with pytest.raises(DataError, match=r"targets are text .*as_classes\(\)"):
         DataLoader(text)
     assert len(list(DataLoader(text.as_classes()))) == 1
+
+
+def test_set_epoch_is_pytorchs_and_in_order_changes_nothing() -> None:
+    """``set_epoch(e)``: the next pass draws epoch e's permutation (the e-th draw from the
+    seed), whatever came before; called with the epochs in order it changes nothing."""
+    data = Dataset(np.arange(40, dtype=np.float32).reshape(20, 2), np.arange(20) % 3)
+
+    def passes(loader: DataLoader, n: int, set_epoch: bool = False) -> list[np.ndarray]:
+        out = []
+        for e in range(n):
+            if set_epoch:
+                loader.set_epoch(e)
+            out.append(np.concatenate([y.numpy() for _, y in loader]))
+        return out
+
+    def make() -> DataLoader:
+        return DataLoader(data, 6, shuffle=True, seed=3, num_replicas=2, rank=1)
+
+    plain = passes(make(), 5)
+    assert all(not np.array_equal(plain[0], p) for p in plain[1:])  # (each epoch reshuffles)
+    for a, b in zip(plain, passes(make(), 5, set_epoch=True)):
+        np.testing.assert_array_equal(a, b)
+    jump = make()
+    jump.set_epoch(3)
+    np.testing.assert_array_equal(passes(jump, 1)[0], plain[3])
+    again = make()
+    passes(again, 4)
+    again.set_epoch(1)
+    np.testing.assert_array_equal(passes(again, 1)[0], plain[1])
+    with pytest.raises(ValueError, match="set_epoch: epoch must be an int >= 0, got -1"):
+        again.set_epoch(-1)
