@@ -168,9 +168,10 @@ class Optimizer:
             entry[1] = lr
         return entry[0]
 
+    # (A closure is recorded with the update: its forward and backward are backend calls.)
     @segment(
         lambda self, closure=None: self._all_params(),
-        records=lambda self, closure=None: closure is None and self._capturable,
+        records=lambda self, closure=None: self._capturable,
     )
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter with a gradient; ``closure`` re-evaluates the loss."""
