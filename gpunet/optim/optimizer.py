@@ -161,9 +161,13 @@ class Optimizer:
             return lr
         entry = self._lr_arrays.get((id(group), id(flat)))
         if entry is None:
-            array = flat.backend.full((), float(lr), dtypes.float64)
-            entry = self._lr_arrays[id(group), id(flat)] = [array, lr]
-        elif entry[1] != lr:
+            array = flat.backend.zeros((), dtypes.float64)
+            entry = self._lr_arrays[id(group), id(flat)] = [array, None]
+        if isinstance(lr, Tensor):  # (PyTorch's tensor lr: its value now, copied on the device)
+            _check_tensor_lr(lr, flat)
+            entry[0][...] = lr.data
+            entry[1] = None
+        elif entry[1] is None or entry[1] != lr:
             entry[0][...] = float(lr)
             entry[1] = lr
         return entry[0]
@@ -268,6 +272,31 @@ class Optimizer:
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
+
+
+def check_lr(lr: Any, capturable: bool) -> None:
+    """An optimizer's ``lr`` when it is made: non-negative, and a Tensor only with
+    ``capturable`` (the update reads a tensor's value on the device, as PyTorch's does)."""
+    if isinstance(lr, Tensor):
+        if not capturable:
+            raise ValueError(
+                "a Tensor lr needs capturable=True (as in PyTorch); pass a float, or "
+                "capturable=True to have each step read the tensor's value on the device"
+            )
+        if lr.numel() != 1 or not dtypes.is_floating(lr.dtype):
+            raise ValueError(f"a Tensor lr must be one floating value, got {lr.dtype} {lr.shape}")
+        lr = float(lr.item())
+    if lr < 0.0:
+        raise ValueError(f"invalid learning rate: {lr}")
+
+
+def _check_tensor_lr(lr: Tensor, flat: FlatBuffer) -> None:
+    """A group's Tensor lr can be read by the update of ``flat``: one value, on its device."""
+    if lr.numel() != 1 or lr._backend is not flat.backend:
+        raise ValueError(
+            f"a Tensor lr must be one value on the parameters' device ({flat.backend.device}), "
+            f"got {lr.dtype} {lr.shape} on {lr.device}"
+        )
 
 
 def _zero(out: Array) -> None:
