@@ -998,9 +998,13 @@ def test_a_captured_step_on_a_gpu_replays_as_launches_equal_to_eager() -> None:
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("opt", ["adam", "sgd"])
-def test_low_and_double_precision_steps_replay_bit_for_bit(dtype: str, opt: str) -> None:
+@pytest.mark.parametrize("loss_fn", ["square", "cross_entropy"])
+def test_low_and_double_precision_steps_replay_bit_for_bit(
+    dtype: str, opt: str, loss_fn: str
+) -> None:
     """float16 and bfloat16 compute through float32 in the backend; a replay must too (it
-    once wrote NumPy's float16 GEMM straight into the output and drifted from eager)."""
+    once wrote NumPy's float16 GEMM straight into the output and drifted from eager, and
+    replayed bfloat16 cross-entropy with its gradient in bfloat16's own loops)."""
 
     def run(captured: bool) -> list[np.ndarray]:
         gpunet.manual_seed(0)
@@ -1008,11 +1012,12 @@ def test_low_and_double_precision_steps_replay_bit_for_bit(dtype: str, opt: str)
         params = model.parameters()
         o = optim.Adam(params, lr=1e-2) if opt == "adam" else optim.SGD(params, lr=1e-2)
         x = gpunet.randn(5, 8).to(getattr(gpunet, dtype))
+        labels = gpunet.tensor(np.arange(5) % 4)
 
         def step(x: gpunet.Tensor) -> gpunet.Tensor:
             o.zero_grad()
             y = model(x)
-            loss = (y * y).sum()
+            loss = (y * y).sum() if loss_fn == "square" else F.cross_entropy(y, labels)
             loss.backward()
             o.step()
             return loss
