@@ -865,6 +865,26 @@ def test_replaced_arrays_make_the_step_record_again() -> None:
         assert np.array_equal(p.numpy(), q.numpy())
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_freezing_or_unfreezing_a_parameter_makes_the_step_record_again(first: bool) -> None:
+    """Setting ``requires_grad`` between replays changes which gradients the step makes (as
+    torch.compile guards on it): the step records again, equal to eager, never the old
+    recording's frozen layer."""
+    runs = []
+    for captured in (False, True):
+        model, _, step = _setup("momentum")
+        run = gpunet.capture(step) if captured else step
+        weight = next(iter(model.parameters()))
+        weight.requires_grad = first
+        for i, (x, y) in enumerate(_batches()):
+            if i == 4:
+                weight.requires_grad = not first
+            run(x, y)
+        runs.append([p.numpy().copy() for p in model.parameters()])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_hyperparameter_changed_between_replays_is_used() -> None:
     """Plain SGD replays as two ufunc calls; weight decay set later takes the full update."""
     runs = []
