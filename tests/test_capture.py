@@ -885,6 +885,38 @@ def test_freezing_or_unfreezing_a_parameter_makes_the_step_record_again(first: b
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize(
+    ("key", "before", "after"), [("momentum", 0.0, 0.9), ("in_backward", 1, 0)]
+)
+def test_a_hyperparameter_that_changes_the_update_s_calls_records_again(
+    key: str, before: float, after: float
+) -> None:
+    """SGD's momentum set from 0 (a buffer appears) or ``in_backward`` turned off by hand
+    between replays change which calls the update makes: the step records again, equal to
+    eager (the replay once failed deep in ``sgd_update`` or the sweep)."""
+    runs = []
+    for captured in (False, True):
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 5])
+        opt = optim.SGD(model.parameters(), lr=0.1, **{key: before})
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor, model=model, opt=opt) -> gpunet.Tensor:  # type: ignore[no-untyped-def]
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        run = gpunet.capture(step) if captured else step
+        for i, (x, y) in enumerate(_batches()):
+            if i == 4:
+                opt.param_groups[0][key] = type(before)(after)
+            run(x, y)
+        runs.append([p.numpy().copy() for p in model.parameters()])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_hyperparameter_changed_between_replays_is_used() -> None:
     """Plain SGD replays as two ufunc calls; weight decay set later takes the full update."""
     runs = []

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import dtypes
-from ..autodiff import CAPTURE, STATE, call, enable_grad, segment
+from ..autodiff import CAPTURE, STATE, call, enable_grad, layout_changed, segment
 from ..tensor import Tensor
 from .flat import FlatBuffer
 
@@ -67,8 +67,7 @@ class Optimizer:
             if id(p) in seen:
                 raise ValueError("a parameter appears more than once among the param groups")
             seen.add(id(p))
-        group = {**self.defaults, **group, "params": params}
-        self.param_groups.append(group)
+        self.param_groups.append(_Group({**self.defaults, **group, "params": params}))
 
     def _pack(self) -> None:
         """(Re)build one FlatBuffer per (device, dtype), groups in order; state moves along."""
@@ -272,6 +271,20 @@ class Optimizer:
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
+
+
+class _Group(dict):
+    """A param group: a dict, whose hyperparameters that decide which calls an update makes
+    (SGD's momentum, from 0 or to it; ``in_backward``) make step captures record again when
+    set, as a replay reads the others afresh but keeps its calls."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in _STRUCTURAL and key in self and self[key] != value:
+            layout_changed()
+        super().__setitem__(key, value)
+
+
+_STRUCTURAL = frozenset({"momentum", "in_backward"})
 
 
 def check_lr(lr: Any, capturable: bool) -> None:
