@@ -404,6 +404,20 @@ def test_profile_counts_a_captured_step_s_calls() -> None:
     assert np.isfinite(out.numpy()).all()
 
 
+def test_profile_around_the_recording_calls_prices_them() -> None:
+    """``gpunet.profile()`` around a captured step's first calls (recording) hears the
+    constants the step makes (backward's ones) and prices them; it once raised KeyError."""
+    _, _, step = _setup("adam")
+    run = gpunet.capture(step)
+    for x, y in _batches(3):
+        with gpunet.profile() as prof:
+            run(x, y)
+        names = [r.name for r in prof.records]
+        assert "adam_update" in names
+        assert prof.roofline("H100").total_s > 0
+    assert run.replays == 1
+
+
 def test_memory_is_flat_over_1000_replays() -> None:
     _, _, step = _setup("adam")
     run = gpunet.capture(step)
