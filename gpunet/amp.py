@@ -228,6 +228,30 @@ def _widest(floats: set) -> Any:
 UNSCALED, STEPPED = "unscaled", "stepped"
 
 
+_IN_BACKWARD = (
+    "GradScaler: SGD(in_backward=True) steps inside backward(), on the scaled "
+    "gradients and before any inf check; use SGD() (in_backward=False) with a scaler"
+)
+
+
+def _steps_in_backward(root: Tensor) -> bool:
+    """Does a leaf of ``root``'s graph take its update inside backward (``in_backward``)? A
+    walk of the graph, checked before its backward could step any of them on a scaled loss."""
+    stack, seen = [root._node], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for parent in node.parents:
+            if isinstance(parent, Tensor):
+                if getattr(parent, "_in_backward", None) is not None:
+                    return True
+            else:
+                stack.append(parent)
+    return False
+
+
 class GradScaler:
     """Dynamic loss scaling for float16 (PyTorch's ``torch.amp.GradScaler``, its defaults).
 
@@ -301,6 +325,8 @@ class GradScaler:
         """outputs * scale (a tensor: differentiable, so backward carries the scale)."""
         if not self.enabled:
             return outputs
+        if _steps_in_backward(outputs):
+            raise ValueError(_IN_BACKWARD)
         self._lazy(outputs._backend)
         s = Tensor._wrap(self._scale, outputs._backend)  # (read in place: update writes it)
         if outputs.dtype != dtypes.float32:
@@ -347,10 +373,7 @@ class GradScaler:
                 "(the gradients must be of the scaled loss)"
             )
         if getattr(optimizer, "defaults", {}).get("in_backward"):
-            raise ValueError(
-                "GradScaler: SGD(in_backward=True) steps inside backward(), on the scaled "
-                "gradients and before any inf check; use SGD() (in_backward=False) with a scaler"
-            )
+            raise ValueError(_IN_BACKWARD)
 
     def step(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         """``optimizer.step()`` on the gradients times 1/scale, skipped (parameters and state

@@ -477,9 +477,10 @@ def _adam_update(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
 
 
 # ---------------------------------------------------------------------- the loss scaler
-@rule("fill")
+@rule("fill", "zeros", "ones", "full")
 def _fill(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
-    """out <- a constant: one kernel writing it (the scaler's found-inf flag, a new scale)."""
+    """out <- a constant: one kernel writing it (the scaler's found-inf flag, a new scale; a
+    new array of zeros, ones or a value, as a step capture records them)."""
     return _same(kernel([], out.nbytes if out is not None else ins[0].nbytes))
 
 

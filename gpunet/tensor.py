@@ -198,7 +198,10 @@ class Tensor:
                 f"only floating-point tensors can require gradients, got dtype {self.dtype} "
                 f"(shape {self.shape}). Convert first: x.to(gpunet.float32)."
             )
-        self._requires_grad = bool(value)
+        value = bool(value)
+        if value != self._requires_grad and not gpunet.autodiff.STATE.flags & _CAPTURE:
+            gpunet.autodiff.layout_changed()  # (a leaf (un)frozen: step captures record again)
+        self._requires_grad = value
 
     def requires_grad_(self, requires_grad: bool = True) -> Tensor:
         self.requires_grad = requires_grad

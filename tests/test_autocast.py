@@ -159,11 +159,20 @@ def test_dtype_none_is_the_device_types_default_as_in_pytorch() -> None:
     assert gpunet.autocast("cuda").dtype == F16 and gpunet.autocast().dtype == BF16
 
 
-def test_a_captured_step_under_autocast_replays_what_eager_computes() -> None:
+@pytest.mark.parametrize(
+    ("set_to_none", "in_backward"), [(True, False), (False, False), (True, True)]
+)
+def test_a_captured_step_under_autocast_replays_what_eager_computes(
+    set_to_none: bool, in_backward: bool
+) -> None:
+    """Also where backward casts a weight's gradient back into an array it adds to (the
+    zeroed gradient of ``set_to_none=False``, the weight itself in backward): that cast is a
+    call the capture records, not an array made where it cannot see."""
+
     def make() -> tuple[Any, Any]:
         gpunet.manual_seed(3)
         model = gpunet.nn.MLP([6, 16, 4])
-        return model, gpunet.optim.SGD(model.parameters(), lr=0.1)
+        return model, gpunet.optim.SGD(model.parameters(), lr=0.1, in_backward=in_backward)
 
     rng = np.random.default_rng(4)
     batches = [
@@ -178,7 +187,7 @@ def test_a_captured_step_under_autocast_replays_what_eager_computes() -> None:
         model, opt = make()
 
         def step(x: gpunet.Tensor, y: gpunet.Tensor, model=model, opt=opt) -> gpunet.Tensor:  # type: ignore[no-untyped-def]
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
             with gpunet.autocast(dtype=BF16):
                 loss = gpunet.nn.functional.cross_entropy(model(x), y)
             loss.backward()

@@ -404,6 +404,20 @@ def test_profile_counts_a_captured_step_s_calls() -> None:
     assert np.isfinite(out.numpy()).all()
 
 
+def test_profile_around_the_recording_calls_prices_them() -> None:
+    """``gpunet.profile()`` around a captured step's first calls (recording) hears the
+    constants the step makes (backward's ones) and prices them; it once raised KeyError."""
+    _, _, step = _setup("adam")
+    run = gpunet.capture(step)
+    for x, y in _batches(3):
+        with gpunet.profile() as prof:
+            run(x, y)
+        names = [r.name for r in prof.records]
+        assert "adam_update" in names
+        assert prof.roofline("H100").total_s > 0
+    assert run.replays == 1
+
+
 def test_memory_is_flat_over_1000_replays() -> None:
     _, _, step = _setup("adam")
     run = gpunet.capture(step)
@@ -865,6 +879,58 @@ def test_replaced_arrays_make_the_step_record_again() -> None:
         assert np.array_equal(p.numpy(), q.numpy())
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_freezing_or_unfreezing_a_parameter_makes_the_step_record_again(first: bool) -> None:
+    """Setting ``requires_grad`` between replays changes which gradients the step makes (as
+    torch.compile guards on it): the step records again, equal to eager, never the old
+    recording's frozen layer."""
+    runs = []
+    for captured in (False, True):
+        model, _, step = _setup("momentum")
+        run = gpunet.capture(step) if captured else step
+        weight = next(iter(model.parameters()))
+        weight.requires_grad = first
+        for i, (x, y) in enumerate(_batches()):
+            if i == 4:
+                weight.requires_grad = not first
+            run(x, y)
+        runs.append([p.numpy().copy() for p in model.parameters()])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("key", "before", "after"), [("momentum", 0.0, 0.9), ("in_backward", 1, 0)]
+)
+def test_a_hyperparameter_that_changes_the_update_s_calls_records_again(
+    key: str, before: float, after: float
+) -> None:
+    """SGD's momentum set from 0 (a buffer appears) or ``in_backward`` turned off by hand
+    between replays change which calls the update makes: the step records again, equal to
+    eager (the replay once failed deep in ``sgd_update`` or the sweep)."""
+    runs = []
+    for captured in (False, True):
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 5])
+        opt = optim.SGD(model.parameters(), lr=0.1, **{key: before})
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor, model=model, opt=opt) -> gpunet.Tensor:  # type: ignore[no-untyped-def]
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        run = gpunet.capture(step) if captured else step
+        for i, (x, y) in enumerate(_batches()):
+            if i == 4:
+                opt.param_groups[0][key] = type(before)(after)
+            run(x, y)
+        runs.append([p.numpy().copy() for p in model.parameters()])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_hyperparameter_changed_between_replays_is_used() -> None:
     """Plain SGD replays as two ufunc calls; weight decay set later takes the full update."""
     runs = []
@@ -998,9 +1064,13 @@ def test_a_captured_step_on_a_gpu_replays_as_launches_equal_to_eager() -> None:
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("opt", ["adam", "sgd"])
-def test_low_and_double_precision_steps_replay_bit_for_bit(dtype: str, opt: str) -> None:
+@pytest.mark.parametrize("loss_fn", ["square", "cross_entropy"])
+def test_low_and_double_precision_steps_replay_bit_for_bit(
+    dtype: str, opt: str, loss_fn: str
+) -> None:
     """float16 and bfloat16 compute through float32 in the backend; a replay must too (it
-    once wrote NumPy's float16 GEMM straight into the output and drifted from eager)."""
+    once wrote NumPy's float16 GEMM straight into the output and drifted from eager, and
+    replayed bfloat16 cross-entropy with its gradient in bfloat16's own loops)."""
 
     def run(captured: bool) -> list[np.ndarray]:
         gpunet.manual_seed(0)
@@ -1008,11 +1078,12 @@ def test_low_and_double_precision_steps_replay_bit_for_bit(dtype: str, opt: str)
         params = model.parameters()
         o = optim.Adam(params, lr=1e-2) if opt == "adam" else optim.SGD(params, lr=1e-2)
         x = gpunet.randn(5, 8).to(getattr(gpunet, dtype))
+        labels = gpunet.tensor(np.arange(5) % 4)
 
         def step(x: gpunet.Tensor) -> gpunet.Tensor:
             o.zero_grad()
             y = model(x)
-            loss = (y * y).sum()
+            loss = (y * y).sum() if loss_fn == "square" else F.cross_entropy(y, labels)
             loss.backward()
             o.step()
             return loss

@@ -165,6 +165,12 @@ def check_step(
         if getattr(step, "size", 0) < 1:
             raise ValueError(f"{op}: step must hold the span's step counts, got an empty array")
     if type(lr) is not float and not isinstance(lr, (int, float)):
+        if not hasattr(lr, "__array_namespace__") and not hasattr(lr, "__cuda_array_interface__"):
+            raise ValueError(  # (a group's lr set by hand: a Tensor, a NumPy float32)
+                f"{op}: lr must be a Python float or a float64 array, got a "
+                f"{type(lr).__name__}; a Tensor lr needs capturable=True (as in PyTorch), "
+                "any other number float(lr)"
+            )
         _check_device_array(op, "lr", param, lr, "float64", "a float or a float64 array")
         if getattr(lr, "size", 0) != 1:
             raise ValueError(f"{op}: an lr array must have one element, got shape {lr.shape}")

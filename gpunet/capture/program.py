@@ -305,7 +305,8 @@ def _fuse_cross_entropy(entries: list[_Entry], arrays: list[Any]) -> dict[int, t
     """NumPy's ``cross_entropy`` and, later, its ``cross_entropy_backward`` on the same
     logits and labels, with nothing between that reads the loss or writes them, as one
     ``_cross_entropy_with_grad`` at the backward's place: {forward index: (None, ()), backward
-    index: (method, (loss, grad, logits, labels, g) slots)}."""
+    index: (method, (loss, grad, logits, labels, g) slots)}. Only on NumPy's own float
+    dtypes: the two methods compute bfloat16 through float32, which the fused one does not."""
     from ..backend.numpy_backend import NumpyBackend
 
     out: dict[int, tuple] = {}
@@ -317,6 +318,7 @@ def _fuse_cross_entropy(entries: list[_Entry], arrays: list[Any]) -> dict[int, t
             or not isinstance(backend, NumpyBackend)
             or e.params.get("reduction") not in ("mean", "sum")
             or any(r[0] != "a" for r in e.ins)
+            or arrays[e.ins[0][1]].dtype.char not in "efd"
         ):
             continue
         logits, labels, loss = e.ins[0][1], e.ins[1][1], e.out[1]

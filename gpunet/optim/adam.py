@@ -10,7 +10,7 @@ from ..autodiff import CAPTURE, STATE, Dynamic, call
 from ..backend.updates import AdamHyper
 from ..tensor import Tensor
 from .flat import FlatBuffer
-from .optimizer import Optimizer
+from .optimizer import Optimizer, check_lr
 
 
 class Adam(Optimizer):
@@ -37,8 +37,7 @@ class Adam(Optimizer):
         *,
         capturable: bool = False,
     ) -> None:
-        if lr < 0.0:
-            raise ValueError(f"invalid learning rate: {lr}")
+        check_lr(lr, capturable)
         if eps < 0.0:
             raise ValueError(f"invalid epsilon: {eps}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):

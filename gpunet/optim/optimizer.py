@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import dtypes
-from ..autodiff import CAPTURE, STATE, call, enable_grad, segment
+from ..autodiff import CAPTURE, STATE, call, enable_grad, layout_changed, segment
 from ..tensor import Tensor
 from .flat import FlatBuffer
 
@@ -67,8 +67,7 @@ class Optimizer:
             if id(p) in seen:
                 raise ValueError("a parameter appears more than once among the param groups")
             seen.add(id(p))
-        group = {**self.defaults, **group, "params": params}
-        self.param_groups.append(group)
+        self.param_groups.append(_Group({**self.defaults, **group, "params": params}))
 
     def _pack(self) -> None:
         """(Re)build one FlatBuffer per (device, dtype), groups in order; state moves along."""
@@ -161,16 +160,21 @@ class Optimizer:
             return lr
         entry = self._lr_arrays.get((id(group), id(flat)))
         if entry is None:
-            array = flat.backend.full((), float(lr), dtypes.float64)
-            entry = self._lr_arrays[id(group), id(flat)] = [array, lr]
-        elif entry[1] != lr:
+            array = flat.backend.zeros((), dtypes.float64)
+            entry = self._lr_arrays[id(group), id(flat)] = [array, None]
+        if isinstance(lr, Tensor):  # (PyTorch's tensor lr: its value now, copied on the device)
+            _check_tensor_lr(lr, flat)
+            entry[0][...] = lr.data
+            entry[1] = None
+        elif entry[1] is None or entry[1] != lr:
             entry[0][...] = float(lr)
             entry[1] = lr
         return entry[0]
 
+    # (A closure is recorded with the update: its forward and backward are backend calls.)
     @segment(
         lambda self, closure=None: self._all_params(),
-        records=lambda self, closure=None: closure is None and self._capturable,
+        records=lambda self, closure=None: self._capturable,
     )
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter with a gradient; ``closure`` re-evaluates the loss."""
@@ -267,6 +271,45 @@ class Optimizer:
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
+
+
+class _Group(dict):
+    """A param group: a dict, whose hyperparameters that decide which calls an update makes
+    (SGD's momentum, from 0 or to it; ``in_backward``) make step captures record again when
+    set, as a replay reads the others afresh but keeps its calls."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in _STRUCTURAL and key in self and self[key] != value:
+            layout_changed()
+        super().__setitem__(key, value)
+
+
+_STRUCTURAL = frozenset({"momentum", "in_backward"})
+
+
+def check_lr(lr: Any, capturable: bool) -> None:
+    """An optimizer's ``lr`` when it is made: non-negative, and a Tensor only with
+    ``capturable`` (the update reads a tensor's value on the device, as PyTorch's does)."""
+    if isinstance(lr, Tensor):
+        if not capturable:
+            raise ValueError(
+                "a Tensor lr needs capturable=True (as in PyTorch); pass a float, or "
+                "capturable=True to have each step read the tensor's value on the device"
+            )
+        if lr.numel() != 1 or not dtypes.is_floating(lr.dtype):
+            raise ValueError(f"a Tensor lr must be one floating value, got {lr.dtype} {lr.shape}")
+        lr = float(lr.item())
+    if lr < 0.0:
+        raise ValueError(f"invalid learning rate: {lr}")
+
+
+def _check_tensor_lr(lr: Tensor, flat: FlatBuffer) -> None:
+    """A group's Tensor lr can be read by the update of ``flat``: one value, on its device."""
+    if lr.numel() != 1 or lr._backend is not flat.backend:
+        raise ValueError(
+            f"a Tensor lr must be one value on the parameters' device ({flat.backend.device}), "
+            f"got {lr.dtype} {lr.shape} on {lr.device}"
+        )
 
 
 def _zero(out: Array) -> None:

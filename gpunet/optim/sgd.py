@@ -10,7 +10,7 @@ from ..autodiff import CAPTURE, STATE, Dynamic, call
 from ..backend.updates import SGDHyper
 from ..tensor import Tensor
 from .flat import FlatBuffer
-from .optimizer import Optimizer
+from .optimizer import Optimizer, check_lr
 
 
 class SGD(Optimizer):
@@ -38,8 +38,7 @@ class SGD(Optimizer):
         in_backward: bool = False,
         capturable: bool = False,
     ) -> None:
-        if lr < 0.0:
-            raise ValueError(f"invalid learning rate: {lr}")
+        check_lr(lr, capturable)
         if momentum < 0.0:
             raise ValueError(f"invalid momentum: {momentum}")
         if weight_decay < 0.0:

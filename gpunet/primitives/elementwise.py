@@ -145,14 +145,19 @@ def _cast_vjp_into(out, alpha: float, beta: float, g, src, dtype) -> None:  # ty
     call = gpunet.autodiff.call
     if alpha == 1.0 and beta == 0.0:
         call("cast", _cast_into, out, g.data)  # (assignment casts: one pass)
-    else:
-        g32 = g.data.astype(out.dtype)
+    else:  # (the cast a call too, so a step capture records the array it makes)
+        g32 = call("cast", _cast_to, g.data, dtype=out.dtype)
         call("axpby", g._backend.axpby_into, out, g32, alpha=alpha, beta=beta)
 
 
 def _cast_into(out, x) -> None:  # type: ignore[no-untyped-def]
     """out <- x in out's dtype, in place (a backend call, so a step capture records it)."""
     out[...] = x
+
+
+def _cast_to(x, dtype):  # type: ignore[no-untyped-def]
+    """x as a new array of ``dtype``."""
+    return x.astype(dtype)
 
 
 cast = primitive(

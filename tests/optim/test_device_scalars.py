@@ -202,6 +202,17 @@ def test_a_device_lr_gives_the_float_lr_s_bits(kind: str) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def _batches(seed: int, n: int) -> list[tuple[gpunet.Tensor, gpunet.Tensor]]:
+    r = np.random.default_rng(seed)
+    return [
+        (
+            gpunet.tensor(r.standard_normal((5, 6)).astype(np.float32)),
+            gpunet.tensor(r.integers(0, 3, 5)),
+        )
+        for _ in range(n)
+    ]
+
+
 def _capturable_step(kind: str, capturable: bool) -> tuple[Any, Any, Any]:
     gpunet.manual_seed(0)
     model = nn.MLP([6, 8, 3])
@@ -222,14 +233,7 @@ def test_a_captured_capturable_step_needs_no_host_scalar(kind: str) -> None:
     """Captured with capturable=True: replays equal eager bit for bit under an lr that a
     schedule outside the step changes, and the recording lists no per-step host scalar (Adam's
     count and the lr are device arrays; only the GEMMs keep it from a CUDA graph)."""
-    r = np.random.default_rng(5)
-    batches = [
-        (
-            gpunet.tensor(r.standard_normal((5, 6)).astype(np.float32)),
-            gpunet.tensor(r.integers(0, 3, 5)),
-        )
-        for _ in range(6)
-    ]
+    batches = _batches(5, 6)
     results = []
     for captured, capturable in ((False, False), (True, True)):
         model, opt, step = _capturable_step(kind, capturable)
@@ -291,3 +295,47 @@ def test_the_optimizers_never_read_found_inf_on_the_host(kind: str, monkeypatch:
     scaler.step(opt)
     (kw,) = seen
     assert kw["found_inf"] is scaler._found and kw["step"].dtype == np.int64
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_tensor_lr_is_read_afresh_at_every_step_eager_and_captured(kind: str) -> None:
+    """PyTorch's ``lr=torch.tensor(...)`` with ``capturable=True``: the update reads the
+    tensor's value at each step, so changing it in place (or a schedule rebinding it) takes
+    effect, eager and in a captured step, bit for bit as the float lr would."""
+    batches = _batches(6, 7)
+    results = []
+    for how in ("float", "tensor", "tensor captured"):
+        model, opt, step = _capturable_step(kind, capturable=True)
+        lr = gpunet.tensor(0.01, dtype=gpunet.float64)
+        opt.param_groups[0]["lr"] = 0.01 if how == "float" else lr
+        run = gpunet.capture(step) if how.endswith("captured") else step
+        for i, (x, y) in enumerate(batches):
+            if i == 4:
+                if how == "float":
+                    opt.param_groups[0]["lr"] = 0.003
+                else:
+                    with gpunet.no_grad():
+                        lr[...] = 0.003
+            run(x, y)
+        results.append([p.numpy().copy() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_tensor_lr_without_capturable_is_refused_by_name(kind: str) -> None:
+    """As in PyTorch (a tensor lr needs the capturable path): refused when the optimizer is
+    made, and a tensor set into a group by hand is named at the step, before any update."""
+    cls = optim.SGD if kind in ("dampening", "nesterov") else optim.AdamW
+    with pytest.raises(ValueError, match="a Tensor lr needs capturable=True"):
+        cls(_params(), lr=gpunet.tensor(0.01))
+    ps = _params()
+    opt = KINDS[kind](ps)
+    opt.param_groups[0]["lr"] = gpunet.tensor(0.01)
+    _loss(ps, _coefficients(1)[0]).backward()
+    before = [p.numpy().copy() for p in ps]
+    with pytest.raises(ValueError, match="a Tensor lr needs capturable=True"):
+        opt.step()
+    for p, b in zip(ps, before):
+        np.testing.assert_array_equal(p.numpy(), b)

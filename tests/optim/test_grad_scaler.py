@@ -283,3 +283,17 @@ def test_a_captured_scaled_step_equals_the_eager_one_bit_for_bit(kind: str) -> N
             assert after[2] == before[2] / 2
     if kind == "adam":  # the step count is the number of clean steps
         assert int(eager[-1][1][0]["step"]) == pattern.count(False)
+
+
+def test_scaling_a_loss_whose_weights_step_in_backward_is_refused_before_they_change() -> None:
+    """SGD(in_backward=True) would step on the scaled gradients inside the scaled loss's
+    backward, before ``scaler.step`` could refuse it: ``scale`` refuses it, weights untouched."""
+    gpunet.manual_seed(0)
+    model = gpunet.nn.MLP([4, 8, 3])
+    gpunet.optim.SGD(model.parameters(), lr=0.1, in_backward=True)
+    before = [p.numpy().copy() for p in model.parameters()]
+    loss = model(gpunet.randn(5, 4)).sum()
+    with pytest.raises(ValueError, match=r"in_backward=True.*use SGD\(\)"):
+        GradScaler().scale(loss)
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.numpy(), b)

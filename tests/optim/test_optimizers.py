@@ -297,6 +297,36 @@ def test_step_with_closure_returns_the_loss():
     np.testing.assert_allclose(w.numpy(), [1.0])  # 2 - 0.25 * 4
 
 
+@pytest.mark.parametrize("make", [lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9), optim.Adam])
+def test_a_captured_step_calling_step_with_a_closure_replays_what_eager_computes(make):
+    """PyTorch's ``opt.step(closure)`` inside a captured step: the closure's forward and
+    backward are recorded with the update (each call passes a new closure), not refused."""
+    rng = np.random.default_rng(0)
+    xs = [gn.tensor(rng.standard_normal((5, 3))) for _ in range(6)]
+    results = []
+    for captured in (False, True):
+        _, ps = make_params()
+        opt = make(ps)
+
+        def step(x, ps=ps, opt=opt):
+            def closure():
+                opt.zero_grad()
+                loss = ((x @ ps[0]).sum(0) * ps[1]).sum() + ps[2].sum()
+                loss.backward()
+                return loss
+
+            return opt.step(closure)
+
+        run = gn.capture(step) if captured else step
+        losses = [run(x).item() for x in xs]
+        results.append((losses, [p.numpy().copy() for p in ps]))
+        if captured:
+            assert run.replays == 4
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("op", ["sgd", "adam"])
 def test_numpy_chunked_updates_match_the_whole_buffer_update(op):
     from gpunet.backend import get_backend
