@@ -27,6 +27,7 @@ import numpy as np
 import safetensors.numpy
 
 from . import random
+from .tensor import Tensor
 
 FORMAT = "gpunet-checkpoint-1"
 _FORMAT_KEY, _OPTIM_KEY, _RNG_KEY = "gpunet.format", "gpunet.optimizer", "gpunet.rng"
@@ -74,8 +75,9 @@ def save(
                     scalars.setdefault(str(index), {})[name] = value
                 else:
                     tensors[f"optimizer.{index}.{name}"] = _host(value)
+        groups = [{k: _plain(v) for k, v in g.items()} for g in sd["param_groups"]]
         header[_OPTIM_KEY] = json.dumps(
-            {"type": type(optimizer).__name__, "param_groups": sd["param_groups"], "state": scalars}
+            {"type": type(optimizer).__name__, "param_groups": groups, "state": scalars}
         )
     write_atomically(Path(path), safetensors.numpy.save(tensors, metadata=header))
 
@@ -297,6 +299,15 @@ def _optimizer_state(saved: dict[str, Any], tensors: dict[str, np.ndarray]) -> d
 
 
 # ---------------------------------------------------------------- writing
+def _plain(value: Any) -> Any:
+    """A hyperparameter as JSON holds it: a one-value tensor (a capturable optimizer's Tensor
+    lr, as in PyTorch) as its float; ``Optimizer.load_state_dict`` writes it back into the
+    group's tensor."""
+    if isinstance(value, Tensor) and value.data.size == 1:
+        return float(value.item())
+    return value
+
+
 def _host(value: Any) -> np.ndarray:
     """A tensor or array as a C-contiguous NumPy array (copied from a GPU)."""
     if hasattr(value, "numpy") and not isinstance(value, np.ndarray):

@@ -449,3 +449,17 @@ def test_resume_on_a_gpu_is_exact_with_dropout(tmp_path):
         _dropout_steps(model, opt, SPLIT, STEPS)
         for k, v in model.state_dict().items():
             np.testing.assert_array_equal(v.numpy(), want[k], err_msg=k)
+
+
+def test_a_checkpoint_of_an_optimizer_with_a_tensor_lr_round_trips(tmp_path) -> None:
+    """A capturable optimizer's lr may be a Tensor (as in PyTorch); ``gn.save`` failed on it
+    with "Object of type Tensor is not JSON serializable". It is saved as its value, and loading
+    writes that value into the group's tensor (the user's handle keeps working)."""
+    model = gn.nn.MLP([4, 3])
+    lr = gn.tensor(0.01, dtype=gn.float64)
+    opt = optim.Adam(model.parameters(), lr=lr, capturable=True)
+    gn.save(tmp_path / "run.safetensors", model, opt)
+    with gn.no_grad():
+        lr *= 0.5  # (changed after saving: loading brings the saved value back)
+    gn.load(tmp_path / "run.safetensors", model, opt)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == 0.01

@@ -256,7 +256,13 @@ class Optimizer:
         if problems:
             raise ValueError("cannot load optimizer state:\n  " + "\n  ".join(problems))
         for saved, mine in zip(groups, self.param_groups):
-            mine.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
+            for k, v in saved.items():
+                if k == "params":
+                    continue
+                if isinstance(mine.get(k), Tensor):  # (a Tensor lr: the user's tensor keeps it)
+                    mine[k].data[...] = float(v.item() if isinstance(v, Tensor) else v)
+                else:
+                    mine[k] = copy.deepcopy(v)
         self.state = {}
         for key, st in state_dict["state"].items():
             self.state[params[int(key)]] = new = {}
