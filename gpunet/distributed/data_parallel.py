@@ -4,12 +4,11 @@
 compared before anything else moves), broadcasts rank 0's parameters (one ``broadcast`` per
 flat parameter buffer: one call for a float32 model), and from then on each ``step()`` first
 averages the flat gradient buffer over the ranks (one ``all_reduce(mean)`` per buffer), then
-runs the optimizer's own fused update. Over MPI, whose mean is a scaling pass after the sum,
-the step reduces with ``sum`` and passes 1/world to the fused update as its gradient scale
-(PyTorch's fused ``grad_scale``), the same bits for float32; the gradients are scaled to the
-average after the update, so ``p.grad`` reads the average as in PyTorch (that pass is the one
-the fold moved, so the fold no longer saves a pass over the gradients).
-Every rank then applies the same update to the same
+runs the optimizer's own fused update, so ``p.grad`` reads the average, as in PyTorch. (Over
+MPI the mean is one scaling pass after the sum. Folding that 1/world into the fused update as
+its gradient scale saved the pass only while ``p.grad`` was left holding the sum; scaling it to
+the average afterwards costs the same pass again, so the fold went: measured equal, within
+the noise, on the medium MLP.) Every rank then applies the same update to the same
 weights, so their parameters stay bit-identical with no further broadcast.
 
 Why no buckets overlapping the backward (PyTorch DDP's): on a CPU with one core per rank MPI
@@ -31,7 +30,6 @@ from ..tensor import Tensor
 from .comm import Communicator
 
 _CLASSES: dict[type, type] = {}
-_FOLDABLE = (np.dtype(np.float32), np.dtype(np.float16))  # (the update kernels' dtypes)
 
 
 def signature(optimizer: Any) -> list[str]:
@@ -125,8 +123,6 @@ class _DataParallel:
     accumulation; ``synchronize()`` to average before clipping."""
 
     communicator: Communicator
-    _fused_scaling: bool
-    _loss_scaling: dict[str, Any] | None
     _no_sync: int
     _synced: bool
     _flats: list[Any]
@@ -152,8 +148,7 @@ class _DataParallel:
         """Average the gradients over the ranks now (to clip or read them before ``step()``,
         which then does not average again). A parameter without a gradient on this rank counts
         as a zero gradient, so every rank reduces the same buffer; one without a gradient on
-        any rank keeps none, as in one process (no decay, no state). (``step`` may reduce with
-        ``op="sum"`` and fold the 1/world into its fused update.)"""
+        any rank keeps none, as in one process (no decay, no state)."""
         if STATE.flags & CAPTURE:  # (its Python decides per step which gradients exist)
             refuse(
                 "DistributedOptimizer.step",
@@ -185,39 +180,13 @@ class _DataParallel:
         self.communicator.host.all_reduce(flags, "max")
         return np.split(flags, np.cumsum([len(f.params) for f in self._flats])[:-1])
 
-    def _folded_mean(self) -> dict[str, Any] | None:
-        """The fused updates' ``grad_scale`` = 1/world when the mean would be a pass of its own
-        (MPI sums; NCCL averages in the reduction): float32 and float16 buffers of an
-        optimizer whose update takes it, outside a loss scaler's step (which passes its own)."""
-        comm = self.communicator
-        if comm.native_mean or not self._fused_scaling or self._loss_scaling is not None:
-            return None
-        if any(flat.data.dtype not in _FOLDABLE for flat in self._flats):
-            return None
-        return {"grad_scale": np.asarray(1.0 / comm.size, np.float32)}
-
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with enable_grad():
                 loss = closure()
-        folded = None if self._synced else self._folded_mean()
         if not self._synced:
-            self.synchronize("mean" if folded is None else "sum")
+            self.synchronize()
         self._synced = False
-        self._loss_scaling = folded or self._loss_scaling
-        try:
-            super().step()  # type: ignore[misc]
-        finally:
-            if folded is not None:
-                self._loss_scaling = None
-                self._average_grads()
+        super().step()  # type: ignore[misc]
         return loss
-
-    def _average_grads(self) -> None:
-        """After a folded step the flat gradients hold the ranks' sum; p.grad must read the
-        average, as after an unfolded step (the same pass, bit for bit) and in PyTorch, or
-        reading it, or a second step() without a backward, sees N times the gradient."""
-        scale = 1.0 / self.communicator.size
-        for flat in self._flats:
-            np.multiply(flat.grad, flat.grad.dtype.type(scale), out=flat.grad)

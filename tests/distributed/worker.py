@@ -128,30 +128,6 @@ def two_runs_bit_identical() -> str:
 
 
 @check
-def mpi_sum_with_the_scale_folded_into_the_update_equals_the_mean() -> str:
-    """Over MPI the step sums and passes 1/world to the fused update: the bits of averaging
-    first (all_reduce(mean), then the update), for SGD with momentum and Adam."""
-    ops: list[str] = []
-    reduce = COMM.all_reduce
-    COMM.all_reduce = lambda a, op="sum": (ops.append(op), reduce(a, op))[1]  # type: ignore
-    try:
-        for opt in ("momentum", "adam"):
-            folded, _ = train("float32", opt, 10, parallel=True)
-            COMM.native_mean = True  # (this instance only: the mean as a pass of its own)
-            try:
-                mean, _ = train("float32", opt, 10, parallel=True)
-            finally:
-                del COMM.native_mean
-            assert all(np.array_equal(a, b) for a, b in zip(folded, mean)), f"{opt} differs"
-    finally:
-        del COMM.all_reduce
-    grads = [op for op in ops if op != "max"]  # (max: which parameters have a gradient)
-    assert grads == (["sum"] * 10 + ["mean"] * 10) * 2, ops
-    assert ops.count("max") == 40, ops
-    return "10 steps of momentum SGD and Adam: all_reduce(sum) + grad_scale 1/world, same bits"
-
-
-@check
 def a_scaled_step_skips_on_every_rank_when_one_rank_overflows() -> str:
     """GradScaler over a DistributedOptimizer: the gradients are averaged before the inf/NaN
     check, so an overflow on rank 1 alone skips the step on both ranks (each deciding from
