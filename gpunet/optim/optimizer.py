@@ -136,8 +136,8 @@ class Optimizer:
     # Python at each replay.
     _capturable = False
     # The ``grad_scale`` and ``found_inf`` arrays of the fused updates, set around ``step()``
-    # by ``GradScaler.step`` (1/scale, the overflow flag) and ``DistributedOptimizer`` (1/world)
-    # where the subclass passes them to its update (``_fused_scaling``).
+    # by ``GradScaler.step`` (1/scale, the overflow flag) where the subclass passes them to its
+    # update (``_fused_scaling``).
     _fused_scaling = False
     _loss_scaling: dict[str, Any] | None = None
 
