@@ -25,10 +25,8 @@ from typing import Any, ClassVar
 from .updates import (
     AdamHyper,
     SGDHyper,
-    check_flat,
-    check_lowp,
-    check_scaling,
-    check_step,
+    check_adam_update,
+    check_sgd_update,
     state_dtype,
 )
 
@@ -194,13 +192,8 @@ class FusedOps:
         (the span's step counts, advanced here unless skipped), the first step is the one
         whose count becomes 1, a fact of the device; else ``first_step`` says. ``lowp``
         (bfloat16 or float16) receives the updated p rounded (``updates``: master weights)."""
-        check_flat("sgd_update", param, grad, momentum_buf)
-        check_scaling("sgd_update", param, grad_scale, found_inf)
-        check_lowp("sgd_update", param, lowp)
+        check_sgd_update(param, grad, momentum_buf, hyper, step, grad_scale, found_inf, lowp)
         h = hyper
-        check_step("sgd_update", param, step, h.lr)
-        if h.momentum != 0.0 and momentum_buf is None:
-            raise ValueError("sgd_update: momentum needs a momentum buffer")
         count = self._advance(step, found_inf)
         with self._scaled(found_inf, param, momentum_buf):
             p, g = self._in_state_dtype(param), self._scale_grad(grad, grad_scale)
@@ -241,10 +234,7 @@ class FusedOps:
         on CUDA (float16 and float32). ``grad_scale`` multiplies g first and a nonzero
         ``found_inf`` skips the step. The bias corrections come from the count on the device,
         in float64 (``_adam_scalars``). ``lowp`` receives the updated p rounded."""
-        check_flat("adam_update", param, grad, m, v)
-        check_scaling("adam_update", param, grad_scale, found_inf)
-        check_lowp("adam_update", param, lowp)
-        check_step("adam_update", param, step, hyper.lr, required=True)
+        check_adam_update(param, grad, m, v, hyper, step, grad_scale, found_inf, lowp)
         count = self._advance(step, found_inf)
         with self._scaled(found_inf, param, m, v):
             p, g = self._in_state_dtype(param), self._scale_grad(grad, grad_scale)

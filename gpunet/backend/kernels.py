@@ -28,7 +28,7 @@ import numpy as np
 
 from .faults import FAULT_CODES
 from .fused import check_activation
-from .updates import AdamHyper, SGDHyper, check_flat, check_lowp, check_scaling, check_step
+from .updates import AdamHyper, SGDHyper, check_adam_update, check_sgd_update
 
 BLOCK = 256
 BLOCKS_PER_SM = 32
@@ -466,13 +466,8 @@ class Kernels:
         found_inf: Any = None,
         lowp: Any = None,
     ) -> None:
-        check_flat("sgd_update", param, grad, momentum_buf)
-        check_scaling("sgd_update", param, grad_scale, found_inf)
-        check_lowp("sgd_update", param, lowp)
+        check_sgd_update(param, grad, momentum_buf, hyper, step, grad_scale, found_inf, lowp)
         h = hyper
-        check_step("sgd_update", param, step, h.lr)
-        if h.momentum != 0.0 and momentum_buf is None:
-            raise ValueError("sgd_update: momentum needs a momentum buffer")
         self._check_inplace("sgd_update", param, grad, momentum_buf, step, lowp)
         buf = momentum_buf if h.momentum != 0.0 else None
         lr, lr_ptr = _lr_args(h.lr)
@@ -497,10 +492,7 @@ class Kernels:
         found_inf: Any = None,
         lowp: Any = None,
     ) -> None:
-        check_flat("adam_update", param, grad, m, v)
-        check_scaling("adam_update", param, grad_scale, found_inf)
-        check_lowp("adam_update", param, lowp)
-        check_step("adam_update", param, step, hyper.lr, required=True)
+        check_adam_update(param, grad, m, v, hyper, step, grad_scale, found_inf, lowp)
         self._check_inplace("adam_update", param, grad, m, v, step, lowp)
         lr, lr_ptr = _lr_args(hyper.lr)
         self._count_steps(step, found_inf)

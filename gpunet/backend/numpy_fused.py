@@ -32,10 +32,8 @@ from .fused import (
 from .updates import (
     AdamHyper,
     SGDHyper,
-    check_flat,
-    check_lowp,
-    check_scaling,
-    check_step,
+    check_adam_update,
+    check_sgd_update,
     lr_value,
     state_dtype,
 )
@@ -198,14 +196,8 @@ class NumpyFusedOps(FusedOps):
         found_inf: Array | None = None,
         lowp: Array | None = None,
     ) -> None:
-        check_flat("sgd_update", param, grad, momentum_buf)
-        check_scaling("sgd_update", param, grad_scale, found_inf)
-        if lowp is not None:
-            check_lowp("sgd_update", param, lowp)
+        check_sgd_update(param, grad, momentum_buf, hyper, step, grad_scale, found_inf, lowp)
         h = hyper
-        check_step("sgd_update", param, step, h.lr)
-        if h.momentum != 0.0 and momentum_buf is None:
-            raise ValueError("sgd_update: momentum needs a momentum buffer")
         found = _found(found_inf)
         count = _advance("sgd_update", step, found)
         if found:
@@ -248,11 +240,7 @@ class NumpyFusedOps(FusedOps):
         found_inf: Array | None = None,
         lowp: Array | None = None,
     ) -> None:
-        check_flat("adam_update", param, grad, m, v)
-        check_scaling("adam_update", param, grad_scale, found_inf)
-        if lowp is not None:
-            check_lowp("adam_update", param, lowp)
-        check_step("adam_update", param, step, hyper.lr, required=True)
+        check_adam_update(param, grad, m, v, hyper, step, grad_scale, found_inf, lowp)
         found = _found(found_inf)
         count = _advance("adam_update", step, found)
         if found:

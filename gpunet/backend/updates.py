@@ -111,6 +111,46 @@ def state_dtype(dtype: Any) -> np.dtype:
     return _STATE_DTYPES.get(dtype, dtype)
 
 
+def check_sgd_update(
+    param: Array,
+    grad: Array,
+    momentum_buf: Array | None,
+    hyper: SGDHyper,
+    step: Array | None,
+    grad_scale: Array | None,
+    found_inf: Array | None,
+    lowp: Array | None,
+) -> None:
+    """Every argument of an ``sgd_update``, checked before anything is written (the one
+    preamble of each backend's update)."""
+    check_flat("sgd_update", param, grad, momentum_buf)
+    check_scaling("sgd_update", param, grad_scale, found_inf)
+    if lowp is not None:  # (most updates have none: a call saved on the small-model path)
+        check_lowp("sgd_update", param, lowp)
+    check_step("sgd_update", param, step, hyper.lr)
+    if hyper.momentum != 0.0 and momentum_buf is None:
+        raise ValueError("sgd_update: momentum needs a momentum buffer")
+
+
+def check_adam_update(
+    param: Array,
+    grad: Array,
+    m: Array,
+    v: Array,
+    hyper: AdamHyper,
+    step: Array,
+    grad_scale: Array | None,
+    found_inf: Array | None,
+    lowp: Array | None,
+) -> None:
+    """Every argument of an ``adam_update``, checked before anything is written."""
+    check_flat("adam_update", param, grad, m, v)
+    check_scaling("adam_update", param, grad_scale, found_inf)
+    if lowp is not None:  # (most updates have none: a call saved on the small-model path)
+        check_lowp("adam_update", param, lowp)
+    check_step("adam_update", param, step, hyper.lr, required=True)
+
+
 def check_flat(op: str, param: Array, grad: Array, *state: Array | None) -> None:
     """Optimizer buffers, updated in place: the gradient has the parameter's shape and dtype,
     each state buffer its shape and ``state_dtype``."""
