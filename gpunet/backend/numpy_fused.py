@@ -116,21 +116,19 @@ def _pieces_with_scratch(*buffers: Array | None, grad_scale: Array | None = None
             np.copyto(pieces[0], p)  # the one rounding to float16
 
 
-def _found(found_inf: Array | None) -> bool:
-    """Is a loss scaler's found-inf flag set? (Host memory here: reading it costs no sync.)"""
-    return found_inf is not None and bool(found_inf.reshape(-1)[0] != 0)
-
-
-def _advance(op: str, step: Array | None, found: bool) -> int:
-    """The step counts one further unless the step is skipped; the count the update uses
-    (read on the host: free here). 0 without counts."""
-    if step is None:
-        return 0
-    count = int(step.reshape(-1)[0])
+def _begin(op: str, param: Array, step: Array | None, found_inf: Array | None, lowp: Any) -> Any:
+    """The count this update uses (0 without counts), its step counts advanced; None when a
+    loss scaler's found-inf flag skips the step: counts untouched, the low-precision copy the
+    cast of the unchanged weights. (Host memory here: reading the flag and counts is free.)"""
+    count = 0 if step is None else int(step.reshape(-1)[0])
     if count < 0:
         raise ValueError(f"{op}: step counts the steps taken (from 0), got {count}")
-    if found:
-        return count
+    if found_inf is not None and found_inf.reshape(-1)[0] != 0:
+        if lowp is not None:  # (the cast of the old p: the copy is current after a skip)
+            np.copyto(lowp, param, casting="unsafe")
+        return None
+    if step is None:
+        return 0
     step += 1
     return count + 1
 
@@ -198,11 +196,8 @@ class NumpyFusedOps(FusedOps):
     ) -> None:
         check_sgd_update(param, grad, momentum_buf, hyper, step, grad_scale, found_inf, lowp)
         h = hyper
-        found = _found(found_inf)
-        count = _advance("sgd_update", step, found)
-        if found:
-            if lowp is not None:  # (the cast of the old p: the copy is current after a skip)
-                np.copyto(lowp, param, casting="unsafe")
+        count = _begin("sgd_update", param, step, found_inf, lowp)
+        if count is None:
             return
         first_step = count == 1 if step is not None else first_step
         dt = state_dtype(param.dtype).type  # the scalars in the update's precision, as CUDA's
@@ -241,11 +236,8 @@ class NumpyFusedOps(FusedOps):
         lowp: Array | None = None,
     ) -> None:
         check_adam_update(param, grad, m, v, hyper, step, grad_scale, found_inf, lowp)
-        found = _found(found_inf)
-        count = _advance("adam_update", step, found)
-        if found:
-            if lowp is not None:  # (the cast of the old p: the copy is current after a skip)
-                np.copyto(lowp, param, casting="unsafe")
+        count = _begin("adam_update", param, step, found_inf, lowp)
+        if count is None:
             return
         l2, decay, step_size, bc2_sqrt = hyper.scalars(count)
         dt = state_dtype(param.dtype).type  # the scalars in the update's precision, as CUDA's
