@@ -209,7 +209,8 @@ def _sgd_flats(e: _Entry, arrays: list[Any]) -> tuple[Any, Any] | None:
         or e.ins[2] != ("c", None)
         or any(r[0] != "a" for r in e.ins[:2])
         or not isinstance(e.params.get("hyper"), autodiff.Dynamic)
-        or e.params.get("lowp") is not None  # (it writes autocast's copy too: not a GEMM's job)
+        # (it also writes autocast's copy, or reads the loss scaler's 1/scale and flag)
+        or any(e.params.get(k) is not None for k in ("lowp", "grad_scale", "found_inf"))
     ):
         return None
     flat_p, flat_g = arrays[e.ins[0][1]], arrays[e.ins[1][1]]

@@ -251,7 +251,8 @@ def _plain_sgd(
         or e.ins[2] != ("c", None)
         or any(r[0] != "a" for r in e.ins[:2])
         or not isinstance(hyper, autodiff.Dynamic)
-        or e.params.get("lowp") is not None  # (it writes autocast's copy too)
+        # (it also writes autocast's copy, or reads the loss scaler's 1/scale and flag)
+        or any(e.params.get(k) is not None for k in ("lowp", "grad_scale", "found_inf"))
         or (first is not False and not isinstance(first, autodiff.Dynamic))
     ):
         return None
