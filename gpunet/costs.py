@@ -438,7 +438,7 @@ def _sgd_update(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     ops = sgd_ops(h.momentum, h.weight_decay, h.nesterov, first)
     reads = [p.nbytes, g.nbytes] + ([p.nbytes] if momentum and not first else [])
     written = p.nbytes * (2 if momentum else 1)
-    fused = one_pass(reads, written + _lowp_bytes(params), p.size, ops)
+    fused = one_pass(reads, written + _extra_writes(g, params), p.size, ops)
     return fused, chain(p.size, p.itemsize, ops) + _lowp_cast(p, params)
 
 
@@ -447,6 +447,12 @@ def _lowp_bytes(params: dict) -> int:
     master weights, ``lowp=``), 0 without one."""
     low = params.get("lowp")
     return 0 if low is None else int(low.nbytes)
+
+
+def _extra_writes(g: Any, params: dict) -> int:
+    """What an update writes besides p and its state: the low-precision copy, and with a
+    ``grad_scale`` the gradient, left multiplied by it."""
+    return _lowp_bytes(params) + (g.nbytes if params.get("grad_scale") is not None else 0)
 
 
 def _lowp_cast(p: Any, params: dict) -> Cost:
@@ -472,7 +478,8 @@ def _adam_update(ins: Ins, out: Out, params: dict) -> tuple[Cost, Cost]:
     p = ins[0]
     h = params["hyper"]
     ops = adam_ops(h.weight_decay, h.decoupled, h.lr)
-    fused = one_pass([a.nbytes for a in ins], 3 * p.nbytes + _lowp_bytes(params), p.size, ops)
+    written = 3 * p.nbytes + _extra_writes(ins[1], params)
+    fused = one_pass([a.nbytes for a in ins], written, p.size, ops)
     return fused, chain(p.size, p.itemsize, ops) + _lowp_cast(p, params)
 
 

@@ -116,14 +116,15 @@ def _named_parameters(model: Any) -> list[tuple[str, Tensor]]:
     return [(f"param{i}", p) for i, p in enumerate(model.parameters())]
 
 
-def _grad_norms(params: list[tuple[str, Tensor]], scale: float = 1.0) -> dict[str, float]:
-    """||g|| / scale per parameter with a gradient (a loss scaler's gradients, unscaled)."""
+def _grad_norms(params: list[tuple[str, Tensor]]) -> dict[str, float]:
+    """||g|| per parameter with a gradient (after a loss scaler's step, unscaled: the step
+    leaves them so)."""
     out = {}
     for name, p in params:
         g = p.grad
         if g is not None:
-            a = g.numpy().astype(np.float64)  # (a scaled gradient's squares overflow float32)
-            out[name] = float(np.sqrt(np.vdot(a, a).real)) / scale
+            a = g.numpy().astype(np.float64)  # (squares of a float16 gradient overflow it)
+            out[name] = float(np.sqrt(np.vdot(a, a).real))
     return out
 
 
@@ -278,7 +279,6 @@ class _Step:
             dtype=autocast or dtypes.bfloat16, enabled=autocast is not None
         )
         self.scaler = scaler
-        self.grad_scale = 1.0  # what the last backward's gradients are multiplied by
         # Data parallel: eager, so that every rank agrees on the loss and on Ctrl-C before
         # any rank starts the update's all-reduce (a capture would replay past that point).
         capture = capture and run.comm is None
@@ -315,8 +315,6 @@ class _Step:
 
     def _step(self, x: Tensor, y: Tensor, interrupted: bool) -> tuple[float, Tensor, bool]:
         if self.captured is not None:
-            if self.scaler is not None:  # (what this step's gradients are multiplied by)
-                self.grad_scale = self.scaler.get_scale()
             try:
                 loss, out = self.captured(x, y)
                 return loss.item(), out, interrupted
@@ -334,8 +332,6 @@ class _Step:
             value, stop = _agree(self.run.comm, value, interrupted)
         if math.isfinite(value):
             self.optimizer.zero_grad()
-            if self.scaler is not None:  # (read where the loss's read has synchronized)
-                self.grad_scale = self.scaler.get_scale()
             self._backward_and_update(loss)
         return value, out, stop
 
@@ -374,7 +370,7 @@ def _train_epoch(
         raise ValueError("fit: the training loader gave no batches")
     raise_pending_faults()  # a bad label a GPU kernel recorded (backend/faults.py)
     h = run.history
-    norms = _grad_norms(_named_parameters(model), step.grad_scale)
+    norms = _grad_norms(_named_parameters(model))
     for name, norm in norms.items():
         if step.scaler is not None and not math.isfinite(norm):
             continue  # (the scaler skipped that step: an overflow is its to handle, not a warning)

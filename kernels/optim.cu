@@ -15,8 +15,9 @@
 //
 // Both updates take a gradient scale and a found-inf flag as device pointers (PyTorch's fused
 // optimizers' grad_scale and found_inf), read by the kernel so a loss-scaled step needs no
-// host sync; null means absent. A nonzero flag makes the update do nothing; otherwise each
-// gradient element is multiplied by the scale (in float32) before the usual arithmetic.
+// host sync; null means absent. Each gradient element is multiplied by the scale (in float32)
+// and stored so; a nonzero flag makes the update do nothing else, otherwise the usual
+// arithmetic follows.
 #include "activations.cuh"
 
 #define GN_GRID_STRIDE_LOOP(i, n)                                                             \
@@ -26,17 +27,29 @@
 #define GN_BLOCK 256  // the launch block size; the reductions' shared arrays are this long
 
 // g[i] in float32, times *grad_scale when given (without it, g[i] exactly: the same bits). The
-// product is rounded on its own (__fmul_rn is never fused into an FMA), as NumPy rounds it.
+// product is rounded on its own (__fmul_rn is never fused into an FMA), as NumPy rounds it,
+// and stored back into g: the step leaves the gradient it used (unscaled, or averaged over
+// ranks) in p.grad, as PyTorch's optimizers under a GradScaler do.
 template <typename S>
-__device__ __forceinline__ float gn_scaled_grad(const S* g, long long i,
-                                                const float* grad_scale) {
+__device__ __forceinline__ float gn_scaled_grad(S* g, long long i, const float* grad_scale) {
     float d = gn_load(g[i]);
-    return grad_scale ? __fmul_rn(d, *grad_scale) : d;
+    if (!grad_scale) return d;
+    d = __fmul_rn(d, *grad_scale);
+    gn_store(&g[i], d);
+    return d;
 }
 
 // A nonzero *found_inf (an overflow in the loss-scaled gradients) skips the whole update.
 __device__ __forceinline__ bool gn_skip(const float* found_inf) {
     return found_inf && *found_inf != 0.0f;
+}
+
+// A skipped update still multiplies g by the scale, so that after every loss-scaled step the
+// gradient reads unscaled (as after PyTorch's GradScaler.step, which unscales first).
+template <typename S>
+__device__ __forceinline__ void gn_scale_only(S* g, long long n, const float* grad_scale) {
+    if (!grad_scale) return;
+    GN_GRID_STRIDE_LOOP(i, n) { gn_scaled_grad(g, i, grad_scale); }
 }
 
 // The step counts of a span's parameters, one further unless the step is skipped.
@@ -79,7 +92,7 @@ __device__ __forceinline__ void gn_copy_low(const S* p, long long n, gn_half* lo
 // buf is not touched (and may be null) when momentum == 0. The first step is the one whose
 // (advanced) count *step is 1 when step is given, else first_step says.
 template <typename S>
-__device__ __forceinline__ void gn_sgd_update(S* p, const S* g, float* buf, long long n,
+__device__ __forceinline__ void gn_sgd_update(S* p, S* g, float* buf, long long n,
                                               double lr_d, const double* lr_ptr, float momentum,
                                               float dampening, float weight_decay, int nesterov,
                                               int first_step, const long long* step,
@@ -87,6 +100,7 @@ __device__ __forceinline__ void gn_sgd_update(S* p, const S* g, float* buf, long
                                               gn_half* low_f16, gn_bf16* low_bf16) {
     if (gn_skip(found_inf)) {
         gn_copy_low(p, n, low_f16, low_bf16);
+        gn_scale_only(g, n, grad_scale);
         return;
     }
     float lr = (float)gn_lr(lr_d, lr_ptr);
@@ -130,7 +144,7 @@ __device__ __forceinline__ GnAdamScalars gn_adam_scalars(double lr, double beta1
 // p = p - step_size m / (sqrt(v) / bc2_sqrt + eps), at the (advanced) count t = *step. A count
 // below 1 (no step taken: the caller did not advance it) updates nothing.
 template <typename S>
-__device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float* v,
+__device__ __forceinline__ void gn_adam_update(S* p, S* g, float* m, float* v,
                                                long long n, double lr, const double* lr_ptr,
                                                double beta1_d, double beta2_d, float eps,
                                                double weight_decay, int decoupled,
@@ -139,6 +153,7 @@ __device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float
                                                gn_bf16* low_bf16) {
     if (gn_skip(found_inf) || *step < 1) {
         gn_copy_low(p, n, low_f16, low_bf16);
+        gn_scale_only(g, n, grad_scale);
         return;
     }
     GnAdamScalars s = gn_adam_scalars(gn_lr(lr, lr_ptr), beta1_d, beta2_d, weight_decay,
@@ -165,7 +180,7 @@ __device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float
 // checks each list).
 #define GN_UPDATES(SFX, S)                                                                    \
     extern "C" __global__ void sgd_update_##SFX(                                              \
-        S* p, const S* g, float* buf, long long n, double lr, const double* lr_ptr,           \
+        S* p, S* g, float* buf, long long n, double lr, const double* lr_ptr,                 \
         float momentum, float dampening, float weight_decay, int nesterov, int first_step,    \
         const long long* step, const float* grad_scale, const float* found_inf,               \
         gn_half* low_f16, gn_bf16* low_bf16) {                                                \
@@ -173,7 +188,7 @@ __device__ __forceinline__ void gn_adam_update(S* p, const S* g, float* m, float
                       first_step, step, grad_scale, found_inf, low_f16, low_bf16);            \
     }                                                                                         \
     extern "C" __global__ void adam_update_##SFX(                                             \
-        S* p, const S* g, float* m, float* v, long long n, double lr, const double* lr_ptr,   \
+        S* p, S* g, float* m, float* v, long long n, double lr, const double* lr_ptr,         \
         double beta1, double beta2, float eps, double weight_decay, int decoupled,            \
         const long long* step, const float* grad_scale, const float* found_inf,               \
         gn_half* low_f16, gn_bf16* low_bf16) {                                                \

@@ -188,10 +188,11 @@ class FusedOps:
         """One SGD step in place, as torch.optim.SGD (``SGDHyper`` has the math);
         ``momentum_buf`` may be None without momentum. In ``state_dtype``; one kernel over
         the flat buffers on CUDA (float16 and float32). ``grad_scale`` multiplies g first
-        and a nonzero ``found_inf`` skips the step (``_scaled`` says how). With ``step``
-        (the span's step counts, advanced here unless skipped), the first step is the one
-        whose count becomes 1, a fact of the device; else ``first_step`` says. ``lowp``
-        (bfloat16 or float16) receives the updated p rounded (``updates``: master weights)."""
+        (g is left so, even on a skip) and a nonzero ``found_inf`` skips the step (``_scaled``
+        says how). With ``step`` (the span's step counts, advanced here unless skipped), the
+        first step is the one whose count becomes 1, a fact of the device; else
+        ``first_step`` says. ``lowp`` (bfloat16 or float16) receives the updated p rounded
+        (``updates``: master weights)."""
         check_sgd_update(param, grad, momentum_buf, hyper, step, grad_scale, found_inf, lowp)
         h = hyper
         count = self._advance(step, found_inf)
@@ -231,9 +232,10 @@ class FusedOps:
         """One Adam (L2 added to the gradient) or AdamW (``hyper.decoupled``) step in place,
         as torch.optim (``AdamHyper`` has the math), at the span's step counts ``step``
         (advanced here unless skipped). In ``state_dtype``; one kernel over the flat buffers
-        on CUDA (float16 and float32). ``grad_scale`` multiplies g first and a nonzero
-        ``found_inf`` skips the step. The bias corrections come from the count on the device,
-        in float64 (``_adam_scalars``). ``lowp`` receives the updated p rounded."""
+        on CUDA (float16 and float32). ``grad_scale`` multiplies g first (g is left so, even
+        on a skip) and a nonzero ``found_inf`` skips the step. The bias corrections come from
+        the count on the device, in float64 (``_adam_scalars``). ``lowp`` receives the
+        updated p rounded."""
         check_adam_update(param, grad, m, v, hyper, step, grad_scale, found_inf, lowp)
         count = self._advance(step, found_inf)
         with self._scaled(found_inf, param, m, v):
@@ -331,12 +333,16 @@ class FusedOps:
         return tuple(xp.astype(x, dtype) for x in (l2, decay, step_size, bc2_sqrt))
 
     def _scale_grad(self, grad: Array, grad_scale: Array | None) -> Array:
-        """The gradient in ``state_dtype``, times ``grad_scale`` (a fresh array) when given."""
+        """The gradient in ``state_dtype``, times ``grad_scale`` when given, and written so
+        into ``grad``, the step taken or not: the step leaves the gradient it used (unscaled,
+        or averaged over ranks), as PyTorch's optimizers under a GradScaler do."""
         g = self._in_state_dtype(grad)
         if grad_scale is None:
             return g
         xp = self.xp
-        return g * xp.astype(xp.reshape(grad_scale, ()), g.dtype)
+        g = g * xp.astype(xp.reshape(grad_scale, ()), g.dtype)
+        grad[...] = xp.astype(g, grad.dtype)
+        return g
 
     @contextlib.contextmanager
     def _scaled(self, found_inf: Array | None, *buffers: Array | None) -> Iterator[None]:

@@ -263,7 +263,7 @@ def _build_table() -> dict[str, KernelSpec]:
         add(
             sgd,
             "optim.cu",
-            f"{s}* p, const {s}* g, float* buf, long long n, double lr, const double* lr_ptr, "
+            f"{s}* p, {s}* g, float* buf, long long n, double lr, const double* lr_ptr, "
             "float momentum, float dampening, float weight_decay, int nesterov, int first_step, "
             "const long long* step, const float* grad_scale, const float* found_inf, "
             "gn_half* low_f16, gn_bf16* low_bf16",
@@ -271,7 +271,7 @@ def _build_table() -> dict[str, KernelSpec]:
         add(
             adam,
             "optim.cu",
-            f"{s}* p, const {s}* g, float* m, float* v, long long n, double lr, "
+            f"{s}* p, {s}* g, float* m, float* v, long long n, double lr, "
             "const double* lr_ptr, double beta1, double beta2, float eps, double weight_decay, "
             "int decoupled, const long long* step, const float* grad_scale, "
             "const float* found_inf, gn_half* low_f16, gn_bf16* low_bf16",

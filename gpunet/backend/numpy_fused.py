@@ -86,7 +86,8 @@ def _pieces_with_scratch(*buffers: Array | None, grad_scale: Array | None = None
     update's temporaries. A float16 parameter and gradient come as float32 copies (the update
     computes in ``state_dtype``), and the parameter's piece is rounded back when the caller
     asks for the next one. With ``grad_scale``, the gradient comes multiplied by it (in
-    ``state_dtype``, into a scratch row: the caller's gradient is never written)."""
+    ``state_dtype``) and is written so into the caller's gradient: the step leaves the gradient
+    it used (unscaled, or averaged over ranks), as PyTorch's optimizers under a scaler do."""
     first = buffers[0]
     dtype = state_dtype(first.dtype)
     half = dtype is not first.dtype  # float16: two more rows, for the float32 p and g
@@ -94,7 +95,7 @@ def _pieces_with_scratch(*buffers: Array | None, grad_scale: Array | None = None
     whole = first.size < 2 * CHUNK or not all(
         b is None or (b.flags.c_contiguous and b.shape == first.shape) for b in buffers
     )
-    rows = 4 if half or scale is not None else 2
+    rows = 4 if half else 2
     scratch = np.empty((rows, first.size if whole else CHUNK), dtype)
     for pieces in [buffers] if whole else _pieces(*buffers):
         k = pieces[0].size
@@ -105,27 +106,36 @@ def _pieces_with_scratch(*buffers: Array | None, grad_scale: Array | None = None
             yield t, u, *pieces
             continue
         p = scratch[2, :k].reshape(t.shape) if half else pieces[0]
-        g = scratch[3, :k].reshape(t.shape)
+        g = scratch[3, :k].reshape(t.shape) if half else pieces[1]
         if half:
             np.copyto(p, pieces[0])
-        np.copyto(g, pieces[1])
-        if scale is not None:
+            np.copyto(g, pieces[1])
+        if scale is not None:  # (written back while in cache: p.grad reads what the step used)
             g *= scale
+            if half:
+                np.copyto(pieces[1], g, casting="unsafe")
         yield t, u, p, g, *pieces[2:]
         if half:
             np.copyto(pieces[0], p)  # the one rounding to float16
 
 
-def _begin(op: str, param: Array, step: Array | None, found_inf: Array | None, lowp: Any) -> Any:
+def _begin(op: str, param: Array, grad: Array, step: Array | None, scaling: dict) -> Any:
     """The count this update uses (0 without counts), its step counts advanced; None when a
     loss scaler's found-inf flag skips the step: counts untouched, the low-precision copy the
-    cast of the unchanged weights. (Host memory here: reading the flag and counts is free.)"""
+    cast of the unchanged weights, the gradient times ``grad_scale`` all the same (it reads
+    unscaled after every scaled step). (Host memory here: reading the flag and counts is
+    free.) ``scaling``: the update's ``grad_scale``, ``found_inf`` and ``lowp``."""
     count = 0 if step is None else int(step.reshape(-1)[0])
     if count < 0:
         raise ValueError(f"{op}: step counts the steps taken (from 0), got {count}")
+    found_inf, lowp, grad_scale = scaling["found_inf"], scaling["lowp"], scaling["grad_scale"]
     if found_inf is not None and found_inf.reshape(-1)[0] != 0:
         if lowp is not None:  # (the cast of the old p: the copy is current after a skip)
             np.copyto(lowp, param, casting="unsafe")
+        if grad_scale is not None:
+            dtype = state_dtype(grad.dtype)
+            product = grad.astype(dtype) * dtype.type(grad_scale.reshape(-1)[0])
+            np.copyto(grad, product, casting="unsafe")
         return None
     if step is None:
         return 0
@@ -196,7 +206,8 @@ class NumpyFusedOps(FusedOps):
     ) -> None:
         check_sgd_update(param, grad, momentum_buf, hyper, step, grad_scale, found_inf, lowp)
         h = hyper
-        count = _begin("sgd_update", param, step, found_inf, lowp)
+        scaling = {"grad_scale": grad_scale, "found_inf": found_inf, "lowp": lowp}
+        count = _begin("sgd_update", param, grad, step, scaling)
         if count is None:
             return
         first_step = count == 1 if step is not None else first_step
@@ -236,7 +247,8 @@ class NumpyFusedOps(FusedOps):
         lowp: Array | None = None,
     ) -> None:
         check_adam_update(param, grad, m, v, hyper, step, grad_scale, found_inf, lowp)
-        count = _begin("adam_update", param, step, found_inf, lowp)
+        scaling = {"grad_scale": grad_scale, "found_inf": found_inf, "lowp": lowp}
+        count = _begin("adam_update", param, grad, step, scaling)
         if count is None:
             return
         l2, decay, step_size, bc2_sqrt = hyper.scalars(count)

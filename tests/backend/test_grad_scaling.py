@@ -1,5 +1,6 @@
 """The fused updates' loss-scaling arrays (PyTorch's fused ``grad_scale`` and ``found_inf``):
-a scale multiplies each gradient element first, a set flag skips the update whole."""
+a scale multiplies each gradient element first (and leaves it so), a set flag skips the update
+whole (gradient included)."""
 
 from __future__ import annotations
 
@@ -65,14 +66,16 @@ def test_a_scaled_update_is_the_update_of_the_premultiplied_gradient(
     backend: Any, dtype: Any, n: int, kind: str, cfg: dict
 ) -> None:
     """Three steps with grad_scale s equal three with g * s computed first in float32 (the
-    update's precision), bit for bit; the caller's gradient is never written."""
+    update's precision), bit for bit; the step leaves the caller's gradient multiplied (in
+    its own dtype), as PyTorch's fused optimizers leave ``p.grad`` unscaled."""
     scaled, plain = buffers(backend, n, dtype, 1), buffers(backend, n, dtype, 1)
     g0 = host(scaled[1]).copy()
     for step, s in enumerate((2.0**-16, 0.75, 3.0), start=1):
         scale = backend.asarray(np.asarray(s, np.float32))
+        scaled[1] = backend.asarray(g0.copy())
         run(backend, kind, cfg, scaled, step, grad_scale=scale)
-        np.testing.assert_array_equal(host(scaled[1]), g0)
         pre = (g0.astype(np.float32) * np.float32(s)).astype(np.float32)
+        np.testing.assert_array_equal(host(scaled[1]), pre.astype(dtype))
         if dtype == np.float16:  # the premultiplied gradient must stay float32: use it whole
             ref = [host(b).copy() for b in plain]
             want = _float16_reference(kind, cfg, ref, pre, step)
@@ -109,6 +112,7 @@ def test_a_set_found_inf_leaves_parameters_and_state_untouched(
     found = backend.asarray(np.ones(1, np.float32))
     scale = backend.asarray(np.asarray(0.5, np.float32))
     run(backend, kind, cfg, bufs, 2, grad_scale=scale, found_inf=found)
+    before[1] = before[1] * np.float32(0.5)  # (the gradient reads unscaled, step taken or not)
     for a, b in zip(bufs, before):
         np.testing.assert_array_equal(host(a), b)
     zero = backend.asarray(np.zeros((), np.float32))  # a clear flag: the step happens

@@ -487,8 +487,9 @@ def test_optimizer_kernels_scale_the_gradient_and_skip_on_found_inf(
     cuda_on_cpu: CupyBackend, kind: str, cfg: dict, dtype: Any
 ) -> None:
     """grad_scale s: the kernel's update equals its update of g * s computed first (in float32,
-    exactly representable here in the storage dtype as s is a power of two), bit for bit; a
-    set found_inf leaves p and the state untouched. Both read through device pointers."""
+    exactly representable here in the storage dtype as s is a power of two), bit for bit, and
+    leaves g * s in the gradient; a set found_inf leaves p and the state untouched (and g * s
+    in the gradient all the same). Both read through device pointers."""
     n, r = 3001, np.random.default_rng(5)
     p0, g = r.standard_normal(n).astype(dtype), r.standard_normal(n).astype(dtype)
     s = np.asarray(0.25, np.float32)
@@ -500,17 +501,19 @@ def test_optimizer_kernels_scale_the_gradient_and_skip_on_found_inf(
         assert count[0] == (0 if skipped or (kind == "sgd" and not cfg.get("momentum")) else 1)
 
     fresh = [np.full(n, 0.5, np.float32), np.full(n, 0.25, np.float32)]
-    scaled, scaled_state = p0.copy(), [a.copy() for a in fresh]
-    update(scaled, g, scaled_state, grad_scale=s)
+    scaled, scaled_state, scaled_g = p0.copy(), [a.copy() for a in fresh], g.copy()
+    update(scaled, scaled_g, scaled_state, grad_scale=s)
     plain, plain_state = p0.copy(), [a.copy() for a in fresh]
     update(plain, (g * dtype(0.25)).astype(dtype), plain_state)
     np.testing.assert_array_equal(scaled, plain)
+    np.testing.assert_array_equal(scaled_g, (g * dtype(0.25)).astype(dtype))
     for a, b in zip(scaled_state, plain_state):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(scaled, p0)
-    skipped, skipped_state = p0.copy(), [a.copy() for a in fresh]
-    update(skipped, g, skipped_state, grad_scale=s, found_inf=np.ones(1, np.float32))
+    skipped, skipped_state, skipped_g = p0.copy(), [a.copy() for a in fresh], g.copy()
+    update(skipped, skipped_g, skipped_state, grad_scale=s, found_inf=np.ones(1, np.float32))
     np.testing.assert_array_equal(skipped, p0)
+    np.testing.assert_array_equal(skipped_g, scaled_g)
     for a, b in zip(skipped_state, fresh):
         np.testing.assert_array_equal(a, b)
     # the skip happens in the kernels (and the count's)
@@ -521,15 +524,17 @@ def test_optimizer_kernels_scale_the_gradient_and_skip_on_found_inf(
 def test_scaled_optimizer_kernels_match_numpy(
     cuda_on_cpu: CupyBackend, kind: str, cfg: dict
 ) -> None:
-    """A non-power-of-two scale: the kernel and NumPy round g * s alike."""
+    """A non-power-of-two scale: the kernel and NumPy round g * s alike, in the update and in
+    the gradient it leaves."""
     n, r = 10007, np.random.default_rng(6)
     s = np.asarray(1.0 / 3.0, np.float32)
-    p0, g = r.standard_normal(n).astype(np.float32), r.standard_normal(n).astype(np.float32)
+    p0, g0 = r.standard_normal(n).astype(np.float32), r.standard_normal(n).astype(np.float32)
     outs = []
     for ops in (cuda_on_cpu, REF):
-        p, state = p0.copy(), [np.zeros(n, np.float32), np.zeros(n, np.float32)]
+        p, g, state = p0.copy(), g0.copy(), [np.zeros(n, np.float32), np.zeros(n, np.float32)]
         _update(ops, kind, cfg, p, g, state, np.zeros(1, np.int64), grad_scale=s)
-        outs.append([p, *state])
+        outs.append([p, g, *state])
+    assert not np.array_equal(outs[0][1], g0)
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
 

@@ -298,3 +298,53 @@ def test_scaling_a_loss_whose_weights_step_in_backward_is_refused_before_they_ch
         GradScaler().scale(loss)
     for p, b in zip(model.parameters(), before):
         np.testing.assert_array_equal(p.numpy(), b)
+
+
+
+OPTIMIZERS = {
+    "adam": lambda ps: gpunet.optim.Adam(ps, lr=1e-2),
+    "sgd": lambda ps: gpunet.optim.SGD(ps, lr=0.05, momentum=0.9),
+    "plain sgd": lambda ps: gpunet.optim.SGD(ps, lr=0.05),
+}
+
+
+def _mlp() -> gpunet.nn.Module:
+    return gpunet.nn.Sequential(gpunet.nn.Linear(6, 8), gpunet.nn.ReLU(), gpunet.nn.Linear(8, 1))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the injected inf's arithmetic
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_after_scaler_step_the_gradients_read_unscaled(kind: str, captured: bool) -> None:
+    """As after PyTorch's ``scaler.step(opt)``: ``p.grad`` holds the gradient of the loss
+    itself, the step taken or skipped (a power-of-two scale: bit for bit the gradient of an
+    unscaled backward at the same weights), eagerly and replayed."""
+    gpunet.manual_seed(0)
+    model, twin = _mlp(), _mlp()
+    params = list(model.parameters())
+    opt = OPTIMIZERS[kind](params)
+    scaler = GradScaler(init_scale=2.0**10)
+
+    def step(x: gpunet.Tensor) -> gpunet.Tensor:
+        opt.zero_grad()
+        y = model(x)
+        loss = (y * y).sum()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss
+
+    run = gpunet.capture(step) if captured else step
+    r = np.random.default_rng(2)
+    for bad in (False, False, True, False, False):
+        x = r.standard_normal((4, 6)).astype(np.float32)
+        if bad:
+            x[1, 2] = np.inf
+        for p, q in zip(params, twin.parameters()):
+            q.data[...] = p.data
+            q.grad = None
+        y = twin(gpunet.tensor(x))
+        (y * y).sum().backward()  # (the gradient the scaled step should leave)
+        run(gpunet.tensor(x))
+        for p, q in zip(params, twin.parameters()):
+            np.testing.assert_array_equal(p.grad.numpy(), q.grad.numpy(), err_msg=f"bad={bad}")
