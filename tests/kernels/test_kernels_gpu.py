@@ -245,13 +245,15 @@ class TestOnGPU:
         scale = np.asarray(1.0 / 3.0, np.float32)
         want = [p0.copy(), np.zeros(4099, np.float32), np.zeros(4099, np.float32)]
         count = np.zeros(1, np.int64)
-        cpu.adam_update(want[0], g, want[1], want[2], hyper, step=count, grad_scale=scale)
+        want_g = g.copy()  # (the update leaves g * scale in it)
+        cpu.adam_update(want[0], want_g, want[1], want[2], hyper, step=count, grad_scale=scale)
         count = gpu.asarray(np.zeros(1, np.int64))
         got = [gpu.asarray(a) for a in (p0, np.zeros(4099, np.float32), np.zeros(4099, np.float32))]
         flag = gpu.asarray(np.zeros(1, np.float32))
+        got_g = gpu.asarray(g)
         gpu.adam_update(
             got[0],
-            gpu.asarray(g),
+            got_g,
             got[1],
             got[2],
             hyper,
@@ -261,6 +263,7 @@ class TestOnGPU:
         )
         for a, b in zip(got, want):
             np.testing.assert_allclose(gpu.to_numpy(a).astype(np.float32), b, rtol=1e-3, atol=1e-6)
+        np.testing.assert_array_equal(gpu.to_numpy(got_g), want_g)
         before = [gpu.to_numpy(a).copy() for a in got]
         flag[...] = 1.0
         gpu.adam_update(got[0], gpu.asarray(g), got[1], got[2], hyper, step=count, found_inf=flag)
