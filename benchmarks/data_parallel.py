@@ -6,6 +6,11 @@ pytest (it needs mpiexec); run with one BLAS thread per rank:
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 \\
         .venv/bin/mpiexec -n 2 .venv/bin/python benchmarks/data_parallel.py [--torch]
+
+``--paired`` (under ``-n 2``) measures the speedup inside one job, so that the machine's drift
+between two jobs does not enter it: rounds alternate rank 0 stepping alone (a world of one,
+rank 1 asleep) and both ranks stepping data-parallel, and rank 0 prints the median and range
+of 2 x (alone) / (both) over the rounds.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -55,6 +62,60 @@ def gpunet_steps(steps: int, warmup: int) -> tuple[float, float, int, int]:
     return (time.perf_counter() - start) / steps, spent[0] / steps, comm.rank, comm.size
 
 
+def _medium_step(comm: object) -> Callable[[int], None]:
+    """``run(steps)``: that many data-parallel steps of the medium MLP over ``comm``."""
+    import gpunet
+    import gpunet.distributed as dist
+    import gpunet.nn.functional as F
+    from gpunet import nn, optim
+
+    gpunet.manual_seed(0)
+    model = nn.MLP(list(SIZES))
+    opt = dist.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.01, momentum=0.9), comm)
+    rng = np.random.default_rng(dist.rank())
+    x = gpunet.tensor(rng.standard_normal((BATCH, SIZES[0])).astype(np.float32))
+    y = gpunet.tensor(rng.integers(0, SIZES[-1], BATCH))
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    return run
+
+
+def paired(steps: int, rounds: int) -> list[float] | None:
+    """Per round, 2 x (seconds of ``steps`` steps on rank 0 alone) / (the same on both ranks),
+    on rank 0 (None elsewhere)."""
+    import gpunet.distributed as dist
+
+    comm = dist.init()
+    if comm.size != 2:
+        raise SystemExit("--paired compares 1 rank with 2: run it under mpiexec -n 2")
+    both = _medium_step(comm)
+    alone = _medium_step(dist.LocalComm()) if comm.rank == 0 else None
+    both(3)
+    if alone is not None:
+        alone(3)
+    ratios = []
+    for _ in range(rounds):
+        comm.barrier()
+        if alone is not None:
+            start = time.perf_counter()
+            alone(steps)
+            one = time.perf_counter() - start
+        request = comm.comm.Ibarrier()  # rank 1 sleeps meanwhile (MPI's Barrier would spin)
+        while not request.Test():
+            time.sleep(0.0005)
+        start = time.perf_counter()
+        both(steps)
+        comm.barrier()
+        if alone is not None:
+            ratios.append(2 * one / (time.perf_counter() - start))
+    return ratios if comm.rank == 0 else None
+
+
 def torch_steps(steps: int, warmup: int) -> tuple[float, float, int, int]:
     """The same with torch.distributed (gloo) DDP; the all-reduce is inside backward."""
     import torch
@@ -92,7 +153,17 @@ def main() -> None:
     ap.add_argument("--torch", action="store_true", help="PyTorch DDP (gloo) instead")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--paired", type=int, metavar="ROUNDS", help="alternate 1 and 2 ranks")
     args = ap.parse_args()
+    if args.paired:
+        ratios = paired(args.steps, args.paired)
+        if ratios is not None:
+            print(
+                f"gpunet (MPI), medium MLP, batch {BATCH}/rank, {args.paired} rounds of "
+                f"{args.steps} steps alone then on 2 ranks: speedup median "
+                f"{statistics.median(ratios):.3f}x (range {min(ratios):.3f}-{max(ratios):.3f})"
+            )
+        return
     run = torch_steps if args.torch else gpunet_steps
     step, reduce, rank, size = run(args.steps, args.warmup)
     if rank == 0:

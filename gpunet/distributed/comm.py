@@ -55,6 +55,9 @@ class Communicator:
 
     name = "local"
     rank, size = 0, 1
+    # all_reduce(mean) is the sum and then a scaling pass (MPI, NCCL before ncclAvg): a
+    # data-parallel step then asks for the sum and its fused update takes the 1/N
+    mean_is_a_pass = False
 
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         """array <- op over ranks of array (``mean``: the sum / size), in place; returns it."""
@@ -164,6 +167,7 @@ class MPIComm(Communicator):
     """MPI through mpi4py: host (NumPy) arrays, one MPI call per collective."""
 
     name = "mpi"
+    mean_is_a_pass = True
 
     def __init__(self, comm: Any = None, timeout: float | None = None) -> None:
         from mpi4py import MPI
@@ -318,6 +322,10 @@ class NCCLComm(Communicator):
     @property
     def host(self) -> Communicator:
         return self._host
+
+    @property
+    def mean_is_a_pass(self) -> bool:  # type: ignore[override]
+        return "mean" not in self.ops
 
     def _code(self, array: Array, what: str) -> int:
         code = self.dtypes.get(str(array.dtype))

@@ -127,6 +127,71 @@ def two_runs_bit_identical() -> str:
     return "20 Adam steps twice: identical bits"
 
 
+def folded_run(kind: str, fold: bool) -> tuple[list, list[str], list]:
+    """Five steps of ``kind``: (parameters, gradient bytes after each step, the ops the step's
+    all-reduces used); ``fold=False`` makes the MPI mean a pass of its own, as before."""
+    model, o = model_and_opt("float32", kind)
+    o = dist.DistributedOptimizer(o)
+    ops: list = []
+    reduce = COMM.all_reduce
+    COMM.all_reduce = lambda a, op="sum": ops.append((a.size, op)) or reduce(a, op)  # type: ignore[method-assign]
+    COMM.mean_is_a_pass = fold  # type: ignore[misc]
+    grads = []
+    try:
+        for step in range(5):
+            x, y = batch("float32", seed=step)
+            o.zero_grad()
+            out = model(gpunet.tensor(x[R * 8 : (R + 1) * 8]))
+            F.cross_entropy(out, gpunet.tensor(y[R * 8 : (R + 1) * 8])).backward()
+            o.step()
+            grads.append(b"".join(p.grad.numpy().tobytes() for p in model.parameters()))
+    finally:
+        del COMM.all_reduce, COMM.mean_is_a_pass
+    return params(model), grads, ops
+
+
+@check
+def the_mean_folded_into_the_update_equals_the_mean_pass_bit_for_bit() -> str:
+    """Over MPI a step all-reduces the sum and hands 1/N to the fused update (its grad_scale),
+    which leaves the average in p.grad: parameters and p.grad after every step equal, bit for
+    bit, steps that average with a pass of their own, for SGD, momentum and Adam."""
+    for kind in ("sgd", "momentum", "adam"):
+        folded, unfolded = folded_run(kind, True), folded_run(kind, False)
+        assert all(np.array_equal(a, b) for a, b in zip(folded[0], unfolded[0])), kind
+        assert folded[1] == unfolded[1], f"{kind}: p.grad differs"
+        size = sum(p.numpy().size for p in model_and_opt("float32", kind)[0].parameters())
+        assert (size, "sum") in folded[2] and (size, "mean") not in folded[2], folded[2]
+        assert (size, "mean") in unfolded[2], unfolded[2]
+    return "SGD, momentum, Adam x5: folded = mean pass, bit for bit; the buffer reduced as a sum"
+
+
+@check
+def a_folded_step_that_fails_leaves_the_average_in_p_grad() -> str:
+    """A step whose update refuses its input after the sum's all-reduce (a tensor lr without
+    capturable=True) raises, and p.grad still reads the ranks' average (never the sum)."""
+    model, o = model_and_opt("float32", "momentum")
+    o = dist.DistributedOptimizer(o)
+    x, y = batch("float32", seed=3)
+    F.cross_entropy(
+        model(gpunet.tensor(x[R * 8 : (R + 1) * 8])), gpunet.tensor(y[R * 8 : (R + 1) * 8])
+    ).backward()
+    mine = [p.grad.numpy().copy() for p in model.parameters()]
+    every = COMM.all_gather_object(mine)
+    want = [(a + b) * np.float32(0.5) for a, b in zip(*every)]
+    before = params(model)
+    o.param_groups[0]["lr"] = gpunet.tensor(0.1)
+    try:
+        o.step()
+    except (TypeError, ValueError) as e:
+        message = str(e)
+    else:
+        raise AssertionError("a tensor lr without capturable=True was taken")
+    assert all(np.array_equal(a, b) for a, b in zip(params(model), before)), "it stepped"
+    got = [p.grad.numpy() for p in model.parameters()]
+    assert all(np.array_equal(a, b) for a, b in zip(got, want)), "p.grad is not the average"
+    return f"refused ({message[:60]}...); p.grad the average"
+
+
 @check
 def a_scaled_step_skips_on_every_rank_when_one_rank_overflows() -> str:
     """GradScaler over a DistributedOptimizer: the gradients are averaged before the inf/NaN

@@ -300,7 +300,6 @@ def test_scaling_a_loss_whose_weights_step_in_backward_is_refused_before_they_ch
         np.testing.assert_array_equal(p.numpy(), b)
 
 
-
 OPTIMIZERS = {
     "adam": lambda ps: gpunet.optim.Adam(ps, lr=1e-2),
     "sgd": lambda ps: gpunet.optim.SGD(ps, lr=0.05, momentum=0.9),
