@@ -10,6 +10,12 @@ gpunet's own:
 - ``NCCLComm``: CuPy's ``cupy.cuda.nccl`` on device arrays, on the current stream; the unique
   id is made on rank 0 and broadcast over MPI (ChainerMN's bootstrap), so NCCL needs MPI too.
 
+Every rank must make the same call: ``all_reduce`` and ``broadcast`` first compare the ranks'
+(name, op or root, shape, dtype) with one tiny all-reduce and raise on every rank, naming each
+rank's call, where they differ (MPI would fail deep inside, hang, or reduce mismatched
+elements silently where the byte counts agree). Callers that proved the arrays alike (the
+gradient buffers, checked when the optimizer is wrapped) skip it inside ``agreed()``.
+
 A collective that waits longer than ``timeout`` seconds (``GPUNET_DIST_TIMEOUT``, default 300)
 for the other ranks ends every rank (``MPI_Abort``) after printing what it waited for: a rank
 that failed or took another path must fail the job, never hang it.
@@ -17,11 +23,13 @@ that failed or took another path must fail the job, never hang it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -55,6 +63,7 @@ class Communicator:
 
     name = "local"
     rank, size = 0, 1
+    _agreed = 0  # > 0 inside agreed(): the caller proved every rank's arrays alike
 
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         """array <- op over ranks of array (``mean``: the sum / size), in place; returns it."""
@@ -68,6 +77,23 @@ class Communicator:
 
     def barrier(self) -> None:
         """Wait until every rank has called barrier()."""
+
+    def check_same_call(self, what: str, array: Array) -> None:
+        """Raise on every rank unless every rank calls ``what`` on an array of this shape
+        and dtype (nothing to compare in a world of one)."""
+
+    @contextlib.contextmanager
+    def agreed(self) -> Iterator[None]:
+        """Collectives inside skip ``check_same_call``: the caller proved every rank's arrays
+        alike (a model compared at wrap time), so the step pays no extra round trip."""
+        comms = [self] if self.host is self else [self, self.host]
+        for c in comms:
+            c._agreed += 1
+        try:
+            yield
+        finally:
+            for c in comms:
+                c._agreed -= 1
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         """Rank ``root``'s ``value`` (a small picklable object), on every rank."""
@@ -195,27 +221,52 @@ class MPIComm(Communicator):
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         _check_op(op, array)
         buf = self._host_array(array, "all_reduce")
-        if self.size == 1:
-            return array
+        if self.size > 1:
+            self.check_same_call(f"all_reduce({op})", buf)
+            self._all_reduce(buf, op)
+        return array
+
+    def _all_reduce(self, buf: np.ndarray, op: str) -> None:
         if buf.dtype == dtypes.bfloat16:  # (MPI has no bfloat16: reduced in float32, rounded once)
             wide = buf.astype(np.float32)
-            buf[...] = self.all_reduce(wide, op).astype(buf.dtype)
-            return array
+            self._all_reduce(wide, op)
+            buf[...] = wide.astype(buf.dtype)
+            return
         what = f"all_reduce({op}) of {describe(buf)}"
         self._guarded(what, self.comm.Allreduce, self.MPI.IN_PLACE, buf, self._ops[op])
         if op == "mean":  # MPI has no average: one scaling pass after the sum
             np.multiply(buf, buf.dtype.type(1.0 / self.size), out=buf)
-        return array
 
     def broadcast(self, array: Array, root: int = 0) -> Array:
         _check_root(root, self.size, "broadcast")
         buf = self._host_array(array, "broadcast")
-        if buf.dtype == dtypes.bfloat16:  # (MPI has no bfloat16: its bits, as uint16)
-            buf = buf.view(np.uint16)
         if self.size > 1:
+            self.check_same_call(f"broadcast(root={root})", buf)
+            if buf.dtype == dtypes.bfloat16:  # (MPI has no bfloat16: its bits, as uint16)
+                buf = buf.view(np.uint16)
             what = f"broadcast from rank {root} of {describe(buf)}"
             self._guarded(what, self.comm.Bcast, buf, root)
         return array
+
+    def check_same_call(self, what: str, array: Array) -> None:
+        """One all-reduce (max) of a checksum of this rank's call and of its negation: equal
+        on every rank only if every rank's call is; where not, every rank sees it, gathers
+        each rank's call and raises the same error (so none waits for the others)."""
+        if self._agreed or self.size == 1:
+            return
+        mine = f"{what} of {tuple(array.shape)} {array.dtype}"
+        code = zlib.crc32(mine.encode())
+        both = np.array([code, -code], np.int64)
+        check = f"{what} of {describe(array)} (comparing the ranks' calls first)"
+        self._guarded(check, self.comm.Allreduce, self.MPI.IN_PLACE, both, self.MPI.MAX)
+        if both[0] == -both[1]:
+            return
+        calls = "; ".join(f"rank {r}: {c}" for r, c in enumerate(self.all_gather_object(mine)))
+        raise ValueError(
+            f"{what.split('(')[0]}: the ranks' calls differ ({calls}); every rank must pass an "
+            "array of the same shape and dtype, with the same op or root (pad each rank's part "
+            "to one size, or exchange differing sizes with all_gather_object)"
+        )
 
     def barrier(self) -> None:
         self._guarded("barrier", self.comm.Barrier)
@@ -329,6 +380,7 @@ class NCCLComm(Communicator):
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         _check_op(op, array)
         dtype = self._code(array, "all_reduce")
+        self.check_same_call(f"all_reduce({op})", array)
         code = self.ops.get(op, self.ops["sum"])  # mean without ncclAvg: sum, then scale
         ptr = array.data.ptr
         self.comm.allReduce(ptr, ptr, array.size, dtype, code, self.stream_ptr())
@@ -340,11 +392,17 @@ class NCCLComm(Communicator):
     def broadcast(self, array: Array, root: int = 0) -> Array:
         _check_root(root, self.size, "broadcast")
         dtype = self._code(array, "broadcast")
+        self.check_same_call(f"broadcast(root={root})", array)
         self.comm.bcast(array.data.ptr, array.size, dtype, root, self.stream_ptr())
         return array
 
     def barrier(self) -> None:
         self._host.barrier()
+
+    def check_same_call(self, what: str, array: Array) -> None:
+        """Compared over MPI, before NCCL runs: a mismatched NCCL call would hang the GPUs."""
+        if not self._agreed:
+            self._host.check_same_call(what, array)
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         return self._host.broadcast_object(value, root)

@@ -96,6 +96,29 @@ def test_nccl_calls_cupy_with_the_buffer_count_dtype_op_and_current_stream() -> 
     assert "mean" not in comm.ops and comm.ops["sum"] == 0
 
 
+def test_nccl_compares_the_ranks_calls_over_its_host_first_unless_agreed() -> None:
+    """A mismatched NCCL call would hang the GPUs: the check runs over MPI (the host)
+    before NCCL is called, and inside agreed() (the gradient buffers) not at all."""
+    asked: list[str] = []
+
+    class Host(Communicator):
+        def check_same_call(self, what: str, array: object) -> None:
+            if not self._agreed:
+                asked.append(what)
+                raise ValueError("differ")
+
+    fake = _FakeNCCL()
+    comm = NCCLComm(Host(), 0, nccl=fake, stream_ptr=lambda: 77)
+    with pytest.raises(ValueError, match="differ"):
+        comm.all_reduce(_DeviceArray(4, "float32"), "max")
+    with pytest.raises(ValueError, match="differ"):
+        comm.broadcast(_DeviceArray(4, "float32"), root=0)
+    assert asked == ["all_reduce(max)", "broadcast(root=0)"] and fake.calls[1:] == []
+    with comm.agreed():
+        comm.all_reduce(_DeviceArray(4, "float32"), "sum")
+    assert len(asked) == 2 and fake.calls[1][0] == "allReduce" and comm.host._agreed == 0
+
+
 def test_nccl_without_the_library_says_what_to_install() -> None:
     fake = _FakeNCCL()
     fake.available = False

@@ -42,6 +42,7 @@ CHECKS = [
     "the_gradients_after_a_step_are_the_average",
     "wrapping_after_a_step_takes_rank_0s_optimizer_state",
     "integer_means_are_refused_and_bfloat16_reduces_through_float32",
+    "ranks_passing_different_arrays_ops_or_roots_are_refused_naming_each",
     "broadcast_parameters_gives_rank_0s_model",
     "fit_refuses_an_unsharded_loader",
     "fit_refuses_shards_of_unequal_steps",

@@ -388,6 +388,37 @@ def a_bad_root_or_a_strided_array_is_refused_by_name() -> str:
     return "root N, root -1 and a transposed tensor refused with ValueError"
 
 
+def refused(call: Callable[[], object], *wanted: str) -> str:
+    """The ValueError ``call`` raises on this rank, checked to name every ``wanted``."""
+    try:
+        call()
+    except ValueError as e:
+        assert all(w in str(e) for w in wanted), (wanted, str(e))
+        return str(e)
+    raise AssertionError(f"accepted; wanted an error naming {wanted}")
+
+
+@check
+def ranks_passing_different_arrays_ops_or_roots_are_refused_naming_each() -> str:
+    """A rank's all_reduce of another shape or dtype than the others' was MPI's error stack
+    from deep inside (a truncated message) or, where the byte counts agreed ((2, 3) against
+    (3, 2), or another op), a silent result; now a ValueError on every rank naming each
+    rank's call, and the ranks stay in step."""
+    said = refused(
+        lambda: dist.all_reduce(np.ones(3 + 2 * R, np.float32)),
+        "rank 0: all_reduce(sum) of (3,) float32",
+        "rank 1: all_reduce(sum) of (5,) float32",
+    )
+    refused(lambda: dist.all_reduce(np.ones((2, 3) if R == 0 else (3, 2))), "(2, 3)", "(3, 2)")
+    refused(lambda: COMM.all_reduce(np.ones(4, ["float32", "float64"][R % 2])), "float64")
+    refused(lambda: dist.all_reduce(gpunet.ones(2), ["sum", "max"][R % 2]), "all_reduce(max)")
+    refused(lambda: COMM.broadcast(np.ones(2 + R), root=0), "broadcast(root=0) of (3,)")
+    refused(lambda: dist.broadcast(np.ones(2), root=R), "broadcast(root=1)")
+    t = gpunet.tensor([1.0 + R])
+    assert dist.all_reduce(t).tolist() == [float(sum(range(1, N + 1)))], "out of step after"
+    return said[:160]
+
+
 @check
 def integer_means_are_refused_and_bfloat16_reduces_through_float32() -> str:
     try:
