@@ -142,6 +142,11 @@ def _check_root(root: int, size: int, what: str) -> None:
 def _check_op(op: str, array: Array) -> None:
     if op not in OPS:
         raise ValueError(f"all_reduce: op must be one of {', '.join(OPS)}, got {op!r}")
+    if np.dtype(array.dtype).kind == "b":
+        raise TypeError(
+            f"all_reduce: MPI and NCCL reduce numbers, got {describe(array)}; convert to int32 "
+            "first (then 'sum' counts the True, 'max' is any, 'min' is all)"
+        )
     if op == "mean" and np.dtype(array.dtype).kind not in "fcV":  # (V: bfloat16)
         raise TypeError(
             f"all_reduce: op 'mean' averages floating arrays, got {describe(array)}; reduce "

@@ -294,3 +294,14 @@ def test_a_world_of_one_refuses_what_mpi_refuses() -> None:
     with pytest.raises(TypeError, match=r"broadcast: .*an array, got float"):
         comm.broadcast(3.0)
     assert dist.all_reduce(gpunet.ones(2, 3)).tolist() == [[1.0] * 3] * 2
+
+
+def test_a_bool_all_reduce_is_refused_in_every_world() -> None:
+    """all_reduce of a bool array ran alone and was MPI's 'Invalid MPI_Op' error stack under
+    mpiexec (MPI defines no sum, max or min of booleans); refused everywhere, saying what to
+    pass instead."""
+    with pytest.raises(TypeError, match=r"all_reduce: .*bool.*int32.*any.*all"):
+        dist.all_reduce(gpunet.tensor([True, False]), "max")
+    with pytest.raises(TypeError, match=r"all_reduce: .*bool"):
+        dist.init().all_reduce(np.array([True]))
+    assert dist.broadcast(gpunet.tensor([True, False])).tolist() == [True, False]
