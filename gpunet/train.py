@@ -79,6 +79,8 @@ def evaluate(
     """Mean loss (and accuracy, for labels) over the batches, under no_grad; with ``comm``
     (data parallelism), over every rank's batches: the sums are all-reduced, so every rank
     gets the same figures."""
+    if comm is not None and comm.size > 1:
+        _check_unpadded(batches, "evaluate")
     total, correct, n, classify = 0.0, 0.0, 0, True
     training = getattr(model, "training", None)
     if training is not None:
@@ -100,6 +102,22 @@ def evaluate(
     if n == 0:
         raise ValueError("evaluate: the batches hold no rows; there is nothing to evaluate")
     return (total / n, (correct / n) if classify else None)
+
+
+def _check_unpadded(loader: Any, what: str) -> None:
+    """A sharded evaluation loader must not pad: its repeated rows would count twice in the
+    loss and accuracy summed over the ranks (every rank sees the same sizes: all raise)."""
+    data, replicas = getattr(loader, "dataset", None), getattr(loader, "num_replicas", 1)
+    if data is None or replicas <= 1 or not getattr(loader, "pad", False):
+        return
+    rows = len(data)
+    extra = -rows % replicas
+    if extra:
+        raise ValueError(
+            f"{what}: the validation loader pads its {rows} rows to {rows + extra} for "
+            f"{replicas} ranks, so its loss and accuracy would count {extra} of them twice; "
+            "pass pad=False to evaluation loaders (uneven shards are fine there)"
+        )
 
 
 def _sum_over_ranks(
@@ -168,6 +186,7 @@ def fit(
         first = epochs
     if run.comm is not None:
         _check_shards(run.comm, train)
+        _check_unpadded(val, "fit")
     bar = _progress(epochs, progress and (run.comm is None or run.comm.rank == 0), first)
     step = _Step(model, loss_fn, optimizer, capture, run, autocast, scaler)
     with _DeferredInterrupt() as interrupt:

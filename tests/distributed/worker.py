@@ -472,6 +472,35 @@ def fit_refuses_an_unsharded_loader() -> str:
     raise AssertionError("an unsharded loader was accepted under data parallelism")
 
 
+@check
+def fit_refuses_a_validation_loader_that_pads() -> str:
+    """3 validation rows over 2 ranks with the default pad=True: one row was evaluated twice,
+    so the validation loss and accuracy (which pick the best epoch and stop early) were
+    silently not the set's (1.1013 against 1.1091); refused before the first step, and by
+    evaluate, naming pad=False. A validation set smaller than the world, unpadded, works."""
+    from gpunet.train import evaluate, fit
+
+    model, o = model_and_opt("float32", "sgd")
+    o = dist.DistributedOptimizer(o)
+    before = digest(model)
+    x, y = batch("float32", rows=16)
+    shard = {"num_replicas": N, "rank": R}
+    loader = DataLoader(Dataset(x, y), 4, shuffle=True, seed=0, **shard)
+    padded = DataLoader(Dataset(x[:3], y[:3]), 4, **shard)
+    said = refused(
+        lambda: fit(model, F.cross_entropy, o, loader, padded, epochs=1, progress=False),
+        "pads its 3 rows to 4",
+        "pad=False",
+    )
+    assert digest(model) == before, "fit stepped before refusing"
+    refused(lambda: evaluate(model, F.cross_entropy, padded, COMM), "evaluate:", "pad=False")
+    one = DataLoader(Dataset(x[:1], y[:1]), 4, pad=False, **shard)  # rank 1: no rows
+    h = fit(model, F.cross_entropy, o, loader, one, epochs=1, progress=False)
+    want, _ = evaluate(model, F.cross_entropy, DataLoader(Dataset(x[:1], y[:1]), 4))
+    assert abs(h.val_loss[0] - want) <= 1e-6 * want, (h.val_loss, want)
+    return said[:120]
+
+
 AGREED = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "best_epoch")
 
 
