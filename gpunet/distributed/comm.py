@@ -64,6 +64,7 @@ class Communicator:
     name = "local"
     rank, size = 0, 1
     _agreed = 0  # > 0 inside agreed(): the caller proved every rank's arrays alike
+    _during: str | None = None  # what agreed() runs them for: a timeout's message names it
 
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         """array <- op over ranks of array (``mean``: the sum / size), in place; returns it."""
@@ -83,17 +84,25 @@ class Communicator:
         and dtype (nothing to compare in a world of one)."""
 
     @contextlib.contextmanager
-    def agreed(self) -> Iterator[None]:
+    def agreed(self, during: str | None = None) -> Iterator[None]:
         """Collectives inside skip ``check_same_call``: the caller proved every rank's arrays
-        alike (a model compared at wrap time), so the step pays no extra round trip."""
+        alike (a model compared at wrap time), so the step pays no extra round trip.
+        ``during`` names the caller in a timeout's message (what every rank must call)."""
         comms = [self] if self.host is self else [self, self.host]
+        before = [c._during for c in comms]
         for c in comms:
             c._agreed += 1
+            c._during = during or c._during
         try:
             yield
         finally:
-            for c in comms:
+            for c, was in zip(comms, before):
                 c._agreed -= 1
+                c._during = was
+
+    def _waiting_for(self, what: str) -> str:
+        """``what`` a collective waits for, with the caller agreed() named."""
+        return what if self._during is None else f"{what} in {self._during}"
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         """Rank ``root``'s ``value`` (a small picklable object), on every rank."""
@@ -284,7 +293,7 @@ class MPIComm(Communicator):
         return self._guarded("all_gather_object", self.comm.allgather, value)
 
     def _guarded(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        self.watchdog.arm(what)
+        self.watchdog.arm(self._waiting_for(what))
         try:
             return fn(*args)
         finally:
@@ -365,7 +374,7 @@ class NCCLComm(Communicator):
     def _bounded(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         if self.watchdog is None:
             return fn(*args)
-        self.watchdog.arm(what)
+        self.watchdog.arm(self._waiting_for(what))
         try:
             return fn(*args)
         finally:

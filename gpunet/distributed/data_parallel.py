@@ -163,7 +163,8 @@ class _DataParallel:
                 "each rank from its own gradient and the ranks' weights would drift apart; call "
                 "it after leaving no_sync()"
             )
-        with self.communicator.agreed():  # (the buffers were compared at wrap time)
+        # (the buffers were compared at wrap time; a timeout names the call every rank makes)
+        with self.communicator.agreed("DistributedOptimizer.step() or synchronize()"):
             anywhere = self._grads_anywhere()
             for flat, there in zip(self._flats, anywhere):
                 flat.sync_params()

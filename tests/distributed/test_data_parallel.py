@@ -129,6 +129,22 @@ def test_a_rank_that_never_joins_ends_the_run_after_the_timeout(tmp_path: Path) 
     assert said and 1 <= int(said[1]) <= 30, done.stderr
 
 
+def test_a_rank_that_never_steps_ends_the_run_naming_the_step(tmp_path: Path) -> None:
+    """The message named only 'all_reduce(max) of 4 int32': nothing a user wrote; now it
+    names the DistributedOptimizer's step that every rank must call."""
+    done = mpiexec(
+        sys.executable,
+        str(HERE / "worker.py"),
+        "skip_step",
+        str(tmp_path / "r.json"),
+        timeout=90,  # (the limit for a stuck job, not the expected time)
+        GPUNET_DIST_TIMEOUT="1",
+    )
+    assert done.returncode != 0
+    said = r"rank 0 of 2 waited \d+ s for all_reduce\(max\) of 4 int32 .* in DistributedOptimizer"
+    assert re.search(said + r"\.step\(\) or synchronize\(\)", done.stderr), done.stderr
+
+
 def test_gpunet_train_on_two_ranks_reaches_the_one_process_accuracy(tmp_path: Path) -> None:
     """``gpunet train --nproc 2``: it starts the venv's mpiexec, which starts ``gpunet train``
     on 2 ranks; rank 0 alone prints and saves; the test accuracy is in the one-process band

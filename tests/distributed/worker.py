@@ -1,7 +1,8 @@
 """Run under ``mpiexec -n 2`` by test_data_parallel.py: each check computes, on every rank, the
 data-parallel result and the one-process reference on the concatenated batch, and rank 0
 writes {check: [ok, detail]} as JSON to argv[2]. ``argv[1]`` picks the scenario: ``checks``
-(the numerical checks), ``raise`` (rank 1 raises), ``hang`` (rank 1 skips a collective)."""
+(the numerical checks), ``raise`` (rank 1 raises), ``hang`` (rank 1 skips a collective),
+``skip_step`` (rank 1 never calls step())."""
 
 from __future__ import annotations
 
@@ -559,6 +560,17 @@ def main() -> None:
         if R == 1:
             raise RuntimeError("rank one broke on purpose")
         COMM.barrier()  # rank 0 waits here; the excepthook on rank 1 must end it
+    elif scenario == "skip_step":  # rank 1 never steps: rank 0 waits inside step()
+        model, o = model_and_opt("float32", "sgd")
+        o = dist.DistributedOptimizer(o)
+        x, y = batch("float32", rows=8, seed=R)
+        F.cross_entropy(model(gpunet.tensor(x)), gpunet.tensor(y)).backward()
+        if R == 0:
+            o.step()
+        else:
+            import time
+
+            time.sleep(60)
     elif scenario == "hang":
         if R == 0:
             COMM.all_reduce(np.zeros(3, np.float32))  # rank 1 never joins
