@@ -44,8 +44,11 @@ __all__ = [
     "broadcast_parameters",
     "engines",
     "fail",
+    "get_rank",
+    "get_world_size",
     "init",
     "initialized",
+    "is_initialized",
     "launched_size",
     "rank",
     "world_size",
@@ -71,7 +74,11 @@ def init(backend: str | None = None, timeout: float | None = None) -> Communicat
     rank prints that rank's traceback and ends every rank (``MPI_Abort``), never a hang."""
     global _WORLD
     if backend not in (None, "mpi", "nccl", "local"):
-        raise ValueError(f"init: backend must be 'mpi', 'nccl' or 'local', got {backend!r}")
+        raise ValueError(
+            f"init: backend must be 'mpi', 'nccl' or 'local', got {backend!r} (gpunet runs on "
+            "the engines themselves: 'mpi' for CPUs, 'nccl' for GPUs, or None to choose "
+            "from how the process was launched)"
+        )
     if _WORLD is not None:
         if backend is not None and backend != _WORLD.name:
             raise RuntimeError(
@@ -120,6 +127,10 @@ def rank() -> int:
 def world_size() -> int:
     """The number of ranks (1 without mpiexec)."""
     return _world().size
+
+
+# torch.distributed's names for the same functions, so a PyTorch script's calls port unchanged
+get_rank, get_world_size, is_initialized = rank, world_size, initialized
 
 
 def barrier() -> None:

@@ -305,3 +305,17 @@ def test_a_bool_all_reduce_is_refused_in_every_world() -> None:
     with pytest.raises(TypeError, match=r"all_reduce: .*bool"):
         dist.init().all_reduce(np.array([True]))
     assert dist.broadcast(gpunet.tensor([True, False])).tolist() == [True, False]
+
+
+def test_torch_distributed_names_are_the_same_functions() -> None:
+    """A PyTorch user writes dist.get_rank(), get_world_size(), is_initialized(): they were
+    AttributeErrors; they are gpunet's rank(), world_size(), initialized()."""
+    assert dist.get_rank is dist.rank and dist.get_world_size is dist.world_size
+    assert dist.is_initialized is dist.initialized
+    assert (dist.get_rank(), dist.get_world_size(), dist.is_initialized()) == (0, 1, True)
+
+
+def test_pytorchs_engine_names_are_refused_saying_which_to_pass() -> None:
+    for name in ("gloo", "ucc"):
+        with pytest.raises(ValueError, match=rf"got '{name}'.*'mpi' for CPUs.*'nccl' for GPUs"):
+            dist.init(backend=name)
