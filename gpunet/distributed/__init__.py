@@ -96,14 +96,16 @@ def init(backend: str | None = None, timeout: float | None = None) -> Communicat
             f"gpunet.distributed: launched with {size} ranks (or asked for {backend!r}), but "
             "mpi4py is not installed; pip install 'gpunet[mpi]'"
         )
-    host = MPIComm(timeout=timeout)
-    world: Communicator = host
-    if backend == "nccl":
+    found = None
+    if backend == "nccl":  # (refused before MPI starts: nothing made, nothing to undo)
         from ..backend import probe_cuda
 
         found = probe_cuda()
         if not found.available:
             raise RuntimeError(f"init(backend='nccl'): no CUDA device ({found.reason})")
+    host = MPIComm(timeout=timeout)
+    world: Communicator = host
+    if found is not None:
         world = NCCLComm(host, host.local_rank() % len(found.devices))
     _WORLD = world
     if world.size > 1:

@@ -319,3 +319,18 @@ def test_pytorchs_engine_names_are_refused_saying_which_to_pass() -> None:
     for name in ("gloo", "ucc"):
         with pytest.raises(ValueError, match=rf"got '{name}'.*'mpi' for CPUs.*'nccl' for GPUs"):
             dist.init(backend=name)
+
+
+def test_nccl_without_a_gpu_is_refused_before_mpi_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """init(backend='nccl') on a machine without a GPU made the MPI communicator (MPI up, a
+    watchdog thread) before finding no device; now it is refused first, nothing made."""
+    import gpunet.backend
+
+    made: list[object] = []
+    monkeypatch.setattr(dist, "_WORLD", None)
+    monkeypatch.setattr(dist, "MPIComm", lambda **kw: made.append(kw))
+    no_gpu = gpunet.backend.CudaProbe(available=False, reason="no driver")
+    monkeypatch.setattr(gpunet.backend, "probe_cuda", lambda: no_gpu)
+    with pytest.raises(RuntimeError, match=r"init\(backend='nccl'\): no CUDA device \(no driver\)"):
+        dist.init(backend="nccl")
+    assert made == [] and dist._WORLD is None
