@@ -83,7 +83,9 @@ def init(backend: str | None = None, timeout: float | None = None) -> Communicat
         if backend is not None and backend != _WORLD.name:
             raise RuntimeError(
                 f"gpunet.distributed.init(backend={backend!r}): already initialized with "
-                f"{_WORLD.name!r}; init once per process"
+                f"{_WORLD.name!r} (by init(), or by rank(), world_size(), barrier(), "
+                "all_reduce or broadcast, which take the default); call init(backend=...) "
+                "once per process, first"
             )
         return _WORLD
     size = launched_size()

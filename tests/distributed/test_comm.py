@@ -334,3 +334,12 @@ def test_nccl_without_a_gpu_is_refused_before_mpi_starts(monkeypatch: pytest.Mon
     with pytest.raises(RuntimeError, match=r"init\(backend='nccl'\): no CUDA device \(no driver\)"):
         dist.init(backend="nccl")
     assert made == [] and dist._WORLD is None
+
+
+def test_init_after_an_implicit_one_says_what_initialized(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dist.rank() before dist.init(backend='nccl') makes the default world; the refusal said
+    'init once per process' to a user who had called init once."""
+    monkeypatch.setattr(dist, "_WORLD", None)
+    assert dist.rank() == 0
+    with pytest.raises(RuntimeError, match=r"already initialized with 'local'.*rank\(\).*first"):
+        dist.init(backend="mpi")
