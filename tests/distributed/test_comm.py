@@ -343,3 +343,25 @@ def test_init_after_an_implicit_one_says_what_initialized(monkeypatch: pytest.Mo
     assert dist.rank() == 0
     with pytest.raises(RuntimeError, match=r"already initialized with 'local'.*rank\(\).*first"):
         dist.init(backend="mpi")
+
+
+def test_a_captured_data_parallel_step_is_refused_naming_it() -> None:
+    """gpunet.capture around a step that calls DistributedOptimizer.step raises CaptureError
+    (its Python decides per step which gradients exist), in a world of one as under mpiexec,
+    and leaves the optimizer usable eagerly."""
+    model = nn.MLP([4, 5, 2])
+    opt = dist.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.1))
+    x, y = gpunet.ones(3, 4), gpunet.tensor([0, 1, 0])
+
+    def step() -> gpunet.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    with pytest.raises(gpunet.CaptureError, match=r"DistributedOptimizer\.step.*not capturable"):
+        gpunet.capture(step)()
+    before = [p.numpy().copy() for p in model.parameters()]
+    step()
+    assert any(not np.array_equal(a, p.numpy()) for a, p in zip(before, model.parameters()))

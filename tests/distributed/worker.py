@@ -554,6 +554,201 @@ def fit_reduces_validation_and_every_rank_stops_alike() -> str:
     return f"stopped after epoch {len(h.train_loss)} (best {h.best_epoch + 1}) on every rank"
 
 
+def pair(
+    dtype: str, make: Callable
+) -> tuple[nn.Module, optim.Optimizer, nn.Module, optim.Optimizer]:
+    """A data-parallel model and optimizer (each rank seeded apart: the wrap takes rank 0's
+    weights) and the one-process reference from the same weights, with its own optimizer."""
+    gpunet.manual_seed(1 + 100 * R)
+    model = nn.MLP([6, 8, 3], activation="tanh", dtype=dtype)
+    o = dist.DistributedOptimizer(make(model.parameters()))
+    gpunet.manual_seed(1)
+    ref = nn.MLP([6, 8, 3], activation="tanh", dtype=dtype)
+    assert digest(ref) == digest(model)
+    return model, o, ref, make(ref.parameters())
+
+
+def mine(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's half of a 16-row batch."""
+    return x[R * 8 : (R + 1) * 8], y[R * 8 : (R + 1) * 8]
+
+
+def backward(model: nn.Module, x: np.ndarray, y: np.ndarray) -> None:
+    F.cross_entropy(model(gpunet.tensor(x)), gpunet.tensor(y)).backward()
+
+
+def same_on_every_rank(model: nn.Module) -> None:
+    every = COMM.all_gather_object(digest(model))
+    assert len(set(every)) == 1, "the ranks' weights differ"
+
+
+@check
+def clipping_after_synchronize_equals_one_process() -> str:
+    """synchronize(), clip_grad_norm_, step(): the averaged gradient clipped, as PyTorch DDP
+    clips after backward; the same norm on every rank and the one-process step."""
+    model, o, ref, ro = pair("float64", lambda p: optim.SGD(p, lr=0.5, momentum=0.9))
+    for step in range(5):
+        x, y = batch("float64", seed=step)
+        o.zero_grad()
+        backward(model, *mine(x, y))
+        o.synchronize()
+        norm = float(optim.clip_grad_norm_(model.parameters(), 0.05))
+        o.step()
+        ro.zero_grad()
+        backward(ref, x, y)
+        want = float(optim.clip_grad_norm_(ref.parameters(), 0.05))
+        ro.step()
+        assert want > 0.05 and abs(norm - want) <= 1e-12 * want, (norm, want)
+        assert len(set(COMM.all_gather_object(norm))) == 1, "the ranks' norms differ"
+    same_on_every_rank(model)
+    diff = max_diff(params(model), params(ref))
+    assert diff <= 1e-12, f"{diff:.3g}"
+    return f"5 clipped steps: max diff {diff:.3g}"
+
+
+@check
+def clipping_before_synchronize_clips_each_rank_and_keeps_them_identical() -> str:
+    """clip_grad_norm_ before step() without synchronize(): each rank clips its own gradient
+    by its own norm, then step() averages (Horovod's behaviour): not the one-process step,
+    but the ranks cannot drift, since every rank applies the same average."""
+    model, o, ref, ro = pair("float64", lambda p: optim.SGD(p, lr=0.5))
+    x, y = batch("float64")
+    o.zero_grad()
+    backward(model, *mine(x, y))
+    norms = COMM.all_gather_object(float(optim.clip_grad_norm_(model.parameters(), 0.05)))
+    o.step()
+    ro.zero_grad()
+    backward(ref, x, y)
+    optim.clip_grad_norm_(ref.parameters(), 0.05)
+    ro.step()
+    same_on_every_rank(model)
+    assert len(set(norms)) == N, norms  # each rank's own norm
+    assert max_diff(params(model), params(ref)) > 1e-6, "equal to one process: not per rank"
+    return f"each rank clipped by its own norm {norms}; the ranks' weights identical"
+
+
+SCHEDULED = {
+    "AdamW + cosine": (
+        lambda p: optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+        lambda o: optim.lr_scheduler.CosineAnnealingLR(o, T_max=50),
+    ),
+    "Adam(weight_decay) + linear warmup": (
+        lambda p: optim.Adam(p, lr=1e-2, weight_decay=0.01),
+        lambda o: optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=10),
+    ),
+    "SGD nesterov + StepLR": (
+        lambda p: optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda o: optim.lr_scheduler.StepLR(o, step_size=7, gamma=0.5),
+    ),
+}
+
+
+@check
+def schedules_and_weight_decay_for_50_steps_equal_one_process() -> str:
+    """50 float64 steps under a schedule, zero_grad(set_to_none=False): the one-process run
+    on the whole batch to 1e-12, the same lr, identical ranks."""
+    out = []
+    for name, (make, schedule) in SCHEDULED.items():
+        model, o, ref, ro = pair("float64", make)
+        schedules = [schedule(o), schedule(ro)]
+        for step in range(50):
+            x, y = batch("float64", seed=step)
+            o.zero_grad(set_to_none=False)
+            backward(model, *mine(x, y))
+            o.step()
+            ro.zero_grad(set_to_none=False)
+            backward(ref, x, y)
+            ro.step()
+            for s in schedules:
+                s.step()
+        same_on_every_rank(model)
+        assert o.param_groups[0]["lr"] == ro.param_groups[0]["lr"], name
+        diff = max_diff(params(model), params(ref))
+        assert diff <= 1e-12, f"{name}: {diff:.3g}"
+        out.append(f"{name} {diff:.2g}")
+    return ", ".join(out)
+
+
+@check
+def scaled_low_precision_steps_equal_one_process() -> str:
+    """GradScaler + float16 (and bfloat16) autocast over 10 Adam steps, an inf in rank 1's
+    half of step 3: the same skip and scale as one process on the whole batch, identical
+    ranks, and the one-process weights to the low precision's rounding of the sums."""
+    out = []
+    for dtype, tol in ((gpunet.float16, 2e-4), (gpunet.bfloat16, 1e-3)):
+        model, o, ref, ro = pair("float32", lambda p: optim.Adam(p, lr=1e-2))
+        scalers = [gpunet.amp.GradScaler(init_scale=2.0**10) for _ in range(2)]
+        for step in range(10):
+            x, y = batch("float32", seed=step)
+            if step == 3:
+                x[9, 0] = np.inf  # row 9 is rank 1's: rank 0's half stays finite
+            runs = ((model, o, scalers[0], mine(x, y)), (ref, ro, scalers[1], (x, y)))
+            for m, opt, scaler, (bx, by) in runs:
+                opt.zero_grad()
+                with gpunet.autocast(dtype=dtype), np.errstate(over="ignore", invalid="ignore"):
+                    loss = F.cross_entropy(m(gpunet.tensor(bx)), gpunet.tensor(by))
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                scaler.update()
+        same_on_every_rank(model)
+        scales = [s.get_scale() for s in scalers]
+        assert scales[0] == scales[1] == 2.0**9, scales  # one backoff: the same skip
+        diff = max_diff(params(model), params(ref))
+        assert diff <= tol, f"{dtype}: {diff:.3g}"
+        out.append(f"{dtype} {diff:.2g}")
+    return "scale 512 after the skip in both; max diff " + ", ".join(out)
+
+
+@check
+def checkpoints_from_every_rank_load_in_any_world() -> str:
+    """gpunet.save from every rank to one path (atomic: the same bytes, the last rename
+    wins); that 2-rank checkpoint continued in one process, and a one-process checkpoint
+    loaded on rank 0 only before the wrap (which takes rank 0's weights and moments)
+    continued on 2 ranks: each equal to the other world's run, float64 to 1e-12."""
+    import os
+    import tempfile
+
+    from gpunet.checkpoint import load, save
+
+    folder = COMM.broadcast_object(tempfile.mkdtemp() if R == 0 else None)
+    adam = lambda p: optim.Adam(p, lr=1e-2)
+    model, o, one, oo = pair("float64", adam)
+    steps = iter(range(9))
+
+    def both(dp: nn.Module, dpo: optim.Optimizer) -> None:
+        for _ in range(3):
+            x, y = batch("float64", seed=next(steps))
+            dpo.zero_grad()
+            backward(dp, *mine(x, y))
+            dpo.step()
+            oo.zero_grad()
+            backward(one, x, y)
+            oo.step()
+
+    both(model, o)
+    path = os.path.join(folder, "two.safetensors")
+    save(path, model, o)  # on every rank
+    COMM.barrier()
+    load(path, one, oo)  # the one-process run continues from the 2-rank checkpoint
+    both(model, o)
+    diffs = [max_diff(params(model), params(one))]
+    path = os.path.join(folder, "one.safetensors")
+    if R == 0:
+        save(path, one, oo)
+    COMM.barrier()
+    gpunet.manual_seed(7 + R)
+    two = nn.MLP([6, 8, 3], activation="tanh", dtype="float64")
+    to = adam(two.parameters())
+    if R == 0:
+        load(path, two, to)
+    to = dist.DistributedOptimizer(to)
+    both(two, to)
+    same_on_every_rank(two)
+    diffs.append(max_diff(params(two), params(one)))
+    assert max(diffs) <= 1e-12, diffs
+    return f"2 ranks -> 1 process -> 2 ranks: max diffs {diffs}"
+
+
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
     if scenario == "raise":
