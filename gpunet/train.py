@@ -124,7 +124,7 @@ def _sum_over_ranks(
     comm: Any, total: float, correct: float, n: int, classify: bool
 ) -> tuple[float, float, int, bool]:
     """(loss sum, correct, rows, every rank classifies) summed over the ranks: one all-reduce."""
-    with comm.agreed("fit or evaluate"):  # (the same four numbers on every rank)
+    with comm.during("fit or evaluate"):
         sums = comm.host.all_reduce(np.array([total, correct, n, not classify], np.float64))
     return float(sums[0]), float(sums[1]), int(sums[2]), not sums[3]
 
@@ -430,7 +430,7 @@ def _agree(comm: Any, value: float, pending: bool) -> tuple[float, bool]:
     """(this rank's loss, or NaN when any rank's loss is not finite; whether any rank was
     interrupted): the same decisions on every rank, so no rank waits for one that stopped."""
     flags = np.array([math.isfinite(value), not pending], np.float64)
-    with comm.agreed("fit"):  # 0 where any rank's loss or Ctrl-C says stop
+    with comm.during("fit"):  # 0 where any rank's loss or Ctrl-C says stop
         flags = comm.host.all_reduce(flags, "min")
     return (value if flags[0] else math.nan), not flags[1]
 

@@ -14,7 +14,7 @@ Every rank must make the same call: ``all_reduce`` and ``broadcast`` first compa
 (name, op or root, shape, dtype) with one tiny all-reduce and raise on every rank, naming each
 rank's call, where they differ (MPI would fail deep inside, hang, or reduce mismatched
 elements silently where the byte counts agree). Callers that proved the arrays alike (the
-gradient buffers, checked when the optimizer is wrapped) skip it inside ``agreed()``.
+gradient buffers, checked when the optimizer is wrapped) skip it (``during(..., agreed=True)``).
 
 A collective that waits longer than ``timeout`` seconds (``GPUNET_DIST_TIMEOUT``, default 300)
 for the other ranks ends every rank (``MPI_Abort``) after printing what it waited for: a rank
@@ -63,8 +63,8 @@ class Communicator:
 
     name = "local"
     rank, size = 0, 1
-    _agreed = 0  # > 0 inside agreed(): the caller proved every rank's arrays alike
-    _during: str | None = None  # what agreed() runs them for: a timeout's message names it
+    _agreed = 0  # > 0 inside during(..., agreed=True): the caller proved the arrays alike
+    _during: str | None = None  # the caller during() names, for messages
 
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         """array <- op over ranks of array (``mean``: the sum / size), in place; returns it."""
@@ -84,24 +84,23 @@ class Communicator:
         and dtype (nothing to compare in a world of one)."""
 
     @contextlib.contextmanager
-    def agreed(self, during: str | None = None) -> Iterator[None]:
-        """Collectives inside skip ``check_same_call``: the caller proved every rank's arrays
-        alike (a model compared at wrap time), so the step pays no extra round trip.
-        ``during`` names the caller in a timeout's message (what every rank must call)."""
+    def during(self, caller: str, agreed: bool = False) -> Iterator[None]:
+        """Collectives inside run for ``caller``, which a mismatch's or a timeout's message
+        names (what every rank must call); ``agreed``: the caller proved every rank's arrays
+        alike (a model compared at wrap time), so they skip ``check_same_call``'s round trip."""
         comms = [self] if self.host is self else [self, self.host]
-        before = [c._during for c in comms]
+        before = [(c._agreed, c._during) for c in comms]
         for c in comms:
-            c._agreed += 1
-            c._during = during or c._during
+            c._agreed += agreed
+            c._during = caller
         try:
             yield
         finally:
-            for c, was in zip(comms, before):
-                c._agreed -= 1
-                c._during = was
+            for c, (was_agreed, was_during) in zip(comms, before):
+                c._agreed, c._during = was_agreed, was_during
 
     def _waiting_for(self, what: str) -> str:
-        """``what`` a collective waits for, with the caller agreed() named."""
+        """``what`` a collective waits for, with the caller during() named."""
         return what if self._during is None else f"{what} in {self._during}"
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
@@ -268,7 +267,7 @@ class MPIComm(Communicator):
         each rank's call and raises the same error (so none waits for the others)."""
         if self._agreed or self.size == 1:
             return
-        mine = f"{what} of {tuple(array.shape)} {array.dtype}"
+        mine = self._waiting_for(f"{what} of {tuple(array.shape)} {array.dtype}")
         code = zlib.crc32(mine.encode())
         both = np.array([code, -code], np.int64)
         check = f"{what} of {describe(array)} (comparing the ranks' calls first)"
@@ -277,8 +276,9 @@ class MPIComm(Communicator):
             return
         calls = "; ".join(f"rank {r}: {c}" for r, c in enumerate(self.all_gather_object(mine)))
         raise ValueError(
-            f"{what.split('(')[0]}: the ranks' calls differ ({calls}); every rank must pass an "
-            "array of the same shape and dtype, with the same op or root (pad each rank's part "
+            f"{what.split('(')[0]}: the ranks' calls differ ({calls}); every rank must make "
+            "the same calls in the same order (a step() on every rank or none), each with an "
+            "array of the same shape and dtype and the same op or root (pad each rank's part "
             "to one size, or exchange differing sizes with all_gather_object)"
         )
 

@@ -62,7 +62,7 @@ def broadcast_parameters(model: Any, comm: Communicator | None = None, root: int
     check_same_model(comm, [f"{p.device} {p.dtype} {p.shape}" for p in params], "broadcast")
     for p in params:
         data = p.data if p.data.flags.c_contiguous else p._backend.copy(p.data)
-        with comm.agreed():
+        with comm.during("broadcast_parameters", agreed=True):
             comm.broadcast(data, root)
         if data is not p.data:
             p.data = data
@@ -114,7 +114,7 @@ def _take_rank_0(optimizer: Any, comm: Communicator, what: str) -> None:
             optimizer.load_state_dict(state)
     for flat in optimizer._flats:
         flat.sync_params()
-        with comm.agreed():
+        with comm.during(what, agreed=True):
             call("broadcast", comm.broadcast, flat.data, root=0)
         for p in flat.params:  # (written: autocast's low-precision copies are stale)
             bump_version(p)
@@ -163,9 +163,13 @@ class _DataParallel:
                 "each rank from its own gradient and the ranks' weights would drift apart; call "
                 "it after leaving no_sync()"
             )
-        # (the buffers were compared at wrap time; a timeout names the call every rank makes)
-        with self.communicator.agreed("DistributedOptimizer.step() or synchronize()"):
+        comm, caller = self.communicator, "DistributedOptimizer.step() or synchronize()"
+        # The flags' all-reduce is checked (one tiny round trip more): a rank stepping where
+        # another reduces or broadcasts fails there, naming both; the buffers after it were
+        # compared at wrap time.
+        with comm.during(caller):
             anywhere = self._grads_anywhere()
+        with comm.during(caller, agreed=True):
             for flat, there in zip(self._flats, anywhere):
                 flat.sync_params()
                 views = flat.grad_views

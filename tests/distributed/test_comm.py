@@ -98,7 +98,7 @@ def test_nccl_calls_cupy_with_the_buffer_count_dtype_op_and_current_stream() -> 
 
 def test_nccl_compares_the_ranks_calls_over_its_host_first_unless_agreed() -> None:
     """A mismatched NCCL call would hang the GPUs: the check runs over MPI (the host)
-    before NCCL is called, and inside agreed() (the gradient buffers) not at all."""
+    before NCCL is called, and inside during(..., agreed=True) (the gradients) not at all."""
     asked: list[str] = []
 
     class Host(Communicator):
@@ -114,9 +114,10 @@ def test_nccl_compares_the_ranks_calls_over_its_host_first_unless_agreed() -> No
     with pytest.raises(ValueError, match="differ"):
         comm.broadcast(_DeviceArray(4, "float32"), root=0)
     assert asked == ["all_reduce(max)", "broadcast(root=0)"] and fake.calls[1:] == []
-    with comm.agreed():
+    with comm.during("a step", agreed=True):
         comm.all_reduce(_DeviceArray(4, "float32"), "sum")
     assert len(asked) == 2 and fake.calls[1][0] == "allReduce" and comm.host._agreed == 0
+    assert comm._during is None and comm.host._during is None
 
 
 def test_nccl_without_the_library_says_what_to_install() -> None:

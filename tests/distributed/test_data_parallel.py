@@ -150,6 +150,21 @@ def test_a_rank_that_never_steps_ends_the_run_naming_the_step(tmp_path: Path) ->
     assert re.search(said + r"\.step\(\) or synchronize\(\)", done.stderr), done.stderr
 
 
+def test_a_rank_that_steps_once_more_ends_the_run_naming_both_calls(tmp_path: Path) -> None:
+    """Rank 0's extra step() (in fit's on_epoch_end) met rank 1's next step in fit: MPI's
+    'Message truncated' error stack and an abort from inside MPI; now every rank raises
+    naming each rank's call and where it ran."""
+    done = mpiexec(
+        sys.executable, str(HERE / "worker.py"), "extra_step", str(tmp_path / "r.json"), timeout=90
+    )
+    assert done.returncode != 0
+    said = (
+        "the ranks' calls differ (rank 0: all_reduce(max) of (4,) int32 in DistributedOptimizer"
+        ".step() or synchronize(); rank 1: all_reduce(min) of (2,) float64 in fit)"
+    )
+    assert said in done.stderr and "error stack" not in done.stderr, done.stderr
+
+
 def test_gpunet_train_on_two_ranks_reaches_the_one_process_accuracy(tmp_path: Path) -> None:
     """``gpunet train --nproc 2``: it starts the venv's mpiexec, which starts ``gpunet train``
     on 2 ranks; rank 0 alone prints and saves; the test accuracy is in the one-process band

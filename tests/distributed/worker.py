@@ -2,7 +2,7 @@
 data-parallel result and the one-process reference on the concatenated batch, and rank 0
 writes {check: [ok, detail]} as JSON to argv[2]. ``argv[1]`` picks the scenario: ``checks``
 (the numerical checks), ``raise`` (rank 1 raises), ``hang`` (rank 1 skips a collective),
-``skip_step`` (rank 1 never calls step())."""
+``skip_step`` (rank 1 never calls step()), ``extra_step`` (rank 0 calls it once more)."""
 
 from __future__ import annotations
 
@@ -766,6 +766,15 @@ def main() -> None:
             import time
 
             time.sleep(60)
+    elif scenario == "extra_step":  # rank 0 steps once more at each epoch's end, inside fit
+        from gpunet.train import fit
+
+        model, o = model_and_opt("float32", "sgd")
+        o = dist.DistributedOptimizer(o)
+        x, y = batch("float32", rows=16)
+        loader = DataLoader(Dataset(x, y), 4, shuffle=True, seed=0, num_replicas=N, rank=R)
+        extra = lambda epoch, h: o.step() if R == 0 else None
+        fit(model, F.cross_entropy, o, loader, epochs=3, progress=False, on_epoch_end=extra)
     elif scenario == "hang":
         if R == 0:
             COMM.all_reduce(np.zeros(3, np.float32))  # rank 1 never joins
