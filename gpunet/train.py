@@ -236,6 +236,15 @@ def _check_shards(comm: Any, train: Any) -> None:
             "DataLoader(..., seed=S, num_replicas=size, rank=rank) with the same S on every "
             f"rank; the ranks have (seed, num_replicas, rank) = {every}"
         )
+    data = getattr(train, "dataset", None)
+    sizes = (getattr(train, "batch_size", None), len(data) if hasattr(data, "__len__") else None)
+    every_size = comm.host.all_gather_object(sizes)
+    if len(set(every_size)) > 1:  # (equal steps would hide it: the step weighs ranks alike)
+        raise ValueError(
+            "fit: under data parallelism every rank's training loader must shard the same data "
+            "in batches of one size, since the step averages the ranks' mean gradients with "
+            f"equal weight; the ranks have (batch_size, rows) = {every_size}"
+        )
     steps = comm.host.all_gather_object(len(train) if hasattr(train, "__len__") else None)
     if len(set(steps)) > 1:
         raise ValueError(

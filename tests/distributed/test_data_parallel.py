@@ -46,6 +46,7 @@ CHECKS = [
     "broadcast_parameters_gives_rank_0s_model",
     "fit_refuses_an_unsharded_loader",
     "fit_refuses_shards_of_unequal_steps",
+    "fit_refuses_ranks_loaders_of_different_batch_sizes_or_data",
     "fit_refuses_a_validation_loader_that_pads",
     "fit_reduces_validation_and_every_rank_stops_alike",
     "clipping_after_synchronize_equals_one_process",

@@ -474,6 +474,26 @@ def fit_refuses_an_unsharded_loader() -> str:
 
 
 @check
+def fit_refuses_ranks_loaders_of_different_batch_sizes_or_data() -> str:
+    """Rank 0 on 16 rows in batches of 4, rank 1 on 8 in batches of 2: the same 2 steps, so
+    fit ran, averaging a 4-row mean with a 2-row one as if equal (not the one-process step
+    on the 6 rows, silently); refused before the first step, naming each rank's loader."""
+    from gpunet.train import fit
+
+    model, o = model_and_opt("float32", "sgd")
+    o = dist.DistributedOptimizer(o)
+    before = digest(model)
+    x, y = batch("float32", rows=16 >> R)
+    loader = DataLoader(Dataset(x, y), 4 >> R, shuffle=True, seed=0, num_replicas=N, rank=R)
+    said = refused(
+        lambda: fit(model, F.cross_entropy, o, loader, epochs=1, progress=False),
+        "(batch_size, rows) = [(4, 16), (2, 8)]",
+    )
+    assert digest(model) == before, "fit stepped before refusing"
+    return said[:120]
+
+
+@check
 def fit_refuses_a_validation_loader_that_pads() -> str:
     """3 validation rows over 2 ranks with the default pad=True: one row was evaluated twice,
     so the validation loss and accuracy (which pick the best epoch and stop early) were
