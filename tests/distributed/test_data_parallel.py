@@ -38,6 +38,7 @@ CHECKS = [
     "mismatched_models_are_refused_at_wrap",
     "sgd_in_backward_is_refused",
     "collectives_on_tensors",
+    "collectives_on_tensors_of_every_kind",
     "a_bad_root_or_a_strided_array_is_refused_by_name",
     "the_gradients_after_a_step_are_the_average",
     "wrapping_after_a_step_takes_rank_0s_optimizer_state",
@@ -118,6 +119,12 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path: Path) -
     done = mpiexec(sys.executable, str(HERE / "worker.py"), "raise", str(tmp_path / "r.json"))
     assert done.returncode != 0
     assert "rank 1 of 2 failed" in done.stderr and "rank one broke on purpose" in done.stderr
+
+
+def test_an_error_on_one_rank_inside_fit_ends_every_rank_with_its_message(tmp_path: Path) -> None:
+    done = mpiexec(sys.executable, str(HERE / "worker.py"), "raise_in_fit", str(tmp_path / "r"))
+    assert done.returncode != 0 and "waited" not in done.stderr  # (ended, not timed out)
+    assert "rank 1 of 2 failed" in done.stderr and "loss broke at step 3" in done.stderr
 
 
 def test_a_rank_that_never_joins_ends_the_run_after_the_timeout(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 data-parallel result and the one-process reference on the concatenated batch, and rank 0
 writes {check: [ok, detail]} as JSON to argv[2]. ``argv[1]`` picks the scenario: ``checks``
 (the numerical checks), ``raise`` (rank 1 raises), ``hang`` (rank 1 skips a collective),
-``skip_step`` (rank 1 never calls step()), ``extra_step`` (rank 0 calls it once more)."""
+``skip_step`` (rank 1 never calls step()), ``extra_step`` (rank 0 calls it once more),
+``raise_in_fit`` (rank 1 raises in the middle of an epoch)."""
 
 from __future__ import annotations
 
@@ -370,6 +371,26 @@ def the_gradients_after_a_step_are_the_average() -> str:
         for a, p in zip(after, model.parameters()):
             assert np.array_equal(p.grad.numpy(), a), f"{kind}: a second step changed p.grad"
     return "p.grad after step() is the average over the ranks, and stays it over a second step"
+
+
+@check
+def collectives_on_tensors_of_every_kind() -> str:
+    """PyTorch users pass tensors: one that requires grad, a slice (a view: its base sees
+    the result), a 0-d one, and float16, bfloat16, float64, int64 and int32 ones."""
+    total = float(sum(range(1, N + 1)))
+    leaf = gpunet.tensor([1.0 + R, 2.0], requires_grad=True)
+    assert dist.all_reduce(leaf).tolist() == [total, 2.0 * N] and leaf.requires_grad
+    base = gpunet.tensor([1.0, 2.0, 3.0, 4.0]) * (R + 1)
+    dist.all_reduce(base[1:3], "max")
+    assert base.tolist() == [1.0 + R, 2.0 * N, 3.0 * N, 4.0 * (R + 1)], base.tolist()
+    assert dist.all_reduce(gpunet.tensor(1.0 + R), "mean").item() == total / N
+    assert dist.broadcast(gpunet.tensor(5.0 + R), root=N - 1).item() == 4.0 + N
+    for dtype in (gpunet.float16, gpunet.bfloat16, gpunet.float64, gpunet.int64, gpunet.int32):
+        t = gpunet.tensor([1.0 + R, 3.0]).to(dtype)
+        assert dist.all_reduce(t).numpy().tolist() == [total, 3.0 * N] and t.dtype == dtype
+        b = gpunet.tensor([float(R)] * 2).to(dtype)
+        assert dist.broadcast(b, root=1).numpy().tolist() == [1, 1] and b.dtype == dtype
+    return "requires_grad, a slice, 0-d and five dtypes: reduced and broadcast in place"
 
 
 @check
@@ -795,6 +816,21 @@ def main() -> None:
         loader = DataLoader(Dataset(x, y), 4, shuffle=True, seed=0, num_replicas=N, rank=R)
         extra = lambda epoch, h: o.step() if R == 0 else None
         fit(model, F.cross_entropy, o, loader, epochs=3, progress=False, on_epoch_end=extra)
+    elif scenario == "raise_in_fit":  # rank 1's loss raises at its third step
+        from gpunet.train import fit
+
+        model, o = model_and_opt("float32", "sgd")
+        o = dist.DistributedOptimizer(o)
+        x, y = batch("float32", rows=16)
+        loader = DataLoader(Dataset(x, y), 2, shuffle=True, seed=0, num_replicas=N, rank=R)
+        calls = iter(range(100))
+
+        def loss(out: gpunet.Tensor, target: gpunet.Tensor) -> gpunet.Tensor:
+            if R == 1 and next(calls) == 2:
+                raise RuntimeError("rank 1's loss broke at step 3")
+            return F.cross_entropy(out, target)
+
+        fit(model, loss, o, loader, epochs=2, progress=False)
     elif scenario == "hang":
         if R == 0:
             COMM.all_reduce(np.zeros(3, np.float32))  # rank 1 never joins
