@@ -51,6 +51,7 @@ CHECKS = [
     "fit_refuses_a_validation_loader_that_pads",
     "fit_reduces_validation_and_every_rank_stops_alike",
     "clipping_after_synchronize_equals_one_process",
+    "clipping_after_unscale_equals_one_process",
     "clipping_before_synchronize_clips_each_rank_and_keeps_them_identical",
     "schedules_and_weight_decay_for_50_steps_equal_one_process",
     "scaled_low_precision_steps_equal_one_process",

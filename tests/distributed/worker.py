@@ -648,6 +648,30 @@ def clipping_after_synchronize_equals_one_process() -> str:
 
 
 @check
+def clipping_after_unscale_equals_one_process() -> str:
+    """GradScaler: scaler.unscale_(opt) averages first, so clipping after it clips the
+    average, as one process does; float32 to 1e-6."""
+    model, o, ref, ro = pair("float32", lambda p: optim.SGD(p, lr=0.5, momentum=0.9))
+    scalers = [gpunet.amp.GradScaler(init_scale=2.0**8) for _ in range(2)]
+    for step in range(5):
+        x, y = batch("float32", seed=step)
+        for m, opt, scaler, (bx, by) in (
+            (model, o, scalers[0], mine(x, y)),
+            (ref, ro, scalers[1], (x, y)),
+        ):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(m(gpunet.tensor(bx)), gpunet.tensor(by))).backward()
+            scaler.unscale_(opt)
+            assert float(optim.clip_grad_norm_(m.parameters(), 0.05)) > 0.05, "not clipping"
+            scaler.step(opt)
+            scaler.update()
+    same_on_every_rank(model)
+    diff = max_diff(params(model), params(ref))
+    assert diff <= 1e-6, f"{diff:.3g}"
+    return f"5 scaled, unscaled, clipped SGD steps: max diff {diff:.3g}"
+
+
+@check
 def clipping_before_synchronize_clips_each_rank_and_keeps_them_identical() -> str:
     """clip_grad_norm_ before step() without synchronize(): each rank clips its own gradient
     by its own norm, then step() averages (Horovod's behaviour): not the one-process step,
