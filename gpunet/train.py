@@ -80,7 +80,7 @@ def evaluate(
     (data parallelism), over every rank's batches: the sums are all-reduced, so every rank
     gets the same figures."""
     if comm is not None and comm.size > 1:
-        _check_unpadded(batches, "evaluate")
+        _check_unpadded(batches, "evaluate: the loader")
     total, correct, n, classify = 0.0, 0.0, 0, True
     training = getattr(model, "training", None)
     if training is not None:
@@ -114,7 +114,7 @@ def _check_unpadded(loader: Any, what: str) -> None:
     extra = -rows % replicas
     if extra:
         raise ValueError(
-            f"{what}: the validation loader pads its {rows} rows to {rows + extra} for "
+            f"{what} pads its {rows} rows to {rows + extra} for "
             f"{replicas} ranks, so its loss and accuracy would count {extra} of them twice; "
             "pass pad=False to evaluation loaders (uneven shards are fine there)"
         )
@@ -186,7 +186,7 @@ def fit(
         first = epochs
     if run.comm is not None:
         _check_shards(run.comm, train)
-        _check_unpadded(val, "fit")
+        _check_unpadded(val, "fit: the validation loader")
     bar = _progress(epochs, progress and (run.comm is None or run.comm.rank == 0), first)
     step = _Step(model, loss_fn, optimizer, capture, run, autocast, scaler)
     with _DeferredInterrupt() as interrupt:

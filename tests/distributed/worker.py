@@ -531,11 +531,11 @@ def fit_refuses_a_validation_loader_that_pads() -> str:
     padded = DataLoader(Dataset(x[:3], y[:3]), 4, **shard)
     said = refused(
         lambda: fit(model, F.cross_entropy, o, loader, padded, epochs=1, progress=False),
-        "pads its 3 rows to 4",
+        "fit: the validation loader pads its 3 rows to 4",
         "pad=False",
     )
     assert digest(model) == before, "fit stepped before refusing"
-    refused(lambda: evaluate(model, F.cross_entropy, padded, COMM), "evaluate:", "pad=False")
+    refused(lambda: evaluate(model, F.cross_entropy, padded, COMM), "evaluate: the loader pads")
     one = DataLoader(Dataset(x[:1], y[:1]), 4, pad=False, **shard)  # rank 1: no rows
     h = fit(model, F.cross_entropy, o, loader, one, epochs=1, progress=False)
     want, _ = evaluate(model, F.cross_entropy, DataLoader(Dataset(x[:1], y[:1]), 4))
