@@ -79,8 +79,7 @@ def evaluate(
     """Mean loss (and accuracy, for labels) over the batches, under no_grad; with ``comm``
     (data parallelism), over every rank's batches: the sums are all-reduced, so every rank
     gets the same figures."""
-    if comm is not None and comm.size > 1:
-        _check_unpadded(batches, "evaluate: the loader")
+    _check_evaluation(batches, comm, "evaluate: the loader")
     total, correct, n, classify = 0.0, 0.0, 0, True
     training = getattr(model, "training", None)
     if training is not None:
@@ -104,19 +103,26 @@ def evaluate(
     return (total / n, (correct / n) if classify else None)
 
 
-def _check_unpadded(loader: Any, what: str) -> None:
-    """A sharded evaluation loader must not pad: its repeated rows would count twice in the
-    loss and accuracy summed over the ranks (every rank sees the same sizes: all raise)."""
+def _check_evaluation(loader: Any, comm: Any, what: str) -> None:
+    """A sharded evaluation loader needs its whole world to sum over (one shard alone is not
+    the set), and must not pad (its repeated rows would count twice in the sums)."""
     data, replicas = getattr(loader, "dataset", None), getattr(loader, "num_replicas", 1)
-    if data is None or replicas <= 1 or not getattr(loader, "pad", False):
+    size = 1 if comm is None else comm.size
+    if data is None or replicas == 1:  # (unsharded: each rank sums the whole set, alike)
         return
+    if replicas != size:
+        raise ValueError(
+            f"{what} holds 1 shard of {replicas}, but its sums run over {size} rank(s), so its "
+            "loss and accuracy would not be the set's; pass comm= (the optimizer's "
+            "communicator, gpunet.distributed.init()) with every rank, or an unsharded loader"
+        )
     rows = len(data)
-    extra = -rows % replicas
+    extra = -rows % replicas if getattr(loader, "pad", False) else 0
     if extra:
         raise ValueError(
-            f"{what} pads its {rows} rows to {rows + extra} for "
-            f"{replicas} ranks, so its loss and accuracy would count {extra} of them twice; "
-            "pass pad=False to evaluation loaders (uneven shards are fine there)"
+            f"{what} pads its {rows} rows to {rows + extra} for {replicas} ranks, so its loss "
+            f"and accuracy would count {extra} of them twice; pass pad=False to evaluation "
+            "loaders (uneven shards are fine there)"
         )
 
 
@@ -186,7 +192,8 @@ def fit(
         first = epochs
     if run.comm is not None:
         _check_shards(run.comm, train)
-        _check_unpadded(val, "fit: the validation loader")
+    if val is not None:
+        _check_evaluation(val, run.comm, "fit: the validation loader")
     bar = _progress(epochs, progress and (run.comm is None or run.comm.rank == 0), first)
     step = _Step(model, loss_fn, optimizer, capture, run, autocast, scaler)
     with _DeferredInterrupt() as interrupt:

@@ -519,7 +519,8 @@ def fit_refuses_a_validation_loader_that_pads() -> str:
     """3 validation rows over 2 ranks with the default pad=True: one row was evaluated twice,
     so the validation loss and accuracy (which pick the best epoch and stop early) were
     silently not the set's (1.1013 against 1.1091); refused before the first step, and by
-    evaluate, naming pad=False. A validation set smaller than the world, unpadded, works."""
+    evaluate, naming pad=False. A validation set smaller than the world, unpadded, and an
+    unsharded one (each rank evaluates all of it) work."""
     from gpunet.train import evaluate, fit
 
     model, o = model_and_opt("float32", "sgd")
@@ -536,10 +537,11 @@ def fit_refuses_a_validation_loader_that_pads() -> str:
     )
     assert digest(model) == before, "fit stepped before refusing"
     refused(lambda: evaluate(model, F.cross_entropy, padded, COMM), "evaluate: the loader pads")
-    one = DataLoader(Dataset(x[:1], y[:1]), 4, pad=False, **shard)  # rank 1: no rows
-    h = fit(model, F.cross_entropy, o, loader, one, epochs=1, progress=False)
-    want, _ = evaluate(model, F.cross_entropy, DataLoader(Dataset(x[:1], y[:1]), 4))
-    assert abs(h.val_loss[0] - want) <= 1e-6 * want, (h.val_loss, want)
+    for rows, kw in ((1, {"pad": False, **shard}), (3, {})):  # rank 1 no rows; unsharded
+        val = DataLoader(Dataset(x[:rows], y[:rows]), 4, **kw)
+        h = fit(model, F.cross_entropy, o, loader, val, epochs=1, progress=False)
+        want, _ = evaluate(model, F.cross_entropy, DataLoader(Dataset(x[:rows], y[:rows]), 4))
+        assert abs(h.val_loss[0] - want) <= 1e-6 * want, (rows, h.val_loss, want)
     return said[:120]
 
 
