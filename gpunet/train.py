@@ -79,6 +79,7 @@ def evaluate(
     """Mean loss (and accuracy, for labels) over the batches, under no_grad; with ``comm``
     (data parallelism), over every rank's batches: the sums are all-reduced, so every rank
     gets the same figures."""
+    _check_evaluation(batches, comm, "evaluate: the loader")
     total, correct, n, classify = 0.0, 0.0, 0, True
     training = getattr(model, "training", None)
     if training is not None:
@@ -102,11 +103,35 @@ def evaluate(
     return (total / n, (correct / n) if classify else None)
 
 
+def _check_evaluation(loader: Any, comm: Any, what: str) -> None:
+    """A sharded evaluation loader needs its whole world to sum over (one shard alone is not
+    the set), and must not pad (its repeated rows would count twice in the sums)."""
+    data, replicas = getattr(loader, "dataset", None), getattr(loader, "num_replicas", 1)
+    size = 1 if comm is None else comm.size
+    if data is None or replicas == 1:  # (unsharded: each rank sums the whole set, alike)
+        return
+    if replicas != size:
+        raise ValueError(
+            f"{what} holds 1 shard of {replicas}, but its sums run over {size} rank(s), so its "
+            "loss and accuracy would not be the set's; pass comm= (the optimizer's "
+            "communicator, gpunet.distributed.init()) with every rank, or an unsharded loader"
+        )
+    rows = len(data)
+    extra = -rows % replicas if getattr(loader, "pad", False) else 0
+    if extra:
+        raise ValueError(
+            f"{what} pads its {rows} rows to {rows + extra} for {replicas} ranks, so its loss "
+            f"and accuracy would count {extra} of them twice; pass pad=False to evaluation "
+            "loaders (uneven shards are fine there)"
+        )
+
+
 def _sum_over_ranks(
     comm: Any, total: float, correct: float, n: int, classify: bool
 ) -> tuple[float, float, int, bool]:
     """(loss sum, correct, rows, every rank classifies) summed over the ranks: one all-reduce."""
-    sums = comm.host.all_reduce(np.array([total, correct, n, not classify], np.float64))
+    with comm.during("fit or evaluate"):
+        sums = comm.host.all_reduce(np.array([total, correct, n, not classify], np.float64))
     return float(sums[0]), float(sums[1]), int(sums[2]), not sums[3]
 
 
@@ -168,6 +193,8 @@ def fit(
         first = epochs
     if run.comm is not None:
         _check_shards(run.comm, train)
+    if val is not None:
+        _check_evaluation(val, run.comm, "fit: the validation loader")
     bar = _progress(epochs, progress and (run.comm is None or run.comm.rank == 0), first)
     step = _Step(model, loss_fn, optimizer, capture, run, autocast, scaler)
     with _DeferredInterrupt() as interrupt:
@@ -216,6 +243,15 @@ def _check_shards(comm: Any, train: Any) -> None:
             f"fit: under data parallelism over {comm.size} ranks the training loader must be "
             "DataLoader(..., seed=S, num_replicas=size, rank=rank) with the same S on every "
             f"rank; the ranks have (seed, num_replicas, rank) = {every}"
+        )
+    data = getattr(train, "dataset", None)
+    sizes = (getattr(train, "batch_size", None), len(data) if hasattr(data, "__len__") else None)
+    every_size = comm.host.all_gather_object(sizes)
+    if len(set(every_size)) > 1:  # (equal steps would hide it: the step weighs ranks alike)
+        raise ValueError(
+            "fit: under data parallelism every rank's training loader must shard the same data "
+            "in batches of one size, since the step averages the ranks' mean gradients with "
+            f"equal weight; the ranks have (batch_size, rows) = {every_size}"
         )
     steps = comm.host.all_gather_object(len(train) if hasattr(train, "__len__") else None)
     if len(set(steps)) > 1:
@@ -406,7 +442,8 @@ def _agree(comm: Any, value: float, pending: bool) -> tuple[float, bool]:
     """(this rank's loss, or NaN when any rank's loss is not finite; whether any rank was
     interrupted): the same decisions on every rank, so no rank waits for one that stopped."""
     flags = np.array([math.isfinite(value), not pending], np.float64)
-    flags = comm.host.all_reduce(flags, "min")  # 0 where any rank's loss or Ctrl-C says stop
+    with comm.during("fit"):  # 0 where any rank's loss or Ctrl-C says stop
+        flags = comm.host.all_reduce(flags, "min")
     return (value if flags[0] else math.nan), not flags[1]
 
 

@@ -362,3 +362,19 @@ def test_a_loss_scaled_fit_prints_no_numpy_overflow_warnings() -> None:
             autocast=gpunet.float16,
             scaler=gpunet.amp.GradScaler(init_scale=2.0**24),
         )
+
+
+def test_a_shard_evaluated_without_its_world_is_refused() -> None:
+    """evaluate on rank 0's shard of 2 without comm (a test set after fit, as a
+    DistributedSampler user writes it) gave that shard's loss and accuracy as if the set's,
+    silently; refused, in fit before the first step too, saying to pass comm."""
+    data = blobs(30)
+    model = Softmax(2, 3)
+    shard = DataLoader(data, 8, num_replicas=2, rank=0, pad=False)
+    with pytest.raises(ValueError, match=r"evaluate: the loader holds 1 shard of 2.*comm="):
+        evaluate(model, F.cross_entropy, shard)
+    before = model.state_dict()
+    train = DataLoader(data, 8, shuffle=True, seed=0)
+    with pytest.raises(ValueError, match=r"fit: the validation loader holds 1 shard of 2"):
+        fit(model, F.cross_entropy, SGD(model.parameters(), 0.1), train, shard, progress=False)
+    assert all(np.array_equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -44,8 +44,11 @@ __all__ = [
     "broadcast_parameters",
     "engines",
     "fail",
+    "get_rank",
+    "get_world_size",
     "init",
     "initialized",
+    "is_initialized",
     "launched_size",
     "rank",
     "world_size",
@@ -71,12 +74,18 @@ def init(backend: str | None = None, timeout: float | None = None) -> Communicat
     rank prints that rank's traceback and ends every rank (``MPI_Abort``), never a hang."""
     global _WORLD
     if backend not in (None, "mpi", "nccl", "local"):
-        raise ValueError(f"init: backend must be 'mpi', 'nccl' or 'local', got {backend!r}")
+        raise ValueError(
+            f"init: backend must be 'mpi', 'nccl' or 'local', got {backend!r} (gpunet runs on "
+            "the engines themselves: 'mpi' for CPUs, 'nccl' for GPUs, or None to choose "
+            "from how the process was launched)"
+        )
     if _WORLD is not None:
         if backend is not None and backend != _WORLD.name:
             raise RuntimeError(
                 f"gpunet.distributed.init(backend={backend!r}): already initialized with "
-                f"{_WORLD.name!r}; init once per process"
+                f"{_WORLD.name!r} (by init(), or by rank(), world_size(), barrier(), "
+                "all_reduce or broadcast, which take the default); call init(backend=...) "
+                "once per process, first"
             )
         return _WORLD
     size = launched_size()
@@ -89,14 +98,16 @@ def init(backend: str | None = None, timeout: float | None = None) -> Communicat
             f"gpunet.distributed: launched with {size} ranks (or asked for {backend!r}), but "
             "mpi4py is not installed; pip install 'gpunet[mpi]'"
         )
-    host = MPIComm(timeout=timeout)
-    world: Communicator = host
-    if backend == "nccl":
+    found = None
+    if backend == "nccl":  # (refused before MPI starts: nothing made, nothing to undo)
         from ..backend import probe_cuda
 
         found = probe_cuda()
         if not found.available:
             raise RuntimeError(f"init(backend='nccl'): no CUDA device ({found.reason})")
+    host = MPIComm(timeout=timeout)
+    world: Communicator = host
+    if found is not None:
         world = NCCLComm(host, host.local_rank() % len(found.devices))
     _WORLD = world
     if world.size > 1:
@@ -120,6 +131,10 @@ def rank() -> int:
 def world_size() -> int:
     """The number of ranks (1 without mpiexec)."""
     return _world().size
+
+
+# torch.distributed's names for the same functions, so a PyTorch script's calls port unchanged
+get_rank, get_world_size, is_initialized = rank, world_size, initialized
 
 
 def barrier() -> None:

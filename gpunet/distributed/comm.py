@@ -10,6 +10,12 @@ gpunet's own:
 - ``NCCLComm``: CuPy's ``cupy.cuda.nccl`` on device arrays, on the current stream; the unique
   id is made on rank 0 and broadcast over MPI (ChainerMN's bootstrap), so NCCL needs MPI too.
 
+Every rank must make the same call: ``all_reduce`` and ``broadcast`` first compare the ranks'
+(name, op or root, shape, dtype) with one tiny all-reduce and raise on every rank, naming each
+rank's call, where they differ (MPI would fail deep inside, hang, or reduce mismatched
+elements silently where the byte counts agree). Callers that proved the arrays alike (the
+gradient buffers, checked when the optimizer is wrapped) skip it (``during(..., agreed=True)``).
+
 A collective that waits longer than ``timeout`` seconds (``GPUNET_DIST_TIMEOUT``, default 300)
 for the other ranks ends every rank (``MPI_Abort``) after printing what it waited for: a rank
 that failed or took another path must fail the job, never hang it.
@@ -17,11 +23,13 @@ that failed or took another path must fail the job, never hang it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -58,6 +66,8 @@ class Communicator:
     # all_reduce(mean) is the sum and then a scaling pass (MPI, NCCL before ncclAvg): a
     # data-parallel step then asks for the sum and its fused update takes the 1/N
     mean_is_a_pass = False
+    _agreed = 0  # > 0 inside during(..., agreed=True): the caller proved the arrays alike
+    _during: str | None = None  # the caller during() names, for messages
 
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         """array <- op over ranks of array (``mean``: the sum / size), in place; returns it."""
@@ -71,6 +81,30 @@ class Communicator:
 
     def barrier(self) -> None:
         """Wait until every rank has called barrier()."""
+
+    def check_same_call(self, what: str, array: Array) -> None:
+        """Raise on every rank unless every rank calls ``what`` on an array of this shape
+        and dtype (nothing to compare in a world of one)."""
+
+    @contextlib.contextmanager
+    def during(self, caller: str, agreed: bool = False) -> Iterator[None]:
+        """Collectives inside run for ``caller``, which a mismatch's or a timeout's message
+        names (what every rank must call); ``agreed``: the caller proved every rank's arrays
+        alike (a model compared at wrap time), so they skip ``check_same_call``'s round trip."""
+        comms = [self] if self.host is self else [self, self.host]
+        before = [(c._agreed, c._during) for c in comms]
+        for c in comms:
+            c._agreed += agreed
+            c._during = caller
+        try:
+            yield
+        finally:
+            for c, (was_agreed, was_during) in zip(comms, before):
+                c._agreed, c._during = was_agreed, was_during
+
+    def _waiting_for(self, what: str) -> str:
+        """``what`` a collective waits for, with the caller during() named."""
+        return what if self._during is None else f"{what} in {self._during}"
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         """Rank ``root``'s ``value`` (a small picklable object), on every rank."""
@@ -119,6 +153,11 @@ def _check_root(root: int, size: int, what: str) -> None:
 def _check_op(op: str, array: Array) -> None:
     if op not in OPS:
         raise ValueError(f"all_reduce: op must be one of {', '.join(OPS)}, got {op!r}")
+    if np.dtype(array.dtype).kind == "b":
+        raise TypeError(
+            f"all_reduce: MPI and NCCL reduce numbers, got {describe(array)}; convert to int32 "
+            "first (then 'sum' counts the True, 'max' is any, 'min' is all)"
+        )
     if op == "mean" and np.dtype(array.dtype).kind not in "fcV":  # (V: bfloat16)
         raise TypeError(
             f"all_reduce: op 'mean' averages floating arrays, got {describe(array)}; reduce "
@@ -199,27 +238,53 @@ class MPIComm(Communicator):
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         _check_op(op, array)
         buf = self._host_array(array, "all_reduce")
-        if self.size == 1:
-            return array
+        if self.size > 1:
+            self.check_same_call(f"all_reduce({op})", buf)
+            self._all_reduce(buf, op)
+        return array
+
+    def _all_reduce(self, buf: np.ndarray, op: str) -> None:
         if buf.dtype == dtypes.bfloat16:  # (MPI has no bfloat16: reduced in float32, rounded once)
             wide = buf.astype(np.float32)
-            buf[...] = self.all_reduce(wide, op).astype(buf.dtype)
-            return array
+            self._all_reduce(wide, op)
+            buf[...] = wide.astype(buf.dtype)
+            return
         what = f"all_reduce({op}) of {describe(buf)}"
         self._guarded(what, self.comm.Allreduce, self.MPI.IN_PLACE, buf, self._ops[op])
         if op == "mean":  # MPI has no average: one scaling pass after the sum
             np.multiply(buf, buf.dtype.type(1.0 / self.size), out=buf)
-        return array
 
     def broadcast(self, array: Array, root: int = 0) -> Array:
         _check_root(root, self.size, "broadcast")
         buf = self._host_array(array, "broadcast")
-        if buf.dtype == dtypes.bfloat16:  # (MPI has no bfloat16: its bits, as uint16)
-            buf = buf.view(np.uint16)
         if self.size > 1:
+            self.check_same_call(f"broadcast(root={root})", buf)
+            if buf.dtype == dtypes.bfloat16:  # (MPI has no bfloat16: its bits, as uint16)
+                buf = buf.view(np.uint16)
             what = f"broadcast from rank {root} of {describe(buf)}"
             self._guarded(what, self.comm.Bcast, buf, root)
         return array
+
+    def check_same_call(self, what: str, array: Array) -> None:
+        """One all-reduce (max) of a checksum of this rank's call and of its negation: equal
+        on every rank only if every rank's call is; where not, every rank sees it, gathers
+        each rank's call and raises the same error (so none waits for the others)."""
+        if self._agreed or self.size == 1:
+            return
+        mine = self._waiting_for(f"{what} of {tuple(array.shape)} {array.dtype}")
+        code = zlib.crc32(mine.encode())
+        both = np.array([code, -code], np.int64)
+        check = f"{what} of {describe(array)} (comparing the ranks' calls first)"
+        self._guarded(check, self.comm.Allreduce, self.MPI.IN_PLACE, both, self.MPI.MAX)
+        if both[0] == -both[1]:
+            return
+        calls = "; ".join(f"rank {r}: {c}" for r, c in enumerate(self.all_gather_object(mine)))
+        raise ValueError(
+            f"{what.split('(')[0]}: the ranks' calls differ ({calls}); every rank must make "
+            "the same calls in the same order (a step() on every rank or none), each with an "
+            "array of the same shape and dtype and the same op or root (pad each rank's part "
+            "to one size, or exchange differing sizes with all_gather_object)"
+        )
 
     def barrier(self) -> None:
         self._guarded("barrier", self.comm.Barrier)
@@ -232,7 +297,7 @@ class MPIComm(Communicator):
         return self._guarded("all_gather_object", self.comm.allgather, value)
 
     def _guarded(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
-        self.watchdog.arm(what)
+        self.watchdog.arm(self._waiting_for(what))
         try:
             return fn(*args)
         finally:
@@ -313,7 +378,7 @@ class NCCLComm(Communicator):
     def _bounded(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         if self.watchdog is None:
             return fn(*args)
-        self.watchdog.arm(what)
+        self.watchdog.arm(self._waiting_for(what))
         try:
             return fn(*args)
         finally:
@@ -337,6 +402,7 @@ class NCCLComm(Communicator):
     def all_reduce(self, array: Array, op: str = "sum") -> Array:
         _check_op(op, array)
         dtype = self._code(array, "all_reduce")
+        self.check_same_call(f"all_reduce({op})", array)
         code = self.ops.get(op, self.ops["sum"])  # mean without ncclAvg: sum, then scale
         ptr = array.data.ptr
         self.comm.allReduce(ptr, ptr, array.size, dtype, code, self.stream_ptr())
@@ -348,11 +414,17 @@ class NCCLComm(Communicator):
     def broadcast(self, array: Array, root: int = 0) -> Array:
         _check_root(root, self.size, "broadcast")
         dtype = self._code(array, "broadcast")
+        self.check_same_call(f"broadcast(root={root})", array)
         self.comm.bcast(array.data.ptr, array.size, dtype, root, self.stream_ptr())
         return array
 
     def barrier(self) -> None:
         self._host.barrier()
+
+    def check_same_call(self, what: str, array: Array) -> None:
+        """Compared over MPI, before NCCL runs: a mismatched NCCL call would hang the GPUs."""
+        if not self._agreed:
+            self._host.check_same_call(what, array)
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         return self._host.broadcast_object(value, root)

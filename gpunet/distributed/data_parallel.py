@@ -62,7 +62,8 @@ def broadcast_parameters(model: Any, comm: Communicator | None = None, root: int
     check_same_model(comm, [f"{p.device} {p.dtype} {p.shape}" for p in params], "broadcast")
     for p in params:
         data = p.data if p.data.flags.c_contiguous else p._backend.copy(p.data)
-        comm.broadcast(data, root)
+        with comm.during("broadcast_parameters", agreed=True):
+            comm.broadcast(data, root)
         if data is not p.data:
             p.data = data
         bump_version(p)  # (written: autocast's low-precision copy of it is stale)
@@ -113,7 +114,8 @@ def _take_rank_0(optimizer: Any, comm: Communicator, what: str) -> None:
             optimizer.load_state_dict(state)
     for flat in optimizer._flats:
         flat.sync_params()
-        call("broadcast", comm.broadcast, flat.data, root=0)
+        with comm.during(what, agreed=True):
+            call("broadcast", comm.broadcast, flat.data, root=0)
         for p in flat.params:  # (written: autocast's low-precision copies are stale)
             bump_version(p)
 
@@ -161,16 +163,22 @@ class _DataParallel:
                 "each rank from its own gradient and the ranks' weights would drift apart; call "
                 "it after leaving no_sync()"
             )
-        anywhere = self._grads_anywhere()
-        for flat, there in zip(self._flats, anywhere):
-            flat.sync_params()
-            views = flat.grad_views
-            for i, p in enumerate(flat.params):
-                if p.grad is None and there[i]:
-                    views[i][...] = 0
-                    p.grad = Tensor._wrap(views[i], flat.backend)
-            flat.gather_grads([i for i, p in enumerate(flat.params) if p.grad is not None])
-            call("all_reduce", self.communicator.all_reduce, flat.grad, op=op)
+        comm, caller = self.communicator, "DistributedOptimizer.step() or synchronize()"
+        # The flags' all-reduce is checked (one tiny round trip more): a rank stepping where
+        # another reduces or broadcasts fails there, naming both; the buffers after it were
+        # compared at wrap time.
+        with comm.during(caller):
+            anywhere = self._grads_anywhere()
+        with comm.during(caller, agreed=True):
+            for flat, there in zip(self._flats, anywhere):
+                flat.sync_params()
+                views = flat.grad_views
+                for i, p in enumerate(flat.params):
+                    if p.grad is None and there[i]:
+                        views[i][...] = 0
+                        p.grad = Tensor._wrap(views[i], flat.backend)
+                flat.gather_grads([i for i, p in enumerate(flat.params) if p.grad is not None])
+                call("all_reduce", self.communicator.all_reduce, flat.grad, op=op)
         self._synced = True
 
     def _grads_anywhere(self) -> list[np.ndarray]:

@@ -96,6 +96,30 @@ def test_nccl_calls_cupy_with_the_buffer_count_dtype_op_and_current_stream() -> 
     assert "mean" not in comm.ops and comm.ops["sum"] == 0
 
 
+def test_nccl_compares_the_ranks_calls_over_its_host_first_unless_agreed() -> None:
+    """A mismatched NCCL call would hang the GPUs: the check runs over MPI (the host)
+    before NCCL is called, and inside during(..., agreed=True) (the gradients) not at all."""
+    asked: list[str] = []
+
+    class Host(Communicator):
+        def check_same_call(self, what: str, array: object) -> None:
+            if not self._agreed:
+                asked.append(what)
+                raise ValueError("differ")
+
+    fake = _FakeNCCL()
+    comm = NCCLComm(Host(), 0, nccl=fake, stream_ptr=lambda: 77)
+    with pytest.raises(ValueError, match="differ"):
+        comm.all_reduce(_DeviceArray(4, "float32"), "max")
+    with pytest.raises(ValueError, match="differ"):
+        comm.broadcast(_DeviceArray(4, "float32"), root=0)
+    assert asked == ["all_reduce(max)", "broadcast(root=0)"] and fake.calls[1:] == []
+    with comm.during("a step", agreed=True):
+        comm.all_reduce(_DeviceArray(4, "float32"), "sum")
+    assert len(asked) == 2 and fake.calls[1][0] == "allReduce" and comm.host._agreed == 0
+    assert comm._during is None and comm.host._during is None
+
+
 def test_nccl_without_the_library_says_what_to_install() -> None:
     fake = _FakeNCCL()
     fake.available = False
@@ -271,3 +295,74 @@ def test_a_world_of_one_refuses_what_mpi_refuses() -> None:
     with pytest.raises(TypeError, match=r"broadcast: .*an array, got float"):
         comm.broadcast(3.0)
     assert dist.all_reduce(gpunet.ones(2, 3)).tolist() == [[1.0] * 3] * 2
+
+
+def test_a_bool_all_reduce_is_refused_in_every_world() -> None:
+    """all_reduce of a bool array ran alone and was MPI's 'Invalid MPI_Op' error stack under
+    mpiexec (MPI defines no sum, max or min of booleans); refused everywhere, saying what to
+    pass instead."""
+    with pytest.raises(TypeError, match=r"all_reduce: .*bool.*int32.*any.*all"):
+        dist.all_reduce(gpunet.tensor([True, False]), "max")
+    with pytest.raises(TypeError, match=r"all_reduce: .*bool"):
+        dist.init().all_reduce(np.array([True]))
+    assert dist.broadcast(gpunet.tensor([True, False])).tolist() == [True, False]
+
+
+def test_torch_distributed_names_are_the_same_functions() -> None:
+    """A PyTorch user writes dist.get_rank(), get_world_size(), is_initialized(): they were
+    AttributeErrors; they are gpunet's rank(), world_size(), initialized()."""
+    assert dist.get_rank is dist.rank and dist.get_world_size is dist.world_size
+    assert dist.is_initialized is dist.initialized
+    assert (dist.get_rank(), dist.get_world_size(), dist.is_initialized()) == (0, 1, True)
+
+
+def test_pytorchs_engine_names_are_refused_saying_which_to_pass() -> None:
+    for name in ("gloo", "ucc"):
+        with pytest.raises(ValueError, match=rf"got '{name}'.*'mpi' for CPUs.*'nccl' for GPUs"):
+            dist.init(backend=name)
+
+
+def test_nccl_without_a_gpu_is_refused_before_mpi_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """init(backend='nccl') on a machine without a GPU made the MPI communicator (MPI up, a
+    watchdog thread) before finding no device; now it is refused first, nothing made."""
+    import gpunet.backend
+
+    made: list[object] = []
+    monkeypatch.setattr(dist, "_WORLD", None)
+    monkeypatch.setattr(dist, "MPIComm", lambda **kw: made.append(kw))
+    no_gpu = gpunet.backend.CudaProbe(available=False, reason="no driver")
+    monkeypatch.setattr(gpunet.backend, "probe_cuda", lambda: no_gpu)
+    with pytest.raises(RuntimeError, match=r"init\(backend='nccl'\): no CUDA device \(no driver\)"):
+        dist.init(backend="nccl")
+    assert made == [] and dist._WORLD is None
+
+
+def test_init_after_an_implicit_one_says_what_initialized(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dist.rank() before dist.init(backend='nccl') makes the default world; the refusal said
+    'init once per process' to a user who had called init once."""
+    monkeypatch.setattr(dist, "_WORLD", None)
+    assert dist.rank() == 0
+    with pytest.raises(RuntimeError, match=r"already initialized with 'local'.*rank\(\).*first"):
+        dist.init(backend="mpi")
+
+
+def test_a_captured_data_parallel_step_is_refused_naming_it() -> None:
+    """gpunet.capture around a step that calls DistributedOptimizer.step raises CaptureError
+    (its Python decides per step which gradients exist), in a world of one as under mpiexec,
+    and leaves the optimizer usable eagerly."""
+    model = nn.MLP([4, 5, 2])
+    opt = dist.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.1))
+    x, y = gpunet.ones(3, 4), gpunet.tensor([0, 1, 0])
+
+    def step() -> gpunet.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    with pytest.raises(gpunet.CaptureError, match=r"DistributedOptimizer\.step.*not capturable"):
+        gpunet.capture(step)()
+    before = [p.numpy().copy() for p in model.parameters()]
+    step()
+    assert any(not np.array_equal(a, p.numpy()) for a, p in zip(before, model.parameters()))

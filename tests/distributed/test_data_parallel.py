@@ -40,14 +40,24 @@ CHECKS = [
     "mismatched_models_are_refused_at_wrap",
     "sgd_in_backward_is_refused",
     "collectives_on_tensors",
+    "collectives_on_tensors_of_every_kind",
     "a_bad_root_or_a_strided_array_is_refused_by_name",
     "the_gradients_after_a_step_are_the_average",
     "wrapping_after_a_step_takes_rank_0s_optimizer_state",
     "integer_means_are_refused_and_bfloat16_reduces_through_float32",
+    "ranks_passing_different_arrays_ops_or_roots_are_refused_naming_each",
     "broadcast_parameters_gives_rank_0s_model",
     "fit_refuses_an_unsharded_loader",
     "fit_refuses_shards_of_unequal_steps",
+    "fit_refuses_ranks_loaders_of_different_batch_sizes_or_data",
+    "fit_refuses_a_validation_loader_that_pads",
     "fit_reduces_validation_and_every_rank_stops_alike",
+    "clipping_after_synchronize_equals_one_process",
+    "clipping_after_unscale_equals_one_process",
+    "clipping_before_synchronize_clips_each_rank_and_keeps_them_identical",
+    "schedules_and_weight_decay_for_50_steps_equal_one_process",
+    "scaled_low_precision_steps_equal_one_process",
+    "checkpoints_from_every_rank_load_in_any_world",
 ]
 
 
@@ -114,6 +124,12 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path: Path) -
     assert "rank 1 of 2 failed" in done.stderr and "rank one broke on purpose" in done.stderr
 
 
+def test_an_error_on_one_rank_inside_fit_ends_every_rank_with_its_message(tmp_path: Path) -> None:
+    done = mpiexec(sys.executable, str(HERE / "worker.py"), "raise_in_fit", str(tmp_path / "r"))
+    assert done.returncode != 0 and "waited" not in done.stderr  # (ended, not timed out)
+    assert "rank 1 of 2 failed" in done.stderr and "loss broke at step 3" in done.stderr
+
+
 def test_a_rank_that_never_joins_ends_the_run_after_the_timeout(tmp_path: Path) -> None:
     done = mpiexec(
         sys.executable,
@@ -127,6 +143,37 @@ def test_a_rank_that_never_joins_ends_the_run_after_the_timeout(tmp_path: Path) 
     # (under load the wait overshoots the 1 s limit by a poll or more: any whole seconds)
     said = re.search(r"rank 0 of 2 waited (\d+) s for all_reduce\(sum\) of 3 float32", done.stderr)
     assert said and 1 <= int(said[1]) <= 30, done.stderr
+
+
+def test_a_rank_that_never_steps_ends_the_run_naming_the_step(tmp_path: Path) -> None:
+    """The message named only 'all_reduce(max) of 4 int32': nothing a user wrote; now it
+    names the DistributedOptimizer's step that every rank must call."""
+    done = mpiexec(
+        sys.executable,
+        str(HERE / "worker.py"),
+        "skip_step",
+        str(tmp_path / "r.json"),
+        timeout=90,  # (the limit for a stuck job, not the expected time)
+        GPUNET_DIST_TIMEOUT="1",
+    )
+    assert done.returncode != 0
+    said = r"rank 0 of 2 waited \d+ s for all_reduce\(max\) of 4 int32 .* in DistributedOptimizer"
+    assert re.search(said + r"\.step\(\) or synchronize\(\)", done.stderr), done.stderr
+
+
+def test_a_rank_that_steps_once_more_ends_the_run_naming_both_calls(tmp_path: Path) -> None:
+    """Rank 0's extra step() (in fit's on_epoch_end) met rank 1's next step in fit: MPI's
+    'Message truncated' error stack and an abort from inside MPI; now every rank raises
+    naming each rank's call and where it ran."""
+    done = mpiexec(
+        sys.executable, str(HERE / "worker.py"), "extra_step", str(tmp_path / "r.json"), timeout=90
+    )
+    assert done.returncode != 0
+    said = (
+        "the ranks' calls differ (rank 0: all_reduce(max) of (4,) int32 in DistributedOptimizer"
+        ".step() or synchronize(); rank 1: all_reduce(min) of (2,) float64 in fit)"
+    )
+    assert said in done.stderr and "error stack" not in done.stderr, done.stderr
 
 
 def test_gpunet_train_on_two_ranks_reaches_the_one_process_accuracy(tmp_path: Path) -> None:

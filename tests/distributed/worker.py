@@ -1,7 +1,9 @@
 """Run under ``mpiexec -n 2`` by test_data_parallel.py: each check computes, on every rank, the
 data-parallel result and the one-process reference on the concatenated batch, and rank 0
 writes {check: [ok, detail]} as JSON to argv[2]. ``argv[1]`` picks the scenario: ``checks``
-(the numerical checks), ``raise`` (rank 1 raises), ``hang`` (rank 1 skips a collective)."""
+(the numerical checks), ``raise`` (rank 1 raises), ``hang`` (rank 1 skips a collective),
+``skip_step`` (rank 1 never calls step()), ``extra_step`` (rank 0 calls it once more),
+``raise_in_fit`` (rank 1 raises in the middle of an epoch)."""
 
 from __future__ import annotations
 
@@ -437,6 +439,26 @@ def the_gradients_after_a_step_are_the_average() -> str:
 
 
 @check
+def collectives_on_tensors_of_every_kind() -> str:
+    """PyTorch users pass tensors: one that requires grad, a slice (a view: its base sees
+    the result), a 0-d one, and float16, bfloat16, float64, int64 and int32 ones."""
+    total = float(sum(range(1, N + 1)))
+    leaf = gpunet.tensor([1.0 + R, 2.0], requires_grad=True)
+    assert dist.all_reduce(leaf).tolist() == [total, 2.0 * N] and leaf.requires_grad
+    base = gpunet.tensor([1.0, 2.0, 3.0, 4.0]) * (R + 1)
+    dist.all_reduce(base[1:3], "max")
+    assert base.tolist() == [1.0 + R, 2.0 * N, 3.0 * N, 4.0 * (R + 1)], base.tolist()
+    assert dist.all_reduce(gpunet.tensor(1.0 + R), "mean").item() == total / N
+    assert dist.broadcast(gpunet.tensor(5.0 + R), root=N - 1).item() == 4.0 + N
+    for dtype in (gpunet.float16, gpunet.bfloat16, gpunet.float64, gpunet.int64, gpunet.int32):
+        t = gpunet.tensor([1.0 + R, 3.0]).to(dtype)
+        assert dist.all_reduce(t).numpy().tolist() == [total, 3.0 * N] and t.dtype == dtype
+        b = gpunet.tensor([float(R)] * 2).to(dtype)
+        assert dist.broadcast(b, root=1).numpy().tolist() == [1, 1] and b.dtype == dtype
+    return "requires_grad, a slice, 0-d and five dtypes: reduced and broadcast in place"
+
+
+@check
 def a_bad_root_or_a_strided_array_is_refused_by_name() -> str:
     """A root outside the world was MPI's own error stack from inside Bcast; now the same
     ValueError as in a world of one, raised on every rank before any collective."""
@@ -451,6 +473,37 @@ def a_bad_root_or_a_strided_array_is_refused_by_name() -> str:
         except ValueError as e:
             assert want in str(e), e
     return "root N, root -1 and a transposed tensor refused with ValueError"
+
+
+def refused(call: Callable[[], object], *wanted: str) -> str:
+    """The ValueError ``call`` raises on this rank, checked to name every ``wanted``."""
+    try:
+        call()
+    except ValueError as e:
+        assert all(w in str(e) for w in wanted), (wanted, str(e))
+        return str(e)
+    raise AssertionError(f"accepted; wanted an error naming {wanted}")
+
+
+@check
+def ranks_passing_different_arrays_ops_or_roots_are_refused_naming_each() -> str:
+    """A rank's all_reduce of another shape or dtype than the others' was MPI's error stack
+    from deep inside (a truncated message) or, where the byte counts agreed ((2, 3) against
+    (3, 2), or another op), a silent result; now a ValueError on every rank naming each
+    rank's call, and the ranks stay in step."""
+    said = refused(
+        lambda: dist.all_reduce(np.ones(3 + 2 * R, np.float32)),
+        "rank 0: all_reduce(sum) of (3,) float32",
+        "rank 1: all_reduce(sum) of (5,) float32",
+    )
+    refused(lambda: dist.all_reduce(np.ones((2, 3) if R == 0 else (3, 2))), "(2, 3)", "(3, 2)")
+    refused(lambda: COMM.all_reduce(np.ones(4, ["float32", "float64"][R % 2])), "float64")
+    refused(lambda: dist.all_reduce(gpunet.ones(2), ["sum", "max"][R % 2]), "all_reduce(max)")
+    refused(lambda: COMM.broadcast(np.ones(2 + R), root=0), "broadcast(root=0) of (3,)")
+    refused(lambda: dist.broadcast(np.ones(2), root=R), "broadcast(root=1)")
+    t = gpunet.tensor([1.0 + R])
+    assert dist.all_reduce(t).tolist() == [float(sum(range(1, N + 1)))], "out of step after"
+    return said[:160]
 
 
 @check
@@ -506,6 +559,57 @@ def fit_refuses_an_unsharded_loader() -> str:
     raise AssertionError("an unsharded loader was accepted under data parallelism")
 
 
+@check
+def fit_refuses_ranks_loaders_of_different_batch_sizes_or_data() -> str:
+    """Rank 0 on 16 rows in batches of 4, rank 1 on 8 in batches of 2: the same 2 steps, so
+    fit ran, averaging a 4-row mean with a 2-row one as if equal (not the one-process step
+    on the 6 rows, silently); refused before the first step, naming each rank's loader."""
+    from gpunet.train import fit
+
+    model, o = model_and_opt("float32", "sgd")
+    o = dist.DistributedOptimizer(o)
+    before = digest(model)
+    x, y = batch("float32", rows=16 >> R)
+    loader = DataLoader(Dataset(x, y), 4 >> R, shuffle=True, seed=0, num_replicas=N, rank=R)
+    said = refused(
+        lambda: fit(model, F.cross_entropy, o, loader, epochs=1, progress=False),
+        "(batch_size, rows) = [(4, 16), (2, 8)]",
+    )
+    assert digest(model) == before, "fit stepped before refusing"
+    return said[:120]
+
+
+@check
+def fit_refuses_a_validation_loader_that_pads() -> str:
+    """3 validation rows over 2 ranks with the default pad=True: one row was evaluated twice,
+    so the validation loss and accuracy (which pick the best epoch and stop early) were
+    silently not the set's (1.1013 against 1.1091); refused before the first step, and by
+    evaluate, naming pad=False. A validation set smaller than the world, unpadded, and an
+    unsharded one (each rank evaluates all of it) work."""
+    from gpunet.train import evaluate, fit
+
+    model, o = model_and_opt("float32", "sgd")
+    o = dist.DistributedOptimizer(o)
+    before = digest(model)
+    x, y = batch("float32", rows=16)
+    shard = {"num_replicas": N, "rank": R}
+    loader = DataLoader(Dataset(x, y), 4, shuffle=True, seed=0, **shard)
+    padded = DataLoader(Dataset(x[:3], y[:3]), 4, **shard)
+    said = refused(
+        lambda: fit(model, F.cross_entropy, o, loader, padded, epochs=1, progress=False),
+        "fit: the validation loader pads its 3 rows to 4",
+        "pad=False",
+    )
+    assert digest(model) == before, "fit stepped before refusing"
+    refused(lambda: evaluate(model, F.cross_entropy, padded, COMM), "evaluate: the loader pads")
+    for rows, kw in ((1, {"pad": False, **shard}), (3, {})):  # rank 1 no rows; unsharded
+        val = DataLoader(Dataset(x[:rows], y[:rows]), 4, **kw)
+        h = fit(model, F.cross_entropy, o, loader, val, epochs=1, progress=False)
+        want, _ = evaluate(model, F.cross_entropy, DataLoader(Dataset(x[:rows], y[:rows]), 4))
+        assert abs(h.val_loss[0] - want) <= 1e-6 * want, (rows, h.val_loss, want)
+    return said[:120]
+
+
 AGREED = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "best_epoch")
 
 
@@ -558,12 +662,266 @@ def fit_reduces_validation_and_every_rank_stops_alike() -> str:
     return f"stopped after epoch {len(h.train_loss)} (best {h.best_epoch + 1}) on every rank"
 
 
+def pair(
+    dtype: str, make: Callable
+) -> tuple[nn.Module, optim.Optimizer, nn.Module, optim.Optimizer]:
+    """A data-parallel model and optimizer (each rank seeded apart: the wrap takes rank 0's
+    weights) and the one-process reference from the same weights, with its own optimizer."""
+    gpunet.manual_seed(1 + 100 * R)
+    model = nn.MLP([6, 8, 3], activation="tanh", dtype=dtype)
+    o = dist.DistributedOptimizer(make(model.parameters()))
+    gpunet.manual_seed(1)
+    ref = nn.MLP([6, 8, 3], activation="tanh", dtype=dtype)
+    assert digest(ref) == digest(model)
+    return model, o, ref, make(ref.parameters())
+
+
+def mine(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's half of a 16-row batch."""
+    return x[R * 8 : (R + 1) * 8], y[R * 8 : (R + 1) * 8]
+
+
+def backward(model: nn.Module, x: np.ndarray, y: np.ndarray) -> None:
+    F.cross_entropy(model(gpunet.tensor(x)), gpunet.tensor(y)).backward()
+
+
+def same_on_every_rank(model: nn.Module) -> None:
+    every = COMM.all_gather_object(digest(model))
+    assert len(set(every)) == 1, "the ranks' weights differ"
+
+
+@check
+def clipping_after_synchronize_equals_one_process() -> str:
+    """synchronize(), clip_grad_norm_, step(): the averaged gradient clipped, as PyTorch DDP
+    clips after backward; the same norm on every rank and the one-process step."""
+    model, o, ref, ro = pair("float64", lambda p: optim.SGD(p, lr=0.5, momentum=0.9))
+    for step in range(5):
+        x, y = batch("float64", seed=step)
+        o.zero_grad()
+        backward(model, *mine(x, y))
+        o.synchronize()
+        norm = float(optim.clip_grad_norm_(model.parameters(), 0.05))
+        o.step()
+        ro.zero_grad()
+        backward(ref, x, y)
+        want = float(optim.clip_grad_norm_(ref.parameters(), 0.05))
+        ro.step()
+        assert want > 0.05 and abs(norm - want) <= 1e-12 * want, (norm, want)
+        assert len(set(COMM.all_gather_object(norm))) == 1, "the ranks' norms differ"
+    same_on_every_rank(model)
+    diff = max_diff(params(model), params(ref))
+    assert diff <= 1e-12, f"{diff:.3g}"
+    return f"5 clipped steps: max diff {diff:.3g}"
+
+
+@check
+def clipping_after_unscale_equals_one_process() -> str:
+    """GradScaler: scaler.unscale_(opt) averages first, so clipping after it clips the
+    average, as one process does; float32 to 1e-6."""
+    model, o, ref, ro = pair("float32", lambda p: optim.SGD(p, lr=0.5, momentum=0.9))
+    scalers = [gpunet.amp.GradScaler(init_scale=2.0**8) for _ in range(2)]
+    for step in range(5):
+        x, y = batch("float32", seed=step)
+        for m, opt, scaler, (bx, by) in (
+            (model, o, scalers[0], mine(x, y)),
+            (ref, ro, scalers[1], (x, y)),
+        ):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(m(gpunet.tensor(bx)), gpunet.tensor(by))).backward()
+            scaler.unscale_(opt)
+            assert float(optim.clip_grad_norm_(m.parameters(), 0.05)) > 0.05, "not clipping"
+            scaler.step(opt)
+            scaler.update()
+    same_on_every_rank(model)
+    diff = max_diff(params(model), params(ref))
+    assert diff <= 1e-6, f"{diff:.3g}"
+    return f"5 scaled, unscaled, clipped SGD steps: max diff {diff:.3g}"
+
+
+@check
+def clipping_before_synchronize_clips_each_rank_and_keeps_them_identical() -> str:
+    """clip_grad_norm_ before step() without synchronize(): each rank clips its own gradient
+    by its own norm, then step() averages (Horovod's behaviour): not the one-process step,
+    but the ranks cannot drift, since every rank applies the same average."""
+    model, o, ref, ro = pair("float64", lambda p: optim.SGD(p, lr=0.5))
+    x, y = batch("float64")
+    o.zero_grad()
+    backward(model, *mine(x, y))
+    norms = COMM.all_gather_object(float(optim.clip_grad_norm_(model.parameters(), 0.05)))
+    o.step()
+    ro.zero_grad()
+    backward(ref, x, y)
+    optim.clip_grad_norm_(ref.parameters(), 0.05)
+    ro.step()
+    same_on_every_rank(model)
+    assert len(set(norms)) == N, norms  # each rank's own norm
+    assert max_diff(params(model), params(ref)) > 1e-6, "equal to one process: not per rank"
+    return f"each rank clipped by its own norm {norms}; the ranks' weights identical"
+
+
+SCHEDULED = {
+    "AdamW + cosine": (
+        lambda p: optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+        lambda o: optim.lr_scheduler.CosineAnnealingLR(o, T_max=50),
+    ),
+    "Adam(weight_decay) + linear warmup": (
+        lambda p: optim.Adam(p, lr=1e-2, weight_decay=0.01),
+        lambda o: optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=10),
+    ),
+    "SGD nesterov + StepLR": (
+        lambda p: optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda o: optim.lr_scheduler.StepLR(o, step_size=7, gamma=0.5),
+    ),
+}
+
+
+@check
+def schedules_and_weight_decay_for_50_steps_equal_one_process() -> str:
+    """50 float64 steps under a schedule, zero_grad(set_to_none=False): the one-process run
+    on the whole batch to 1e-12, the same lr, identical ranks."""
+    out = []
+    for name, (make, schedule) in SCHEDULED.items():
+        model, o, ref, ro = pair("float64", make)
+        schedules = [schedule(o), schedule(ro)]
+        for step in range(50):
+            x, y = batch("float64", seed=step)
+            o.zero_grad(set_to_none=False)
+            backward(model, *mine(x, y))
+            o.step()
+            ro.zero_grad(set_to_none=False)
+            backward(ref, x, y)
+            ro.step()
+            for s in schedules:
+                s.step()
+        same_on_every_rank(model)
+        assert o.param_groups[0]["lr"] == ro.param_groups[0]["lr"], name
+        diff = max_diff(params(model), params(ref))
+        assert diff <= 1e-12, f"{name}: {diff:.3g}"
+        out.append(f"{name} {diff:.2g}")
+    return ", ".join(out)
+
+
+@check
+def scaled_low_precision_steps_equal_one_process() -> str:
+    """GradScaler + float16 (and bfloat16) autocast over 10 Adam steps, an inf in rank 1's
+    half of step 3: the same skip and scale as one process on the whole batch, identical
+    ranks, and the one-process weights to the low precision's rounding of the sums."""
+    out = []
+    for dtype, tol in ((gpunet.float16, 2e-4), (gpunet.bfloat16, 1e-3)):
+        model, o, ref, ro = pair("float32", lambda p: optim.Adam(p, lr=1e-2))
+        scalers = [gpunet.amp.GradScaler(init_scale=2.0**10) for _ in range(2)]
+        for step in range(10):
+            x, y = batch("float32", seed=step)
+            if step == 3:
+                x[9, 0] = np.inf  # row 9 is rank 1's: rank 0's half stays finite
+            runs = ((model, o, scalers[0], mine(x, y)), (ref, ro, scalers[1], (x, y)))
+            for m, opt, scaler, (bx, by) in runs:
+                opt.zero_grad()
+                with gpunet.autocast(dtype=dtype), np.errstate(over="ignore", invalid="ignore"):
+                    loss = F.cross_entropy(m(gpunet.tensor(bx)), gpunet.tensor(by))
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                scaler.update()
+        same_on_every_rank(model)
+        scales = [s.get_scale() for s in scalers]
+        assert scales[0] == scales[1] == 2.0**9, scales  # one backoff: the same skip
+        diff = max_diff(params(model), params(ref))
+        assert diff <= tol, f"{dtype}: {diff:.3g}"
+        out.append(f"{dtype} {diff:.2g}")
+    return "scale 512 after the skip in both; max diff " + ", ".join(out)
+
+
+@check
+def checkpoints_from_every_rank_load_in_any_world() -> str:
+    """gpunet.save from every rank to one path (atomic: the same bytes, the last rename
+    wins); that 2-rank checkpoint continued in one process, and a one-process checkpoint
+    loaded on rank 0 only before the wrap (which takes rank 0's weights and moments)
+    continued on 2 ranks: each equal to the other world's run, float64 to 1e-12."""
+    import os
+    import tempfile
+
+    from gpunet.checkpoint import load, save
+
+    folder = COMM.broadcast_object(tempfile.mkdtemp() if R == 0 else None)
+    adam = lambda p: optim.Adam(p, lr=1e-2)
+    model, o, one, oo = pair("float64", adam)
+    steps = iter(range(9))
+
+    def both(dp: nn.Module, dpo: optim.Optimizer) -> None:
+        for _ in range(3):
+            x, y = batch("float64", seed=next(steps))
+            dpo.zero_grad()
+            backward(dp, *mine(x, y))
+            dpo.step()
+            oo.zero_grad()
+            backward(one, x, y)
+            oo.step()
+
+    both(model, o)
+    path = os.path.join(folder, "two.safetensors")
+    save(path, model, o)  # on every rank
+    COMM.barrier()
+    load(path, one, oo)  # the one-process run continues from the 2-rank checkpoint
+    both(model, o)
+    diffs = [max_diff(params(model), params(one))]
+    path = os.path.join(folder, "one.safetensors")
+    if R == 0:
+        save(path, one, oo)
+    COMM.barrier()
+    gpunet.manual_seed(7 + R)
+    two = nn.MLP([6, 8, 3], activation="tanh", dtype="float64")
+    to = adam(two.parameters())
+    if R == 0:
+        load(path, two, to)
+    to = dist.DistributedOptimizer(to)
+    both(two, to)
+    same_on_every_rank(two)
+    diffs.append(max_diff(params(two), params(one)))
+    assert max(diffs) <= 1e-12, diffs
+    return f"2 ranks -> 1 process -> 2 ranks: max diffs {diffs}"
+
+
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
     if scenario == "raise":
         if R == 1:
             raise RuntimeError("rank one broke on purpose")
         COMM.barrier()  # rank 0 waits here; the excepthook on rank 1 must end it
+    elif scenario == "skip_step":  # rank 1 never steps: rank 0 waits inside step()
+        model, o = model_and_opt("float32", "sgd")
+        o = dist.DistributedOptimizer(o)
+        x, y = batch("float32", rows=8, seed=R)
+        F.cross_entropy(model(gpunet.tensor(x)), gpunet.tensor(y)).backward()
+        if R == 0:
+            o.step()
+        else:
+            import time
+
+            time.sleep(60)
+    elif scenario == "extra_step":  # rank 0 steps once more at each epoch's end, inside fit
+        from gpunet.train import fit
+
+        model, o = model_and_opt("float32", "sgd")
+        o = dist.DistributedOptimizer(o)
+        x, y = batch("float32", rows=16)
+        loader = DataLoader(Dataset(x, y), 4, shuffle=True, seed=0, num_replicas=N, rank=R)
+        extra = lambda epoch, h: o.step() if R == 0 else None
+        fit(model, F.cross_entropy, o, loader, epochs=3, progress=False, on_epoch_end=extra)
+    elif scenario == "raise_in_fit":  # rank 1's loss raises at its third step
+        from gpunet.train import fit
+
+        model, o = model_and_opt("float32", "sgd")
+        o = dist.DistributedOptimizer(o)
+        x, y = batch("float32", rows=16)
+        loader = DataLoader(Dataset(x, y), 2, shuffle=True, seed=0, num_replicas=N, rank=R)
+        calls = iter(range(100))
+
+        def loss(out: gpunet.Tensor, target: gpunet.Tensor) -> gpunet.Tensor:
+            if R == 1 and next(calls) == 2:
+                raise RuntimeError("rank 1's loss broke at step 3")
+            return F.cross_entropy(out, target)
+
+        fit(model, loss, o, loader, epochs=2, progress=False)
     elif scenario == "hang":
         if R == 0:
             COMM.all_reduce(np.zeros(3, np.float32))  # rank 1 never joins
