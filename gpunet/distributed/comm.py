@@ -63,9 +63,6 @@ class Communicator:
 
     name = "local"
     rank, size = 0, 1
-    # all_reduce(mean) is the sum and then a scaling pass (MPI, NCCL before ncclAvg): a
-    # data-parallel step then asks for the sum and its fused update takes the 1/N
-    mean_is_a_pass = False
     _agreed = 0  # > 0 inside during(..., agreed=True): the caller proved the arrays alike
     _during: str | None = None  # the caller during() names, for messages
 
@@ -206,7 +203,6 @@ class MPIComm(Communicator):
     """MPI through mpi4py: host (NumPy) arrays, one MPI call per collective."""
 
     name = "mpi"
-    mean_is_a_pass = True
 
     def __init__(self, comm: Any = None, timeout: float | None = None) -> None:
         from mpi4py import MPI
@@ -387,10 +383,6 @@ class NCCLComm(Communicator):
     @property
     def host(self) -> Communicator:
         return self._host
-
-    @property
-    def mean_is_a_pass(self) -> bool:  # type: ignore[override]
-        return "mean" not in self.ops
 
     def _code(self, array: Array, what: str) -> int:
         code = self.dtypes.get(str(array.dtype))
