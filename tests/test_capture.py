@@ -702,6 +702,47 @@ def test_an_overwrite_that_would_leave_minus_zero_is_not_made(
         assert (cap.program.dropped, cap.program.overwritten) == (0, 0)
 
 
+def _zeroed_run(
+    captured: bool, extra_use: str, calls: int = 6
+) -> tuple[list[np.ndarray], gpunet.CapturedStep | None]:
+    """An MLP and a parameter ``extra`` in one SGD, ``zero_grad(set_to_none=False)`` in the
+    step; ``extra`` unused ('unused': no GEMM writes its zeros) or added to the logits by
+    broadcasting ('broadcast': its gradient a sum added to ``.grad``, not written in place)."""
+    gpunet.manual_seed(0)
+    model = nn.MLP([12, 16, 5])
+    extra = nn.Parameter(gpunet.zeros(5) + 0.25)
+    opt = optim.SGD([*model.parameters(), extra], lr=0.1, momentum=0.9)
+
+    def step(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+        opt.zero_grad(set_to_none=False)
+        out = model(x)
+        loss = F.cross_entropy(out + extra if extra_use == "broadcast" else out, y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    run = gpunet.capture(step) if captured else None
+    for x, y in _batches(calls):
+        (run or step)(x, y)
+    return [p.numpy().copy() for p in [*model.parameters(), extra]], run
+
+
+@pytest.mark.parametrize("extra_use", ["unused", "broadcast"])
+def test_zeroed_gradients_a_first_call_found_none_are_recorded_again(extra_use: str) -> None:
+    """``zero_grad(set_to_none=False)`` at a step's first call fills the flat gradient buffer
+    but leaves ``.grad`` None, so the sweep writes (or makes) gradients there that the second
+    call adds into. Where every filled byte is written over, the fill is dropped and the two
+    agree; where it is not (a parameter without a gradient, or one whose gradient is added
+    rather than written in place) the second call was refused, as micro-batches accumulated
+    across calls ('unused') or as a value-dependent branch ('broadcast'). Now a third call
+    records and is compared with the second; the replays equal eager bit for bit."""
+    eager, _ = _zeroed_run(False, extra_use)
+    captured, run = _zeroed_run(True, extra_use)
+    assert run is not None and run.replays == 3  # recorded at the first three calls
+    for a, b in zip(eager, captured):
+        assert np.array_equal(_bits(a), _bits(b))
+
+
 @pytest.mark.parametrize("grads", ["in a flat buffer", "own arrays"])
 def test_micro_batches_summed_over_captured_calls_get_a_message_naming_it(grads: str) -> None:
     """A PyTorch user accumulates micro-batches: ``micro(x1); micro(x2); opt.step()``. The

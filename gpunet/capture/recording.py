@@ -80,6 +80,7 @@ class _Recorder:
         # id(module) -> (module, ``training`` read): modes the step read before setting them
         self.training: dict[int, tuple[Any, bool]] = {}
         self.set_training: set[int] = set()  # modules whose mode the step set itself
+        self.first = True  # a signature's first recording: a third may replace it (RecordAgain)
         for a in inputs:
             self._add(a, "input")
 
@@ -169,11 +170,34 @@ def _xp_of(a: Any) -> Any:
     return cupy
 
 
-def _compare(r1: _Recorder, r2: _Recorder, step_name: str) -> None:
-    """Raise ``CaptureError`` at the first call where the two recordings differ."""
+class RecordAgain(Exception):
+    """The two recordings differ where the second touches gradients it zero-filled: the
+    first call found them None (``zero_grad(set_to_none=False)`` fills the flat buffer but
+    keeps None) and made them otherwise. A third recording, the gradients as the second had
+    them, is compared with the second."""
+
+
+def _touches_filled(r2: _Recorder, i: int) -> bool:
+    """Does call ``i`` of ``r2`` read or write memory that a fill before it wrote?"""
+    if i >= len(r2.entries):
+        return False
+    mine = [r2.arrays[r[1]] for r in r2.entries[i].ins if r[0] == "a"]
+    filled = [
+        r2.arrays[e.ins[0][1]]
+        for e in r2.entries[:i]
+        if e.name == "fill" and e.kind == "into" and e.ins and e.ins[0][0] == "a"
+    ]
+    return any(_xp_of(a).may_share_memory(a, f) for a in mine for f in filled)
+
+
+def _compare(r1: _Recorder, r2: _Recorder, step_name: str, again: bool = False) -> None:
+    """Raise ``CaptureError`` at the first call where the two recordings differ (``again``:
+    ``RecordAgain`` where the second touches gradients it zero-filled there)."""
     n = max(len(r1.entries), len(r2.entries))
     for i in range(n):
         if i >= len(r1.entries) or i >= len(r2.entries):
+            if again and _touches_filled(r2, i):
+                raise RecordAgain
             _refuse_accumulation(r1, r2, i, step_name)
             longer = r1 if i < len(r1.entries) else r2
             e = longer.entries[i]
@@ -193,6 +217,8 @@ def _compare(r1: _Recorder, r2: _Recorder, step_name: str) -> None:
             same_params = same_params and all(_same_param(a, b) for a, b in zip(e1.ins, e2.ins))
             s1 = s2
         if s1 != s2 or not same_params:
+            if again and _touches_filled(r2, i):
+                raise RecordAgain
             _refuse_accumulation(r1, r2, i, step_name)
             what = _difference(s1, s2, e1, e2)
             raise CaptureError(

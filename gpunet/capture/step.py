@@ -20,7 +20,7 @@ from ..backend import cuda_graph, replay_mode
 from ..tensor import Tensor
 from .passes import _drop_fills
 from .program import _Program
-from .recording import _compare, _is_array, _Recorder, _same_param, _xp_of
+from .recording import RecordAgain, _compare, _is_array, _Recorder, _same_param, _xp_of
 
 
 def _compare_returns(first: Any, second: Any, step_name: str) -> None:
@@ -273,8 +273,12 @@ class CapturedStep:
         out_tensors: list[Tensor] = []
         out_spec = _flatten(result, out_tensors)
         try:
-            _compare(pending[0], rec, self.name)
+            _compare(pending[0], rec, self.name, again=pending[0].first)
             _compare_returns(_flatten(pending[4], []), out_spec, self.name)
+        except RecordAgain:  # (gradients None at the first call: the third call compares)
+            rec.first = False
+            self._pending[key] = (rec, buffers, layout, spec, result)
+            return result
         except CaptureError as e:
             e.result = result  # (the step ran eagerly to its end: its caller may use this)
             raise
