@@ -862,6 +862,8 @@ class LeafPlan:
         """Each reached leaf's gradient to its place: the buffer, an in-backward step from the
         whole gradient, or ``.grad`` (accumulated, never aliasing an array held elsewhere)."""
         grads, held = self.grads, self.held
+        if STATE.flags & CAPTURE:  # (a replay sets these .grad as the recording leaves them)
+            STATE.recorder.grads_set.update((id(p), p) for p in (*self.buffers, *grads))
         for leaf, buf in self.buffers.items():  # written into the grad_buffer (or summed there)
             g = grads.pop(leaf)
             if g.data is not buf:  # another use of the leaf added to it since

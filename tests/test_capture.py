@@ -743,6 +743,41 @@ def test_zeroed_gradients_a_first_call_found_none_are_recorded_again(extra_use: 
         assert np.array_equal(_bits(a), _bits(b))
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_p_grad_after_a_replay_is_the_gradient_the_replay_made(set_to_none: bool) -> None:
+    """A parameter used under one signature of the step and not under another (a Python
+    flag): after the other signature's recordings left its ``.grad`` None, a replay of the
+    first computed and applied its gradient but left ``.grad`` None. Every ``.grad`` the
+    step set now reads as the eager step leaves it, after each call."""
+
+    def run(captured: bool) -> list[Any]:
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 5])
+        extra = nn.Parameter(gpunet.zeros(5) + 0.25)
+        params = [*model.parameters(), extra]
+        opt = optim.SGD(params, lr=0.1)
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor, use: bool) -> gpunet.Tensor:
+            opt.zero_grad(set_to_none=set_to_none)
+            out = model(x)
+            loss = F.cross_entropy(out + extra if use else out, y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        go = gpunet.capture(step) if captured else step
+        seen = []
+        for (x, y), use in zip(_batches(9), [1, 1, 1, 0, 0, 0, 1, 0, 1]):
+            go(x, y, bool(use))
+            seen.append([None if p.grad is None else p.grad.numpy().copy() for p in params])
+        return seen
+
+    for i, (eager, captured) in enumerate(zip(run(False), run(True))):
+        for a, b in zip(eager, captured):
+            assert (a is None) == (b is None), f"call {i}: .grad {a} eagerly, {b} replayed"
+            assert a is None or np.array_equal(_bits(a), _bits(b)), f"call {i}"
+
+
 @pytest.mark.parametrize("grads", ["in a flat buffer", "own arrays"])
 def test_micro_batches_summed_over_captured_calls_get_a_message_naming_it(grads: str) -> None:
     """A PyTorch user accumulates micro-batches: ``micro(x1); micro(x2); opt.step()``. The

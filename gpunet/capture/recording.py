@@ -81,6 +81,9 @@ class _Recorder:
         self.training: dict[int, tuple[Any, bool]] = {}
         self.set_training: set[int] = set()  # modules whose mode the step set itself
         self.first = True  # a signature's first recording: a third may replace it (RecordAgain)
+        # id(leaf) -> leaf, for each whose ``.grad`` the step set (the sweep, zero_grad): a
+        # replay sets them as this recording left them (it runs no Python that would)
+        self.grads_set: dict[int, Any] = {}
         for a in inputs:
             self._add(a, "input")
 

@@ -77,11 +77,14 @@ def _unflatten(spec: Any, leaves: list[Any]) -> Any:
 class _Capture:
     """One input signature's capture: its program and the arrays it owns."""
 
-    def __init__(self, program: _Program, out_spec: Any, out_tensors: list[Tensor]) -> None:
+    def __init__(
+        self, program: _Program, out_spec: Any, out_tensors: list[Tensor], grads: list
+    ) -> None:
         self.layout = autodiff.LAYOUT[0]  # (replaced arrays since: record again)
         self.program = program
         self.out_spec = out_spec
         self.out_tensors = out_tensors
+        self.grads = grads  # [(leaf, its .grad as the recording left it)]
 
 
 class CapturedStep:
@@ -215,6 +218,8 @@ class CapturedStep:
             prog.run_observed([t.data for t in tensors])
         else:
             prog.replay([t.data for t in tensors])
+        for leaf, grad in cap.grads:  # (another signature's recording may have set them since)
+            leaf.grad = grad
         self.replays += 1
         return _unflatten(cap.out_spec, cap.out_tensors)
 
@@ -292,7 +297,8 @@ class CapturedStep:
         program = _Program(rec, len(buffers), out_spec, backend, keep, self.fold_sgd)
         if len(self._captures) >= self.max_captures:
             self._captures.popitem(last=False)  # the oldest signature goes (as jit's cache)
-        self._captures[key] = _Capture(program, out_spec, owned)
+        grads = [(leaf, leaf.grad) for leaf in rec.grads_set.values()]
+        self._captures[key] = _Capture(program, out_spec, owned, grads)
         return _unflatten(out_spec, owned)
 
     def __repr__(self) -> str:

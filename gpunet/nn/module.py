@@ -242,6 +242,8 @@ class Module:
             if g is None:
                 continue
             if set_to_none:
+                if STATE.flags & CAPTURE:  # (a replay sets this .grad as the recording leaves it)
+                    STATE.recorder.grads_set[id(p)] = p
                 p.grad = None
             elif STATE.flags & CAPTURE:  # (a backend call, so a step capture replays it)
                 call("fill", _zero, g.data)

@@ -125,6 +125,8 @@ class Optimizer:
                     call("fill", _zero, flat.grad)
                 else:
                     flat.grad[...] = 0
+            if STATE.flags & CAPTURE:  # (a replay sets these .grad as the recording leaves them)
+                STATE.recorder.grads_set.update((id(p), p) for p in flat.params)
             for i, p in enumerate(flat.params):
                 if set_to_none:
                     p.grad = None
