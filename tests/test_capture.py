@@ -4,6 +4,7 @@ their addresses, and memory stays flat over 1,000 replays."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import tracemalloc
 import warnings
@@ -702,29 +703,42 @@ def test_an_overwrite_that_would_leave_minus_zero_is_not_made(
         assert (cap.program.dropped, cap.program.overwritten) == (0, 0)
 
 
-def _zeroed_run(
-    captured: bool, extra_use: str, calls: int = 6
-) -> tuple[list[np.ndarray], gpunet.CapturedStep | None]:
-    """An MLP and a parameter ``extra`` in one SGD, ``zero_grad(set_to_none=False)`` in the
-    step; ``extra`` unused ('unused': no GEMM writes its zeros) or added to the logits by
-    broadcasting ('broadcast': its gradient a sum added to ``.grad``, not written in place)."""
+def _extra_run(
+    captured: bool, make_opt: Callable, uses: list[int], set_to_none: bool = True
+) -> tuple[list[list], Any]:
+    """An MLP and a parameter ``extra`` in one optimizer, ``extra`` added to the logits by
+    broadcasting at the calls whose ``use`` is 1 (its gradient a sum, added to ``.grad``
+    rather than written in place) and unused at the others: after each call, every
+    parameter and its ``.grad`` (None or bytes); and the captured step."""
     gpunet.manual_seed(0)
     model = nn.MLP([12, 16, 5])
     extra = nn.Parameter(gpunet.zeros(5) + 0.25)
-    opt = optim.SGD([*model.parameters(), extra], lr=0.1, momentum=0.9)
+    params = [*model.parameters(), extra]
+    opt = make_opt(params)
 
-    def step(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
-        opt.zero_grad(set_to_none=False)
+    def step(x: gpunet.Tensor, y: gpunet.Tensor, use: bool) -> gpunet.Tensor:
+        opt.zero_grad(set_to_none=set_to_none)
         out = model(x)
-        loss = F.cross_entropy(out + extra if extra_use == "broadcast" else out, y)
+        loss = F.cross_entropy(out + extra if use else out, y)
         loss.backward()
         opt.step()
         return loss
 
     run = gpunet.capture(step) if captured else None
-    for x, y in _batches(calls):
-        (run or step)(x, y)
-    return [p.numpy().copy() for p in [*model.parameters(), extra]], run
+    seen = []
+    for (x, y), use in zip(_batches(len(uses)), uses):
+        (run or step)(x, y, bool(use))
+        grads = [None if p.grad is None else _bits(p.grad.numpy()).tobytes() for p in params]
+        seen.append([_bits(p.numpy()).tobytes() for p in params] + grads)
+    return seen, run
+
+
+def _assert_same_calls(eager: list[list], captured: list[list]) -> None:
+    for i, (a, b) in enumerate(zip(eager, captured)):
+        n = len(a) // 2
+        for j, (u, v) in enumerate(zip(a, b)):
+            what = f"parameter {j}" if j < n else f"parameter {j - n}'s .grad"
+            assert u == v, f"after call {i}: {what} differs ({'None' if v is None else '...'})"
 
 
 @pytest.mark.parametrize("extra_use", ["unused", "broadcast"])
@@ -736,11 +750,12 @@ def test_zeroed_gradients_a_first_call_found_none_are_recorded_again(extra_use: 
     rather than written in place) the second call was refused, as micro-batches accumulated
     across calls ('unused') or as a value-dependent branch ('broadcast'). Now a third call
     records and is compared with the second; the replays equal eager bit for bit."""
-    eager, _ = _zeroed_run(False, extra_use)
-    captured, run = _zeroed_run(True, extra_use)
-    assert run is not None and run.replays == 3  # recorded at the first three calls
-    for a, b in zip(eager, captured):
-        assert np.array_equal(_bits(a), _bits(b))
+    uses = [int(extra_use == "broadcast")] * 6
+    sgd = functools.partial(optim.SGD, lr=0.1, momentum=0.9)
+    eager, _ = _extra_run(False, sgd, uses, set_to_none=False)
+    captured, run = _extra_run(True, sgd, uses, set_to_none=False)
+    assert run.replays == 3  # recorded at the first three calls
+    _assert_same_calls(eager, captured)
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
@@ -749,33 +764,27 @@ def test_p_grad_after_a_replay_is_the_gradient_the_replay_made(set_to_none: bool
     flag): after the other signature's recordings left its ``.grad`` None, a replay of the
     first computed and applied its gradient but left ``.grad`` None. Every ``.grad`` the
     step set now reads as the eager step leaves it, after each call."""
+    sgd = functools.partial(optim.SGD, lr=0.1)
+    uses = [1, 1, 1, 0, 0, 0, 1, 0, 1]
+    eager, _ = _extra_run(False, sgd, uses, set_to_none)
+    _assert_same_calls(eager, _extra_run(True, sgd, uses, set_to_none)[0])
 
-    def run(captured: bool) -> list[Any]:
-        gpunet.manual_seed(0)
-        model = nn.MLP([12, 16, 5])
-        extra = nn.Parameter(gpunet.zeros(5) + 0.25)
-        params = [*model.parameters(), extra]
-        opt = optim.SGD(params, lr=0.1)
 
-        def step(x: gpunet.Tensor, y: gpunet.Tensor, use: bool) -> gpunet.Tensor:
-            opt.zero_grad(set_to_none=set_to_none)
-            out = model(x)
-            loss = F.cross_entropy(out + extra if use else out, y)
-            loss.backward()
-            opt.step()
-            return loss
-
-        go = gpunet.capture(step) if captured else step
-        seen = []
-        for (x, y), use in zip(_batches(9), [1, 1, 1, 0, 0, 0, 1, 0, 1]):
-            go(x, y, bool(use))
-            seen.append([None if p.grad is None else p.grad.numpy().copy() for p in params])
-        return seen
-
-    for i, (eager, captured) in enumerate(zip(run(False), run(True))):
-        for a, b in zip(eager, captured):
-            assert (a is None) == (b is None), f"call {i}: .grad {a} eagerly, {b} replayed"
-            assert a is None or np.array_equal(_bits(a), _bits(b)), f"call {i}"
+@pytest.mark.parametrize("kind", ["adam", "adamw", "momentum"])
+def test_step_counts_that_part_after_a_recording_are_not_replayed_as_one(kind: str) -> None:
+    """Adam's (and momentum SGD's) update runs once over neighbours that share a step count.
+    A parameter without a gradient for a few steps (used under one signature of the step,
+    not another) falls behind its neighbours: eager then updates it apart, with its own
+    count, but a replay recorded while they shared one ran one update over both, with the
+    neighbours' count (its weights off from the next replay on). Now the counts parting
+    makes the step record again."""
+    make = {
+        "adam": functools.partial(optim.Adam, lr=0.1),
+        "adamw": functools.partial(optim.AdamW, lr=0.1),
+        "momentum": functools.partial(optim.SGD, lr=0.1, momentum=0.9, dampening=0.5),
+    }[kind]
+    uses = [1, 1, 1, 0, 0, 0, 1, 1, 1]
+    _assert_same_calls(_extra_run(False, make, uses)[0], _extra_run(True, make, uses)[0])
 
 
 @pytest.mark.parametrize("grads", ["in a flat buffer", "own arrays"])

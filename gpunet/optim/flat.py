@@ -165,8 +165,11 @@ class FlatBuffer:
             self.cohorts = [next(_COHORTS)] * n
             return [(0, self.size, self._count_slice(counts, 0, n - 1))]
         fresh: dict[Any, int] = {}
+        parts = len(set(keys))
         for i in indices:
             keys[i] = fresh.setdefault(keys[i], next(_COHORTS))
+        if len(set(keys)) != parts:  # a cohort parted: a captured update over all of it would
+            layout_changed()  # give some the others' count, so captures record again
         runs: list[list[Any]] = []  # [first, last, key]: parameters sharing one count
         for i in indices:
             if runs and runs[-1][1] == i - 1 and runs[-1][2] == keys[i]:
