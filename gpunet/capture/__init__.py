@@ -34,8 +34,9 @@ The contract (JAX's ``jit`` and PyTorch's CUDA graphs are the models):
   ones eager would draw.
 - Replacing the arrays a capture recorded (an optimizer packing its buffers again,
   ``Module.to``), or step counts parting (a parameter without a gradient for a step falls
-  behind the neighbours its update shared), makes the next call record again; replacing ``p.data`` by hand between
-  replays is not seen (write into it instead). Tensor arguments must not require grad.
+  behind the neighbours its update shared), makes the next call record again; replacing
+  ``p.data`` by hand between replays is not seen (write into it instead). Tensor arguments
+  must not require grad.
 - While recording, anything that takes a value to the host (``.item()``, ``.numpy()``,
   ``bool``, ``float``, ``int``, ``tolist``, printing a tensor) or makes a shape from values
   (boolean-mask indexing) raises ``CaptureError`` naming the op and the user's line.
