@@ -758,6 +758,37 @@ def test_zeroed_gradients_a_first_call_found_none_are_recorded_again(extra_use: 
     _assert_same_calls(eager, captured)
 
 
+def test_module_zero_grad_whose_fills_stay_records_a_third_time() -> None:
+    """``model.zero_grad(set_to_none=False)`` fills only the gradients that exist: none at
+    a step's first call. Where backward writes over every fill the second call makes, they
+    are dropped and the two calls agree; LayerNorm's gain and bias gradients are added to
+    ``.grad`` instead, their fills stay, and the second call was refused as a value-dependent
+    branch ('linear_activation' then, 'fill' now). Now a third call records and is compared
+    with the second, and the replays equal eager bit for bit."""
+
+    def run(captured: bool) -> tuple[list[np.ndarray], Any]:
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 5], norm="layernorm")
+        opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+            model.zero_grad(set_to_none=False)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        go = gpunet.capture(step) if captured else step
+        for x, y in _batches():
+            go(x, y)
+        return [p.numpy().copy() for p in model.parameters()], go
+
+    (eager, _), (captured, go) = run(False), run(True)
+    assert go.replays == STEPS - 3
+    for a, b in zip(eager, captured):
+        assert np.array_equal(_bits(a), _bits(b))
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_p_grad_after_a_replay_is_the_gradient_the_replay_made(set_to_none: bool) -> None:
     """A parameter used under one signature of the step and not under another (a Python

@@ -181,13 +181,14 @@ class RecordAgain(Exception):
 
 
 def _touches_filled(r2: _Recorder, i: int) -> bool:
-    """Does call ``i`` of ``r2`` read or write memory that a fill before it wrote?"""
+    """Is call ``i`` of ``r2`` a fill, or does it read or write memory a fill before it
+    wrote? (``Module.zero_grad`` fills only the gradients that exist: none at a first call.)"""
     if i >= len(r2.entries):
         return False
     mine = [r2.arrays[r[1]] for r in r2.entries[i].ins if r[0] == "a"]
     filled = [
         r2.arrays[e.ins[0][1]]
-        for e in r2.entries[:i]
+        for e in r2.entries[: i + 1]
         if e.name == "fill" and e.kind == "into" and e.ins and e.ins[0][0] == "a"
     ]
     return any(_xp_of(a).may_share_memory(a, f) for a in mine for f in filled)
