@@ -4,6 +4,7 @@ their addresses, and memory stays flat over 1,000 replays."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 import tracemalloc
@@ -786,6 +787,42 @@ def test_module_zero_grad_whose_fills_stay_records_a_third_time() -> None:
     (eager, _), (captured, go) = run(False), run(True)
     assert go.replays == STEPS - 3
     for a, b in zip(eager, captured):
+        assert np.array_equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("zero", ["model", "optimizer"])
+def test_an_optimizer_state_loaded_between_replays_is_recorded_again_and_replayed(
+    zero: str,
+) -> None:
+    """A checkpoint's optimizer state loaded between replays (``opt.load_state_dict``)
+    replaces the optimizer's arrays: the step records again. With
+    ``model.zero_grad(set_to_none=False)`` the first of those calls zero-fills the old gradient
+    arrays, which backward adds into, and the second writes the new flat buffer, so the
+    second call was refused as a value-dependent branch ('fill' then, 'linear_activation'
+    now); now a third records, and the run equals eager bit for bit."""
+
+    def run(captured: bool) -> list[np.ndarray]:
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 5])
+        opt = optim.Adam(model.parameters(), lr=1e-2)
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+            (model if zero == "model" else opt).zero_grad(set_to_none=False)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        go = gpunet.capture(step) if captured else step
+        for i, (x, y) in enumerate(_batches(9)):
+            if i == 3:
+                saved = copy.deepcopy(opt.state_dict())
+            if i == 5:
+                opt.load_state_dict(saved)
+            go(x, y)
+        return [p.numpy().copy() for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True)):
         assert np.array_equal(_bits(a), _bits(b))
 
 

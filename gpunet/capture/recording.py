@@ -174,21 +174,29 @@ def _xp_of(a: Any) -> Any:
 
 
 class RecordAgain(Exception):
-    """The two recordings differ where the second touches gradients it zero-filled: the
-    first call found them None (``zero_grad(set_to_none=False)`` fills the flat buffer but
-    keeps None) and made them otherwise. A third recording, the gradients as the second had
-    them, is compared with the second."""
+    """The two recordings differ where one touches gradients it zero-filled: at the first
+    call they were None (``zero_grad(set_to_none=False)`` fills the flat buffer but keeps
+    None; ``Module.zero_grad`` fills only those that exist) or arrays the optimizer has
+    replaced since (``load_state_dict``), and backward made or added them otherwise. A third
+    recording, the gradients as the second left them, is compared with the second."""
 
 
-def _touches_filled(r2: _Recorder, i: int) -> bool:
-    """Is call ``i`` of ``r2`` a fill, or does it read or write memory a fill before it
+def _record_again(r1: _Recorder, r2: _Recorder, i: int, again: bool) -> None:
+    """Raise ``RecordAgain`` where ``again`` and call ``i`` of either recording is a fill or
+    touches what a fill before it wrote."""
+    if again and (_touches_filled(r1, i) or _touches_filled(r2, i)):
+        raise RecordAgain
+
+
+def _touches_filled(rec: _Recorder, i: int) -> bool:
+    """Is call ``i`` of ``rec`` a fill, or does it read or write memory a fill before it
     wrote? (``Module.zero_grad`` fills only the gradients that exist: none at a first call.)"""
-    if i >= len(r2.entries):
+    if i >= len(rec.entries):
         return False
-    mine = [r2.arrays[r[1]] for r in r2.entries[i].ins if r[0] == "a"]
+    mine = [rec.arrays[r[1]] for r in rec.entries[i].ins if r[0] == "a"]
     filled = [
-        r2.arrays[e.ins[0][1]]
-        for e in r2.entries[: i + 1]
+        rec.arrays[e.ins[0][1]]
+        for e in rec.entries[: i + 1]
         if e.name == "fill" and e.kind == "into" and e.ins and e.ins[0][0] == "a"
     ]
     return any(_xp_of(a).may_share_memory(a, f) for a in mine for f in filled)
@@ -200,8 +208,7 @@ def _compare(r1: _Recorder, r2: _Recorder, step_name: str, again: bool = False) 
     n = max(len(r1.entries), len(r2.entries))
     for i in range(n):
         if i >= len(r1.entries) or i >= len(r2.entries):
-            if again and _touches_filled(r2, i):
-                raise RecordAgain
+            _record_again(r1, r2, i, again)
             _refuse_accumulation(r1, r2, i, step_name)
             longer = r1 if i < len(r1.entries) else r2
             e = longer.entries[i]
@@ -221,8 +228,7 @@ def _compare(r1: _Recorder, r2: _Recorder, step_name: str, again: bool = False) 
             same_params = same_params and all(_same_param(a, b) for a, b in zip(e1.ins, e2.ins))
             s1 = s2
         if s1 != s2 or not same_params:
-            if again and _touches_filled(r2, i):
-                raise RecordAgain
+            _record_again(r1, r2, i, again)
             _refuse_accumulation(r1, r2, i, step_name)
             what = _difference(s1, s2, e1, e2)
             raise CaptureError(
