@@ -826,6 +826,39 @@ def test_an_optimizer_state_loaded_between_replays_is_recorded_again_and_replaye
         assert np.array_equal(_bits(a), _bits(b))
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_gradients_zeroed_at_the_end_of_the_step_replay_bit_for_bit(kind: str) -> None:
+    """``opt.zero_grad(set_to_none=False)`` as the step's last line (zeroed inside the step,
+    as the README asks): the first call writes its gradients fresh, the second adds into the
+    zeros the first left, and the second call was refused as micro-batches accumulated
+    across calls. Now a third call records and is compared with the second; the replays
+    equal eager bit for bit, gradients (zeros) included."""
+
+    def run(captured: bool) -> tuple[list[np.ndarray], Any]:
+        gpunet.manual_seed(0)
+        model = nn.MLP([12, 16, 5], norm="layernorm")
+        make = optim.Adam if kind == "adam" else optim.SGD
+        opt = make(model.parameters(), lr=1e-2)
+
+        def step(x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            return loss
+
+        go = gpunet.capture(step) if captured else step
+        for x, y in _batches():
+            go(x, y)
+        params = list(model.parameters())
+        return [p.numpy().copy() for p in params] + [p.grad.numpy().copy() for p in params], go
+
+    (eager, _), (captured, go) = run(False), run(True)
+    assert go.replays == STEPS - 3
+    for a, b in zip(eager, captured):
+        assert np.array_equal(_bits(a), _bits(b))
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_p_grad_after_a_replay_is_the_gradient_the_replay_made(set_to_none: bool) -> None:
     """A parameter used under one signature of the step and not under another (a Python

@@ -174,8 +174,8 @@ def _xp_of(a: Any) -> Any:
 
 
 class RecordAgain(Exception):
-    """The two recordings differ where one touches gradients it zero-filled: at the first
-    call they were None (``zero_grad(set_to_none=False)`` fills the flat buffer but keeps
+    """The two recordings differ where one touches gradients the step zero-fills: at the
+    first call they were None (``zero_grad(set_to_none=False)`` fills the flat buffer but keeps
     None; ``Module.zero_grad`` fills only those that exist) or arrays the optimizer has
     replaced since (``load_state_dict``), and backward made or added them otherwise. A third
     recording, the gradients as the second left them, is compared with the second."""
@@ -189,14 +189,15 @@ def _record_again(r1: _Recorder, r2: _Recorder, i: int, again: bool) -> None:
 
 
 def _touches_filled(rec: _Recorder, i: int) -> bool:
-    """Is call ``i`` of ``rec`` a fill, or does it read or write memory a fill before it
-    wrote? (``Module.zero_grad`` fills only the gradients that exist: none at a first call.)"""
+    """Does call ``i`` of ``rec`` touch memory a fill of the step writes (itself; one before
+    it; one after it, which the call before left: ``zero_grad`` as the step's last line)?
+    (``Module.zero_grad`` fills only the gradients that exist: none at a first call.)"""
     if i >= len(rec.entries):
         return False
     mine = [rec.arrays[r[1]] for r in rec.entries[i].ins if r[0] == "a"]
     filled = [
         rec.arrays[e.ins[0][1]]
-        for e in rec.entries[: i + 1]
+        for e in rec.entries
         if e.name == "fill" and e.kind == "into" and e.ins and e.ins[0][0] == "a"
     ]
     return any(_xp_of(a).may_share_memory(a, f) for a in mine for f in filled)
