@@ -307,7 +307,10 @@ class GradScaler:
         self._interval = growth_interval
         self._scale: Any = None  # float32 (): made on the loss's device by the first scale()
         self._tracker: Any = None  # int32 (): clean steps in a row
-        self._found: Any = None  # float32 (): 1 when this step's gradients held inf or NaN
+        # id(optimizer) -> float32 (): 1 when its gradients held inf or NaN since update(); one
+        # each, as PyTorch's per-optimizer found_inf, so an overflow in one optimizer's
+        # gradients skips its step only (update() backs off on any)
+        self._founds: dict[int, Any] = {}
         self._inv: Any = None  # float32 (): 1/scale, for the fused update
         self._backend: Any = None
         self._stages: dict[int, str] = {}  # id(optimizer) -> UNSCALED | STEPPED since update()
@@ -318,7 +321,6 @@ class GradScaler:
             self._backend = backend
             self._scale = backend.full((), self._init_scale, dtypes.float32)
             self._tracker = backend.full((), self._tracker_init, dtypes.int32)
-            self._found = backend.zeros((), dtypes.float32)
             self._inv = backend.zeros((), dtypes.float32)
 
     def scale(self, outputs: Tensor) -> Tensor:
@@ -351,9 +353,17 @@ class GradScaler:
             if g is None:
                 continue
             data = g.data * self._inv.astype(g.dtype)
-            call("amp_found_inf", _found_inf_into, self._found, data, xp=xp)
+            call("amp_found_inf", _found_inf_into, self._found(optimizer), data, xp=xp)
             p.grad = Tensor._wrap(data, g._backend)
         self._stages[id(optimizer)] = UNSCALED
+
+    def _found(self, optimizer: Any) -> Any:
+        """``optimizer``'s found-inf flag, made (zero) at its first check and kept, so that a
+        captured step reads the same array at every replay."""
+        found = self._founds.get(id(optimizer))
+        if found is None:
+            found = self._founds[id(optimizer)] = self._backend.zeros((), dtypes.float32)
+        return found
 
     def _check(self, optimizer: Any, op: str) -> None:
         """Refuse ``op`` where PyTorch does, before anything changes."""
@@ -389,17 +399,19 @@ class GradScaler:
                 refuse("GradScaler.step", f"decides on the host whether {optimizer} steps")
             if not unscaled:
                 self._unscale(optimizer)
-            out = None if float(self._found) != 0.0 else optimizer.step(*args, **kwargs)
+            skip = float(self._found(optimizer)) != 0.0
+            out = None if skip else optimizer.step(*args, **kwargs)
             self._stages[id(optimizer)] = STEPPED  # (as in PyTorch, a skipped step counts)
             return out
-        scaling: dict[str, Any] = {"found_inf": self._found}
+        found = self._found(optimizer)
+        scaling: dict[str, Any] = {"found_inf": found}
         xp = self._backend.xp
         if not unscaled:
             _average_over_ranks(optimizer)
             call("amp_inverse_scale", _reciprocal_into, self._inv, self._scale)
             for p in optimizer._all_params():
                 if p.grad is not None:  # (an inf in g is one in g / scale: PyTorch checks g)
-                    call("amp_found_inf", _found_inf_into, self._found, p.grad.data, xp=xp)
+                    call("amp_found_inf", _found_inf_into, found, p.grad.data, xp=xp)
             scaling["grad_scale"] = self._inv
         optimizer._loss_scaling = scaling
         try:
@@ -414,19 +426,22 @@ class GradScaler:
         ``growth_interval`` clean steps in a row (PyTorch's ``_amp_update_scale_``), in place."""
         if not self.enabled or self._scale is None:
             return
+        # the flags of the optimizers checked since the last update (PyTorch sums them)
+        checked = [self._founds[key] for key in self._stages if key in self._founds]
         if new_scale is not None:
             call("fill", _fill, self._scale, value=float(new_scale))
         else:
             call(
                 "amp_update_scale",
                 _update_scale_into,
-                *(self._scale, self._tracker, self._found),
+                *(self._scale, self._tracker, *checked),
                 growth=self._growth,
                 backoff=self._backoff,
                 interval=self._interval,
                 xp=self._backend.xp,
             )
-        call("fill", _fill, self._found, value=0.0)
+        for found in checked:
+            call("fill", _fill, found, value=0.0)
         self._stages.clear()
 
     def get_scale(self) -> float:
@@ -485,16 +500,18 @@ def _found_inf_into(found: Any, g: Any, *, xp: Any) -> None:
 def _update_scale_into(
     scale: Any,
     tracker: Any,
-    found: Any,
-    *,
+    *found: Any,
     growth: float,
     backoff: float,
     interval: int,
     xp: Any,
 ) -> None:
-    """PyTorch's ``_amp_update_scale_``: on a found inf scale *= backoff and the count of clean
-    steps restarts; after ``interval`` clean steps scale *= growth (if finite), count 0."""
-    bad = found > 0
+    """PyTorch's ``_amp_update_scale_``: on a found inf (in any optimizer's flag) scale *=
+    backoff and the count of clean steps restarts; after ``interval`` clean steps scale *=
+    growth (if finite), count 0."""
+    bad = xp.asarray(False)
+    for flag in found:
+        bad = xp.logical_or(bad, flag > 0)
     clean = xp.where(bad, 0, tracker + 1).astype(dtypes.int32)
     grown = (scale * growth).astype(dtypes.float32)
     grow = xp.logical_and(clean >= interval, xp.isfinite(grown))

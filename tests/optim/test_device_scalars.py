@@ -291,10 +291,10 @@ def test_the_optimizers_never_read_found_inf_on_the_host(kind: str, monkeypatch:
     opt = KINDS[kind](ps)
     scaler = amp.GradScaler()
     scaler.scale(_loss(ps, _coefficients(1)[0])).backward()
-    scaler._found = np.zeros((), np.float32).view(_DeviceOnly)
+    flag = scaler._founds[id(opt)] = np.zeros((), np.float32).view(_DeviceOnly)
     scaler.step(opt)
     (kw,) = seen
-    assert kw["found_inf"] is scaler._found and kw["step"].dtype == np.int64
+    assert kw["found_inf"] is flag and kw["step"].dtype == np.int64
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

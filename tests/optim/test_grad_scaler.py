@@ -347,3 +347,49 @@ def test_after_scaler_step_the_gradients_read_unscaled(kind: str, captured: bool
         run(gpunet.tensor(x))
         for p, q in zip(params, twin.parameters()):
             np.testing.assert_array_equal(p.grad.numpy(), q.grad.numpy(), err_msg=f"bad={bad}")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the injected inf's arithmetic
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+def test_an_overflow_in_one_optimizer_skips_its_step_only(captured: bool) -> None:
+    """Two optimizers, one scaler (PyTorch keeps a found-inf flag per optimizer): an inf in
+    the first one's gradients skips its step, the second steps as without the other, and
+    update() backs the scale off once; clean steps after it step both."""
+    gpunet.manual_seed(0)
+    a, b = gpunet.nn.Linear(3, 2), gpunet.nn.Linear(3, 2)
+    opt_a, opt_b = gpunet.optim.SGD(a.parameters(), lr=0.1), gpunet.optim.Adam(b.parameters())
+    scaler = GradScaler(init_scale=2.0**8)
+    solo_b, solo_opt = gpunet.nn.Linear(3, 2), None
+    for p, q in zip(b.parameters(), solo_b.parameters()):
+        q.data[...] = p.data
+    solo_opt = gpunet.optim.Adam(solo_b.parameters())
+    solo_scaler = GradScaler(init_scale=2.0**8)
+
+    def step(xa: gpunet.Tensor, xb: gpunet.Tensor) -> gpunet.Tensor:
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        loss = a(xa).sum() + b(xb).sum()
+        scaler.scale(loss).backward()
+        scaler.step(opt_a)
+        scaler.step(opt_b)
+        scaler.update()
+        return loss
+
+    run = gpunet.capture(step) if captured else step
+    r = np.random.default_rng(3)
+    for i in range(5):
+        xa, xb = r.standard_normal((4, 3)).astype(np.float32), r.standard_normal((4, 3))
+        xb = xb.astype(np.float32)
+        if i == 3:
+            xa[0, 0] = np.inf
+        before_a = [p.numpy().copy() for p in a.parameters()]
+        run(gpunet.tensor(xa), gpunet.tensor(xb))
+        solo_opt.zero_grad()
+        solo_scaler.scale(solo_b(gpunet.tensor(xb)).sum()).backward()
+        solo_scaler.step(solo_opt)
+        solo_scaler.update()
+        for p, q in zip(b.parameters(), solo_b.parameters()):  # (b stepped every time)
+            np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=f"step {i}")
+        moved = any(not np.array_equal(p.numpy(), w) for p, w in zip(a.parameters(), before_a))
+        assert moved == (i != 3), f"step {i}: a moved {moved}"
+    assert scaler.get_scale() == 2.0**7 and solo_scaler.get_scale() == 2.0**8
