@@ -694,6 +694,32 @@ def clipping_before_synchronize_clips_each_rank_and_keeps_them_identical() -> st
     return f"each rank clipped by its own norm {norms}; the ranks' weights identical"
 
 
+@check
+def a_step_skipped_after_synchronize_leaves_the_next_step_averaged() -> str:
+    """synchronize(), the averaged norm read, the step skipped (a loop that skips a step
+    whose norm is too large): the next step() took each rank's own gradient, unaveraged, and
+    the ranks' weights parted silently; now it averages, as one process steps."""
+    out = []
+    for zeroing in ("optimizer", "model"):
+        model, o, ref, ro = pair("float64", lambda p: optim.SGD(p, lr=0.5, momentum=0.9))
+        for step in range(4):
+            x, y = batch("float64", seed=step)
+            (o if zeroing == "optimizer" else model).zero_grad()
+            backward(model, *mine(x, y))
+            ro.zero_grad()
+            backward(ref, x, y)
+            if step == 1:
+                o.synchronize()  # (and not step(): skipped by the loop)
+                continue
+            o.step()
+            ro.step()
+        same_on_every_rank(model)
+        diff = max_diff(params(model), params(ref))
+        assert diff <= 1e-12, f"{zeroing}.zero_grad(): {diff:.3g}"
+        out.append(f"{zeroing}.zero_grad() {diff:.2g}")
+    return "one step skipped after synchronize(): " + ", ".join(out)
+
+
 SCHEDULED = {
     "AdamW + cosine": (
         lambda p: optim.AdamW(p, lr=1e-2, weight_decay=0.1),
