@@ -57,6 +57,7 @@ CHECKS = [
     "scaled_low_precision_steps_equal_one_process",
     "checkpoints_from_every_rank_load_in_any_world",
     "a_step_skipped_after_synchronize_leaves_the_next_step_averaged",
+    "fit_gives_every_rank_rank_0s_frozen_part_outside_the_optimizer",
 ]
 
 
