@@ -42,8 +42,9 @@ AXES: dict[str, tuple] = {
     "capturable": (False, True),
     "groups": (1, 2),  # two param groups with different lrs
     # the first layer's bias: requires_grad=False (in the optimizer), or until UNFREEZE_STEP
-    # (unfrozen), or then also added to the optimizer by add_param_group (added)
-    "frozen": ("no", "always", "unfrozen", "added"),
+    # (unfrozen), or then also added to the optimizer by add_param_group (added), or from
+    # UNFREEZE_STEP on (later)
+    "frozen": ("no", "always", "unfrozen", "added", "later"),
     "extra": ("never", "one_rank", "some_steps"),  # where the extra layer enters the loss
     "schedule": ("none", "steplr", "cosine"),
     "set_to_none": (True, False),
@@ -51,8 +52,10 @@ AXES: dict[str, tuple] = {
     "accumulate": (1, 3),  # micro-batches per step
     "no_sync": (True, False),  # all micro-batches but the last under no_sync()
     "closure": (False, True),  # opt.step(closure), the closure zeroing and backpropagating
+    "optimizers": (1, 2),  # 2: the extra layer has an Adam of its own, wrapped on its own
     "clip": (False, True),  # synchronize() (or scaler.unscale_) then clip_grad_norm_
-    "skip": (False, True),  # at SKIP_STEP: synchronize(), the norm read, no step() (by choice)
+    # at SKIP_STEP: synchronize() (or scaler.unscale_), the norm read, no step (by choice)
+    "skip": (False, True),
     "precision": ("fp32", "bf16", "fp16"),  # autocast; fp16 with a GradScaler
     "dropout": (0.0, 0.3),
     # mid-run, new objects given the state by state_dicts or a checkpoint rank 0 saved
@@ -61,7 +64,7 @@ AXES: dict[str, tuple] = {
 }
 STEPS, ROWS, FEATURES, CLASSES = 5, 16, 6, 3
 RELOAD_STEP = 2  # reload: before this step
-UNFREEZE_STEP = 3  # frozen "unfrozen" and "added": the bias trains from this step
+UNFREEZE_STEP = 3  # frozen: the bias trains from this step on, or stops (later)
 SKIP_STEP = 2  # skip: the step the loop leaves out after reading the averaged gradient
 INF_STEP = 1  # fp16: rank 1's half of this step's first micro-batch holds an inf
 MAX_NORM = 0.05  # small enough that every step clips
@@ -73,19 +76,28 @@ TOL = {"float64": 1e-12, "float32": 1e-6, "mixed": 1e-6, "bf16": 1e-2, "fp16": 2
 
 
 def valid(case: dict[str, Any]) -> bool:
-    """A loop a user could write: autocast on a float32 model; a step skipped by hand
-    without a GradScaler (which skips its own); a closure that does all the step's
-    backward work (one micro-batch, no scaler, no clipping or skipping)."""
-    if case["skip"] and case["precision"] == "fp16":
-        return False
+    """A loop a user could write: autocast on a float32 model; a closure that does all the
+    step's backward work (one micro-batch, no scaler, no clipping or skipping)."""
     if case["closure"] and (
-        case["accumulate"] > 1 or case["precision"] == "fp16" or case["clip"] or case["skip"]
+        case["accumulate"] > 1
+        or case["precision"] == "fp16"
+        or case["clip"]
+        or case["skip"]
+        or case["optimizers"] > 1
     ):
         return False
     return case["precision"] == "fp32" or case["dtype"] == "float32"
 
 
-JUDGED = ("precision", "dtype", "skip", "closure", "accumulate", "clip")  # what valid() reads
+JUDGED = (
+    "precision",
+    "dtype",
+    "closure",
+    "accumulate",
+    "clip",
+    "skip",
+    "optimizers",
+)  # what valid() reads
 
 
 def name(case: dict[str, Any]) -> str:
@@ -110,16 +122,18 @@ class Net(nn.Module):
         return list(self.body.parameters())[1]
 
 
-def make_optimizer(case: dict[str, Any], model: Net) -> optim.Optimizer:
+def make_optimizers(case: dict[str, Any], model: Net) -> list[optim.Optimizer]:
     body = list(model.body.parameters())
     if case["frozen"] == "added":  # (the bias joins at UNFREEZE_STEP, as a group of its own)
         body = [p for p in body if p is not model.bias()]
-    first, rest = body[: len(body) - 2], body[-2:] + list(model.extra.parameters())
+    extra = list(model.extra.parameters())
+    first, rest = body[: len(body) - 2], body[-2:] + (extra if case["optimizers"] == 1 else [])
     groups: list = [{"params": first + rest}]
     if case["groups"] == 2:
         groups = [{"params": first}, {"params": rest, "lr": 0.3 * LR[case["opt"]]}]
     kw = {"lr": LR[case["opt"]], "capturable": case["capturable"]}
-    return OPTIMIZERS[case["opt"]](groups, **kw)
+    second = [optim.Adam(extra, lr=1e-2)] if case["optimizers"] == 2 else []
+    return [OPTIMIZERS[case["opt"]](groups, **kw), *second]
 
 
 LR = {"adam": 1e-2, "adamw": 1e-2}
@@ -147,13 +161,14 @@ class Run:
         self.case, self.parallel = case, parallel
         gpunet.manual_seed(seed)
         self.model = Net(case)
-        if case["frozen"] != "no":
+        if case["frozen"] in ("always", "unfrozen", "added"):
             self.model.bias().requires_grad = False
-        self.opt = make_optimizer(case, self.model)
+        self.opts = make_optimizers(case, self.model)
         if parallel:
-            self.opt = dist.DistributedOptimizer(self.opt)
+            self.opts = [dist.DistributedOptimizer(o) for o in self.opts]
             if case["frozen"] == "added":  # (outside the optimizer: the README's call)
                 dist.broadcast_parameters(self.model)
+        self.opt = self.opts[0]  # (the one the schedule, add_param_group and closure see)
         make = SCHEDULES.get(case["schedule"])
         self.schedule = make(self.opt) if make else None
         fp16 = case["precision"] == "fp16"
@@ -193,7 +208,7 @@ class Run:
         case = self.case
         if step == UNFREEZE_STEP:
             self.unfreeze()
-        if case["closure"]:
+        if case["closure"]:  # (one optimizer: valid() pairs a closure with no second)
             self.local = None  # (formed inside step(): not seen before the average)
             self.opt.step(lambda: self.backward(step))
         else:
@@ -204,15 +219,17 @@ class Run:
 
     def backward(self, step: int) -> gpunet.Tensor:
         case = self.case
-        zeroed = self.opt if case["zero_grad_by"] == "optimizer" else self.model
-        zeroed.zero_grad(set_to_none=case["set_to_none"])
+        for zeroed in self.opts if case["zero_grad_by"] == "optimizer" else [self.model]:
+            zeroed.zero_grad(set_to_none=case["set_to_none"])
         for k in range(case["accumulate"]):
             x, y = batch(case["dtype"], step, k)
             if case["precision"] == "fp16" and step == INF_STEP and k == 0:
                 x[ROWS - 3, 0] = np.inf  # (rank 1's row: rank 0's half stays finite)
             last = k == case["accumulate"] - 1
             quiet = self.parallel and not last and case["no_sync"]
-            with self.opt.no_sync() if quiet else contextlib.nullcontext(), self.precision():
+            with contextlib.ExitStack() as stack, self.precision():
+                for o in self.opts if quiet else []:
+                    stack.enter_context(o.no_sync())
                 with np.errstate(over="ignore", invalid="ignore"):
                     loss = self.loss(x, y, step)
                     (loss if self.scaler is None else self.scaler.scale(loss)).backward()
@@ -229,25 +246,29 @@ class Run:
         self.unscale = 1.0 if self.scaler is None else 1.0 / self.scaler.get_scale()
         with np.errstate(over="ignore", invalid="ignore"):
             if self.scaler is not None:
-                if clip:
-                    self.scaler.unscale_(self.opt)
-                    self.norm = float(optim.clip_grad_norm_(params, MAX_NORM))
-                self.scaler.step(self.opt)
+                if clip or skip:
+                    for o in self.opts:
+                        self.scaler.unscale_(o)
+                    limit = MAX_NORM if clip else np.inf
+                    self.norm = float(optim.clip_grad_norm_(params, limit))
+                for o in [] if skip else self.opts:
+                    self.scaler.step(o)
                 self.scaler.update()
                 return
             if clip or skip:
-                if self.parallel:
-                    self.opt.synchronize()
+                for o in self.opts if self.parallel else []:
+                    o.synchronize()
                 self.norm = float(optim.clip_grad_norm_(params, MAX_NORM if clip else np.inf))
-            if not skip:
-                self.opt.step()
+            for o in [] if skip else self.opts:
+                o.step()
 
     def unfreeze(self) -> None:
-        """``frozen`` "unfrozen": requires_grad again; "added": and into a group of its own."""
-        bias = self.model.bias()
-        if self.case["frozen"] in ("unfrozen", "added"):
-            bias.requires_grad = True
-        if self.case["frozen"] == "added":
+        """``frozen`` "unfrozen": requires_grad again; "added": and into a group of its own;
+        "later": requires_grad=False from now on (its .grad left as zero_grad leaves it)."""
+        bias, frozen = self.model.bias(), self.case["frozen"]
+        if frozen in ("unfrozen", "added", "later"):
+            bias.requires_grad = frozen != "later"
+        if frozen == "added":
             self.opt.add_param_group({"params": [bias], "lr": 0.5 * LR[self.case["opt"]]})
 
     def reload(self) -> Run:
@@ -269,6 +290,8 @@ class Run:
                 {k: v.numpy().copy() for k, v in self.model.state_dict().items()}
             )
             new.opt.load_state_dict(self.opt.state_dict())
+        for o, mine in zip(new.opts[1:], self.opts[1:]):  # (gpunet.save takes one optimizer)
+            o.load_state_dict(mine.state_dict())
         if schedule is not None:
             new.schedule.load_state_dict(schedule.state_dict())
         if scaler is not None:
@@ -307,12 +330,15 @@ def _host(v: Any) -> Any:
 def snapshot(run: Run) -> dict[str, Any]:
     """Parameters, gradients (None or values), optimizer state and lrs, the norm, the scale."""
     params = list(run.model.parameters())
-    state = run.opt.state_dict()["state"]
+    states = [o.state_dict()["state"] for o in run.opts]
     return {
         "params": [p.numpy().copy() for p in params],
         "grads": [None if p.grad is None else p.grad.numpy().copy() for p in params],
-        "state": {i: {k: _host(v) for k, v in st.items()} for i, st in sorted(state.items())},
-        "lrs": [float(g["lr"]) for g in run.opt.param_groups],
+        "state": [
+            {i: {k: _host(v) for k, v in st.items()} for i, st in sorted(state.items())}
+            for state in states
+        ],
+        "lrs": [float(g["lr"]) for o in run.opts for g in o.param_groups],
         "norm": run.norm,
         "scale": None if run.scaler is None else run.scaler.get_scale(),
     }
@@ -431,6 +457,16 @@ FITS: dict[str, dict[str, Any]] = {
     },
     "nesterov_float32_no_val": {"opt": "nesterov", "dtype": "float32", "schedule": "cosine"},
     "head_only_float64": {"opt": "adam", "head_only": True, "val": True},
+    # 60 rows: the last batch 4 rows in one process, 2 on each rank
+    "uneven_last_batch_plateau": {
+        "opt": "momentum",
+        "rows": 60,
+        "schedule": "plateau",
+        "val": True,
+    },
+    "drop_last": {"opt": "adamw", "rows": 60, "drop_last": True, "val": True},
+    "resumed_after_3_epochs": {"opt": "adam", "resume": 3, "val": True},
+    "diverges_in_epoch_2": {"opt": "sgd", "dtype": "float32", "inf_at": 2},  # (an inf row)
 }
 HISTORY = (
     "train_loss",
@@ -441,8 +477,13 @@ HISTORY = (
     "grad_norm",
     "best_epoch",
     "stopped_early",
+    "diverged",
     "warnings",
 )
+FIT_SCHEDULES = {
+    **SCHEDULES,
+    "plateau": lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=0),
+}
 
 
 def one_fit(kw: dict[str, Any], parallel: bool) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -451,9 +492,7 @@ def one_fit(kw: dict[str, Any], parallel: bool) -> tuple[dict[str, Any], list[np
     from gpunet.train import fit
 
     dtype, precision = kw.get("dtype", "float64"), kw.get("precision", "fp32")
-    rng = np.random.default_rng(9)
-    x, y = rng.standard_normal((64, FEATURES)).astype(dtype), rng.integers(0, CLASSES, 64)
-    vx, vy = rng.standard_normal((13, FEATURES)).astype(dtype), rng.integers(0, CLASSES, 13)
+    train, val = fit_data(kw, parallel)
     gpunet.manual_seed(5 + 100 * R if parallel else 5)
     model = nn.MLP([FEATURES, 16, CLASSES], "tanh", dtype=dtype)
     trained = list(model.parameters())
@@ -463,20 +502,9 @@ def one_fit(kw: dict[str, Any], parallel: bool) -> tuple[dict[str, Any], list[np
         trained = trained[-2:]
     opt = OPTIMIZERS[kw["opt"]](trained, lr=LR[kw["opt"]])
     opt = dist.DistributedOptimizer(opt) if parallel else opt
-    make = SCHEDULES.get(kw.get("schedule", "none"))
-    shard = {"num_replicas": N, "rank": R} if parallel else {}
-    loader = DataLoader(
-        Dataset(x, y), 8 // (N if parallel else 1), shuffle=True, seed=0, dtype=dtype, **shard
-    )
-    val = DataLoader(Dataset(vx, vy), 5, pad=False, dtype=dtype, **shard) if kw.get("val") else None
+    make = FIT_SCHEDULES.get(kw.get("schedule", "none"))
     autocast = {"bf16": gpunet.bfloat16, "fp16": gpunet.float16}.get(precision)
-    h = fit(
-        model,
-        F.cross_entropy,
-        opt,
-        loader,
-        val,
-        epochs=12,
+    common = dict(
         early_stopping=2,
         scheduler=make(opt) if make else None,
         progress=False,
@@ -484,7 +512,32 @@ def one_fit(kw: dict[str, Any], parallel: bool) -> tuple[dict[str, Any], list[np
         autocast=autocast,
         scaler=GradScaler() if precision == "fp16" else None,
     )
+    h = None
+    if "resume" in kw:  # (a first fit stops; a second one continues its history)
+        h = fit(model, F.cross_entropy, opt, train, val, epochs=kw["resume"], **common)
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = fit(model, F.cross_entropy, opt, train, val, epochs=12, history=h, **common)
     return {k: getattr(h, k) for k in HISTORY}, [p.numpy().copy() for p in model.parameters()]
+
+
+def fit_data(kw: dict[str, Any], parallel: bool) -> tuple[Any, Any]:
+    """The training loader (8 rows a step: 4 on each rank) and the validation one (13 rows,
+    sharded unpadded), or None."""
+    dtype = kw.get("dtype", "float64")
+    rng = np.random.default_rng(9)
+    rows = kw.get("rows", 64)
+    x, y = rng.standard_normal((rows, FEATURES)).astype(dtype), rng.integers(0, CLASSES, rows)
+    vx, vy = rng.standard_normal((13, FEATURES)).astype(dtype), rng.integers(0, CLASSES, 13)
+    if "inf_at" in kw:  # (a row whose loss is inf: the run diverges when it meets it)
+        x[17, 0] = np.inf
+    shard = {"num_replicas": N, "rank": R} if parallel else {}
+    batch = 8 // (N if parallel else 1)
+    drop = kw.get("drop_last", False)
+    train = DataLoader(
+        Dataset(x, y), batch, shuffle=True, seed=0, dtype=dtype, drop_last=drop, **shard
+    )
+    val = DataLoader(Dataset(vx, vy), 5, pad=False, dtype=dtype, **shard) if kw.get("val") else None
+    return train, val
 
 
 def fit_case(kw: dict[str, Any]) -> str:
@@ -550,8 +603,14 @@ REFUSALS = [capture_of_the_step_is_refused, sgd_in_backward_is_refused_at_the_wr
 
 
 # ------------------------------------------------------------------------------ main
+# The covering design's seed; others give other designs (a wider search, run by hand:
+# matrix_worker.py OUT SEED)
+SEED = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+CASES = covering(AXES, valid, seed=SEED)
+
+
 def checks() -> Iterator[tuple[str, Callable[[], str]]]:
-    for case in covering(AXES, valid, seed=0):
+    for case in CASES:
         yield f"case {name(case)}", lambda case=case: train_case(case)
     for label, kw in FITS.items():
         yield f"fit {label}", lambda kw=kw: fit_case(kw)
@@ -562,8 +621,7 @@ def checks() -> Iterator[tuple[str, Callable[[], str]]]:
 def design() -> dict[str, Any]:
     """The design's size, and the pairs of axis values that a valid case could hold and no
     case does (none, or the greedy search missed some)."""
-    cases = covering(AXES, valid, seed=0)
-    held = set().union(*(pairs(AXES, c) for c in cases))
+    held = set().union(*(pairs(AXES, c) for c in CASES))
     judged = [dict(zip(JUDGED, values)) for values in itertools.product(*map(AXES.get, JUDGED))]
     missed = []
     for a, b in itertools.combinations(AXES, 2):
@@ -571,7 +629,7 @@ def design() -> dict[str, Any]:
             holds = (valid({**name_defaults(), **j, a: u, b: v}) for j in judged)
             if ((a, u), (b, v)) not in held and any(holds):
                 missed.append(f"{a}={u} {b}={v}")
-    return {"cases": len(cases), "fits": len(FITS), "uncovered": missed}
+    return {"cases": len(CASES), "fits": len(FITS), "uncovered": missed}
 
 
 def main() -> None:
