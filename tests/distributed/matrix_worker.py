@@ -307,15 +307,17 @@ def batch(dtype: str, step: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def refused_inside_no_sync(run: Run) -> None:
-    """step() inside no_sync() is refused by design, naming why, and changes nothing."""
+    """step() and synchronize() inside no_sync() are refused by design, naming why, and
+    change nothing."""
     before = snapshot(run)
-    try:
-        run.opt.step()
-    except RuntimeError as e:
-        assert "inside no_sync()" in str(e) and "drift apart" in str(e), e
-    else:
-        raise AssertionError("step() inside no_sync() was accepted")
-    assert digest(snapshot(run)) == digest(before), "the refused step changed something"
+    for call in (run.opt.step, run.opt.synchronize):
+        try:
+            call()
+        except RuntimeError as e:
+            assert "inside no_sync()" in str(e) and "drift apart" in str(e), e
+        else:
+            raise AssertionError(f"{call.__name__}() inside no_sync() was accepted")
+    assert digest(snapshot(run)) == digest(before), "a refused call changed something"
 
 
 # ------------------------------------------------------------------------------ comparing
@@ -595,11 +597,25 @@ def sgd_in_backward_is_refused_at_the_wrap() -> str:
     raise AssertionError("SGD(in_backward=True) was accepted")
 
 
+def wrapping_twice_is_refused() -> str:
+    run = Run(name_defaults(), True, seed=1 + 100 * R)
+    try:
+        dist.DistributedOptimizer(run.opt)
+    except ValueError as e:
+        assert "already data-parallel" in str(e), e
+        return "refused"
+    raise AssertionError("a second wrap was accepted")
+
+
 def name_defaults() -> dict[str, Any]:
     return {k: v[0] for k, v in AXES.items()}
 
 
-REFUSALS = [capture_of_the_step_is_refused, sgd_in_backward_is_refused_at_the_wrap]
+REFUSALS = [
+    capture_of_the_step_is_refused,
+    sgd_in_backward_is_refused_at_the_wrap,
+    wrapping_twice_is_refused,
+]
 
 
 # ------------------------------------------------------------------------------ main
