@@ -58,6 +58,7 @@ AXES: dict[str, tuple] = {
     "skip": (False, True),
     "precision": ("fp32", "bf16", "fp16"),  # autocast; fp16 with a GradScaler
     "dropout": (0.0, 0.3),
+    "norm": (None, "layernorm"),  # (LayerNorm's gradients come as arrays of their own)
     # mid-run, new objects given the state by state_dicts or a checkpoint rank 0 saved
     "reload": ("no", "state_dict", "checkpoint"),
     "dtype": ("float32", "float64", "mixed"),  # mixed: the extra layer float64
@@ -114,7 +115,9 @@ class Net(nn.Module):
         super().__init__()
         body = "float32" if case["dtype"] == "mixed" else case["dtype"]
         extra = "float64" if case["dtype"] == "mixed" else case["dtype"]
-        self.body = nn.MLP([FEATURES, 8, CLASSES], "tanh", dropout=case["dropout"], dtype=body)
+        self.body = nn.MLP(
+            [FEATURES, 8, CLASSES], "tanh", dropout=case["dropout"], norm=case["norm"], dtype=body
+        )
         self.extra = nn.Linear(FEATURES, 1, dtype=extra)
 
     def bias(self) -> gpunet.Tensor:
@@ -194,7 +197,8 @@ class Run:
         }[self.case["extra"]]
         if use.any():
             inputs = gpunet.tensor(xs[use].astype(self.model.extra.weight.dtype.name))
-            term = (self.model.extra(inputs) ** 2).sum() / len(rows)
+            extra = self.model.extra  # (used twice: its gradients summed in backward)
+            term = ((extra(inputs) ** 2).sum() + extra(inputs * 0.5).sum()) / len(rows)
             loss = loss + term.to(loss.dtype)
         return loss / self.case["accumulate"]
 
@@ -622,7 +626,7 @@ REFUSALS = [
 # The covering design's seed; others give other designs (a wider search, run by hand:
 # matrix_worker.py OUT SEED)
 SEED = int(sys.argv[2]) if len(sys.argv) > 2 else 0
-CASES = covering(AXES, valid, seed=SEED)
+CASES = covering(AXES, valid, seed=SEED, candidates=100)
 
 
 def checks() -> Iterator[tuple[str, Callable[[], str]]]:
