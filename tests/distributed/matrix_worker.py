@@ -5,11 +5,16 @@ covering design of ``AXES`` (every pair of axis values a valid loop can hold is 
 
 After each step: the parameters, ``p.grad`` (the average over the ranks against the whole
 batch's gradient), the optimizer state, the groups' lrs, the clipped norm and the loss scale
-against the one-process run (``TOL``); and the parameters, gradients and optimizer state
-bit-identical across the ranks. Dropout draws from each rank's own stream, so those cases
-hold the ranks' identity only. ``fit`` on a sharded loader is held to ``fit`` in one process
-(``FITS``), and the refusals by design to their messages (``REFUSALS``). Rank 0 writes
-``{name: [ok, [each rank's detail]]}`` as JSON to ``argv[1]``."""
+against the one-process run (``TOL``); ``p.grad`` bit for bit the ranks' own gradients
+summed and scaled by 1/N; and the parameters, gradients and optimizer state bit-identical
+across the ranks. Dropout draws from each rank's own stream, so those cases have no
+one-process twin and hold the other two. ``fit`` on a sharded loader is held to ``fit`` in
+one process (``FITS``), and the refusals by design to their messages (``REFUSALS``).
+
+    PYTHONPATH=tests mpiexec -n 2 python tests/distributed/matrix_worker.py OUT [SEED]
+
+Rank 0 writes ``{name: [ok, [each rank's detail]], "design": ...}`` as JSON to OUT; SEED
+(0) picks the covering design."""
 
 from __future__ import annotations
 
@@ -472,7 +477,15 @@ FITS: dict[str, dict[str, Any]] = {
     },
     "drop_last": {"opt": "adamw", "rows": 60, "drop_last": True, "val": True},
     "resumed_after_3_epochs": {"opt": "adam", "resume": 3, "val": True},
-    "diverges_in_epoch_2": {"opt": "sgd", "dtype": "float32", "inf_at": 2},  # (an inf row)
+    "diverges": {"opt": "sgd", "dtype": "float32", "inf_row": True},
+    "adam_fp16_scaler_capture_requested_plateau": {
+        "opt": "adam",
+        "dtype": "float32",
+        "precision": "fp16",
+        "capture": True,
+        "schedule": "plateau",
+        "val": True,
+    },
 }
 HISTORY = (
     "train_loss",
@@ -534,7 +547,7 @@ def fit_data(kw: dict[str, Any], parallel: bool) -> tuple[Any, Any]:
     rows = kw.get("rows", 64)
     x, y = rng.standard_normal((rows, FEATURES)).astype(dtype), rng.integers(0, CLASSES, rows)
     vx, vy = rng.standard_normal((13, FEATURES)).astype(dtype), rng.integers(0, CLASSES, 13)
-    if "inf_at" in kw:  # (a row whose loss is inf: the run diverges when it meets it)
+    if kw.get("inf_row"):  # (a row whose loss is inf: the run diverges when it meets it)
         x[17, 0] = np.inf
     shard = {"num_replicas": N, "rank": R} if parallel else {}
     batch = 8 // (N if parallel else 1)

@@ -14,9 +14,11 @@ from test_data_parallel import HERE, mpiexec  # (its folder is on the path: pyte
 
 def test_two_ranks_equal_one_process_over_the_matrix(tmp_path: Path) -> None:
     out = tmp_path / "matrix.json"
-    # (about 3 s on 2 idle cores; the limit is for a stuck job)
+    # (about 3 s on 2 idle cores; the limits are for a stuck job: a rank left waiting in a
+    # collective by the other's failure ends after 30 s, naming the call)
     worker = str(HERE / "matrix_worker.py")  # (tests/ on its path: the covering design's module)
-    done = mpiexec(sys.executable, worker, str(out), timeout=120, PYTHONPATH=str(HERE.parent))
+    env = {"PYTHONPATH": str(HERE.parent), "GPUNET_DIST_TIMEOUT": "30"}
+    done = mpiexec(sys.executable, worker, str(out), timeout=120, **env)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     design = results.pop("design")
