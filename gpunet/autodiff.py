@@ -562,6 +562,9 @@ def backprop(
     captured by the function), so that ``grad(grad(f))`` and gradient penalties work while a
     plain ``grad(f)(x)`` stays unrecorded.
     """
+    global grad_sweeps
+    if inputs is None:  # (counted first: a sweep that raises may have written some already)
+        grad_sweeps += 1
     stop = set() if inputs is None else {x._node for x in inputs if x._node is not None}
     plan = LeafPlan()
     grads, queue = _seed(outputs, cotangents, inputs is not None, plan)
@@ -725,6 +728,9 @@ _last_inplace = -1
 # Called with each tensor written in place: the optimizers' flat buffers mark a parameter's
 # low-precision copy stale (``optim.flat``; empty until autocast first asks for a copy).
 WRITE_HOOKS: list[Callable[[Tensor], None]] = []
+# The reverse sweeps that have written leaves' gradients (``.grad`` or its buffer): a
+# data-parallel optimizer's average taken before the latest one is stale.
+grad_sweeps = 0
 
 
 def bump_version(x: Tensor) -> None:

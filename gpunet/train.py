@@ -192,7 +192,12 @@ def fit(
     if history.stopped_early:  # a finished history: nothing left to run
         first = epochs
     if run.comm is not None:
+        from .distributed import broadcast_parameters
+
         _check_shards(run.comm, train)
+        # (the wrap gave every rank rank 0's values of the optimizer's parameters only: a
+        # frozen part outside it, seeded apart on each rank, would differ silently)
+        broadcast_parameters(model, run.comm)
     if val is not None:
         _check_evaluation(val, run.comm, "fit: the validation loader")
     bar = _progress(epochs, progress and (run.comm is None or run.comm.rank == 0), first)

@@ -10,7 +10,6 @@ on a few. Other seeds of ``covering`` give other designs (a wider search, run by
 from __future__ import annotations
 
 import contextlib
-import itertools
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from covering import covering, pairs
 
 import gpunet
 import gpunet.nn.functional as F
@@ -91,37 +91,8 @@ def valid(case: dict[str, Any]) -> bool:
     return case["autocast"] != "none" or case["autocast_at"] == "inside"
 
 
-def covering(seed: int = 0, candidates: int = 40) -> list[dict[str, Any]]:
-    """A greedy covering design (AETG's): for each pair of axis values not yet held by a case,
-    the valid random case that holds it and the most other uncovered pairs; a pair that no
-    valid case holds is dropped."""
-    rng = random.Random(seed)
-    names = list(AXES)
-    uncovered = {
-        ((a, u), (b, v))
-        for a, b in itertools.combinations(names, 2)
-        for u in AXES[a]
-        for v in AXES[b]
-    }
-    cases: list[dict[str, Any]] = []
-    while uncovered:
-        pair = min(uncovered, key=repr)
-        best, gain = None, -1
-        for _ in range(candidates):
-            case = {n: rng.choice(AXES[n]) for n in names}
-            case.update(dict(pair))
-            if valid(case) and len(_pairs(case) & uncovered) > gain:
-                best, gain = case, len(_pairs(case) & uncovered)
-        if best is None:
-            uncovered.discard(pair)
-            continue
-        uncovered -= _pairs(best)
-        cases.append(best)
-    return cases
-
-
 def _pairs(case: dict[str, Any]) -> set:
-    return {((a, case[a]), (b, case[b])) for a, b in itertools.combinations(AXES, 2)}
+    return pairs(AXES, case)
 
 
 def _name(case: dict[str, Any]) -> str:
@@ -129,7 +100,9 @@ def _name(case: dict[str, Any]) -> str:
     return "-".join(f"{k}={v}" for k, v in case.items() if v != AXES[k][0]) or "defaults"
 
 
-CASES = covering(seed=0) + covering(seed=1)  # two designs: each pair in two loops, mostly
+CASES = covering(AXES, valid, seed=0) + covering(
+    AXES, valid, seed=1
+)  # two designs: each pair in two loops, mostly
 
 
 # ------------------------------------------------------------------------------ one loop

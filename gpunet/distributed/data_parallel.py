@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import autodiff
 from ..autodiff import CAPTURE, STATE, bump_version, call, enable_grad, refuse
 from ..tensor import Tensor
 from .comm import Communicator
@@ -97,7 +98,7 @@ def DistributedOptimizer(optimizer: Any, comm: Communicator | None = None) -> An
     optimizer.__class__ = cls
     optimizer.communicator = comm
     optimizer._no_sync = 0
-    optimizer._synced = False
+    optimizer._synced_at = None
     return optimizer
 
 
@@ -126,8 +127,14 @@ class _DataParallel:
 
     communicator: Communicator
     _no_sync: int
-    _synced: bool
+    _synced_at: int | None  # the backward sweeps counted when synchronize() last averaged
     _flats: list[Any]
+
+    @property
+    def _synced(self) -> bool:
+        """Are the gradients those synchronize() averaged? Not after a backward since (the
+        loop may have skipped the step after it), nor after a step."""
+        return self._synced_at == autodiff.grad_sweeps
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """The optimizer's own, then the wrap's check and rank 0's parameters (every rank
@@ -179,7 +186,7 @@ class _DataParallel:
                         p.grad = Tensor._wrap(views[i], flat.backend)
                 flat.gather_grads([i for i, p in enumerate(flat.params) if p.grad is not None])
                 call("all_reduce", self.communicator.all_reduce, flat.grad, op=op)
-        self._synced = True
+        self._synced_at = autodiff.grad_sweeps
 
     def _grads_anywhere(self) -> list[np.ndarray]:
         """Per flat buffer, which parameters have a gradient on some rank: one small host
@@ -195,6 +202,6 @@ class _DataParallel:
                 loss = closure()
         if not self._synced:
             self.synchronize()
-        self._synced = False
+        self._synced_at = None
         super().step()  # type: ignore[misc]
         return loss

@@ -56,6 +56,8 @@ CHECKS = [
     "schedules_and_weight_decay_for_50_steps_equal_one_process",
     "scaled_low_precision_steps_equal_one_process",
     "checkpoints_from_every_rank_load_in_any_world",
+    "a_step_skipped_after_synchronize_leaves_the_next_step_averaged",
+    "fit_gives_every_rank_rank_0s_frozen_part_outside_the_optimizer",
 ]
 
 

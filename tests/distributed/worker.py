@@ -597,6 +597,31 @@ def fit_reduces_validation_and_every_rank_stops_alike() -> str:
     return f"stopped after epoch {len(h.train_loss)} (best {h.best_epoch + 1}) on every rank"
 
 
+@check
+def fit_gives_every_rank_rank_0s_frozen_part_outside_the_optimizer() -> str:
+    """A frozen first layer outside the optimizer (fine-tuning a backbone), each rank
+    seeded apart: the wrap broadcast the head only, so each rank's outputs, losses and
+    history were its own, silently; fit now starts from rank 0's whole model."""
+    from gpunet.train import fit
+
+    gpunet.manual_seed(3 + R)
+    model = nn.MLP([6, 16, 3], activation="tanh")
+    body = list(model.parameters())[:-2]
+    for p in body:
+        p.requires_grad = False
+    o = dist.DistributedOptimizer(optim.SGD(list(model.parameters())[-2:], lr=0.3))
+    x, y = batch("float32", rows=32, seed=5)
+    loader = DataLoader(Dataset(x, y), 4, shuffle=True, seed=0, num_replicas=N, rank=R)
+    h = fit(model, F.cross_entropy, o, loader, epochs=2, progress=False)
+    every = COMM.all_gather_object((digest(model), h.train_loss))
+    assert all(e == every[0] for e in every), "the ranks' models or losses differ"
+    gpunet.manual_seed(3)
+    assert all(
+        np.array_equal(p.numpy(), q.numpy()) for p, q in zip(body, nn.MLP([6, 16, 3]).parameters())
+    )
+    return "the frozen layer is rank 0's on every rank; the same losses"
+
+
 def pair(
     dtype: str, make: Callable
 ) -> tuple[nn.Module, optim.Optimizer, nn.Module, optim.Optimizer]:
@@ -692,6 +717,32 @@ def clipping_before_synchronize_clips_each_rank_and_keeps_them_identical() -> st
     assert len(set(norms)) == N, norms  # each rank's own norm
     assert max_diff(params(model), params(ref)) > 1e-6, "equal to one process: not per rank"
     return f"each rank clipped by its own norm {norms}; the ranks' weights identical"
+
+
+@check
+def a_step_skipped_after_synchronize_leaves_the_next_step_averaged() -> str:
+    """synchronize(), the averaged norm read, the step skipped (a loop that skips a step
+    whose norm is too large): the next step() took each rank's own gradient, unaveraged, and
+    the ranks' weights parted silently; now it averages, as one process steps."""
+    out = []
+    for zeroing in ("optimizer", "model"):
+        model, o, ref, ro = pair("float64", lambda p: optim.SGD(p, lr=0.5, momentum=0.9))
+        for step in range(4):
+            x, y = batch("float64", seed=step)
+            (o if zeroing == "optimizer" else model).zero_grad()
+            backward(model, *mine(x, y))
+            ro.zero_grad()
+            backward(ref, x, y)
+            if step == 1:
+                o.synchronize()  # (and not step(): skipped by the loop)
+                continue
+            o.step()
+            ro.step()
+        same_on_every_rank(model)
+        diff = max_diff(params(model), params(ref))
+        assert diff <= 1e-12, f"{zeroing}.zero_grad(): {diff:.3g}"
+        out.append(f"{zeroing}.zero_grad() {diff:.2g}")
+    return "one step skipped after synchronize(): " + ", ".join(out)
 
 
 SCHEDULED = {
