@@ -26,6 +26,7 @@ import pytest
 import gpunet
 import gpunet.nn.functional as F
 from gpunet import nn, optim
+from gpunet.checkpoint import CheckpointError
 from gpunet.data import DataLoader, Dataset
 from gpunet.optim import lr_scheduler
 from gpunet.train import History, fit
@@ -382,3 +383,106 @@ def test_fit_cut_by_ctrl_c_and_resumed_equals_it_straight(case: FitCase, tmp_pat
     del parts
     got = _fit_state(*_fit(case, 7, path, True, None))
     _assert_same(got, want, str(case))
+
+
+# ---------------------------------------------------------------- the checkpoint file itself
+def _snapshot(parts: _Parts) -> dict[str, Any]:
+    """Weights, optimizer state and the generator's state (without drawing from it)."""
+    out = {f"model.{k}": v.numpy().copy() for k, v in parts.model.state_dict().items()}
+    for i, st in parts.opt.state_dict()["state"].items():
+        for name, v in st.items():
+            out[f"opt.{i}.{name}"] = np.array(v.numpy() if hasattr(v, "numpy") else v)
+    out["lr"] = [g["lr"] for g in parts.opt.param_groups]
+    out["rng"] = json.dumps(gpunet.random.default_generator.get_state(), default=str)
+    return out
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_a_write_cut_short_leaves_the_previous_checkpoint_whole(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or any error) while a checkpoint is written, at each stage of the write: the
+    previous checkpoint still loads, to the same state bit for bit, and no temporary is left."""
+    case = Case("adam", "step", dropout=0.2)
+    parts = _Parts(case, seed=0)
+    parts.train(0, 4)
+    path = tmp_path / "ckpt.safetensors"
+    parts.save(path)
+    want, before = _snapshot(parts), path.read_bytes()
+    parts.train(4, 8)  # other weights, to be written over the old file, and cut
+
+    def cut(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    target = {"write": (os, "fdopen"), "fsync": (os, "fsync"), "replace": (os, "replace")}[where]
+    if where == "write":  # the bytes half written, then the cut
+        real = os.fdopen
+
+        class Half:
+            def __init__(self, f: Any) -> None:
+                self.f = f
+
+            def __enter__(self) -> Half:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                self.f.close()
+
+            def write(self, data: bytes) -> None:
+                self.f.write(data[: len(data) // 2])
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode: Half(real(fd, mode)))
+    else:
+        monkeypatch.setattr(*target, cut)
+    with pytest.raises(KeyboardInterrupt):
+        parts.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+    fresh = _Parts(case, seed=7)
+    fresh.load(path)
+    _assert_same(_snapshot(fresh), want, where)
+
+
+def test_a_checkpoint_of_another_model_or_optimizer_is_refused_naming_what_differs(
+    tmp_path: Path,
+) -> None:
+    """Each mismatch named in one CheckpointError, raised before anything changes: weights,
+    optimizer state, lr and the generator stay as they were."""
+    saved = _Parts(Case("adam", dropout=0.2), seed=0)
+    saved.train(0, 3)
+    path = tmp_path / "ckpt.safetensors"
+    saved.save(path)
+    wider = nn.MLP([6, 32, 16, 3], activation="gelu", dropout=0.2)
+    deeper = nn.MLP([6, 16, 16, 16, 3], activation="gelu", dropout=0.2)
+    tries = [
+        ("a wider layer", wider, optim.Adam(wider.parameters()), ["model.0.weight: shape"]),
+        (
+            "another depth",
+            deeper,
+            optim.Adam(deeper.parameters()),
+            ["missing from the checkpoint: model.9.weight", "param group 0: 6"],
+        ),
+    ]
+    for opt, words in [
+        ("sgd", ["holds Adam state, the optimizer is SGD"]),
+        ("adamw", ["holds Adam state, the optimizer is AdamW"]),
+        ("in_backward", ["holds Adam state, the optimizer is SGD"]),
+    ]:
+        parts = _Parts(Case(opt), seed=3)
+        tries.append((opt, parts.model, parts.opt, words))
+    model = nn.MLP([6, 16, 16, 3], activation="gelu", dropout=0.2)
+    groups = [{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}]
+    tries.append(("two param groups", model, optim.Adam(groups), ["2 in the optimizer"]))
+    for what, model, opt, words in tries:
+        parts = _Parts(Case("adam"), seed=5)
+        parts.model, parts.opt = model, opt
+        parts.train(0, 1)  # state to keep: step counts, moments
+        before = _snapshot(parts)
+        with pytest.raises(CheckpointError) as e:
+            gpunet.load(path, model, opt)
+        message = str(e.value)
+        assert str(path) in message, what
+        for w in words:
+            assert w in message, (what, message)
+        _assert_same(_snapshot(parts), before, what)
