@@ -486,3 +486,79 @@ def test_a_checkpoint_of_another_model_or_optimizer_is_refused_naming_what_diffe
         for w in words:
             assert w in message, (what, message)
         _assert_same(_snapshot(parts), before, what)
+
+
+# ---------------------------------------------------------------- gpunet train --resume
+JOB = ["--epochs", "3", "--hidden", "16", "--dropout", "0.1", "--no-progress", "--device", "cpu"]
+JOB += ["--lr", "0.01", "--batch-size", "128"]  # (the digits: 10 steps an epoch)
+
+
+def _job(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from gpunet.cli import main
+
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _sigint_in_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """The terminal's Ctrl-C in training step ``step``: the job's handler lets it finish."""
+    real, calls = F.cross_entropy, [0]
+
+    def loss(out: gpunet.Tensor, y: gpunet.Tensor, **kw: Any) -> gpunet.Tensor:
+        if gpunet.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == step:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(out, y, **kw)
+
+    monkeypatch.setattr(F, "cross_entropy", loss)
+
+
+def test_gpunet_train_resume_refuses_changed_options_and_continues_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run cut by Ctrl-C in epoch 2 and resumed equals the run done straight, bit for bit.
+    Options that say how to run (--no-progress, --no-capture) may differ; any that says what
+    to run is refused in one line, exit 2, the run untouched, even when its value is the
+    default or the run's own (it was ignored then: --lr 0.001 to a run made with --lr 0.01
+    continued at 0.01, silently)."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _job(["train", *JOB, "--out", "straight"], capsys)
+    assert code == 0, err
+    with monkeypatch.context() as m:
+        _sigint_in_step(m, 10 + 4)
+        code, out, err = _job(["train", *JOB, "--no-capture", "--out", "cut"], capsys)
+    assert code == 130 and "interrupted after 1 epochs" in out, (out, err)
+    ((run,), (straight,)) = (list(Path(d).iterdir()) for d in ("cut", "straight"))
+    before = (run / "checkpoint.safetensors").read_bytes()
+    refused = [
+        (["--lr", "0.001"], "--lr"),  # the default, not the run's
+        (["--lr=0.01"], "--lr"),  # the run's own value
+        (["--epo", "3"], "--epochs"),  # an abbreviation
+        (["--epochs", "100", "--seed", "0"], "--epochs, --seed"),
+        (["--hidden", "16", "--dropout", "0.1"], "--hidden, --dropout"),
+        (["--out", "runs"], "--out"),
+        (["--device", "cpu"], "--device"),
+        (["--precision", "fp32"], "--precision"),
+        (["--data", "x.csv", "--target", "-1", "--task", "classify"], "--data, --target, --task"),
+        (["--optimizer", "adam", "--weight-decay", "0", "--batch-size", "64"], "--optimizer"),
+        (["--label-smoothing", "0.1", "--activation", "relu", "--patience", "10"], "--activ"),
+    ]
+    for extra, words in refused:
+        code, out, err = _job(["train", "--resume", str(run), *extra], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (extra, err)
+        assert "its own options; drop" in err and words in err, (extra, err)
+        assert (run / "checkpoint.safetensors").read_bytes() == before
+    args = ["train", "--resume", str(run), "--no-progress", "--no-capture"]
+    code, out, err = _job(args, capsys)
+    assert code == 0 and "resumed after epoch 1" in out, err
+    import safetensors.numpy
+
+    want, got = (safetensors.numpy.load_file(str(r / "model.safetensors")) for r in (straight, run))
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    a, b = (json.loads((r / "metrics.json").read_text())["history"] for r in (straight, run))
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "grad_norm"):
+        assert a[key] == b[key], key
