@@ -257,6 +257,11 @@ class _Checkpoints:
             load(self.run / "best.safetensors", self.model)
             best = {k: np.array(v.numpy()) for k, v in self.model.state_dict().items()}
         meta = load(self.run / "checkpoint.safetensors", self.model, self.opt)
+        if best is None and History.from_dict(meta["history"]).best_epoch >= 0:
+            raise UsageError(
+                f"--resume {self.run}: best.safetensors is missing (the best epoch's weights, "
+                "which the run restores when it ends); restore it to continue"
+            )
         self.loader.load_state_dict(meta["loader"])  # the epochs' permutations, as saved
         if self.scaler is not None and "scaler" in meta:
             self.scaler.load_state_dict(meta["scaler"])

@@ -576,6 +576,10 @@ def test_gpunet_train_resume_refuses_changed_options_and_continues_exactly(
         assert code == 2 and len(err.strip().splitlines()) == 1, (extra, err)
         assert "its own options; drop" in err and words in err, (extra, err)
         assert (run / "checkpoint.safetensors").read_bytes() == before
+    (run / "best.safetensors").rename(tmp_path / "best")  # a run folder missing a file
+    code, out, err = _job(["train", "--resume", str(run)], capsys)
+    assert code == 2 and "best.safetensors is missing" in err and len(err.splitlines()) == 1
+    (tmp_path / "best").rename(run / "best.safetensors")
     args = ["train", "--resume", str(run), "--no-progress", "--no-capture"]
     code, out, err = _job(args, capsys)
     assert code == 0 and "resumed after epoch 1" in out, err
