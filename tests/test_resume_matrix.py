@@ -514,6 +514,46 @@ def test_a_checkpoint_of_another_model_or_optimizer_is_refused_naming_what_diffe
         _assert_same(_snapshot(parts), before, what)
 
 
+@pytest.mark.parametrize(
+    "saved, loaded",
+    [("adam_capturable", "adam"), ("adam", "adam_capturable"), ("sgd_capturable", "momentum")]
+    + [("momentum", "sgd_capturable"), ("sgd", "momentum")],
+)
+@pytest.mark.parametrize("capture", [False, True])
+def test_a_checkpoint_loads_into_an_optimizer_made_with_other_hyperparameters(
+    saved: str, loaded: str, capture: bool, tmp_path: Path
+) -> None:
+    """As in PyTorch, the checkpoint's hyperparameters win (capturable included, which moves
+    the lr to or from the device): the run goes on as the saved optimizer's, bit for bit."""
+    case = Case(saved, "step", capture=capture, stop=4)
+    straight = _Parts(case, seed=0)
+    straight.train(0, STEPS)
+    want = straight.state()
+    cut = _Parts(case, seed=0)
+    cut.train(0, case.stop)
+    cut.save(tmp_path / "ckpt.safetensors")
+    other = _Parts(Case(loaded, "step", capture=capture), seed=7)
+    other.load(tmp_path / "ckpt.safetensors")
+    other.train(case.stop, STEPS)
+    _assert_same(other.state(), want, f"{saved} -> {loaded}")
+    assert other.opt.param_groups[0]["capturable"] == straight.opt.param_groups[0]["capturable"]
+
+
+def test_an_in_backward_checkpoint_and_a_plain_optimizer_refuse_each_other(tmp_path: Path):
+    """in_backward changes what backward does, not a number: refused both ways, by name."""
+    for saved, loaded, was in [("momentum", "in_backward", False), ("in_backward", "sgd", True)]:
+        parts = _Parts(Case(saved), seed=0)
+        parts.train(0, 2)
+        parts.save(tmp_path / "ckpt.safetensors")
+        other = _Parts(Case(loaded), seed=7)
+        before = _snapshot(other)
+        with pytest.raises(
+            CheckpointError, match=f"saved with in_backward={was} in the checkpoint"
+        ):
+            other.load(tmp_path / "ckpt.safetensors")
+        _assert_same(_snapshot(other), before, f"{saved} -> {loaded}")
+
+
 # ---------------------------------------------------------------- gpunet train --resume
 JOB = ["--epochs", "3", "--hidden", "16", "--dropout", "0.1", "--no-progress", "--device", "cpu"]
 JOB += ["--lr", "0.01", "--batch-size", "128"]  # (the digits: 10 steps an epoch)
