@@ -567,12 +567,13 @@ def _job(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     return code, out.out, out.err
 
 
-def _sigint_in_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """The terminal's Ctrl-C in training step ``step``: the job's handler lets it finish."""
+def _sigint_in_step(monkeypatch: pytest.MonkeyPatch, step: int, evaluating: bool = False) -> None:
+    """The terminal's Ctrl-C in training step ``step`` (or, ``evaluating``, in the ``step``-th
+    loss evaluated without gradients: validation, then the test set)."""
     real, calls = F.cross_entropy, [0]
 
     def loss(out: gpunet.Tensor, y: gpunet.Tensor, **kw: Any) -> gpunet.Tensor:
-        if gpunet.is_grad_enabled():
+        if gpunet.is_grad_enabled() != evaluating:
             calls[0] += 1
             if calls[0] == step:
                 os.kill(os.getpid(), signal.SIGINT)
@@ -632,3 +633,28 @@ def test_gpunet_train_resume_refuses_changed_options_and_continues_exactly(
     a, b = (json.loads((r / "metrics.json").read_text())["history"] for r in (straight, run))
     for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr", "grad_norm"):
         assert a[key] == b[key], key
+
+
+def test_ctrl_c_while_the_job_saves_its_results_lets_them_be_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the last epoch, while the test set is evaluated: the run had a checkpoint
+    but no model.safetensors, metrics or curves, and --resume refused it as finished; now the
+    results are written first (then exit code 130), the same as an uncut run's."""
+    monkeypatch.chdir(tmp_path)
+    assert _job(["train", *JOB, "--out", "straight"], capsys)[0] == 0
+    with monkeypatch.context() as m:
+        _sigint_in_step(m, 3 + 1, evaluating=True)  # 3 validations, then the test set
+        code, out, err = _job(["train", *JOB, "--out", "late"], capsys)
+    assert code == 130 and "test accuracy" in out, (out, err)
+    ((late,), (straight,)) = (list(Path(d).iterdir()) for d in ("late", "straight"))
+    import safetensors.numpy
+
+    want, got = (
+        safetensors.numpy.load_file(str(r / "model.safetensors")) for r in (straight, late)
+    )
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (straight, late))
+    assert a["test_accuracy"] == b["test_accuracy"] and not b["interrupted"]
+    assert (late / "curves.png").exists()
