@@ -609,6 +609,13 @@ class DataLoader:
         return {"rng": self.rng.bit_generator.state, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        batch = int(state.get("batch", 0))
+        if not 0 <= batch < len(self):  # (a state of another loader: refused before any change)
+            raise ValueError(
+                f"DataLoader.load_state_dict: the state is {batch} batches into an epoch, but "
+                f"this loader has {len(self)} an epoch: a state of a loader over other data or "
+                "with another batch size"
+            )
         self.rng.bit_generator.state = state["rng"]
         self.epoch = int(state.get("epoch", 0))  # (a state saved before it: unknown, 0)
-        self._pass, self._skip = None, int(state.get("batch", 0))
+        self._pass, self._skip = None, batch

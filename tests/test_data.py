@@ -120,6 +120,11 @@ def test_loader_state_taken_mid_epoch_resumes_at_the_next_batch() -> None:
     assert (b.state_dict()["epoch"], b.state_dict()["batch"]) == (2, 2)
     next(it), next(it)  # every batch of the cut loader's epoch handed out: a whole epoch again
     assert a.state_dict() == {"rng": a.rng.bit_generator.state, "epoch": 1}
+    c = DataLoader(d, batch_size=7, shuffle=True, seed=5)  # 2 batches an epoch
+    before = c.state_dict()
+    with pytest.raises(ValueError, match="state is 2 batches into an epoch, but this loader has 2"):
+        c.load_state_dict(state)
+    assert c.state_dict() == before
 
 
 def _epochs(loader: DataLoader, n: int = 2) -> list[list[int]]:
