@@ -74,7 +74,15 @@ _OPTIMIZERS = {
     "adam_capturable": lambda p: optim.Adam(p, lr=1e-2, capturable=True),
     "sgd_capturable": lambda p: optim.SGD(p, lr=0.05, momentum=0.9, capturable=True),
     "in_backward": lambda p: optim.SGD(p, lr=0.05, weight_decay=1e-2, in_backward=True),
+    "adamw_groups": lambda p: optim.AdamW(_groups(p), lr=1e-2, weight_decay=1e-2),
 }
+
+
+def _groups(params: Any) -> list[dict[str, Any]]:
+    """Two param groups: the first layer at its own lr, the rest without weight decay."""
+    p = list(params)
+    return [{"params": p[:2], "lr": 3e-2}, {"params": p[2:], "weight_decay": 0.0}]
+
 
 _SCHEDULES = {
     "none": lambda o: None,
@@ -243,7 +251,11 @@ CASES = [
     Case("momentum", "warmup", "bf16", capture=True, clip=True, stop=6, fresh=False),
     Case("adam_capturable", "plateau", "fp32", capture=True, stop=2, fresh=False),
     Case("in_backward", "step", "fp32", capture=True, dropout=0.2, stop=5, fresh=False),
-    Case("in_backward", "step", "fp32", stop=11),  # (a scaler refuses in_backward, by design)
+    Case("in_backward", "step", "fp32", stop=11),
+    Case("adamw_groups", "warmup", "fp16", capture=True, stop=5),  # (unscale_: not captured)
+    Case(
+        "adamw_groups", "plateau", "fp32", dropout=0.2, stop=6, fresh=False
+    ),  # (a scaler refuses in_backward, by design)
 ]
 
 
