@@ -281,6 +281,25 @@ def test_the_sample_covers_every_value_of_every_axis() -> None:
     assert stops == {0, 1, 2}  # at an epoch's end and at both places within one
 
 
+def test_a_schedule_not_saved_is_what_the_readme_warns_of(tmp_path: Path) -> None:
+    """The README's checkpoint example saved ``lr=warmup.get_last_lr()`` and no schedule
+    state: a warmup made afresh and not loaded applies its first factor again to the loaded
+    lr, and the run goes on at other lrs than the straight one. With its state it does not."""
+    case = Case("adam", "warmup", stop=3)
+    straight = _Parts(case, seed=0)
+    straight.train(0, STEPS)
+    cut = _Parts(case, seed=0)
+    cut.train(0, case.stop)
+    gpunet.save(tmp_path / "c.safetensors", cut.model, cut.opt, loader=cut.loader.state_dict())
+    fresh = _Parts(case, seed=7)
+    fresh.loader.load_state_dict(
+        gpunet.load(tmp_path / "c.safetensors", fresh.model, fresh.opt)["loader"]
+    )
+    fresh.losses = list(cut.losses)
+    fresh.train(case.stop, STEPS)
+    assert fresh.opt.param_groups[0]["lr"] != straight.opt.param_groups[0]["lr"]
+
+
 # ---------------------------------------------------------------- fit, stopped between epochs
 @dataclass(frozen=True)
 class FitCase:
