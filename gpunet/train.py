@@ -220,7 +220,9 @@ def fit(
                 if early_stopping is not None and run.waited >= early_stopping:
                     history.stopped_early = True
                     break
-                if interrupt.pending and run.comm is None:  # (ranks agree at the next step)
+                # (ranks agree at the next step; after the last epoch nothing is left to stop,
+                # and a run marked interrupted would be offered a resume with nothing to do)
+                if interrupt.pending and run.comm is None and epoch + 1 < epochs:
                     history.interrupted = True
                     break
         except KeyboardInterrupt:  # a second Ctrl-C, or one raised inside a step

@@ -691,3 +691,14 @@ def test_ctrl_c_while_the_job_saves_its_results_lets_them_be_written(
     a, b = (json.loads((r / "metrics.json").read_text()) for r in (straight, late))
     assert a["test_accuracy"] == b["test_accuracy"] and not b["interrupted"]
     assert (late / "curves.png").exists()
+    # Ctrl-C in the last epoch's validation: nothing is left to stop, the run ends as it
+    # would have (it was marked interrupted, told to resume, and --resume said it finished)
+    with monkeypatch.context() as m:
+        _sigint_in_step(m, 3, evaluating=True)
+        code, out, err = _job(["train", *JOB, "--out", "last"], capsys)
+    assert code == 0 and "--resume" not in out, (out, err)
+    (last,) = Path("last").iterdir()
+    got = safetensors.numpy.load_file(str(last / "model.safetensors"))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert json.loads((last / "metrics.json").read_text())["interrupted"] is False
