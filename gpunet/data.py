@@ -610,7 +610,7 @@ class DataLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         batch = int(state.get("batch", 0))
-        if not 0 <= batch < len(self):  # (a state of another loader: refused before any change)
+        if batch and not 0 < batch < len(self):  # (another loader's: refused before any change)
             raise ValueError(
                 f"DataLoader.load_state_dict: the state is {batch} batches into an epoch, but "
                 f"this loader has {len(self)} an epoch: a state of a loader over other data or "

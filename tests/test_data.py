@@ -125,6 +125,9 @@ def test_loader_state_taken_mid_epoch_resumes_at_the_next_batch() -> None:
     with pytest.raises(ValueError, match="state is 2 batches into an epoch, but this loader has 2"):
         c.load_state_dict(state)
     assert c.state_dict() == before
+    empty = DataLoader(d, batch_size=20, drop_last=True)  # no batches: an epoch's state loads
+    empty.load_state_dict(before)
+    assert empty.epoch == 0 and list(empty) == []
 
 
 def _epochs(loader: DataLoader, n: int = 2) -> list[list[int]]:
