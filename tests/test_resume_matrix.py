@@ -118,10 +118,6 @@ class _Parts:
         self.losses: list[float] = []
 
     def _step(self, x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
-        with np.errstate(over="ignore", invalid="ignore"):  # (fp16's overflows: the scaler's)
-            return self._scaled_step(x, y)
-
-    def _scaled_step(self, x: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
         self.opt.zero_grad()
         with self.autocast:
             loss = F.cross_entropy(self.model(x), y)
@@ -145,7 +141,8 @@ class _Parts:
         step = first
         while step < last:
             for x, y in self.loader:
-                self.losses.append(self.step(x, y).item())
+                with np.errstate(over="ignore", invalid="ignore"):  # (fp16's: the scaler's)
+                    self.losses.append(self.step(x, y).item())
                 step += 1
                 if step % STEPS_PER_EPOCH == 0:
                     self._end_epoch()
