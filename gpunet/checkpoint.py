@@ -321,7 +321,11 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``: a
     reader sees the old file or the new one, never half of one; a failure leaves no temp."""
     directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # (name the file asked for, not the temporary's made-up name)
+        what = "no such folder" if isinstance(e, FileNotFoundError) else e.strerror
+        raise type(e)(e.errno, f"cannot write {path}: {what} ({directory})") from None
     try:
         # mkstemp makes the file private (0600); give it the mode the file it replaces had
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)

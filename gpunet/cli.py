@@ -85,10 +85,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is None:
         check_train_args(args)
     else:  # the run's own options are used: refuse others rather than ignore them
-        defaults = vars(_parser().parse_args(["train"]))
-        given = [k for k, v in vars(args).items() if k in defaults and v != defaults[k]]
         how = ("resume", "no_progress", "no_capture", "nproc")  # how to run, not what: allowed
-        given = [f"--{k.replace('_', '-')}" for k in given if k not in how]
+        given = [f"--{k.replace('_', '-')}" for k in _given(args) if k not in how]
         if given:
             raise UsageError(
                 f"--resume continues a run with its own options; drop {', '.join(given)}"
@@ -97,6 +95,19 @@ def _train(args: argparse.Namespace) -> int:
         check_inputs(args)
         return _launch(args)
     return train(args)
+
+
+def _given(args: argparse.Namespace) -> list[str]:
+    """The train options on the command line, by name, whatever their values: one given
+    equal to its default (``--lr 0.001`` to a run made with ``--lr 0.01``) is given too."""
+    sub = _Parser(prog="gpunet").add_subparsers(dest="command", parser_class=_Parser)
+    _train_parser(sub)
+    train = sub.choices["train"]
+    # without defaults, the namespace holds only what the command line gave (abbreviations too)
+    for action in train._actions:  # (set_defaults would put SUPPRESS itself in the namespace)
+        action.default = argparse.SUPPRESS
+    given = vars(train.parse_args(args.argv))
+    return [a.dest for a in train._actions if a.dest in given]  # (in --help's order)
 
 
 def _launch(args: argparse.Namespace) -> int:

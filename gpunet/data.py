@@ -10,6 +10,7 @@ loader, not one per batch.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -539,6 +540,10 @@ class DataLoader:
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.epoch = 0  # the passes drawn so far: the next pass is this epoch's
+        # the pass under way: the state before its draw and the batches handed out, so that
+        # state_dict() taken mid-epoch resumes at the next batch of the same permutation
+        self._pass: tuple[dict[str, Any], int] | None = None
+        self._taken, self._skip = 0, 0
 
     def _rows(self) -> int:
         """The rows this rank takes per epoch."""
@@ -564,16 +569,20 @@ class DataLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         b, backend = self.batch_size, self.backend
+        skip, self._skip = self._skip, 0
+        self._pass = (copy.deepcopy(self.rng.bit_generator.state), self.epoch)
         # one small index copy per epoch; the batches are gathered on the device
         rows = self._epoch_rows()
         order = None if rows is None else backend.asarray(rows)
-        for k in range(len(self)):
+        for k in range(skip, len(self)):
+            self._taken = k + 1
             if order is None:
                 xs, ys = self.x[k * b : (k + 1) * b], self.y[k * b : (k + 1) * b]
             else:
                 idx = order[k * b : (k + 1) * b]
                 xs, ys = backend.take(self.x, idx, axis=0), backend.take(self.y, idx, axis=0)
             yield Tensor._wrap(xs, backend), Tensor._wrap(ys, backend)
+        self._pass = None
 
     def set_epoch(self, epoch: int) -> None:
         """PyTorch's ``DistributedSampler.set_epoch``: the next pass draws epoch ``epoch``'s
@@ -584,15 +593,29 @@ class DataLoader:
         if epoch == self.epoch:
             return
         self.rng, self.epoch = np.random.default_rng(self.seed), 0
+        self._pass, self._skip = None, 0
         for _ in range(epoch if self.shuffle else 0):  # (the draws before epoch's)
             self.rng.permutation(len(self.dataset))
         self.epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
         """The shuffling generator's state and the passes drawn (so a resumed run draws the
-        same batches)."""
+        same batches); taken within a pass, the state before that pass's draw and ``batch``,
+        the batches handed out, so that the next pass after ``load_state_dict`` draws the same
+        permutation and starts at the batch after them."""
+        if self._pass is not None and 0 < self._taken < len(self):
+            rng, epoch = self._pass
+            return {"rng": copy.deepcopy(rng), "epoch": epoch, "batch": self._taken}
         return {"rng": self.rng.bit_generator.state, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        batch = int(state.get("batch", 0))
+        if batch and not 0 < batch < len(self):  # (another loader's: refused before any change)
+            raise ValueError(
+                f"DataLoader.load_state_dict: the state is {batch} batches into an epoch, but "
+                f"this loader has {len(self)} an epoch: a state of a loader over other data or "
+                "with another batch size"
+            )
         self.rng.bit_generator.state = state["rng"]
         self.epoch = int(state.get("epoch", 0))  # (a state saved before it: unknown, 0)
+        self._pass, self._skip = None, batch

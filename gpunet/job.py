@@ -35,7 +35,7 @@ from .nn import functional as F
 from .predict import Preprocess, outputs
 from .random import default_generator, manual_seed
 from .tensor import Tensor
-from .train import History, evaluate, fit, host_state
+from .train import History, _DeferredInterrupt, evaluate, fit, host_state
 
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 _SAVED_ARGS = ["data", "target", "task", "hidden", "activation", "dropout", "label_smoothing"] + [
@@ -257,6 +257,11 @@ class _Checkpoints:
             load(self.run / "best.safetensors", self.model)
             best = {k: np.array(v.numpy()) for k, v in self.model.state_dict().items()}
         meta = load(self.run / "checkpoint.safetensors", self.model, self.opt)
+        if best is None and History.from_dict(meta["history"]).best_epoch >= 0:
+            raise UsageError(
+                f"--resume {self.run}: best.safetensors is missing (the best epoch's weights, "
+                "which the run restores when it ends); restore it to continue"
+            )
         self.loader.load_state_dict(meta["loader"])  # the epochs' permutations, as saved
         if self.scaler is not None and "scaler" in meta:
             self.scaler.load_state_dict(meta["scaler"])
@@ -387,10 +392,7 @@ def train(args: argparse.Namespace) -> int:
     )
     val = DataLoader(val_set, 512, device=device, pad=False, **shard)
     test = DataLoader(test_set, 512, device=device)
-    saved = {k: getattr(args, k) for k in _SAVED_ARGS}
-    if args.data is not None:  # so that --resume works from any directory
-        saved["data"] = str(Path(args.data).expanduser().resolve())
-    meta = {"args": saved, "data_sha256": _data_hash(args)}
+    saved, meta = _run_record(args)
     tf32 = backends.allow_tf32  # (restored after the run: the setting does not outlive it)
     precision, note = _precision(getattr(args, "precision", "fp32"), device)
     checkpoints = _Checkpoints(run, model, optimizer, loader, meta, comm, precision["scaler"])
@@ -424,16 +426,28 @@ def train(args: argparse.Namespace) -> int:
     )
     backends.allow_tf32 = tf32
     seconds = checkpoints.seconds()
-    checkpoints.write(history)
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
     meta["dropout"] = args.dropout  # (its Dropout layers shift the Linear layers' names)
-    if not lead:  # every rank holds the same weights: rank 0 tests, saves and reports them
-        # (and the others do not wait for it: a long test pass would trip their time limit)
-        return INTERRUPTED if history.interrupted else 1 if not history.train_loss else 0
-    ranks = ranks_record(comm, args.batch_size)
-    return finish(
-        run, model, history, prep, test, test_set, meta, seconds, source, device, saved, ranks
-    )
+    # A Ctrl-C from here on lets the checkpoint, the model and the metrics be written first:
+    # cut short, the run had no model.safetensors and --resume refused it as finished.
+    with _DeferredInterrupt() as cut:
+        checkpoints.write(history)
+        if not lead:  # every rank holds the same weights: rank 0 tests, saves and reports them
+            # (and the others do not wait for it: a long test pass would trip their time limit)
+            return INTERRUPTED if history.interrupted else 1 if not history.train_loss else 0
+        ranks = ranks_record(comm, args.batch_size)
+        code = finish(
+            run, model, history, prep, test, test_set, meta, seconds, source, device, saved, ranks
+        )
+    return INTERRUPTED if cut.pending else code
+
+
+def _run_record(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options a run saves (what --resume reads back) and the checkpoint's metadata."""
+    saved = {k: getattr(args, k) for k in _SAVED_ARGS}
+    if args.data is not None:  # so that --resume works from any directory
+        saved["data"] = str(Path(args.data).expanduser().resolve())
+    return saved, {"args": saved, "data_sha256": _data_hash(args)}
 
 
 def ranks_record(comm: Any, batch_size: int) -> dict[str, Any]:

@@ -187,6 +187,13 @@ def fit(
             "fewer rows than batch_size)"
         )
     history = History() if history is None else history
+    if history.best_epoch >= 0 and best_state is None:
+        raise ValueError(
+            f"fit: the history passed has a best epoch ({history.best_epoch + 1}) but no "
+            "best_state: pass its weights (best_state=, e.g. gpunet.train.host_state(model) "
+            "taken when that epoch ended), which early stopping, a divergence or Ctrl-C "
+            "restore; without them the run would end on other weights than a straight one"
+        )
     history.interrupted = history.diverged = False  # they told how the previous fit ended
     first, run = len(history.train_loss), _Run(history, best_state, _communicator(optimizer))
     if history.stopped_early:  # a finished history: nothing left to run
@@ -218,7 +225,9 @@ def fit(
                 if early_stopping is not None and run.waited >= early_stopping:
                     history.stopped_early = True
                     break
-                if interrupt.pending and run.comm is None:  # (ranks agree at the next step)
+                # (ranks agree at the next step; after the last epoch nothing is left to stop,
+                # and a run marked interrupted would be offered a resume with nothing to do)
+                if interrupt.pending and run.comm is None and epoch + 1 < epochs:
                     history.interrupted = True
                     break
         except KeyboardInterrupt:  # a second Ctrl-C, or one raised inside a step

@@ -463,3 +463,11 @@ def test_a_checkpoint_of_an_optimizer_with_a_tensor_lr_round_trips(tmp_path) -> 
         lr *= 0.5  # (changed after saving: loading brings the saved value back)
     gn.load(tmp_path / "run.safetensors", model, opt)
     assert opt.param_groups[0]["lr"] is lr and lr.item() == 0.01
+
+
+def test_saving_into_a_folder_that_is_not_there_names_the_file(tmp_path):
+    """The error named the temporary file (``.ckpt.safetensors.x8f2k.tmp``), not the file."""
+    target = tmp_path / "missing" / "ckpt.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"cannot write {target}: no such folder"):
+        gn.save(target, Tiny())
+    assert not (tmp_path / "missing").exists()

@@ -92,6 +92,44 @@ def test_loader_state_resumes_the_same_shuffle() -> None:
     assert next(iter(b))[1].tolist() == first
 
 
+def test_loader_state_taken_mid_epoch_resumes_at_the_next_batch() -> None:
+    """Before: a state taken after 2 of an epoch's 4 batches was the generator's after that
+    epoch's draw, so a loader loading it skipped the epoch's last 2 batches and went on with
+    the next epoch's: a resumed run saw other data than a straight one, silently."""
+    d = Dataset(np.zeros((14, 1), np.float32), np.arange(14))
+
+    def batches(loader: DataLoader, n: int) -> list[list[int]]:
+        got = []
+        while len(got) < n:
+            for _, yb in loader:
+                got.append(yb.tolist())
+                if len(got) == n:
+                    break
+        return got
+
+    straight = batches(DataLoader(d, batch_size=4, shuffle=True, seed=1), 10)
+    a = DataLoader(d, batch_size=4, shuffle=True, seed=1)
+    it = iter(a)
+    cut = [next(it)[1].tolist() for _ in range(2)]
+    state = a.state_dict()
+    assert state["batch"] == 2 and state["epoch"] == 0
+    b = DataLoader(d, batch_size=4, shuffle=True, seed=99)
+    b.load_state_dict(state)
+    assert cut + batches(b, 8) == straight
+    # b stopped 2 batches into the third epoch: its state says so
+    assert (b.state_dict()["epoch"], b.state_dict()["batch"]) == (2, 2)
+    next(it), next(it)  # every batch of the cut loader's epoch handed out: a whole epoch again
+    assert a.state_dict() == {"rng": a.rng.bit_generator.state, "epoch": 1}
+    c = DataLoader(d, batch_size=7, shuffle=True, seed=5)  # 2 batches an epoch
+    before = c.state_dict()
+    with pytest.raises(ValueError, match="state is 2 batches into an epoch, but this loader has 2"):
+        c.load_state_dict(state)
+    assert c.state_dict() == before
+    empty = DataLoader(d, batch_size=20, drop_last=True)  # no batches: an epoch's state loads
+    empty.load_state_dict(before)
+    assert empty.epoch == 0 and list(empty) == []
+
+
 def _epochs(loader: DataLoader, n: int = 2) -> list[list[int]]:
     return [[v for _, yb in loader for v in yb.tolist()] for _ in range(n)]
 

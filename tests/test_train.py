@@ -14,7 +14,7 @@ import pytest
 import gpunet
 import gpunet.nn.functional as F
 from gpunet.data import DataLoader, Dataset
-from gpunet.train import History, evaluate, fit
+from gpunet.train import History, evaluate, fit, host_state
 
 
 class Softmax:
@@ -282,6 +282,23 @@ def test_fit_continues_a_history_exactly() -> None:
         assert resumed.train_loss == straight.train_loss
         assert resumed.best_epoch == straight.best_epoch and resumed.stopped_early
         np.testing.assert_array_equal(got, want)
+
+
+def test_fit_refuses_a_history_with_a_best_epoch_but_no_best_state() -> None:
+    """A history continued without its best weights ended, under early stopping, on the last
+    epoch's weights where the straight run restored its best epoch's: silently other weights.
+    It is refused before anything trains."""
+    model = Softmax(2, 3)
+    opt = SGD(model.parameters(), 5.0)
+    train = DataLoader(blobs(), batch_size=32, shuffle=True, seed=0)
+    h = fit(model, F.cross_entropy, opt, train, epochs=2, progress=False)
+    before = model.w.numpy().copy()
+    with pytest.raises(ValueError, match=r"fit: the history passed has a best epoch \(\d\) but no"):
+        fit(model, F.cross_entropy, opt, train, epochs=4, history=h, early_stopping=1)
+    np.testing.assert_array_equal(model.w.numpy(), before)
+    assert len(h.train_loss) == 2
+    fit(model, F.cross_entropy, opt, train, epochs=3, history=h, best_state=host_state(model))
+    assert len(h.train_loss) == 3
 
 
 def test_gradient_norms_under_a_loss_scaler_are_the_unscaled_ones() -> None:
