@@ -234,10 +234,32 @@ def fit(
             if run.comm is not None:  # the other ranks wait in a collective: end them all
                 raise
             history.interrupted = True
+        except TypeError as e:  # (an op's dtype error cannot say how the batches were made)
+            hint = _dtype_hint(model, train)
+            if hint:
+                e.add_note(hint)
+            raise
         finally:
             bar.close()
     run.finish(model, early_stopping is not None)
     return history
+
+
+def _dtype_hint(model: Any, train: Any) -> str:
+    """What to do when the loader's batches and the model's parameters differ in float dtype
+    (``DataLoader`` makes float32 batches unless told): '' when they do not."""
+    batches = getattr(getattr(train, "x", None), "dtype", None)
+    params = {p.dtype for p in model.parameters()} if hasattr(model, "parameters") else set()
+    if batches is None or len(params) != 1 or dtypes.as_dtype(batches).kind != "f":
+        return ""
+    (param,) = params
+    if dtypes.as_dtype(param) == dtypes.as_dtype(batches):
+        return ""
+    return (
+        f"fit: the training loader gives {dtypes.as_dtype(batches)} batches to a model whose "
+        f"parameters are {param}: build it with DataLoader(..., dtype=gpunet.{param}) (or "
+        f"convert the model, model.to(gpunet.{dtypes.as_dtype(batches)}))"
+    )
 
 
 def _communicator(optimizer: Any) -> Any:

@@ -395,3 +395,18 @@ def test_a_shard_evaluated_without_its_world_is_refused() -> None:
     with pytest.raises(ValueError, match=r"fit: the validation loader holds 1 shard of 2"):
         fit(model, F.cross_entropy, SGD(model.parameters(), 0.1), train, shard, progress=False)
     assert all(np.array_equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_float64_model_fed_float32_batches_is_told_to_set_the_loaders_dtype() -> None:
+    """DataLoader makes float32 batches unless told: a float64 model's first op refuses them,
+    and fit's error says what to change; with ``dtype=gpunet.float64`` it trains."""
+    r = np.random.default_rng(0)
+    data = Dataset(r.standard_normal((32, 5)), r.integers(0, 3, 32))
+    model = gpunet.nn.MLP([5, 8, 3], dtype="float64")
+    opt = gpunet.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="different dtypes") as info:
+        fit(model, F.cross_entropy, opt, DataLoader(data, 16), epochs=1, progress=False)
+    assert "DataLoader(..., dtype=gpunet.float64)" in "".join(info.value.__notes__)
+    loader = DataLoader(data, 16, dtype=gpunet.float64)
+    h = fit(model, F.cross_entropy, opt, loader, epochs=1, progress=False)
+    assert np.isfinite(h.train_loss[0])
