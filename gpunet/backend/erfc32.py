@@ -61,8 +61,8 @@ def erfc(z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     [8, 10.1]); erfc(-inf) = 2, erfc(inf) = 0, NaN propagates. ``out`` may be ``z``."""
     if z.dtype != np.float32:
         raise TypeError(f"erfc32.erfc: float32 only, got {z.dtype}")
-    if out is None:
-        out = np.empty_like(z)
+    if out is None:  # C order: empty_like would copy a view's strides, and recurse below
+        out = np.empty(z.shape, np.float32)
     if not out.flags.c_contiguous:
         out[...] = erfc(z)
         return out

@@ -1,0 +1,355 @@
+"""Every public op and Tensor method against NumPy, over the inputs a user meets.
+
+For each op of the README's tour and ``gpunet.ops``: shapes (0-d, size 0, size-1 axes,
+broadcasting both ways), input layouts (contiguous, transposed, negative strides, zero
+strides, gpunet's own views), dtypes (float32, float64, float16, bfloat16, ints and booleans
+where allowed) and Python scalars on either side. Each case holds:
+
+1. the forward to NumPy's, bit for bit where NumPy computes the same expression (float16 and
+   bfloat16 compute in float32 and round once, so NumPy's float32 result rounded once is the
+   same expression), else to a few ulps of the dtype, named per op below;
+2. in float64, forward mode and reverse mode to central differences, and their own
+   derivatives (``check_grads(order=2)``: grad of grad);
+3. the JVP and the VJP to transposes of each other, <J v, u> == <v, J^T u> to rounding;
+4. a refusal (shape mismatch, dtype mixing, out-of-range index or axis, integers where a
+   derivative is asked) to one error naming the op, with its shapes or dtypes, raised before
+   anything changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import scipy.special
+
+import gpunet
+import gpunet.nn.functional as F
+
+# (NumPy's references warn on log(0), 0/0 and friends: the cases choose those on purpose)
+pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow)")
+
+BF16 = gpunet.bfloat16
+FLOATS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BF16)
+LOW = (np.dtype(np.float16), BF16)
+INTS = (np.dtype(np.int32), np.dtype(np.int64))
+# ulps of slack for ops whose NumPy reference is a different formula (per dtype's epsilon)
+ULPS = 4
+
+
+def tensor(a: np.ndarray) -> gpunet.Tensor:
+    return gpunet.as_tensor(a)
+
+
+def compute_dtype(dt: np.dtype) -> np.dtype:
+    """NumPy's reference dtype: low-precision storage computes in float32, as gpunet does."""
+    return np.dtype(np.float32) if dt in LOW else dt
+
+
+def reference(fn: Callable[..., Any], dt: np.dtype, *arrays: Any, **kwargs: Any) -> np.ndarray:
+    """fn on the arrays in ``dt``'s compute dtype, rounded once to ``dt`` (floats only)."""
+    cd = compute_dtype(dt)
+    args = [a.astype(cd) if isinstance(a, np.ndarray) and a.dtype == dt else a for a in arrays]
+    out = np.asarray(fn(*args, **kwargs))
+    return out.astype(dt) if out.dtype.kind == "f" and cd.kind == "f" else out
+
+
+def assert_bits(got: gpunet.Tensor, want: np.ndarray, what: str) -> None:
+    g = got.numpy()
+    assert (g.dtype, g.shape) == (want.dtype, want.shape), f"{what}: {g.dtype} {g.shape}"
+    assert g.tobytes() == want.tobytes(), f"{what}: {g.ravel()[:6]} != {want.ravel()[:6]}"
+
+
+def assert_ulps(got: gpunet.Tensor, want: np.ndarray, what: str, ulps: float = ULPS) -> None:
+    g = got.numpy()
+    assert (g.dtype, g.shape) == (want.dtype, want.shape), f"{what}: {g.dtype} {g.shape}"
+    eps = float(np.finfo(np.float32 if g.dtype == BF16 else g.dtype).eps)
+    eps = 2.0**-7 if g.dtype == BF16 else eps
+    g64, w64 = g.astype(np.float64), want.astype(np.float64)
+    ok = np.isclose(g64, w64, rtol=ulps * eps, atol=ulps * eps, equal_nan=True)
+    assert ok.all(), f"{what}: {g64[~ok][:4]} != {w64[~ok][:4]}"
+
+
+def values(shape: tuple[int, ...], dt: np.dtype, domain: str, seed: int = 0) -> np.ndarray:
+    """Values of ``shape`` in ``dt``: "any" normal, "pos" in [0.5, 2.5), away from kinks."""
+    r = np.random.default_rng(seed)
+    if dt.kind in "iu":
+        return r.integers(-5, 6, shape).astype(dt)
+    a = r.standard_normal(shape)
+    a = np.abs(a) + 0.5 if domain == "pos" else np.sign(a) * (np.abs(a) + 0.1)
+    return a.astype(dt)
+
+
+def layouts(a: np.ndarray) -> dict[str, np.ndarray]:
+    """The same values as a contiguous array, a transposed view, a negatively strided view
+    and (for a leading size-1 axis) a zero-strided broadcast view."""
+    out = {"contiguous": a, "transposed": np.ascontiguousarray(a.T).T}
+    flipped = np.ascontiguousarray(a[(slice(None, None, -1),) * a.ndim])
+    out["negative strides"] = flipped[(slice(None, None, -1),) * a.ndim]
+    if a.ndim and a.shape[0] == 1:
+        out["zero strides"] = np.broadcast_to(np.ascontiguousarray(a), a.shape)
+    return out
+
+
+# ---------------------------------------------------------------------- (1) elementwise
+# name: (gpunet, NumPy, domain, exact) -- exact: NumPy computes the same expression
+UNARY: dict[str, tuple[Callable, Callable, str, bool]] = {
+    "neg": (lambda x: -x, np.negative, "any", True),
+    "abs": (lambda x: x.abs(), np.abs, "any", True),
+    "exp": (lambda x: x.exp(), np.exp, "any", True),
+    "log": (lambda x: x.log(), np.log, "pos", True),
+    "log1p": (lambda x: x.log1p(), np.log1p, "pos", True),
+    "sqrt": (lambda x: x.sqrt(), np.sqrt, "pos", True),
+    "tanh": (lambda x: x.tanh(), np.tanh, "any", True),
+    "relu": (lambda x: x.relu(), lambda a: np.maximum(a, 0), "any", True),
+    # sigmoid is exp(min(x, 0)) / (1 + exp(-|x|)): not NumPy's expression, so a few ulps
+    "sigmoid": (lambda x: x.sigmoid(), lambda a: 1 / (1 + np.exp(-a)), "any", False),
+    "gelu": (gpunet.gelu, lambda a: a * (1 + scipy.special.erf(a / np.sqrt(2))) / 2, "any", False),
+    "silu": (gpunet.silu, lambda a: a / (1 + np.exp(-a)), "any", False),
+}
+SHAPES = [(), (0,), (1,), (3, 4), (2, 1, 3)]
+
+
+@pytest.mark.parametrize("dt", FLOATS, ids=str)
+@pytest.mark.parametrize("name", UNARY)
+def test_unary_forward(name: str, dt: np.dtype) -> None:
+    fn, ref, domain, exact = UNARY[name]
+    for shape in SHAPES:
+        for layout, a in layouts(values(shape, dt, domain)).items():
+            want = reference(ref, dt, a)
+            check = assert_bits if exact else assert_ulps
+            check(fn(tensor(a)), want, f"{name} {dt} {shape} {layout}")
+
+
+BINARY: dict[str, tuple[Callable, Callable, str]] = {
+    "add": (lambda x, y: x + y, np.add, "any"),
+    "sub": (lambda x, y: x - y, np.subtract, "any"),
+    "mul": (lambda x, y: x * y, np.multiply, "any"),
+    "div": (lambda x, y: x / y, np.divide, "pos"),
+    "pow": (lambda x, y: x**y, np.power, "pos"),
+    "maximum": (gpunet.maximum, np.maximum, "any"),
+    "minimum": (gpunet.minimum, np.minimum, "any"),
+    "lt": (lambda x, y: x < y, np.less, "any"),
+    "ge": (lambda x, y: x >= y, np.greater_equal, "any"),
+    "eq": (lambda x, y: x == y, np.equal, "any"),
+}
+PAIRS = [((3, 4), (3, 4)), ((3, 4), (4,)), ((3, 1), (1, 4)), ((), (2, 3)), ((0, 3), (3,))]
+PAIRS += [((2, 1, 3), (4, 1)), ((1,), (0,))]
+
+
+@pytest.mark.parametrize("dt", FLOATS, ids=str)
+@pytest.mark.parametrize("name", BINARY)
+def test_binary_forward(name: str, dt: np.dtype) -> None:
+    """Broadcasting both ways, every layout on the left: bit for bit."""
+    fn, ref, domain = BINARY[name]
+    for sa, sb in PAIRS:
+        b = values(sb, dt, domain, seed=1)
+        for layout, a in layouts(values(sa, dt, domain)).items():
+            what = f"{name} {dt} {sa} {sb} {layout}"
+            assert_bits(fn(tensor(a), tensor(b)), reference(ref, dt, a, b), what)
+            assert_bits(fn(tensor(b), tensor(a)), reference(ref, dt, b, a), what + " swapped")
+
+
+@pytest.mark.parametrize("dt", FLOATS + INTS, ids=str)
+@pytest.mark.parametrize("name", BINARY)
+def test_python_scalars_take_the_tensor_dtype(name: str, dt: np.dtype) -> None:
+    """x op s and s op x: the scalar becomes the tensor's dtype (no promotion); a float
+    scalar makes an integer tensor float32, as does int / int."""
+    fn, ref, domain = BINARY[name]
+    a = values((2, 3), dt, domain)
+    for s in (2, 3.0, 0.5, True):
+        if name == "pow" and dt.kind in "iu" and isinstance(s, float):
+            continue  # (a float power of an int tensor: float32 below, with the others)
+        float_of_int = dt.kind in "iu" and (isinstance(s, float) or name == "div")
+        cd = np.dtype(np.float32) if float_of_int else dt
+        av = a.astype(cd)
+        sv = cd.type(s)
+        for x, y, ra, rb in ((tensor(a), s, av, sv), (s, tensor(a), sv, av)):
+            if name == "pow" and x is s and dt.kind in "iu":
+                continue  # (NumPy refuses negative integer powers, and so does gpunet)
+            if not isinstance(x, gpunet.Tensor) and name in ("maximum", "minimum"):
+                x, y, ra, rb = y, x, rb, ra
+            want = reference(ref, cd, ra, rb)
+            assert_bits(fn(x, y), np.asarray(want), f"{name} {dt} {x!r:.20} {y!r:.20}")
+
+
+@pytest.mark.parametrize("dt", INTS, ids=str)
+def test_integer_arithmetic(dt: np.dtype) -> None:
+    a, b = values((3, 4), dt, "any"), values((4,), dt, "any", seed=1)
+    b[b == 0] = 1
+    for name in ("add", "sub", "mul", "maximum", "minimum", "lt", "eq"):
+        fn, ref, _ = BINARY[name]
+        assert_bits(fn(tensor(a), tensor(b)), ref(a, b), f"{name} {dt}")
+    assert_bits(tensor(a) / tensor(b), (a / b).astype(np.float32), f"div {dt}")
+    assert_bits(tensor(a).abs(), np.abs(a), "abs")
+    assert_bits(tensor(a).relu(), np.maximum(a, 0), "relu")
+    assert_bits(tensor(a).clip(-2, 3), np.clip(a, -2, 3), "clip")
+    assert_bits(tensor(a).sum(axis=0), a.sum(axis=0), "sum")
+    assert_bits(tensor(a).max(axis=1), a.max(axis=1), "max")
+    assert_bits(tensor(a).min(), np.asarray(a.min()), "min")
+    assert_bits(tensor(a) @ tensor(a.T), a @ a.T, "matmul")
+    m = a > 0
+    assert_bits(tensor(m).sum(), np.asarray(m.sum()), "bool sum")
+    assert_bits(tensor(m) * 1.5, m.astype(np.float32) * np.float32(1.5), "bool * float")
+    assert_bits(tensor(m) + 1, m.astype(np.int64) + 1, "bool + int")
+
+
+# ---------------------------------------------------------------------- (1) reductions
+AXES = [None, 0, -1, (0, 2), ()]
+
+
+@pytest.mark.parametrize("dt", FLOATS, ids=str)
+@pytest.mark.parametrize("name", ["sum", "max", "min", "mean", "var", "logsumexp"])
+def test_reductions(name: str, dt: np.dtype) -> None:
+    """sum, max and min are NumPy's expression (bit for bit); mean, var and logsumexp are
+    formulas of their own (mean multiplies by 1/n, var subtracts the mean first)."""
+    refs = {
+        "sum": np.sum,
+        "max": np.max,
+        "min": np.min,
+        "mean": np.mean,
+        "var": lambda a, axis, keepdims: np.var(a, axis=axis, keepdims=keepdims, ddof=1),
+        "logsumexp": scipy.special.logsumexp,
+    }
+    check = assert_bits if name in ("sum", "max", "min") else assert_ulps
+    # NumPy reduces float16 natively (a float32 accumulator, rounded per axis), as gpunet does
+    native = name in ("sum", "max", "min") and dt == np.float16
+    for shape in [(2, 3, 4), (1, 3, 1)]:
+        for layout, a in layouts(values(shape, dt, "any")).items():
+            for axis in AXES:
+                for keepdims in (False, True):
+                    got = getattr(tensor(a), name)(axis=axis, keepdims=keepdims)
+                    ref = refs[name]
+                    want = np.asarray(
+                        ref(a, axis=axis, keepdims=keepdims)
+                        if native
+                        else reference(ref, dt, a, axis=axis, keepdims=keepdims)
+                    )
+                    check(got, want, f"{name} {dt} {shape} {layout} {axis}")
+
+
+# ---------------------------------------------------------------------- (1) matmul
+MATMUL = [((3,), (3,)), ((2, 3), (3,)), ((3,), (3, 4)), ((2, 3), (3, 4)), ((5, 2, 3), (3, 4))]
+MATMUL += [((2, 3), (5, 3, 4)), ((5, 2, 3), (5, 3, 4)), ((1, 2, 3), (5, 3, 4))]
+MATMUL += [((5, 1, 2, 3), (4, 3, 2)), ((0, 3), (3, 4)), ((2, 0), (0, 4)), ((3,), (2, 3, 4))]
+
+
+@pytest.mark.parametrize("dt", FLOATS, ids=str)
+def test_matmul(dt: np.dtype) -> None:
+    """NumPy's rules: vectors, batch axes broadcast both ways, size 0 (a zero-size inner
+    axis gives zeros); bit for bit in float32 and float64 (the same BLAS call)."""
+    for sa, sb in MATMUL:
+        b = values(sb, dt, "any", seed=1)
+        for layout, a in layouts(values(sa, dt, "any")).items():
+            check = assert_ulps if dt in LOW else assert_bits
+            got = tensor(a) @ tensor(b)
+            check(got, reference(np.matmul, dt, a, b), f"matmul {dt} {sa} {sb} {layout}")
+
+
+# ---------------------------------------------------------------------- (1) shapes, indexing
+BASIC_KEYS: list[Any] = [
+    (slice(None, None, -1),),
+    (slice(None, None, -2), slice(1, None, -1)),
+    (Ellipsis, slice(None, None, -1)),
+    (None, 1),
+    (-1,),
+    (slice(10, 20),),
+    (slice(-100, 100, 3),),
+    (1, -2),
+    (slice(None), None, slice(3, 0, -1)),
+]
+ARRAY_KEYS: list[Any] = [
+    ([0, 2, -1],),
+    (np.array([[0, 1], [3, 3]]),),
+    (np.array([], dtype=np.int64),),
+    (slice(None), [4, 0, -5]),
+    ([0, 1], [2, 3]),
+    (np.array([True, False, True, True]),),
+    (slice(None), np.array([True, False, False, True, True])),
+    (np.arange(20).reshape(4, 5) % 3 == 0,),
+]
+
+
+@pytest.mark.parametrize("dt", FLOATS + INTS, ids=str)
+def test_indexing(dt: np.dtype) -> None:
+    """Basic keys (negative steps, None, Ellipsis, out-of-range slices), integer arrays as
+    lists and tensors (negative entries), boolean masks; on every layout."""
+    for layout, a in layouts(values((4, 5), dt, "any")).items():
+        x = tensor(a)
+        for key in BASIC_KEYS + ARRAY_KEYS:
+            assert_bits(x[key], a[key], f"{dt} {layout} x[{key}]")
+            as_tensors = tuple(tensor(np.asarray(k)) if isinstance(k, list) else k for k in key)
+            assert_bits(x[as_tensors], a[key], f"{dt} {layout} x[{key}] (tensors)")
+        assert_bits(x[::-1].T[1:, ::-2], a[::-1].T[1:, ::-2], "views of views")
+        assert_bits(
+            x[::-1].exp() if dt.kind == "f" else x[::-1].abs(),
+            reference(np.exp if dt.kind == "f" else np.abs, dt, a[::-1]),
+            "op on a view",
+        )
+
+
+@pytest.mark.parametrize("dt", FLOATS + INTS, ids=str)
+def test_shape_ops(dt: np.dtype) -> None:
+    a = values((2, 3, 4), dt, "any")
+    x = tensor(a)
+    assert_bits(x.reshape(4, -1), a.reshape(4, -1), "reshape")
+    assert_bits(x.permute(2, 0, 1), a.transpose(2, 0, 1), "permute")
+    assert_bits(x.transpose(0, -1), a.swapaxes(0, -1), "transpose")
+    assert_bits(x.T, a.T, ".T")
+    assert_bits(x.flatten(1), a.reshape(2, 12), "flatten")
+    assert_bits(x[:, :1].squeeze(), a[:, :1].squeeze(), "squeeze")
+    assert_bits(x.unsqueeze(-1), a[..., None], "unsqueeze")
+    assert_bits(x[:1].broadcast_to((3, 3, 4)), np.broadcast_to(a[:1], (3, 3, 4)), "bcast")
+    b = values((2, 1, 4), dt, "any", seed=1)
+    cat = gpunet.concatenate([x, tensor(b), x[:, :0]], axis=1)
+    assert_bits(cat, np.concatenate([a, b, a[:, :0]], axis=1), "concatenate")
+    assert_bits(gpunet.concatenate([x.T, x.T], -1), np.concatenate([a.T, a.T], -1), "cat -1")
+    for axis in (0, 1, -1, 3):
+        assert_bits(gpunet.stack([x, x[::-1]], axis), np.stack([a, a[::-1]], axis), "stack")
+    assert_bits(gpunet.stack([x[0, 0, 0], x[1, 2, 3]]), np.stack([a[0, 0, 0], a[1, 2, 3]]), "0-d")
+    cond = a > 0
+    assert_bits(gpunet.where(tensor(cond), x, x[:1]), np.where(cond, a, a[:1]), "where")
+    lo, hi = (dt.type(-1), dt.type(1)) if dt.kind in "iu" else (-0.5, 0.5)
+    want = reference(lambda v: np.clip(v, np.asarray(lo, v.dtype), np.asarray(hi, v.dtype)), dt, a)
+    assert_bits(x.clip(lo, hi), want, "clip")
+
+
+CAST_SOURCE = np.array([-2.7, -0.5, 0.5, 1.5, 2.5, 1e5, 70000.0, np.inf, -np.inf, np.nan])
+
+
+@pytest.mark.parametrize("src", FLOATS, ids=str)
+def test_casts(src: np.dtype) -> None:
+    """x.to(dtype) is NumPy's astype, bit for bit, between every float dtype and to ints
+    and booleans (finite values only where the target is an integer: NumPy's own result
+    there is platform-defined)."""
+    a = CAST_SOURCE.astype(src)
+    for dst in FLOATS + INTS + (np.dtype(bool),):
+        v = a[:7] if dst.kind in "iu" else a
+        assert_bits(tensor(v).to(dst), v.astype(dst), f"{src} -> {dst}")
+        assert_bits(tensor(v[::-2]).to(dst), v[::-2].astype(dst), f"{src} -> {dst} view")
+
+
+# ---------------------------------------------------------------------- (1) losses, softmax
+@pytest.mark.parametrize("dt", FLOATS, ids=str)
+def test_softmax_and_losses(dt: np.dtype) -> None:
+    z = values((4, 5), dt, "any")
+    lab = np.array([0, 4, 2, 4])
+    for axis in (0, -1):
+        want = reference(scipy.special.softmax, dt, z, axis=axis)
+        assert_ulps(tensor(z).softmax(axis), want, f"softmax {dt} {axis}")
+        want = reference(scipy.special.log_softmax, dt, z, axis=axis)
+        assert_ulps(tensor(z).log_softmax(axis), want, f"log_softmax {dt} {axis}", 8)
+
+    def ce(v: np.ndarray) -> np.ndarray:
+        return -scipy.special.log_softmax(v, axis=1)[np.arange(4), lab]
+
+    for reduction, red in (("none", ce), ("sum", lambda v: ce(v).sum())):
+        got = F.cross_entropy(tensor(z), gpunet.tensor(lab), reduction=reduction)
+        assert_ulps(got, np.asarray(reference(red, dt, z)), f"cross_entropy {reduction}", 8)
+    got = F.cross_entropy(tensor(z), gpunet.tensor(lab))
+    assert_ulps(got, np.asarray(reference(lambda v: ce(v).mean(), dt, z)), "ce mean", 8)
+    y = values((4, 5), dt, "any", seed=1)
+    want = reference(lambda u, w: ((u - w) ** 2).mean(), dt, z, y)
+    assert_ulps(F.mse_loss(tensor(z), tensor(y)), np.asarray(want), "mse_loss")
