@@ -27,6 +27,7 @@ import scipy.special
 
 import gpunet
 import gpunet.nn.functional as F
+from gpunet.testing import check_grads
 
 # (NumPy's references warn on log(0), 0/0 and friends: the cases choose those on purpose)
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow)")
@@ -353,3 +354,120 @@ def test_softmax_and_losses(dt: np.dtype) -> None:
     y = values((4, 5), dt, "any", seed=1)
     want = reference(lambda u, w: ((u - w) ** 2).mean(), dt, z, y)
     assert_ulps(F.mse_loss(tensor(z), tensor(y)), np.asarray(want), "mse_loss")
+
+
+# ---------------------------------------------------------------------- (2-4) derivatives
+def _labels() -> gpunet.Tensor:
+    return gpunet.tensor([0, 2, 1, 2])
+
+
+def _mask() -> gpunet.Tensor:
+    return gpunet.tensor([True, False, True])
+
+
+# name: (function of float64 tensors, the shapes and domains of its inputs)
+GRADS: dict[str, tuple[Callable[..., gpunet.Tensor], list[tuple[tuple[int, ...], str]]]] = {
+    "add broadcast both ways": (lambda a, b: a + b, [((3, 1), "any"), ((1, 4), "any")]),
+    "sub": (lambda a, b: a - b, [((3, 4), "any"), ((4,), "any")]),
+    "mul 0-d": (lambda a, b: a * b, [((), "any"), ((2, 3), "any")]),
+    "div": (lambda a, b: a / b, [((2, 3), "any"), ((3,), "pos")]),
+    "scalar on the left": (lambda a: 2.0 / a - 3.0 * a + (1 - a), [((2, 3), "pos")]),
+    "pow": (lambda a, b: a**b, [((2, 3), "pos"), ((2, 1), "any")]),
+    "pow scalar": (lambda a: a**3 + 2.0**a, [((2, 3), "any")]),
+    "maximum, minimum": (
+        lambda a, b: gpunet.maximum(a, b) * gpunet.minimum(b, a),
+        [((3, 4), "any"), ((4,), "pos")],
+    ),
+    "exp, log, log1p, sqrt": (
+        lambda a: a.exp() + a.log() + a.log1p() + a.sqrt(),
+        [((2, 3), "pos")],
+    ),
+    "tanh, sigmoid, abs": (lambda a: a.tanh() * a.sigmoid() + a.abs(), [((2, 3), "any")]),
+    "relu": (lambda a: a.relu(), [((2, 3), "any")]),
+    "gelu": (lambda a: gpunet.gelu(a) + gpunet.gelu(a, approximate="tanh"), [((2, 3), "any")]),
+    "silu, softplus, elu, leaky_relu, erf": (
+        lambda a: (
+            gpunet.silu(a)
+            + gpunet.softplus(a)
+            + gpunet.elu(a)
+            + gpunet.leaky_relu(a)
+            + gpunet.erf(a)
+        ),
+        [((3, 2), "any")],
+    ),
+    "softmax": (lambda a: a.softmax(0), [((3, 4), "any")]),
+    "log_softmax": (lambda a: a.log_softmax(), [((3, 4), "any")]),
+    "logsumexp": (lambda a: a.logsumexp((0, 2), keepdims=True), [((2, 3, 4), "any")]),
+    "sum, mean": (lambda a: a.sum(1) + a.mean((0, 2), keepdims=True).sum(), [((2, 3, 4), "any")]),
+    "var, std": (lambda a: a.var(0) + a.std(1).sum(), [((3, 4), "any")]),
+    "max, min": (lambda a: a.max(1) + a.min(), [((3, 4), "any")]),
+    "0-d": (lambda a: a.exp() * a, [((), "any")]),
+    "size 0": (lambda a: a.exp().sum(0), [((0, 3), "any")]),
+    "matmul batch": (lambda a, b: a @ b, [((2, 1, 2, 3), "any"), ((4, 3, 2), "any")]),
+    "matmul vector": (lambda a, b: a @ b, [((3,), "any"), ((2, 3, 4), "any")]),
+    "matmul vectors": (lambda a, b: a @ b, [((3,), "any"), ((3,), "any")]),
+    "matmul size 0": (lambda a, b: a @ b, [((0, 3), "any"), ((3, 2), "any")]),
+    "reshape, permute": (
+        lambda a: a.reshape(4, -1).T.permute(1, 0).flatten(),
+        [((2, 3, 2), "any")],
+    ),
+    "slices, negative steps": (lambda a: a[::-1, 1::-2] * a[None, ..., 1:3], [((3, 4), "any")]),
+    "integer arrays": (
+        lambda a: a[gpunet.tensor([0, 2, 0, -1])] + a[[0, 2], [1, -1]].sum(),
+        [((3, 4), "any")],
+    ),
+    "boolean mask": (lambda a: a[_mask()], [((3, 4), "any")]),
+    "concatenate, stack": (
+        lambda a, b: gpunet.stack([gpunet.concatenate([a, b], -1)] * 2, 1),
+        [((2, 3), "any"), ((2, 1), "any")],
+    ),
+    "where": (
+        lambda a, b: gpunet.where(_mask(), a, b) + gpunet.where(_mask(), a, 0.0),
+        [((2, 3), "any"), ((1, 3), "any")],
+    ),
+    "clip": (lambda a: a.clip(-0.5, 0.5) + a.clip(min=0.05), [((4,), "any")]),
+    "broadcast_to, squeeze, unsqueeze": (
+        lambda a: a.broadcast_to((2, 3, 4)).unsqueeze(0).squeeze(0),
+        [((3, 1), "any")],
+    ),
+    "cross_entropy": (
+        lambda a: F.cross_entropy(a, _labels()) + F.cross_entropy(a, _labels(), reduction="none"),
+        [((4, 3), "any")],
+    ),
+    "cross_entropy smoothed": (
+        lambda a: F.cross_entropy(a, _labels(), label_smoothing=0.1),
+        [((4, 3), "any")],
+    ),
+    "mse_loss": (lambda a, b: F.mse_loss(a, b), [((4, 3), "any"), ((4, 3), "any")]),
+}
+
+
+def _grad_inputs(name: str, layout: str) -> list[gpunet.Tensor]:
+    specs = GRADS[name][1]
+    arrays = [values(s, np.dtype(np.float64), d, seed=i) for i, (s, d) in enumerate(specs)]
+    return [tensor(layouts(a).get(layout, a)) for a in arrays]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "negative strides"])
+@pytest.mark.parametrize("name", GRADS)
+def test_derivatives_match_finite_differences(name: str, layout: str) -> None:
+    """(2) and (4): forward and reverse mode against central differences, and their own
+    derivatives (grad of grad, jvp of jvp), on contiguous and negatively strided inputs."""
+    check_grads(GRADS[name][0], _grad_inputs(name, layout), order=2)
+
+
+@pytest.mark.parametrize("name", GRADS)
+def test_jvp_and_vjp_are_transposes(name: str) -> None:
+    """(3) <J v, u> == <v, J^T u>: the two modes are one linear map, to rounding."""
+    f, xs = GRADS[name][0], _grad_inputs(name, "transposed")
+    vs = [
+        tensor(values(x.shape, np.dtype(np.float64), "any", seed=7 + i)) for i, x in enumerate(xs)
+    ]
+    out, jv = gpunet.jvp(f, xs, vs)
+    u = tensor(values(out.shape, np.dtype(np.float64), "any", seed=3))
+    _, pullback = gpunet.vjp(f, *xs)
+    jtu = pullback(u)
+    lhs = float(np.vdot(jv.numpy(), u.numpy()))
+    rhs = sum(float(np.vdot(v.numpy(), g.numpy())) for v, g in zip(vs, jtu))
+    scale = 1.0 + abs(lhs) + sum(float(np.abs(v.numpy()).sum()) for v in vs)
+    assert abs(lhs - rhs) <= 1e-12 * scale, f"{name}: <J v, u> = {lhs}, <v, J^T u> = {rhs}"
