@@ -471,3 +471,175 @@ def test_jvp_and_vjp_are_transposes(name: str) -> None:
     rhs = sum(float(np.vdot(v.numpy(), g.numpy())) for v, g in zip(vs, jtu))
     scale = 1.0 + abs(lhs) + sum(float(np.abs(v.numpy()).sum()) for v in vs)
     assert abs(lhs - rhs) <= 1e-12 * scale, f"{name}: <J v, u> = {lhs}, <v, J^T u> = {rhs}"
+
+
+# ---------------------------------------------------------------------- (5) refusals
+def _f32(*shape: int) -> gpunet.Tensor:
+    return gpunet.ones(*shape)
+
+
+def _i64(*shape: int) -> gpunet.Tensor:
+    return gpunet.tensor(np.arange(int(np.prod(shape))).reshape(shape))
+
+
+# name: (the call, the exception, what its message must name)
+REFUSALS: dict[str, tuple[Callable[[], Any], type, list[str]]] = {
+    "add shapes": (lambda: _f32(2, 3) + _f32(4), ValueError, ["gpunet.add", "(2, 3)", "(4,)"]),
+    "add dtypes": (
+        lambda: _f32(2, 3) + _f32(3).double(),
+        TypeError,
+        ["gpunet.add", "float32", "float64"],
+    ),
+    "add float and int": (
+        lambda: _f32(2, 3) + _i64(2, 3),
+        TypeError,
+        ["gpunet.add", "float32", "int64"],
+    ),
+    "mul float16 and bfloat16": (
+        lambda: _f32(3).to(gpunet.float16) * _f32(3).to(BF16),
+        TypeError,
+        ["gpunet.mul", "float16", "bfloat16"],
+    ),
+    "maximum dtypes": (
+        lambda: gpunet.maximum(_f32(3), _f32(3).double()),
+        TypeError,
+        ["gpunet.maximum", "float64"],
+    ),
+    "where shapes": (
+        lambda: gpunet.where(gpunet.tensor([True] * 4), _f32(2, 3), 0.0),
+        ValueError,
+        ["gpunet.where", "(4,)", "(2, 3)"],
+    ),
+    "where dtypes": (
+        lambda: gpunet.where(_f32(3) > 0, _f32(3), _f32(3).double()),
+        TypeError,
+        ["gpunet.where", "float64"],
+    ),
+    "matmul shapes": (lambda: _f32(2, 3) @ _f32(2, 3), ValueError, ["gpunet.matmul", "(2, 3)"]),
+    "matmul batch": (
+        lambda: _f32(2, 2, 3) @ _f32(3, 3, 4),
+        ValueError,
+        ["gpunet.matmul", "(2,)", "(3,)"],
+    ),
+    "matmul 0-d": (lambda: _f32(3) @ gpunet.tensor(1.0), ValueError, ["gpunet.matmul", "1-d"]),
+    "matmul dtypes": (
+        lambda: _f32(2, 3) @ _f32(3, 2).double(),
+        TypeError,
+        ["gpunet.matmul", "float64"],
+    ),
+    "concatenate shapes": (
+        lambda: gpunet.concatenate([_f32(2, 3), _f32(2, 4)]),
+        ValueError,
+        ["gpunet.concatenate", "(2, 3)", "(2, 4)"],
+    ),
+    "concatenate dtypes": (
+        lambda: gpunet.concatenate([_f32(2), _f32(2).double()]),
+        TypeError,
+        ["gpunet.concatenate", "float64"],
+    ),
+    "stack shapes": (
+        lambda: gpunet.stack([_f32(2), _f32(3)]),
+        ValueError,
+        ["gpunet.stack", "(2,)", "(3,)"],
+    ),
+    "reshape size": (
+        lambda: _f32(2, 3).reshape(4, 2),
+        ValueError,
+        ["gpunet.reshape", "(2, 3)", "(4, 2)"],
+    ),
+    "permute repeated": (
+        lambda: _f32(2, 3).permute(0, 0),
+        ValueError,
+        ["gpunet.permute", "(2, 3)"],
+    ),
+    "sum axis": (lambda: _f32(2, 3).sum(axis=2), ValueError, ["gpunet.sum", "axis 2", "2-d"]),
+    "mean repeated axis": (
+        lambda: _f32(2, 3).mean(axis=(0, -2)),
+        ValueError,
+        ["gpunet.mean", "repeated"],
+    ),
+    "squeeze a non-1 axis": (
+        lambda: _f32(2, 3).squeeze(0),
+        ValueError,
+        ["gpunet.squeeze", "(2, 3)"],
+    ),
+    "broadcast_to": (
+        lambda: _f32(2, 3).broadcast_to((3, 3)),
+        ValueError,
+        ["gpunet.broadcast_to", "(2, 3)", "(3, 3)"],
+    ),
+    "cross_entropy shapes": (
+        lambda: F.cross_entropy(_f32(2, 3), gpunet.tensor([0, 1, 2])),
+        ValueError,
+        ["cross_entropy", "(2, 3)", "(3,)"],
+    ),
+    "cross_entropy float labels": (
+        lambda: F.cross_entropy(_f32(2, 3), gpunet.tensor([0.0, 1.0])),
+        ValueError,
+        ["cross_entropy", "float32"],
+    ),
+    "cross_entropy label out of range": (
+        lambda: F.cross_entropy(_f32(2, 3), gpunet.tensor([0, 3])),
+        ValueError,
+        ["cross_entropy", "label 3", "[0, 3)"],
+    ),
+    "mse_loss shapes": (
+        lambda: F.mse_loss(_f32(2, 3), _f32(3)),
+        ValueError,
+        ["mse_loss", "(3,)", "(2, 3)"],
+    ),
+    "integer index out of range": (
+        lambda: _f32(4, 5)[[4]],
+        IndexError,
+        ["gpunet.take", "index 4", "size 4"],
+    ),
+    "negative index out of range": (
+        lambda: _f32(4, 5)[:, [0, -6]],
+        IndexError,
+        ["gpunet.take", "-6", "size 5"],
+    ),
+    "float indices": (lambda: _f32(4)[gpunet.tensor([0.0])], TypeError, ["gpunet.take", "float32"]),
+    "float key": (lambda: _f32(4)[1.5], IndexError, ["gpunet.getitem", "1.5"]),
+    "mask shape": (
+        lambda: _f32(2, 3)[gpunet.tensor([True] * 3)],
+        IndexError,
+        ["gpunet.getitem", "(3,)", "(2, 3)"],
+    ),
+    "grad of an int input": (
+        lambda: gpunet.grad(lambda x: x.sum())(_i64(3)),
+        TypeError,
+        ["gpunet.grad", "int64"],
+    ),
+    "vjp of an int input": (
+        lambda: gpunet.vjp(lambda x: x * 2, _i64(3)),
+        TypeError,
+        ["gpunet.vjp", "int64"],
+    ),
+    "requires_grad on ints": (lambda: _i64(3).requires_grad_(), TypeError, ["int64", "(3,)"]),
+    "gelu of ints": (lambda: gpunet.gelu(_i64(3)), TypeError, ["gpunet.gelu", "int64"]),
+    "in-place add of another dtype": (
+        lambda: _f32(3).__iadd__(_f32(3).double()),
+        TypeError,
+        ["in-place add", "float64"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_refusals_name_the_op_and_its_inputs(name: str) -> None:
+    call, error, fragments = REFUSALS[name]
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    missing = [f for f in fragments if f not in message]
+    assert not missing, f"{name}: {message!r} does not name {missing}"
+
+
+def test_a_refused_in_place_op_changes_nothing() -> None:
+    for other in (_f32(3).double(), _f32(4), _f32(4, 2, 3)):
+        x = gpunet.tensor(np.arange(6.0, dtype=np.float32).reshape(2, 3))
+        before, version = x.numpy().copy(), getattr(x, "_version", None)
+        with pytest.raises((TypeError, ValueError)):
+            x += other
+        assert x.shape == (2, 3) and x.numpy().tobytes() == before.tobytes()
+        assert getattr(x, "_version", None) == version
