@@ -662,6 +662,14 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
     """x (op)= other, writing into x's array (optimizer updates under no_grad)."""
     if _tracked(x):
         raise _inplace_error(x, f"in-place {op}")
+    if x.data.dtype.kind != "f" and not dtypes.is_floating(x.dtype):
+        other_dtype = other.dtype if hasattr(other, "dtype") else np.asarray(other).dtype
+        if op == "div" or dtypes.is_floating(other_dtype):  # (NumPy would truncate, or raise)
+            raise TypeError(
+                f"gpunet: in-place {op} of {other_dtype} into {describe(x)} would truncate to "
+                "integers; write x = x / y (a new float tensor) or convert x first with "
+                "x.to(gpunet.float32)"
+            )
     if isinstance(other, Tensor):
         if other._backend is not x._backend or other.data.dtype != x.data.dtype:
             raise TypeError(

@@ -643,3 +643,17 @@ def test_a_refused_in_place_op_changes_nothing() -> None:
             x += other
         assert x.shape == (2, 3) and x.numpy().tobytes() == before.tobytes()
         assert getattr(x, "_version", None) == version
+
+
+def test_in_place_float_into_an_int_tensor_is_refused() -> None:
+    """x += 0.5 on an int tensor used to truncate 0.5 to 0 and leave x as it was."""
+    x = gpunet.tensor([0, 1, 2])
+    for op, other in (("add", 0.5), ("mul", 1.5), ("sub", np.array([0.5])), ("div", 2)):
+        with pytest.raises(TypeError, match=f"in-place {op} .* int64 \\(3,\\)"):
+            {"add": x.__iadd__, "sub": x.__isub__, "mul": x.__imul__, "div": x.__itruediv__}[op](
+                other
+            )
+        assert x.tolist() == [0, 1, 2] and x.dtype == gpunet.int64
+    x += 2  # (integers into integers stay allowed)
+    x *= gpunet.tensor([1, 2, 3])
+    assert x.tolist() == [2, 6, 12]
