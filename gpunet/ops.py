@@ -365,11 +365,12 @@ def mean(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
 
 
 def var(x: Tensor, axis: Axis = None, keepdims: bool = False, correction: int = 1) -> Tensor:
-    """sum((x - mean)^2) / (n - correction); correction=1 is PyTorch's default (unbiased)."""
+    """sum((x - mean)^2) / max(n - correction, 0); correction=1 is PyTorch's default
+    (unbiased). With no degrees of freedom left it is NaN, as in NumPy and PyTorch."""
     axes = normalize_axes(axis, x.ndim, "var")
     n = math.prod(x.shape[a] for a in axes)
     d = x - mean(x, axes, keepdims=True)
-    return sum(d * d, axes, keepdims) / float(n - correction)
+    return sum(d * d, axes, keepdims) / float(builtins.max(n - correction, 0))
 
 
 def logsumexp(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:

@@ -657,3 +657,15 @@ def test_in_place_float_into_an_int_tensor_is_refused() -> None:
     x += 2  # (integers into integers stay allowed)
     x *= gpunet.tensor([1, 2, 3])
     assert x.tolist() == [2, 6, 12]
+
+
+@pytest.mark.parametrize("shape, axis", [((0, 3), 0), ((1, 3), 0), ((0,), None), ((2, 0), 1)])
+def test_var_with_no_degrees_of_freedom_is_nan(shape: tuple[int, ...], axis: Any) -> None:
+    """var over n <= correction elements is NaN, as NumPy's and PyTorch's (it was -0.0 over
+    an empty axis: 0 / (0 - 1))."""
+    a = np.zeros(shape, np.float32)
+    for keepdims in (False, True):
+        want = np.var(a, axis=axis, keepdims=keepdims, ddof=1)
+        assert_bits(tensor(a).var(axis, keepdims), want, f"var {shape} {axis} {keepdims}")
+        std = np.std(a, axis=axis, keepdims=keepdims, ddof=1)
+        assert_bits(tensor(a).std(axis, keepdims), std, f"std {shape} {axis} {keepdims}")
