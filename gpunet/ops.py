@@ -452,7 +452,7 @@ def reshape(x: Tensor, shape: int | Sequence[int]) -> Tensor:
 
 def permute(x: Tensor, axes: Sequence[int]) -> Tensor:
     """Reorder the axes: out.shape[i] = x.shape[axes[i]]."""
-    perm = tuple(a % x.ndim for a in axes) if x.ndim else tuple(axes)
+    perm = tuple(normalize_axes(a, x.ndim, "permute")[0] for a in axes) if x.ndim else tuple(axes)
     if sorted(perm) != list(range(x.ndim)):
         raise ValueError(
             f"gpunet.permute: {tuple(axes)} is not a permutation of the "
@@ -463,6 +463,7 @@ def permute(x: Tensor, axes: Sequence[int]) -> Tensor:
 
 def swapaxes(x: Tensor, axis0: int, axis1: int) -> Tensor:
     perm = list(range(x.ndim))
+    axis0, axis1 = (normalize_axes(a, x.ndim, "swapaxes")[0] for a in (axis0, axis1))
     perm[axis0], perm[axis1] = perm[axis1], perm[axis0]
     return permute(x, perm)
 
@@ -470,7 +471,7 @@ def swapaxes(x: Tensor, axis0: int, axis1: int) -> Tensor:
 def flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     if x.ndim == 0:
         return reshape(x, (1,))
-    start, end = start_dim % x.ndim, end_dim % x.ndim
+    start, end = (normalize_axes(d, x.ndim, "flatten")[0] for d in (start_dim, end_dim))
     shape = x.shape[:start] + (math.prod(x.shape[start : end + 1]),) + x.shape[end + 1 :]
     return reshape(x, shape)
 
@@ -486,6 +487,11 @@ def squeeze(x: Tensor, axis: Axis = None) -> Tensor:
 
 
 def unsqueeze(x: Tensor, axis: int) -> Tensor:
+    if not -x.ndim - 1 <= axis <= x.ndim:
+        raise ValueError(
+            f"gpunet.unsqueeze: axis {axis} is out of range for a {x.ndim}-d tensor "
+            f"(a new axis goes at [-{x.ndim + 1}, {x.ndim}])"
+        )
     axis = axis % (x.ndim + 1)
     return reshape(x, x.shape[:axis] + (1,) + x.shape[axis:])
 

@@ -669,3 +669,23 @@ def test_var_with_no_degrees_of_freedom_is_nan(shape: tuple[int, ...], axis: Any
         assert_bits(tensor(a).var(axis, keepdims), want, f"var {shape} {axis} {keepdims}")
         std = np.std(a, axis=axis, keepdims=keepdims, ddof=1)
         assert_bits(tensor(a).std(axis, keepdims), std, f"std {shape} {axis} {keepdims}")
+
+
+@pytest.mark.parametrize(
+    "op, call",
+    [
+        ("permute", lambda x: x.permute(0, 5)),
+        ("permute", lambda x: x.permute(-3, 1)),
+        ("swapaxes", lambda x: x.transpose(0, 5)),
+        ("swapaxes", lambda x: gpunet.swapaxes(x, -3, 0)),
+        ("flatten", lambda x: x.flatten(0, 5)),
+        ("flatten", lambda x: x.flatten(-3)),
+        ("unsqueeze", lambda x: x.unsqueeze(3)),
+        ("unsqueeze", lambda x: x.unsqueeze(-4)),
+    ],
+)
+def test_an_axis_out_of_range_is_refused(op: str, call: Callable) -> None:
+    """An axis outside [-ndim, ndim) (unsqueeze: [-ndim - 1, ndim]) was taken modulo ndim:
+    x.permute(0, 5) on a 2-d tensor returned x, x.unsqueeze(3) inserted axis 0."""
+    with pytest.raises(ValueError, match=f"gpunet.{op}: .*out of range.*2-d"):
+        call(_f32(2, 3))
