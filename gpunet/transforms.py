@@ -21,17 +21,21 @@ from .tensor import Tensor
 def _track(p: Any, what: str) -> Tensor:
     """A fresh handle on a primal for one transform: an alias recorded on the tape (so outer
     transforms still see its dependence on ``p``), marked as requiring grad."""
-    p = as_tensor(p)
-    if not dtypes.is_floating(p.dtype):
-        raise TypeError(
-            f"gpunet.{what}: can only differentiate with respect to floating "
-            f"inputs, got {p.dtype} (shape {p.shape})"
-        )
+    p = _floating(as_tensor(p), what)
     with enable_grad():
         x = bind(P.reshape, p, shape=p.shape)
     if not x._requires_grad:
         x._requires_grad = True
     return x
+
+
+def _floating(p: Tensor, what: str) -> Tensor:
+    if not dtypes.is_floating(p.dtype):
+        raise TypeError(
+            f"gpunet.{what}: can only differentiate with respect to floating "
+            f"inputs, got {p.dtype} (shape {p.shape})"
+        )
+    return p
 
 
 def _flat(out: Any) -> tuple[list[Tensor], bool]:
@@ -100,7 +104,7 @@ def grad(
 
 def jvp(f: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any]) -> tuple[Any, Any]:
     """(f(*primals), J @ tangents) in one forward pass (forward-mode autodiff)."""
-    primals = [as_tensor(p) for p in primals]
+    primals = [_floating(as_tensor(p), "jvp") for p in primals]
     if len(tangents) != len(primals):
         raise ValueError(f"gpunet.jvp: {len(primals)} primals but {len(tangents)} tangents")
     tangents = [as_tensor(t, p.dtype, p.device) for p, t in zip(primals, tangents)]

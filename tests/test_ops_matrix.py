@@ -689,3 +689,11 @@ def test_an_axis_out_of_range_is_refused(op: str, call: Callable) -> None:
     x.permute(0, 5) on a 2-d tensor returned x, x.unsqueeze(3) inserted axis 0."""
     with pytest.raises(ValueError, match=f"gpunet.{op}: .*out of range.*2-d"):
         call(_f32(2, 3))
+
+
+def test_jvp_of_an_int_input_is_refused() -> None:
+    """jvp gave an integer "tangent" (J v with J of an int input) where grad and vjp refuse."""
+    with pytest.raises(TypeError, match=r"gpunet.jvp: .*floating.*int64 \(shape \(3,\)\)"):
+        gpunet.jvp(lambda x: x * 2, [_i64(3)], [_i64(3)])
+    with pytest.raises(TypeError, match=r"gpunet.jvp: .*floating.*int64"):  # (hvp is jvp of grad)
+        gpunet.hvp(lambda x: (x * x).sum(), [_i64(3)], [_i64(3)])
