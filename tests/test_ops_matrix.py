@@ -401,7 +401,7 @@ GRADS: dict[str, tuple[Callable[..., gpunet.Tensor], list[tuple[tuple[int, ...],
     "sum, mean": (lambda a: a.sum(1) + a.mean((0, 2), keepdims=True).sum(), [((2, 3, 4), "any")]),
     "var, std": (lambda a: a.var(0) + a.std(1).sum(), [((3, 4), "any")]),
     "max, min": (lambda a: a.max(1) + a.min(), [((3, 4), "any")]),
-    "0-d": (lambda a: a.exp() * a, [((), "any")]),
+    "0-d": (lambda a: a.exp() * a + a.logsumexp(), [((), "any")]),
     "size 0": (lambda a: a.exp().sum(0), [((0, 3), "any")]),
     "matmul batch": (lambda a, b: a @ b, [((2, 1, 2, 3), "any"), ((4, 3, 2), "any")]),
     "matmul vector": (lambda a, b: a @ b, [((3,), "any"), ((2, 3, 4), "any")]),
@@ -697,3 +697,14 @@ def test_jvp_of_an_int_input_is_refused() -> None:
         gpunet.jvp(lambda x: x * 2, [_i64(3)], [_i64(3)])
     with pytest.raises(TypeError, match=r"gpunet.jvp: .*floating.*int64"):  # (hvp is jvp of grad)
         gpunet.hvp(lambda x: (x * x).sum(), [_i64(3)], [_i64(3)])
+
+
+@pytest.mark.parametrize("dt", FLOATS, ids=str)
+def test_logsumexp_of_a_0d_tensor(dt: np.dtype) -> None:
+    """logsumexp of a 0-d tensor (and softmax's kin through it) raised a TypeError from the
+    NumPy backend: its in-place steps met the NumPy scalar a 0-d reduction returns."""
+    a = np.asarray(1.5, dt)
+    for keepdims in (False, True):
+        for axis in (None, ()):
+            got = tensor(a).logsumexp(axis, keepdims=keepdims)
+            assert_bits(got, a, f"logsumexp {dt} {axis} {keepdims}")

@@ -46,6 +46,8 @@ class NumpyBackend(NumpyFusedOps, ArrayBackend):
         """The generic formula with one temporary, updated in place."""
         if x.dtype is BF16:
             return through_float32(self.logsumexp, x, axis=axis, keepdims=keepdims)
+        if not x.ndim:  # (a 0-d reduction gives a NumPy scalar: no in-place steps on it)
+            return super().logsumexp(x, axis=axis, keepdims=keepdims)
         m = np.maximum.reduce(x, axis=axis, keepdims=True)
         m[~np.isfinite(m)] = 0
         t = np.subtract(x, m)
