@@ -156,10 +156,12 @@ def normalize_axes(axis: Axis, ndim: int, op: str) -> tuple[int, ...]:
         return tuple(range(ndim))
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     out = []
+    n = builtins.max(ndim, 1)  # a 0-d tensor's axis 0 (or -1) is the tensor, as in PyTorch
     for a in axes:
-        if not -ndim <= a < builtins.max(ndim, 1):
+        if not -n <= a < n:
             raise ValueError(f"gpunet.{op}: axis {a} is out of range for a {ndim}-d tensor")
-        out.append(a % ndim if ndim else 0)
+        if ndim:
+            out.append(a % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"gpunet.{op}: repeated axis in {axis}")
     return tuple(sorted(out))
@@ -390,7 +392,7 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 def argmax(x: Tensor, axis: int | None = None, keepdims: bool = False) -> Tensor:
     if axis is not None:
-        axis = normalize_axes(axis, x.ndim, "argmax")[0]
+        axis = normalize_axes(axis, x.ndim, "argmax")[0] if x.ndim else None
     return bind(P.argmax, x, axis=axis, keepdims=keepdims)
 
 
@@ -463,8 +465,10 @@ def permute(x: Tensor, axes: Sequence[int]) -> Tensor:
 
 def swapaxes(x: Tensor, axis0: int, axis1: int) -> Tensor:
     perm = list(range(x.ndim))
-    axis0, axis1 = (normalize_axes(a, x.ndim, "swapaxes")[0] for a in (axis0, axis1))
-    perm[axis0], perm[axis1] = perm[axis1], perm[axis0]
+    axes = [normalize_axes(a, x.ndim, "swapaxes") for a in (axis0, axis1)]
+    if x.ndim:
+        (i,), (j,) = axes
+        perm[i], perm[j] = perm[j], perm[i]
     return permute(x, perm)
 
 
@@ -502,6 +506,8 @@ def concatenate(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
     if not tensors:
         raise ValueError("gpunet.concatenate: needs at least one tensor")
     first = tensors[0]
+    if not first.ndim:
+        raise ValueError("gpunet.concatenate: 0-d tensors have no axis to join; use gpunet.stack")
     axis = normalize_axes(axis, first.ndim, "concatenate")[0]
     for t in tensors:
         if t.ndim != first.ndim or any(

@@ -708,3 +708,25 @@ def test_logsumexp_of_a_0d_tensor(dt: np.dtype) -> None:
         for axis in (None, ()):
             got = tensor(a).logsumexp(axis, keepdims=keepdims)
             assert_bits(got, a, f"logsumexp {dt} {axis} {keepdims}")
+
+
+@pytest.mark.parametrize("axis", [0, -1, (0,)])
+def test_reducing_axis_0_of_a_0d_tensor(axis: Any) -> None:
+    """Axis 0 (or -1) of a 0-d tensor is the tensor itself, as in PyTorch (normalize_axes
+    accepts it); sum, mean, max, min, var, logsumexp, softmax and argmax raised NumPy's
+    AxisError or an IndexError instead."""
+    x = gpunet.tensor(1.5, dtype=gpunet.float64)
+    for name in ("sum", "mean", "max", "min", "var", "logsumexp", "argmax"):
+        for keepdims in (False, True):
+            kw = {"keepdims": keepdims}
+            want = getattr(x, name)(**kw).numpy()
+            assert_bits(getattr(x, name)(axis, **kw), want, f"{name}({axis}, {keepdims})")
+    if not isinstance(axis, tuple):
+        assert_bits(x.softmax(axis), np.asarray(1.0), "softmax")
+        assert_bits(x.log_softmax(axis), np.asarray(0.0), "log_softmax")
+    check_grads(lambda a: a.sum(axis) * a.mean(axis) + a.logsumexp(axis), [x], order=2)
+    assert_bits(x.squeeze(axis), x.numpy(), "squeeze")
+    if not isinstance(axis, tuple):
+        assert_bits(x.transpose(axis, axis), x.numpy(), "transpose")
+        with pytest.raises(ValueError, match=r"gpunet.concatenate: 0-d.*gpunet.stack"):
+            gpunet.concatenate([x, x], axis)
