@@ -19,7 +19,7 @@ import numpy as np
 
 from . import dtypes
 from . import primitives as P
-from .activations import relu, sigmoid, tanh  # noqa: F401  (re-exported: gpunet.ops.relu)
+from .activations import _float_tensor, relu, sigmoid, tanh  # noqa: F401  (re-exported: gpunet.ops.relu)
 from .autodiff import (
     CAPTURE,
     FORWARD,
@@ -369,7 +369,7 @@ def mean(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
 def var(x: Tensor, axis: Axis = None, keepdims: bool = False, correction: int = 1) -> Tensor:
     """sum((x - mean)^2) / max(n - correction, 0); correction=1 is PyTorch's default
     (unbiased). With no degrees of freedom left it is NaN, as in NumPy and PyTorch."""
-    axes = normalize_axes(axis, x.ndim, "var")
+    axes = normalize_axes(axis, _float_tensor(x, "var").ndim, "var")
     n = math.prod(x.shape[a] for a in axes)
     d = x - mean(x, axes, keepdims=True)
     return sum(d * d, axes, keepdims) / float(builtins.max(n - correction, 0))
@@ -377,17 +377,18 @@ def var(x: Tensor, axis: Axis = None, keepdims: bool = False, correction: int = 
 
 def logsumexp(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
     """log(sum(exp(x))), computed as m + log(sum(exp(x - m))) with m = max(x): no overflow."""
-    return bind(P.logsumexp, x, axis=normalize_axes(axis, x.ndim, "logsumexp"), keepdims=keepdims)
+    axes = normalize_axes(axis, _float_tensor(x, "logsumexp").ndim, "logsumexp")
+    return bind(P.logsumexp, x, axis=axes, keepdims=keepdims)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     """x - logsumexp(x) along ``axis``."""
-    return x - logsumexp(x, axis, keepdims=True)
+    return x - logsumexp(_float_tensor(x, "log_softmax"), axis, keepdims=True)
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     """exp(x - logsumexp(x)) along ``axis``: stable for any finite x."""
-    return exp(log_softmax(x, axis))
+    return exp(log_softmax(_float_tensor(x, "softmax"), axis))
 
 
 def argmax(x: Tensor, axis: int | None = None, keepdims: bool = False) -> Tensor:
@@ -405,7 +406,7 @@ def cross_entropy(logits: Tensor, labels: Any, reduction: str = "mean") -> Tenso
         raise ValueError(
             f"gpunet.cross_entropy: reduction must be mean, sum or none, got {reduction!r}"
         )
-    shape = logits.data.shape
+    shape = _float_tensor(logits, "cross_entropy").data.shape
     if len(shape) != 2 or labels.data.shape != shape[:1] or labels.dtype.kind not in "iu":
         raise ValueError(
             f"gpunet.cross_entropy: expected logits (n, c) and integer labels (n,), got logits "

@@ -730,3 +730,21 @@ def test_reducing_axis_0_of_a_0d_tensor(axis: Any) -> None:
         assert_bits(x.transpose(axis, axis), x.numpy(), "transpose")
         with pytest.raises(ValueError, match=r"gpunet.concatenate: 0-d.*gpunet.stack"):
             gpunet.concatenate([x, x], axis)
+
+
+@pytest.mark.parametrize(
+    "op, call",
+    [
+        ("logsumexp", lambda x: x.logsumexp()),
+        ("softmax", lambda x: x.softmax()),
+        ("log_softmax", lambda x: x.log_softmax(0)),
+        ("var", lambda x: x.var()),
+        ("var", lambda x: x.std(0)),
+        ("cross_entropy", lambda x: F.cross_entropy(x, gpunet.tensor([0, 1]))),
+    ],
+)
+def test_float_only_ops_refuse_integers(op: str, call: Callable) -> None:
+    """As PyTorch does (and gelu here): these raised NumPy's UFuncTypeError, or var an error
+    naming gpunet.sub and suggesting a cast to int64."""
+    with pytest.raises(TypeError, match=rf"gpunet.{op}: expected a floating tensor, got int64"):
+        call(_i64(2, 3))
