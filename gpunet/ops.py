@@ -351,11 +351,23 @@ def sum(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
 
 
 def max(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
-    return bind(P.max, x, axis=normalize_axes(axis, x.ndim, "max"), keepdims=keepdims)
+    axes = _no_empty(x, normalize_axes(axis, x.ndim, "max"), "max")
+    return bind(P.max, x, axis=axes, keepdims=keepdims)
+
+
+def _no_empty(x: Tensor, axes: tuple[int, ...], op: str) -> tuple[int, ...]:
+    """``axes``, unless one is empty: a reduction with no identity (max) has no value there."""
+    if not x.data.size and any(x.shape[a] == 0 for a in axes):
+        raise ValueError(
+            f"gpunet.{op}: cannot reduce an empty axis (axes {axes} of shape {x.shape}): it has "
+            "no identity. Reduce only non-empty axes, or check the size first."
+        )
+    return axes
 
 
 def min(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
-    return neg(max(neg(x), axis, keepdims))
+    axes = _no_empty(x, normalize_axes(axis, x.ndim, "min"), "min")
+    return neg(max(neg(x), axes, keepdims))
 
 
 def mean(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
@@ -378,6 +390,7 @@ def var(x: Tensor, axis: Axis = None, keepdims: bool = False, correction: int = 
 def logsumexp(x: Tensor, axis: Axis = None, keepdims: bool = False) -> Tensor:
     """log(sum(exp(x))), computed as m + log(sum(exp(x - m))) with m = max(x): no overflow."""
     axes = normalize_axes(axis, _float_tensor(x, "logsumexp").ndim, "logsumexp")
+    _no_empty(x, axes, "logsumexp")
     return bind(P.logsumexp, x, axis=axes, keepdims=keepdims)
 
 
@@ -394,6 +407,7 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 def argmax(x: Tensor, axis: int | None = None, keepdims: bool = False) -> Tensor:
     if axis is not None:
         axis = normalize_axes(axis, x.ndim, "argmax")[0] if x.ndim else None
+    _no_empty(x, tuple(range(x.ndim)) if axis is None else (axis,), "argmax")
     return bind(P.argmax, x, axis=axis, keepdims=keepdims)
 
 

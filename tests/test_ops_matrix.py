@@ -748,3 +748,22 @@ def test_float_only_ops_refuse_integers(op: str, call: Callable) -> None:
     naming gpunet.sub and suggesting a cast to int64."""
     with pytest.raises(TypeError, match=rf"gpunet.{op}: expected a floating tensor, got int64"):
         call(_i64(2, 3))
+
+
+@pytest.mark.parametrize(
+    "op, call",
+    [
+        ("max", lambda x: x.max(0)),
+        ("max", lambda x: x.max()),
+        ("min", lambda x: x.min(axis=(0, 1))),
+        ("argmax", lambda x: x.argmax(0)),
+        ("logsumexp", lambda x: x.logsumexp(0)),
+        ("logsumexp", lambda x: x.softmax(0)),
+    ],
+)
+def test_reducing_an_empty_axis_without_identity_is_refused(op: str, call: Callable) -> None:
+    """max, min, argmax and logsumexp over an empty axis raised NumPy's bare ValueError
+    ("zero-size array to reduction operation maximum which has no identity")."""
+    with pytest.raises(ValueError, match=rf"gpunet.{op}: .*empty.*\(0, 3\)"):
+        call(_f32(0, 3))
+    assert _f32(0, 3).max(1).shape == _f32(0, 3).logsumexp(1).shape == (0,)  # (no error)
