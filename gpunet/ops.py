@@ -601,7 +601,10 @@ def getitem(x: Tensor, key: Any) -> Tensor:
                 raise IndexError(
                     f"gpunet.getitem: unsupported index {k!r} of type {type(k).__name__}"
                 )
-        return bind_slice(x, key)
+        try:
+            return bind_slice(x, key)
+        except IndexError as e:  # (NumPy's own words name neither gpunet nor the shape)
+            raise IndexError(f"gpunet.getitem: {e} (key {key!r}, shape {x.shape})") from None
     idx = [_index_tensor(key[i], x) for i in advanced]
     first, count = advanced[0], len(advanced)
     rest = [k for i, k in enumerate(key) if i not in advanced]
@@ -669,7 +672,10 @@ def setitem_(x: Tensor, key: Any, value: Any) -> None:
         if value.device != x.device:
             raise RuntimeError(f"gpunet.setitem: value on {value.device}, tensor on {x.device}")
         value = value.data
-    x.data[key] = x._backend.asarray(value, x.dtype)
+    try:
+        x.data[key] = x._backend.asarray(value, x.dtype)
+    except IndexError as e:
+        raise IndexError(f"gpunet.setitem: {e} (key {key!r}, shape {x.shape})") from None
     bump_version(x)  # a node that saved x before this must not run its rule on the new values
 
 

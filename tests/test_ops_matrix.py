@@ -767,3 +767,14 @@ def test_reducing_an_empty_axis_without_identity_is_refused(op: str, call: Calla
     with pytest.raises(ValueError, match=rf"gpunet.{op}: .*empty.*\(0, 3\)"):
         call(_f32(0, 3))
     assert _f32(0, 3).max(1).shape == _f32(0, 3).logsumexp(1).shape == (0,)  # (no error)
+
+
+@pytest.mark.parametrize("key", [(4,), (-5,), (0, 5), (slice(None), -6), (0, 0, 0), (None, 4)])
+def test_basic_index_out_of_range_names_the_op(key: tuple) -> None:
+    """x[4] on 4 rows raised NumPy's bare IndexError, naming neither gpunet nor the shape."""
+    x = gpunet.tensor(np.arange(20.0).reshape(4, 5))
+    with pytest.raises(IndexError, match=r"gpunet.getitem: .*\(4, 5\)"):
+        x[key]
+    with pytest.raises(IndexError, match=r"gpunet.setitem: .*\(4, 5\)"):
+        x[key] = 1.0
+    assert x.numpy().tobytes() == np.arange(20.0).reshape(4, 5).tobytes()
