@@ -67,7 +67,7 @@ def _scalar(value: bool | int | float, like: Tensor) -> Tensor:
     return t
 
 
-def _constant(value: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+def _constant(value: Any, like: Tensor, op: str) -> tuple[Tensor, Tensor]:
     """A Python scalar or array as a tensor on ``like``'s device with ``like``'s dtype.
 
     Returns (like, constant); ``like`` is cast to the default float dtype when it holds
@@ -82,7 +82,12 @@ def _constant(value: Any, like: Tensor) -> tuple[Tensor, Tensor]:
         vkind = "b" if isinstance(value, bool) else "i" if isinstance(value, int) else "f"
     else:
         value = like._backend.to_numpy(value) if hasattr(value, "__dlpack__") else value
-        vkind = np.asarray(value).dtype.kind
+        vkind = dtypes.kind(np.asarray(value).dtype)
+        if vkind not in "biuf":  # (None or a string would become NaN or garbage, silently)
+            raise TypeError(
+                f"gpunet.{op}: expected a Tensor, a number or an array of numbers as the other "
+                f"operand of {describe(like)}, got {type(value).__name__} {value!r:.40}"
+            )
     if vkind == "f" and kind != "f":
         like = cast(like, dtypes.DEFAULT_FLOAT)
     elif vkind in "iu" and kind == "b":
@@ -129,11 +134,11 @@ def _operands(op: str, x: Any, y: Any) -> tuple[Tensor, Tensor]:
                 elif y.dtype == dtypes.bool_:
                     y = cast(y, x.dtype)
         else:  # a Python scalar becomes a 0-d constant: it broadcasts natively, no check
-            x, y = _constant(y, x)
+            x, y = _constant(y, x, op)
             if not y.data.ndim:
                 return x, y
     elif isinstance(y, Tensor):
-        y, x = _constant(x, y)
+        y, x = _constant(x, y, op)
         if not x.data.ndim:
             return x, y
     else:

@@ -778,3 +778,12 @@ def test_basic_index_out_of_range_names_the_op(key: tuple) -> None:
     with pytest.raises(IndexError, match=r"gpunet.setitem: .*\(4, 5\)"):
         x[key] = 1.0
     assert x.numpy().tobytes() == np.arange(20.0).reshape(4, 5).tobytes()
+
+
+@pytest.mark.parametrize("other", [None, "2", object(), [1.0, None, 2.0]])
+def test_a_non_number_operand_is_refused(other: Any) -> None:
+    """x + None gave [nan nan nan] (None became NaN in the tensor's dtype), with no error."""
+    x = gpunet.tensor([1.0, -2.0, 3.0])
+    for call in (lambda: x + other, lambda: other * x, lambda: gpunet.maximum(x, other)):
+        with pytest.raises(TypeError, match=r"gpunet\.\w+: .*operand"):
+            call()
