@@ -562,6 +562,8 @@ def _index_tensor(k: Any, like: Tensor) -> Tensor:
                 f"{like.device}; move them with .to('{like.device}')"
             )
         return k
+    if isinstance(k, list) and not k:  # (NumPy reads [] as float64: no indices, not floats)
+        k = np.zeros(0, dtypes.DEFAULT_INT)
     arr = like._backend.asarray(
         k
         if isinstance(k, list)
@@ -599,6 +601,8 @@ def scatter_add(g: Tensor, indices: Tensor, axis: int, size: int) -> Tensor:
 def getitem(x: Tensor, key: Any) -> Tensor:
     """x[key]: basic keys slice; integer arrays and boolean masks gather with ``take``."""
     key = key if isinstance(key, tuple) else (key,)
+    if any(isinstance(k, np.integer) for k in key):  # (np.argmax's index: a Python int here)
+        key = tuple(int(k) if isinstance(k, np.integer) else k for k in key)
     advanced = [i for i, k in enumerate(key) if _is_index_array(k)]
     if not advanced:
         for k in key:

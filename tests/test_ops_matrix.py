@@ -787,3 +787,15 @@ def test_a_non_number_operand_is_refused(other: Any) -> None:
     for call in (lambda: x + other, lambda: other * x, lambda: gpunet.maximum(x, other)):
         with pytest.raises(TypeError, match=r"gpunet\.\w+: .*operand"):
             call()
+
+
+def test_numpy_integer_keys_and_empty_index_lists() -> None:
+    """x[np.int64(1)] (an index from np.argmax) was refused as an unsupported index, and
+    x[[]] as float indices; NumPy and PyTorch take both."""
+    a = np.arange(12.0).reshape(3, 4)
+    x = tensor(a)
+    for key in [np.int64(1), (np.int32(-1), slice(None, None, -1)), (slice(None), np.uint8(2))]:
+        assert_bits(x[key], a[key], f"x[{key!r}]")
+    assert_bits(x[[]], a[np.array([], np.int64)], "x[[]]")
+    assert_bits(x[:, []], a[:, np.array([], np.int64)], "x[:, []]")
+    check_grads(lambda t: t[np.int64(2)][[1, -1]], [x], order=1)
