@@ -18,6 +18,7 @@ where allowed) and Python scalars on either side. Each case holds:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -799,3 +800,17 @@ def test_numpy_integer_keys_and_empty_index_lists() -> None:
     assert_bits(x[[]], a[np.array([], np.int64)], "x[[]]")
     assert_bits(x[:, []], a[:, np.array([], np.int64)], "x[:, []]")
     check_grads(lambda t: t[np.int64(2)][[1, -1]], [x], order=1)
+
+
+@pytest.mark.parametrize("shape", [(4,), (4, 2, 3), (3, 2)])
+def test_in_place_shape_mismatch_names_the_op(shape: tuple[int, ...]) -> None:
+    """x += y with a y that does not broadcast to x raised NumPy's 'operands could not be
+    broadcast together' (or 'non-broadcastable output operand'), naming neither op."""
+    x = gpunet.tensor(np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    for other in (gpunet.ones(*shape), np.ones(shape, np.float32)):
+        with pytest.raises(
+            ValueError, match=rf"gpunet: in-place mul of shape {re.escape(str(shape))}"
+        ):
+            x *= other
+    assert x.numpy().tobytes() == np.arange(6.0, dtype=np.float32).reshape(2, 3).tobytes()
+    x *= gpunet.ones(3)  # (a shape that broadcasts to x's stays allowed)
