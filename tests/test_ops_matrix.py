@@ -814,3 +814,13 @@ def test_in_place_shape_mismatch_names_the_op(shape: tuple[int, ...]) -> None:
             x *= other
     assert x.numpy().tobytes() == np.arange(6.0, dtype=np.float32).reshape(2, 3).tobytes()
     x *= gpunet.ones(3)  # (a shape that broadcasts to x's stays allowed)
+
+
+@pytest.mark.parametrize("dt", INTS + (np.dtype(bool),), ids=str)
+def test_sigmoid_of_integers_is_numpys(dt: np.dtype) -> None:
+    """relu, sigmoid and tanh take integers as NumPy does (tanh(int) is float64); sigmoid
+    raised NumPy's UFuncTypeError writing floats into an integer array."""
+    a = np.array([-3, 0, 2, 40], dt)
+    want = (1 / (1 + np.exp(-a.astype(np.float64)))).astype(np.tanh(a).dtype)
+    assert_ulps(tensor(a).sigmoid(), want, f"sigmoid {dt}")
+    assert_bits(tensor(a).tanh(), np.tanh(a), f"tanh {dt}")

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
 from .updates import (
     AdamHyper,
     SGDHyper,
@@ -104,6 +106,8 @@ class FusedOps:
 
     def sigmoid(self, x: Array) -> Array:
         """sigmoid(x) = exp(min(x, 0)) / (1 + exp(-|x|)): no exponent is ever positive."""
+        if x.dtype.kind in "biu":  # integers take NumPy's float for them, as tanh's (int64: f8)
+            x = x.astype(np.result_type(x.dtype, np.float16))
         return self.activation(x, "sigmoid")
 
     def leaky_relu(self, x: Array, *, negative_slope: float) -> Array:
