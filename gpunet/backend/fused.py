@@ -106,7 +106,7 @@ class FusedOps:
 
     def sigmoid(self, x: Array) -> Array:
         """sigmoid(x) = exp(min(x, 0)) / (1 + exp(-|x|)): no exponent is ever positive."""
-        if x.dtype.kind in "biu":  # integers take NumPy's float for them, as tanh's (int64: f8)
+        if getattr(x.dtype, "kind", "f") in "biu":  # NumPy's float for ints, as tanh's (i8: f8)
             x = x.astype(np.result_type(x.dtype, np.float16))
         return self.activation(x, "sigmoid")
 
