@@ -824,3 +824,23 @@ def test_sigmoid_of_integers_is_numpys(dt: np.dtype) -> None:
     want = (1 / (1 + np.exp(-a.astype(np.float64)))).astype(np.tanh(a).dtype)
     assert_ulps(tensor(a).sigmoid(), want, f"sigmoid {dt}")
     assert_bits(tensor(a).tanh(), np.tanh(a), f"tanh {dt}")
+
+
+def test_pow_derivatives_at_a_zero_base_are_finite() -> None:
+    """d/dx x^0 = 0 and d/dy 0^y = 0 (y > 0) were NaN (0 * 0^-1 and 0 * log 0); PyTorch
+    gives 0, as does the limit. In both modes and at second order."""
+    x, y = gpunet.tensor([0.0, 0.0, 2.0, 0.0]), gpunet.tensor([0.0, 2.0, 0.0, 1.5])
+    u = gpunet.tensor([1.0, 1.0, 1.0, 1.0])
+    _, pullback = gpunet.vjp(lambda a, b: a**b, x, y)
+    dx, dy = pullback(u)
+    assert dx.tolist() == [0.0, 0.0, 0.0, 0.0] and dy.tolist() == [
+        0.0,
+        0.0,
+        float(np.log(np.float32(2))),
+        0.0,
+    ]
+    _, tx = gpunet.jvp(lambda a: a**0.0, [x], [u])
+    _, ty = gpunet.jvp(lambda b: 0.0**b, [y[1:]], [u[1:]])
+    assert tx.tolist() == [0.0] * 4 and ty.tolist() == [0.0] * 3
+    hx = gpunet.grad(lambda a: gpunet.grad(lambda c: (c**0.0).sum())(a).sum())(x)
+    assert np.isfinite(hx.numpy()).all()

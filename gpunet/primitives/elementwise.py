@@ -6,9 +6,14 @@ so no rule here ever un-broadcasts.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import gpunet  # the layer above (gpunet.ops, gpunet.autodiff), called by rules at call time
 
 from .card import LINEAR, NONDIFF, primitive
+
+if TYPE_CHECKING:
+    from ..tensor import Tensor
 
 # ---------------------------------------------------------------------- unary
 neg = primitive(
@@ -89,17 +94,30 @@ div = primitive(
     jvp=(lambda t, out, x, y: t / y, lambda t, out, x, y: -t * out / y),
 )
 
+
+def _pow_dx(t: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """t y x^(y-1), and 0 where y = 0 (x^0 is constant; at x = 0 it was 0 * inf, as PyTorch's).
+    x is 1 there inside too, so that no derivative of this one meets 0^-2 either."""
+    const = y == 0.0
+    return gpunet.ops.where(const, 0.0, t * y * gpunet.ops.where(const, 1.0, x) ** (y - 1.0))
+
+
+def _pow_dy(t: Tensor, out: Tensor, x: Tensor) -> Tensor:
+    """t out log(x), with log taken as 0 where x = 0: d/dy 0^y = 0 for y > 0 (not 0 * -inf)."""
+    return t * out * gpunet.ops.log(gpunet.ops.where(x == 0.0, 1.0, x))
+
+
 pow = primitive(
     "pow",
     "x ** y; d/dx = y x^(y-1), d/dy = out log(x)",
     save=lambda out, x, y: (x, y, out),
     vjp=(
-        lambda g, x, y, out: g * y * x ** (y - 1.0),
-        lambda g, x, y, out: g * out * gpunet.ops.log(x),
+        lambda g, x, y, out: _pow_dx(g, x, y),
+        lambda g, x, y, out: _pow_dy(g, out, x),
     ),
     jvp=(
-        lambda t, out, x, y: t * y * x ** (y - 1.0),
-        lambda t, out, x, y: t * out * gpunet.ops.log(x),
+        lambda t, out, x, y: _pow_dx(t, x, y),
+        lambda t, out, x, y: _pow_dy(t, out, x),
     ),
 )
 
