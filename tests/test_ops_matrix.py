@@ -14,6 +14,9 @@ where allowed) and Python scalars on either side. Each case holds:
 4. a refusal (shape mismatch, dtype mixing, out-of-range index or axis, integers where a
    derivative is asked) to one error naming the op, with its shapes or dtypes, raised before
    anything changed.
+
+Below the matrix, one test per bug it found, each saying what a user saw before the fix; and
+the two modes held to one choice where the derivative is a choice (ties, kinks).
 """
 
 from __future__ import annotations
@@ -844,3 +847,27 @@ def test_pow_derivatives_at_a_zero_base_are_finite() -> None:
     assert tx.tolist() == [0.0] * 4 and ty.tolist() == [0.0] * 3
     hx = gpunet.grad(lambda a: gpunet.grad(lambda c: (c**0.0).sum())(a).sum())(x)
     assert np.isfinite(hx.numpy()).all()
+
+
+KINKS = np.array([[1.0, 1.0, 0.0, -2.0], [0.0, 0.0, 0.0, 0.0], [3.0, -3.0, 3.0, 0.5]])
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda a: a.max(1) + a.min(0).sum() + a.max(),
+        lambda a: a.relu() + a.abs() + gpunet.leaky_relu(a) + gpunet.elu(a),
+        lambda a: gpunet.maximum(a, a[:, ::-1]) * gpunet.minimum(a, 0.0) + gpunet.maximum(a, a),
+        lambda a: a.clip(0.0, 1.0) + a**2.0 + a**0.0,
+    ],
+    ids=["max, min ties", "relu, abs at 0", "maximum ties", "clip at its ends, pow at 0"],
+)
+def test_jvp_and_vjp_agree_at_kinks_and_ties(f: Callable) -> None:
+    """Where the derivative is a choice (ties, kinks), both modes make the same one."""
+    x = tensor(KINKS)
+    v = tensor(values(KINKS.shape, np.dtype(np.float64), "any", seed=1))
+    out, jv = gpunet.jvp(f, [x], [v])
+    u = tensor(values(out.shape, np.dtype(np.float64), "any", seed=2))
+    (jtu,) = gpunet.vjp(f, x)[1](u)
+    lhs, rhs = float(np.vdot(jv.numpy(), u.numpy())), float(np.vdot(v.numpy(), jtu.numpy()))
+    assert np.isfinite(lhs) and abs(lhs - rhs) <= 1e-12 * (1 + abs(lhs))
