@@ -724,18 +724,21 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
         value = _scalar(other, x).data  # (cached: the same array at every recording)
     else:
         value = x._backend.asarray(other, x.dtype)
-    shape, target = value.shape, x.data.shape
-    if shape != target and (
-        len(shape) > len(target) or any(n not in (1, t) for n, t in zip(shape[::-1], target[::-1]))
-    ):
-        raise ValueError(
-            f"gpunet: in-place {op} of shape {shape} into {describe(x)}: the value must "
-            "broadcast to the tensor's shape (an in-place op cannot change it)"
-        )
-    if STATE.flags & CAPTURE:  # recorded, and x's array kept: the replay writes the same one
-        call(f"inplace_{op}", _inplace_into, x.data, value, op=op)
-    else:
-        x.data = _INPLACE[op](x.data, value)
+    try:
+        if STATE.flags & CAPTURE:  # recorded, and x's array kept: the replay writes the same one
+            call(f"inplace_{op}", _inplace_into, x.data, value, op=op)
+        else:
+            x.data = _INPLACE[op](x.data, value)
+    except ValueError as e:  # (checked here, not before: the common case pays nothing)
+        shape, target = value.shape, x.data.shape
+        if len(shape) > len(target) or any(
+            n not in (1, t) for n, t in zip(shape[::-1], target[::-1])
+        ):  # (the array library refused before writing anything)
+            raise ValueError(
+                f"gpunet: in-place {op} of shape {shape} into {describe(x)}: the value must "
+                "broadcast to the tensor's shape (an in-place op cannot change it)"
+            ) from e
+        raise
     bump_version(x)  # a node that saved x before this must not run its rule on the new values
     return x
 
