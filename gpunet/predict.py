@@ -43,7 +43,10 @@ class Preprocess:
         return cls(**meta)
 
     def standardize(self, x: np.ndarray) -> np.ndarray:
-        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        """(x - mean) / std in the dtype training computed it in (``job.prepare``: float
+        features' own, float64 for integers), so the training rows get the inputs it saw."""
+        dt = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+        mean, std = np.asarray(self.mean, dt), np.asarray(self.std, dt)
         return ((x - mean) / std).astype(np.float32)
 
     def decode(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -118,7 +121,7 @@ def read_features(path: str | Path, prep: Preprocess) -> tuple[np.ndarray, np.nd
     if x.shape[1] != n:
         raise DataError(f"{path}: {x.shape[1]} feature columns, but the model takes {n}")
     check_finite(x.astype(np.float32), source=str(path))
-    return x.astype(np.float32), y
+    return x, y  # (as read, as training read it: a .npz's float64 is not rounded first)
 
 
 def _csv_features(path: Path, prep: Preprocess, n: int) -> tuple[np.ndarray, np.ndarray | None]:

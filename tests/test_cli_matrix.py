@@ -1,0 +1,163 @@
+"""``gpunet train`` and ``gpunet predict`` against the same work written in Python with the
+public pieces (the README's "same pieces from Python", with the job's standardization): over a
+covering sample of the options, the saved weights, the history and the test figures agree bit
+for bit, and predict's file holds what ``model(x)`` gives on the same rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import gpunet
+import gpunet.nn.functional as F
+from gpunet import amp, nn, optim
+from gpunet.cli import main
+from gpunet.data import DataLoader, Dataset, split
+from gpunet.job import strict
+from gpunet.train import evaluate, fit
+from tests.covering import covering
+
+AXES = {
+    "data": ("csv-classify", "npz-classify", "csv-regress"),
+    "hidden": ((8,), (6, 5)),
+    "activation": ("relu", "gelu", "sigmoid", "elu"),  # fused and unfused (nn tests: all)
+    "optimizer": ("adam", "adamw", "sgd"),
+    "weight_decay": (0.0, 0.01),
+    "batch_size": (7, 32),
+    "precision": ("fp32", "bf16", "fp16", "tf32"),
+    "dropout": (0.0, 0.3),
+    "capture": (True, False),
+    "seed": (0, 3),
+    "patience": (1, 5),
+}
+CASES = covering(AXES, lambda case: True, seed=1)
+
+
+def _data(folder: Path, kind: str) -> Path:
+    """Three blobs in 4 features (labels 2/5/9), or a noisy linear target: 60 rows."""
+    r = np.random.default_rng(7)
+    k = r.integers(0, 3, 60)
+    x = np.round(r.standard_normal((60, 4)) + k[:, None] * 1.5, 4)
+    if kind == "npz-classify":
+        path = folder / "blobs.npz"
+        np.savez(path, x=x, y=np.array([2, 5, 9])[k])
+        return path
+    y = np.array([2, 5, 9])[k] if kind == "csv-classify" else np.round(x @ [1, -2, 0.5, 3], 4)
+    path = folder / f"{kind}.csv"
+    rows = [",".join(map(str, [*row, t])) for row, t in zip(x, y)]
+    path.write_text("a,b,c,d,target\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def _cli_args(case: dict[str, Any], data: Path, out: Path) -> list[str]:
+    args = ["train", "--data", str(data), "--hidden", ",".join(map(str, case["hidden"]))]
+    for name in ("activation", "optimizer", "weight_decay", "batch_size", "precision"):
+        args += [f"--{name.replace('_', '-')}", str(case[name])]
+    args += ["--dropout", str(case["dropout"]), "--seed", str(case["seed"]), "--lr", "0.01"]
+    args += ["--patience", str(case["patience"]), "--epochs", "3", "--device", "cpu"]
+    args += ["--no-progress", "--out", str(out)] + ([] if case["capture"] else ["--no-capture"])
+    return args
+
+
+def _twin(case: dict[str, Any], data: Path) -> dict[str, Any]:
+    """The run in Python: the job's split, standardization, model, optimizer and fit."""
+    seed, regress = case["seed"], case["data"] == "csv-regress"
+    gpunet.manual_seed(seed)
+    ds = Dataset.from_npz(data) if data.suffix == ".npz" else Dataset.from_csv(data, target=-1)
+    if regress:
+        ds = Dataset(ds.x, ds.y.astype(np.float64), None, ds.features, ds.target)
+    else:
+        ds = ds.as_classes()
+    parts = list(split(ds, val=0.15, test=0.15, seed=seed))
+    mean, std = parts[0].x.mean(axis=0), parts[0].x.std(axis=0)
+    std[std < 1e-6] = 1.0
+    for part in parts:
+        part.x = ((part.x - mean) / std).astype(np.float32)
+    y_mean, y_std = float(parts[0].y.mean()), float(parts[0].y.std())
+    if regress:
+        for part in parts:
+            part.y = ((part.y - y_mean) / y_std).astype(np.float32)
+    sizes = [4, *case["hidden"], 1 if regress else 3]
+    model = nn.MLP(sizes, case["activation"], dropout=case["dropout"], device="cpu")
+    opt_cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[case["optimizer"]]
+    extra = {"momentum": 0.9} if case["optimizer"] == "sgd" else {}
+    opt = opt_cls(model.parameters(), lr=0.01, weight_decay=case["weight_decay"], **extra)
+    loader = DataLoader(parts[0], case["batch_size"], shuffle=True, device="cpu", seed=seed)
+    val = DataLoader(parts[1], 512, device="cpu", pad=False)
+
+    def loss(z: gpunet.Tensor, y: gpunet.Tensor) -> gpunet.Tensor:
+        if regress:
+            return F.mse_loss(z.reshape(-1), y)
+        return F.cross_entropy(z, y, label_smoothing=0.1)
+
+    low = {"bf16": gpunet.bfloat16, "fp16": gpunet.float16}.get(case["precision"])
+    scaler = amp.GradScaler() if case["precision"] == "fp16" else None
+    history = fit(
+        model, loss, opt, loader, val, epochs=3, early_stopping=case["patience"],
+        progress=False, capture=case["capture"], autocast=low, scaler=scaler,
+    )  # fmt: skip
+    if regress:
+        model.eval()
+        with gpunet.no_grad():
+            pred = model(gpunet.tensor(parts[2].x)).numpy()[:, 0].astype(np.float64)
+        truth = parts[2].y.astype(np.float64) * y_std + y_mean
+        err = pred * y_std + y_mean - truth
+        figures = {"test_rmse": float(np.sqrt(np.mean(err**2)))}
+        figures["test_mae"] = float(np.mean(np.abs(err)))
+    else:
+        test_loss, acc = evaluate(model, F.cross_entropy, DataLoader(parts[2], 512))
+        figures = {"test_loss": test_loss, "test_accuracy": acc}
+    stats = {"ds": ds, "mean": mean, "std": std, "target": (y_mean, y_std)}
+    return {"model": model, "history": history, "figures": figures, **stats}
+
+
+def _same_history(saved: dict[str, Any], history: Any) -> None:
+    want = strict(history.as_dict())  # (metrics.json is strict JSON: NaN written as null)
+    for key in want.keys() - {"samples_per_second"}:  # (a rate: the only timing)
+        assert saved[key] == want[key], key
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_train_and_predict_equal_the_same_work_in_python(
+    case: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = _data(tmp_path, case["data"])
+    assert main(_cli_args(case, data, tmp_path / "runs")) == 0, capsys.readouterr().err
+    (run,) = (tmp_path / "runs").iterdir()
+    twin = _twin(case, data)
+    saved = safetensors.numpy.load_file(str(run / "model.safetensors"))
+    weights = {k.removeprefix("model."): v for k, v in saved.items()}
+    state = {k: v.numpy() for k, v in twin["model"].state_dict().items()}
+    assert weights.keys() == state.keys()
+    for k in state:  # the best epoch's weights, bit for bit
+        np.testing.assert_array_equal(weights[k], state[k], err_msg=k, strict=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    _same_history(metrics["history"], twin["history"])
+    for key, value in twin["figures"].items():
+        assert metrics[key] == value, key
+
+    # predict on every row of the file against model(x) on the same rows, standardized
+    assert main(["predict", str(run), "--data", str(data), "--device", "cpu"]) == 0
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    model, ds = twin["model"].eval(), twin["ds"]
+    x = ((ds.x - twin["mean"]) / twin["std"]).astype(np.float32)
+    with gpunet.no_grad():
+        z = model(gpunet.tensor(x)).numpy()
+    if case["data"] == "csv-regress":
+        y_mean, y_std = twin["target"]
+        want = [repr(float(v)) for v in z[:, 0].astype(np.float64) * y_std + y_mean]
+        assert [r[0] for r in rows] == want
+    else:
+        p = np.exp(z.astype(np.float64) - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        labels = np.asarray(ds.classes)[p.argmax(1)]
+        assert [r[0] for r in rows] == [str(v) for v in labels]
+        assert [r[1:] for r in rows] == [[f"{q:.6g}" for q in row] for row in p]
