@@ -161,3 +161,48 @@ def test_train_and_predict_equal_the_same_work_in_python(
         labels = np.asarray(ds.classes)[p.argmax(1)]
         assert [r[0] for r in rows] == [str(v) for v in labels]
         assert [r[1:] for r in rows] == [[f"{q:.6g}" for q in row] for row in p]
+
+
+RESUME_CASES = [  # a cut run resumed: its own options, then the same files as a straight run
+    {**CASES[0], "data": "csv-regress", "optimizer": "sgd", "precision": "fp16", "dropout": 0.3},
+    {**CASES[1], "data": "npz-classify", "optimizer": "adamw", "precision": "bf16", "patience": 5},
+]
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=lambda c: f"{c['data']}-{c['precision']}")
+def test_resume_after_a_cut_equals_the_straight_run(
+    case: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = _data(tmp_path, case["data"])
+    assert main(_cli_args(case, data, tmp_path / "straight")) == 0
+    name = "mse_loss" if case["data"] == "csv-regress" else "cross_entropy"
+    real, calls = getattr(F, name), [0]
+
+    def cut(*args: Any, **kwargs: Any) -> gpunet.Tensor:
+        if gpunet.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == 2 * -(-44 // case["batch_size"]) + 1:  # epoch 3's first step
+                raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(F, name, cut)
+        # cut eagerly (a replayed step calls no Python), resumed as the case says
+        assert main(_cli_args({**case, "capture": False}, data, tmp_path / "cut")) == 130
+    (straight,) = (tmp_path / "straight").iterdir()
+    (run,) = (tmp_path / "cut").iterdir()
+    resume = ["train", "--resume", str(run), "--no-progress"]
+    assert main(resume + ([] if case["capture"] else ["--no-capture"])) == 0
+    want = safetensors.numpy.load_file(str(straight / "model.safetensors"))
+    got = safetensors.numpy.load_file(str(run / "model.safetensors"))
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k, strict=True)
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (straight, run))
+    for key in a.keys() - {"seconds", "history", "data"}:
+        assert a[key] == b[key], key
+    # (the warnings are the run's log: the resumed one says it was interrupted, truly)
+    for key in a["history"].keys() - {"samples_per_second", "warnings"}:
+        assert a["history"][key] == b["history"][key], key
+    assert b["history"]["warnings"][0] == "interrupted after 2 complete epochs"
