@@ -261,6 +261,11 @@ class Module:
             else:
                 dtype = spec
         dt = None if dtype is None else dtypes.as_dtype(dtype)
+        if dt is not None and not dtypes.is_floating(dt):  # (PyTorch's rule; it was a no-op)
+            raise TypeError(
+                f"{type(self).__name__}.to: parameters are floating point, so the dtype must be "
+                f"too (float32, float64, bfloat16, float16), got {dt}"
+            )
         backend = None if device is None else get_backend(device)
         for t in [*self.parameters(), *self.buffers()]:
             _move_(t, dt, backend)

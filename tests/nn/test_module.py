@@ -231,3 +231,17 @@ def test_apply_visits_children_first_and_nn_is_reachable_from_gpunet() -> None:
     assert net.apply(lambda m: seen.append(type(m).__name__)) is net
     assert seen == ["Linear", "ReLU", "Block", "Linear", "Dropout", "Net"]
     assert gpunet.nn is nn
+
+
+def test_to_a_non_floating_dtype_is_refused_before_anything_moves() -> None:
+    """PyTorch: 'nn.Module.to only accepts floating point or complex dtypes'; it was a
+    silent no-op (the model stayed float32 while the user asked for int32)."""
+    model = nn.MLP([2, 3, 1])
+    before = [p.data for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"MLP\.to: .*floating.*got int32"):
+        model.to(gpunet.int32)
+    with pytest.raises(TypeError, match=r"MLP\.to: .*got int64"):
+        model.to("cpu", dtype=gpunet.int64)
+    assert all(
+        p.data is b and p.dtype == gpunet.float32 for p, b in zip(model.parameters(), before)
+    )
