@@ -299,6 +299,8 @@ class MLP(Sequential):
                     f"MLP: unknown activation {activation!r}; one of {sorted(ACTIVATIONS)}"
                 )
             activation = ACTIVATIONS[activation]
+        if not 0.0 <= dropout <= 1.0:  # (Dropout's range; a negative or NaN rate was ignored)
+            raise ValueError(f"MLP: dropout must be in [0, 1], got {dropout}")
         if norm not in (None, "layernorm"):
             raise ValueError(f"MLP: norm must be None or 'layernorm', got {norm!r}")
         layers: list[Module] = []

@@ -213,3 +213,10 @@ def test_a_users_sequential_fuses_too_and_leaves_other_inputs_alone() -> None:
     assert out._node.parents[0].parents[0].params["activation"] == "tanh"
     x3 = gpunet.randn(2, 5, 4)  # 3-d input: the modules one by one
     assert seq(x3).shape == (2, 5, 2)
+
+
+@pytest.mark.parametrize("rate", [-0.1, float("nan"), 1.5])
+def test_mlp_refuses_a_dropout_rate_outside_0_to_1(rate: float) -> None:
+    """-0.1 and NaN built an MLP with no Dropout at all (the rate silently ignored)."""
+    with pytest.raises(ValueError, match=r"MLP: dropout must be in \[0, 1\], got"):
+        nn.MLP([2, 3, 1], dropout=rate)
