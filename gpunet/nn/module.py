@@ -316,6 +316,16 @@ class Module:
                     f"size mismatch for {k}: copying a value of shape {tuple(v.shape)}, "
                     f"the parameter in the current model has shape {t.shape}"
                 )
+            elif type(v) is not t._backend.array_type or v.dtype != t.dtype:
+                # converted now (NumPy, CuPy via .get(), torch, ...): a value that cannot be
+                # must fail before any is written
+                own_type = type(v) is t._backend.array_type
+                host = v if own_type else np.asarray(v.get() if hasattr(v, "get") else v)
+                try:
+                    v = t._backend.asarray(host, t.dtype)
+                except (TypeError, ValueError) as e:
+                    what = getattr(v, "dtype", type(v).__name__)
+                    problems.append(f"cannot convert {k} ({what}) to {t.dtype}: {e}")
             values[k] = v
         if strict:
             if unexpected:
@@ -331,8 +341,6 @@ class Module:
             )
         for k, v in values.items():
             t = own[k]
-            if type(v) is not t._backend.array_type:  # NumPy, CuPy (.get()), torch, ...
-                v = t._backend.asarray(np.asarray(v.get() if hasattr(v, "get") else v), t.dtype)
             t.data[...] = v  # in place: views of the data (an optimizer's flat buffer) see it
             bump_version(t)  # (written: autocast's low-precision copy of it is stale)
         return _IncompatibleKeys(missing, unexpected)

@@ -245,3 +245,18 @@ def test_to_a_non_floating_dtype_is_refused_before_anything_moves() -> None:
     assert all(
         p.data is b and p.dtype == gpunet.float32 for p, b in zip(model.parameters(), before)
     )
+
+
+def test_load_of_a_value_that_cannot_convert_names_it_and_changes_nothing() -> None:
+    """A text array for one key raised NumPy's bare 'could not convert string to float'
+    after the keys before it had been written: half a load."""
+    model = nn.MLP([2, 3, 1])
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    state = {k: np.full(v.shape, 7.0) for k, v in before.items()}
+    state["0.bias"] = np.array(["a", "b", "c"])
+    with pytest.raises(
+        RuntimeError, match=r"for MLP:\n\tcannot convert 0\.bias .*<U1.* to float32"
+    ):
+        model.load_state_dict(state)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), before[k], err_msg=k)
