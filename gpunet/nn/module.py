@@ -155,6 +155,15 @@ class Module:
         self._buffers[name] = value
 
     def add_module(self, name: str, module: Module | None) -> None:
+        """Register ``module`` (or ``None``, a declared but absent child) as child ``name``."""
+        where = f"{type(self).__name__}: "
+        if module is not None and not isinstance(module, Module):  # (else it fails in forward)
+            raise TypeError(
+                f"{where}child {name} is of type {type(module).__name__!r}, not a Module; wrap "
+                "a function in a Module subclass whose forward calls it"
+            )
+        if "." in str(name) or not str(name):  # (a dotted name would break state_dict's keys)
+            raise KeyError(f"{where}a child's name cannot contain '.' or be empty, got {name!r}")
         object.__setattr__(self, name, module)
         self._modules[name] = module
 

@@ -260,3 +260,18 @@ def test_load_of_a_value_that_cannot_convert_names_it_and_changes_nothing() -> N
         model.load_state_dict(state)
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), before[k], err_msg=k)
+
+
+def test_add_module_refuses_what_is_not_a_module() -> None:
+    """Sequential(nn.ReLU(), lambda x: x) was accepted, and a 3 failed only at the forward
+    pass with "'int' object is not callable"."""
+    with pytest.raises(TypeError, match=r"Sequential: child 1 is of type 'function', not a Module"):
+        nn.Sequential(nn.ReLU(), lambda x: x)
+    seq = nn.Sequential(nn.ReLU())
+    with pytest.raises(TypeError, match=r"Sequential: child 1 is of type 'int', not a Module"):
+        seq.append(3)  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match=r"Sequential: a child's name cannot contain '\.'"):
+        seq.add_module("a.b", nn.ReLU())
+    assert len(seq) == 1 and list(seq._modules) == ["0"]
+    seq.add_module("gap", None)  # (a declared, absent child, as in PyTorch)
+    assert list(seq.children()) == [seq[0]]
