@@ -220,3 +220,13 @@ def test_mlp_refuses_a_dropout_rate_outside_0_to_1(rate: float) -> None:
     """-0.1 and NaN built an MLP with no Dropout at all (the rate silently ignored)."""
     with pytest.raises(ValueError, match=r"MLP: dropout must be in \[0, 1\], got"):
         nn.MLP([2, 3, 1], dropout=rate)
+
+
+def test_a_linear_with_no_inputs_is_made_as_in_pytorch() -> None:
+    """Linear(0, 3) raised ZeroDivisionError from kaiming_uniform_ (fan_in 0); PyTorch makes
+    it (its init of a zero-element tensor warns and does nothing): x @ W + b is then b."""
+    with pytest.warns(UserWarning, match="zero-element"):
+        layer = nn.Linear(0, 3)
+    np.testing.assert_array_equal(layer(gpunet.zeros(2, 0)).numpy(), np.zeros((2, 3)))
+    with pytest.warns(UserWarning, match="zero-element"):
+        nn.init.kaiming_normal_(nn.Linear(3, 0).weight, mode="fan_out")
