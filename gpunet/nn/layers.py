@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from .. import dtypes
@@ -26,6 +27,19 @@ def _empty(shape: tuple[int, ...], dtype: Any, device: str | Device | None) -> T
     backend = get_backend(default_device() if device is None else device)
     dt = dtypes.DEFAULT_FLOAT if dtype is None else dtypes.as_dtype(dtype)
     return Tensor._wrap(backend.zeros(shape, dt), backend)
+
+
+def _sizes(values: Any, error: str) -> list[int]:
+    """``values`` (one or an iterable) as sizes, integers >= 0: 2.5 is refused, not
+    truncated to 2, and -1 is named by its layer rather than by NumPy."""
+    items = list(values) if isinstance(values, Iterable) else [values]
+    try:
+        sizes = [operator.index(v) for v in items]
+    except TypeError:
+        sizes = [-1]
+    if min(sizes, default=0) < 0:
+        raise ValueError(f"{error} >= 0, got {values}")
+    return sizes
 
 
 class Linear(Module):
@@ -45,7 +59,8 @@ class Linear(Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        (self.in_features,) = _sizes(in_features, "Linear: in_features must be an integer")
+        (self.out_features,) = _sizes(out_features, "Linear: out_features must be an integer")
         self.weight = Parameter(_empty((self.in_features, self.out_features), dtype, device))
         if bias:
             self.bias = Parameter(_empty((self.out_features,), dtype, device))
@@ -150,8 +165,8 @@ class LayerNorm(Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-        self.normalized_shape = tuple(int(n) for n in shape)
+        error = "LayerNorm: normalized_shape must be integers"
+        self.normalized_shape = tuple(_sizes(normalized_shape, error))
         self.eps = float(eps)
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
@@ -290,7 +305,7 @@ class MLP(Sequential):
         device: str | Device | None = None,
         dtype: Any = None,
     ) -> None:
-        sizes = [int(n) for n in sizes]
+        sizes = _sizes(sizes, "MLP: sizes must be integers")
         if len(sizes) < 2:
             raise ValueError(f"MLP: sizes needs an input and an output size, got {sizes}")
         if isinstance(activation, str):

@@ -230,3 +230,20 @@ def test_a_linear_with_no_inputs_is_made_as_in_pytorch() -> None:
     np.testing.assert_array_equal(layer(gpunet.zeros(2, 0)).numpy(), np.zeros((2, 3)))
     with pytest.warns(UserWarning, match="zero-element"):
         nn.init.kaiming_normal_(nn.Linear(3, 0).weight, mode="fan_out")
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: nn.Linear(2.5, 3), r"Linear: in_features must be an integer >= 0, got 2\.5"),
+        (lambda: nn.Linear(2, -1), r"Linear: out_features must be an integer >= 0, got -1"),
+        (lambda: nn.MLP([2, 2.5, 1]), r"MLP: sizes must be integers >= 0, got \[2, 2\.5, 1\]"),
+        (lambda: nn.LayerNorm(-3), r"LayerNorm: normalized_shape must be integers >= 0, got -3"),
+        (lambda: nn.LayerNorm(2.5), r"LayerNorm: normalized_shape must be integers >= 0"),
+    ],
+)
+def test_layer_sizes_that_are_not_counts_are_refused_naming_the_layer(make, words) -> None:  # type: ignore[no-untyped-def]
+    """2.5 was truncated to 2 without a word; -1 raised NumPy's 'negative dimensions are
+    not allowed', naming no layer."""
+    with pytest.raises((TypeError, ValueError), match=words):
+        make()
