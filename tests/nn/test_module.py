@@ -275,3 +275,78 @@ def test_add_module_refuses_what_is_not_a_module() -> None:
     assert len(seq) == 1 and list(seq._modules) == ["0"]
     seq.add_module("gap", None)  # (a declared, absent child, as in PyTorch)
     assert list(seq.children()) == [seq[0]]
+
+
+# ------------------------------------------------- every module against PyTorch's contract
+def _every_module() -> dict[str, tuple[nn.Module, str]]:
+    """Each module in gpunet.nn, made as a user would, with its repr (PyTorch's, less
+    Dropout's inplace and Softplus's threshold, which gpunet does not have)."""
+    made = {
+        "Linear": (nn.Linear(4, 3), "Linear(in_features=4, out_features=3, bias=True)"),
+        "LayerNorm": (nn.LayerNorm(4), "LayerNorm((4,), eps=1e-05, elementwise_affine=True)"),
+        "Dropout": (nn.Dropout(0.25), "Dropout(p=0.25)"),
+        "Sequential": (nn.Sequential(nn.Linear(4, 4), nn.Tanh()), None),
+        "MLP": (nn.MLP([4, 5, 3], "gelu", dropout=0.1, norm="layernorm"), None),
+        "ReLU": (nn.ReLU(), "ReLU()"),
+        "LeakyReLU": (nn.LeakyReLU(), "LeakyReLU(negative_slope=0.01)"),
+        "ELU": (nn.ELU(), "ELU(alpha=1.0)"),
+        "Sigmoid": (nn.Sigmoid(), "Sigmoid()"),
+        "Tanh": (nn.Tanh(), "Tanh()"),
+        "Softplus": (nn.Softplus(), "Softplus(beta=1.0)"),
+        "SiLU": (nn.SiLU(), "SiLU()"),
+        "GELU": (nn.GELU(), "GELU(approximate='none')"),
+    }
+    return {k: (m, r or "") for k, (m, r) in made.items()}
+
+
+LOSSES = {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "BCELoss"}
+
+
+def test_the_sweep_holds_every_module_of_gpunet_nn() -> None:
+    exported = {n for n in nn.__all__ if isinstance(getattr(nn, n), type)}
+    modules = {n for n in exported if issubclass(getattr(nn, n), nn.Module)}
+    assert modules - {"Module"} == set(_every_module()) | LOSSES
+
+
+@pytest.mark.parametrize("name", sorted(_every_module()))
+def test_every_module_keeps_pytorchs_contract(name: str) -> None:
+    gpunet.manual_seed(0)
+    module, text = _every_module()[name]
+    if text:
+        assert repr(module) == text
+    x = gpunet.tensor(np.random.default_rng(0).standard_normal((2, 4)), dtype=gpunet.float32)
+    names = [n for n, _ in module.named_parameters()]
+    assert names == list(module.state_dict()) and len(set(names)) == len(names)
+    assert [id(p) for p in module.parameters()] == [id(p) for _, p in module.named_parameters()]
+    # a state_dict loaded into a fresh module of other weights: the same outputs, bit for bit
+    module.eval()
+    want = module(x).numpy()
+    gpunet.manual_seed(1)
+    fresh = _every_module()[name][0].eval()
+    assert fresh.load_state_dict(module.state_dict()) == ([], [])
+    np.testing.assert_array_equal(fresh(x).numpy(), want)
+    # train()/eval() reach every module; apply visits each once, children first
+    module.train()
+    assert all(m.training for m in module.modules())
+    assert module.eval() is module and not any(m.training for m in module.modules())
+    seen: list[nn.Module] = []
+    assert module.apply(seen.append) is module
+    assert sorted(map(id, seen)) == sorted(map(id, module.modules())) and seen[-1] is module
+    assert list(module.children()) == [m for _, m in module.named_children()]
+    # gradients: zero_grad forgets them; requires_grad_(False) stops them
+    if names:
+        module(x).sum().backward()
+        assert all(p.grad is not None for p in module.parameters())
+        module.zero_grad()
+        assert all(p.grad is None for p in module.parameters())
+        module.requires_grad_(False)
+        assert not module(x).requires_grad
+        module.requires_grad_(True)
+    # to(float64) in place: the same objects, the outputs in float64; and back
+    params = list(module.parameters())
+    assert module.to(gpunet.float64) is module
+    assert [id(p) for p in module.parameters()] == list(map(id, params))
+    assert module(x.to(gpunet.float64)).dtype == gpunet.float64
+    module.to(gpunet.float32)
+    np.testing.assert_array_equal(module(x).numpy(), want)
+    np.testing.assert_array_equal(copy.deepcopy(module)(x).numpy(), want)
