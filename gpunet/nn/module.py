@@ -232,6 +232,10 @@ class Module:
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Module:
         """Training mode (Dropout drops) or, with ``mode=False``, evaluation mode."""
+        if not isinstance(mode, (bool, np.bool_)):  # ("False" is truthy: PyTorch refuses it)
+            raise ValueError(
+                f"{type(self).__name__}.train: mode must be True or False, got {mode!r}"
+            )
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
         return self

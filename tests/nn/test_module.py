@@ -350,3 +350,14 @@ def test_every_module_keeps_pytorchs_contract(name: str) -> None:
     module.to(gpunet.float32)
     np.testing.assert_array_equal(module(x).numpy(), want)
     np.testing.assert_array_equal(copy.deepcopy(module)(x).numpy(), want)
+
+
+def test_train_takes_a_bool() -> None:
+    """model.train("False") put the model in training mode (bool("False") is True); PyTorch
+    raises ValueError for a mode that is not a bool."""
+    model = nn.MLP([2, 3, 1], dropout=0.5).eval()
+    with pytest.raises(ValueError, match=r"MLP\.train: mode must be True or False, got 'False'"):
+        model.train("False")  # type: ignore[arg-type]
+    assert not any(m.training for m in model.modules())
+    model.train(np.bool_(True))  # (NumPy's bool is a bool here)
+    assert all(m.training for m in model.modules())
