@@ -123,9 +123,10 @@ def prepare(
         raise DataError(f"every target is {data.classes[0]}: one class, nothing to classify")
     mean, std = parts[0].x.mean(axis=0), parts[0].x.std(axis=0)
     std[std < 1e-6] = 1.0  # a constant training feature is centred, not blown up
+    dtype = str(np.result_type(parts[0].x.dtype, mean.dtype))  # (saved: predict computes in it)
     for part in parts:  # standardize with the training statistics
         part.x = ((part.x - mean) / std).astype(np.float32)
-    prep = Preprocess(task, (mean * unit).tolist(), (std * unit).tolist(), None)
+    prep = Preprocess(task, (mean * unit).tolist(), (std * unit).tolist(), None, dtype=dtype)
     prep.features, prep.target = data.features, data.target
     if task == "classify":
         prep.classes = np.asarray(data.classes).tolist()

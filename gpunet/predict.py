@@ -34,6 +34,7 @@ class Preprocess:
     target_std: float | None = None
     features: list[str] | None = None  # the CSV header's feature names, if it had one
     target: str | None = None  # the target column's name (or index)
+    dtype: str | None = None  # what training standardized in (None: a run before it was kept)
 
     def as_meta(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,11 +44,12 @@ class Preprocess:
         return cls(**meta)
 
     def standardize(self, x: np.ndarray) -> np.ndarray:
-        """(x - mean) / std in the dtype training computed it in (``job.prepare``: float
-        features' own, float64 for integers), so the training rows get the inputs it saw."""
-        dt = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+        """(x - mean) / std in the dtype training computed it in (``job.prepare``: float32
+        for a CSV or the digits, float64 for a .npz of float64 or integers), so the rows
+        training saw get the same inputs, bit for bit."""
+        dt = np.dtype(self.dtype or np.float32)
         mean, std = np.asarray(self.mean, dt), np.asarray(self.std, dt)
-        return ((x - mean) / std).astype(np.float32)
+        return ((x.astype(dt) - mean) / std).astype(np.float32)
 
     def decode(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Model outputs -> (predictions in the user's terms, class probabilities or None)."""

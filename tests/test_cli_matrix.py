@@ -18,7 +18,7 @@ import gpunet
 import gpunet.nn.functional as F
 from gpunet import amp, nn, optim
 from gpunet.cli import main
-from gpunet.data import DataLoader, Dataset, split
+from gpunet.data import DataLoader, Dataset, load_digits, split
 from gpunet.job import strict
 from gpunet.train import evaluate, fit
 from tests.covering import covering
@@ -37,10 +37,16 @@ AXES = {
     "patience": (1, 5),
 }
 CASES = covering(AXES, lambda case: True, seed=1)
+# the bundled digits (features scaled by 1/16 in training, predict reading the raw values)
+CASES.append({**CASES[0], "data": "digits", "precision": "fp32", "batch_size": 128})
 
 
 def _data(folder: Path, kind: str) -> Path:
     """Three blobs in 4 features (labels 2/5/9), or a noisy linear target: 60 rows."""
+    if kind == "digits":  # (trained on the bundled copy; this file is for predict)
+        digits = np.load(Path(gpunet.__file__).parent / "_data" / "digits.npz")
+        np.savez(folder / "digits.npz", x=digits["images"], y=digits["labels"])
+        return folder / "digits.npz"
     r = np.random.default_rng(7)
     k = r.integers(0, 3, 60)
     x = np.round(r.standard_normal((60, 4)) + k[:, None] * 1.5, 4)
@@ -56,7 +62,8 @@ def _data(folder: Path, kind: str) -> Path:
 
 
 def _cli_args(case: dict[str, Any], data: Path, out: Path) -> list[str]:
-    args = ["train", "--data", str(data), "--hidden", ",".join(map(str, case["hidden"]))]
+    args = ["train", "--hidden", ",".join(map(str, case["hidden"]))]
+    args += [] if case["data"] == "digits" else ["--data", str(data)]
     for name in ("activation", "optimizer", "weight_decay", "batch_size", "precision"):
         args += [f"--{name.replace('_', '-')}", str(case[name])]
     args += ["--dropout", str(case["dropout"]), "--seed", str(case["seed"]), "--lr", "0.01"]
@@ -69,7 +76,12 @@ def _twin(case: dict[str, Any], data: Path) -> dict[str, Any]:
     """The run in Python: the job's split, standardization, model, optimizer and fit."""
     seed, regress = case["seed"], case["data"] == "csv-regress"
     gpunet.manual_seed(seed)
-    ds = Dataset.from_npz(data) if data.suffix == ".npz" else Dataset.from_csv(data, target=-1)
+    if case["data"] == "digits":
+        ds = load_digits()
+    elif data.suffix == ".npz":
+        ds = Dataset.from_npz(data)
+    else:
+        ds = Dataset.from_csv(data, target=-1)
     if regress:
         ds = Dataset(ds.x, ds.y.astype(np.float64), None, ds.features, ds.target)
     else:
@@ -83,7 +95,7 @@ def _twin(case: dict[str, Any], data: Path) -> dict[str, Any]:
     if regress:
         for part in parts:
             part.y = ((part.y - y_mean) / y_std).astype(np.float32)
-    sizes = [4, *case["hidden"], 1 if regress else 3]
+    sizes = [ds.x.shape[1], *case["hidden"], 1 if regress else len(ds.classes)]
     model = nn.MLP(sizes, case["activation"], dropout=case["dropout"], device="cpu")
     opt_cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[case["optimizer"]]
     extra = {"momentum": 0.9} if case["optimizer"] == "sgd" else {}
