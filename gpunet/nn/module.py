@@ -310,6 +310,11 @@ class Module:
         and device). Every problem is found first and reported together, and nothing changes
         when there is one: missing or unexpected keys (with ``strict``), shape mismatches
         (always)."""
+        if not isinstance(state, Mapping):  # (else its items read as unexpected keys)
+            raise TypeError(
+                f"{type(self).__name__}.load_state_dict: expected a mapping of names to "
+                f"tensors (a state_dict()), got {type(state).__name__}"
+            )
         own = dict(self.named_parameters())
         own.update(self.named_buffers())
         missing = [k for k in own if k not in state]

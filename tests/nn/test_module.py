@@ -361,3 +361,10 @@ def test_train_takes_a_bool() -> None:
     assert not any(m.training for m in model.modules())
     model.train(np.bool_(True))  # (NumPy's bool is a bool here)
     assert all(m.training for m in model.modules())
+
+
+def test_load_state_dict_of_something_not_a_mapping_says_so() -> None:
+    """A list reported every parameter missing and its items as 'unexpected keys' 1, 2."""
+    model = nn.MLP([2, 3, 1])
+    with pytest.raises(TypeError, match=r"MLP\.load_state_dict: expected a mapping .*got list"):
+        model.load_state_dict([1, 2])  # type: ignore[arg-type]
