@@ -26,7 +26,7 @@ from . import __version__, amp, backends, distributed, dtypes, nn, optim
 from .backend import default_device, probe_cuda
 from .backend import device as find_device
 from .checkpoint import load, rank_rng_state, save, write_atomically
-from .cli import UsageError
+from .cli import UsageError, _given
 from .creation import zeros
 from .data import DIGITS_SCALE, DataError, DataLoader, Dataset, infer_task, load_digits, split
 from .distributed.comm import default_timeout
@@ -71,9 +71,18 @@ def check_inputs(args: argparse.Namespace) -> None:
         args = resume_args(args)
     else:
         check_out(args.out)
-        prepare(load_data(args)[0], args.task, args.seed)
+        check_task_options(args, prepare(load_data(args)[0], args.task, args.seed)[0].task)
     if (args.device or "").startswith("cuda") and not (found := probe_cuda()).available:
         raise UsageError(f"--device {args.device}: no usable CUDA device ({found.reason})")
+
+
+def check_task_options(args: argparse.Namespace, task: str) -> None:
+    """An option only classification reads, given for a regression: refused, not ignored."""
+    if task == "regress" and getattr(args, "argv", None) and "label_smoothing" in _given(args):
+        why = "--task regress" if args.task else "its target has many fractional values"
+        raise UsageError(
+            f"--label-smoothing is for classification; this run regresses ({why}): leave it out"
+        )
 
 
 def data_path(args: argparse.Namespace) -> Path | None:
@@ -380,6 +389,7 @@ def train(args: argparse.Namespace) -> int:
     data, source = load_data(args)
     unit = DIGITS_SCALE if args.data is None else 1.0
     prep, (train_set, val_set, test_set) = prepare(data, args.task, args.seed, unit)
+    check_task_options(args, prep.task)
     device = resolve_device(_rank_device(args.device, comm))
     out = len(prep.classes) if prep.classes is not None else 1
     sizes = [train_set.x.shape[1], *args.hidden, out]

@@ -218,3 +218,16 @@ def test_resume_after_a_cut_equals_the_straight_run(
     for key in a["history"].keys() - {"samples_per_second", "warnings"}:
         assert a["history"][key] == b["history"][key], key
     assert b["history"]["warnings"][0] == "interrupted after 2 complete epochs"
+
+
+@pytest.mark.parametrize("task", [["--task", "regress"], []])
+def test_label_smoothing_given_for_a_regression_is_refused(
+    task: list[str], tmp_path: Path, capsys: Any
+) -> None:
+    """It was ignored without a word (a regression has no labels to smooth)."""
+    data = _data(tmp_path, "csv-regress" if not task else "csv-classify")
+    args = ["train", "--data", str(data), *task, "--label-smoothing", "0.2"]
+    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--label-smoothing is for classification" in err, err
+    assert not (tmp_path / "runs").exists()  # (refused before the run folder is made)
