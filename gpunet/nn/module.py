@@ -139,8 +139,20 @@ class Module:
             registry.pop(name, None)
         object.__delattr__(self, name)
 
+    def _check_name(self, kind: str, name: str, registry: dict) -> None:
+        """A name that would break the module later is refused now (PyTorch's rules): a
+        dotted one (state_dict's keys are dotted paths) or one taken by another attribute."""
+        where = type(self).__name__
+        if not isinstance(name, str) or "." in name or not name:
+            raise KeyError(f"{where}: a {kind}'s name cannot contain '.' or be empty, got {name!r}")
+        if name not in registry and hasattr(self, name):
+            raise KeyError(
+                f"{where}: {name!r} is already an attribute; give the {kind} another name"
+            )
+
     def register_parameter(self, name: str, param: Tensor | None) -> None:
         """Register ``param`` (or ``None``, a declared but absent parameter such as a bias)."""
+        self._check_name("parameter", name, self._registries()[0])
         if param is not None and not isinstance(param, Parameter):
             param = Parameter(param)
         object.__setattr__(self, name, param)
@@ -151,6 +163,12 @@ class Module:
 
     def register_buffer(self, name: str, value: Tensor | None) -> None:
         """A tensor that is part of the state (``state_dict``, ``to``) but not learnable."""
+        self._check_name("buffer", name, self._registries()[1])
+        if value is not None and not isinstance(value, Tensor):  # (state_dict would fail on it)
+            raise TypeError(
+                f"{type(self).__name__}: buffer {name!r} must be a Tensor or None, got "
+                f"{type(value).__name__}; wrap it, e.g. gpunet.tensor(value)"
+            )
         object.__setattr__(self, name, value)
         self._buffers[name] = value
 
@@ -162,8 +180,7 @@ class Module:
                 f"{where}child {name} is of type {type(module).__name__!r}, not a Module; wrap "
                 "a function in a Module subclass whose forward calls it"
             )
-        if "." in str(name) or not str(name):  # (a dotted name would break state_dict's keys)
-            raise KeyError(f"{where}a child's name cannot contain '.' or be empty, got {name!r}")
+        self._check_name("child", name, self._registries()[2])
         object.__setattr__(self, name, module)
         self._modules[name] = module
 

@@ -368,3 +368,20 @@ def test_load_state_dict_of_something_not_a_mapping_says_so() -> None:
     model = nn.MLP([2, 3, 1])
     with pytest.raises(TypeError, match=r"MLP\.load_state_dict: expected a mapping .*got list"):
         model.load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_register_refuses_what_would_break_the_module_later() -> None:
+    """register_buffer("q", 3) was accepted and state_dict() then failed on an int;
+    a dotted name made a key no load could tell apart; register_parameter("forward", ...)
+    replaced the method, so the module could no longer be called."""
+    block = Block()
+    with pytest.raises(TypeError, match=r"Block: buffer 'q' must be a Tensor or None, got int"):
+        block.register_buffer("q", 3)  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match=r"Block: a buffer's name cannot contain '\.'"):
+        block.register_buffer("a.b", gpunet.zeros(1))
+    with pytest.raises(KeyError, match=r"Block: a parameter's name cannot contain '\.'"):
+        block.register_parameter("a.b", nn.Parameter(gpunet.zeros(1)))
+    with pytest.raises(KeyError, match=r"Block: 'forward' is already an attribute"):
+        block.register_parameter("forward", nn.Parameter(gpunet.zeros(1)))
+    assert list(block.state_dict()) == ["scale", "fc.weight", "fc.bias"]  # (own ones first)
+    assert block(gpunet.ones(2, 3)).shape == (2, 4)
