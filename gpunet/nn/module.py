@@ -261,6 +261,11 @@ class Module:
         return self.train(False)
 
     def requires_grad_(self, requires_grad: bool = True) -> Module:
+        if not isinstance(requires_grad, (bool, np.bool_)):  # ("no" is truthy)
+            raise ValueError(
+                f"{type(self).__name__}.requires_grad_: requires_grad must be True or False, "
+                f"got {requires_grad!r}"
+            )
         for p in self.parameters():
             p.requires_grad = requires_grad
         return self

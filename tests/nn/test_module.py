@@ -385,3 +385,12 @@ def test_register_refuses_what_would_break_the_module_later() -> None:
         block.register_parameter("forward", nn.Parameter(gpunet.zeros(1)))
     assert list(block.state_dict()) == ["scale", "fc.weight", "fc.bias"]  # (own ones first)
     assert block(gpunet.ones(2, 3)).shape == (2, 4)
+
+
+def test_requires_grad_takes_a_bool() -> None:
+    """requires_grad_("no") left every parameter requiring gradients (the string is truthy)."""
+    model = nn.MLP([2, 3, 1])
+    with pytest.raises(ValueError, match=r"MLP\.requires_grad_: requires_grad must be True or"):
+        model.requires_grad_("no")  # type: ignore[arg-type]
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in model.requires_grad_(False).parameters())
