@@ -291,9 +291,17 @@ class Module:
         made before keeps working): ``to("cuda")``, ``to(gpunet.float64)``. Returns self.
         Only floating tensors change dtype."""
         for spec in specs:
-            if isinstance(spec, (str, Device)):
+            is_device = spec is not None and isinstance(spec, (str, Device))
+            given = device if is_device else dtype
+            if spec is not None and given is not None:  # (one would silently win)
+                show = repr if is_device else lambda v: str(dtypes.as_dtype(v))
+                raise TypeError(
+                    f"{type(self).__name__}.to: two {'devices' if is_device else 'dtypes'} given "
+                    f"({show(spec)} and {show(given)}); give one"
+                )
+            if is_device:
                 device = spec
-            else:
+            elif spec is not None:
                 dtype = spec
         dt = None if dtype is None else dtypes.as_dtype(dtype)
         if dt is not None and not dtypes.is_floating(dt):  # (PyTorch's rule; it was a no-op)

@@ -394,3 +394,13 @@ def test_requires_grad_takes_a_bool() -> None:
         model.requires_grad_("no")  # type: ignore[arg-type]
     assert all(p.requires_grad for p in model.parameters())
     assert not any(p.requires_grad for p in model.requires_grad_(False).parameters())
+
+
+def test_to_with_a_dtype_or_device_given_twice_is_refused() -> None:
+    """to(gpunet.float64, dtype=gpunet.float32) converted to float64: the keyword lost."""
+    model = nn.MLP([2, 3, 1])
+    with pytest.raises(TypeError, match=r"MLP\.to: two dtypes given \(float64 and float32\)"):
+        model.to(gpunet.float64, dtype=gpunet.float32)
+    with pytest.raises(TypeError, match=r"MLP\.to: two devices given \('cpu' and 'cuda'\)"):
+        model.to("cpu", device="cuda")
+    assert all(p.dtype == gpunet.float32 for p in model.parameters())
