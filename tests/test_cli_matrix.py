@@ -122,6 +122,7 @@ def _twin(case: dict[str, Any], data: Path) -> dict[str, Any]:
         err = pred * y_std + y_mean - truth
         figures = {"test_rmse": float(np.sqrt(np.mean(err**2)))}
         figures["test_mae"] = float(np.mean(np.abs(err)))
+        figures["test_r2"] = 1 - float(np.sum(err**2)) / float(np.sum((truth - truth.mean()) ** 2))
     else:
         test_loss, acc = evaluate(model, F.cross_entropy, DataLoader(parts[2], 512))
         figures = {"test_loss": test_loss, "test_accuracy": acc}
@@ -218,6 +219,7 @@ def test_resume_after_a_cut_equals_the_straight_run(
     for key in a["history"].keys() - {"samples_per_second", "warnings"}:
         assert a["history"][key] == b["history"][key], key
     assert b["history"]["warnings"][0] == "interrupted after 2 complete epochs"
+    assert (run / "curves.png").read_bytes() == (straight / "curves.png").read_bytes()
 
 
 @pytest.mark.parametrize("task", [["--task", "regress"], []])
