@@ -117,6 +117,22 @@ class Module:
 
     def __setattr__(self, name: str, value: Any) -> None:
         params, buffers, modules = self._registries()
+        if value is not None and (
+            (name in params and not isinstance(value, Parameter))
+            or (name in modules and not isinstance(value, Module))
+        ):  # (PyTorch's rule: it would leave parameters() and state_dict() without a word)
+            what = "parameter" if name in params else "child"
+            hint = (
+                f"wrap it, nn.Parameter(value), or copy into it under gpunet.no_grad(): "
+                f"{name}[...] = value"
+                if what == "parameter"
+                else "assign a Module or None, or del the child first"
+            )
+            raise TypeError(
+                f"{type(self).__name__}: cannot assign "
+                f"{'a Tensor' if isinstance(value, Tensor) else type(value).__name__} as "
+                f"{what} {name!r}; {hint}"
+            )
         if isinstance(value, Parameter):
             kind: dict | None = params
         elif isinstance(value, Module):

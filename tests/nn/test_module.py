@@ -70,7 +70,8 @@ def test_shared_parameter_appears_once_and_reassignment_replaces() -> None:
     new = nn.Parameter(gpunet.zeros(2, 2))
     a.weight = new
     assert a.weight is new and next(iter(a.parameters())) is new
-    a.weight = gpunet.zeros(2, 2)  # a plain tensor: no longer a parameter
+    del a.weight  # (a plain tensor cannot replace a parameter: it is deleted first)
+    a.weight = gpunet.zeros(2, 2)
     assert [n for n, _ in a.named_parameters()] == ["bias"]
     del a.bias
     assert list(a.parameters()) == []
@@ -404,3 +405,19 @@ def test_to_with_a_dtype_or_device_given_twice_is_refused() -> None:
     with pytest.raises(TypeError, match=r"MLP\.to: two devices given \('cpu' and 'cuda'\)"):
         model.to("cpu", device="cuda")
     assert all(p.dtype == gpunet.float32 for p in model.parameters())
+
+
+def test_assigning_a_plain_value_over_a_parameter_or_child_is_refused() -> None:
+    """layer.weight = gpunet.randn(...) dropped weight from parameters() and state_dict()
+    without a word (an optimizer made after would not train it; a save would lack it);
+    block.fc = 3 dropped the child. PyTorch refuses both with a TypeError."""
+    block = Block()
+    with pytest.raises(TypeError, match=r"Linear: cannot assign a Tensor as parameter 'weight'.*"
+                       r"nn\.Parameter"):  # fmt: skip
+        block.fc.weight = gpunet.ones(3, 4)
+    with pytest.raises(TypeError, match=r"Block: cannot assign int as child 'fc'"):
+        block.fc = 3  # type: ignore[assignment]
+    assert list(block.state_dict()) == ["scale", "fc.weight", "fc.bias"]
+    block.fc.weight = nn.Parameter(gpunet.ones(3, 4))  # (a Parameter replaces it, in place)
+    block.fc.bias = None  # (None declares it absent, as in PyTorch)
+    assert list(block.state_dict()) == ["scale", "fc.weight"]
