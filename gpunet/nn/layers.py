@@ -125,6 +125,11 @@ class Sequential(Module):
         mods = list(self._modules.values())
         if isinstance(index, slice):
             return Sequential(*mods[index])
+        index = operator.index(index)
+        if not -len(mods) <= index < len(mods):  # (not the list's bare "index out of range")
+            raise IndexError(
+                f"{type(self).__name__}: index {index} is out of range for {len(mods)} modules"
+            )
         return mods[index]
 
     def __len__(self) -> int:

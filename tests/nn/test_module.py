@@ -421,3 +421,10 @@ def test_assigning_a_plain_value_over_a_parameter_or_child_is_refused() -> None:
     block.fc.weight = nn.Parameter(gpunet.ones(3, 4))  # (a Parameter replaces it, in place)
     block.fc.bias = None  # (None declares it absent, as in PyTorch)
     assert list(block.state_dict()) == ["scale", "fc.weight"]
+
+
+def test_sequential_index_out_of_range_names_it() -> None:
+    seq = nn.Sequential(nn.ReLU(), nn.Tanh())
+    assert seq[-1] is list(seq)[1] and len(seq[0:1]) == 1
+    with pytest.raises(IndexError, match=r"Sequential: index 2 is out of range for 2 modules"):
+        seq[2]
