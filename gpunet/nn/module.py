@@ -210,13 +210,16 @@ class Module:
         for _, m in self.named_children():
             yield m
 
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
-        """This module and every descendant, depth first, each once."""
+    def named_modules(
+        self, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Module]]:
+        """This module and every descendant, depth first, each once (``remove_duplicate``)
+        or under each of its names."""
         seen: set[int] = set()
         stack = [(prefix, self)]
         while stack:
             name, m = stack.pop()
-            if id(m) in seen:
+            if remove_duplicate and id(m) in seen:
                 continue
             seen.add(id(m))
             yield name, m
@@ -228,14 +231,15 @@ class Module:
             yield m
 
     def named_parameters(
-        self, prefix: str = "", recurse: bool = True
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, Tensor]]:
-        """(dotted name, parameter) in registration order; a shared parameter appears once."""
+        """(dotted name, parameter) in registration order; a shared parameter appears once
+        (``remove_duplicate``) or under each of its names (as ``state_dict`` holds it)."""
         seen: set[int] = set()
-        mods = self.named_modules(prefix) if recurse else iter([(prefix, self)])
+        mods = self.named_modules(prefix, remove_duplicate) if recurse else iter([(prefix, self)])
         for mod_name, m in mods:
             for name, p in m._parameters.items():
-                if p is None or id(p) in seen:
+                if p is None or (remove_duplicate and id(p) in seen):
                     continue
                 seen.add(id(p))
                 yield (f"{mod_name}.{name}" if mod_name else name), p
@@ -244,8 +248,10 @@ class Module:
         for _, p in self.named_parameters(recurse=recurse):
             yield p
 
-    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
-        for mod_name, m in self.named_modules(prefix):
+    def named_buffers(
+        self, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Tensor]]:
+        for mod_name, m in self.named_modules(prefix, remove_duplicate):
             for name, b in m._buffers.items():
                 if b is not None:
                     yield (f"{mod_name}.{name}" if mod_name else name), b
@@ -346,9 +352,10 @@ class Module:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Tensor]:
-        """Every parameter and buffer by dotted name, detached (sharing memory)."""
-        out = {name: p.detach() for name, p in self.named_parameters()}
-        out.update((name, b.detach()) for name, b in self.named_buffers())
+        """Every parameter and buffer by dotted name, detached (sharing memory); a shared
+        one under each of its names, as PyTorch's."""
+        out = {name: p.detach() for name, p in self.named_parameters(remove_duplicate=False)}
+        out.update((name, b.detach()) for name, b in self.named_buffers(remove_duplicate=False))
         return out
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> _IncompatibleKeys:
@@ -361,8 +368,8 @@ class Module:
                 f"{type(self).__name__}.load_state_dict: expected a mapping of names to "
                 f"tensors (a state_dict()), got {type(state).__name__}"
             )
-        own = dict(self.named_parameters())
-        own.update(self.named_buffers())
+        own = dict(self.named_parameters(remove_duplicate=False))  # (state_dict's names)
+        own.update(self.named_buffers(remove_duplicate=False))
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         values = {}

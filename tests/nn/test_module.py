@@ -428,3 +428,18 @@ def test_sequential_index_out_of_range_names_it() -> None:
     assert seq[-1] is list(seq)[1] and len(seq[0:1]) == 1
     with pytest.raises(IndexError, match=r"Sequential: index 2 is out of range for 2 modules"):
         seq[2]
+
+
+def test_state_dict_of_a_shared_layer_holds_every_name_as_pytorchs_does() -> None:
+    """Sequential(a, ReLU(), a): PyTorch's state_dict holds 0.* and 2.* (parameters() each
+    once); gpunet's held 0.* alone, so PyTorch's dict for the same model was refused as
+    having unexpected keys 2.weight and 2.bias."""
+    a = nn.Linear(2, 2)
+    seq = nn.Sequential(a, nn.ReLU(), a)
+    assert list(seq.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert [n for n, _ in seq.named_parameters()] == ["0.weight", "0.bias"]
+    state = {k: np.full(v.shape, 3.0) for k, v in seq.state_dict().items()}
+    assert seq.load_state_dict(state) == ([], [])
+    np.testing.assert_array_equal(a.weight.numpy(), np.full((2, 2), 3.0))
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: '2\.weight'"):
+        seq.load_state_dict({k: v for k, v in state.items() if k != "2.weight"})
