@@ -340,9 +340,9 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _precision(name: str, device: Any) -> tuple[dict[str, Any], str]:
-    """fit's ``autocast`` and ``scaler`` for ``--precision``, TF32 set, and a line saying
-    what the CPU does with it (it computes in float32 whatever the precision), or ''."""
-    backends.allow_tf32 = name == "tf32"
+    """fit's ``autocast`` and ``scaler`` for ``--precision`` (TF32: set by ``_fit``), and a
+    line saying what the CPU does with it (it computes in float32 whatever the precision),
+    or ''."""
     low = {"bf16": dtypes.bfloat16, "fp16": dtypes.float16}.get(name)
     note = ""
     if name != "fp32" and device.type == "cpu":
@@ -404,7 +404,6 @@ def train(args: argparse.Namespace) -> int:
     val = DataLoader(val_set, 512, device=device, pad=False, **shard)
     test = DataLoader(test_set, 512, device=device)
     saved, meta = _run_record(args)
-    tf32 = backends.allow_tf32  # (restored after the run: the setting does not outlive it)
     precision, note = _precision(getattr(args, "precision", "fp32"), device)
     checkpoints = _Checkpoints(run, model, optimizer, loader, meta, comm, precision["scaler"])
     history, best = checkpoints.restore() if args.resume else (History(), None)
@@ -420,22 +419,8 @@ def train(args: argparse.Namespace) -> int:
         if note:
             print(note)
     checkpoints.start = time.perf_counter()
-    history = fit(
-        model,
-        _loss_fn(args, prep.task),
-        optimizer,
-        loader,
-        val,
-        epochs=args.epochs,
-        early_stopping=args.patience,
-        progress=not args.no_progress,
-        on_epoch_end=checkpoints,
-        history=history,
-        best_state=best,
-        capture=not getattr(args, "no_capture", False),
-        **precision,
-    )
-    backends.allow_tf32 = tf32
+    fitting = (model, optimizer, loader, val, checkpoints, history, best)
+    history = _fit(args, prep.task, precision, *fitting)
     seconds = checkpoints.seconds()
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
     meta["dropout"] = args.dropout  # (its Dropout layers shift the Linear layers' names)
@@ -451,6 +436,42 @@ def train(args: argparse.Namespace) -> int:
             run, model, history, prep, test, test_set, meta, seconds, source, device, saved, ranks
         )
     return INTERRUPTED if cut.pending else code
+
+
+def _fit(
+    args: argparse.Namespace,
+    task: str,
+    precision: dict[str, Any],
+    model: Any,
+    optimizer: Any,
+    loader: DataLoader,
+    val: DataLoader,
+    checkpoints: _Checkpoints,
+    history: History,
+    best: dict[str, Any] | None,
+) -> History:
+    """fit with the run's options, TF32 on for it alone under --precision tf32: restored
+    however it ends, an error included (it was left on in the calling process)."""
+    tf32 = backends.allow_tf32
+    backends.allow_tf32 = getattr(args, "precision", "fp32") == "tf32"
+    try:
+        return fit(
+            model,
+            _loss_fn(args, task),
+            optimizer,
+            loader,
+            val,
+            epochs=args.epochs,
+            early_stopping=args.patience,
+            progress=not args.no_progress,
+            on_epoch_end=checkpoints,
+            history=history,
+            best_state=best,
+            capture=not getattr(args, "no_capture", False),
+            **precision,
+        )
+    finally:
+        backends.allow_tf32 = tf32
 
 
 def _run_record(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:

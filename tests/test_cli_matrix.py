@@ -233,3 +233,23 @@ def test_label_smoothing_given_for_a_regression_is_refused(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--label-smoothing is for classification" in err, err
     assert not (tmp_path / "runs").exists()  # (refused before the run folder is made)
+
+
+def test_a_failed_tf32_run_leaves_tf32_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """A run that ended in an error inside fit (here a DataError) left backends.allow_tf32
+    on in the calling process: every later CUDA GEMM in it ran in TF32."""
+    import gpunet.job
+    from gpunet import backends
+    from gpunet.data import DataError
+
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise DataError("a batch it cannot use")
+
+    monkeypatch.setattr(gpunet.job, "fit", fails)
+    data = _data(tmp_path, "csv-classify")
+    args = ["train", "--data", str(data), "--precision", "tf32", "--out", str(tmp_path)]
+    assert backends.allow_tf32 is False
+    assert main([*args, "--device", "cpu", "--no-progress"]) == 2
+    assert backends.allow_tf32 is False
