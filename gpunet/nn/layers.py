@@ -292,6 +292,22 @@ _ACTIVATION_NAMES = {cls: name for name, cls in ACTIVATIONS.items()}
 _PARAMETER = {"leaky_relu": "negative_slope", "elu": "alpha", "softplus": "beta"}  # the kernel's a
 
 
+def _activation_layer(make: Callable[[], Module]) -> Module:
+    """``make()``, which must be a Module: an instance (nn.GELU()) or a function (gpunet.relu)
+    given as MLP's activation failed in its own call, naming no MLP."""
+    what = f"MLP: activation must be a name ({', '.join(sorted(ACTIVATIONS))}) or a callable "
+    what += f"returning a Module (a class such as nn.GELU), not {make!r}"
+    if isinstance(make, Module):
+        raise TypeError(f"{what}: pass its class, or a function making one (lambda: {make!r})")
+    try:
+        layer = make()
+    except TypeError as e:
+        raise TypeError(f"{what}: calling it with no arguments failed ({e})") from e
+    if not isinstance(layer, Module):
+        raise TypeError(f"{what}: it returned {type(layer).__name__}")
+    return layer
+
+
 class MLP(Sequential):
     """Linear layers of the given ``sizes`` (input, hidden..., output); after every hidden
     Linear: [LayerNorm], activation, [Dropout]. The last Linear has nothing after it.
@@ -330,7 +346,7 @@ class MLP(Sequential):
                 break
             if norm == "layernorm":
                 layers.append(LayerNorm(n_out, device=device, dtype=dtype))
-            layers.append(activation())
+            layers.append(_activation_layer(activation))
             if dropout > 0.0:
                 layers.append(Dropout(dropout))
         super().__init__(*layers)

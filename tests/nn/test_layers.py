@@ -247,3 +247,13 @@ def test_layer_sizes_that_are_not_counts_are_refused_naming_the_layer(make, word
     not allowed', naming no layer."""
     with pytest.raises((TypeError, ValueError), match=words):
         make()
+
+
+@pytest.mark.parametrize("activation", [nn.GELU(), gpunet.relu])
+def test_mlp_activation_that_makes_no_module_is_named(activation) -> None:  # type: ignore[no-untyped-def]
+    """An instance (nn.GELU()) failed with "GELU.forward() missing 1 required positional
+    argument", a function (gpunet.relu) with "relu() missing ... 'x'", naming no MLP."""
+    with pytest.raises(
+        TypeError, match=r"MLP: activation must be a name .* or a callable returning a Module"
+    ):
+        nn.MLP([2, 3, 1], activation=activation)
