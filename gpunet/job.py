@@ -26,7 +26,7 @@ from . import __version__, amp, backends, distributed, dtypes, nn, optim
 from .backend import default_device, probe_cuda
 from .backend import device as find_device
 from .checkpoint import load, rank_rng_state, save, write_atomically
-from .cli import UsageError
+from .cli import UsageError, _given
 from .creation import zeros
 from .data import DIGITS_SCALE, DataError, DataLoader, Dataset, infer_task, load_digits, split
 from .distributed.comm import default_timeout
@@ -71,9 +71,18 @@ def check_inputs(args: argparse.Namespace) -> None:
         args = resume_args(args)
     else:
         check_out(args.out)
-        prepare(load_data(args)[0], args.task, args.seed)
+        check_task_options(args, prepare(load_data(args)[0], args.task, args.seed)[0].task)
     if (args.device or "").startswith("cuda") and not (found := probe_cuda()).available:
         raise UsageError(f"--device {args.device}: no usable CUDA device ({found.reason})")
+
+
+def check_task_options(args: argparse.Namespace, task: str) -> None:
+    """An option only classification reads, given for a regression: refused, not ignored."""
+    if task == "regress" and getattr(args, "argv", None) and "label_smoothing" in _given(args):
+        why = "--task regress" if args.task else "its target has many fractional values"
+        raise UsageError(
+            f"--label-smoothing is for classification; this run regresses ({why}): leave it out"
+        )
 
 
 def data_path(args: argparse.Namespace) -> Path | None:
@@ -123,9 +132,10 @@ def prepare(
         raise DataError(f"every target is {data.classes[0]}: one class, nothing to classify")
     mean, std = parts[0].x.mean(axis=0), parts[0].x.std(axis=0)
     std[std < 1e-6] = 1.0  # a constant training feature is centred, not blown up
+    dtype = str(np.result_type(parts[0].x.dtype, mean.dtype))  # (saved: predict computes in it)
     for part in parts:  # standardize with the training statistics
         part.x = ((part.x - mean) / std).astype(np.float32)
-    prep = Preprocess(task, (mean * unit).tolist(), (std * unit).tolist(), None)
+    prep = Preprocess(task, (mean * unit).tolist(), (std * unit).tolist(), None, dtype=dtype)
     prep.features, prep.target = data.features, data.target
     if task == "classify":
         prep.classes = np.asarray(data.classes).tolist()
@@ -330,9 +340,9 @@ def resume_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _precision(name: str, device: Any) -> tuple[dict[str, Any], str]:
-    """fit's ``autocast`` and ``scaler`` for ``--precision``, TF32 set, and a line saying
-    what the CPU does with it (it computes in float32 whatever the precision), or ''."""
-    backends.allow_tf32 = name == "tf32"
+    """fit's ``autocast`` and ``scaler`` for ``--precision`` (TF32: set by ``_fit``), and a
+    line saying what the CPU does with it (it computes in float32 whatever the precision),
+    or ''."""
     low = {"bf16": dtypes.bfloat16, "fp16": dtypes.float16}.get(name)
     note = ""
     if name != "fp32" and device.type == "cpu":
@@ -379,6 +389,7 @@ def train(args: argparse.Namespace) -> int:
     data, source = load_data(args)
     unit = DIGITS_SCALE if args.data is None else 1.0
     prep, (train_set, val_set, test_set) = prepare(data, args.task, args.seed, unit)
+    check_task_options(args, prep.task)
     device = resolve_device(_rank_device(args.device, comm))
     out = len(prep.classes) if prep.classes is not None else 1
     sizes = [train_set.x.shape[1], *args.hidden, out]
@@ -393,7 +404,6 @@ def train(args: argparse.Namespace) -> int:
     val = DataLoader(val_set, 512, device=device, pad=False, **shard)
     test = DataLoader(test_set, 512, device=device)
     saved, meta = _run_record(args)
-    tf32 = backends.allow_tf32  # (restored after the run: the setting does not outlive it)
     precision, note = _precision(getattr(args, "precision", "fp32"), device)
     checkpoints = _Checkpoints(run, model, optimizer, loader, meta, comm, precision["scaler"])
     history, best = checkpoints.restore() if args.resume else (History(), None)
@@ -409,22 +419,8 @@ def train(args: argparse.Namespace) -> int:
         if note:
             print(note)
     checkpoints.start = time.perf_counter()
-    history = fit(
-        model,
-        _loss_fn(args, prep.task),
-        optimizer,
-        loader,
-        val,
-        epochs=args.epochs,
-        early_stopping=args.patience,
-        progress=not args.no_progress,
-        on_epoch_end=checkpoints,
-        history=history,
-        best_state=best,
-        capture=not getattr(args, "no_capture", False),
-        **precision,
-    )
-    backends.allow_tf32 = tf32
+    fitting = (model, optimizer, loader, val, checkpoints, history, best)
+    history = _fit(args, prep.task, precision, *fitting)
     seconds = checkpoints.seconds()
     meta = {"sizes": sizes, "activation": args.activation, "preprocess": prep.as_meta()}
     meta["dropout"] = args.dropout  # (its Dropout layers shift the Linear layers' names)
@@ -440,6 +436,42 @@ def train(args: argparse.Namespace) -> int:
             run, model, history, prep, test, test_set, meta, seconds, source, device, saved, ranks
         )
     return INTERRUPTED if cut.pending else code
+
+
+def _fit(
+    args: argparse.Namespace,
+    task: str,
+    precision: dict[str, Any],
+    model: Any,
+    optimizer: Any,
+    loader: DataLoader,
+    val: DataLoader,
+    checkpoints: _Checkpoints,
+    history: History,
+    best: dict[str, Any] | None,
+) -> History:
+    """fit with the run's options, TF32 on for it alone under --precision tf32: restored
+    however it ends, an error included (it was left on in the calling process)."""
+    tf32 = backends.allow_tf32
+    backends.allow_tf32 = getattr(args, "precision", "fp32") == "tf32"
+    try:
+        return fit(
+            model,
+            _loss_fn(args, task),
+            optimizer,
+            loader,
+            val,
+            epochs=args.epochs,
+            early_stopping=args.patience,
+            progress=not args.no_progress,
+            on_epoch_end=checkpoints,
+            history=history,
+            best_state=best,
+            capture=not getattr(args, "no_capture", False),
+            **precision,
+        )
+    finally:
+        backends.allow_tf32 = tf32
 
 
 def _run_record(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:

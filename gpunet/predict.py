@@ -34,6 +34,7 @@ class Preprocess:
     target_std: float | None = None
     features: list[str] | None = None  # the CSV header's feature names, if it had one
     target: str | None = None  # the target column's name (or index)
+    dtype: str | None = None  # what training standardized in (None: a run before it was kept)
 
     def as_meta(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,8 +44,12 @@ class Preprocess:
         return cls(**meta)
 
     def standardize(self, x: np.ndarray) -> np.ndarray:
-        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
-        return ((x - mean) / std).astype(np.float32)
+        """(x - mean) / std in the dtype training computed it in (``job.prepare``: float32
+        for a CSV or the digits, float64 for a .npz of float64 or integers), so the rows
+        training saw get the same inputs, bit for bit."""
+        dt = np.dtype(self.dtype or np.float32)
+        mean, std = np.asarray(self.mean, dt), np.asarray(self.std, dt)
+        return ((x.astype(dt) - mean) / std).astype(np.float32)
 
     def decode(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Model outputs -> (predictions in the user's terms, class probabilities or None)."""
@@ -118,7 +123,7 @@ def read_features(path: str | Path, prep: Preprocess) -> tuple[np.ndarray, np.nd
     if x.shape[1] != n:
         raise DataError(f"{path}: {x.shape[1]} feature columns, but the model takes {n}")
     check_finite(x.astype(np.float32), source=str(path))
-    return x.astype(np.float32), y
+    return x, y  # (as read, as training read it: a .npz's float64 is not rounded first)
 
 
 def _csv_features(path: Path, prep: Preprocess, n: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -10,6 +10,7 @@ forward pass is one GEMM ``x @ W``. Fans are computed for that layout: for a wei
 from __future__ import annotations
 
 import math
+import warnings
 
 from .. import ops
 from ..autodiff import no_grad
@@ -103,6 +104,15 @@ def xavier_normal_(tensor: Tensor, gain: float = 1.0, generator: Generator | Non
     return normal_(tensor, 0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)), generator)
 
 
+def _zero_element(tensor: Tensor) -> bool:
+    """True, with PyTorch's warning, for a tensor with no elements: its fan may be 0 (a
+    Linear(0, n)), and there is nothing to initialize."""
+    if 0 not in tensor.shape:
+        return False
+    warnings.warn("Initializing zero-element tensors is a no-op", UserWarning, stacklevel=3)
+    return True
+
+
 def kaiming_uniform_(
     tensor: Tensor,
     a: float = 0.0,
@@ -111,6 +121,8 @@ def kaiming_uniform_(
     generator: Generator | None = None,
 ) -> Tensor:
     """U(-b, b) with b = gain sqrt(3 / fan) (He et al., 2015); ``a`` is the leaky_relu slope."""
+    if _zero_element(tensor):
+        return tensor
     bound = calculate_gain(nonlinearity, a) * math.sqrt(3.0 / _fan(tensor, mode))
     return uniform_(tensor, -bound, bound, generator)
 
@@ -123,6 +135,8 @@ def kaiming_normal_(
     generator: Generator | None = None,
 ) -> Tensor:
     """N(0, std^2) with std = gain / sqrt(fan)."""
+    if _zero_element(tensor):
+        return tensor
     std = calculate_gain(nonlinearity, a) / math.sqrt(_fan(tensor, mode))
     return normal_(tensor, 0.0, std, generator)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from .. import dtypes
@@ -26,6 +27,19 @@ def _empty(shape: tuple[int, ...], dtype: Any, device: str | Device | None) -> T
     backend = get_backend(default_device() if device is None else device)
     dt = dtypes.DEFAULT_FLOAT if dtype is None else dtypes.as_dtype(dtype)
     return Tensor._wrap(backend.zeros(shape, dt), backend)
+
+
+def _sizes(values: Any, error: str) -> list[int]:
+    """``values`` (one or an iterable) as sizes, integers >= 0: 2.5 is refused, not
+    truncated to 2, and -1 is named by its layer rather than by NumPy."""
+    items = list(values) if isinstance(values, Iterable) else [values]
+    try:
+        sizes = [operator.index(v) for v in items]
+    except TypeError:
+        sizes = [-1]
+    if min(sizes, default=0) < 0:
+        raise ValueError(f"{error} >= 0, got {values}")
+    return sizes
 
 
 class Linear(Module):
@@ -45,7 +59,8 @@ class Linear(Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        (self.in_features,) = _sizes(in_features, "Linear: in_features must be an integer")
+        (self.out_features,) = _sizes(out_features, "Linear: out_features must be an integer")
         self.weight = Parameter(_empty((self.in_features, self.out_features), dtype, device))
         if bias:
             self.bias = Parameter(_empty((self.out_features,), dtype, device))
@@ -110,6 +125,11 @@ class Sequential(Module):
         mods = list(self._modules.values())
         if isinstance(index, slice):
             return Sequential(*mods[index])
+        index = operator.index(index)
+        if not -len(mods) <= index < len(mods):  # (not the list's bare "index out of range")
+            raise IndexError(
+                f"{type(self).__name__}: index {index} is out of range for {len(mods)} modules"
+            )
         return mods[index]
 
     def __len__(self) -> int:
@@ -150,8 +170,8 @@ class LayerNorm(Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-        self.normalized_shape = tuple(int(n) for n in shape)
+        error = "LayerNorm: normalized_shape must be integers"
+        self.normalized_shape = tuple(_sizes(normalized_shape, error))
         self.eps = float(eps)
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
@@ -272,6 +292,22 @@ _ACTIVATION_NAMES = {cls: name for name, cls in ACTIVATIONS.items()}
 _PARAMETER = {"leaky_relu": "negative_slope", "elu": "alpha", "softplus": "beta"}  # the kernel's a
 
 
+def _activation_layer(make: Callable[[], Module]) -> Module:
+    """``make()``, which must be a Module: an instance (nn.GELU()) or a function (gpunet.relu)
+    given as MLP's activation failed in its own call, naming no MLP."""
+    what = f"MLP: activation must be a name ({', '.join(sorted(ACTIVATIONS))}) or a callable "
+    what += f"returning a Module (a class such as nn.GELU), not {make!r}"
+    if isinstance(make, Module):
+        raise TypeError(f"{what}: pass its class, or a function making one (lambda: {make!r})")
+    try:
+        layer = make()
+    except TypeError as e:
+        raise TypeError(f"{what}: calling it with no arguments failed ({e})") from e
+    if not isinstance(layer, Module):
+        raise TypeError(f"{what}: it returned {type(layer).__name__}")
+    return layer
+
+
 class MLP(Sequential):
     """Linear layers of the given ``sizes`` (input, hidden..., output); after every hidden
     Linear: [LayerNorm], activation, [Dropout]. The last Linear has nothing after it.
@@ -290,7 +326,7 @@ class MLP(Sequential):
         device: str | Device | None = None,
         dtype: Any = None,
     ) -> None:
-        sizes = [int(n) for n in sizes]
+        sizes = _sizes(sizes, "MLP: sizes must be integers")
         if len(sizes) < 2:
             raise ValueError(f"MLP: sizes needs an input and an output size, got {sizes}")
         if isinstance(activation, str):
@@ -299,6 +335,8 @@ class MLP(Sequential):
                     f"MLP: unknown activation {activation!r}; one of {sorted(ACTIVATIONS)}"
                 )
             activation = ACTIVATIONS[activation]
+        if not 0.0 <= dropout <= 1.0:  # (Dropout's range; a negative or NaN rate was ignored)
+            raise ValueError(f"MLP: dropout must be in [0, 1], got {dropout}")
         if norm not in (None, "layernorm"):
             raise ValueError(f"MLP: norm must be None or 'layernorm', got {norm!r}")
         layers: list[Module] = []
@@ -308,7 +346,7 @@ class MLP(Sequential):
                 break
             if norm == "layernorm":
                 layers.append(LayerNorm(n_out, device=device, dtype=dtype))
-            layers.append(activation())
+            layers.append(_activation_layer(activation))
             if dropout > 0.0:
                 layers.append(Dropout(dropout))
         super().__init__(*layers)

@@ -117,6 +117,22 @@ class Module:
 
     def __setattr__(self, name: str, value: Any) -> None:
         params, buffers, modules = self._registries()
+        if value is not None and (
+            (name in params and not isinstance(value, Parameter))
+            or (name in modules and not isinstance(value, Module))
+        ):  # (PyTorch's rule: it would leave parameters() and state_dict() without a word)
+            what = "parameter" if name in params else "child"
+            hint = (
+                f"wrap it, nn.Parameter(value), or copy into it under gpunet.no_grad(): "
+                f"{name}[...] = value"
+                if what == "parameter"
+                else "assign a Module or None, or del the child first"
+            )
+            raise TypeError(
+                f"{type(self).__name__}: cannot assign "
+                f"{'a Tensor' if isinstance(value, Tensor) else type(value).__name__} as "
+                f"{what} {name!r}; {hint}"
+            )
         if isinstance(value, Parameter):
             kind: dict | None = params
         elif isinstance(value, Module):
@@ -139,8 +155,20 @@ class Module:
             registry.pop(name, None)
         object.__delattr__(self, name)
 
+    def _check_name(self, kind: str, name: str, registry: dict) -> None:
+        """A name that would break the module later is refused now (PyTorch's rules): a
+        dotted one (state_dict's keys are dotted paths) or one taken by another attribute."""
+        where = type(self).__name__
+        if not isinstance(name, str) or "." in name or not name:
+            raise KeyError(f"{where}: a {kind}'s name cannot contain '.' or be empty, got {name!r}")
+        if name not in registry and hasattr(self, name):
+            raise KeyError(
+                f"{where}: {name!r} is already an attribute; give the {kind} another name"
+            )
+
     def register_parameter(self, name: str, param: Tensor | None) -> None:
         """Register ``param`` (or ``None``, a declared but absent parameter such as a bias)."""
+        self._check_name("parameter", name, self._registries()[0])
         if param is not None and not isinstance(param, Parameter):
             param = Parameter(param)
         object.__setattr__(self, name, param)
@@ -151,10 +179,24 @@ class Module:
 
     def register_buffer(self, name: str, value: Tensor | None) -> None:
         """A tensor that is part of the state (``state_dict``, ``to``) but not learnable."""
+        self._check_name("buffer", name, self._registries()[1])
+        if value is not None and not isinstance(value, Tensor):  # (state_dict would fail on it)
+            raise TypeError(
+                f"{type(self).__name__}: buffer {name!r} must be a Tensor or None, got "
+                f"{type(value).__name__}; wrap it, e.g. gpunet.tensor(value)"
+            )
         object.__setattr__(self, name, value)
         self._buffers[name] = value
 
     def add_module(self, name: str, module: Module | None) -> None:
+        """Register ``module`` (or ``None``, a declared but absent child) as child ``name``."""
+        where = f"{type(self).__name__}: "
+        if module is not None and not isinstance(module, Module):  # (else it fails in forward)
+            raise TypeError(
+                f"{where}child {name} is of type {type(module).__name__!r}, not a Module; wrap "
+                "a function in a Module subclass whose forward calls it"
+            )
+        self._check_name("child", name, self._registries()[2])
         object.__setattr__(self, name, module)
         self._modules[name] = module
 
@@ -168,13 +210,16 @@ class Module:
         for _, m in self.named_children():
             yield m
 
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
-        """This module and every descendant, depth first, each once."""
+    def named_modules(
+        self, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Module]]:
+        """This module and every descendant, depth first, each once (``remove_duplicate``)
+        or under each of its names."""
         seen: set[int] = set()
         stack = [(prefix, self)]
         while stack:
             name, m = stack.pop()
-            if id(m) in seen:
+            if remove_duplicate and id(m) in seen:
                 continue
             seen.add(id(m))
             yield name, m
@@ -186,14 +231,15 @@ class Module:
             yield m
 
     def named_parameters(
-        self, prefix: str = "", recurse: bool = True
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, Tensor]]:
-        """(dotted name, parameter) in registration order; a shared parameter appears once."""
+        """(dotted name, parameter) in registration order; a shared parameter appears once
+        (``remove_duplicate``) or under each of its names (as ``state_dict`` holds it)."""
         seen: set[int] = set()
-        mods = self.named_modules(prefix) if recurse else iter([(prefix, self)])
+        mods = self.named_modules(prefix, remove_duplicate) if recurse else iter([(prefix, self)])
         for mod_name, m in mods:
             for name, p in m._parameters.items():
-                if p is None or id(p) in seen:
+                if p is None or (remove_duplicate and id(p) in seen):
                     continue
                 seen.add(id(p))
                 yield (f"{mod_name}.{name}" if mod_name else name), p
@@ -202,8 +248,10 @@ class Module:
         for _, p in self.named_parameters(recurse=recurse):
             yield p
 
-    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
-        for mod_name, m in self.named_modules(prefix):
+    def named_buffers(
+        self, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Tensor]]:
+        for mod_name, m in self.named_modules(prefix, remove_duplicate):
             for name, b in m._buffers.items():
                 if b is not None:
                     yield (f"{mod_name}.{name}" if mod_name else name), b
@@ -223,6 +271,10 @@ class Module:
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Module:
         """Training mode (Dropout drops) or, with ``mode=False``, evaluation mode."""
+        if not isinstance(mode, (bool, np.bool_)):  # ("False" is truthy: PyTorch refuses it)
+            raise ValueError(
+                f"{type(self).__name__}.train: mode must be True or False, got {mode!r}"
+            )
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
         return self
@@ -231,6 +283,11 @@ class Module:
         return self.train(False)
 
     def requires_grad_(self, requires_grad: bool = True) -> Module:
+        if not isinstance(requires_grad, (bool, np.bool_)):  # ("no" is truthy)
+            raise ValueError(
+                f"{type(self).__name__}.requires_grad_: requires_grad must be True or False, "
+                f"got {requires_grad!r}"
+            )
         for p in self.parameters():
             p.requires_grad = requires_grad
         return self
@@ -256,11 +313,24 @@ class Module:
         made before keeps working): ``to("cuda")``, ``to(gpunet.float64)``. Returns self.
         Only floating tensors change dtype."""
         for spec in specs:
-            if isinstance(spec, (str, Device)):
+            is_device = spec is not None and isinstance(spec, (str, Device))
+            given = device if is_device else dtype
+            if spec is not None and given is not None:  # (one would silently win)
+                show = repr if is_device else lambda v: str(dtypes.as_dtype(v))
+                raise TypeError(
+                    f"{type(self).__name__}.to: two {'devices' if is_device else 'dtypes'} given "
+                    f"({show(spec)} and {show(given)}); give one"
+                )
+            if is_device:
                 device = spec
-            else:
+            elif spec is not None:
                 dtype = spec
         dt = None if dtype is None else dtypes.as_dtype(dtype)
+        if dt is not None and not dtypes.is_floating(dt):  # (PyTorch's rule; it was a no-op)
+            raise TypeError(
+                f"{type(self).__name__}.to: parameters are floating point, so the dtype must be "
+                f"too (float32, float64, bfloat16, float16), got {dt}"
+            )
         backend = None if device is None else get_backend(device)
         for t in [*self.parameters(), *self.buffers()]:
             _move_(t, dt, backend)
@@ -282,9 +352,10 @@ class Module:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Tensor]:
-        """Every parameter and buffer by dotted name, detached (sharing memory)."""
-        out = {name: p.detach() for name, p in self.named_parameters()}
-        out.update((name, b.detach()) for name, b in self.named_buffers())
+        """Every parameter and buffer by dotted name, detached (sharing memory); a shared
+        one under each of its names, as PyTorch's."""
+        out = {name: p.detach() for name, p in self.named_parameters(remove_duplicate=False)}
+        out.update((name, b.detach()) for name, b in self.named_buffers(remove_duplicate=False))
         return out
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> _IncompatibleKeys:
@@ -292,8 +363,13 @@ class Module:
         and device). Every problem is found first and reported together, and nothing changes
         when there is one: missing or unexpected keys (with ``strict``), shape mismatches
         (always)."""
-        own = dict(self.named_parameters())
-        own.update(self.named_buffers())
+        if not isinstance(state, Mapping):  # (else its items read as unexpected keys)
+            raise TypeError(
+                f"{type(self).__name__}.load_state_dict: expected a mapping of names to "
+                f"tensors (a state_dict()), got {type(state).__name__}"
+            )
+        own = dict(self.named_parameters(remove_duplicate=False))  # (state_dict's names)
+        own.update(self.named_buffers(remove_duplicate=False))
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         values = {}
@@ -311,6 +387,16 @@ class Module:
                     f"size mismatch for {k}: copying a value of shape {tuple(v.shape)}, "
                     f"the parameter in the current model has shape {t.shape}"
                 )
+            elif type(v) is not t._backend.array_type or v.dtype != t.dtype:
+                # converted now (NumPy, CuPy via .get(), torch, ...): a value that cannot be
+                # must fail before any is written
+                own_type = type(v) is t._backend.array_type
+                host = v if own_type else np.asarray(v.get() if hasattr(v, "get") else v)
+                try:
+                    v = t._backend.asarray(host, t.dtype)
+                except (TypeError, ValueError) as e:
+                    what = getattr(v, "dtype", type(v).__name__)
+                    problems.append(f"cannot convert {k} ({what}) to {t.dtype}: {e}")
             values[k] = v
         if strict:
             if unexpected:
@@ -326,8 +412,6 @@ class Module:
             )
         for k, v in values.items():
             t = own[k]
-            if type(v) is not t._backend.array_type:  # NumPy, CuPy (.get()), torch, ...
-                v = t._backend.asarray(np.asarray(v.get() if hasattr(v, "get") else v), t.dtype)
             t.data[...] = v  # in place: views of the data (an optimizer's flat buffer) see it
             bump_version(t)  # (written: autocast's low-precision copy of it is stale)
         return _IncompatibleKeys(missing, unexpected)

@@ -213,3 +213,47 @@ def test_a_users_sequential_fuses_too_and_leaves_other_inputs_alone() -> None:
     assert out._node.parents[0].parents[0].params["activation"] == "tanh"
     x3 = gpunet.randn(2, 5, 4)  # 3-d input: the modules one by one
     assert seq(x3).shape == (2, 5, 2)
+
+
+@pytest.mark.parametrize("rate", [-0.1, float("nan"), 1.5])
+def test_mlp_refuses_a_dropout_rate_outside_0_to_1(rate: float) -> None:
+    """-0.1 and NaN built an MLP with no Dropout at all (the rate silently ignored)."""
+    with pytest.raises(ValueError, match=r"MLP: dropout must be in \[0, 1\], got"):
+        nn.MLP([2, 3, 1], dropout=rate)
+
+
+def test_a_linear_with_no_inputs_is_made_as_in_pytorch() -> None:
+    """Linear(0, 3) raised ZeroDivisionError from kaiming_uniform_ (fan_in 0); PyTorch makes
+    it (its init of a zero-element tensor warns and does nothing): x @ W + b is then b."""
+    with pytest.warns(UserWarning, match="zero-element"):
+        layer = nn.Linear(0, 3)
+    np.testing.assert_array_equal(layer(gpunet.zeros(2, 0)).numpy(), np.zeros((2, 3)))
+    with pytest.warns(UserWarning, match="zero-element"):
+        nn.init.kaiming_normal_(nn.Linear(3, 0).weight, mode="fan_out")
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: nn.Linear(2.5, 3), r"Linear: in_features must be an integer >= 0, got 2\.5"),
+        (lambda: nn.Linear(2, -1), r"Linear: out_features must be an integer >= 0, got -1"),
+        (lambda: nn.MLP([2, 2.5, 1]), r"MLP: sizes must be integers >= 0, got \[2, 2\.5, 1\]"),
+        (lambda: nn.LayerNorm(-3), r"LayerNorm: normalized_shape must be integers >= 0, got -3"),
+        (lambda: nn.LayerNorm(2.5), r"LayerNorm: normalized_shape must be integers >= 0"),
+    ],
+)
+def test_layer_sizes_that_are_not_counts_are_refused_naming_the_layer(make, words) -> None:  # type: ignore[no-untyped-def]
+    """2.5 was truncated to 2 without a word; -1 raised NumPy's 'negative dimensions are
+    not allowed', naming no layer."""
+    with pytest.raises((TypeError, ValueError), match=words):
+        make()
+
+
+@pytest.mark.parametrize("activation", [nn.GELU(), gpunet.relu])
+def test_mlp_activation_that_makes_no_module_is_named(activation) -> None:  # type: ignore[no-untyped-def]
+    """An instance (nn.GELU()) failed with "GELU.forward() missing 1 required positional
+    argument", a function (gpunet.relu) with "relu() missing ... 'x'", naming no MLP."""
+    with pytest.raises(
+        TypeError, match=r"MLP: activation must be a name .* or a callable returning a Module"
+    ):
+        nn.MLP([2, 3, 1], activation=activation)

@@ -246,3 +246,16 @@ def test_indexing_on_a_gpu_raises_an_index_out_of_range_at_the_next_host_read() 
     with pytest.raises(IndexError, match=r"gpunet.take: index -5 at position 1 .*cuda:0"):
         picked.numpy()
     np.testing.assert_array_equal(x[gpunet.tensor([-1, 0], device="cuda")].numpy(), [3.0, 1.0])
+
+
+def test_bce_weights_are_buffers_as_in_pytorch() -> None:
+    """weight and pos_weight were plain attributes: .to() left them behind (a loss moved to
+    the GPU kept CPU weights, or stayed float32 under .to(float64)) and state_dict lacked them."""
+    loss = nn.BCEWithLogitsLoss(weight=gpunet.ones(2), pos_weight=gpunet.full((2,), 3.0))
+    assert list(loss.state_dict()) == ["weight", "pos_weight"]
+    loss.to(gpunet.float64)
+    assert loss.weight.dtype == loss.pos_weight.dtype == gpunet.float64
+    z = gpunet.zeros(4, 2, dtype=gpunet.float64)
+    assert loss(z, gpunet.ones(4, 2, dtype=gpunet.float64)).dtype == gpunet.float64
+    bce = nn.BCELoss(weight=gpunet.ones(2))
+    assert list(bce.state_dict()) == ["weight"] and list(nn.BCELoss().state_dict()) == []

@@ -70,7 +70,8 @@ def test_shared_parameter_appears_once_and_reassignment_replaces() -> None:
     new = nn.Parameter(gpunet.zeros(2, 2))
     a.weight = new
     assert a.weight is new and next(iter(a.parameters())) is new
-    a.weight = gpunet.zeros(2, 2)  # a plain tensor: no longer a parameter
+    del a.weight  # (a plain tensor cannot replace a parameter: it is deleted first)
+    a.weight = gpunet.zeros(2, 2)
     assert [n for n, _ in a.named_parameters()] == ["bias"]
     del a.bias
     assert list(a.parameters()) == []
@@ -231,3 +232,214 @@ def test_apply_visits_children_first_and_nn_is_reachable_from_gpunet() -> None:
     assert net.apply(lambda m: seen.append(type(m).__name__)) is net
     assert seen == ["Linear", "ReLU", "Block", "Linear", "Dropout", "Net"]
     assert gpunet.nn is nn
+
+
+def test_to_a_non_floating_dtype_is_refused_before_anything_moves() -> None:
+    """PyTorch: 'nn.Module.to only accepts floating point or complex dtypes'; it was a
+    silent no-op (the model stayed float32 while the user asked for int32)."""
+    model = nn.MLP([2, 3, 1])
+    before = [p.data for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"MLP\.to: .*floating.*got int32"):
+        model.to(gpunet.int32)
+    with pytest.raises(TypeError, match=r"MLP\.to: .*got int64"):
+        model.to("cpu", dtype=gpunet.int64)
+    assert all(
+        p.data is b and p.dtype == gpunet.float32 for p, b in zip(model.parameters(), before)
+    )
+
+
+def test_load_of_a_value_that_cannot_convert_names_it_and_changes_nothing() -> None:
+    """A text array for one key raised NumPy's bare 'could not convert string to float'
+    after the keys before it had been written: half a load."""
+    model = nn.MLP([2, 3, 1])
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    state = {k: np.full(v.shape, 7.0) for k, v in before.items()}
+    state["0.bias"] = np.array(["a", "b", "c"])
+    with pytest.raises(
+        RuntimeError, match=r"for MLP:\n\tcannot convert 0\.bias .*<U1.* to float32"
+    ):
+        model.load_state_dict(state)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), before[k], err_msg=k)
+
+
+def test_add_module_refuses_what_is_not_a_module() -> None:
+    """Sequential(nn.ReLU(), lambda x: x) was accepted, and a 3 failed only at the forward
+    pass with "'int' object is not callable"."""
+    with pytest.raises(TypeError, match=r"Sequential: child 1 is of type 'function', not a Module"):
+        nn.Sequential(nn.ReLU(), lambda x: x)
+    seq = nn.Sequential(nn.ReLU())
+    with pytest.raises(TypeError, match=r"Sequential: child 1 is of type 'int', not a Module"):
+        seq.append(3)  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match=r"Sequential: a child's name cannot contain '\.'"):
+        seq.add_module("a.b", nn.ReLU())
+    assert len(seq) == 1 and list(seq._modules) == ["0"]
+    seq.add_module("gap", None)  # (a declared, absent child, as in PyTorch)
+    assert list(seq.children()) == [seq[0]]
+
+
+# ------------------------------------------------- every module against PyTorch's contract
+def _every_module() -> dict[str, tuple[nn.Module, str]]:
+    """Each module in gpunet.nn, made as a user would, with its repr (PyTorch's, less
+    Dropout's inplace and Softplus's threshold, which gpunet does not have)."""
+    made = {
+        "Linear": (nn.Linear(4, 3), "Linear(in_features=4, out_features=3, bias=True)"),
+        "LayerNorm": (nn.LayerNorm(4), "LayerNorm((4,), eps=1e-05, elementwise_affine=True)"),
+        "Dropout": (nn.Dropout(0.25), "Dropout(p=0.25)"),
+        "Sequential": (nn.Sequential(nn.Linear(4, 4), nn.Tanh()), None),
+        "MLP": (nn.MLP([4, 5, 3], "gelu", dropout=0.1, norm="layernorm"), None),
+        "ReLU": (nn.ReLU(), "ReLU()"),
+        "LeakyReLU": (nn.LeakyReLU(), "LeakyReLU(negative_slope=0.01)"),
+        "ELU": (nn.ELU(), "ELU(alpha=1.0)"),
+        "Sigmoid": (nn.Sigmoid(), "Sigmoid()"),
+        "Tanh": (nn.Tanh(), "Tanh()"),
+        "Softplus": (nn.Softplus(), "Softplus(beta=1.0)"),
+        "SiLU": (nn.SiLU(), "SiLU()"),
+        "GELU": (nn.GELU(), "GELU(approximate='none')"),
+    }
+    return {k: (m, r or "") for k, (m, r) in made.items()}
+
+
+LOSSES = {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "BCELoss"}
+
+
+def test_the_sweep_holds_every_module_of_gpunet_nn() -> None:
+    exported = {n for n in nn.__all__ if isinstance(getattr(nn, n), type)}
+    modules = {n for n in exported if issubclass(getattr(nn, n), nn.Module)}
+    assert modules - {"Module"} == set(_every_module()) | LOSSES
+
+
+@pytest.mark.parametrize("name", sorted(_every_module()))
+def test_every_module_keeps_pytorchs_contract(name: str) -> None:
+    gpunet.manual_seed(0)
+    module, text = _every_module()[name]
+    if text:
+        assert repr(module) == text
+    x = gpunet.tensor(np.random.default_rng(0).standard_normal((2, 4)), dtype=gpunet.float32)
+    names = [n for n, _ in module.named_parameters()]
+    assert names == list(module.state_dict()) and len(set(names)) == len(names)
+    assert [id(p) for p in module.parameters()] == [id(p) for _, p in module.named_parameters()]
+    # a state_dict loaded into a fresh module of other weights: the same outputs, bit for bit
+    module.eval()
+    want = module(x).numpy()
+    gpunet.manual_seed(1)
+    fresh = _every_module()[name][0].eval()
+    assert fresh.load_state_dict(module.state_dict()) == ([], [])
+    np.testing.assert_array_equal(fresh(x).numpy(), want)
+    # train()/eval() reach every module; apply visits each once, children first
+    module.train()
+    assert all(m.training for m in module.modules())
+    assert module.eval() is module and not any(m.training for m in module.modules())
+    seen: list[nn.Module] = []
+    assert module.apply(seen.append) is module
+    assert sorted(map(id, seen)) == sorted(map(id, module.modules())) and seen[-1] is module
+    assert list(module.children()) == [m for _, m in module.named_children()]
+    # gradients: zero_grad forgets them; requires_grad_(False) stops them
+    if names:
+        module(x).sum().backward()
+        assert all(p.grad is not None for p in module.parameters())
+        module.zero_grad()
+        assert all(p.grad is None for p in module.parameters())
+        module.requires_grad_(False)
+        assert not module(x).requires_grad
+        module.requires_grad_(True)
+    # to(float64) in place: the same objects, the outputs in float64; and back
+    params = list(module.parameters())
+    assert module.to(gpunet.float64) is module
+    assert [id(p) for p in module.parameters()] == list(map(id, params))
+    assert module(x.to(gpunet.float64)).dtype == gpunet.float64
+    module.to(gpunet.float32)
+    np.testing.assert_array_equal(module(x).numpy(), want)
+    np.testing.assert_array_equal(copy.deepcopy(module)(x).numpy(), want)
+
+
+def test_train_takes_a_bool() -> None:
+    """model.train("False") put the model in training mode (bool("False") is True); PyTorch
+    raises ValueError for a mode that is not a bool."""
+    model = nn.MLP([2, 3, 1], dropout=0.5).eval()
+    with pytest.raises(ValueError, match=r"MLP\.train: mode must be True or False, got 'False'"):
+        model.train("False")  # type: ignore[arg-type]
+    assert not any(m.training for m in model.modules())
+    model.train(np.bool_(True))  # (NumPy's bool is a bool here)
+    assert all(m.training for m in model.modules())
+
+
+def test_load_state_dict_of_something_not_a_mapping_says_so() -> None:
+    """A list reported every parameter missing and its items as 'unexpected keys' 1, 2."""
+    model = nn.MLP([2, 3, 1])
+    with pytest.raises(TypeError, match=r"MLP\.load_state_dict: expected a mapping .*got list"):
+        model.load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_register_refuses_what_would_break_the_module_later() -> None:
+    """register_buffer("q", 3) was accepted and state_dict() then failed on an int;
+    a dotted name made a key no load could tell apart; register_parameter("forward", ...)
+    replaced the method, so the module could no longer be called."""
+    block = Block()
+    with pytest.raises(TypeError, match=r"Block: buffer 'q' must be a Tensor or None, got int"):
+        block.register_buffer("q", 3)  # type: ignore[arg-type]
+    with pytest.raises(KeyError, match=r"Block: a buffer's name cannot contain '\.'"):
+        block.register_buffer("a.b", gpunet.zeros(1))
+    with pytest.raises(KeyError, match=r"Block: a parameter's name cannot contain '\.'"):
+        block.register_parameter("a.b", nn.Parameter(gpunet.zeros(1)))
+    with pytest.raises(KeyError, match=r"Block: 'forward' is already an attribute"):
+        block.register_parameter("forward", nn.Parameter(gpunet.zeros(1)))
+    assert list(block.state_dict()) == ["scale", "fc.weight", "fc.bias"]  # (own ones first)
+    assert block(gpunet.ones(2, 3)).shape == (2, 4)
+
+
+def test_requires_grad_takes_a_bool() -> None:
+    """requires_grad_("no") left every parameter requiring gradients (the string is truthy)."""
+    model = nn.MLP([2, 3, 1])
+    with pytest.raises(ValueError, match=r"MLP\.requires_grad_: requires_grad must be True or"):
+        model.requires_grad_("no")  # type: ignore[arg-type]
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in model.requires_grad_(False).parameters())
+
+
+def test_to_with_a_dtype_or_device_given_twice_is_refused() -> None:
+    """to(gpunet.float64, dtype=gpunet.float32) converted to float64: the keyword lost."""
+    model = nn.MLP([2, 3, 1])
+    with pytest.raises(TypeError, match=r"MLP\.to: two dtypes given \(float64 and float32\)"):
+        model.to(gpunet.float64, dtype=gpunet.float32)
+    with pytest.raises(TypeError, match=r"MLP\.to: two devices given \('cpu' and 'cuda'\)"):
+        model.to("cpu", device="cuda")
+    assert all(p.dtype == gpunet.float32 for p in model.parameters())
+
+
+def test_assigning_a_plain_value_over_a_parameter_or_child_is_refused() -> None:
+    """layer.weight = gpunet.randn(...) dropped weight from parameters() and state_dict()
+    without a word (an optimizer made after would not train it; a save would lack it);
+    block.fc = 3 dropped the child. PyTorch refuses both with a TypeError."""
+    block = Block()
+    with pytest.raises(TypeError, match=r"Linear: cannot assign a Tensor as parameter 'weight'.*"
+                       r"nn\.Parameter"):  # fmt: skip
+        block.fc.weight = gpunet.ones(3, 4)
+    with pytest.raises(TypeError, match=r"Block: cannot assign int as child 'fc'"):
+        block.fc = 3  # type: ignore[assignment]
+    assert list(block.state_dict()) == ["scale", "fc.weight", "fc.bias"]
+    block.fc.weight = nn.Parameter(gpunet.ones(3, 4))  # (a Parameter replaces it, in place)
+    block.fc.bias = None  # (None declares it absent, as in PyTorch)
+    assert list(block.state_dict()) == ["scale", "fc.weight"]
+
+
+def test_sequential_index_out_of_range_names_it() -> None:
+    seq = nn.Sequential(nn.ReLU(), nn.Tanh())
+    assert seq[-1] is list(seq)[1] and len(seq[0:1]) == 1
+    with pytest.raises(IndexError, match=r"Sequential: index 2 is out of range for 2 modules"):
+        seq[2]
+
+
+def test_state_dict_of_a_shared_layer_holds_every_name_as_pytorchs_does() -> None:
+    """Sequential(a, ReLU(), a): PyTorch's state_dict holds 0.* and 2.* (parameters() each
+    once); gpunet's held 0.* alone, so PyTorch's dict for the same model was refused as
+    having unexpected keys 2.weight and 2.bias."""
+    a = nn.Linear(2, 2)
+    seq = nn.Sequential(a, nn.ReLU(), a)
+    assert list(seq.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert [n for n, _ in seq.named_parameters()] == ["0.weight", "0.bias"]
+    state = {k: np.full(v.shape, 3.0) for k, v in seq.state_dict().items()}
+    assert seq.load_state_dict(state) == ([], [])
+    np.testing.assert_array_equal(a.weight.numpy(), np.full((2, 2), 3.0))
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: '2\.weight'"):
+        seq.load_state_dict({k: v for k, v in state.items() if k != "2.weight"})
