@@ -347,7 +347,8 @@ class Kernels:
         return ACTIVATION_KERNELS[name, SUFFIX[like.dtype]]
 
     def _contiguous(self, x: Any) -> Any:
-        return self.xp.ascontiguousarray(x)
+        # NumPy's ascontiguousarray makes a 0-d array 1-d: the shape is kept on every xp
+        return self.xp.ascontiguousarray(x).reshape(x.shape)
 
     # ---------------------------------------------------------------- activations
     def activation(self, x: Any, name: str, alpha: float) -> Any:
