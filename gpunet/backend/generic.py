@@ -265,7 +265,9 @@ class ArrayBackend(FusedOps):
 
     def slice_transpose(self, g: Array, *, key: tuple, shape: Shape) -> Array:
         out = self.xp.zeros(shape, dtype=g.dtype)
-        out[_full_key(key)] = g
+        # the array API takes no None (new axis) in a setitem key: drop those size-1 axes of g
+        kept = _full_key(tuple(k for k in key if k is not None))
+        out[kept] = self.xp.reshape(g, out[kept].shape)
         return out
 
     def take(self, x: Array, indices: Array, *, axis: int) -> Array:
