@@ -152,7 +152,7 @@ class NumpyFusedOps(FusedOps):
     def activation(self, x: Array, name: str, alpha: float = 0.0) -> Array:
         # the lookup inline, ``formulas`` only for the error: one Python frame fewer on every
         # activation (relu at 10^3 elements costs as much in Python as in NumPy)
-        if x.dtype is BF16:
+        if x.dtype.char in "eE":  # float16 too: the kernels compute in float, round once
             return through_float32(self.activation, x, name, alpha)
         f = (self.FORMULAS.get(name) or self.formulas(name)).f
         if name not in LONG or x.size < 2 * CHUNK or not x.flags.c_contiguous:
@@ -172,7 +172,7 @@ class NumpyFusedOps(FusedOps):
         from_output: bool = False,
         out: Array | None = None,
     ) -> Array:
-        if g.dtype is BF16:
+        if g.dtype.char in "eE":
             dx = through_float32(
                 self.activation_backward, g, saved, name=name, alpha=alpha, from_output=from_output
             )

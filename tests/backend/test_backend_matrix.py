@@ -25,6 +25,7 @@ from kernel_tools import emulated_cupy_backend, emulated_kernels
 import gpunet
 from gpunet import backend as gb
 from gpunet.backend import Device
+from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
 from gpunet.backend.generic import ArrayBackend
 
 xps = pytest.importorskip("array_api_strict")
@@ -156,3 +157,90 @@ def test_vjp_matches_numpy(other: Any, name: str, layout: str) -> None:
     check(got, want, f"{name} value")
     for i, (g, w) in enumerate(zip(gots, wants)):
         check(g, w, f"{name} d/dx{i}")
+
+
+# ---------------------------------------------------------------------- fused kernels
+NP = gb.get_backend("cpu")
+ACTS = [  # every activation (ACTIVATIONS), alpha where it takes one
+    ("relu", 0.0),
+    ("leaky_relu", 0.1),
+    ("elu", 1.3),
+    ("softplus", 2.0),
+    ("sigmoid", 0.0),
+    ("tanh", 0.0),
+    ("gelu", 0.0),
+    ("gelu_tanh", 0.0),
+    ("silu", 0.0),
+]
+RTOL = {np.float32: 1e-6, np.float64: 1e-13, np.float16: 2.0**-10}
+FUSED_SHAPES = [(0,), (0, 5), (1,), (7, 5), (33, 17)]
+
+
+def fused_layouts(a: np.ndarray) -> dict[str, np.ndarray]:
+    """Contiguous, transposed and reversed views, as a layer's inputs and gradients come."""
+    out = {"contiguous": a}
+    if a.ndim == 2:
+        out["transposed"] = np.ascontiguousarray(a.T).T
+    out["reversed"] = np.ascontiguousarray(a[::-1])[::-1]
+    return out
+
+
+def agree(got: Any, want: np.ndarray, exact: bool, what: str) -> None:
+    """Bit for bit where the formula is only +, -, *, / and selects (relu, leaky_relu: the
+    kernels and NumPy agree to the bit, test_kernels.py); else the dtype's few ulps of the
+    output plus the gradient's size, as libm's exp, tanh and erf differ from NumPy's."""
+    g = np.asarray(got if isinstance(got, np.ndarray) else np.from_dlpack(got))
+    assert (g.dtype, g.shape) == (want.dtype, want.shape), f"{what}: {g.dtype}{g.shape}"
+    if exact:
+        assert g.tobytes() == want.tobytes(), f"{what}: {g.ravel()[:6]} != {want.ravel()[:6]}"
+        return
+    tol = RTOL[want.dtype.type] * 4
+    np.testing.assert_allclose(g, want, rtol=tol, atol=tol, err_msg=what)
+
+
+def fused_inputs(other: Any, shape: tuple[int, ...], dt: Any) -> list[tuple[str, Any, Any]]:
+    """(layout, NumPy's array, the other backend's) for x in ``shape``."""
+    a = M.values(shape, np.dtype(dt), "any").astype(dt) * dt(3)
+    if other.xp is not np:
+        return [("contiguous", a, other.asarray(a))]
+    return [(k, v, v) for k, v in fused_layouts(a).items()]
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64, np.float16], ids=str)
+@pytest.mark.parametrize(("name", "alpha"), ACTS, ids=[a for a, _ in ACTS])
+def test_fused_activation_matches_numpy(other: Any, name: str, alpha: float, dt: Any) -> None:
+    """activation, activation_backward (from x and from y) and bias_activation, over shapes
+    with size 0 and non-contiguous inputs."""
+    skip_unsupported(other, np.dtype(dt))
+    exact = name in ("relu", "leaky_relu")
+    for shape in FUSED_SHAPES:
+        for layout, a, x in fused_inputs(other, shape, dt):
+            what = f"{name} {dt.__name__} {shape} {layout}"
+            y = NP.activation(a, name, alpha)
+            agree(other.activation(x, name, alpha), y, exact, f"{what} forward")
+            gn = (a[::-1] if a.ndim else a).copy() if a.size else a.copy()
+            g = gn if other.xp is np else other.asarray(gn)
+            for from_output in [False, True] if name in FROM_OUTPUT else [False]:
+                want = NP.activation_backward(
+                    gn, y if from_output else a, name=name, alpha=alpha, from_output=from_output
+                )
+                saved = (y if other.xp is np else other.asarray(y)) if from_output else x
+                got = other.activation_backward(
+                    g, saved, name=name, alpha=alpha, from_output=from_output
+                )
+                agree(got, want, exact, f"{what} backward from_output={from_output}")
+            if len(shape) == 2:
+                bn = M.values(shape[1:], np.dtype(dt), "any", seed=3).astype(dt)
+                b = bn if other.xp is np else other.asarray(bn)
+                wy, wpre = NP.bias_activation(
+                    a, bn, name=name, alpha=alpha, keep_preactivation=True
+                )
+                gy, gpre = other.bias_activation(
+                    x, b, name=name, alpha=alpha, keep_preactivation=True
+                )
+                agree(gy, wy, exact, f"{what} bias forward")
+                agree(gpre, wpre, True, f"{what} bias preactivation")
+
+
+def test_acts_cover_every_activation() -> None:
+    assert sorted(a for a, _ in ACTS) == sorted(ACTIVATIONS)
