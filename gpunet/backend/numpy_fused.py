@@ -191,6 +191,28 @@ class NumpyFusedOps(FusedOps):
             np.multiply(df(self, saved_, alpha), g_, out=dx_)
         return dx
 
+    def bias_activation(
+        self,
+        x: Array,
+        b: Array,
+        *,
+        name: str,
+        alpha: float = 0.0,
+        keep_preactivation: bool = False,
+    ) -> tuple[Array, Array | None]:
+        if x.dtype.char in "eE":  # the kernels apply f to x + b in float: round once, after f
+            return through_float32(
+                super().bias_activation,
+                x,
+                b,
+                name=name,
+                alpha=alpha,
+                keep_preactivation=keep_preactivation,
+            )
+        return super().bias_activation(
+            x, b, name=name, alpha=alpha, keep_preactivation=keep_preactivation
+        )
+
     def sgd_update(
         self,
         param: Array,
