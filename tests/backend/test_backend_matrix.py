@@ -23,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from kernel_tools import emulated_cupy_backend, emulated_kernels
 
 import gpunet
+import gpunet.nn as nn
 from gpunet import backend as gb
 from gpunet.backend import Device
 from gpunet.backend.fused import ACTIVATIONS, FROM_OUTPUT
 from gpunet.backend.generic import ArrayBackend
+from gpunet.backend.updates import AdamHyper, SGDHyper
 
 xps = pytest.importorskip("array_api_strict")
 StrictArray = xps._array_object.Array
@@ -189,7 +191,7 @@ def agree(got: Any, want: np.ndarray, exact: bool, what: str) -> None:
     """Bit for bit where the formula is only +, -, *, / and selects (relu, leaky_relu: the
     kernels and NumPy agree to the bit, test_kernels.py); else the dtype's few ulps of the
     output plus the gradient's size, as libm's exp, tanh and erf differ from NumPy's."""
-    g = np.asarray(got if isinstance(got, np.ndarray) else np.from_dlpack(got))
+    g = np.asarray(got if isinstance(got, (np.ndarray, np.generic)) else np.from_dlpack(got))
     assert (g.dtype, g.shape) == (want.dtype, want.shape), f"{what}: {g.dtype}{g.shape}"
     if exact:
         assert g.tobytes() == want.tobytes(), f"{what}: {g.ravel()[:6]} != {want.ravel()[:6]}"
@@ -244,3 +246,138 @@ def test_fused_activation_matches_numpy(other: Any, name: str, alpha: float, dt:
 
 def test_acts_cover_every_activation() -> None:
     assert sorted(a for a, _ in ACTS) == sorted(ACTIVATIONS)
+
+
+# ---------------------------------------------------------------------- losses
+@pytest.mark.parametrize("dt", [np.float32, np.float64, np.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_matches_numpy(other: Any, reduction: str, dt: Any) -> None:
+    """The row kernels' loss and gradient, over batches of 0, 1 and 9 rows of 1 to 13
+    classes: libm's exp and log, so the dtype's few ulps."""
+    skip_unsupported(other, np.dtype(dt))
+    for rows, classes in [(0, 3), (1, 1), (9, 13), (4, 5)]:
+        if rows == 0 and reduction == "mean":
+            continue  # a mean over no rows is refused alike (test_ops_matrix)
+        z = M.values((rows, classes), np.dtype(dt), "any").astype(dt) * dt(4)
+        y = np.random.default_rng(rows).integers(0, classes, rows)
+        g = np.full((rows,) if reduction == "none" else (), 0.75, dt)
+        want = NP.cross_entropy(z, y, reduction=reduction)
+        want_dz = NP.cross_entropy_backward(g, z, y, reduction=reduction)
+        zo, yo, go = (a if other.xp is np else other.asarray(a) for a in (z, y, g))
+        what = f"{dt.__name__} {rows}x{classes} {reduction}"
+        agree(other.cross_entropy(zo, yo, reduction=reduction), want, False, what)
+        got_dz = other.cross_entropy_backward(go, zo, yo, reduction=reduction)
+        agree(got_dz, want_dz, False, f"{what} backward")
+
+
+# ---------------------------------------------------------------------- optimizer updates
+UPDATES = [
+    ("sgd", {"lr": 0.1}),
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "nesterov": False}),
+    ("sgd", {"lr": 0.05, "momentum": 0.8, "nesterov": True}),
+    ("adam", {"lr": 0.01}),
+    ("adam", {"lr": 0.01, "weight_decay": 0.1}),
+    ("adamw", {"lr": 0.01, "weight_decay": 0.1}),
+]
+
+
+def _steps(ops: Any, kind: str, cfg: dict, n: int, scaled: bool, lowp: Any) -> list[np.ndarray]:
+    """Four updates of a float32 p (size n): with ``scaled``, a grad_scale of 1/128 and
+    found_inf set on the third step (skipped); ``lowp`` the dtype of a copy written each step."""
+    conv = (lambda a: a) if ops.xp is np else ops.asarray
+    r = np.random.default_rng(n)
+    p = conv(r.standard_normal(n).astype(np.float32))
+    state = [conv(np.zeros(n, np.float32)), conv(np.zeros(n, np.float32))]
+    count = conv(np.zeros(1, np.int64))
+    low = None if lowp is None else conv(np.zeros(n, lowp))
+    for i in range(4):
+        g = conv(r.standard_normal(n).astype(np.float32) * np.float32(128 if scaled else 1))
+        extra: dict[str, Any] = {"lowp": low}
+        if scaled:
+            extra["grad_scale"] = conv(np.array([1 / 128], np.float32))
+            extra["found_inf"] = conv(np.array([1.0 if i == 2 else 0.0], np.float32))
+        if kind == "sgd":
+            buf = state[0] if cfg.get("momentum") else None
+            ops.sgd_update(
+                p, g, buf, SGDHyper(**cfg), step=count if buf is not None else None, **extra
+            )
+        else:
+            hyper = AdamHyper(**cfg, decoupled=kind == "adamw")
+            ops.adam_update(p, g, *state, hyper, step=count, **extra)
+    out = [p, *state, count] + ([] if low is None else [low])
+    return [np.asarray(a if ops.xp is np else np.from_dlpack(a)) for a in out]
+
+
+@pytest.mark.parametrize("lowp", [None, np.float16, M.BF16], ids=["f32", "lowp f16", "lowp bf16"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "scaled"])
+@pytest.mark.parametrize(("kind", "cfg"), UPDATES, ids=[f"{k}{c}" for k, c in UPDATES])
+def test_updates_match_numpy_bit_for_bit(
+    other: Any, kind: str, cfg: dict, scaled: bool, lowp: Any
+) -> None:
+    """SGD (momentum, Nesterov, weight decay) and Adam/AdamW over 4 steps, with a loss scale
+    and a skipped step, writing a float16 or bfloat16 copy: the same float32 expressions,
+    so bit for bit; sizes 0, 1 and one not a multiple of the kernels' block."""
+    if lowp is not None and other.xp is not np:
+        pytest.skip("array_api_strict has no float16 or bfloat16 for lowp")
+    for n in (0, 1, 1031):
+        got = _steps(other, kind, cfg, n, scaled, lowp)
+        want = _steps(NP, kind, cfg, n, scaled, lowp)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (
+                f"{kind} {cfg} n={n} array {i}"
+            )
+
+
+# ---------------------------------------------------------------------- one training step
+MLP_CASES = [("relu", "sgd"), ("gelu", "sgd"), ("tanh", "adam"), ("leaky_relu", "adam")]
+
+
+def _train(device: str, activation: str, opt: str, dt: Any) -> list[np.ndarray]:
+    """Two steps of an MLP 6-16-16-4 on a batch of 10 (a transposed input): forward,
+    cross-entropy, backward, SGD with momentum or Adam; the parameters after, and the loss."""
+    gpunet.manual_seed(0)
+    model = nn.MLP([6, 16, 16, 4], activation=activation, dtype=dt).to(device)
+    r = np.random.default_rng(1)
+    x = gpunet.tensor(np.ascontiguousarray(r.standard_normal((6, 10)).astype(dt)).T).to(device)
+    y = gpunet.tensor(r.integers(0, 4, 10)).to(device)
+    params = list(model.parameters())
+    if opt == "sgd":
+        optimizer = gpunet.optim.SGD(params, lr=0.1, momentum=0.9)
+    else:
+        optimizer = gpunet.optim.Adam(params, lr=0.01)
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = gpunet.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(host(loss))
+    return [host(p) for p in params] + losses
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=str)
+@pytest.mark.parametrize(("activation", "opt"), MLP_CASES)
+def test_mlp_training_step_matches_numpy(other: Any, activation: str, opt: str, dt: Any) -> None:
+    """Forward, backward and update through the Tensor layer, the model moved with
+    ``.to(device)``. The first loss bit for bit for relu/leaky_relu on the kernels (the same
+    float32 expressions, GEMMs NumPy's here); the parameters to the dtype's rounding carried
+    through two steps, as NumPy's backend writes weight gradients with BLAS gemm (alpha,
+    beta) and the others with matmul then a scale: the same sums in another order (an ulp)."""
+    want = _train("cpu", activation, opt, dt)
+    if other.xp is np:
+        other._kernels.launches.clear()
+    got = _train(str(other.device), activation, opt, dt)
+    if other.xp is np:  # the step ran on the kernels, not a fallback
+        sfx = {np.float32: "f32", np.float64: "f64"}[dt]
+        launched = {name for name, _, _ in other._kernels.launches}
+        assert any(n.endswith(f"{activation}_fwd_{sfx}") for n in launched), launched
+        assert f"cross_entropy_rows_{sfx}" in launched, launched
+        assert dt != np.float32 or f"{opt}_update_f32" in launched, launched
+    if activation in ("relu", "leaky_relu") and other.xp is np:
+        assert got[-2].tobytes() == want[-2].tobytes(), f"first loss {got[-2]} != {want[-2]}"
+    rtol = 1e-5 if dt == np.float32 else 1e-12
+    for i, (g, w) in enumerate(zip(got, want)):
+        what = f"{activation} {opt} {dt.__name__} array {i}"
+        assert g.dtype == w.dtype and g.shape == w.shape, what
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol / 10, err_msg=what)
