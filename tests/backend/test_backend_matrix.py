@@ -37,9 +37,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|ov
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), M.BF16)
 
 
-def skip_unsupported(backend: Any, dt: np.dtype) -> None:
-    if backend.xp is not np and dt not in (np.float32, np.float64):
-        pytest.skip(f"array_api_strict has no {dt}")
+def with_backends(dtypes: Any) -> list[Any]:
+    """(backend, dtype) cases for ``other`` (indirect) and ``dt``: array_api_strict has no
+    float16 or bfloat16, so the generic backend takes float32 and float64 only."""
+    return [
+        pytest.param(b, d, id=f"{b}-{np.dtype(d)}")
+        for b in ("cuda_on_cpu", "generic")
+        for d in dtypes
+        if b == "cuda_on_cpu" or np.dtype(d) in (np.float32, np.float64)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +103,12 @@ def close(got: gpunet.Tensor, want: gpunet.Tensor, what: str) -> None:
 
 
 # ---------------------------------------------------------------------- ops: forward
-@pytest.mark.parametrize("dt", FLOATS, ids=str)
+@pytest.mark.parametrize(("other", "dt"), with_backends(FLOATS), indirect=["other"])
 @pytest.mark.parametrize("name", list(M.UNARY))
 def test_unary_forward_matches_numpy(other: Any, name: str, dt: np.dtype) -> None:
     """Bit for bit where NumPy's expression is the op's (UNARY's exact); the kernels' and
     the generic formulas of sigmoid, gelu and silu use the libm's exp and erf, not NumPy's
     SIMD ones: the ops matrix's few ulps."""
-    skip_unsupported(other, dt)
     fn, _, domain, exact = M.UNARY[name]
     for shape in M.SHAPES:
         for layout, a in M.layouts(M.values(shape, dt, domain)).items():
@@ -114,12 +119,11 @@ def test_unary_forward_matches_numpy(other: Any, name: str, dt: np.dtype) -> Non
                 M.assert_ulps(gpunet.tensor(host(got)), fn(M.tensor(a)).numpy(), what)
 
 
-@pytest.mark.parametrize("dt", FLOATS, ids=str)
+@pytest.mark.parametrize(("other", "dt"), with_backends(FLOATS), indirect=["other"])
 @pytest.mark.parametrize("name", list(M.BINARY))
 def test_binary_forward_matches_numpy(other: Any, name: str, dt: np.dtype) -> None:
     """Bit for bit, but pow: NumPy's own power differs by an ulp between its contiguous
     (SIMD) and strided loops, so the ops matrix's few ulps."""
-    skip_unsupported(other, dt)
     fn, _, domain = M.BINARY[name]
     for sx, sy in M.PAIRS:
         x, y = M.values(sx, dt, domain), M.values(sy, dt, domain, seed=1)
@@ -211,12 +215,15 @@ def fused_inputs(other: Any, shape: tuple[int, ...], dt: Any) -> list[tuple[str,
     return [(k, v, v) for k, v in fused_layouts(a).items()]
 
 
-@pytest.mark.parametrize("dt", [np.float32, np.float64, np.float16, M.BF16.type], ids=str)
+@pytest.mark.parametrize(
+    ("other", "dt"),
+    with_backends([np.float32, np.float64, np.float16, M.BF16.type]),
+    indirect=["other"],
+)
 @pytest.mark.parametrize(("name", "alpha"), ACTS, ids=[a for a, _ in ACTS])
 def test_fused_activation_matches_numpy(other: Any, name: str, alpha: float, dt: Any) -> None:
     """activation, activation_backward (from x and from y) and bias_activation, over shapes
     with size 0 and non-contiguous inputs."""
-    skip_unsupported(other, np.dtype(dt))
     exact = name in ("relu", "leaky_relu")
     for shape in FUSED_SHAPES:
         for layout, a, x in fused_inputs(other, shape, dt):
@@ -252,12 +259,13 @@ def test_acts_cover_every_activation() -> None:
 
 
 # ---------------------------------------------------------------------- losses
-@pytest.mark.parametrize("dt", [np.float32, np.float64, np.float16], ids=str)
+@pytest.mark.parametrize(
+    ("other", "dt"), with_backends([np.float32, np.float64, np.float16]), indirect=["other"]
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_matches_numpy(other: Any, reduction: str, dt: Any) -> None:
     """The row kernels' loss and gradient, over batches of 0, 1 and 9 rows of 1 to 13
     classes: libm's exp and log, so the dtype's few ulps."""
-    skip_unsupported(other, np.dtype(dt))
     for rows, classes in [(0, 3), (1, 1), (9, 13), (4, 5)]:
         if rows == 0 and reduction == "mean":
             continue  # a mean over no rows is refused alike (test_ops_matrix)
@@ -312,7 +320,16 @@ def _steps(ops: Any, kind: str, cfg: dict, n: int, scaled: bool, lowp: Any) -> l
     return [np.asarray(a if ops.xp is np else np.from_dlpack(a)) for a in out]
 
 
-@pytest.mark.parametrize("lowp", [None, np.float16, M.BF16], ids=["f32", "lowp f16", "lowp bf16"])
+@pytest.mark.parametrize(
+    ("other", "lowp"),
+    [
+        pytest.param("cuda_on_cpu", None, id="cuda_on_cpu-f32"),
+        pytest.param("cuda_on_cpu", np.float16, id="cuda_on_cpu-lowp f16"),
+        pytest.param("cuda_on_cpu", M.BF16, id="cuda_on_cpu-lowp bf16"),
+        pytest.param("generic", None, id="generic-f32"),  # (array_api_strict has no f16, bf16)
+    ],
+    indirect=["other"],
+)
 @pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "scaled"])
 @pytest.mark.parametrize(("kind", "cfg"), UPDATES, ids=[f"{k}{c}" for k, c in UPDATES])
 def test_updates_match_numpy_bit_for_bit(
@@ -321,8 +338,6 @@ def test_updates_match_numpy_bit_for_bit(
     """SGD (momentum, Nesterov, weight decay) and Adam/AdamW over 4 steps, with a loss scale
     and a skipped step, writing a float16 or bfloat16 copy: the same float32 expressions,
     so bit for bit; sizes 0, 1 and one not a multiple of the kernels' block."""
-    if lowp is not None and other.xp is not np:
-        pytest.skip("array_api_strict has no float16 or bfloat16 for lowp")
     for n in (0, 1, 1031):
         got = _steps(other, kind, cfg, n, scaled, lowp)
         want = _steps(NP, kind, cfg, n, scaled, lowp)
