@@ -173,6 +173,18 @@ def dispatch(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) 
         state.flags |= flags & AUTOCAST
 
 
+def loss_input(x: Tensor) -> Tensor:
+    """A loss's input in float32 under autocast (the policy's losses run in float32, PyTorch's
+    fp32 list), so that its target is not lowered to the input's dtype; else ``x``."""
+    state = STATE
+    on = state.autocast_device
+    if not state.flags & AUTOCAST or x.dtype not in _LOW:
+        return x
+    if on is not None and x._backend.device.type != on:
+        return x
+    return apply(P.cast, (x,), {"dtype": dtypes.float32})
+
+
 def _cast_inputs(policy: str, prim: Primitive, args: tuple[Tensor, ...], low: Any) -> tuple:
     """The inputs cast by ``policy`` (non-differentiable inputs, masks and indices, stay)."""
     skip = prim.nondiff

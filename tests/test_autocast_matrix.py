@@ -1,0 +1,174 @@
+"""autocast, differentially: each op a user meets under ``gpunet.autocast`` equals, bit for
+bit, a hand-written reference that casts as the README's policy says (GEMMs low, reductions,
+exp/log, softplus and the losses float32, mixed floats the widest, the rest follow), forward
+and backward (float32 weights get float32 gradients equal to the reference's)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpunet
+from gpunet.nn import functional as F
+
+BF16, F16, F32, F64 = gpunet.bfloat16, gpunet.float16, gpunet.float32, gpunet.float64
+LOWS = [BF16, F16]
+
+
+def _bits(t: gpunet.Tensor) -> np.ndarray:
+    a = np.ascontiguousarray(t.numpy())
+    return a.view(np.uint8)
+
+
+def _same(got: gpunet.Tensor, want: gpunet.Tensor, what: str) -> None:
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, reference {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, reference {want.shape}"
+    np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=what)
+
+
+def _leaves(seed: int) -> dict[str, gpunet.Tensor]:
+    """float32 master weights (requires_grad) and float32 data, the same for both runs."""
+    rng = np.random.default_rng(seed)
+
+    def t(*shape: int, grad: bool = True) -> gpunet.Tensor:
+        a = rng.standard_normal(shape).astype(np.float32)
+        return gpunet.tensor(a, requires_grad=grad)
+
+    return {"x": t(4, 5), "w": t(5, 3), "b": t(3), "f": t(4, 3), "g": t(3), "h": t(3)}
+
+
+def _c(t: gpunet.Tensor, dtype: Any) -> gpunet.Tensor:
+    return t.to(dtype)
+
+
+# Each case: (autocast body, reference body) over the leaves and the low dtype. The body is
+# run under autocast; the reference outside it, with the policy's casts written out.
+def _gemm(v: dict, low: Any) -> gpunet.Tensor:  # matmul, lowered
+    return _c(v["x"], low) @ _c(v["w"], low)
+
+
+CASES: dict[str, tuple[Callable, Callable]] = {
+    "matmul": (lambda v, lo: v["x"] @ v["w"], _gemm),
+    "linear": (
+        lambda v, lo: F.linear(v["x"], v["w"], v["b"]),
+        lambda v, lo: F.linear(_c(v["x"], lo), _c(v["w"], lo), _c(v["b"], lo)),
+    ),
+    "sum": (lambda v, lo: (v["x"] @ v["w"]).sum(), lambda v, lo: _c(_gemm(v, lo), F32).sum()),
+    "mean": (
+        lambda v, lo: (v["x"] @ v["w"]).mean(axis=0),
+        lambda v, lo: _c(_gemm(v, lo), F32).mean(axis=0),
+    ),
+    "softmax": (
+        lambda v, lo: F.softmax(v["x"] @ v["w"], -1),
+        lambda v, lo: (lambda z: gpunet.exp(_c(z, F32) - gpunet.logsumexp(_c(z, F32), -1, True)))(
+            _gemm(v, lo)
+        ),
+    ),
+    "log_softmax": (
+        lambda v, lo: F.log_softmax(v["x"] @ v["w"], -1),
+        lambda v, lo: (lambda z: _c(z, F32) - gpunet.logsumexp(_c(z, F32), -1, True))(_gemm(v, lo)),
+    ),
+    "cross_entropy": (
+        lambda v, lo: F.cross_entropy(v["x"] @ v["w"], gpunet.tensor([0, 2, 1, 2])),
+        lambda v, lo: F.cross_entropy(_c(_gemm(v, lo), F32), gpunet.tensor([0, 2, 1, 2])),
+    ),
+    "mse": (
+        lambda v, lo: F.mse_loss(v["x"] @ v["w"], v["f"]),
+        lambda v, lo: (lambda d: _c(d * d, F32).mean())(_c(_gemm(v, lo), F32) - v["f"]),
+    ),
+    "bce_with_logits": (
+        lambda v, lo: F.binary_cross_entropy_with_logits(v["x"] @ v["w"], gpunet.sigmoid(v["f"])),
+        lambda v, lo: F.binary_cross_entropy_with_logits(
+            _c(_gemm(v, lo), F32), gpunet.sigmoid(v["f"])
+        ),
+    ),
+    "bce": (
+        lambda v, lo: F.binary_cross_entropy(
+            gpunet.sigmoid(v["x"] @ v["w"]), gpunet.sigmoid(v["f"])
+        ),
+        lambda v, lo: F.binary_cross_entropy(
+            _c(gpunet.sigmoid(_gemm(v, lo)), F32), gpunet.sigmoid(v["f"])
+        ),
+    ),
+    "mix_add_mul_div": (
+        lambda v, lo: ((v["x"] @ v["w"]) + v["f"]) * v["g"] / (v["h"] * v["h"] + 1.0),
+        lambda v, lo: (_c(_gemm(v, lo), F32) + v["f"]) * v["g"] / (v["h"] * v["h"] + 1.0),
+    ),
+    "mix_max_where": (
+        lambda v, lo: gpunet.where(v["f"] > 0, gpunet.maximum(v["x"] @ v["w"], v["f"]), v["f"]),
+        lambda v, lo: gpunet.where(
+            v["f"] > 0, gpunet.maximum(_c(_gemm(v, lo), F32), v["f"]), v["f"]
+        ),
+    ),
+    "low_only_elementwise": (  # both inputs low: stays low
+        lambda v, lo: (v["x"] @ v["w"]) * (v["x"] @ v["w"]) - (v["x"] @ v["w"]),
+        lambda v, lo: _gemm(v, lo) * _gemm(v, lo) - _gemm(v, lo),
+    ),
+    "layer_norm": (
+        lambda v, lo: F.layer_norm(v["x"] @ v["w"], 3, v["g"], v["h"]),
+        lambda v, lo: _ref_layer_norm(_gemm(v, lo), v["g"], v["h"]),
+    ),
+    "dropout": (
+        lambda v, lo: (gpunet.manual_seed(5), F.dropout(v["x"] @ v["w"], 0.3))[1],
+        lambda v, lo: (gpunet.manual_seed(5), F.dropout(_gemm(v, lo), 0.3))[1],
+    ),
+}
+for _name in ("relu", "gelu", "silu", "tanh", "sigmoid", "elu", "leaky_relu"):
+    CASES[_name] = (
+        lambda v, lo, n=_name: getattr(F, n)(v["x"] @ v["w"]),
+        lambda v, lo, n=_name: getattr(F, n)(_gemm(v, lo)),
+    )
+CASES["softplus"] = (
+    lambda v, lo: F.softplus(v["x"] @ v["w"]),
+    lambda v, lo: F.softplus(_c(_gemm(v, lo), F32)),
+)
+_ALPHA = {"leaky_relu": 0.1, "elu": 1.0, "softplus": 1.0}
+for _act in ("relu", "tanh", "sigmoid", "elu", "leaky_relu"):
+    # a Linear with a fusable activation (MLP fuses them): the GEMM and the bias lowered;
+    # the activation fused where its policy follows (one rounding, the primitive's own
+    # values), softplus (float32 by the policy) apart in float32, as unfused
+    CASES[f"linear_activation_{_act}"] = (
+        lambda v, lo, a=_act: F.linear_activation(v["x"], v["w"], v["b"], a, _ALPHA.get(a, 0.0)),
+        lambda v, lo, a=_act: (
+            F.softplus(_c(F.linear(_c(v["x"], lo), _c(v["w"], lo), _c(v["b"], lo)), F32))
+            if a == "softplus"
+            else F.linear_activation(
+                _c(v["x"], lo), _c(v["w"], lo), _c(v["b"], lo), a, _ALPHA.get(a, 0.0)
+            )
+        ),
+    )
+
+
+def _ref_layer_norm(z: gpunet.Tensor, w: gpunet.Tensor, b: gpunet.Tensor) -> gpunet.Tensor:
+    # mean is a sum (float32); x - mean promotes; the rest is float32 already
+    d = _c(z, F32) - _c(z, F32).sum(axis=-1, keepdims=True) * (1.0 / 3)
+    var = (d * d).sum(axis=-1, keepdims=True) * (1.0 / 3)
+    return d / gpunet.sqrt(var + 1e-5) * w + b
+
+
+def _run(body: Callable, low: Any, ctx: Any) -> tuple[gpunet.Tensor, dict]:
+    v = _leaves(0)
+    with ctx:
+        out = body(v, low)
+    out.to(F32).sum().backward()
+    return out, {k: t.grad for k, t in v.items()}
+
+
+@pytest.mark.parametrize("low", LOWS, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_op_equals_the_policys_casts_forward_and_backward(name: str, low: Any) -> None:
+    body, ref = CASES[name]
+    got, ggot = _run(body, low, gpunet.autocast(dtype=low))
+    want, gwant = _run(ref, low, contextlib.nullcontext())
+    _same(got, want, f"{name} forward")
+    for k in ggot:
+        if gwant[k] is None:
+            assert ggot[k] is None, f"{name}: d/d{k} present only under autocast"
+            continue
+        assert ggot[k] is not None, f"{name}: d/d{k} missing under autocast"
+        assert ggot[k].dtype == F32, f"{name}: d/d{k} is {ggot[k].dtype}, not float32"
+        _same(ggot[k], gwant[k], f"{name} d/d{k}")
