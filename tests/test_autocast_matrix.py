@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import gpunet
+from gpunet import nn
 from gpunet.nn import functional as F
 
 BF16, F16, F32, F64 = gpunet.bfloat16, gpunet.float16, gpunet.float32, gpunet.float64
@@ -126,15 +127,15 @@ CASES["softplus"] = (
     lambda v, lo: F.softplus(v["x"] @ v["w"]),
     lambda v, lo: F.softplus(_c(_gemm(v, lo), F32)),
 )
-_ALPHA = {"leaky_relu": 0.1, "elu": 1.0, "softplus": 1.0}
-for _act in ("relu", "tanh", "sigmoid", "elu", "leaky_relu"):
+_ALPHA = {"leaky_relu": 0.1, "elu": 1.0, "softplus": 2.0}
+for _act in ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "softplus"):
     # a Linear with a fusable activation (MLP fuses them): the GEMM and the bias lowered;
     # the activation fused where its policy follows (one rounding, the primitive's own
     # values), softplus (float32 by the policy) apart in float32, as unfused
     CASES[f"linear_activation_{_act}"] = (
         lambda v, lo, a=_act: F.linear_activation(v["x"], v["w"], v["b"], a, _ALPHA.get(a, 0.0)),
         lambda v, lo, a=_act: (
-            F.softplus(_c(F.linear(_c(v["x"], lo), _c(v["w"], lo), _c(v["b"], lo)), F32))
+            F.softplus(_c(F.linear(_c(v["x"], lo), _c(v["w"], lo), _c(v["b"], lo)), F32), 2.0)
             if a == "softplus"
             else F.linear_activation(
                 _c(v["x"], lo), _c(v["w"], lo), _c(v["b"], lo), a, _ALPHA.get(a, 0.0)
@@ -172,3 +173,27 @@ def test_each_op_equals_the_policys_casts_forward_and_backward(name: str, low: A
         assert ggot[k] is not None, f"{name}: d/d{k} missing under autocast"
         assert ggot[k].dtype == F32, f"{name}: d/d{k} is {ggot[k].dtype}, not float32"
         _same(ggot[k], gwant[k], f"{name} d/d{k}")
+
+
+@pytest.mark.parametrize("activation", ["relu", "softplus", "gelu"])
+def test_an_mlp_equals_its_layers_cast_by_hand(activation: str) -> None:
+    """MLP fuses Linear + activation where it can; under autocast it must still equal the
+    policy: GEMMs (and biases) low, softplus float32, gelu in its input's dtype."""
+    gpunet.manual_seed(1)
+    model = nn.MLP([5, 8, 3], activation=activation)
+    x = gpunet.randn(4, 5)
+    with gpunet.autocast(dtype=BF16):
+        got = model(x)
+    got.to(F32).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    (w1, b1), (w2, b2) = [(m.weight, m.bias) for m in model if isinstance(m, nn.Linear)]
+    h = F.linear(x.to(BF16), w1.to(BF16), b1.to(BF16))
+    h = F.softplus(h.to(F32)) if activation == "softplus" else getattr(F, activation)(h)
+    want = F.linear(h.to(BF16), w2.to(BF16), b2.to(BF16))
+    want.to(F32).sum().backward()
+    _same(got, want, f"MLP({activation}) forward")
+    for p, g in zip(model.parameters(), grads):
+        assert g.dtype == F32
+        _same(g, p.grad, f"MLP({activation}) gradient")
