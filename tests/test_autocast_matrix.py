@@ -197,3 +197,87 @@ def test_an_mlp_equals_its_layers_cast_by_hand(activation: str) -> None:
     for p, g in zip(model.parameters(), grads):
         assert g.dtype == F32
         _same(g, p.grad, f"MLP({activation}) gradient")
+
+
+_TARGET = gpunet.ones((4, 3))  # (made once: a captured step reads the same array)
+
+
+def _gemm_loss(x: gpunet.Tensor, w: gpunet.Tensor) -> gpunet.Tensor:
+    return F.mse_loss(F.relu(x @ w), _TARGET)
+
+
+def _ref_gemm_loss(x: gpunet.Tensor, w: gpunet.Tensor, low: Any) -> gpunet.Tensor:
+    """_gemm_loss with the policy's casts written out: the GEMM low, the loss float32."""
+    return F.mse_loss(F.relu(x.to(low) @ w.to(low)).to(F32), _TARGET)
+
+
+def _data() -> tuple[gpunet.Tensor, gpunet.Tensor]:
+    rng = np.random.default_rng(2)
+    x = gpunet.tensor(rng.standard_normal((4, 5)).astype(np.float32))
+    return x, gpunet.tensor(rng.standard_normal((5, 3)).astype(np.float32))
+
+
+def test_nested_autocast_off_and_a_second_dtype_inside_then_the_outer_again() -> None:
+    x, w = _data()
+    plain = _gemm_loss(x, w)
+    lowered = {lo: _ref_gemm_loss(x, w, lo) for lo in LOWS}
+    with gpunet.autocast(dtype=BF16):
+        with gpunet.autocast(enabled=False):
+            _same(_gemm_loss(x, w), plain, "enabled=False inside")
+            with gpunet.autocast(dtype=F16):
+                _same(_gemm_loss(x, w), lowered[F16], "float16 inside off inside bfloat16")
+            _same(_gemm_loss(x, w), plain, "off again after the inner float16")
+        _same(_gemm_loss(x, w), lowered[BF16], "the outer bfloat16 after the inner ones")
+    _same(_gemm_loss(x, w), plain, "after autocast")
+
+
+@pytest.mark.parametrize(("device_type", "casts"), [("cpu", True), ("cuda", False), (None, True)])
+def test_a_device_type_casts_only_its_devices_ops(device_type: str | None, casts: bool) -> None:
+    x, w = _data()
+    with gpunet.autocast(device_type, dtype=BF16):
+        got = _gemm_loss(x, w)
+        got_ce = F.cross_entropy(F.softplus(x @ w), gpunet.tensor([0, 1, 2, 0]))
+    want = _ref_gemm_loss(x, w, BF16) if casts else _gemm_loss(x, w)
+    _same(got, want, f"autocast({device_type!r}) on CPU tensors")
+    z = F.linear(x.to(BF16), w.to(BF16)).to(F32) if casts else x @ w
+    want_ce = F.cross_entropy(F.softplus(z), gpunet.tensor([0, 1, 2, 0]))
+    _same(got_ce, want_ce, f"autocast({device_type!r}): softplus and cross_entropy")
+
+
+def test_float64_is_left_alone_and_float64_meets_the_low_dtype_at_float64() -> None:
+    x, w = _data()
+    x64, w64 = x.to(F64), w.to(F64)
+    with gpunet.autocast(dtype=BF16):
+        got = [x64 @ w64, (x64 @ w64).sum(), F.softmax(x64, -1), F.mse_loss(x64, x64 * 2.0)]
+        mixed = (x @ w) + w64[0]  # bfloat16 + float64: float64, not lowered
+    want = [x64 @ w64, (x64 @ w64).sum(), F.softmax(x64, -1), F.mse_loss(x64, x64 * 2.0)]
+    for i, (g, r) in enumerate(zip(got, want)):
+        _same(g, r, f"float64 case {i}")
+    _same(mixed, (x.to(BF16) @ w.to(BF16)).to(F64) + w64[0], "bfloat16 + float64")
+    with gpunet.autocast(dtype=BF16), pytest.raises(TypeError, match="matmul"):
+        x64 @ w  # (float64 @ float32: refused, as without autocast; float32 is lowered)
+
+
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_autocast_entered_around_or_inside_a_captured_step_equals_eager(where: str) -> None:
+    """The capture records the casts: a step recorded under autocast and one recorded
+    without it are told apart (called both ways, each equals its eager run)."""
+    x, w = _data()
+
+    def step(x: gpunet.Tensor, w: gpunet.Tensor) -> gpunet.Tensor:
+        if where == "inside":
+            with gpunet.autocast(dtype=BF16):
+                return _gemm_loss(x, w)
+        return _gemm_loss(x, w)
+
+    run = gpunet.capture(step)
+    ctx = contextlib.nullcontext if where == "inside" else lambda: gpunet.autocast(dtype=BF16)
+    want = _ref_gemm_loss(x, w, BF16)
+    for _ in range(3):
+        with ctx():
+            _same(run(x, w), want, f"captured, autocast {where}")
+    if where == "around":  # the same captured step, now called without autocast
+        for _ in range(3):
+            _same(run(x, w), _gemm_loss(x, w), "captured, autocast off afterwards")
+        with gpunet.autocast(dtype=F16):
+            _same(run(x, w), _ref_gemm_loss(x, w, F16), "captured, float16 now")
