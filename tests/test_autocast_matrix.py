@@ -258,6 +258,26 @@ def test_float64_is_left_alone_and_float64_meets_the_low_dtype_at_float64() -> N
         x64 @ w  # (float64 @ float32: refused, as without autocast; float32 is lowered)
 
 
+@pytest.mark.parametrize("low", LOWS, ids=["bf16", "fp16"])
+def test_in_place_ops_under_no_grad_promote_into_float32_as_written_out(low: Any) -> None:
+    x, w = _data()
+    t, r = gpunet.ones((4, 3)), gpunet.ones((4, 3))
+    with gpunet.no_grad():
+        with gpunet.autocast(dtype=low):
+            t += x @ w
+            t *= x @ w
+            t -= F.relu(x @ w)
+        z = x.to(low) @ w.to(low)
+        r += z.to(F32)
+        r *= z.to(F32)
+        r -= F.relu(z).to(F32)
+    _same(t, r, "in-place float32 += low")
+    h = gpunet.ones((4, 3), dtype=low)
+    with gpunet.no_grad(), gpunet.autocast(dtype=low), pytest.raises(TypeError, match="in-place"):
+        h += gpunet.ones((4, 3))  # (float32 into a low tensor: refused, as without autocast)
+    np.testing.assert_array_equal(h.numpy(), np.ones((4, 3)))
+
+
 @pytest.mark.parametrize("where", ["inside", "around"])
 def test_autocast_entered_around_or_inside_a_captured_step_equals_eager(where: str) -> None:
     """The capture records the casts: a step recorded under autocast and one recorded
