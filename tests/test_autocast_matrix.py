@@ -301,3 +301,119 @@ def test_autocast_entered_around_or_inside_a_captured_step_equals_eager(where: s
             _same(run(x, w), _gemm_loss(x, w), "captured, autocast off afterwards")
         with gpunet.autocast(dtype=F16):
             _same(run(x, w), _ref_gemm_loss(x, w, F16), "captured, float16 now")
+
+
+# ---------------------------------------------------------------- the optimizer's weight copy
+def _fresh(model: nn.Module) -> nn.Module:
+    """A model with ``model``'s weights and no optimizer: its weights are cast afresh."""
+    other = nn.MLP([5, 8, 3])
+    other.load_state_dict({k: v.numpy().copy() for k, v in model.state_dict().items()})
+    return other
+
+
+def _check_copy(model: nn.Module, x: gpunet.Tensor, low: Any, what: str) -> int:
+    """Under autocast the model's forward (reading the copy where current) equals a fresh
+    cast's, and every current copy equals the weight cast now; how many were current."""
+    with gpunet.autocast(dtype=low):
+        got, want = model(x), _fresh(model)(x)
+    _same(got, want, f"{what}: forward through the copy")
+    current = 0
+    for p in model.parameters():
+        entry = gpunet.optim.flat.flat_of(p)
+        view = entry[0].lowp_view(entry[1], low) if entry is not None else None
+        if view is not None:
+            current += 1
+            np.testing.assert_array_equal(
+                np.asarray(view).view(np.uint8), _bits(p.to(low)), err_msg=what
+            )
+    return current
+
+
+def _train_step(
+    model: nn.Module, opt: Any, x: gpunet.Tensor, low: Any, y: Any = (0, 1, 2, 0)
+) -> None:
+    opt.zero_grad()
+    with gpunet.enable_grad(), gpunet.autocast(dtype=low):
+        loss = F.cross_entropy(model(x), gpunet.tensor(y))
+    loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_the_weight_copy_equals_a_fresh_cast_after_every_kind_of_write(opt_name: str) -> None:
+    gpunet.manual_seed(6)
+    model, x = nn.MLP([5, 8, 3]), gpunet.randn(4, 5)
+    opt = (
+        gpunet.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if opt_name == "sgd"
+        else gpunet.optim.Adam(model.parameters(), lr=0.01)
+    )
+    w = model[0].weight
+    writes: list[tuple[str, Callable[[], Any]]] = [
+        ("step", lambda: _train_step(model, opt, x, BF16)),
+        ("step again", lambda: _train_step(model, opt, x, BF16)),
+        ("p *= 0.5", lambda: w.__imul__(0.5)),
+        ("step", lambda: _train_step(model, opt, x, BF16)),
+        ("p[...] = v", lambda: w.__setitem__((0, slice(None)), 0.25)),
+        ("step", lambda: _train_step(model, opt, x, BF16)),
+        ("nn.init", lambda: nn.init.normal_(w)),
+        ("step", lambda: _train_step(model, opt, x, BF16)),
+        ("load_state_dict", lambda: model.load_state_dict(_fresh(nn.MLP([5, 8, 3])).state_dict())),
+        ("step", lambda: _train_step(model, opt, x, BF16)),
+        ("float16 step", lambda: _train_step(model, opt, x, F16)),
+        ("bfloat16 step after float16", lambda: _train_step(model, opt, x, BF16)),
+        ("p.data replaced", lambda: setattr(w, "data", w.data * 0.5)),
+        ("step", lambda: _train_step(model, opt, x, BF16)),
+        ("model.to(float32)", lambda: model.to(F32)),
+        ("step", lambda: _train_step(model, opt, x, BF16)),
+    ]
+    for what, write in writes:
+        with gpunet.no_grad():
+            write()
+        read = [_check_copy(model, x, low, f"{opt_name}, after {what} ({low})") for low in LOWS]
+        if what in ("step", "step again", "bfloat16 step after float16"):  # (the copy is read)
+            assert read[0] == len(list(model.parameters())), f"{what}: copies current {read}"
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_gradscaler_float16_over_injected_overflows_equals_the_clean_steps_alone(
+    opt_name: str,
+) -> None:
+    """A skipped step changes nothing (weights, state, step count, the copy), and a taken one
+    is the unscaled step: the run equals one that takes only the clean batches, no scaler
+    (the scale is a power of two: scaling and unscaling are exact here)."""
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((4, 5)).astype(np.float32) for _ in range(6)]
+    bad = {1, 4}  # an input past float16's range: the GEMM overflows, the gradients are NaN
+    for i in bad:
+        xs[i] = xs[i] * np.float32(1e6)
+    y = gpunet.tensor([0, 1, 2, 0])  # (as _train_step's)
+
+    def make() -> tuple[nn.Module, Any]:
+        gpunet.manual_seed(8)
+        model = nn.MLP([5, 8, 3])
+        if opt_name == "sgd":
+            return model, gpunet.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, gpunet.optim.Adam(model.parameters(), lr=0.01)
+
+    model, opt = make()
+    scaler = gpunet.amp.GradScaler("cpu", init_scale=2.0**8)
+    for i, x in enumerate(xs):
+        before = [p.numpy().copy() for p in model.parameters()]
+        opt.zero_grad()
+        with gpunet.autocast(dtype=F16), np.errstate(over="ignore", invalid="ignore"):
+            loss = F.cross_entropy(model(gpunet.tensor(x)), y)
+            scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if i in bad:
+            for a, p in zip(before, model.parameters()):
+                np.testing.assert_array_equal(a, p.numpy(), err_msg=f"skipped step {i}")
+        _check_copy(model, gpunet.tensor(xs[0]), F16, f"{opt_name}, scaled step {i}")
+    assert scaler.get_scale() == 2.0**8 * 0.5 ** len(bad)
+    ref, ref_opt = make()
+    for i, x in enumerate(xs):
+        if i not in bad:
+            _train_step(ref, ref_opt, gpunet.tensor(x), F16)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        _same(p, q, f"{opt_name}: scaled run vs the clean steps alone")
