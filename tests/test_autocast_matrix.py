@@ -146,24 +146,33 @@ for _act in ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "softplus"):
 
 def _ref_layer_norm(z: gpunet.Tensor, w: gpunet.Tensor, b: gpunet.Tensor) -> gpunet.Tensor:
     # mean is a sum (float32); x - mean promotes; the rest is float32 already
-    d = _c(z, F32) - _c(z, F32).sum(axis=-1, keepdims=True) * (1.0 / 3)
-    var = (d * d).sum(axis=-1, keepdims=True) * (1.0 / 3)
+    n = 1.0 / z.shape[-1]
+    d = _c(z, F32) - _c(z, F32).sum(axis=-1, keepdims=True) * n
+    var = (d * d).sum(axis=-1, keepdims=True) * n
     return d / gpunet.sqrt(var + 1e-5) * w + b
 
 
-def _run(body: Callable, low: Any, ctx: Any) -> tuple[gpunet.Tensor, dict]:
+def _run(body: Callable, low: Any, ctx: Any, inside: bool = False) -> tuple[gpunet.Tensor, dict]:
+    """body's output and its leaves' gradients, backward run after ``ctx`` or ``inside``."""
     v = _leaves(0)
     with ctx:
         out = body(v, low)
-    out.to(F32).sum().backward()
+        if inside:
+            out.to(F32).sum().backward()
+    if not inside:
+        out.to(F32).sum().backward()
     return out, {k: t.grad for k, t in v.items()}
 
 
+@pytest.mark.parametrize("inside", [False, True], ids=["backward_after", "backward_inside"])
 @pytest.mark.parametrize("low", LOWS, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_each_op_equals_the_policys_casts_forward_and_backward(name: str, low: Any) -> None:
+def test_each_op_equals_the_policys_casts_forward_and_backward(
+    name: str, low: Any, inside: bool
+) -> None:
+    """Backward run inside autocast or after it: no policy applies in the sweep either way."""
     body, ref = CASES[name]
-    got, ggot = _run(body, low, gpunet.autocast(dtype=low))
+    got, ggot = _run(body, low, gpunet.autocast(dtype=low), inside)
     want, gwant = _run(ref, low, contextlib.nullcontext())
     _same(got, want, f"{name} forward")
     for k in ggot:
@@ -175,13 +184,24 @@ def test_each_op_equals_the_policys_casts_forward_and_backward(name: str, low: A
         _same(ggot[k], gwant[k], f"{name} d/d{k}")
 
 
-@pytest.mark.parametrize("activation", ["relu", "softplus", "gelu"])
-def test_an_mlp_equals_its_layers_cast_by_hand(activation: str) -> None:
+@pytest.mark.parametrize(
+    ("activation", "norm", "dropout"),
+    [
+        ("relu", None, 0.0),
+        ("softplus", None, 0.0),
+        ("gelu", None, 0.0),
+        ("tanh", "layernorm", 0.25),
+    ],
+)
+def test_an_mlp_equals_its_layers_cast_by_hand(
+    activation: str, norm: str | None, dropout: float
+) -> None:
     """MLP fuses Linear + activation where it can; under autocast it must still equal the
-    policy: GEMMs (and biases) low, softplus float32, gelu in its input's dtype."""
+    policy: GEMMs (and biases) low, softplus and LayerNorm float32, the rest following."""
     gpunet.manual_seed(1)
-    model = nn.MLP([5, 8, 3], activation=activation)
+    model = nn.MLP([5, 8, 3], activation=activation, norm=norm, dropout=dropout)
     x = gpunet.randn(4, 5)
+    gpunet.manual_seed(2)
     with gpunet.autocast(dtype=BF16):
         got = model(x)
     got.to(F32).sum().backward()
@@ -189,14 +209,19 @@ def test_an_mlp_equals_its_layers_cast_by_hand(activation: str) -> None:
     for p in model.parameters():
         p.grad = None
     (w1, b1), (w2, b2) = [(m.weight, m.bias) for m in model if isinstance(m, nn.Linear)]
+    gpunet.manual_seed(2)
     h = F.linear(x.to(BF16), w1.to(BF16), b1.to(BF16))
+    if norm:
+        ln = next(m for m in model if isinstance(m, nn.LayerNorm))
+        h = _ref_layer_norm(h, ln.weight, ln.bias)
     h = F.softplus(h.to(F32)) if activation == "softplus" else getattr(F, activation)(h)
+    h = F.dropout(h, dropout)
     want = F.linear(h.to(BF16), w2.to(BF16), b2.to(BF16))
     want.to(F32).sum().backward()
-    _same(got, want, f"MLP({activation}) forward")
+    _same(got, want, f"MLP({activation}, {norm}, {dropout}) forward")
     for p, g in zip(model.parameters(), grads):
         assert g.dtype == F32
-        _same(g, p.grad, f"MLP({activation}) gradient")
+        _same(g, p.grad, f"MLP({activation}, {norm}, {dropout}) gradient")
 
 
 _TARGET = gpunet.ones((4, 3))  # (made once: a captured step reads the same array)
