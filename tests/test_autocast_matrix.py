@@ -105,6 +105,49 @@ CASES: dict[str, tuple[Callable, Callable]] = {
             v["f"] > 0, gpunet.maximum(_c(_gemm(v, lo), F32), v["f"]), v["f"]
         ),
     ),
+    "mix_where_concat_stack_compare": (
+        lambda v, lo: (
+            gpunet.concatenate(
+                [gpunet.where(v["x"] @ v["w"] > v["f"], v["x"] @ v["w"], v["f"]), v["f"]], 0
+            )
+            * gpunet.stack([v["x"] @ v["w"], v["f"]]).sum(0).sum(0)
+        ),
+        lambda v, lo: (
+            gpunet.concatenate(
+                [
+                    gpunet.where(_c(_gemm(v, lo), F32) > v["f"], _c(_gemm(v, lo), F32), v["f"]),
+                    v["f"],
+                ],
+                0,
+            )
+            * gpunet.stack([_c(_gemm(v, lo), F32), v["f"]]).sum(0).sum(0)
+        ),
+    ),
+    "float32_list_pow_exp_log_log1p_var": (
+        lambda v, lo: (
+            (lambda z: (z**2) + gpunet.exp(z) + gpunet.log(z * z + 1.0) + z.var(0))(v["x"] @ v["w"])
+            + gpunet.log1p(abs(v["x"] @ v["w"]))
+        ),
+        lambda v, lo: (
+            (
+                lambda z: (
+                    (_c(z, F32) ** 2)
+                    + gpunet.exp(_c(z, F32))
+                    + gpunet.log(_c(z * z + 1.0, F32))
+                    + _ref_var(z)
+                )
+            )(_gemm(v, lo))
+            + gpunet.log1p(_c(abs(_gemm(v, lo)), F32))
+        ),
+    ),
+    "follow_sqrt_abs_neg_clip_max_index": (
+        lambda v, lo: (lambda z: gpunet.sqrt(abs(z)) - (-z).clip(-0.5, 0.5) + z.max(0) + z[1:2])(
+            v["x"] @ v["w"]
+        ),
+        lambda v, lo: (lambda z: gpunet.sqrt(abs(z)) - (-z).clip(-0.5, 0.5) + z.max(0) + z[1:2])(
+            _gemm(v, lo)
+        ),
+    ),
     "low_only_elementwise": (  # both inputs low: stays low
         lambda v, lo: (v["x"] @ v["w"]) * (v["x"] @ v["w"]) - (v["x"] @ v["w"]),
         lambda v, lo: _gemm(v, lo) * _gemm(v, lo) - _gemm(v, lo),
@@ -142,6 +185,12 @@ for _act in ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "softplus"):
             )
         ),
     )
+
+
+def _ref_var(z: gpunet.Tensor) -> gpunet.Tensor:
+    # var(0) = sum((z - mean)^2) / (n - 1): the mean a float32 sum, z - mean promoted
+    d = _c(z, F32) - _c(z, F32).sum(axis=0, keepdims=True) * (1.0 / z.shape[0])
+    return _c(d * d, F32).sum(axis=0) / (z.shape[0] - 1)
 
 
 def _ref_layer_norm(z: gpunet.Tensor, w: gpunet.Tensor, b: gpunet.Tensor) -> gpunet.Tensor:
