@@ -77,6 +77,17 @@ CASES: dict[str, tuple[Callable, Callable]] = {
         lambda v, lo: F.cross_entropy(v["x"] @ v["w"], gpunet.tensor([0, 2, 1, 2])),
         lambda v, lo: F.cross_entropy(_c(_gemm(v, lo), F32), gpunet.tensor([0, 2, 1, 2])),
     ),
+    "cross_entropy_smoothed": (
+        lambda v, lo: F.cross_entropy(
+            v["x"] @ v["w"], gpunet.tensor([0, 2, 1, 2]), label_smoothing=0.1
+        ),
+        lambda v, lo: (
+            lambda z: (
+                F.cross_entropy(_c(z, F32), gpunet.tensor([0, 2, 1, 2])) * 0.9
+                + (-(_c(z, F32) - gpunet.logsumexp(_c(z, F32), -1, True)).mean(1)).mean() * 0.1
+            )
+        )(_gemm(v, lo)),
+    ),
     "mse": (
         lambda v, lo: F.mse_loss(v["x"] @ v["w"], v["f"]),
         lambda v, lo: (lambda d: _c(d * d, F32).mean())(_c(_gemm(v, lo), F32) - v["f"]),
@@ -491,3 +502,21 @@ def test_gradscaler_float16_over_injected_overflows_equals_the_clean_steps_alone
             _train_step(ref, ref_opt, gpunet.tensor(x), F16)
     for p, q in zip(model.parameters(), ref.parameters()):
         _same(p, q, f"{opt_name}: scaled run vs the clean steps alone")
+
+
+def test_a_captured_in_place_update_under_autocast_replays_the_cast() -> None:
+    x, w = _data()
+    t, r = gpunet.zeros((4, 3)), gpunet.zeros((4, 3))
+
+    def step(x: gpunet.Tensor, w: gpunet.Tensor) -> gpunet.Tensor:
+        with gpunet.no_grad(), gpunet.autocast(dtype=BF16):
+            t.__iadd__(x @ w)
+        return t
+
+    run = gpunet.capture(step)
+    for i in range(4):
+        run(x * float(i + 1), w)
+        with gpunet.no_grad():
+            r += ((x * float(i + 1)).to(BF16) @ w.to(BF16)).to(F32)
+        _same(t, r, f"captured t += x @ w, call {i}")
+    assert run.replays >= 1
