@@ -168,9 +168,27 @@ def dispatch(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) 
                 )
             if policy is not FOLLOW:
                 args = _cast_inputs(policy, prim, args, state.autocast)
+            if prim is P.linear_activation and POLICY.get(params["activation"]) is FLOAT32:
+                # (a fused activation of the float32 list, softplus: the GEMM and the bias
+                # low, the activation apart in float32, as unfused)
+                z = apply(prim, args, {**params, "activation": None})
+                z = apply(P.cast, (z,), {"dtype": dtypes.float32})
+                return apply(P.softplus, (z,), {"beta": params["alpha"]})
         return apply(prim, args, params)
     finally:
         state.flags |= flags & AUTOCAST
+
+
+def loss_input(x: Tensor) -> Tensor:
+    """A loss's input in float32 under autocast (the policy's losses run in float32, PyTorch's
+    fp32 list), so that its target is not lowered to the input's dtype; else ``x``."""
+    state = STATE
+    on = state.autocast_device
+    if not state.flags & AUTOCAST or x.dtype not in _LOW:
+        return x
+    if on is not None and x._backend.device.type != on:
+        return x
+    return apply(P.cast, (x,), {"dtype": dtypes.float32})
 
 
 def _cast_inputs(policy: str, prim: Primitive, args: tuple[Tensor, ...], low: Any) -> tuple:

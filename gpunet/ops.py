@@ -21,6 +21,7 @@ from . import dtypes
 from . import primitives as P
 from .activations import _float_tensor, relu, sigmoid, tanh  # noqa: F401  (re-exported: gpunet.ops.relu)
 from .autodiff import (
+    AUTOCAST,
     CAPTURE,
     FORWARD,
     GRAD,
@@ -701,6 +702,21 @@ def _inplace_into(out: Any, value: Any, *, op: str) -> None:
     _INPLACE[op](out, value)
 
 
+def _autocast_operand(x: Tensor, other: Tensor) -> Tensor:
+    """``other`` for ``x (op)= other`` under autocast: a float16/bfloat16 operand cast up to a
+    float32/float64 ``x``, as autocast's ``x (op) other`` promotes (a low ``x`` still refuses
+    a wider operand: the result would not fit it)."""
+    on = STATE.autocast_device
+    if other.dtype not in (dtypes.float16, dtypes.bfloat16) or x.dtype not in (
+        dtypes.float32,
+        dtypes.float64,
+    ):
+        return other
+    if on is not None and x._backend.device.type != on:
+        return other
+    return apply(P.cast, (other,), {"dtype": x.dtype})
+
+
 def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
     """x (op)= other, writing into x's array (optimizer updates under no_grad)."""
     if _tracked(x):
@@ -714,6 +730,8 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
                 "x.to(gpunet.float32)"
             )
     if isinstance(other, Tensor):
+        if STATE.flags & AUTOCAST:  # (x (op)= y promotes as x (op) y does under autocast)
+            other = _autocast_operand(x, other)
         if other._backend is not x._backend or other.data.dtype != x.data.dtype:
             raise TypeError(
                 f"gpunet: in-place {op} of {describe(other)} into {describe(x)}; "

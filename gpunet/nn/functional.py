@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import ops
+from .. import amp, ops
 from .. import primitives as P
 from ..activations import elu, gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
 from ..autodiff import bind
@@ -119,6 +119,7 @@ def layer_norm(
 # ---------------------------------------------------------------------- losses
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """(input - target)^2, reduced."""
+    input = amp.loss_input(input)
     d = input - _same_shape(input, target, "mse_loss")
     return _reduce(d * d, reduction, "mse_loss")
 
@@ -154,6 +155,7 @@ def binary_cross_entropy_with_logits(
     finite and accurate for any z (softplus is the fused, stable log1p(exp(.)); the gradient
     is sigmoid(z) - y). With ``pos_weight`` p, as in PyTorch:
     (1 - y) z + (1 + (p - 1) y) softplus(-z)."""
+    input = amp.loss_input(input)
     y = _same_shape(input, target, "binary_cross_entropy_with_logits")
     if pos_weight is None:
         # z (1 - y) + softplus(-z) for z > 0, softplus(z) - z y otherwise: the same value, with
@@ -205,6 +207,7 @@ def binary_cross_entropy(
     PyTorch (so p = 0 or 1 gives a finite loss). Prefer the ``_with_logits`` form. Like
     PyTorch, refuses an input or target outside [0, 1], where the loss means nothing (it
     can be negative)."""
+    input = amp.loss_input(input)
     y = _same_shape(input, target, "binary_cross_entropy")
     _check_probabilities(input, "input", "binary_cross_entropy")
     _check_probabilities(y, "target", "binary_cross_entropy")
