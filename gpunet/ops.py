@@ -730,13 +730,14 @@ def inplace_(x: Tensor, other: Any, op: str) -> Tensor:
                 "x.to(gpunet.float32)"
             )
     if isinstance(other, Tensor):
-        if STATE.flags & AUTOCAST:  # (x (op)= y promotes as x (op) y does under autocast)
-            other = _autocast_operand(x, other)
         if other._backend is not x._backend or other.data.dtype != x.data.dtype:
-            raise TypeError(
-                f"gpunet: in-place {op} of {describe(other)} into {describe(x)}; "
-                "convert with .to(...) first"
-            )
+            if STATE.flags & AUTOCAST:  # (x (op)= y promotes as x (op) y does under autocast)
+                other = _autocast_operand(x, other)
+            if other._backend is not x._backend or other.data.dtype != x.data.dtype:
+                raise TypeError(
+                    f"gpunet: in-place {op} of {describe(other)} into {describe(x)}; "
+                    "convert with .to(...) first"
+                )
         value = other.data
     elif STATE.flags & CAPTURE and isinstance(other, (bool, int, float)):
         value = _scalar(other, x).data  # (cached: the same array at every recording)
