@@ -413,6 +413,8 @@ def check_compatible(prim: Primitive, args: Sequence[Tensor]) -> None:
             dtype = a.data.dtype
         elif a.data.dtype != dtype:
             listing = ", ".join(f"input {j}: {describe(b)}" for j, b in enumerate(args))
+            if dtype.kind not in "fV" and a.data.dtype.kind in "fV":  # (V: bfloat16)
+                dtype = a.data.dtype  # (suggest the floating one: an int input to a Linear)
             raise TypeError(
                 f"gpunet.{prim.name}: inputs have different dtypes ({listing}); gpunet does "
                 f"not promote between tensors. Convert one first, e.g. x.to(gpunet.{dtype})."

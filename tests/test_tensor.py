@@ -663,3 +663,13 @@ def test_deepcopy_and_pickle_give_independent_leaves() -> None:
         assert c.tolist() == [1.0, 2.0] and c.requires_grad and c.is_leaf
         c.data[0] = 5.0
         assert t.tolist() == [1.0, 2.0]
+
+
+def test_an_int_input_to_a_float_op_is_told_to_become_float() -> None:
+    """The dtype error suggests the floating dtype, whichever input comes first: converting
+    a Linear's weights to int64 is never what the user wants."""
+    layer = gpunet.nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"different dtypes.*x\.to\(gpunet\.float32\)"):
+        layer(gpunet.tensor(np.ones((2, 3), np.int64)))
+    with pytest.raises(TypeError, match=r"x\.to\(gpunet\.float64\)"):
+        gpunet.ones(3, dtype=gpunet.float64) + gpunet.tensor(np.ones(3, np.float32))
