@@ -107,6 +107,12 @@ def jvp(f: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any]) 
     primals = [_floating(as_tensor(p), "jvp") for p in primals]
     if len(tangents) != len(primals):
         raise ValueError(f"gpunet.jvp: {len(primals)} primals but {len(tangents)} tangents")
+    for i, (p, t) in enumerate(zip(primals, tangents)):
+        if isinstance(t, Tensor) and t.dtype != p.dtype:  # (a cast would lose digits silently)
+            raise TypeError(
+                f"gpunet.jvp: tangent {i} is {t.dtype}, its primal {p.dtype}; a tangent must "
+                f"have its primal's dtype (as in JAX): convert it, t.to(gpunet.{p.dtype})"
+            )
     tangents = [as_tensor(t, p.dtype, p.device) for p, t in zip(primals, tangents)]
     for i, (p, t) in enumerate(zip(primals, tangents)):
         if p.shape != t.shape:

@@ -88,6 +88,19 @@ def test_jvp_rejects_mismatched_tangents() -> None:
         gpunet.jvp(lambda t: t, [t64([1.0, 2.0])], [t64([1.0])])
 
 
+def test_a_tangent_tensor_of_another_dtype_is_refused_not_cast() -> None:
+    """As JAX: a float64 tangent to a float32 primal would lose its digits in a silent cast;
+    a list or NumPy tangent still takes its primal's dtype."""
+    x32 = gpunet.tensor([1.0, 2.0])
+    with pytest.raises(TypeError, match="tangent 0 is float64, its primal float32"):
+        gpunet.jvp(lambda t: t * t, [x32], [t64([1.0, 0.5])])
+    with pytest.raises(TypeError, match="tangent 0 is float32, its primal float64"):
+        gpunet.hvp(lambda t: (t * t * t).sum(), [t64([1.0, 2.0])], [x32])
+    _, tangent = gpunet.jvp(lambda t: t * t, [x32], [[1.0, 0.5]])
+    assert tangent.dtype == gpunet.float32
+    np.testing.assert_array_equal(tangent.numpy(), np.float32([2.0, 2.0]))
+
+
 def test_hvp_matches_the_hessian() -> None:
     x, v = t64([1.0, 2.0]), t64([0.5, -1.0])
     hessian = np.diag(6 * x.numpy()) + np.array([[0.0, 1.0], [1.0, 0.0]])
