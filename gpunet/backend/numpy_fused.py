@@ -119,16 +119,23 @@ def _pieces_with_scratch(*buffers: Array | None, grad_scale: Array | None = None
             np.copyto(pieces[0], p)  # the one rounding to float16
 
 
-def _begin(op: str, param: Array, grad: Array, step: Array | None, scaling: dict) -> Any:
+def _begin(
+    op: str,
+    param: Array,
+    grad: Array,
+    step: Array | None,
+    grad_scale: Array | None,
+    found_inf: Array | None,
+    lowp: Array | None,
+) -> Any:
     """The count this update uses (0 without counts), its step counts advanced; None when a
     loss scaler's found-inf flag skips the step: counts untouched, the low-precision copy the
     cast of the unchanged weights, the gradient times ``grad_scale`` all the same (it reads
     unscaled after every scaled step). (Host memory here: reading the flag and counts is
-    free.) ``scaling``: the update's ``grad_scale``, ``found_inf`` and ``lowp``."""
+    free.)"""
     count = 0 if step is None else int(step.reshape(-1)[0])
     if count < 0:
         raise ValueError(f"{op}: step counts the steps taken (from 0), got {count}")
-    found_inf, lowp, grad_scale = scaling["found_inf"], scaling["lowp"], scaling["grad_scale"]
     if found_inf is not None and found_inf.reshape(-1)[0] != 0:
         if lowp is not None:  # (the cast of the old p: the copy is current after a skip)
             np.copyto(lowp, param, casting="unsafe")
@@ -228,8 +235,7 @@ class NumpyFusedOps(FusedOps):
     ) -> None:
         check_sgd_update(param, grad, momentum_buf, hyper, step, grad_scale, found_inf, lowp)
         h = hyper
-        scaling = {"grad_scale": grad_scale, "found_inf": found_inf, "lowp": lowp}
-        count = _begin("sgd_update", param, grad, step, scaling)
+        count = _begin("sgd_update", param, grad, step, grad_scale, found_inf, lowp)
         if count is None:
             return
         first_step = count == 1 if step is not None else first_step
@@ -269,8 +275,7 @@ class NumpyFusedOps(FusedOps):
         lowp: Array | None = None,
     ) -> None:
         check_adam_update(param, grad, m, v, hyper, step, grad_scale, found_inf, lowp)
-        scaling = {"grad_scale": grad_scale, "found_inf": found_inf, "lowp": lowp}
-        count = _begin("adam_update", param, grad, step, scaling)
+        count = _begin("adam_update", param, grad, step, grad_scale, found_inf, lowp)
         if count is None:
             return
         l2, decay, step_size, bc2_sqrt = hyper.scalars(count)
