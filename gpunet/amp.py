@@ -168,9 +168,9 @@ def dispatch(prim: Primitive, args: tuple[Tensor, ...], params: dict[str, Any]) 
                 )
             if policy is not FOLLOW:
                 args = _cast_inputs(policy, prim, args, state.autocast)
-            if prim is P.linear_activation and POLICY.get(params["activation"]) is FLOAT32:
-                # (a fused activation of the float32 list, softplus: the GEMM and the bias
-                # low, the activation apart in float32, as unfused)
+            if prim is P.linear_activation and params["activation"] == "softplus":
+                # (the one activation on the float32 list: the GEMM and the bias low, the
+                # activation apart in float32, as unfused; its alpha is softplus's beta)
                 z = apply(prim, args, {**params, "activation": None})
                 z = apply(P.cast, (z,), {"dtype": dtypes.float32})
                 return apply(P.softplus, (z,), {"beta": params["alpha"]})
