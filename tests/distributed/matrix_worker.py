@@ -532,34 +532,16 @@ def one_fit(kw: dict[str, Any], parallel: bool) -> tuple[dict[str, Any], list[np
         scaler=GradScaler() if precision == "fp16" else None,
     )
     h, best = None, [None]
+    fit_args = (model, F.cross_entropy, opt, train, val)
     if "resume" in kw:  # (a first fit stops; a second one continues its history and best)
 
         def keep(epoch: int, history: Any) -> None:
             if history.best_epoch == epoch:
                 best[0] = model.state_dict()
 
-        h = fit(
-            model,
-            F.cross_entropy,
-            opt,
-            train,
-            val,
-            epochs=kw["resume"],
-            on_epoch_end=keep,
-            **common,
-        )
+        h = fit(*fit_args, epochs=kw["resume"], on_epoch_end=keep, **common)
     with np.errstate(over="ignore", invalid="ignore"):
-        h = fit(
-            model,
-            F.cross_entropy,
-            opt,
-            train,
-            val,
-            epochs=12,
-            history=h,
-            best_state=best[0],
-            **common,
-        )
+        h = fit(*fit_args, epochs=12, history=h, best_state=best[0], **common)
     return {k: getattr(h, k) for k in HISTORY}, [p.numpy().copy() for p in model.parameters()]
 
 

@@ -212,24 +212,23 @@ def test_state_dict_round_trips_and_disabled_is_a_pass_through() -> None:
     assert off.scale(loss) is loss and off.state_dict() == {} and off.get_scale() == 1.0
 
 
-def _scaled_training(captured: bool, kind: str, pattern: list[bool]) -> tuple:
-    """An MLP trained with a scaler through ``pattern`` (True: the batch holds an inf),
-    eagerly or captured: its parameters, the optimizer's state and the scale after each step.
-    float32: a captured float16 step already differs from eager by rounding without a scaler
-    (the replay's float16 GEMMs), which would hide what this checks."""
-    gpunet.manual_seed(0)
-    model = gpunet.nn.Sequential(gpunet.nn.Linear(6, 8), gpunet.nn.ReLU(), gpunet.nn.Linear(8, 1))
-    params = list(model.parameters())
-    opt = {
-        "adam": lambda: gpunet.optim.Adam(params, lr=1e-2),
-        "sgd": lambda: gpunet.optim.SGD(params, lr=0.05, momentum=0.9),
-        # plain SGD: the capture's own inlined update (p -= lr g) must not drop the scale
-        "plain sgd": lambda: gpunet.optim.SGD(params, lr=0.05),
-    }[kind]()
-    scaler = GradScaler(init_scale=2.0**8, growth_interval=2)
+OPTIMIZERS = {
+    "adam": lambda ps: gpunet.optim.Adam(ps, lr=1e-2),
+    "sgd": lambda ps: gpunet.optim.SGD(ps, lr=0.05, momentum=0.9),
+    # plain SGD: the capture's own inlined update (p -= lr g) must not drop the scale
+    "plain sgd": lambda ps: gpunet.optim.SGD(ps, lr=0.05),
+}
+
+
+def _mlp() -> gpunet.nn.Module:
+    return gpunet.nn.Sequential(gpunet.nn.Linear(6, 8), gpunet.nn.ReLU(), gpunet.nn.Linear(8, 1))
+
+
+def _scaled_step(model: gpunet.nn.Module, opt: object, scaler: GradScaler) -> object:
+    """One training step of sum(model(x)^2) under ``scaler``: the loop the tests capture."""
 
     def step(x: gpunet.Tensor) -> gpunet.Tensor:
-        opt.zero_grad()
+        opt.zero_grad()  # type: ignore[attr-defined]
         y = model(x)
         loss = (y * y).sum()
         scaler.scale(loss).backward()
@@ -237,6 +236,20 @@ def _scaled_training(captured: bool, kind: str, pattern: list[bool]) -> tuple:
         scaler.update()
         return loss
 
+    return step
+
+
+def _scaled_training(captured: bool, kind: str, pattern: list[bool]) -> tuple:
+    """An MLP trained with a scaler through ``pattern`` (True: the batch holds an inf),
+    eagerly or captured: its parameters, the optimizer's state and the scale after each step.
+    float32: a captured float16 step already differs from eager by rounding without a scaler
+    (the replay's float16 GEMMs), which would hide what this checks."""
+    gpunet.manual_seed(0)
+    model = _mlp()
+    params = list(model.parameters())
+    opt = OPTIMIZERS[kind](params)
+    scaler = GradScaler(init_scale=2.0**8, growth_interval=2)
+    step = _scaled_step(model, opt, scaler)
     run = gpunet.capture(step) if captured else step
     r = np.random.default_rng(1)
     trace = []
@@ -257,7 +270,7 @@ def _scaled_training(captured: bool, kind: str, pattern: list[bool]) -> tuple:
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the injected inf's arithmetic
-@pytest.mark.parametrize("kind", ["adam", "sgd", "plain sgd"])
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
 def test_a_captured_scaled_step_equals_the_eager_one_bit_for_bit(kind: str) -> None:
     """Overflows injected: the captured step (the skip decided by the
     fused update reading the flag, no host branch) matches eager at every step, parameters,
@@ -300,17 +313,6 @@ def test_scaling_a_loss_whose_weights_step_in_backward_is_refused_before_they_ch
         np.testing.assert_array_equal(p.numpy(), b)
 
 
-OPTIMIZERS = {
-    "adam": lambda ps: gpunet.optim.Adam(ps, lr=1e-2),
-    "sgd": lambda ps: gpunet.optim.SGD(ps, lr=0.05, momentum=0.9),
-    "plain sgd": lambda ps: gpunet.optim.SGD(ps, lr=0.05),
-}
-
-
-def _mlp() -> gpunet.nn.Module:
-    return gpunet.nn.Sequential(gpunet.nn.Linear(6, 8), gpunet.nn.ReLU(), gpunet.nn.Linear(8, 1))
-
-
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the injected inf's arithmetic
 @pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
@@ -322,17 +324,7 @@ def test_after_scaler_step_the_gradients_read_unscaled(kind: str, captured: bool
     model, twin = _mlp(), _mlp()
     params = list(model.parameters())
     opt = OPTIMIZERS[kind](params)
-    scaler = GradScaler(init_scale=2.0**10)
-
-    def step(x: gpunet.Tensor) -> gpunet.Tensor:
-        opt.zero_grad()
-        y = model(x)
-        loss = (y * y).sum()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return loss
-
+    step = _scaled_step(model, opt, GradScaler(init_scale=2.0**10))
     run = gpunet.capture(step) if captured else step
     r = np.random.default_rng(2)
     for bad in (False, False, True, False, False):
