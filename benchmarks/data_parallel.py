@@ -29,10 +29,7 @@ SIZES, BATCH = (784, 1024, 1024, 10), 256
 
 def gpunet_steps(steps: int, warmup: int) -> tuple[float, float, int, int]:
     """(seconds per step, seconds of all-reduce per step, rank, size)."""
-    import gpunet
     import gpunet.distributed as dist
-    import gpunet.nn.functional as F
-    from gpunet import nn, optim
 
     comm = dist.init()
     spent = [0.0]
@@ -45,19 +42,11 @@ def gpunet_steps(steps: int, warmup: int) -> tuple[float, float, int, int]:
         return out
 
     comm.all_reduce = timed  # type: ignore[method-assign]
-    gpunet.manual_seed(0)
-    model = nn.MLP(list(SIZES))
-    opt = dist.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.01, momentum=0.9), comm)
-    rng = np.random.default_rng(comm.rank)
-    x = gpunet.tensor(rng.standard_normal((BATCH, SIZES[0])).astype(np.float32))
-    y = gpunet.tensor(rng.integers(0, SIZES[-1], BATCH))
-    for i in range(warmup + steps):
-        if i == warmup:
-            comm.barrier()
-            start, spent[0] = time.perf_counter(), 0.0
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    run = _medium_step(comm)
+    run(warmup)
+    comm.barrier()
+    start, spent[0] = time.perf_counter(), 0.0
+    run(steps)
     comm.barrier()
     return (time.perf_counter() - start) / steps, spent[0] / steps, comm.rank, comm.size
 
